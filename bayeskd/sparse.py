@@ -1,0 +1,275 @@
+"""Top-K sparse distributions (`SparseDist`) and their on-disk shards (safetensors + a JSON manifest).
+
+A row lists K (index, log-probability) entries plus the `tail`, the mass of every unlisted token, spread
+uniformly over them (see docs/MATH.md). Padding slots have index -1 and log-probability -inf.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class CacheMismatchError(ValueError):
+    """A shard directory was made for another tokenizer, vocabulary or config than the one asked for."""
+
+
+@dataclass
+class SparseDist:
+    indices: torch.Tensor  # int32 [N, K]; -1 marks padding
+    logprobs: torch.Tensor  # float32 or bf16 [N, K]; -inf at padding
+    tail: torch.Tensor  # float32 [N]: mass outside the listed entries
+    vocab_size: int
+    temperature: float = 1.0
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-row extras, e.g. "context_count" [N]
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.indices.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.indices.shape[1])
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getitem__(self, rows) -> "SparseDist":
+        return SparseDist(
+            self.indices[rows], self.logprobs[rows], self.tail[rows], self.vocab_size, self.temperature,
+            {k: v[rows] for k, v in self.extras.items()},
+        )
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "SparseDist":
+        return SparseDist(
+            self.indices.to(device), self.logprobs.to(device=device, dtype=dtype or self.logprobs.dtype),
+            self.tail.to(device), self.vocab_size, self.temperature, {k: v.to(device) for k, v in self.extras.items()},
+        )
+
+    @staticmethod
+    def cat(dists: list["SparseDist"]) -> "SparseDist":
+        if not dists:
+            raise ValueError("SparseDist.cat needs at least one SparseDist")
+        first = dists[0]
+        for d in dists[1:]:
+            if d.vocab_size != first.vocab_size or d.k != first.k:
+                raise ValueError(
+                    f"cannot concatenate SparseDist with V={d.vocab_size}, K={d.k} onto V={first.vocab_size}, K={first.k}"
+                )
+        keys = set(first.extras)
+        return SparseDist(
+            torch.cat([d.indices for d in dists]), torch.cat([d.logprobs for d in dists]),
+            torch.cat([d.tail for d in dists]), first.vocab_size, first.temperature,
+            {k: torch.cat([d.extras[k] for d in dists]) for k in keys if all(k in d.extras for d in dists)},
+        )
+
+    def num_listed(self) -> torch.Tensor:
+        """Number of non-padding entries per row, int64 [N]."""
+        return (self.indices >= 0).sum(dim=1)
+
+    def to_dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The full [N, V] probability matrix, the tail spread uniformly over unlisted tokens."""
+        n, v = self.num_rows, self.vocab_size
+        listed = self.indices >= 0
+        unlisted = (v - listed.sum(dim=1)).to(dtype)
+        per_token = torch.where(unlisted > 0, self.tail.to(dtype) / unlisted.clamp(min=1), torch.zeros_like(unlisted))
+        dense = per_token[:, None].expand(n, v).clone()
+        probs = torch.where(listed, self.logprobs.to(dtype).exp(), torch.zeros((), dtype=dtype))
+        rows = torch.arange(n)[:, None].expand_as(self.indices)
+        dense[rows[listed], self.indices[listed].long()] = probs[listed]
+        return dense
+
+    def validate(self, name: str = "SparseDist", atol: float = 1e-4) -> "SparseDist":
+        """Raise ValueError naming the first problem found; returns self so it can be chained."""
+        if self.indices.dim() != 2 or self.logprobs.shape != self.indices.shape:
+            raise ValueError(f"{name}: indices {tuple(self.indices.shape)} and logprobs {tuple(self.logprobs.shape)} "
+                             "must both be [N, K]")
+        if self.tail.shape != (self.num_rows,):
+            raise ValueError(f"{name}: tail has shape {tuple(self.tail.shape)}, expected ({self.num_rows},)")
+        if self.k > self.vocab_size:
+            raise ValueError(f"{name}: K={self.k} is larger than the vocabulary size V={self.vocab_size}")
+        if self.indices.dtype != torch.int32:
+            raise ValueError(f"{name}: indices must be int32, got {self.indices.dtype}")
+        listed = self.indices >= 0
+        if (self.indices < -1).any() or (self.indices >= self.vocab_size).any():
+            bad = self.indices[(self.indices < -1) | (self.indices >= self.vocab_size)][0].item()
+            raise ValueError(f"{name}: token index {bad} outside [0, V={self.vocab_size})")
+        lp = self.logprobs.float()
+        if torch.isnan(lp).any() or (lp[listed] == float("inf")).any() or not torch.isfinite(self.tail).all():
+            raise ValueError(f"{name}: NaN or infinite values in logprobs or tail")
+        if (lp[~listed] != float("-inf")).any():
+            raise ValueError(f"{name}: padding slots (index -1) must have logprob -inf")
+        if (lp[listed] > atol).any():
+            raise ValueError(f"{name}: a listed log-probability is above 0")
+        if (self.tail < -atol).any():
+            raise ValueError(f"{name}: negative tail mass")
+        mass = torch.where(listed, lp.exp(), torch.zeros(())).sum(dim=1) + self.tail.float()
+        if (mass > 1 + atol).any():
+            row = int(torch.argmax(mass))
+            raise ValueError(f"{name}: row {row} has total mass {mass[row].item():.6f} > 1")
+        srt = torch.sort(torch.where(listed, self.indices, -torch.arange(1, self.k + 1, dtype=torch.int32)[None]), 1)[0]
+        if (srt[:, 1:] == srt[:, :-1]).any():
+            raise ValueError(f"{name}: a row lists the same token index twice")
+        return self
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of the tokenizer's vocabulary (token -> id), so caches made with another tokenizer are refused."""
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else dict(tokenizer)
+    payload = json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode()
+    return hashlib.sha256(payload).hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same directory, then rename: a reader never sees half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class ShardWriter:
+    """Writes SparseDist shards into `out_dir` with a manifest rewritten (atomically) after every shard.
+
+    Re-opening a directory whose manifest matches (V, K, tokenizer, config) resumes it: finished shards are
+    kept and `has_shard` tells the caller which to skip. A manifest that does not match is refused.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, vocab_size: int, k: int, tokenizer_fingerprint: str,
+                 config: dict[str, Any] | None = None):
+        self.dir = Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.manifest = {
+            "format": "bayeskd.sparse", "version": FORMAT_VERSION, "vocab_size": int(vocab_size), "k": int(k),
+            "tokenizer_fingerprint": tokenizer_fingerprint, "config": config or {}, "shards": {},
+        }
+        path = self.dir / MANIFEST
+        if path.exists():
+            old = read_manifest(self.dir)
+            check_manifest(old, self.dir, vocab_size=vocab_size, k=k,
+                           tokenizer_fingerprint=tokenizer_fingerprint, config=config or {})
+            self.manifest["shards"] = {n: s for n, s in old["shards"].items() if (self.dir / n).exists()}
+
+    def has_shard(self, name: str) -> bool:
+        return f"{name}.safetensors" in self.manifest["shards"]
+
+    def write(self, name: str, dist: SparseDist, extra: dict[str, torch.Tensor] | None = None) -> Path:
+        if dist.vocab_size != self.manifest["vocab_size"] or dist.k != self.manifest["k"]:
+            raise ValueError(f"shard {name}: V={dist.vocab_size}, K={dist.k} does not match the manifest's "
+                             f"V={self.manifest['vocab_size']}, K={self.manifest['k']}")
+        tensors = {"indices": dist.indices, "logprobs": dist.logprobs, "tail": dist.tail}
+        tensors.update({f"extras.{k}": v for k, v in dist.extras.items()})
+        tensors.update({f"extra.{k}": v for k, v in (extra or {}).items()})
+        fname = f"{name}.safetensors"
+        path = self.dir / fname
+        atomic_save_safetensors(tensors, path, metadata={"temperature": str(dist.temperature)})
+        self.manifest["shards"][fname] = {"rows": dist.num_rows, "sha256": _sha256(path)}
+        atomic_write_json(self.dir / MANIFEST, self.manifest)
+        return path
+
+
+def read_manifest(shard_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(shard_dir) / MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{shard_dir}: no {MANIFEST}; not a bayeskd shard directory")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: manifest is not valid JSON ({e})") from e
+    if manifest.get("format") != "bayeskd.sparse":
+        raise ValueError(f"{path}: not a bayeskd sparse-shard manifest")
+    return manifest
+
+
+def check_manifest(manifest: dict[str, Any], where: Any, *, vocab_size: int | None = None, k: int | None = None,
+                   tokenizer_fingerprint: str | None = None, config: dict[str, Any] | None = None) -> None:
+    if tokenizer_fingerprint is not None and manifest["tokenizer_fingerprint"] != tokenizer_fingerprint:
+        raise CacheMismatchError(
+            f"{where}: made with another tokenizer (fingerprint {manifest['tokenizer_fingerprint'][:12]}…, "
+            f"expected {tokenizer_fingerprint[:12]}…); refusing to reuse it. Use a new output directory.")
+    if vocab_size is not None and manifest["vocab_size"] != vocab_size:
+        raise CacheMismatchError(f"{where}: vocabulary size {manifest['vocab_size']}, expected {vocab_size}")
+    if k is not None and manifest["k"] != k:
+        raise CacheMismatchError(f"{where}: made with K={manifest['k']}, expected K={k}")
+    if config is not None and manifest["config"] != json.loads(json.dumps(config)):
+        diff = sorted(set(manifest["config"].items()) ^ set(json.loads(json.dumps(config)).items()),
+                      key=str) if all(isinstance(v, (str, int, float, bool, type(None)))
+                                      for v in list(manifest["config"].values()) + list(config.values())) else "…"
+        raise CacheMismatchError(f"{where}: made with another config (differences: {diff}); refusing to reuse it")
+
+
+class ShardReader:
+    """Reads a shard directory, verifying the manifest (and, on request, each shard's checksum)."""
+
+    def __init__(self, shard_dir: str | os.PathLike, *, vocab_size: int | None = None, k: int | None = None,
+                 tokenizer_fingerprint: str | None = None, config: dict[str, Any] | None = None,
+                 verify: bool = True):
+        self.dir = Path(shard_dir)
+        self.manifest = read_manifest(self.dir)
+        check_manifest(self.manifest, self.dir, vocab_size=vocab_size, k=k,
+                       tokenizer_fingerprint=tokenizer_fingerprint, config=config)
+        self.verify = verify
+
+    @property
+    def shard_names(self) -> list[str]:
+        return sorted(self.manifest["shards"])
+
+    def read(self, fname: str) -> tuple[SparseDist, dict[str, torch.Tensor]]:
+        path = self.dir / fname
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: listed in the manifest but missing")
+        if self.verify and _sha256(path) != self.manifest["shards"][fname]["sha256"]:
+            raise ValueError(f"{path}: checksum does not match the manifest (file changed or corrupted)")
+        t = load_file(str(path))
+        from safetensors import safe_open
+        with safe_open(str(path), "pt") as f:
+            temperature = float((f.metadata() or {}).get("temperature", 1.0))
+        extras = {k[len("extras."):]: v for k, v in t.items() if k.startswith("extras.")}
+        extra = {k[len("extra."):]: v for k, v in t.items() if k.startswith("extra.")}
+        dist = SparseDist(t["indices"], t["logprobs"], t["tail"], self.manifest["vocab_size"], temperature, extras)
+        return dist, extra
+
+    def __iter__(self) -> Iterator[tuple[SparseDist, dict[str, torch.Tensor]]]:
+        for name in self.shard_names:
+            yield self.read(name)
