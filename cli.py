@@ -1,11 +1,75 @@
 """The `bayeskd` command line: parse and validate, then call one library function."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
 import click
+
+
+def _load_config(ctx: click.Context, _param: click.Parameter, path: str | None) -> str | None:
+    """`--config cfg.yaml|cfg.json` fills the command's defaults; options given on the command line win."""
+    if not path:
+        return path
+    text = Path(path).read_text()
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+            cfg = yaml.safe_load(text) or {}
+        else:
+            cfg = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse error becomes a usage error naming the file
+        raise click.BadParameter(f"{path}: cannot parse config ({e})") from e
+    if not isinstance(cfg, dict):
+        raise click.BadParameter(f"{path}: a config must be a mapping of option names to values")
+    known = {p.name for p in ctx.command.params}
+    unknown = sorted(k for k in (key.replace("-", "_") for key in cfg) if k not in known)
+    if unknown:
+        raise click.BadParameter(f"{path}: unknown option(s) {', '.join(unknown)}")
+    ctx.default_map = {**(ctx.default_map or {}), **{k.replace("-", "_"): v for k, v in cfg.items()}}
+    return path
+
+
+config_option = click.option(
+    "--config", type=click.Path(exists=True, dir_okay=False), callback=_load_config, is_eager=True,
+    expose_value=False, help="YAML or JSON file of option values (command-line options override it).")
 
 
 @click.group()
 @click.version_option(package_name="bayeskd")
 def main() -> None:
     """Estimate a black-box teacher's token distributions and distill students from them."""
+
+
+@main.command("estimate-prior")
+@config_option
+@click.option("--data", default=None, help="Teacher generations: JSONL, Parquet or a saved HF dataset. "
+              "Default: the embedded corpus (Python's own documentation).")
+@click.option("--tokenizer", default=None, help="Student tokenizer (path or hub id). Default: a BPE tokenizer "
+              "trained on the embedded corpus.")
+@click.option("--order", default=4, show_default=True, type=click.IntRange(1, 8))
+@click.option("--smoothing", default="kneser_ney", show_default=True,
+              type=click.Choice(["kneser_ney", "witten_bell", "dirichlet", "mle"]))
+@click.option("--alpha", default=1.0, show_default=True, type=float, help="Dirichlet concentration.")
+@click.option("--top-k", "top_k", default=64, show_default=True, type=click.IntRange(1),
+              help="Entries per position in the written prior shards.")
+@click.option("--write-topk/--no-write-topk", default=False, show_default=True,
+              help="Also write the per-position top-K prior (leave-one-out) as SparseDist shards.")
+@click.option("--leave-one-out/--no-leave-one-out", default=True, show_default=True)
+@click.option("--num-proc", default=1, show_default=True, type=click.IntRange(1), help="Parallel counting processes.")
+@click.option("--skip-bad", is_flag=True, help="Skip malformed records (counted in the summary) instead of failing.")
+@click.option("--max-records", default=None, type=click.IntRange(1), help="Use only the first N records.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+def estimate_prior_cmd(**kwargs) -> None:
+    """Count n-grams of the teacher's responses into a smoothed prior (and optionally its top-K shards)."""
+    from bayeskd.pipeline import estimate_prior
+    from bayeskd.data import DataError
+
+    try:
+        summary = estimate_prior(**kwargs)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
