@@ -1,0 +1,388 @@
+"""Teacher data: load prompt/response records (JSONL, Parquet, saved HF datasets) and tokenize them.
+
+A record is either `{"prompt": str, "response": str}` or chat `{"messages": [{"role", "content"}, ...]}` whose
+last message is the assistant's (the response; everything before it is the prompt). Bad input raises
+`DataError` naming the file and the line (JSONL, 1-based) or row (Parquet / datasets, 0-based) and the field.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from bayeskd.sparse import tokenizer_fingerprint
+
+logger = logging.getLogger(__name__)
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+MAX_REASONS = 5  # how many skip reasons a report keeps
+
+
+class DataError(ValueError):
+    """Malformed or unusable input data; the message names the file, line/row and field."""
+
+
+class _BadRecord(Exception):
+    """Internal: one record is malformed (the reason, without its location)."""
+
+
+@dataclass
+class LoadReport:
+    """What `load_teacher_records` read: counts, and the first few reasons records were skipped."""
+    source: str
+    format: str
+    total: int = 0
+    kept: int = 0
+    skipped: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "format": self.format, "total": self.total, "kept": self.kept,
+                "skipped": self.skipped, "reasons": list(self.reasons)}
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+def _type_name(v: Any) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _check_string(rec: dict, key: str, allow_empty: bool) -> str:
+    v = rec[key]
+    if not isinstance(v, str):
+        raise _BadRecord(f"field '{key}' must be a string, got {_type_name(v)}")
+    if not allow_empty and not v.strip():
+        raise _BadRecord(f"field '{key}' is empty")
+    return v
+
+
+def _check_messages(messages: Any) -> list[dict[str, str]]:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise _BadRecord(f"field 'messages' must be a non-empty list of {{role, content}}, got {_type_name(messages)}"
+                         if not isinstance(messages, (list, tuple)) else "field 'messages' is empty")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise _BadRecord(f"field 'messages[{i}]' must be {{'role': str, 'content': str}}, got {m!r:.80}")
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] != "assistant":
+        raise _BadRecord(f"field 'messages' must end with the assistant's message (the response), "
+                         f"last role is '{out[-1]['role']}'")
+    if not out[-1]["content"].strip():
+        raise _BadRecord(f"field 'messages[{len(out) - 1}].content' (the assistant response) is empty")
+    return out
+
+
+def normalize_record(rec: Any) -> dict[str, Any]:
+    """Check one record and return it normalized (raises `_BadRecord` with the reason).
+
+    Chat records keep only role/content per message; other top-level fields (e.g. an id) are kept, except
+    null ones, which tabular formats use for absent columns.
+    """
+    if not isinstance(rec, dict):
+        raise _BadRecord(f"record must be an object, got {_type_name(rec)}")
+    out = {k: v for k, v in rec.items() if v is not None}
+    if out.get("messages") is not None:
+        out["messages"] = _check_messages(out["messages"])
+        for k in ("prompt", "response"):  # a record is one or the other; mixing them would be ambiguous
+            if k in out:
+                raise _BadRecord(f"record has both 'messages' and '{k}'; use one format per record")
+        return out
+    if "response" not in rec:
+        raise _BadRecord("missing field 'response' (need 'prompt'+'response' or 'messages')")
+    if "prompt" not in rec:
+        raise _BadRecord("missing field 'prompt' (need 'prompt'+'response' or 'messages')")
+    out["response"] = _check_string(rec, "response", allow_empty=False)
+    out["prompt"] = _check_string(rec, "prompt", allow_empty=True)  # an empty prompt = unconditional text
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- readers
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    """(location, parsed object or _BadRecord) per non-blank line; read line by line to name the line."""
+    with open(path, "r", encoding="utf-8", errors="strict") as f:
+        lineno = 0
+        while True:
+            lineno += 1
+            try:
+                line = f.readline()
+            except UnicodeDecodeError as e:
+                yield f"{path}:{lineno}", _BadRecord(f"not valid UTF-8 ({e.reason})")
+                return
+            if not line:
+                return
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"{path}:{lineno}", _BadRecord(f"invalid JSON ({e.msg} at column {e.colno})")
+
+
+def _iter_json_array(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: invalid JSON ({e})") from e
+    for i, rec in enumerate(data):
+        yield f"{path}: record {i}", rec
+
+
+def _iter_rows(rows: Iterable[Any], where: str) -> Iterator[tuple[str, Any]]:
+    for i, rec in enumerate(rows):
+        yield f"{where}: row {i}", rec
+
+
+def _parquet_rows(path: Path) -> Iterable[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise DataError(f"{path}: cannot read as Parquet ({e})") from e
+    for batch in pf.iter_batches(batch_size=4096):  # stream, so a large file is never held as one list
+        yield from batch.to_pylist()
+
+
+def _dataset_rows(path: Path, split: str) -> tuple[Iterable[dict], str]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{path}: a directory, but not a dataset saved with datasets.save_to_disk ({e})") from e
+    where = str(path)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{path}: no split '{split}' (available: {', '.join(sorted(ds))})")
+        ds, where = ds[split], f"{path}[{split}]"
+    return ds, where
+
+
+def _hub_rows(name: str, split: str) -> Iterable[dict]:
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{name}: no such file or directory, and loading it as a Hugging Face dataset "
+                        f"(split '{split}') failed: {e}") from e
+
+
+def load_teacher_records(path_or_name: str | os.PathLike, split: str = "train",
+                         skip_bad: bool = False) -> tuple[list[dict[str, Any]], LoadReport]:
+    """Load and validate teacher records from JSONL, Parquet, a `save_to_disk` directory or a hub dataset.
+
+    With `skip_bad`, malformed records are skipped and counted in the report instead of raising. An input
+    with no records, or with every record bad, is always an error.
+    """
+    path = Path(path_or_name)
+    if path.is_dir():
+        rows, where = _dataset_rows(path, split)
+        items, fmt = _iter_rows(rows, where), "dataset"
+    elif path.is_file():
+        suffix = path.suffix.lower()
+        if suffix in PARQUET_SUFFIXES:
+            items, fmt = _iter_rows(_parquet_rows(path), str(path)), "parquet"
+        elif suffix in JSONL_SUFFIXES or suffix == "":
+            with open(path, "rb") as f:
+                first = f.read(64).lstrip()
+            # A .json file holding one array is accepted too; everything else is read as JSON lines.
+            if suffix == ".json" and first.startswith(b"["):
+                items, fmt = _iter_json_array(path), "json"
+            else:
+                items, fmt = _iter_jsonl(path), "jsonl"
+        else:
+            raise DataError(f"{path}: unknown file type '{suffix}' (expected .jsonl, .json, .parquet "
+                            "or a directory saved with datasets.save_to_disk)")
+    elif str(path_or_name).startswith((".", "/", "~")) or str(path_or_name).endswith(
+            JSONL_SUFFIXES + PARQUET_SUFFIXES):
+        raise DataError(f"{path_or_name}: no such file or directory")
+    else:
+        items, fmt = _iter_rows(_hub_rows(str(path_or_name), split), f"{path_or_name}[{split}]"), "hub"
+
+    report = LoadReport(source=str(path_or_name), format=fmt)
+    records: list[dict[str, Any]] = []
+    for where, rec in items:
+        report.total += 1
+        try:
+            if isinstance(rec, _BadRecord):
+                raise rec
+            records.append(normalize_record(rec))
+        except _BadRecord as e:
+            if not skip_bad:
+                raise DataError(f"{where}: {e}") from None
+            report.skipped += 1
+            if len(report.reasons) < MAX_REASONS:
+                report.reasons.append(f"{where}: {e}")
+    report.kept = len(records)
+    if report.total == 0:
+        raise DataError(f"{path_or_name}: no records (the input is empty)")
+    if not records:
+        raise DataError(f"{path_or_name}: all {report.total} records are malformed; first: {report.reasons[0]}")
+    if report.skipped:
+        logger.warning("%s: skipped %d of %d malformed records (first: %s)", path_or_name, report.skipped,
+                       report.total, report.reasons[0])
+    return records, report
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+
+def load_tokenizer(path: str | os.PathLike):
+    """`AutoTokenizer.from_pretrained(path)` with a clear error when `path` is not a tokenizer."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if not p.exists() and str(path).startswith((".", "/", "~")):
+        raise DataError(f"{path}: tokenizer directory does not exist")
+    if p.is_file():
+        raise DataError(f"{path}: is a file; pass the directory holding the tokenizer files")
+    if p.is_dir() and not any((p / f).exists() for f in TOKENIZER_FILES):
+        raise DataError(f"{path}: not a tokenizer directory (none of {', '.join(TOKENIZER_FILES)} in it)")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError... for bad input
+        what = "a local directory without a usable tokenizer" if p.is_dir() else \
+            "not a local directory, and loading it as a Hugging Face hub id failed"
+        raise DataError(f"{path}: {what} ({type(e).__name__}: {e})") from e
+
+
+# ----------------------------------------------------------------------------------------------- tokenization
+
+@dataclass
+class TokenizeReport:
+    records: int = 0
+    tokens: int = 0
+    response_tokens: int = 0
+    prompt_truncated: int = 0  # records whose prompt lost tokens on the left
+    response_truncated: int = 0  # records whose response alone was longer than max_length
+    response_tokens_dropped: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class TokenizedData:
+    """Token sequences of prompt+response, with the response positions marked.
+
+    `response_mask[i][t]` is True when `input_ids[i][t]` is a response token (including the appended EOS):
+    those are the tokens whose next-token distribution, predicted at position t-1, the prior/posterior
+    estimate. Responses are always the tail of a sequence: `response_mask[i] == arange(L) >= prompt_lengths[i]`.
+    """
+    input_ids: list[np.ndarray]  # int32 [L_i]
+    response_mask: list[np.ndarray]  # bool [L_i]
+    prompt_lengths: np.ndarray  # int32 [N]
+    tokenizer_fingerprint: str
+    vocab_size: int
+    eos_token_id: int | None = None
+    report: TokenizeReport = field(default_factory=TokenizeReport)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self.input_ids))
+
+    def response_sequences(self) -> list[np.ndarray]:
+        """The response tokens of each record (views), e.g. to count the n-gram prior on teacher text."""
+        return [ids[int(p):] for ids, p in zip(self.input_ids, self.prompt_lengths)]
+
+
+def _batch_encode(tokenizer, texts: list[str], add_special_tokens: bool, desc: str,
+                  batch_size: int = 1024) -> list[list[int]]:
+    """The tokenizer's batch call in chunks (fast tokenizers parallelize each chunk), with a progress bar
+    for large inputs."""
+    from tqdm.auto import tqdm
+
+    out: list[list[int]] = []
+    starts = range(0, len(texts), batch_size)
+    for s in tqdm(starts, desc=desc, unit="batch", disable=len(texts) < 20 * batch_size, leave=False):
+        enc = tokenizer(texts[s:s + batch_size], add_special_tokens=add_special_tokens,
+                        return_attention_mask=False, return_token_type_ids=False, verbose=False)
+        out.extend(enc["input_ids"])
+    return out
+
+
+def render_prompt(record: dict[str, Any], tokenizer) -> str:
+    """The prompt text of a record: the prompt itself, or the chat template over every message but the last,
+    ending with the generation prompt (what the model sees before the assistant's answer)."""
+    if "messages" not in record:
+        return record["prompt"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("chat 'messages' records need a tokenizer with a chat template; this one has none "
+                        "(set tokenizer.chat_template or convert the data to 'prompt'/'response')")
+    return tokenizer.apply_chat_template(record["messages"][:-1], add_generation_prompt=True, tokenize=False)
+
+
+def tokenize_records(records: list[dict[str, Any]], tokenizer, max_length: int | None = None,
+                     add_eos: bool = True) -> TokenizedData:
+    """Tokenize records into prompt tokens + response tokens (+ EOS) with a response mask.
+
+    Prompt and response are tokenized separately and concatenated, so the response tokens are exactly the
+    tokenization of the response text (a merge across the boundary is never formed).
+    - `prompt`/`response` records: the prompt gets the tokenizer's special tokens (e.g. BOS), as
+      `tokenizer(prompt)` would; the response gets none.
+    - `messages` records: the prompt is `apply_chat_template(messages[:-1], add_generation_prompt=True,
+      tokenize=False)`, tokenized without special tokens (templates write their own BOS); the response is the
+      assistant content. The template's own end-of-turn text is not added; EOS is (with `add_eos`).
+    - `max_length`: the prompt is truncated from the left. A response that does not fit alone is truncated
+      from the right, keeping one prompt token for context when there is one; this is counted in the report.
+    """
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    records = list(records)
+    if not records:
+        raise DataError("no records to tokenize")
+    eos = tokenizer.eos_token_id if add_eos else None
+    if add_eos and eos is None:
+        logger.warning("tokenizer has no EOS token; responses are not terminated")
+
+    chat = ["messages" in r for r in records]
+    prompts = [render_prompt(r, tokenizer) for r in records]
+    responses = [r["messages"][-1]["content"] if c else r["response"] for r, c in zip(records, chat)]
+    # Two batch calls for the prompts (with / without special tokens), keeping the record order.
+    plain_idx = [i for i, c in enumerate(chat) if not c]
+    chat_idx = [i for i, c in enumerate(chat) if c]
+    prompt_ids: list[list[int]] = [[] for _ in records]
+    for idx, special in ((plain_idx, True), (chat_idx, False)):
+        if idx:
+            for i, ids in zip(idx, _batch_encode(tokenizer, [prompts[i] for i in idx], special, "prompts")):
+                prompt_ids[i] = ids
+    response_ids = _batch_encode(tokenizer, responses, False, "responses")
+
+    report = TokenizeReport(records=len(records))
+    input_ids, masks, plens = [], [], np.empty(len(records), dtype=np.int32)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        r = np.asarray(r + ([eos] if eos is not None else []), dtype=np.int32)
+        p = np.asarray(p, dtype=np.int32)
+        if max_length is not None and len(p) + len(r) > max_length:
+            keep_r = max_length - min(1, len(p))  # one prompt token gives the first response token a context
+            if len(r) > keep_r:
+                report.response_truncated += 1
+                report.response_tokens_dropped += len(r) - keep_r
+                r = r[:keep_r]
+            keep_p = max_length - len(r)
+            if len(p) > keep_p:
+                report.prompt_truncated += 1
+                p = p[len(p) - keep_p:]
+        ids = np.concatenate([p, r])
+        input_ids.append(ids)
+        masks.append(np.arange(len(ids)) >= len(p))
+        plens[i] = len(p)
+        report.tokens += len(ids)
+        report.response_tokens += len(r)
+    if report.response_truncated:
+        logger.warning("%d responses were longer than max_length=%d and were truncated (%d tokens dropped)",
+                       report.response_truncated, max_length, report.response_tokens_dropped)
+    return TokenizedData(input_ids, masks, plens, tokenizer_fingerprint(tokenizer), len(tokenizer),
+                         tokenizer.eos_token_id, report)
