@@ -12,6 +12,7 @@ import json
 import os
 import re
 import textwrap
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -56,12 +57,13 @@ def _blocks(text: str) -> list[str]:
 
 
 def _paragraphs(text: str) -> list[str]:
-    """Clean paragraphs: prose is re-flowed onto one line; indented (code/grammar) blocks keep their lines
-    (dedented) and are attached to the paragraph before them, which usually introduces them."""
+    """Clean paragraphs: prose is re-flowed onto one line; indented (code/grammar) blocks and tables keep
+    their lines (dedented) and are attached to the paragraph before them, which usually introduces them."""
     out: list[str] = []
     for block in _blocks(text):
         lines = block.split("\n")
-        if all(ln.startswith((" ", "\t")) for ln in lines if ln.strip()):
+        # Indented blocks (code, grammar) and grid tables lose their meaning when re-flowed: keep them verbatim.
+        if lines[0].startswith(("+-", "+=", "|")) or all(ln.startswith((" ", "\t")) for ln in lines if ln.strip()):
             code = textwrap.dedent(block).strip("\n")
             if out:
                 out[-1] = out[-1] + "\n\n" + code
@@ -79,11 +81,13 @@ def _docstrings(module_name: str) -> list[str]:
     except ImportError:  # a stripped-down install may lack a module; the corpus just gets smaller
         return []
     docs = [inspect.getdoc(mod) or ""]
-    for name in sorted(vars(mod)):
-        obj = getattr(mod, name)
-        if name.startswith("_") or getattr(obj, "__module__", None) != module_name:
-            continue
-        docs.append(inspect.getdoc(obj) or "")
+    with warnings.catch_warnings():  # touching deprecated members (typing.io, ...) warns
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in sorted(vars(mod)):
+            obj = getattr(mod, name)
+            if name.startswith("_") or getattr(obj, "__module__", None) != module_name:
+                continue
+            docs.append(inspect.getdoc(obj) or "")
     return [d for d in docs if d]
 
 

@@ -108,17 +108,13 @@ def normalize_record(rec: Any) -> dict[str, Any]:
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     """(location, parsed object or _BadRecord) per non-blank line; read line by line to name the line."""
-    with open(path, "r", encoding="utf-8", errors="strict") as f:
-        lineno = 0
-        while True:
-            lineno += 1
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             try:
-                line = f.readline()
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield f"{path}:{lineno}", _BadRecord(f"not valid UTF-8 ({e.reason})")
-                return
-            if not line:
-                return
+                yield f"{path}:{lineno}", _BadRecord(f"not valid UTF-8 ({e.reason} at byte {e.start})")
+                continue
             if not line.strip():
                 continue
             try:

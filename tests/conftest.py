@@ -17,3 +17,13 @@ def tiny_tokenizer(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+
+@pytest.fixture
+def rng(request):
+    """A freshly seeded generator; the seed is printed so a failure can be replayed."""
+    import numpy as np
+
+    seed = int(np.random.SeedSequence().entropy % (2**32))
+    print(f"{request.node.name}: rng seed {seed}")
+    return np.random.default_rng(seed)
