@@ -21,6 +21,9 @@ if "bayeskd.kernels.sparse_kd" in sys.modules:  # imported before us (without th
 from bayeskd.kernels.sparse_kd import sparse_kd_forward, triton_fused_posterior_kd  # noqa: E402
 from bayeskd.sparse import SparseDist  # noqa: E402
 
+# numpy warns about -inf arithmetic the kernels do on purpose (absent entries); results are checked finite
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+
 V_ODD = 1271
 BLOCK = 256  # small block so the interpreter walks several blocks per row
 
@@ -153,3 +156,274 @@ def check(z, prior, proxy=None, proxy_logits=None, *, tol=2e-5, grad_tol=None, i
     assert err <= tol * max(1.0, float(ref_loss.abs().max())), (err, loss, ref_loss)
     assert rel_err(grad, ref_grad) <= (grad_tol or 10 * tol), rel_err(grad, ref_grad)
     return loss, grad, ref_loss, ref_grad
+
+
+def seeded(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def targets(mode, n, v, k, gen, **sparse_kw):
+    """(prior, proxy, proxy_logits, extra kwargs) for a combination mode; 'online' = dense proxy logits."""
+    prior = make_sparse(n, v, k, gen, **sparse_kw)
+    kw = {"mode": "log_linear" if mode == "online" else mode}
+    if mode == "mixture":
+        kw["w_rows"] = torch.rand(n, generator=gen) * 0.8 + 0.1
+    if mode == "none":
+        return prior, None, None, kw
+    if mode == "online":
+        return prior, None, logits(n, v, gen, scale=2.0), kw
+    return prior, make_sparse(n, v, k, gen, **sparse_kw), None, kw
+
+
+DIVS = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("skew_kl", 0.1), ("tvd", 0.5)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["none", "log_linear", "mixture", "online"])
+@pytest.mark.parametrize("divergence,beta", DIVS)
+def test_every_mode_and_divergence(mode, divergence, beta):
+    gen = seeded(hash((mode, divergence)) % 2**31)
+    n, v = 6, V_ODD
+    prior, proxy, ql, kw = targets(mode, n, v, 8, gen)
+    check(logits(n, v, gen), prior, proxy, ql, divergence=divergence, beta=beta, temperature=1.5, **kw)
+
+
+@pytest.mark.parametrize("k", [1, 8, 64])
+@pytest.mark.parametrize("mode", ["log_linear", "mixture", "online"])
+def test_k_sizes_with_temperature(k, mode):
+    gen = seeded(100 + k)
+    n, v = 6, V_ODD
+    prior, proxy, ql, kw = targets(mode, n, v, k, gen)
+    check(logits(n, v, gen), prior, proxy, ql, divergence="jsd", beta=0.3, temperature=0.7, **kw)
+
+
+def test_mixture_online_and_weights_ab():
+    gen = seeded(7)
+    n, v = 6, 257
+    prior, _, ql, _ = targets("online", n, v, 8, gen)
+    w = torch.rand(n, generator=gen)
+    check(logits(n, v, gen), prior, None, ql, mode="mixture", w_rows=w, temperature=2.0)
+    check(logits(n, v, gen), prior, None, ql, mode="log_linear", a=0.5, b=1.7, temperature=2.0)
+    prior, proxy, _, _ = targets("log_linear", n, v, 8, gen)
+    check(logits(n, v, gen), prior, proxy, mode="log_linear", a=1.3, b=0.6, divergence="reverse_kl")
+    check(logits(n, v, gen), prior, proxy, mode="log_linear", a=0.0, b=1.0)  # p0^0 = 1: the proxy alone
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_jsd_beta_limits(beta):
+    gen = seeded(11)
+    n, v = 6, 257
+    prior, proxy, _, kw = targets("log_linear", n, v, 8, gen)
+    z = logits(n, v, gen)
+    loss, grad, _, _ = check(z, prior, proxy, divergence="jsd", beta=beta, temperature=1.3, **kw)
+    if beta in (0.0, 1.0):  # TRL/Liger convention: exactly forward / reverse KL
+        same = "forward_kl" if beta == 0.0 else "reverse_kl"
+        loss2, grad2 = run_kernel(z, prior, proxy, divergence=same, temperature=1.3, **kw)
+        assert torch.equal(loss, loss2) and torch.equal(grad, grad2)
+
+
+def test_fp16_inputs():
+    gen = seeded(12)
+    n, v = 6, V_ODD
+    prior, proxy, _, kw = targets("log_linear", n, v, 8, gen)
+    z = logits(n, v, gen, dtype=torch.float16)
+    prior.logprobs = prior.logprobs.to(torch.bfloat16).float()  # bf16-representable target values
+    # reference from the same fp16 logits; the gradient is stored in fp16, hence the looser gradient bound
+    loss, grad, _, _ = check(z, prior, proxy, grad_tol=2e-3, divergence="forward_kl", temperature=2.0, **kw)
+    assert grad.dtype == torch.float16
+    check(z, prior, None, logits(n, v, gen, dtype=torch.float16), grad_tol=2e-3, mode="log_linear")
+
+
+def test_bf16_target_logprobs():
+    gen = seeded(13)
+    n, v = 6, 257
+    prior, proxy, _, kw = targets("log_linear", n, v, 8, gen)
+    prior.logprobs = prior.logprobs.to(torch.bfloat16)
+    proxy.logprobs = proxy.logprobs.to(torch.bfloat16)
+    ref_prior = SparseDist(prior.indices, prior.logprobs.float(), prior.tail, v)
+    ref_proxy = SparseDist(proxy.indices, proxy.logprobs.float(), proxy.tail, v)
+    z = logits(n, v, gen)
+    ref_loss, ref_grad = reference(z, ref_prior, ref_proxy, **kw)
+    loss, grad = run_kernel(z, prior, proxy, **kw)
+    assert float((loss.double() - ref_loss).abs().max()) < 1e-4 and rel_err(grad, ref_grad) < 1e-4
+
+
+@pytest.mark.parametrize("divergence,beta", DIVS)
+def test_identical_distributions_give_zero(divergence, beta):
+    gen = seeded(14)
+    n, v = 6, 257
+    prior = make_sparse(n, v, 8, gen)
+    # student logits whose softmax is exactly the prior, tail spread uniformly
+    z = prior.to_dense(torch.float64).log().float()
+    loss, grad = run_kernel(z, prior, None, mode="none", divergence=divergence, beta=beta)
+    assert float(loss.abs().max()) < 1e-5
+    if divergence != "tvd":  # |p - s| has no gradient at p = s (sign of a rounding error)
+        assert float(grad.abs().max()) < 1e-5
+
+
+def test_masked_rows_zero_loss_and_grad():
+    gen = seeded(15)
+    n, v = 6, V_ODD
+    prior, proxy, _, kw = targets("log_linear", n, v, 8, gen)
+    z = logits(n, v, gen)
+    mask = torch.tensor([True, False, True, False, False, True])
+    loss, grad, _, _ = check(z, prior, proxy, mask=mask, divergence="reverse_kl", **kw)
+    assert torch.all(loss[~mask] == 0) and torch.all(grad[~mask] == 0) and torch.all(loss[mask] > 0)
+    none = torch.zeros(n, dtype=torch.bool)
+    loss, grad = run_kernel(z, prior, proxy, mask=none, **kw)
+    assert torch.all(loss == 0) and torch.all(grad == 0)
+    # a masked row may carry garbage targets (all padding, zero tail): still exactly zero
+    prior.indices[1] = -1
+    prior.logprobs[1] = float("-inf")
+    prior.tail[1] = 0.0
+    loss, grad = run_kernel(z, prior, proxy, mask=mask, **kw)
+    assert loss[1] == 0 and torch.all(grad[1] == 0)
+
+
+@pytest.mark.parametrize("tails", [(0.0, 0.999), (0.999999, 0.0), (0.0, 0.0)])
+@pytest.mark.parametrize("divergence,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5)])
+def test_extreme_tails(tails, divergence, beta):
+    gen = seeded(16)
+    n, v = 6, V_ODD
+    prior = make_sparse(n, v, 8, gen, tail=tails[0])
+    proxy = make_sparse(n, v, 8, gen, tail=tails[1])
+    z = logits(n, v, gen)
+    for mode in ("log_linear", "mixture"):
+        if mode == "log_linear" and tails == (0.0, 0.0):
+            continue  # every token outside S0 ∩ Sq has zero posterior: fine, but also covered by mixture
+        w = torch.full((n,), 0.3)
+        check(z, prior, proxy, mode=mode, w_rows=w, divergence=divergence, beta=beta, temperature=1.5, tol=5e-5)
+
+
+def test_disjoint_supports():
+    gen = seeded(17)
+    n, v = 6, V_ODD
+    prior = make_sparse(n, v, 64, gen)
+    proxy = make_sparse(n, v, 64, gen, exclude=prior.indices)
+    z = logits(n, v, gen)
+    check(z, prior, proxy, mode="log_linear", temperature=0.8)
+    check(z, prior, proxy, mode="mixture", w_rows=torch.full((n,), 0.5), divergence="tvd")
+
+
+def test_full_support_no_bucket():
+    gen = seeded(18)
+    n, v = 4, 257
+    prior = make_sparse(n, v, v, gen, tail=0.0, pad=False)  # K = V: U is everything, the bucket is empty
+    check(logits(n, v, gen), prior, None, mode="none", temperature=1.7)
+    check(logits(n, v, gen), prior, None, mode="none", divergence="reverse_kl")
+
+
+@pytest.mark.parametrize("mode", ["none", "log_linear", "mixture", "online"])
+def test_teacher_tokens_and_evidence(mode):
+    gen = seeded(19)
+    n, v = 6, V_ODD
+    prior, proxy, ql, kw = targets(mode, n, v, 8, gen)
+    y = torch.randint(0, v, (n,), generator=gen)
+    y[0] = prior.indices[0][prior.indices[0] >= 0][0]  # teacher token already in the prior
+    if proxy is not None:
+        y[1] = proxy.indices[1][proxy.indices[1] >= 0][0]  # ... in the proxy only (or both)
+    z = logits(n, v, gen)
+    check(z, prior, proxy, ql, teacher_tokens=y, evidence=0.0, temperature=1.2, **kw)
+    check(z, prior, proxy, ql, teacher_tokens=y, evidence=0.7, divergence="skew_kl", beta=0.1, **kw)
+    check(z, prior, proxy, ql, teacher_tokens=y.to(torch.int32), evidence=2.0, temperature=0.9, **kw)
+
+
+@pytest.mark.parametrize("mode", ["log_linear", "online"])
+@pytest.mark.parametrize("divergence,beta", [("forward_kl", 0.5), ("jsd", 0.5), ("tvd", 0.5)])
+def test_tail_ignore(mode, divergence, beta):
+    gen = seeded(20)
+    n, v = 6, V_ODD
+    prior, proxy, ql, kw = targets(mode, n, v, 8, gen)
+    y = torch.randint(0, v, (n,), generator=gen)
+    loss, grad, _, _ = check(logits(n, v, gen), prior, proxy, ql, tail="ignore", divergence=divergence, beta=beta,
+                             teacher_tokens=y, evidence=0.5, temperature=1.4, **kw)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_inplace_and_grad_output(inplace):
+    gen = seeded(21)
+    n, v = 6, V_ODD
+    prior, proxy, _, kw = targets("log_linear", n, v, 8, gen)
+    z = logits(n, v, gen)
+    go = torch.rand(n, generator=gen) * 3 - 1  # per-row, negative too
+    check(z, prior, proxy, grad_output=go, inplace=inplace, divergence="jsd", **kw)
+    check(z, prior, proxy, grad_output=torch.full((), 0.25).expand(n), inplace=inplace, **kw)  # broadcast scalar
+    # through a mean: grad_output is a stride-0 1/N
+    x = z.clone().requires_grad_()
+    loss = triton_fused_posterior_kd(x, prior.indices, prior.logprobs, prior.tail, proxy.indices,
+                                     proxy.logprobs, proxy.tail, inplace=inplace, _block_v=BLOCK, **kw).mean()
+    loss.backward()
+    _, ref_grad = reference(z, prior, proxy, grad_output=torch.full((n,), 1 / n), **kw)
+    assert rel_err(x.grad, ref_grad) < 2e-4
+
+
+def test_every_gradient_element_written():
+    gen = seeded(22)
+    n, v = 6, V_ODD
+    for mode, tail in (("log_linear", "bucket"), ("online", "bucket"), ("mixture", "ignore")):
+        prior, proxy, ql, kw = targets(mode, n, v, 8, gen)
+        z = logits(n, v, gen)
+        y = torch.randint(0, v, (n,), generator=gen)
+        mask = torch.tensor([True, True, False, True, True, True])
+        out = torch.full((n, v), float("nan"))
+        pargs = (proxy.indices, proxy.logprobs, proxy.tail) if proxy is not None else (None, None, None)
+        loss, grad = sparse_kd_forward(z, prior.indices, prior.logprobs, prior.tail, *pargs, ql, tail=tail,
+                                       teacher_tokens=y, mask=mask, grad_out=out, block_v=BLOCK, **kw)
+        assert grad is out and not torch.isnan(out).any()
+        ref_loss, ref_grad = reference(z, prior, proxy, ql, tail=tail, teacher_tokens=y, mask=mask, **kw)
+        assert rel_err(out, ref_grad) < 2e-4 and float((loss.double() - ref_loss).abs().max()) < 1e-4
+
+
+def test_no_grad_needed_only_loss():
+    gen = seeded(23)
+    n, v = 6, 257
+    prior, proxy, _, kw = targets("log_linear", n, v, 8, gen)
+    z = logits(n, v, gen)
+    z0 = z.clone()
+    loss = triton_fused_posterior_kd(z, prior.indices, prior.logprobs, prior.tail, proxy.indices, proxy.logprobs,
+                                     proxy.tail, inplace=True, **kw)
+    assert torch.equal(z, z0)  # no gradient wanted: the logits are left alone even with inplace=True
+    ref_loss, _ = reference(z, prior, proxy, **kw)
+    assert float((loss.double() - ref_loss).abs().max()) < 1e-4
+
+
+def test_bad_inputs_rejected():
+    gen = seeded(24)
+    n, v = 4, 257
+    prior, proxy, ql, kw = targets("online", n, v, 8, gen)
+    z = logits(n, v, gen)
+
+    def call(zz=z, pr=prior, qq=ql, **extra):
+        return triton_fused_posterior_kd(zz, pr.indices, pr.logprobs, pr.tail, None, None, None, qq,
+                                         **{**kw, **extra})
+
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        zb = z.clone()
+        zb[2, 5] = bad
+        with pytest.raises(ValueError, match="student_logits"):
+            call(zb)
+        qb = ql.clone()
+        qb[1, 3] = bad
+        with pytest.raises(ValueError, match="proxy_logits"):
+            call(qq=qb)
+    pb = SparseDist(prior.indices, prior.logprobs.clone(), prior.tail.clone(), v)
+    pb.logprobs[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="prior logprobs"):
+        call(pr=pb)
+    pb = SparseDist(prior.indices, prior.logprobs, prior.tail.clone(), v)
+    pb.tail[3] = float("inf")
+    with pytest.raises(ValueError, match="prior tail"):
+        call(pr=pb)
+    pb = SparseDist(prior.indices.clone(), prior.logprobs, prior.tail, v)
+    pb.indices[0, 0] = v
+    with pytest.raises(ValueError, match="indices"):
+        call(pr=pb)
+    big = make_sparse(n, 16, 16, gen, pad=False)
+    with pytest.raises(ValueError, match="larger than the vocabulary"):
+        triton_fused_posterior_kd(z[:, :8], big.indices, big.logprobs, big.tail, mode="none")
+    with pytest.raises(ValueError, match="divergence"):
+        call(divergence="kl")
+    with pytest.raises(ValueError, match="w_rows"):
+        call(mode="mixture")
+    with pytest.raises(ValueError, match="teacher_tokens"):
+        call(evidence=1.0)
