@@ -392,3 +392,254 @@ def sparse_kd_loss(student_logits: torch.Tensor, target: SparseDist, divergence:
     if mask is None:
         return loss
     return torch.zeros(target.num_rows, dtype=dtype, device=loss.device).index_put((keep,), loss)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fused posterior + divergence: shared argument handling
+
+@dataclass
+class _Args:
+    """Validated, resolved arguments of the fused loss: what every backend receives."""
+    vocab_size: int
+    prior_idx: torch.Tensor
+    prior_lp: torch.Tensor
+    prior_tail: torch.Tensor
+    proxy_idx: torch.Tensor | None
+    proxy_lp: torch.Tensor | None
+    proxy_tail: torch.Tensor | None
+    proxy_logits: torch.Tensor | None
+    mode: str  # "none", "log_linear" or "mixture" (Dirichlet is a mixture with per-row weights)
+    a: float
+    b: float
+    w_rows: torch.Tensor | None  # float32 [N] for mixture
+    teacher_tokens: torch.Tensor | None  # int64 [N]
+    evidence: float
+    divergence: str
+    beta: float
+    temperature: float
+    mask: torch.Tensor | None  # bool [N]
+    tail: str
+    inplace: bool
+    chunk_rows: int | None = None
+
+
+def _prepare(student_logits, prior, proxy, mode, a, b, c, w, teacher_tokens, evidence, divergence, beta,
+             temperature, mask, tail, inplace) -> _Args:
+    _check_dist(prior, "prior")
+    n, v = prior.num_rows, prior.vocab_size
+    _check_logits(student_logits, "student_logits", v, n)
+    _check_scalars(mode, a, b, c, w, evidence, teacher_tokens)
+    beta = _resolve_beta(divergence, beta)
+    if tail not in TAILS:
+        raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    proxy_sd, proxy_logits = _prepare_proxy(prior, proxy)
+    mask = _check_mask(mask, n)
+    y = _check_teacher_tokens(teacher_tokens, n, v, mask)
+    w_rows = None
+    if proxy is None:
+        mode = "none"
+    elif mode == "dirichlet":
+        w_rows, mode = _dirichlet_w(prior, c).float(), "mixture"
+    elif mode == "mixture":
+        w_rows = torch.full((n,), w, dtype=torch.float32, device=student_logits.device)
+    dev = student_logits.device
+    to = lambda t, dt=None: None if t is None else t.to(device=dev, dtype=dt).contiguous()  # noqa: E731
+    return _Args(
+        v, to(prior.indices, torch.int32), to(prior.logprobs, torch.float32), to(prior.tail, torch.float32),
+        *((to(proxy_sd.indices, torch.int32), to(proxy_sd.logprobs, torch.float32),
+           to(proxy_sd.tail, torch.float32)) if proxy_sd is not None else (None, None, None)),
+        to(proxy_logits), mode, float(a), float(b), to(w_rows), to(y), float(evidence), divergence, beta,
+        float(temperature), to(mask), tail, bool(inplace))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the CPU path: chunked, closed-form gradient, no [N, V] target
+
+CHUNK_BYTES = 8 << 20  # float32 scratch per chunk; small enough to stay in cache between the passes
+
+
+def _divergence_grads(log_p: torch.Tensor, log_s: torch.Tensor, divergence: str, beta: float):
+    """h = s_c * g_c and g_c = ∂loss/∂s_c (docs/MATH.md table) per category; both 0 where s_c = 0 (except
+    forward KL's h = -p_c, its limit)."""
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    s = log_s.exp()
+    has_s = s > 0
+    if divergence == "forward_kl":
+        g = -(log_p - log_s).exp()
+    elif divergence == "reverse_kl":
+        g = log_s - log_p.clamp(min=LOG_FLOOR) + 1
+    elif divergence == "jsd":
+        g = (1 - beta) * (log_s - _log_mix(log_p, log_s, beta))
+    elif divergence == "skew_kl":
+        g = -(1 - beta) * (log_p - _log_mix(log_p, log_s, beta)).exp()
+    else:
+        g = 0.5 * torch.sign(s - log_p.exp())
+    g = torch.where(has_s, g, 0.0)
+    h = -log_p.exp() if divergence == "forward_kl" else s * g
+    return h, g
+
+
+def _chunk_loss_and_grad(work: torch.Tensor, rows: torch.Tensor, args: _Args) -> torch.Tensor:
+    """Loss of the rows `rows`; `work` ([n, V], float32/64) holds their student logits on entry and the
+    gradient w.r.t. them on return."""
+    n, v = work.shape
+    T = args.temperature
+    sel = lambda t: None if t is None else t[rows]  # noqa: E731
+    U, lp, log_tail, R = _combine_rows(
+        v, sel(args.prior_idx), sel(args.prior_lp), sel(args.prior_tail), sel(args.proxy_idx),
+        sel(args.proxy_lp), sel(args.proxy_tail), sel(args.proxy_logits), mode=args.mode, a=args.a, b=args.b,
+        w_rows=sel(args.w_rows), teacher_tokens=sel(args.teacher_tokens), evidence=args.evidence,
+        dtype=work.dtype)
+    valid = U >= 0
+    flat = (torch.arange(n, device=U.device)[:, None] * v + U.clamp(min=0))[valid]  # U's slots in work
+    if T != 1.0:
+        work.mul_(1.0 / T)
+    mn, mx = torch.aminmax(work, dim=1)  # one read: the shift for exp, and NaN/inf detection
+    if not (torch.isfinite(mn).all() and torch.isfinite(mx).all()):
+        bad = int(rows[~(torch.isfinite(mn) & torch.isfinite(mx))][0])
+        raise ValueError(f"student_logits contains NaN or infinite values (row {bad})")
+    x_u = (work.gather(1, U.clamp(min=0)) - mx[:, None]).masked_fill(~valid, NEG_INF)  # shifted z/T on U
+    log_pu, log_pb = _tempered_target(lp, log_tail, R, T, args.tail)
+
+    if args.tail == "bucket":
+        work.sub_(mx[:, None]).exp_()  # exp(z/T - max): softmax * total
+        work.view(-1)[flat] = 0.0
+        sum_out = work.sum(dim=1)  # the bucket's share, summed directly (no 1 - Σ cancellation)
+        total = sum_out + x_u.exp().sum(dim=1)
+        log_su = x_u - total.log()[:, None]
+        log_sb = torch.where(R > 0, sum_out.log() - total.log(), NEG_INF)
+        log_p, log_s = torch.cat([log_pu, log_pb[:, None]], 1), torch.cat([log_su, log_sb[:, None]], 1)
+    else:  # categories U only, the student renormalised over U: nothing outside U matters
+        log_su = x_u - torch.logsumexp(x_u, dim=1, keepdim=True)
+        log_p, log_s = log_pu, log_su
+
+    loss = _divergence(log_p, log_s, args.divergence, args.beta)
+    h, g = _divergence_grads(log_p, log_s, args.divergence, args.beta)
+    g_bar = h.sum(dim=1)
+    if args.tail == "bucket":  # outside U: (1/T) s(v) (g_B - g_bar), s(v) = work / total
+        work.mul_(((g[:, -1] - g_bar) / (T * total))[:, None])
+    else:
+        work.zero_()
+    grad_u = (h[:, : U.shape[1]] - log_su.exp() * g_bar[:, None]) / T
+    work.view(-1)[flat] = grad_u[valid]
+    return loss
+
+
+def _fused_forward(z: torch.Tensor, grad: torch.Tensor, args: _Args) -> torch.Tensor:
+    """Per-row losses; writes the gradient w.r.t. z into `grad` (which may be z itself)."""
+    n, v = z.shape
+    cdt = torch.float64 if z.dtype == torch.float64 else torch.float32
+    loss = torch.zeros(n, dtype=torch.float32, device=z.device)
+    if args.mask is None:
+        keep = torch.arange(n, device=z.device)
+    else:
+        keep = args.mask.nonzero()[:, 0]
+        grad.index_fill_(0, (~args.mask).nonzero()[:, 0], 0)  # masked rows: gradient 0
+    chunk = args.chunk_rows or max(1, CHUNK_BYTES // (4 * v))
+    scratch = None
+    for i in range(0, len(keep), chunk):
+        rows = keep[i: i + chunk]
+        r0, r1 = int(rows[0]), int(rows[-1]) + 1
+        if r1 - r0 == len(rows) and grad.dtype == cdt:
+            # contiguous rows: work directly in the gradient's rows (the logits themselves when in place)
+            work = grad[r0:r1]
+            if grad.data_ptr() != z.data_ptr():
+                work.copy_(z[r0:r1])
+            loss[rows] = _chunk_loss_and_grad(work, rows, args).float()
+            continue
+        if scratch is None:
+            scratch = torch.empty(min(chunk, n), v, dtype=cdt, device=z.device)
+        work = scratch[: len(rows)]
+        torch.index_select(z, 0, rows, out=work) if z.dtype == cdt else work.copy_(z[rows])
+        loss[rows] = _chunk_loss_and_grad(work, rows, args).float()
+        if r1 - r0 == len(rows):
+            grad[r0:r1].copy_(work)
+        else:
+            grad.index_copy_(0, rows, work.to(grad.dtype))
+    return loss
+
+
+class _FusedPosteriorKD(torch.autograd.Function):
+    """Loss in forward, gradient computed there too and handed out (scaled per row) in backward."""
+
+    @staticmethod
+    def forward(ctx, student_logits: torch.Tensor, args: _Args) -> torch.Tensor:
+        z = student_logits.detach()
+        grad = z if args.inplace else torch.empty_like(z)
+        loss = _fused_forward(z, grad, args)
+        ctx.save_for_backward(grad)
+        ctx.used = False
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        if ctx.used:
+            raise RuntimeError("fused_posterior_kd: backward can run only once (the gradient is scaled in place)")
+        ctx.used = True
+        (grad,) = ctx.saved_tensors
+        if not bool((grad_loss == 1).all()):  # e.g. per-row weights or a mean: scale each row
+            grad.mul_(grad_loss.to(grad.dtype)[:, None])
+        return grad, None
+
+
+def fused_posterior_kd_torch(student_logits: torch.Tensor, prior: SparseDist,
+                             proxy: SparseDist | torch.Tensor | None = None, *, mode: str = "log_linear",
+                             a: float = 1.0, b: float = 1.0, c: float = 1.0, w: float = 0.5,
+                             teacher_tokens: torch.Tensor | None = None, evidence: float = 0.0,
+                             divergence: str = "forward_kl", beta: float | None = None, temperature: float = 1.0,
+                             mask: torch.Tensor | None = None, tail: str = "bucket", inplace: bool = False,
+                             chunk_rows: int | None = None) -> torch.Tensor:
+    """The PyTorch path of `fused_posterior_kd` (see there), usable on any device; float32 math."""
+    args = _prepare(student_logits, prior, proxy, mode, a, b, c, w, teacher_tokens, evidence, divergence, beta,
+                    temperature, mask, tail, inplace)
+    args.chunk_rows = chunk_rows
+    return _FusedPosteriorKD.apply(student_logits, args)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dispatcher
+
+def _pick_backend(backend: str, device: torch.device) -> str:
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "auto":
+        env = os.environ.get("BAYESKD_BACKEND", "").strip().lower()
+        if env not in ("", "auto", "torch", "triton"):
+            raise ValueError(f"BAYESKD_BACKEND must be 'torch' or 'triton', got {env!r}")
+        backend = env if env in ("torch", "triton") else ("triton" if device.type == "cuda" else "torch")
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"the Triton backend needs CUDA tensors (got {device.type}); on CPU it runs only under "
+                           "the interpreter: set TRITON_INTERPRET=1 before importing triton, or use backend='torch'")
+    return backend
+
+
+def fused_posterior_kd(student_logits: torch.Tensor, prior: SparseDist,
+                       proxy: SparseDist | torch.Tensor | None = None, *, mode: str = "log_linear",
+                       a: float = 1.0, b: float = 1.0, c: float = 1.0, w: float = 0.5,
+                       teacher_tokens: torch.Tensor | None = None, evidence: float = 0.0,
+                       divergence: str = "forward_kl", beta: float | None = None, temperature: float = 1.0,
+                       mask: torch.Tensor | None = None, tail: str = "bucket", inplace: bool = False,
+                       backend: str = "auto") -> torch.Tensor:
+    """Per-row loss [N] of the posterior of `prior` and `proxy` against softmax(student_logits / T).
+
+    Equals sparse_kd_loss(student_logits, combine(prior, proxy, ...), ...) (no top_k truncation) without
+    materialising any [N, V] target; differentiable w.r.t. student_logits only. `proxy` is a SparseDist, dense
+    [N, V] proxy logits (online mode) or None (the prior alone). With inplace=True the gradient is written into
+    the logits buffer during the forward pass: their values are gone afterwards (compute every other use of
+    them first) and backward may run only once. backend: "auto" (Triton on CUDA, PyTorch elsewhere; the
+    environment variable BAYESKD_BACKEND=torch|triton overrides it), "torch" or "triton".
+    """
+    chosen = _pick_backend(backend, student_logits.device)
+    args = _prepare(student_logits, prior, proxy, mode, a, b, c, w, teacher_tokens, evidence, divergence, beta,
+                    temperature, mask, tail, inplace)
+    if chosen == "torch":
+        return _FusedPosteriorKD.apply(student_logits, args)
+    from bayeskd.kernels.sparse_kd import triton_fused_posterior_kd  # lazy: triton is heavy to import
+    return triton_fused_posterior_kd(
+        student_logits, args.prior_idx, args.prior_lp, args.prior_tail, args.proxy_idx, args.proxy_lp,
+        args.proxy_tail, args.proxy_logits, mode=args.mode, a=args.a, b=args.b, w_rows=args.w_rows,
+        teacher_tokens=args.teacher_tokens, evidence=args.evidence, divergence=args.divergence, beta=args.beta,
+        temperature=args.temperature, mask=args.mask, tail=args.tail, inplace=args.inplace)

@@ -297,3 +297,121 @@ def test_loss_validation():
         L.sparse_kd_loss(torch.randn(6, V + 1), target)
     with pytest.raises(ValueError, match="divergence"):
         L.sparse_kd_loss(z, target, "kl")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the CPU fast path and the dispatcher against the reference
+
+def ref_and_grad(z, prior, proxy, kw, div, T, tail, mask, weights, beta=None):
+    zr = z.detach().double().requires_grad_(True)
+    target = L.combine(prior, proxy, **kw)
+    loss = L.sparse_kd_loss(zr, target, div, beta=beta, temperature=T, mask=mask, tail=tail)
+    (loss * weights).sum().backward()
+    return loss.detach(), zr.grad
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("div", DIVS)
+def test_fast_path_matches_reference(mode, div):
+    k = 64 if div in ("jsd", "tvd") else 8
+    prior, proxy, m, y, e, z = make_case(mode, k, n=7, teacher=True, evidence=0.5 if mode != "none" else 0.0,
+                                         seed=hash((mode, div)) % 1000, dtype=torch.float32)
+    kw = dict(mode=m if m != "none" else "log_linear", c=2.0, w=0.3, teacher_tokens=y, evidence=e)
+    mask = torch.tensor([True, False, True, True, False, True, True])
+    weights = torch.rand(7, dtype=torch.float64) + 0.5
+    for tail in ("bucket", "ignore"):
+        for T in (1.0, 0.6):
+            want, want_grad = ref_and_grad(z, prior, proxy, kw, div, T, tail, mask, weights)
+            for inplace in (False, True):
+                zz = z.clone().requires_grad_(not inplace)
+                leaf = zz if not inplace else z.clone().requires_grad_(True)
+                inp = leaf if not inplace else leaf * 1.0  # in place needs a non-leaf buffer to overwrite
+                got = L.fused_posterior_kd_torch(inp, prior, proxy, divergence=div, temperature=T, tail=tail,
+                                                 mask=mask, inplace=inplace, chunk_rows=2, **kw)
+                (got * weights.float()).sum().backward()
+                torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=2e-6)
+                torch.testing.assert_close(leaf.grad.double(), want_grad, rtol=1e-3, atol=2e-6)
+                assert (leaf.grad[~mask] == 0).all() and (got[~mask] == 0).all()
+
+
+def test_fast_path_fp16_and_grad_output_ones():
+    prior, proxy, m, y, e, z = make_case("log_linear", 8, n=5, seed=21, dtype=torch.float32)
+    z16 = z.half()
+    want, want_grad = ref_and_grad(z16.float(), prior, proxy, {}, "forward_kl", 1.0, "bucket", None,
+                                   torch.ones(5, dtype=torch.float64))
+    for inplace in (False, True):
+        leaf = z16.clone().requires_grad_(True)
+        inp = leaf * 1 if inplace else leaf
+        got = L.fused_posterior_kd_torch(inp, prior, proxy, inplace=inplace)
+        got.sum().backward()
+        assert got.dtype == torch.float32 and leaf.grad.dtype == torch.float16
+        torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(leaf.grad.double(), want_grad, rtol=1e-2, atol=1e-5)
+        if inplace:  # the logits buffer became the gradient
+            torch.testing.assert_close(inp.detach().double(), want_grad, rtol=1e-2, atol=1e-5)
+    # a mean also scales per row
+    leaf = z.clone().requires_grad_(True)
+    L.fused_posterior_kd_torch(leaf, prior, proxy).mean().backward()
+    torch.testing.assert_close(leaf.grad.double(), want_grad / 5, rtol=1e-2, atol=1e-6)
+
+
+def test_fast_path_identical_and_all_masked():
+    z = torch.randn(4, V) * 3
+    lp = torch.log_softmax(z, 1)
+    top = lp.topk(8, dim=1)
+    prior = SparseDist(top.indices.int(), top.values, 1 - top.values.exp().sum(1), V)
+    for div in DIVS:
+        leaf = z.clone().requires_grad_(True)
+        loss = L.fused_posterior_kd_torch(leaf, prior, None, divergence=div)
+        torch.testing.assert_close(loss, torch.zeros(4), rtol=0, atol=1e-5)
+    leaf = z.clone().requires_grad_(True)
+    loss = L.fused_posterior_kd_torch(leaf, prior, None, mask=torch.zeros(4, dtype=torch.bool))
+    loss.sum().backward()
+    assert (loss == 0).all() and (leaf.grad == 0).all()
+
+
+def test_fast_path_rejects_bad_input():
+    prior, proxy, m, y, e, z = make_case("log_linear", 8, seed=22, dtype=torch.float32)
+    for bad in (float("nan"), float("-inf")):
+        zz = z.clone()
+        zz[4, 100] = bad
+        with pytest.raises(ValueError, match="student_logits"):
+            L.fused_posterior_kd_torch(zz, prior, proxy)
+        with pytest.raises(ValueError, match="student_logits"):
+            L.fused_posterior_kd(zz, prior, proxy)
+    with pytest.raises(ValueError, match=f"V={V + 3}.*V={V}"):
+        L.fused_posterior_kd(torch.randn(6, V + 3), prior, proxy)
+    with pytest.raises(ValueError, match="proxy logits.*V="):
+        L.fused_posterior_kd(z, prior, torch.randn(6, 17))
+    y = torch.full((6,), -100)
+    with pytest.raises(ValueError, match="teacher token -100"):
+        L.fused_posterior_kd(z, prior, proxy, teacher_tokens=y)
+    # masked rows may carry -100
+    L.fused_posterior_kd(z, prior, proxy, teacher_tokens=y, mask=torch.zeros(6, dtype=torch.bool))
+    leaf = z.clone().requires_grad_(True)
+    loss = L.fused_posterior_kd_torch(leaf * 1, prior, proxy, inplace=True).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        loss.backward()
+
+
+def test_dispatcher_backend_choice(monkeypatch):
+    prior, proxy, m, y, e, z = make_case("log_linear", 8, seed=23, dtype=torch.float32)
+    want = L.fused_posterior_kd_torch(z, prior, proxy)
+    monkeypatch.delenv("BAYESKD_BACKEND", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert L._pick_backend("auto", z.device) == "torch"
+    torch.testing.assert_close(L.fused_posterior_kd(z, prior, proxy), want, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        L.fused_posterior_kd(z, prior, proxy, backend="triton")
+    monkeypatch.setenv("BAYESKD_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):  # the override reaches the Triton path
+        L.fused_posterior_kd(z, prior, proxy)
+    assert L._pick_backend("torch", z.device) == "torch"  # an explicit backend wins over the variable
+    monkeypatch.setenv("BAYESKD_BACKEND", "torch")
+    assert L._pick_backend("auto", torch.device("cuda")) == "torch"
+    monkeypatch.setenv("BAYESKD_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="BAYESKD_BACKEND"):
+        L.fused_posterior_kd(z, prior, proxy)
+    monkeypatch.delenv("BAYESKD_BACKEND")
+    assert L._pick_backend("auto", torch.device("cuda")) == "triton"
