@@ -47,6 +47,10 @@ class LoadReport:
         return {"source": self.source, "format": self.format, "total": self.total, "kept": self.kept,
                 "skipped": self.skipped, "reasons": list(self.reasons)}
 
+    def get(self, key: str, default: Any = None) -> Any:
+        """Dict-style access, so code that treats the report as a mapping keeps working."""
+        return self.to_dict().get(key, default)
+
 
 # ----------------------------------------------------------------------------------------------- validation
 
@@ -284,6 +288,11 @@ class TokenizedData:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def fingerprint(self) -> str:
+        """Alias of `tokenizer_fingerprint`."""
+        return self.tokenizer_fingerprint
 
     @property
     def lengths(self) -> np.ndarray:

@@ -60,6 +60,7 @@ def test_jsonl_parquet_and_saved_dataset_give_the_same_records(tmp_path, rng):
     recs = _records(rng)
     from_jsonl, rep = load_teacher_records(_write_jsonl(tmp_path / "t.jsonl", recs))
     assert from_jsonl == recs and (rep.total, rep.kept, rep.skipped, rep.format) == (30, 30, 0, "jsonl")
+    assert rep.get("skipped") == 0 and rep.to_dict()["kept"] == 30
 
     from_parquet, rep = load_teacher_records(_write_parquet(tmp_path / "t.parquet", recs))
     assert from_parquet == recs and rep.format == "parquet"
@@ -188,7 +189,7 @@ def test_prompt_response_tokens_and_mask(tiny_tokenizer, rng):
         assert _decode(tiny_tokenizer, ids[mask]) == rec["response"] + eos
         assert _decode(tiny_tokenizer, ids[~mask]) == tiny_tokenizer.bos_token + rec["prompt"]
         np.testing.assert_array_equal(resp, ids[mask])
-    assert data.tokenizer_fingerprint == tokenizer_fingerprint(tiny_tokenizer)
+    assert data.tokenizer_fingerprint == data.fingerprint == tokenizer_fingerprint(tiny_tokenizer)
     assert data.vocab_size == len(tiny_tokenizer)
     assert data.report.tokens == sum(map(len, data.input_ids))
     assert data.report.response_tokens == int(sum(m.sum() for m in data.response_mask))
