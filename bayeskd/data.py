@@ -68,9 +68,10 @@ def _check_string(rec: dict, key: str, allow_empty: bool) -> str:
 
 
 def _check_messages(messages: Any) -> list[dict[str, str]]:
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise _BadRecord(f"field 'messages' must be a non-empty list of {{role, content}}, got {_type_name(messages)}"
-                         if not isinstance(messages, (list, tuple)) else "field 'messages' is empty")
+    if not isinstance(messages, (list, tuple)):
+        raise _BadRecord(f"field 'messages' must be a non-empty list of {{role, content}}, got {_type_name(messages)}")
+    if not messages:
+        raise _BadRecord("field 'messages' is empty")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
