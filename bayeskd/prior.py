@@ -541,6 +541,8 @@ class NGramPrior:
                 term[f] = o.num[ent[f]]
                 term[own] = self._num(o, o.adj[ent[own]] - 1)
                 PV = PV + scale[rb, None] * term
+                po = np.argsort(-PV, axis=1, kind="stable")  # the terms broke the parent order: re-sort
+                PW, PV = np.take_along_axis(PW, po, 1), np.take_along_axis(PV, po, 1)
             dup = (PW[:, :, None] == SW[:, None, :]).any(2)
             # sort the seen candidates by (value desc, word asc): stable sort keeps word order among ties
             so = np.argsort(-SV, axis=1, kind="stable")
