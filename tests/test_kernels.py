@@ -8,12 +8,16 @@ import importlib
 import os
 import sys
 
-os.environ["TRITON_INTERPRET"] = "1"  # must precede the @triton.jit decoration of the kernels
+# benchmarks/gpu_check.py imports this module for its reference and sets BAYESKD_KERNELS_COMPILED=1 to keep
+# the compiled kernels; everywhere else the kernels run in the interpreter (CPU)
+INTERPRET = os.environ.get("BAYESKD_KERNELS_COMPILED") != "1"
+if INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the @triton.jit decoration of the kernels
 
-import pytest
-import torch
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-if "bayeskd.kernels.sparse_kd" in sys.modules:  # imported before us (without the interpreter): decorate again
+if INTERPRET and "bayeskd.kernels.sparse_kd" in sys.modules:  # imported earlier without the interpreter
     importlib.reload(sys.modules["bayeskd.kernels.sparse_kd"])
     if "bayeskd.kernels.fused_linear_sparse_kd" in sys.modules:
         importlib.reload(sys.modules["bayeskd.kernels.fused_linear_sparse_kd"])
