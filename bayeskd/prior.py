@@ -543,25 +543,37 @@ class NGramPrior:
                 PV = PV + scale[rb, None] * term
                 po = np.argsort(-PV, axis=1, kind="stable")  # the terms broke the parent order: re-sort
                 PW, PV = np.take_along_axis(PW, po, 1), np.take_along_axis(PV, po, 1)
-            dup = (PW[:, :, None] == SW[:, None, :]).any(2)
-            # sort the seen candidates by (value desc, word asc): stable sort keeps word order among ties
-            so = np.argsort(-SV, axis=1, kind="stable")
-            SV, SW = np.take_along_axis(SV, so, 1), np.take_along_axis(SW, so, 1)
-            valid = SW >= 0
-            keep = ~dup
+            # sort the seen candidates by value (stable: word order among ties)
+            if ncol > 1:
+                so = np.argsort(-SV, axis=1, kind="stable")
+                SV, SW = np.take_along_axis(SV, so, 1), np.take_along_axis(SW, so, 1)
             # rank-merge two sorted lists: output slot = own rank + items of the other list ranked before
-            p_before_s = (PV[:, :, None] > SV[:, None, :]) | ((PV[:, :, None] == SV[:, None, :]) &
-                                                               (PW[:, :, None] < SW[:, None, :]))
-            pos_p = np.cumsum(keep, 1) - 1 + ((~p_before_s) & valid[:, None, :]).sum(2)
-            pos_s = np.arange(ncol)[None] + (p_before_s & keep[:, :, None]).sum(1)
-            Wb = np.full((len(rb), K), -1, np.int64)
-            Pb = np.zeros((len(rb), K))
-            m1 = keep & (pos_p < K)
-            r1, c1 = np.nonzero(m1)
-            Wb[r1, pos_p[r1, c1]], Pb[r1, pos_p[r1, c1]] = PW[r1, c1], PV[r1, c1]
-            m2 = valid & (pos_s < K)
-            r2_, c2 = np.nonzero(m2)
-            Wb[r2_, pos_s[r2_, c2]], Pb[r2_, pos_s[r2_, c2]] = SW[r2_, c2], SV[r2_, c2]
+            # (a parent entry goes first on equal values); dropped or late items land in a spare column K
+            if ncol <= 4:  # the common case: a few 2-D passes instead of [R, K, ncol] temporaries
+                dup = np.zeros(PW.shape, bool)
+                n_s_before = np.zeros(PW.shape, np.int64)
+                for jj in range(ncol):
+                    dup |= PW == SW[:, jj:jj + 1]
+                    n_s_before += SV[:, jj:jj + 1] > PV
+                keep = ~dup
+                pos_p = np.cumsum(keep, 1) - 1 + n_s_before
+                kept_before = np.sum(keep, 1, keepdims=True) - np.stack(
+                    [np.sum(keep & (SV[:, jj:jj + 1] > PV), 1) for jj in range(ncol)], axis=1)
+                pos_s = np.arange(ncol)[None] + kept_before
+            else:
+                keep = ~(PW[:, :, None] == SW[:, None, :]).any(2)
+                s_before_p = SV[:, None, :] > PV[:, :, None]  # invalid seen slots are -inf: never before
+                pos_p = np.cumsum(keep, 1) - 1 + s_before_p.sum(2)
+                pos_s = np.arange(ncol)[None] + (~s_before_p & keep[:, :, None]).sum(1)
+            pos_p = np.where(keep & (pos_p < K), pos_p, K)
+            pos_s = np.where((SW >= 0) & (pos_s < K), pos_s, K)
+            Wb = np.empty((len(rb), K + 1), np.int64)
+            Pb = np.empty((len(rb), K + 1))
+            np.put_along_axis(Wb, pos_p, PW, 1)
+            np.put_along_axis(Pb, pos_p, PV, 1)
+            np.put_along_axis(Wb, pos_s, SW, 1)
+            np.put_along_axis(Pb, pos_s, SV, 1)
+            Wb, Pb = Wb[:, :K], Pb[:, :K]
             if big:
                 # certify: a seen word left out (not in the parent list) scores at most
                 # scale * (its num <= the (SEEN_CAP+1)-th largest) + gamma * (parent's K-th value)
