@@ -101,6 +101,7 @@ class _Order:
     def __init__(self, n: int, keys: np.ndarray, raw: np.ndarray, adj: np.ndarray, base: int):
         self.n, self.keys, self.raw, self.adj = n, keys, raw, adj
         self.word = keys % base
+        self.word32 = self.word.astype(np.int32)
         ctx = keys // base
         starts = _runs(ctx)
         self.ctx_keys = ctx[starts]
@@ -379,18 +380,20 @@ class NGramPrior:
             raise ValueError(f"k={k} is larger than the vocabulary size V={V}")
         arrs = self._arrays(sequences, "topk")
         flat, pred = self._layout(arrs, eos=False)
-        idx = np.full((len(pred), k), -1, dtype=np.int32)
-        lp = np.full((len(pred), k), -np.inf, dtype=np.float32)
+        idx = np.empty((len(pred), k), dtype=np.int32)
+        lp = np.empty((len(pred), k), dtype=np.float32)
         tail = np.zeros(len(pred), dtype=np.float32)
         cc = np.zeros(len(pred), dtype=np.float32)
         for lo in range(0, len(pred), CHUNK):
             sl = slice(lo, min(lo + CHUNK, len(pred)))
             w, v, cc[sl] = self._topk_chunk(flat, pred[sl], k, leave_one_out)
-            pos = v > 0
-            idx[sl] = np.where(pos, w, -1)
-            with np.errstate(divide="ignore"):
-                lp[sl] = np.where(pos, np.log(np.where(pos, v, 1.0)), -np.inf)
             tail[sl] = np.maximum(1.0 - v.sum(axis=1), 0.0)
+            zero = v <= 0  # only MLE has zero-probability entries: they become padding
+            with np.errstate(divide="ignore"):
+                lp[sl] = np.log(v.astype(np.float32))
+            idx[sl] = w
+            if zero.any():
+                idx[sl][zero], lp[sl][zero] = -1, -np.inf
         return SparseDist(torch.from_numpy(idx), torch.from_numpy(lp), torch.from_numpy(tail), V,
                           extras={"context_count": torch.from_numpy(cc)})
 
@@ -420,7 +423,7 @@ class NGramPrior:
                 deltas.append(d)
 
         # order 0: the uniform distribution, listed as tokens 0..K-1
-        prev = {"W": np.arange(K, dtype=np.int64)[None], "P": np.full((1, K), 1.0 / V),
+        prev = {"W": np.arange(K, dtype=np.int32)[None], "P": np.full((1, K), 1.0 / V),
                 "coef": np.ones((1, 1)), "cid": np.zeros((1, 0), np.int64), "e": np.zeros((1, 0), np.int64),
                 "d": np.zeros((1, 0), np.int64), "lw": np.full(1, -1, np.int64)}
         prev_row = np.zeros(len(p), np.int64)
@@ -457,7 +460,7 @@ class NGramPrior:
             final_lists.append((cur["W"], cur["P"]))
             prev = cur
 
-        W = np.empty((len(p), K), np.int64)
+        W = np.empty((len(p), K), np.int32)
         P = np.empty((len(p), K), np.float64)
         for i, (lw, lv) in enumerate(final_lists):
             m = final_order == i
@@ -501,7 +504,7 @@ class NGramPrior:
                 a = om.adj[em[sel]]
                 corr[sel] += coef[sel, m] * (self._num(om, a - dm[sel]) - om.num[em[sel]])
         out = {"coef": coef, "cid": anc_cid, "e": anc_e, "d": anc_d, "lw": lw,
-               "W": np.empty((R, K), np.int64), "P": np.empty((R, K), np.float64)}
+               "W": np.empty((R, K), np.int32), "P": np.empty((R, K), np.float64)}
 
         S = o.size[cid]
         width = np.where(S > SEEN_CAP, SEEN_CAP * 2, 1 << np.ceil(np.log2(np.maximum(S, 1))).astype(np.int64))
@@ -518,7 +521,7 @@ class NGramPrior:
             else:
                 SE = np.where(j < S[rb, None], start + j, -1)
             valid = SE >= 0
-            SW = np.where(valid, o.word[np.maximum(SE, 0)], -1)
+            SW = np.where(valid, o.word32[np.maximum(SE, 0)], -1)
             SV = np.full(SE.shape, -np.inf)
             vr, vc = np.nonzero(valid)
             r_abs = rb[vr]
@@ -567,7 +570,7 @@ class NGramPrior:
                 pos_s = np.arange(ncol)[None] + (~s_before_p & keep[:, :, None]).sum(1)
             pos_p = np.where(keep & (pos_p < K), pos_p, K)
             pos_s = np.where((SW >= 0) & (pos_s < K), pos_s, K)
-            Wb = np.empty((len(rb), K + 1), np.int64)
+            Wb = np.empty((len(rb), K + 1), np.int32)
             Pb = np.empty((len(rb), K + 1))
             np.put_along_axis(Wb, pos_p, PW, 1)
             np.put_along_axis(Pb, pos_p, PV, 1)
