@@ -181,12 +181,14 @@ class NGramPrior:
         seqs = [sequences] if _is_single_sequence(sequences) else list(sequences)
         if len(seqs) == 0:
             raise ValueError(f"{what}: empty input (no sequences)")
-        arrs = [_as_array(s, f"{what}: sequence {i}") for i, s in enumerate(seqs)]
-        for i, a in enumerate(arrs):  # one vectorized min/max per sequence, no per-token work
-            if len(a) and (a.min() < 0 or a.max() >= self.vocab_size):
-                bad = int(a[(a < 0) | (a >= self.vocab_size)][0])
-                raise ValueError(f"{what}: sequence {i} holds token id {bad}, outside the vocabulary "
-                                 f"[0, V={self.vocab_size})")
+        arrs = [s if type(s) is np.ndarray and s.dtype == np.int64 and s.ndim == 1 else
+                _as_array(s, f"{what}: sequence {i}") for i, s in enumerate(seqs)]
+        flat = np.concatenate(arrs) if arrs else np.zeros(0, np.int64)
+        if len(flat) and (flat.min() < 0 or flat.max() >= self.vocab_size):  # one check for the whole input
+            j = int(np.flatnonzero((flat < 0) | (flat >= self.vocab_size))[0])
+            i = int(np.searchsorted(np.cumsum([len(a) for a in arrs]), j, side="right"))
+            raise ValueError(f"{what}: sequence {i} holds token id {int(flat[j])}, outside the vocabulary "
+                             f"[0, V={self.vocab_size})")
         return arrs
 
     def _layout(self, arrs: list[np.ndarray], eos: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,6 @@ import argparse
 import gc
 import json
 import os
-import pkgutil
 import platform
 import re
 import sys
@@ -37,8 +36,8 @@ def corpus_texts(min_words: int) -> list[str]:
     if n < min_words:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for mod in sorted(m.name for m in pkgutil.iter_modules() if not m.name.startswith("_")):
-                if mod in ("antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo"):
+            for mod in sorted(m for m in sys.stdlib_module_names if not m.startswith("_")):  # stdlib only
+                if mod in ("antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "pydoc"):
                     continue
                 try:
                     m = __import__(mod)
