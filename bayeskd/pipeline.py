@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bayeskd.sparse import ShardWriter, SparseDist, atomic_write_json
+from bayeskd.sparse import CacheMismatchError, ShardWriter, SparseDist, atomic_write_json
 
 DEFAULT_CACHE = Path(os.environ.get("BAYESKD_CACHE", Path.home() / ".cache" / "bayeskd"))
 SHARD_ROWS = 1 << 18  # rows per prior shard: ~70 MB at K=64
@@ -62,7 +62,7 @@ def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out
     tok = load_tokenizer(tokenizer)
     records, report = load_teacher_records(data, split=split, skip_bad=skip_bad)
     if max_records is not None:
-        records = records[:max_records]
+        records = records[:max_records]  # the summary's `records` counts what was used
     tokenized = tokenize_records(records, tok)
     sequences = tokenized.response_sequences()
     vocab = _vocab_size(tok)
@@ -76,7 +76,13 @@ def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out
     model_dir = out_dir / "prior"
     cfg_path = out_dir / "prior_config.json"
     t_count = time.perf_counter()
-    if model_dir.exists() and cfg_path.exists() and json.loads(cfg_path.read_text()) == config:
+    old_config = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
+    if old_config is not None and old_config != config:
+        # Never overwrite a finished model made with other settings: the user may still need it.
+        diff = sorted(k for k in set(config) | set(old_config) if config.get(k) != old_config.get(k))
+        raise CacheMismatchError(f"{out_dir} already holds a prior made with another config (differs in: "
+                                 f"{', '.join(diff)}); use a new --out directory")
+    if model_dir.exists() and old_config == config:
         prior = NGramPrior.load(model_dir)
         reused = True
     else:
@@ -108,7 +114,7 @@ def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out
 
     summary = {
         "data": str(data), "tokenizer": str(tokenizer), "records": len(records),
-        "skipped_records": int(report.get("skipped", 0)) if isinstance(report, dict) else 0,
+        "skipped_records": int(report.skipped),
         "tokens": n_tokens, "vocab_size": vocab, "order": order, "smoothing": smoothing,
         "ngrams_per_order": prior.ngram_counts(),
         "count_seconds": round(count_seconds, 4), "reused_model": reused,

@@ -117,6 +117,8 @@ class SparseDist:
         if (mass > 1 + atol).any():
             row = int(torch.argmax(mass))
             raise ValueError(f"{name}: row {row} has total mass {mass[row].item():.6f} > 1")
+        if ((listed.sum(dim=1) == self.vocab_size) & (self.tail > atol)).any():
+            raise ValueError(f"{name}: a row lists all V tokens but has tail mass > 0 (nowhere to put it)")
         srt = torch.sort(torch.where(listed, self.indices, -torch.arange(1, self.k + 1, dtype=torch.int32)[None]), 1)[0]
         if (srt[:, 1:] == srt[:, :-1]).any():
             raise ValueError(f"{name}: a row lists the same token index twice")
@@ -253,7 +255,7 @@ class ShardReader:
 
     @property
     def shard_names(self) -> list[str]:
-        return sorted(self.manifest["shards"])
+        return sorted(self.manifest["shards"])  # writers zero-pad shard numbers, so this is write order
 
     def read(self, fname: str) -> tuple[SparseDist, dict[str, torch.Tensor]]:
         path = self.dir / fname

@@ -1,0 +1,112 @@
+"""The `bayeskd estimate-prior` command end to end, through click like a user, on a tiny tokenizer."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from bayeskd.cli import main
+from bayeskd.sparse import CacheMismatchError, ShardReader
+
+
+def _write_jsonl(path, n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    words = ["the", "module", "returns", "a", "list", "of", "strings", "when", "called", "with", "an", "object"]
+    with open(path, "w") as f:
+        for i in range(n):
+            resp = " ".join(rng.choice(words, size=rng.integers(3, 15)))
+            f.write(json.dumps({"prompt": f"Question {i}: what does it do?", "response": resp}) + "\n")
+    return path
+
+
+def _run(args):
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    return result
+
+
+def test_estimate_prior_writes_model_shards_and_summary(tmp_path, tiny_tokenizer_dir):
+    data = _write_jsonl(tmp_path / "teacher.jsonl")
+    out = tmp_path / "prior"
+    res = _run(["estimate-prior", "--data", str(data), "--tokenizer", tiny_tokenizer_dir, "--order", "3",
+                "--top-k", "8", "--write-topk", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["records"] == 40 and summary["tokens"] > 40
+    assert len(summary["ngrams_per_order"]) == 3 and all(int(c) > 0 for c in summary["ngrams_per_order"])
+    assert summary["model_bytes"] > 0 and summary["reused_model"] is False
+
+    reader = ShardReader(out / "topk", k=8)
+    rows = sum(d.num_rows for d, _ in reader)
+    assert rows == summary["tokens"]  # one prior row per response token
+    dist, extra = reader.read(reader.shard_names[0])
+    dist.validate()
+    assert int(extra["lengths"].sum()) == dist.num_rows
+
+    # A rerun with the same config reuses the counted model and keeps the shard.
+    res2 = _run(["estimate-prior", "--data", str(data), "--tokenizer", tiny_tokenizer_dir, "--order", "3",
+                 "--top-k", "8", "--write-topk", "--out", str(out)])
+    assert res2.exit_code == 0, res2.output
+    assert json.loads((out / "summary.json").read_text())["reused_model"] is True
+
+
+def test_estimate_prior_config_file_and_override(tmp_path, tiny_tokenizer_dir):
+    data = _write_jsonl(tmp_path / "teacher.jsonl", n=10)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"data: {data}\ntokenizer: {tiny_tokenizer_dir}\norder: 2\nsmoothing: witten_bell\n")
+    out = tmp_path / "o"
+    res = _run(["estimate-prior", "--config", str(cfg), "--order", "3", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["smoothing"] == "witten_bell" and summary["order"] == 3
+
+
+def test_estimate_prior_bad_inputs_are_named(tmp_path, tiny_tokenizer_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b c"}\n{"prompt": "x", "response": \n')
+    res = CliRunner().invoke(main, ["estimate-prior", "--data", str(bad), "--tokenizer", tiny_tokenizer_dir,
+                                    "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0 and "bad.jsonl:2" in res.output
+
+    res = CliRunner().invoke(main, ["estimate-prior", "--data", str(bad), "--tokenizer", tiny_tokenizer_dir,
+                                    "--skip-bad", "--order", "2", "--out", str(tmp_path / "o2")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "o2" / "summary.json").read_text())["skipped_records"] == 1
+
+    res = CliRunner().invoke(main, ["estimate-prior", "--data", str(bad), "--tokenizer", tiny_tokenizer_dir,
+                                    "--skip-bad", "--top-k", "100000", "--out", str(tmp_path / "o3")])
+    assert res.exit_code != 0 and "larger than" in res.output
+
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text('{"ordr": 3}')
+    res = CliRunner().invoke(main, ["estimate-prior", "--config", str(cfg), "--out", str(tmp_path / "o4")])
+    assert res.exit_code != 0 and "ordr" in res.output
+
+
+def test_topk_cache_from_other_config_is_refused(tmp_path, tiny_tokenizer_dir):
+    data = _write_jsonl(tmp_path / "teacher.jsonl", n=10)
+    out = tmp_path / "p"
+    args = ["estimate-prior", "--data", str(data), "--tokenizer", tiny_tokenizer_dir, "--order", "2",
+            "--write-topk", "--top-k", "4", "--out", str(out)]
+    assert _run(args).exit_code == 0
+    before = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    res = CliRunner().invoke(main, args[:-2] + ["--smoothing", "witten_bell", "--out", str(out)])
+    assert res.exit_code != 0 and "another config" in res.output and "smoothing" in res.output
+    assert {f: f.read_bytes() for f in out.rglob("*") if f.is_file()} == before  # nothing written is lost
+
+
+def test_shard_writer_refuses_other_tokenizer(tmp_path, tiny_tokenizer_dir):
+    data = _write_jsonl(tmp_path / "teacher.jsonl", n=10)
+    out = tmp_path / "p"
+    assert _run(["estimate-prior", "--data", str(data), "--tokenizer", tiny_tokenizer_dir, "--order", "2",
+                 "--write-topk", "--top-k", "4", "--out", str(out)]).exit_code == 0
+    with pytest.raises(CacheMismatchError, match="another tokenizer"):
+        ShardReader(out / "topk", tokenizer_fingerprint="0" * 64)
+
+
+def test_only_bayeskd_is_a_new_top_level_name(tmp_path):
+    code = ("import importlib.util as u, bayeskd.kernels, bayeskd.cli;"
+            "print(u.find_spec('kernels') is None, u.find_spec('cli') is None)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"]
