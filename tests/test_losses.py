@@ -415,3 +415,20 @@ def test_dispatcher_backend_choice(monkeypatch):
         L.fused_posterior_kd(z, prior, proxy)
     monkeypatch.delenv("BAYESKD_BACKEND")
     assert L._pick_backend("auto", torch.device("cuda")) == "triton"
+
+
+def test_fast_path_default_chunks_online_k1():
+    # no mask, default chunking (the in-place contiguous branch), K = 1, online proxy
+    prior, proxy, m, y, e, z = make_case("online_log_linear", 1, n=5, seed=24, dtype=torch.float32)
+    kw = dict(teacher_tokens=y, evidence=0.2)
+    want, want_grad = ref_and_grad(z, prior, proxy, kw, "reverse_kl", 1.4, "bucket", None,
+                                   torch.ones(5, dtype=torch.float64))
+    leaf = z.clone().requires_grad_(True)
+    inp = leaf * 1
+    got = L.fused_posterior_kd(inp, prior, proxy, divergence="reverse_kl", temperature=1.4, inplace=True, **kw)
+    got.sum().backward()
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=2e-6)
+    torch.testing.assert_close(leaf.grad.double(), want_grad, rtol=1e-3, atol=2e-6)
+    empty = SparseDist(torch.full((5, 2), -1, dtype=torch.int32), torch.full((5, 2), -math.inf), torch.ones(5), V)
+    with pytest.raises(ValueError, match="ignore"):
+        L.fused_posterior_kd(z, empty, None, tail="ignore")
