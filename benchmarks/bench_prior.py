@@ -27,30 +27,63 @@ from bayeskd.prior import NGramPrior
 WORD = re.compile(r"\w+|[^\w\s]")
 
 
+def _docstrings() -> list[str]:
+    """Docstring paragraphs of the stdlib: modules, their functions and classes, and the classes' members."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for mod in sorted(m for m in sys.stdlib_module_names if not m.startswith("_")):  # stdlib only
+            if mod in ("antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "pydoc"):
+                continue
+            try:
+                __import__(mod)
+            except BaseException:
+                continue
+    seen, out = set(), []
+
+    def add(obj):
+        doc = getattr(obj, "__doc__", None)
+        if isinstance(doc, str):
+            for p in doc.split("\n\n"):
+                if p.strip() and p not in seen:
+                    seen.add(p)
+                    out.append(p)
+
+    for name in sorted(sys.modules):
+        if name.split(".")[0] not in sys.stdlib_module_names:
+            continue
+        m = sys.modules[name]
+        add(m)
+        for a in sorted(vars(m)) if hasattr(m, "__dict__") else []:
+            obj = vars(m)[a]
+            add(obj)
+            if isinstance(obj, type):
+                for b in sorted(vars(obj)):
+                    add(vars(obj)[b])
+    return out
+
+
 def corpus_texts(min_words: int) -> list[str]:
-    """Paragraphs of the stdlib's documentation: pydoc topics first, then module docstrings, repeated if needed."""
+    """Paragraphs of the stdlib's documentation: pydoc topics first, then docstrings, repeated if still short."""
     from pydoc_data.topics import topics
 
     texts = [p for t in topics.values() for p in t.split("\n\n") if p.strip()]
     n = sum(len(WORD.findall(t)) for t in texts)
     if n < min_words:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for mod in sorted(m for m in sys.stdlib_module_names if not m.startswith("_")):  # stdlib only
-                if mod in ("antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "pydoc"):
-                    continue
-                try:
-                    m = __import__(mod)
-                except BaseException:
-                    continue
-                for obj in [m] + [getattr(m, a, None) for a in dir(m)]:
-                    doc = getattr(obj, "__doc__", None)
-                    if isinstance(doc, str):
-                        paras = [p for p in doc.split("\n\n") if p.strip()]
-                        texts += paras
-                        n += sum(len(WORD.findall(p)) for p in paras)
-                if n >= min_words:
-                    break
+        texts += _docstrings()
+        n = sum(len(WORD.findall(t)) for t in texts)
+    if n < min_words:  # still short: the stdlib's own source files (comments and code), still no download
+        import sysconfig
+        for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+            if "site-packages" in path.parts or "test" in path.parts:
+                continue
+            try:
+                paras = [p for p in path.read_text(errors="ignore").split("\n\n") if p.strip()]
+            except OSError:
+                continue
+            texts += paras
+            n += sum(len(WORD.findall(p)) for p in paras)
+            if n >= min_words:
+                break
     base = list(texts)
     while n < min_words:  # not enough distinct text: repeat it (counts scale, tables do not)
         texts += base
@@ -174,8 +207,8 @@ def main() -> None:
     result = {
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0],
                     "processor": platform.processor()},
-        "corpus": {"tokens": n_tok, "sequences": len(seqs), "vocab_size": V, "source": "pydoc_data.topics + "
-                   "stdlib docstrings, regex words"},
+        "corpus": {"tokens": n_tok, "sequences": len(seqs), "vocab_size": V, "source": "pydoc_data.topics + stdlib "
+                   "docstrings (+ stdlib .py sources if short), regex words"},
         "config": {"order": args.order, "smoothing": args.smoothing, "k": args.k},
         "build": {"seconds": round(build_s, 4), "tokens_per_s": round(n_tok / build_s),
                   "parallel_seconds_incl_spawn": round(par_s, 3), "num_proc": args.num_proc,
