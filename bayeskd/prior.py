@@ -99,26 +99,43 @@ class _Order:
     """Derived tables of one order n (rebuilt from the raw keys/counts by `_finalize`)."""
 
     def __init__(self, n: int, keys: np.ndarray, raw: np.ndarray, adj: np.ndarray, base: int):
-        self.n, self.keys, self.raw, self.adj = n, keys, raw, adj
-        self.word = keys % base
-        self.word32 = self.word.astype(np.int32)
+        self.n, self.keys, self.raw, self.adj, self.base = n, keys, raw, adj, base
         ctx = keys // base
         starts = _runs(ctx)
         self.ctx_keys = ctx[starts]
         self.ctx_start = np.append(starts, len(keys)).astype(np.int64)
-        sizes = np.diff(self.ctx_start)
-        self.ctx_id = np.repeat(np.arange(len(starts), dtype=np.int64), sizes)
-        self.size = sizes  # T(h): distinct continuations
-        self.A = np.add.reduceat(adj, starts) if len(keys) else np.zeros(0, np.int64)
-        self.craw = np.add.reduceat(raw, starts) if len(keys) else np.zeros(0, np.int64)
-        bucket = np.minimum(adj, 3)  # 1, 2, 3+ buckets for the MKN gamma
-        self.NB = np.stack([np.bincount(self.ctx_id, weights=bucket == b, minlength=len(starts)).astype(np.int64)
-                            for b in (1, 2, 3)], axis=1) if len(keys) else np.zeros((0, 3), np.int64)
+        self.size = np.diff(self.ctx_start)  # T(h): distinct continuations
+        empty = len(keys) == 0
+        self.A = np.zeros(0, np.int64) if empty else np.add.reduceat(adj, starts)
+        self.craw = np.zeros(0, np.int64) if empty else np.add.reduceat(raw, starts)
+        # N1, N2, N3+ per context (for the MKN gamma): one reduceat over a 3-column indicator
+        self.NB = np.zeros((0, 3), np.int64) if empty else np.stack(
+            [np.add.reduceat(m.view(np.int8), starts, dtype=np.int64) for m in (adj == 1, adj == 2, adj >= 3)], 1)
         self.nk = np.bincount(np.minimum(adj, 5), minlength=6)[1:5]  # count-of-counts n1..n4
         self.D = np.zeros(3)
         self.num = adj.astype(np.float64)
+        self._word = self._word32 = self._ctx_id = None
         self.suf: np.ndarray | None = None  # entry -> entry of its suffix in order n-1 (lazy)
         self.perm: np.ndarray | None = None  # entries grouped by context, largest num first (lazy)
+
+    # query-time tables, built on first use so that counting stays cheap
+    @property
+    def word(self) -> np.ndarray:
+        if self._word is None:
+            self._word = self.keys % self.base
+        return self._word
+
+    @property
+    def word32(self) -> np.ndarray:
+        if self._word32 is None:
+            self._word32 = self.word.astype(np.int32)
+        return self._word32
+
+    @property
+    def ctx_id(self) -> np.ndarray:
+        if self._ctx_id is None:
+            self._ctx_id = np.repeat(np.arange(len(self.ctx_keys), dtype=np.int64), self.size)
+        return self._ctx_id
 
 
 class NGramPrior:
