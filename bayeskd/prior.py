@@ -84,14 +84,17 @@ def _is_single_sequence(x: Any) -> bool:
 
 
 def _mkn_discounts(nk: np.ndarray) -> np.ndarray:
-    """Chen & Goodman's D1, D2, D3+ from the count-of-counts n1..n4, clipped to [0, k] so that a count k never
-    goes negative; a count-of-count of zero (tiny corpora) reuses the previous discount (0.5 for D1)."""
+    """Chen & Goodman's D1, D2, D3+ from the count-of-counts n1..n4, at most k so that a count k never goes
+    negative; where the formula is undefined or not positive (tiny or odd corpora) the previous discount is
+    reused (0.5 for D1), so every context keeps some mass for the lower orders."""
     n1, n2, n3, n4 = (float(x) for x in nk)
     y = n1 / (n1 + 2 * n2) if n1 + 2 * n2 > 0 else 0.0
     d = []
     for k, (a, b) in enumerate(((n1, n2), (n2, n3), (n3, n4)), start=1):
-        dk = k - (k + 1) * y * b / a if a > 0 else (d[-1] if d else 0.5)
-        d.append(min(max(dk, 0.0), float(k)))
+        dk = k - (k + 1) * y * b / a if a > 0 else 0.0
+        if dk <= 0:  # not Zipf-like counts: a zero discount would leave gamma = 0 and unseen tokens at p = 0
+            dk = d[-1] if d else 0.5
+        d.append(min(dk, float(k)))
     return np.array(d)
 
 
@@ -482,8 +485,11 @@ class NGramPrior:
         W = np.empty((len(p), K), np.int32)
         P = np.empty((len(p), K), np.float64)
         for i, (lw, lv) in enumerate(final_lists):
-            m = final_order == i
-            W[m], P[m] = lw[final_row[m]], lv[final_row[m]]
+            at = np.flatnonzero(final_order == i)
+            if len(at) == len(p):  # every position ends at this order: one plain gather
+                W, P = lw.take(final_row, axis=0), lv.take(final_row, axis=0)
+            elif len(at):
+                W[at], P[at] = lw.take(final_row[at], axis=0), lv.take(final_row[at], axis=0)
         oN = self._ord[N - 1]
         cN = cids[N - 1]
         count = np.where(cN >= 0, oN.craw[np.maximum(cN, 0)], 0)
