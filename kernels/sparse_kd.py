@@ -91,11 +91,11 @@ def _sparse_kd_kernel(
     i0_ptr, l0_ptr, t0_ptr, K0,
     iq_ptr, lq_ptr, tq_ptr, KQ,
     ql_ptr, ql_stride,
-    w_ptr, y_ptr, mask_ptr,
+    w_ptr, y_ptr, mask_ptr, bad_ptr,
     V, a, b, evidence, beta, inv_t,
     MODE: tl.constexpr, ONLINE: tl.constexpr, DIV: tl.constexpr, BUCKET: tl.constexpr,
     HAS_Y: tl.constexpr, HAS_MASK: tl.constexpr, TEMPERED: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    K0P: tl.constexpr, KQP: tl.constexpr, BLOCK_V: tl.constexpr,
+    CHECK: tl.constexpr, K0P: tl.constexpr, KQP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     NEG_INF: tl.constexpr = float("-inf")
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride overflows int32 at N*V > 2^31
@@ -109,21 +109,29 @@ def _sparse_kd_kernel(
     mq = NEG_INF
     Sq1 = 0.0  # sum exp(l - mq)
     Sqb = 0.0  # sum exp(b (l - mq)), for the log-linear normaliser q^b
+    n_bad = 0  # NaN/inf count, checked here so validation costs no extra pass over the logits
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         inb = cols < V
-        x = tl.load(z_row + cols, mask=inb, other=NEG_INF).to(tl.float32) * inv_t
+        x = tl.load(z_row + cols, mask=inb, other=NEG_INF).to(tl.float32)
+        if CHECK:
+            n_bad += tl.sum((inb & ((x != x) | (tl.abs(x) == float("inf")))).to(tl.int32), axis=0)
+        x = x * inv_t
         m_new = tl.maximum(m, tl.max(x, axis=0))
         S = S * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
         if ONLINE:
             xq = tl.load(ql_ptr + row * ql_stride + cols, mask=inb, other=NEG_INF).to(tl.float32)
+            if CHECK:
+                n_bad += tl.sum((inb & ((xq != xq) | (tl.abs(xq) == float("inf")))).to(tl.int32), axis=0)
             mq_new = tl.maximum(mq, tl.max(xq, axis=0))
             Sq1 = Sq1 * tl.exp(mq - mq_new) + tl.sum(tl.exp(xq - mq_new), axis=0)
             if MODE == 1:
                 Sqb = Sqb * tl.exp(b * (mq - mq_new)) + tl.sum(tl.exp(b * (xq - mq_new)), axis=0)
             mq = mq_new
     lse = m + tl.log(S)
+    if CHECK:
+        tl.store(bad_ptr + row, n_bad)
 
     # ---- the union support: prior slots, proxy slots not already in the prior, and the teacher token ---------
     o0 = tl.arange(0, K0P)
@@ -311,10 +319,8 @@ def _validate(student_logits, prior, proxy, proxy_logits, teacher_tokens, w_rows
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected ({n},)")
     if not check_finite:
         return
-    # one fused boolean per check, a single host sync at the end
-    checks = [("student_logits", torch.isfinite(student_logits).all())]
-    if proxy_logits is not None:
-        checks.append(("proxy_logits", torch.isfinite(proxy_logits).all()))
+    # the [N, V] logits are checked inside the kernel (pass 1); here only the small targets, one host sync
+    checks = []
     for name, (idx, lp, tail) in (("prior", prior), ("proxy", proxy)):
         if idx is None:
             continue
@@ -324,6 +330,8 @@ def _validate(student_logits, prior, proxy, proxy_logits, teacher_tokens, w_rows
         checks.append((f"{name} indices", ((idx >= -1) & (idx < v)).all()))
     if w_rows is not None:
         checks.append(("w_rows", torch.isfinite(w_rows).all()))
+    if not checks:
+        return
     flags = torch.stack([c for _, c in checks]).cpu()
     for (name, _), ok in zip(checks, flags.tolist()):
         if not ok:
@@ -337,6 +345,7 @@ def sparse_kd_forward(
     w_rows=None, teacher_tokens=None, evidence: float = 0.0, divergence: str = "forward_kl", beta: float = 0.5,
     temperature: float = 1.0, mask=None, tail: str = "bucket", inplace: bool = False, compute_grad: bool = True,
     check_finite: bool = True, grad_out: torch.Tensor | None = None, block_v: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the kernel (no autograd). Returns (loss [N] fp32, grad w.r.t. student_logits or None).
 
@@ -396,9 +405,11 @@ def sparse_kd_forward(
     prior_logp = prior_logp.contiguous()
     prior_tail = prior_tail.float().contiguous()
     ql = proxy_logits if proxy_logits is None or proxy_logits.stride(-1) == 1 else proxy_logits.contiguous()
-    if block_v is None:
-        block_v = min(8192 if z.element_size() < 4 else 4096, _next_pow2(v))
-    num_warps = 16 if block_v >= 8192 else 8 if block_v >= 2048 else 4
+    if block_v is None:  # measured on an H100: large blocks amortise the per-block reductions of pass 1
+        block_v = min(16384, _next_pow2(v))
+    if num_warps is None:
+        num_warps = 16 if block_v >= 16384 else 8 if block_v >= 4096 else 4
+    bad = torch.zeros(n if check_finite else 1, dtype=torch.int32, device=z.device)
     _sparse_kd_kernel[(n,)](
         z, z.stride(0), grad, grad.stride(0) if compute_grad else 0, loss,
         prior_idx, prior_logp, prior_tail, k0,
@@ -408,13 +419,18 @@ def sparse_kd_forward(
         ql if ql is not None else dummy, ql.stride(0) if ql is not None else 0,
         w_rows.float().contiguous() if w_rows is not None else dummy,
         teacher_tokens.to(torch.int32).contiguous() if teacher_tokens is not None else dummy,
-        mask.to(torch.int8).contiguous() if mask is not None else dummy,
+        mask.to(torch.int8).contiguous() if mask is not None else dummy, bad,
         v, float(a), float(b), float(evidence), float(beta), 1.0 / float(temperature),
         MODE=MODES[mode], ONLINE=online, DIV=div, BUCKET=tail == "bucket",
         HAS_Y=teacher_tokens is not None, HAS_MASK=mask is not None, TEMPERED=float(temperature) != 1.0,
-        COMPUTE_GRAD=compute_grad, K0P=max(16, _next_pow2(k0)), KQP=max(16, _next_pow2(kq)), BLOCK_V=block_v,
+        COMPUTE_GRAD=compute_grad, CHECK=check_finite, K0P=max(16, _next_pow2(k0)), KQP=max(16, _next_pow2(kq)), BLOCK_V=block_v,
         num_warps=num_warps,
     )
+    if check_finite and bool(bad.any()):  # one host sync; the kernel already ran (an error is an error)
+        row = int(bad.nonzero()[0, 0])
+        what = ("proxy_logits" if proxy_logits is not None and not bool(torch.isfinite(proxy_logits[row]).all())
+                else "student_logits")
+        raise ValueError(f"triton_fused_posterior_kd: NaN or infinite values in {what} (row {row})")
     return loss, grad if compute_grad else None
 
 
@@ -475,7 +491,9 @@ def triton_fused_posterior_kd(
     written into `student_logits` during the forward pass (no extra [N, V] buffer): the logits' values are
     gone afterwards, so nothing else may read them (compute any other loss on them first).
     `beta` is the resolved β of jsd or α of skew_kl. NaN/inf inputs raise ValueError unless
-    `check_finite=False` (the check costs one reduction over the logits and one host sync).
+    `check_finite=False`; the logits are checked inside the kernel's first pass (the error is raised after the
+    kernel ran, so with inplace=True the logits are already overwritten), the targets with small reductions;
+    one host sync in all.
     """
     kwargs = dict(mode=mode, a=a, b=b, w_rows=w_rows, teacher_tokens=teacher_tokens, evidence=evidence,
                   divergence=divergence, beta=beta, temperature=temperature, mask=mask, tail=tail,
