@@ -43,18 +43,28 @@ def _chunk_loss_and_grad(logits: torch.Tensor, targets: tuple, kwargs: dict[str,
     if backend == "triton":
         loss, _ = sparse_kd_forward(logits, *targets, inplace=True, compute_grad=need_grad, **kwargs)
         return loss
-    try:  # the PyTorch path of bayeskd.losses (CPU); falls back to the kernel under the Triton interpreter
-        from bayeskd.losses import fused_posterior_kd
-    except ImportError:
-        loss, _ = sparse_kd_forward(logits, *targets, inplace=True, compute_grad=need_grad, **kwargs)
-        return loss
-    kw = {k: v for k, v in kwargs.items() if k not in ("block_v",)}
+    from bayeskd.losses import fused_posterior_kd  # the PyTorch path (CPU)
+    from bayeskd.sparse import SparseDist
+
+    p_idx, p_lp, p_tail, q_idx, q_lp, q_tail, q_logits = targets
+    v = logits.shape[1]
+    kw = {k: v_ for k, v_ in kwargs.items() if k not in ("block_v", "check_finite", "w_rows")}
+    w_rows = kwargs.get("w_rows")
+    if w_rows is not None and w_rows.numel():
+        if not bool((w_rows == w_rows[0]).all()):
+            raise ValueError("per-row mixture weights need backend='triton' (the torch path takes one scalar w)")
+        kw["w"] = float(w_rows[0])
+    if kw.get("mode") == "none":
+        kw["mode"] = "log_linear"  # ignored: no proxy means the prior alone
+    proxy = SparseDist(q_idx, q_lp, q_tail, v) if q_idx is not None else q_logits
     x = logits.detach().requires_grad_(need_grad)
     with torch.enable_grad():
-        loss = fused_posterior_kd(x, *targets, backend="torch", **kw)
-        if need_grad:
+        loss = fused_posterior_kd(x, SparseDist(p_idx, p_lp, p_tail, v), proxy, backend="torch",
+                                  inplace=need_grad, **kw)
+        if need_grad:  # inplace: the gradient already lives in `logits`; copy_ covers a non-aliasing result
             (g,) = torch.autograd.grad(loss.sum(), x)
-            logits.copy_(g)
+            if g.data_ptr() != logits.data_ptr():
+                logits.copy_(g)
     return loss.detach().float()
 
 

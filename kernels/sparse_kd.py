@@ -302,7 +302,7 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _validate(student_logits, prior, proxy, proxy_logits, teacher_tokens, w_rows, mask, check_finite: bool) -> None:
+def _validate(student_logits, prior, proxy, proxy_logits, teacher_tokens, w_rows, mask, check_finite: bool) -> list:
     n, v = student_logits.shape
     for name, (idx, lp, tail) in (("prior", prior), ("proxy", proxy)):
         if idx is None:
@@ -318,8 +318,9 @@ def _validate(student_logits, prior, proxy, proxy_logits, teacher_tokens, w_rows
         if t is not None and t.shape != (n,):
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected ({n},)")
     if not check_finite:
-        return
-    # the [N, V] logits are checked inside the kernel (pass 1); here only the small targets, one host sync
+        return []
+    # the [N, V] logits are checked inside the kernel (pass 1); here only the small targets. The flags are
+    # read after the kernel, together with its own, so the whole check costs one host sync
     checks = []
     for name, (idx, lp, tail) in (("prior", prior), ("proxy", proxy)):
         if idx is None:
@@ -330,13 +331,21 @@ def _validate(student_logits, prior, proxy, proxy_logits, teacher_tokens, w_rows
         checks.append((f"{name} indices", ((idx >= -1) & (idx < v)).all()))
     if w_rows is not None:
         checks.append(("w_rows", torch.isfinite(w_rows).all()))
-    if not checks:
-        return
-    flags = torch.stack([c for _, c in checks]).cpu()
-    for (name, _), ok in zip(checks, flags.tolist()):
+    return checks
+
+
+def _raise_on_bad(checks, bad: torch.Tensor, proxy_logits) -> None:
+    flags = torch.cat([torch.stack([c for _, c in checks]).to(torch.int32) if checks else bad[:0],
+                       (bad > 0).any().to(torch.int32)[None] ^ 1]).cpu().tolist()  # 1 = fine
+    for (name, _), ok in zip(checks, flags):
         if not ok:
             what = "indices outside [-1, V)" if name.endswith("indices") else "NaN or infinite values"
             raise ValueError(f"triton_fused_posterior_kd: {name} contains {what}")
+    if not flags[-1]:
+        row = int(bad.nonzero()[0, 0])
+        what = ("proxy_logits" if proxy_logits is not None and not bool(torch.isfinite(proxy_logits[row]).all())
+                else "student_logits")
+        raise ValueError(f"triton_fused_posterior_kd: NaN or infinite values in {what} (row {row})")
 
 
 def sparse_kd_forward(
@@ -388,7 +397,8 @@ def sparse_kd_forward(
     z = student_logits if student_logits.stride(-1) == 1 else student_logits.contiguous()
     n, v = z.shape
     proxy = (proxy_idx, proxy_logp, proxy_tail)
-    _validate(z, (prior_idx, prior_logp, prior_tail), proxy, proxy_logits, teacher_tokens, w_rows, mask, check_finite)
+    checks = _validate(z, (prior_idx, prior_logp, prior_tail), proxy, proxy_logits, teacher_tokens, w_rows, mask,
+                       check_finite)
 
     loss = torch.empty(n, dtype=torch.float32, device=z.device)
     if compute_grad:
@@ -426,11 +436,8 @@ def sparse_kd_forward(
         COMPUTE_GRAD=compute_grad, CHECK=check_finite, K0P=max(16, _next_pow2(k0)), KQP=max(16, _next_pow2(kq)), BLOCK_V=block_v,
         num_warps=num_warps,
     )
-    if check_finite and bool(bad.any()):  # one host sync; the kernel already ran (an error is an error)
-        row = int(bad.nonzero()[0, 0])
-        what = ("proxy_logits" if proxy_logits is not None and not bool(torch.isfinite(proxy_logits[row]).all())
-                else "student_logits")
-        raise ValueError(f"triton_fused_posterior_kd: NaN or infinite values in {what} (row {row})")
+    if check_finite:
+        _raise_on_bad(checks, bad, ql)
     return loss, grad if compute_grad else None
 
 

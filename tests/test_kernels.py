@@ -482,3 +482,31 @@ def test_fused_linear_default_chunk_and_no_weight_grad():
     loss.sum().backward()
     ref_loss, ref_gh, _ = linear_reference(hidden, weight, prior, proxy, **kw)
     assert float((loss.detach().double() - ref_loss).abs().max()) < 1e-4 and rel_err(x.grad, ref_gh) < 1e-4
+
+
+def test_fused_linear_torch_backend_and_losses_reference():
+    """The CPU path of bayeskd.losses inside the fused-linear op, and the kernel against losses' reference."""
+    losses = pytest.importorskip("bayeskd.losses")
+    if not hasattr(losses, "fused_posterior_kd") or not hasattr(losses, "sparse_kd_loss"):
+        pytest.skip("bayeskd.losses has no fused_posterior_kd / sparse_kd_loss yet")
+    gen = seeded(32)
+    n, v, h = 6, 257, 16
+    prior, proxy, _, kw = targets("log_linear", n, v, 8, gen)
+    hidden = torch.randn(n, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen)
+    x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = fused_linear_sparse_kd(x, w, prior.indices, prior.logprobs, prior.tail, proxy.indices, proxy.logprobs,
+                                  proxy.tail, chunk_size=4, backend="torch", temperature=1.5, **kw)
+    loss.sum().backward()
+    ref_loss, ref_gh, ref_gw = linear_reference(hidden, weight, prior, proxy, temperature=1.5, **kw)
+    assert float((loss.detach().double() - ref_loss).abs().max()) < 1e-4
+    assert rel_err(x.grad, ref_gh) < 1e-4 and rel_err(w.grad, ref_gw) < 1e-4
+    # the kernel against the library's own reference: sparse_kd_loss(combine(...))
+    z = logits(n, v, gen)
+    y = torch.randint(0, v, (n,), generator=gen)
+    target = losses.combine(prior, proxy, mode="log_linear", teacher_tokens=y, evidence=0.5)
+    lib = losses.sparse_kd_loss(z.double(), SparseDist(target.indices, target.logprobs.double(), target.tail.double(),
+                                                       v), divergence="jsd", beta=0.5, temperature=1.2)
+    ours, _ = run_kernel(z, prior, proxy, teacher_tokens=y, evidence=0.5, divergence="jsd", beta=0.5,
+                         temperature=1.2, **kw)
+    assert float((ours.double() - lib.detach()).abs().max()) < 1e-4
