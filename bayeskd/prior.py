@@ -121,6 +121,7 @@ class _Order:
         self._word = self._word32 = self._ctx_id = None
         self.suf: np.ndarray | None = None  # entry -> entry of its suffix in order n-1 (lazy)
         self.perm: np.ndarray | None = None  # entries grouped by context, largest num first (lazy)
+        self.dense_num: np.ndarray | None = None  # [V] num by word (order 1 only, lazy)
 
     # query-time tables, built on first use so that counting stays cheap
     @property
@@ -633,22 +634,30 @@ class NGramPrior:
             r = rs[lo:lo + step]
             nb = len(r)
             coef = rows["coef"][r]
-            p = np.repeat(coef[:, :1] / V, V, axis=1)
+            # order 1 has a single context: its terms as one dense pass (x + coef * 0.0 == x for unseen words,
+            # so this equals adding the seen entries one by one)
+            o1 = self._ord[0]
+            if o1.dense_num is None:
+                o1.dense_num = np.zeros(V)
+                o1.dense_num[o1.word] = o1.num
+            p = coef[:, 1:2] * o1.dense_num[None]
+            p += coef[:, :1] / V
             pf = p.reshape(-1)
             for m in range(1, n + 1):
                 o = self._ord[m - 1]
-                c = rows["cid"][r, m - 1]
-                st, sz = o.ctx_start[c], o.size[c]
-                ri = np.repeat(np.arange(nb), sz)
-                ent = np.arange(int(sz.sum())) + np.repeat(st - (np.cumsum(sz) - sz), sz)
-                pf[ri * V + o.word[ent]] += coef[ri, m] * o.num[ent]  # words are distinct within a context
+                if m > 1:
+                    c = rows["cid"][r, m - 1]
+                    st, sz = o.ctx_start[c], o.size[c]
+                    ri = np.repeat(np.arange(nb), sz)
+                    ent = np.arange(int(sz.sum())) + np.repeat(st - (np.cumsum(sz) - sz), sz)
+                    pf[ri * V + o.word[ent]] += coef[ri, m] * o.num[ent]  # words are distinct within a context
                 e, dm = rows["e"][r, m - 1], rows["d"][r, m - 1]
                 sel = np.flatnonzero(e >= 0)
                 if len(sel):
                     es = e[sel]
                     pf[sel * V + o.word[es]] += coef[sel, m] * (self._num(o, o.adj[es] - dm[sel]) - o.num[es])
             # the K largest of each row, ties in word order (= a stable argsort of -p, first K)
-            kth = -np.partition(-p, K - 1, axis=1)[:, K - 1]
+            kth = torch.topk(torch.from_numpy(p), K, dim=1, sorted=False).values.amin(1).numpy()
             cr, cw = np.nonzero(p >= kth[:, None])
             cv = p[cr, cw]
             srt = np.lexsort((cw, -cv, cr))
