@@ -604,12 +604,11 @@ class NGramPrior:
                     term[f] = o.num[ent[f]]
                     term[own] = self._num(o, o.adj[ent[own]] - 1)
                     PV = PV + scale[rb, None] * term
-                    po = np.argsort(-PV, axis=1, kind="stable")  # the terms broke the parent order: re-sort
-                    PW, PV = np.take_along_axis(PW, po, 1), np.take_along_axis(PV, po, 1)
+                    # the terms broke the parent order: re-sort (stable: equal values keep their order)
+                    PW, PV = _sort_rows_desc(PW, PV)
                 # sort the seen candidates by value (stable: word order among ties)
                 if ncol > 1:
-                    so = np.argsort(-SV, axis=1, kind="stable")
-                    SV, SW = np.take_along_axis(SV, so, 1), np.take_along_axis(SW, so, 1)
+                    SW, SV = _sort_rows_desc(SW, SV)
                 Wb, Pb = _merge_sorted(PW, PV, SW, SV, K)
                 if big:
                     # certify: a seen word left out (not in the parent list) scores at most
@@ -667,6 +666,13 @@ class NGramPrior:
             Wout[lo:lo + nb] = cw[take].reshape(nb, K)
             Pout[lo:lo + nb] = cv[take].reshape(nb, K)
         return Wout, Pout
+
+
+def _sort_rows_desc(W: np.ndarray, P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row of (W, P) sorted by descending P, stable (= np.argsort(-P, kind="stable")), by torch's
+    multithreaded sort."""
+    tv, ti = torch.sort(torch.from_numpy(P), dim=1, descending=True, stable=True)
+    return torch.gather(torch.from_numpy(W), 1, ti).numpy(), tv.numpy()
 
 
 def _merge_sorted(PW: np.ndarray, PV: np.ndarray, SW: np.ndarray, SV: np.ndarray, K: int):
