@@ -499,8 +499,9 @@ class NGramPrior:
                 continue
             if len(at) == len(p):  # every position ends at this order (every row is used): one plain gather
                 Wr, lpr, tr = self._finish_rows(lw, lv)
-                np.take(Wr, final_row, axis=0, out=idx_out)
-                np.take(lpr, final_row, axis=0, out=lp_out)
+                tr_row = torch.from_numpy(final_row)
+                torch.index_select(torch.from_numpy(Wr), 0, tr_row, out=torch.from_numpy(idx_out))
+                torch.index_select(torch.from_numpy(lpr), 0, tr_row, out=torch.from_numpy(lp_out))
                 np.take(tr, final_row, out=tail_out)
             else:
                 ur, inv = np.unique(final_row[at], return_inverse=True)
