@@ -289,3 +289,54 @@ def test_errors_name_the_problem():
         NGramPrior(order=2, vocab_size=V, smoothing="good_turing")
     with pytest.raises(RuntimeError, match="not fitted"):
         NGramPrior(order=2, vocab_size=V).prob([1])
+
+
+def _reference_merge(PW, PV, SW, SV, K):
+    """Stable merge by sorting: parent items first, then seen ones; parent items whose word is seen dropped."""
+    W, P = [], []
+    for pw, pv, sw, sv in zip(PW, PV, SW, SV):
+        seen = set(sw[sw >= 0].tolist())
+        items = [(v, w) for w, v in zip(pw, pv) if w not in seen] + [(v, w) for w, v in zip(sw, sv) if w >= 0]
+        order = sorted(range(len(items)), key=lambda i: -items[i][0])  # Python's sort is stable
+        W.append([items[i][1] for i in order[:K]])
+        P.append([items[i][0] for i in order[:K]])
+    return np.array(W, np.int32), np.array(P)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 40])
+def test_merge_sorted_matches_stable_sort(m):
+    from bayeskd.prior import _merge_sorted
+    rng = np.random.default_rng(m)
+    K, R, V = 8, 300, 80
+    levels = np.array([0.1, 0.2, 0.3, 0.5])  # few distinct values: many ties, between and within the lists
+    PW = np.stack([rng.permutation(V)[:K] for _ in range(R)]).astype(np.int32)
+    PV = -np.sort(-rng.choice(levels, (R, K)), axis=1)
+    SW = np.full((R, m), -1, np.int32)
+    SV = np.full((R, m), -np.inf)
+    for r in range(R):
+        n_seen = int(rng.integers(1, m + 1))
+        pool = np.concatenate((PW[r], np.setdiff1d(np.arange(V), PW[r])))  # seen words often in the parent list
+        SW[r, :n_seen] = rng.choice(pool[: K + max(4, m)], n_seen, replace=False)
+        SV[r, :n_seen] = -np.sort(-rng.choice(levels, n_seen))
+    W, P = _merge_sorted(PW, PV, SW, SV, K)
+    W_ref, P_ref = _reference_merge(PW, PV, SW, SV, K)
+    np.testing.assert_array_equal(W, W_ref)
+    np.testing.assert_array_equal(P, P_ref)
+
+
+@pytest.mark.parametrize("loo", [False, True])
+def test_topk_independent_of_chunking(monkeypatch, loo):
+    # small position and row chunks, contexts seen and unseen: the same rows as one pass
+    import bayeskd.prior as prior_mod
+    rng = np.random.default_rng()
+    V = 200
+    seqs = [rng.integers(0, V, 300) for _ in range(10)]
+    prior = NGramPrior(order=3, vocab_size=V).fit(seqs)
+    query = seqs[:3] if loo else seqs[:3] + [rng.integers(0, V, 50)]
+    ref = prior.topk(query, 16, leave_one_out=loo)
+    monkeypatch.setattr(prior_mod, "CHUNK", 37)
+    monkeypatch.setattr(prior_mod, "ROW_CHUNK", 5)
+    got = prior.topk(query, 16, leave_one_out=loo)
+    for a, b in ((ref.indices, got.indices), (ref.logprobs, got.logprobs), (ref.tail, got.tail),
+                 (ref.extras["context_count"], got.extras["context_count"])):
+        assert torch.equal(a, b)
