@@ -39,7 +39,7 @@ SMOOTHINGS = ("kneser_ney", "witten_bell", "dirichlet", "mle")
 FORMAT_VERSION = 1
 INT64_MAX = 2**63 - 1
 CHUNK = 1 << 20  # query positions per chunk: bounds the memory of the per-order top-K lists
-ROW_CHUNK = 1 << 15  # rows merged at once: bounds the [rows, K] temporaries of one merge
+ROW_CHUNK = 1 << 13  # rows merged at once: bounds the [rows, K] temporaries of one merge
 SEEN_CAP = 128  # contexts with more continuations than this keep only their SEEN_CAP largest as candidates
 
 
