@@ -209,6 +209,14 @@ def bench_case(n, v, k, device, dtype, liger, bw_gbs):
     if sp is not None:
         work = logits.clone()
         cases["sparse"] = lambda: run_sparse(sp, work, prior, proxy)
+    if device == "cuda":
+        # the kernel alone, without the input checks (one host sync): what the bandwidth floor is compared to
+        from bayeskd.kernels.sparse_kd import triton_fused_posterior_kd
+
+        work2 = logits.clone()
+        kernel = lambda z, pr, px: triton_fused_posterior_kd(  # noqa: E731
+            z, *pr, *px, mode="log_linear", inplace=True, check_finite=False)
+        cases["kernel"] = lambda: run_sparse(kernel, work2, prior, proxy)
     dense_bytes = n * v * 4 * 5  # fp32 logits copy, log-softmax, P, two dense build temporaries/grad
     if device == "cuda" or dense_bytes <= CPU_MAX_BYTES:
         cases["dense"] = lambda: run_dense(logits, prior, proxy)
@@ -239,8 +247,9 @@ def bench_case(n, v, k, device, dtype, liger, bw_gbs):
         a, b = row.get(f"{name}_ms"), row.get("sparse_ms")
         if isinstance(a, float) and isinstance(b, float):
             row[f"{name}_over_sparse"] = a / b  # > 1: the sparse path is that many times faster
-    if isinstance(row.get("sparse_ms"), float) and "floor_ms" in row:
-        row["sparse_over_floor"] = row["sparse_ms"] / row["floor_ms"]  # 1 = at the bandwidth floor
+    for name in ("sparse", "kernel"):
+        if isinstance(row.get(f"{name}_ms"), float) and "floor_ms" in row:
+            row[f"{name}_over_floor"] = row[f"{name}_ms"] / row["floor_ms"]  # 1 = at the bandwidth floor
     if not liger and device == "cuda":
         row["liger"] = "not installed"
     del cases, logits
@@ -291,6 +300,12 @@ def bench_fused_linear(device, quick):
         except torch.cuda.OutOfMemoryError:
             row[f"{name}_ms"] = "OOM"
     row["logits_mib"] = n * v * hidden.element_size() / 2**20
+    # grad_hidden and grad_weight are outputs both variants must hold; what the fusion saves is everything else
+    row["grads_mib"] = (n + v) * h * hidden.element_size() / 2**20
+    fp, up = row.get("fused_linear_peak_mib"), row.get("logits_then_loss_peak_mib")
+    if isinstance(fp, float) and isinstance(up, float):
+        row["peak_ratio"] = fp / up
+        row["peak_beyond_grads_ratio"] = (fp - row["grads_mib"]) / (up - row["grads_mib"])
     return row
 
 
@@ -374,8 +389,9 @@ def main(argv=None) -> int:
         row = bench_case(n, v, k, device, dtype, liger, bw)
         rows.append(row)
         print(json.dumps(row))
-    cols = ["N", "V", "K", "sparse_ms", "dense_ms", "dense_P_ms", "liger_kl_ms", "liger_jsd_ms", "floor_ms",
-            "dense_over_sparse", "sparse_over_floor", "sparse_peak_mib", "dense_peak_mib"]
+    cols = ["N", "V", "K", "sparse_ms", "kernel_ms", "dense_ms", "dense_P_ms", "liger_kl_ms", "liger_jsd_ms",
+            "floor_ms", "dense_over_sparse", "liger_kl_over_sparse", "sparse_over_floor", "kernel_over_floor",
+            "sparse_peak_mib", "dense_peak_mib"]
     print_table(rows, cols)
     result = {"device": name, "torch": torch.__version__, "dtype": str(dtype), "copy_bandwidth_gbs": bw,
               "liger": "installed" if liger else "not installed", "cases": rows,
