@@ -192,9 +192,26 @@ def _mem_case_main(spec: str) -> None:
     logits, prior, proxy = make_inputs(n, v, k, "cpu", torch.float32)
     fns = {"sparse": lambda: run_sparse(sparse_path([]), logits, prior, proxy),
            "dense": lambda: run_dense(logits, prior, proxy)}
-    base = maxrss_mb()
-    fns[path]()
-    print(f"MEM {maxrss_mb() - base:.1f}")
+    # Building the inputs has its own transient peak, so ru_maxrss may not move: reset the peak (VmHWM) via
+    # /proc/self/clear_refs first and measure the rise over the RSS with the inputs allocated.
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _proc_status_mb("VmRSS")
+        fns[path]()
+        print(f"MEM {_proc_status_mb('VmHWM') - base:.1f}")
+    except OSError:  # not Linux: fall back to ru_maxrss (may under-report)
+        base = maxrss_mb()
+        fns[path]()
+        print(f"MEM {maxrss_mb() - base:.1f}")
+
+
+def _proc_status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise OSError(f"{field} not in /proc/self/status")
 
 
 # ---------------------------------------------------------------------------------------------------------------
