@@ -72,5 +72,45 @@ def estimate_prior_cmd(**kwargs) -> None:
     click.echo(json.dumps(summary, indent=2))
 
 
+@main.command("estimate-posterior")
+@config_option
+@click.option("--data", default=None, help="Teacher generations (default: the data named in the prior's summary.json).")
+@click.option("--prior", "prior_dir", required=True, type=click.Path(file_okay=False),
+              help="An estimate-prior output directory (or a saved NGramPrior directory).")
+@click.option("--proxy", required=True, help="Proxy causal LM (path or hub id) sharing the student tokenizer.")
+@click.option("--tokenizer", default=None, help="Student tokenizer (default: the one named in the prior's summary.json).")
+@click.option("--top-k", "top_k", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--proxy-top-k", "proxy_top_k", default=None, type=click.IntRange(1),
+              help="Proxy entries per position before combining (default: --top-k).")
+@click.option("--mode", default="log_linear", show_default=True,
+              type=click.Choice(["log_linear", "dirichlet", "mixture"]))
+@click.option("--a", default=1.0, show_default=True, type=float, help="Log-linear prior exponent.")
+@click.option("--b", default=1.0, show_default=True, type=float, help="Log-linear proxy exponent.")
+@click.option("--c", default=1.0, show_default=True, type=float, help="Dirichlet concentration of the proxy.")
+@click.option("--w", default=0.5, show_default=True, type=float, help="Mixture weight of the prior.")
+@click.option("--evidence", default=0.0, show_default=True, type=float,
+              help="Observations added for the teacher's own token.")
+@click.option("--leave-one-out/--no-leave-one-out", default=True, show_default=True)
+@click.option("--batch-size", "batch_size", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--dtype", default="float32", show_default=True,
+              type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--shard-records", "shard_records", default=256, show_default=True, type=click.IntRange(1),
+              help="Whole records per output shard.")
+@click.option("--skip-bad", is_flag=True, help="Skip malformed records (counted in the summary) instead of failing.")
+@click.option("--max-records", default=None, type=click.IntRange(1), help="Use only the first N records.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+def estimate_posterior_cmd(**kwargs) -> None:
+    """Combine the n-gram prior with a proxy LM into per-position top-K posterior shards (resumable)."""
+    from bayeskd.data import DataError
+    from bayeskd.posterior import estimate_posterior
+
+    try:
+        summary = estimate_posterior(**kwargs)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(json.dumps(summary, indent=2))
+
+
 if __name__ == "__main__":
     main()

@@ -3,6 +3,7 @@ from bayeskd.corpus import embedded_corpus, embedded_teacher_jsonl, train_bpe_to
 from bayeskd.data import DataError, TokenizedData, load_teacher_records, load_tokenizer, tokenize_records
 from bayeskd.losses import TARGET_FLOOR, combine, fused_posterior_kd, sparse_kd_loss
 from bayeskd.pipeline import estimate_prior
+from bayeskd.posterior import ProxyPosterior, estimate_posterior
 from bayeskd.prior import NGramPrior
 from bayeskd.sparse import CacheMismatchError, ShardReader, ShardWriter, SparseDist, tokenizer_fingerprint
 
@@ -10,7 +11,7 @@ __all__ = [
     "SparseDist", "ShardWriter", "ShardReader", "CacheMismatchError", "tokenizer_fingerprint",
     "DataError", "TokenizedData", "load_teacher_records", "load_tokenizer", "tokenize_records",
     "embedded_corpus", "embedded_teacher_jsonl", "train_bpe_tokenizer",
-    "NGramPrior", "estimate_prior",
+    "NGramPrior", "estimate_prior", "ProxyPosterior", "estimate_posterior",
     "TARGET_FLOOR", "combine", "sparse_kd_loss", "fused_posterior_kd",
 ]
 __version__ = "0.1.0"

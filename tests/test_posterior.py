@@ -1,0 +1,202 @@
+"""ProxyPosterior / estimate_posterior / `bayeskd estimate-posterior` on a tiny Llama proxy saved and loaded back
+through from_pretrained (no network)."""
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bayeskd.cli import main
+from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
+from bayeskd.losses import combine
+from bayeskd.pipeline import estimate_prior
+from bayeskd.posterior import ProxyPosterior, estimate_posterior
+from bayeskd.prior import NGramPrior
+from bayeskd.sparse import ShardReader
+
+N_RECORDS = 20
+
+
+def _write_jsonl(path, n=N_RECORDS, seed=0):
+    rng = np.random.default_rng(seed)
+    words = ["the", "module", "returns", "a", "list", "of", "strings", "when", "called", "with", "an", "object"]
+    with open(path, "w") as f:
+        for i in range(n):
+            resp = " ".join(rng.choice(words, size=rng.integers(3, 15)))
+            prompt = "Q" if i % 5 == 0 else f"Question {i}: what does it do?"  # varied prompt lengths
+            f.write(json.dumps({"prompt": prompt, "response": resp}) + "\n")
+    return str(path)
+
+
+def _save_llama(path, vocab_size, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_tokenizer_dir):
+    d = tmp_path_factory.mktemp("posterior")
+    data = _write_jsonl(d / "teacher.jsonl")
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    estimate_prior(data, tiny_tokenizer_dir, out=str(d / "prior_out"), order=3, top_k=16)
+    proxy_dir = str(d / "proxy")
+    _save_llama(proxy_dir, len(tok))
+    records, _ = load_teacher_records(data)
+    tokenized = tokenize_records(records, tok)
+    prior = NGramPrior.load(d / "prior_out" / "prior")
+    return {"dir": d, "data": data, "tok": tok, "tokdir": tiny_tokenizer_dir, "proxy": proxy_dir,
+            "tokenized": tokenized, "prior": prior, "prior_dir": str(d / "prior_out")}
+
+
+def _read_all(out):
+    reader = ShardReader(out)
+    return [(name, *reader.read(name)) for name in reader.shard_names]
+
+
+def _sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.mark.parametrize("mode,evidence", [("log_linear", 0.0), ("dirichlet", 1.0), ("mixture", 0.0)])
+def test_shards_equal_in_memory_computation(setup, tmp_path, mode, evidence):
+    tokenized, prior = setup["tokenized"], setup["prior"]
+    post = ProxyPosterior(setup["proxy"], batch_size=3, mode=mode, evidence=evidence, top_k=16, proxy_top_k=24)
+    out = tmp_path / "post"
+    summary = post.estimate(tokenized, prior, out, shard_records=6, progress=False)
+    assert summary["complete"] and summary["shards"] == 4
+    assert summary["rows"] == sum(len(s) for s in tokenized.response_sequences())
+    assert json.loads((out / "summary.json").read_text())["rows"] == summary["rows"]
+    shards = _read_all(out)
+    assert [n for n, *_ in shards] == [f"shard-{i:05d}.safetensors" for i in range(4)]
+    seqs = tokenized.response_sequences()
+    model = post.model
+    V = prior.vocab_size
+    for name, dist, extra in shards:
+        dist.validate(name)
+        recs = extra["record_index"].tolist()
+        assert extra["lengths"].tolist() == [len(seqs[r]) for r in recs]
+        assert dist.num_rows == sum(len(seqs[r]) for r in recs)
+        # in-memory reference: each record alone through the model, full log_softmax rows
+        proxy_rows = []
+        for r in recs:
+            ids = torch.from_numpy(tokenized.input_ids[r].astype(np.int64))[None]
+            with torch.no_grad():
+                lg = model(input_ids=ids).logits[0].float()
+            p = int(tokenized.prompt_lengths[r])
+            proxy_rows.append(torch.log_softmax(lg[p - 1:len(ids[0]) - 1, :V], dim=-1))
+        proxy_lp = torch.cat(proxy_rows)
+        top = torch.topk(proxy_lp, 24, dim=-1)
+        from bayeskd.sparse import SparseDist
+        proxy_sd = SparseDist(top.indices.to(torch.int32), top.values,
+                              (1 - top.values.double().exp().sum(-1)).clamp(min=0).float(), V)
+        prior_rows = prior.topk([seqs[r] for r in recs], 16, leave_one_out=True)
+        teacher = torch.from_numpy(np.concatenate([seqs[r] for r in recs]).astype(np.int64)) if evidence else None
+        ref = combine(prior_rows, proxy_sd, mode, teacher_tokens=teacher, evidence=evidence, top_k=16)
+        torch.testing.assert_close(dist.to_dense(torch.float64), ref.to_dense(torch.float64), atol=2e-5, rtol=1e-4)
+        # and the top entries agree where probabilities are clearly separated
+        assert (dist.indices[:, 0] == ref.indices[:, 0]).float().mean() > 0.95
+
+
+def test_resume_after_partial_run(setup, tmp_path):
+    tokenized, prior = setup["tokenized"], setup["prior"]
+    post = ProxyPosterior(setup["proxy"], batch_size=4, top_k=16)
+    full = tmp_path / "full"
+    post.estimate(tokenized, prior, full, shard_records=5, progress=False)
+    part = tmp_path / "part"
+    s1 = post.estimate(tokenized, prior, part, shard_records=5, max_shards=2, progress=False)
+    assert s1["shards_done"] == 2 and not s1["complete"]
+    assert sorted(json.loads((part / "manifest.json").read_text())["shards"]) == \
+        ["shard-00000.safetensors", "shard-00001.safetensors"]
+    mtimes = {f: os.stat(part / f).st_mtime_ns for f in ("shard-00000.safetensors", "shard-00001.safetensors")}
+    s2 = post.estimate(tokenized, prior, part, shard_records=5, progress=False)
+    assert s2["complete"] and s2["shards_skipped"] == 2 and s2["shards_written"] == 2
+    for f, m in mtimes.items():
+        assert os.stat(part / f).st_mtime_ns == m
+    for i in range(4):
+        f = f"shard-{i:05d}.safetensors"
+        assert _sha(part / f) == _sha(full / f)
+    # another config in the same directory is refused
+    from bayeskd.sparse import CacheMismatchError
+    with pytest.raises(CacheMismatchError):
+        ProxyPosterior(setup["proxy"], top_k=16, mode="mixture").estimate(tokenized, prior, part, shard_records=5,
+                                                                         progress=False)
+
+
+def test_proxy_vocab_smaller_than_tokenizer_is_refused(setup, tmp_path):
+    small = str(tmp_path / "small")
+    _save_llama(small, len(setup["tok"]) - 10)
+    post = ProxyPosterior(small, top_k=16)
+    with pytest.raises(ValueError, match=rf"{len(setup['tok']) - 10}.*{len(setup['tok'])}"):
+        post.estimate(setup["tokenized"], setup["prior"], tmp_path / "out", progress=False)
+
+
+def test_prior_vocab_differs_from_tokenizer(setup, tmp_path):
+    seqs = setup["tokenized"].response_sequences()
+    other = NGramPrior(order=2, vocab_size=len(setup["tok"]) + 3).fit(seqs)
+    with pytest.raises(ValueError, match=rf"{len(setup['tok']) + 3}.*{len(setup['tok'])}"):
+        ProxyPosterior(setup["proxy"], top_k=16).estimate(setup["tokenized"], other, tmp_path / "o", progress=False)
+
+
+def test_padded_proxy_vocab_equals_unpadded(setup, tmp_path):
+    V = len(setup["tok"])
+    base = _save_llama(str(tmp_path / "base"), V, seed=3)
+    padded_dir = str(tmp_path / "padded")
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(**{**base.config.to_dict(), "vocab_size": V + 7})
+    padded = LlamaForCausalLM(cfg)
+    sd = base.state_dict()
+    with torch.no_grad():
+        for k, v in padded.state_dict().items():
+            if v.shape == sd[k].shape:
+                v.copy_(sd[k])
+            else:  # embedding / lm_head rows: the real ones copied, the padding rows large (must be ignored)
+                v[:V].copy_(sd[k])
+                v[V:].fill_(0.5)
+    padded.save_pretrained(padded_dir)
+    tokenized, prior = setup["tokenized"], setup["prior"]
+    a = ProxyPosterior(str(tmp_path / "base"), top_k=16).estimate(tokenized, prior, tmp_path / "a",
+                                                                   shard_records=10, progress=False)
+    b = ProxyPosterior(padded_dir, top_k=16).estimate(tokenized, prior, tmp_path / "b", shard_records=10,
+                                                       progress=False)
+    assert a["rows"] == b["rows"]
+    for (_, da, _), (_, db, _) in zip(_read_all(tmp_path / "a"), _read_all(tmp_path / "b")):
+        assert da.vocab_size == db.vocab_size == V
+        torch.testing.assert_close(da.to_dense(torch.float64), db.to_dense(torch.float64), atol=1e-5, rtol=1e-4)
+
+
+def test_estimate_posterior_reads_tokenizer_from_prior_dir(setup, tmp_path):
+    s = estimate_posterior(setup["data"], setup["prior_dir"], setup["proxy"], str(tmp_path / "o"), top_k=8,
+                           shard_records=7)
+    assert s["tokenizer"] == str(setup["tokdir"]) and s["complete"] and s["shards"] == 3
+
+
+def test_cli_end_to_end(setup, tmp_path):
+    out = tmp_path / "cli_out"
+    args = ["estimate-posterior", "--data", setup["data"], "--prior", setup["prior_dir"], "--proxy", setup["proxy"],
+            "--top-k", "8", "--mode", "dirichlet", "--c", "2.0", "--evidence", "0.5", "--batch-size", "4",
+            "--out", str(out)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output[res.output.index("{"):])
+    assert summary["mode"] == "dirichlet" and summary["c"] == 2.0 and summary["complete"]
+    dists = _read_all(out)
+    assert sum(d.num_rows for _, d, _ in dists) == summary["rows"]
+    for name, d, _ in dists:
+        d.validate(name)
+    # rerun resumes (everything skipped) and gives the same result
+    res2 = CliRunner().invoke(main, args)
+    assert res2.exit_code == 0, res2.output
+    assert json.loads(res2.output[res2.output.index("{"):])["shards_skipped"] == summary["shards"]
+    # errors are usage errors, not tracebacks
+    bad = CliRunner().invoke(main, ["estimate-posterior", "--prior", str(tmp_path / "nope"), "--proxy",
+                                    setup["proxy"], "--out", str(tmp_path / "x")])
+    assert bad.exit_code != 0 and "nope" in bad.output and "Traceback" not in bad.output
