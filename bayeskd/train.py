@@ -1,0 +1,344 @@
+"""Distillation training through the Hugging Face Trainer: sparse teacher targets, SFT and white-box logit KD.
+
+Data flow
+- `TeacherTargetsDataset` pairs each tokenized record with the rows of its sparse targets (one row per response
+  token, read from a shard directory whose shards hold whole records: extras `record_index` [R] and `lengths` [R]).
+- `BayesKDCollator` right-pads a batch and concatenates the targets of every response token in the batch in the
+  order of `response_mask[:, 1:]` flattened row-major (batch row by batch row, left to right): exactly the order in
+  which `BayesKDTrainer.compute_loss` selects the student rows `logits[:, :-1][response_mask[:, 1:]]`.
+- `BayesKDTrainer.compute_loss`: CE on the teacher tokens (mean over response tokens) x ce_weight + KD
+  (mean over response tokens of `fused_posterior_kd` against the targets) x kd_weight.
+
+Modes: "sparse-targets" (a targets directory), "sft" (no targets: CE only, sequence-level KD) and "white-box"
+(a teacher model with the same vocabulary: targets are its top-k at the same positions, tail mass exact).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+
+from bayeskd.data import TokenizedData, load_teacher_records, load_tokenizer, tokenize_records
+from bayeskd.losses import fused_posterior_kd
+from bayeskd.sparse import CacheMismatchError, ShardReader, SparseDist, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+TARGET_KEYS = ("target_indices", "target_logprobs", "target_tail")
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+@dataclass
+class BayesKDConfig(transformers.TrainingArguments):
+    """`TrainingArguments` plus the distillation loss settings."""
+    ce_weight: float = field(default=1.0, metadata={"help": "weight of the CE loss on the teacher tokens"})
+    kd_weight: float = field(default=1.0, metadata={"help": "weight of the KD loss against the targets"})
+    divergence: str = field(default="forward_kl", metadata={"help": "forward_kl, reverse_kl, jsd, skew_kl, ..."})
+    beta: float | None = field(default=None, metadata={"help": "jsd's beta / skew_kl's alpha"})
+    kd_temperature: float = field(default=1.0, metadata={"help": "temperature of target and student in the KD"})
+    kd_tail: str = field(default="bucket", metadata={"help": "'bucket' or 'ignore' (mass outside the top-K)"})
+    max_length: int | None = field(default=None, metadata={"help": "truncate sequences to this many tokens"})
+    fused_backend: str = field(default="auto", metadata={"help": "fused KD backend: auto, torch or triton"})
+    whitebox_top_k: int = field(default=64, metadata={"help": "top-k of the teacher's logits in white-box mode"})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "keep the target columns"})
+    report_to: None | str | list[str] = field(default=None, metadata={"help": "integrations to report to"})
+
+    def __post_init__(self):
+        if self.report_to is None:
+            self.report_to = []
+        super().__post_init__()
+        if self.ce_weight < 0 or self.kd_weight < 0:
+            raise ValueError(f"ce_weight and kd_weight must be >= 0, got {self.ce_weight}, {self.kd_weight}")
+        if self.kd_tail not in ("bucket", "ignore"):
+            raise ValueError(f"kd_tail must be 'bucket' or 'ignore', got {self.kd_tail!r}")
+        if not self.kd_temperature > 0:
+            raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if self.whitebox_top_k < 1:
+            raise ValueError(f"whitebox_top_k must be >= 1, got {self.whitebox_top_k}")
+
+
+# ---------------------------------------------------------------------------------------------------- dataset
+
+class TeacherTargetsDataset(torch.utils.data.Dataset):
+    """Item i: {"input_ids" [L], "response_mask" [L], and with targets "target_indices" [n_i, K],
+    "target_logprobs" [n_i, K], "target_tail" [n_i]}, where n_i = response_mask[1:].sum(): one target row per
+    response token that has a context (a response token at position 0 has none; its row is dropped).
+
+    The targets directory must hold, for every record, exactly as many rows as the record has response tokens
+    (before any `max_length` truncation), made with the same tokenizer (fingerprint in the manifest).
+    `max_length` truncates like `tokenize_records`: the prompt from the left, a response that does not fit alone
+    from the right (its target rows with it), keeping one prompt token as context.
+    """
+
+    def __init__(self, tokenized: TokenizedData, targets_dir: str | None = None, max_length: int | None = None):
+        self.tokenized = tokenized
+        self.max_length = max_length
+        self.targets_dir = targets_dir
+        self.vocab_size: int | None = None
+        self.k: int | None = None
+        self._dists: list[SparseDist] = []
+        self._where: np.ndarray | None = None  # [N, 2] (shard number, first row) per record
+        if targets_dir is not None:
+            self._index_targets(Path(targets_dir))
+
+    def _index_targets(self, d: Path) -> None:
+        tok = self.tokenized
+        reader = ShardReader(d, tokenizer_fingerprint=tok.fingerprint)  # raises CacheMismatchError on mismatch
+        self.vocab_size, self.k = int(reader.manifest["vocab_size"]), int(reader.manifest["k"])
+        if self.vocab_size != tok.vocab_size:
+            raise CacheMismatchError(f"{d}: targets have vocabulary size {self.vocab_size}, the tokenizer "
+                                     f"{tok.vocab_size}")
+        n = len(tok)
+        where = np.full((n, 2), -1, dtype=np.int64)
+        want = tok.lengths - tok.prompt_lengths.astype(np.int64)  # response tokens per record
+        for s, name in enumerate(reader.shard_names):
+            dist, extra = reader.read(name)
+            if "record_index" not in extra or "lengths" not in extra:
+                raise ValueError(f"{d / name}: shard lacks the 'record_index'/'lengths' extras that map its rows "
+                                 "to records")
+            rec = extra["record_index"].long().numpy()
+            lens = extra["lengths"].long().numpy()
+            if rec.shape != lens.shape or int(lens.sum()) != dist.num_rows:
+                raise ValueError(f"{d / name}: 'lengths' sum to {int(lens.sum())} rows but the shard holds "
+                                 f"{dist.num_rows}")
+            starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+            for r, ln, st in zip(rec, lens, starts):
+                if not 0 <= r < n:
+                    raise ValueError(f"{d / name}: record_index {r} outside the {n} records of the data "
+                                     "(targets made for other data?)")
+                if where[r, 0] >= 0:
+                    raise ValueError(f"{d / name}: record {r} appears in two shards")
+                if ln != want[r]:
+                    raise ValueError(f"{d / name}: record {r} has {ln} target rows but {want[r]} response tokens "
+                                     "(targets made for other data, another tokenizer or another max_length?)")
+                where[r] = (s, st)
+            self._dists.append(dist)
+        missing = np.nonzero(where[:, 0] < 0)[0]
+        if len(missing):
+            raise ValueError(f"{d}: no target rows for {len(missing)} of {n} records (first: record "
+                             f"{int(missing[0])}); targets made for other data?")
+        self._where = where
+
+    @property
+    def has_targets(self) -> bool:
+        return self._where is not None
+
+    def __len__(self) -> int:
+        return len(self.tokenized)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        tok = self.tokenized
+        ids = np.asarray(tok.input_ids[i], dtype=np.int64)
+        p = int(tok.prompt_lengths[i])
+        r_lo, r_hi = 0, len(ids) - p  # target rows kept [r_lo, r_hi) of this record's response
+        if self.max_length is not None and len(ids) > self.max_length:
+            keep_r = self.max_length - min(1, p)
+            r_hi = min(r_hi, keep_r)
+            keep_p = self.max_length - r_hi
+            ids = np.concatenate([ids[max(0, p - keep_p):p], ids[p:p + r_hi]])
+            p = min(p, keep_p)
+        mask = np.arange(len(ids)) >= p
+        if p == 0:
+            r_lo = 1  # a response token at position 0 is predicted from nothing: no row for it
+        item = {"input_ids": torch.from_numpy(ids), "response_mask": torch.from_numpy(mask)}
+        if self._where is not None:
+            s, st = self._where[i]
+            rows = self._dists[s][int(st) + r_lo:int(st) + r_hi]
+            item.update(target_indices=rows.indices, target_logprobs=rows.logprobs, target_tail=rows.tail)
+        return item
+
+
+# ---------------------------------------------------------------------------------------------------- collator
+
+@dataclass
+class BayesKDCollator:
+    """Right-pads `input_ids` with `pad_token_id`, builds `attention_mask`, `labels` (the token ids at response
+    positions, -100 elsewhere) and, when the items have targets, concatenates them.
+
+    Target order: the rows of item 0, then item 1, ...; within an item, response positions left to right. This is
+    the order of `response_mask[:, 1:]` flattened row-major, i.e. the order of
+    `logits[:, :-1][response_mask[:, 1:]]` (the logits at position t-1 predict the token at position t).
+    """
+    pad_token_id: int
+
+    def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        b, L = len(items), max(len(it["input_ids"]) for it in items)
+        input_ids = torch.full((b, L), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((b, L), dtype=torch.long)
+        rmask = torch.zeros((b, L), dtype=torch.bool)
+        for j, it in enumerate(items):
+            n = len(it["input_ids"])
+            input_ids[j, :n] = it["input_ids"]
+            attention[j, :n] = 1
+            rmask[j, :n] = it["response_mask"]
+        rmask[:, 0] = False  # position 0 has no context (its target row, if any, was dropped by the dataset)
+        labels = torch.where(rmask, input_ids, torch.full_like(input_ids, -100))
+        out = {"input_ids": input_ids, "attention_mask": attention, "labels": labels, "response_mask": rmask}
+        if all(k in items[0] for k in TARGET_KEYS):
+            for k in TARGET_KEYS:
+                out[k] = torch.cat([it[k] for it in items])
+            if out["target_tail"].shape[0] != int(rmask[:, 1:].sum()):
+                raise ValueError(f"batch has {int(rmask[:, 1:].sum())} response tokens but "
+                                 f"{out['target_tail'].shape[0]} target rows")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------- trainer
+
+def whitebox_targets(teacher_logits: torch.Tensor, k: int) -> SparseDist:
+    """Top-k of a teacher's logits [M, V] as a SparseDist (float32), tail = the exact mass outside the top-k."""
+    lp = torch.log_softmax(teacher_logits.float(), dim=-1)
+    k = min(k, lp.shape[-1])
+    top_lp, top_idx = lp.topk(k, dim=-1)
+    tail = (1.0 - top_lp.exp().sum(-1)).clamp(min=0.0)
+    if k == lp.shape[-1]:
+        tail = torch.zeros_like(tail)
+    return SparseDist(top_idx.to(torch.int32), top_lp, tail, lp.shape[-1])
+
+
+class BayesKDTrainer(transformers.Trainer):
+    """`transformers.Trainer` with the distillation loss (see the module docstring).
+
+    `teacher_model`: a readable teacher with the student's vocabulary (white-box mode: ordinary logit KD against
+    its top-`whitebox_top_k` at every response position). Without it, the batch's sparse targets are used when
+    present, else the loss is CE only (SFT). Logs `ce_loss` / `kd_loss`: their means since the last log.
+    """
+
+    def __init__(self, *args, teacher_model: torch.nn.Module | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        # compute_loss returns a per-micro-batch mean: let the Trainer divide by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self.teacher_model = teacher_model
+        if teacher_model is not None:
+            teacher_model.eval()
+            teacher_model.requires_grad_(False)
+            self.teacher_model = teacher_model.to(self.args.device)
+        self._acc = {"ce_loss": 0.0, "kd_loss": 0.0, "n": 0, "kd_n": 0}
+        self.train_tokens = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        cfg = self.args
+        input_ids, attention = inputs["input_ids"], inputs["attention_mask"]
+        sel = inputs["response_mask"][:, 1:]
+        out = model(input_ids=input_ids, attention_mask=attention)
+        rows = out.logits[:, :-1][sel]  # [M, V], row order = sel flattened row-major
+        tokens = input_ids[:, 1:][sel]
+        ce = F.cross_entropy(rows.float(), tokens)
+
+        target = None
+        if self.teacher_model is not None:
+            with torch.no_grad():
+                t_logits = self.teacher_model(input_ids=input_ids, attention_mask=attention).logits[:, :-1][sel]
+            if t_logits.shape[-1] != rows.shape[-1]:
+                raise ValueError(f"teacher vocabulary {t_logits.shape[-1]} != student vocabulary {rows.shape[-1]}")
+            target = whitebox_targets(t_logits, getattr(cfg, "whitebox_top_k", 64))
+        elif "target_indices" in inputs:
+            target = SparseDist(inputs["target_indices"], inputs["target_logprobs"], inputs["target_tail"],
+                                rows.shape[-1])
+            if target.num_rows != rows.shape[0]:
+                raise ValueError(f"{target.num_rows} target rows for {rows.shape[0]} response tokens")
+        kd = None
+        if target is not None and rows.shape[0] > 0:
+            target = target.to(rows.device)
+            kd = fused_posterior_kd(rows, target, divergence=getattr(cfg, "divergence", "forward_kl"),
+                                    beta=getattr(cfg, "beta", None), temperature=getattr(cfg, "kd_temperature", 1.0),
+                                    tail=getattr(cfg, "kd_tail", "bucket"), inplace=False,
+                                    backend=getattr(cfg, "fused_backend", "auto")).mean()
+        ce_w, kd_w = getattr(cfg, "ce_weight", 1.0), getattr(cfg, "kd_weight", 1.0)
+        loss = ce * ce_w if ce_w else ce * 0.0
+        if kd is not None and kd_w:
+            loss = loss + kd * kd_w
+
+        if model.training:
+            self._acc["ce_loss"] += float(ce.detach())
+            self._acc["n"] += 1
+            if kd is not None:
+                self._acc["kd_loss"] += float(kd.detach())
+                self._acc["kd_n"] += 1
+            self.train_tokens += int(attention.sum())
+        return (loss, out) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        a = self._acc
+        if a["n"] and "loss" in logs:
+            logs["ce_loss"] = round(a["ce_loss"] / a["n"], 6)
+            if a["kd_n"]:
+                logs["kd_loss"] = round(a["kd_loss"] / a["kd_n"], 6)
+            self._acc = {"ce_loss": 0.0, "kd_loss": 0.0, "n": 0, "kd_n": 0}
+        super().log(logs, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------- distill
+
+def distill(data: str, student: str, out: str, *, targets: str | None = None, teacher: str | None = None,
+            tokenizer: str | None = None, split: str = "train", skip_bad: bool = False,
+            **training_args: Any) -> dict[str, Any]:
+    """Train `student` (a `from_pretrained` path) on teacher `data`; save the student + tokenizer to `out`.
+
+    Mode: "sparse-targets" with `targets` (a shard directory), "white-box" with `teacher` (a model path with the
+    same vocabulary), else "sft". `tokenizer` defaults to the student's directory. `training_args` go to
+    `BayesKDConfig` (defaults for small runs: save_strategy="no", logging_steps=10). Writes `out/summary.json`
+    and returns it.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if targets is not None and teacher is not None:
+        raise ValueError("give either targets (sparse-targets mode) or teacher (white-box mode), not both")
+    mode = "sparse-targets" if targets is not None else "white-box" if teacher is not None else "sft"
+    out_dir = Path(out)
+    training_args.setdefault("save_strategy", "no")
+    training_args.setdefault("logging_steps", 10)
+    training_args.setdefault("output_dir", str(out_dir))
+    cfg = BayesKDConfig(**training_args)
+
+    tok = load_tokenizer(tokenizer or student)
+    records, report = load_teacher_records(data, split=split, skip_bad=skip_bad)
+    tokenized = tokenize_records(records, tok)  # untruncated: target rows are per full response
+    dataset = TeacherTargetsDataset(tokenized, targets, max_length=cfg.max_length)
+    model = AutoModelForCausalLM.from_pretrained(student)
+    if model.get_output_embeddings().weight.shape[0] < tokenized.vocab_size:
+        raise ValueError(f"{student}: the model's vocabulary ({model.get_output_embeddings().weight.shape[0]}) is "
+                         f"smaller than the tokenizer's ({tokenized.vocab_size})")
+    if dataset.vocab_size is not None and model.get_output_embeddings().weight.shape[0] != dataset.vocab_size:
+        raise ValueError(f"{student}: the model's vocabulary ({model.get_output_embeddings().weight.shape[0]}) "
+                         f"differs from the targets' ({dataset.vocab_size})")
+    teacher_model = AutoModelForCausalLM.from_pretrained(teacher) if teacher is not None else None
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    trainer = BayesKDTrainer(model=model, args=cfg, data_collator=BayesKDCollator(pad), train_dataset=dataset,
+                             processing_class=tok, teacher_model=teacher_model)
+    t0 = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - t0
+    trainer.save_model(str(out_dir))
+    tok.save_pretrained(str(out_dir))
+
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    last = history[-1] if history else {}
+    first = history[0] if history else {}
+    summary = {
+        "mode": mode, "data": str(data), "student": str(student), "targets": targets, "teacher": teacher,
+        "records": len(records), "skipped_records": int(report.skipped),
+        "steps": int(trainer.state.global_step), "epochs": float(trainer.state.epoch or 0.0),
+        "train_loss": float(result.training_loss),
+        "final_loss": last.get("loss"), "final_ce_loss": last.get("ce_loss"), "final_kd_loss": last.get("kd_loss"),
+        "first_loss": first.get("loss"), "first_ce_loss": first.get("ce_loss"),
+        "first_kd_loss": first.get("kd_loss"),
+        "train_tokens": int(trainer.train_tokens), "train_seconds": round(seconds, 4),
+        "train_tokens_per_second": round(trainer.train_tokens / seconds, 2) if seconds > 0 else None,
+        "log_history": trainer.state.log_history,
+        "out": str(out_dir),
+    }
+    atomic_write_json(out_dir / "summary.json", json.loads(json.dumps(summary, default=str)))
+    return summary

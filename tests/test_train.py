@@ -1,0 +1,225 @@
+"""Distillation trainer: dataset/targets mapping, collator alignment, the loss, and `distill` end to end."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bayeskd.data import load_teacher_records, tokenize_records
+from bayeskd.losses import sparse_kd_loss
+from bayeskd.prior import NGramPrior
+from bayeskd.sparse import CacheMismatchError, ShardWriter, SparseDist
+from bayeskd.train import (BayesKDCollator, BayesKDConfig, BayesKDTrainer, TeacherTargetsDataset, distill,
+                           whitebox_targets)
+
+WORDS = ["the", "module", "returns", "a", "list", "of", "strings", "when", "called", "with", "an", "object"]
+
+
+def _records(n=24, seed=0):
+    rng = np.random.default_rng(seed)
+    recs = []
+    for i in range(n):
+        prompt = " ".join(rng.choice(WORDS, size=int(rng.integers(1, 5))))
+        start = int(rng.integers(0, 4))  # a cyclic, easy-to-learn response
+        response = " ".join(WORDS[(start + j) % len(WORDS)] for j in range(int(rng.integers(3, 9))))
+        recs.append({"prompt": prompt, "response": response})
+    return recs
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_tokenizer_dir):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("train")
+    data = d / "teacher.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in _records()))
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    records, _ = load_teacher_records(data)
+    tokenized = tokenize_records(records, tok)
+
+    def model_dir(name, seed):
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id)
+        path = d / name
+        LlamaForCausalLM(cfg).save_pretrained(path)
+        tok.save_pretrained(path)
+        return str(path)
+
+    return {"dir": d, "data": str(data), "tok": tok, "tok_dir": tiny_tokenizer_dir, "tokenized": tokenized,
+            "student": model_dir("student", 0), "teacher": model_dir("teacher", 1)}
+
+
+def _write_targets(out, tokenized, dists: list[SparseDist], fingerprint=None, shards=2, drop_last_row=False):
+    """Shards holding whole records (extras record_index / lengths), like `bayeskd prior` writes them."""
+    n = len(dists)
+    writer = ShardWriter(out, dists[0].vocab_size, dists[0].k, fingerprint or tokenized.fingerprint, {})
+    bounds = np.linspace(0, n, shards + 1).astype(int)
+    for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        part = [dists[i] for i in range(lo, hi)]
+        lengths = [p.num_rows for p in part]
+        cat = SparseDist.cat(part)
+        if drop_last_row and s == shards - 1:
+            cat = cat[:-1]
+            lengths[-1] -= 1
+        writer.write(f"shard-{s:05d}", cat, extra={"record_index": torch.arange(lo, hi, dtype=torch.int64),
+                                                   "lengths": torch.tensor(lengths, dtype=torch.int64)})
+    return str(out)
+
+
+def _teacher_token_dists(tokenized, k=4):
+    """Row t lists the actual response token first (p=0.7), then k-1 other tokens; tail 0.1."""
+    V = tokenized.vocab_size
+    out = []
+    for seq in tokenized.response_sequences():
+        seq = torch.as_tensor(seq, dtype=torch.int64)
+        idx = torch.stack([(seq + j) % V for j in range(k)], 1).to(torch.int32)
+        p = torch.tensor([0.7] + [0.2 / (k - 1)] * (k - 1))
+        lp = p.log().expand(len(seq), k).clone()
+        out.append(SparseDist(idx, lp, torch.full((len(seq),), 0.1), V))
+    return out
+
+
+def _prior_dists(tokenized, k=8):
+    prior = NGramPrior(order=2, vocab_size=tokenized.vocab_size).fit(tokenized.response_sequences())
+    return [prior.topk(s, k) for s in tokenized.response_sequences()]
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+@pytest.mark.parametrize("max_length", [None, 9])
+def test_collator_aligns_targets_with_response_positions(setup, tmp_path, max_length):
+    tokenized = setup["tokenized"]
+    targets = _write_targets(tmp_path / "t", tokenized, _teacher_token_dists(tokenized))
+    ds = TeacherTargetsDataset(tokenized, targets, max_length=max_length)
+    assert len(ds) == len(tokenized)
+    items = [ds[i] for i in range(len(ds))]
+    for it in items:
+        assert it["target_indices"].shape[0] == int(it["response_mask"][1:].sum())
+        if max_length is not None:
+            assert len(it["input_ids"]) <= max_length
+    batch = BayesKDCollator(setup["tok"].pad_token_id)(items[:7])
+    sel = batch["response_mask"][:, 1:]
+    teacher_tokens = batch["input_ids"][:, 1:][sel]
+    # the listed-first entry of every target row is the token at that position: same order, same count
+    assert torch.equal(batch["target_indices"][:, 0].long(), teacher_tokens)
+    assert torch.equal(batch["labels"][:, 1:][sel], teacher_tokens)
+    assert (batch["labels"][~batch["response_mask"]] == -100).all()
+    assert torch.equal(batch["attention_mask"].sum(1), torch.tensor([len(it["input_ids"]) for it in items[:7]]))
+
+
+def test_hand_case_order():
+    """Two items, one needing padding: rows are concatenated item by item, left to right."""
+    items = [
+        {"input_ids": torch.tensor([5, 6, 7, 8]), "response_mask": torch.tensor([False, False, True, True]),
+         "target_indices": torch.tensor([[70], [80]], dtype=torch.int32),
+         "target_logprobs": torch.zeros(2, 1), "target_tail": torch.zeros(2)},
+        {"input_ids": torch.tensor([9, 10, 11]), "response_mask": torch.tensor([False, True, True]),
+         "target_indices": torch.tensor([[100], [110]], dtype=torch.int32),
+         "target_logprobs": torch.zeros(2, 1), "target_tail": torch.zeros(2)},
+    ]
+    b = BayesKDCollator(pad_token_id=0)(items)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 11, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert b["labels"].tolist() == [[-100, -100, 7, 8], [-100, 10, 11, -100]]
+    assert b["target_indices"][:, 0].tolist() == [70, 80, 100, 110]
+    assert (b["input_ids"][:, 1:][b["response_mask"][:, 1:]] * 10).tolist() == [70, 80, 100, 110]
+
+
+def test_mismatched_targets_are_refused(setup, tmp_path):
+    tokenized = setup["tokenized"]
+    dists = _teacher_token_dists(tokenized)
+    bad_rows = _write_targets(tmp_path / "rows", tokenized, dists, drop_last_row=True)
+    with pytest.raises(ValueError, match=r"target rows but \d+ response tokens"):
+        TeacherTargetsDataset(tokenized, bad_rows)
+    other_tok = _write_targets(tmp_path / "tok", tokenized, dists, fingerprint="0" * 64)
+    with pytest.raises(CacheMismatchError, match="another tokenizer"):
+        TeacherTargetsDataset(tokenized, other_tok)
+    too_few = _write_targets(tmp_path / "few", tokenized, dists[:-2], shards=1)
+    with pytest.raises(ValueError, match="no target rows for 2 of"):
+        TeacherTargetsDataset(tokenized, too_few)
+
+
+# ---------------------------------------------------------------------------------------------------- loss
+
+def test_compute_loss_matches_hand_computation(setup, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tokenized = setup["tokenized"]
+    targets = _write_targets(tmp_path / "t", tokenized, _prior_dists(tokenized))
+    ds = TeacherTargetsDataset(tokenized, targets)
+    batch = BayesKDCollator(setup["tok"].pad_token_id)([ds[i] for i in range(5)])
+    model = AutoModelForCausalLM.from_pretrained(setup["student"])
+    cfg = BayesKDConfig(output_dir=str(tmp_path / "o"), ce_weight=0.3, kd_weight=2.0, kd_temperature=1.5,
+                        divergence="jsd", beta=0.3, fused_backend="torch")
+    trainer = BayesKDTrainer(model=model, args=cfg, data_collator=BayesKDCollator(0), train_dataset=ds)
+    model.eval()
+    loss = trainer.compute_loss(model, batch)
+
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    sel = batch["response_mask"][:, 1:]
+    rows = logits[:, :-1][sel]
+    ce = torch.nn.functional.cross_entropy(rows, batch["input_ids"][:, 1:][sel])
+    target = SparseDist(batch["target_indices"], batch["target_logprobs"], batch["target_tail"], rows.shape[-1])
+    kd = sparse_kd_loss(rows, target, divergence="jsd", beta=0.3, temperature=1.5).mean()
+    torch.testing.assert_close(loss.detach(), 0.3 * ce + 2.0 * kd, rtol=1e-5, atol=1e-5)
+    # the labels the collator builds agree with the rows selected for the loss
+    assert torch.equal(batch["labels"][:, 1:][batch["labels"][:, 1:] != -100], batch["input_ids"][:, 1:][sel])
+
+
+def test_whitebox_targets_tail_is_exact():
+    logits = torch.randn(6, 40)
+    t = whitebox_targets(logits, 5)
+    t.validate()
+    p = torch.softmax(logits, -1)
+    torch.testing.assert_close(t.to_dense().sum(1), torch.ones(6))
+    torch.testing.assert_close(t.tail, 1 - p.topk(5, -1).values.sum(-1))
+
+
+# ---------------------------------------------------------------------------------------------------- distill
+
+def test_distill_sparse_targets_lowers_kd_and_saves(setup, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenized = setup["tokenized"]
+    targets = _write_targets(tmp_path / "t", tokenized, _prior_dists(tokenized))
+    out = tmp_path / "student_out"
+    s = distill(setup["data"], setup["student"], str(out), targets=targets, max_steps=30, learning_rate=5e-3,
+                per_device_train_batch_size=8, logging_steps=5, fused_backend="torch", seed=0,
+                warmup_steps=0, lr_scheduler_type="constant")
+    assert s["mode"] == "sparse-targets" and s["steps"] == 30
+    assert s["final_kd_loss"] < 0.7 * s["first_kd_loss"], s
+    assert s["final_ce_loss"] < s["first_ce_loss"]
+    assert s["train_tokens_per_second"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_kd_loss"] == s["final_kd_loss"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert len(tok) == model.config.vocab_size
+    ids = torch.from_numpy(tokenized.input_ids[0].astype(np.int64))[None]
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_distill_sft_mode(setup, tmp_path):
+    s = distill(setup["data"], setup["student"], str(tmp_path / "o"), max_steps=4, logging_steps=2,
+                per_device_train_batch_size=4)
+    assert s["mode"] == "sft" and s["steps"] == 4
+    assert s["final_kd_loss"] is None and math.isfinite(s["final_ce_loss"])
+    assert (tmp_path / "o" / "summary.json").exists()
+
+
+def test_distill_whitebox_mode(setup, tmp_path):
+    s = distill(setup["data"], setup["student"], str(tmp_path / "o"), teacher=setup["teacher"], max_steps=4,
+                logging_steps=2, per_device_train_batch_size=4, whitebox_top_k=16, kd_tail="bucket",
+                gradient_accumulation_steps=2)
+    assert s["mode"] == "white-box" and s["steps"] == 4
+    assert math.isfinite(s["final_kd_loss"]) and s["final_kd_loss"] > 0
+
+
+def test_distill_refuses_targets_and_teacher(setup, tmp_path):
+    with pytest.raises(ValueError, match="not both"):
+        distill(setup["data"], setup["student"], str(tmp_path / "o"), targets="x", teacher="y")
