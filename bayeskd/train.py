@@ -96,9 +96,9 @@ class TeacherTargetsDataset(torch.utils.data.Dataset):
         tok = self.tokenized
         reader = ShardReader(d, tokenizer_fingerprint=tok.fingerprint)  # raises CacheMismatchError on mismatch
         self.vocab_size, self.k = int(reader.manifest["vocab_size"]), int(reader.manifest["k"])
-        if self.vocab_size != tok.vocab_size:
-            raise CacheMismatchError(f"{d}: targets have vocabulary size {self.vocab_size}, the tokenizer "
-                                     f"{tok.vocab_size}")
+        if self.vocab_size < tok.vocab_size:
+            raise CacheMismatchError(f"{d}: targets have vocabulary size {self.vocab_size}, smaller than the "
+                                     f"tokenizer's {tok.vocab_size}")
         n = len(tok)
         where = np.full((n, 2), -1, dtype=np.int64)
         want = tok.lengths - tok.prompt_lengths.astype(np.int64)  # response tokens per record

@@ -223,3 +223,35 @@ def test_distill_whitebox_mode(setup, tmp_path):
 def test_distill_refuses_targets_and_teacher(setup, tmp_path):
     with pytest.raises(ValueError, match="not both"):
         distill(setup["data"], setup["student"], str(tmp_path / "o"), targets="x", teacher="y")
+
+
+def test_targets_from_the_prior_pipeline(setup, tmp_path):
+    """The shards `bayeskd prior --write-topk` writes are read as they are."""
+    from bayeskd.pipeline import estimate_prior
+
+    estimate_prior(setup["data"], setup["tok_dir"], out=str(tmp_path / "prior"), order=2, top_k=8, write_topk=True)
+    ds = TeacherTargetsDataset(setup["tokenized"], str(tmp_path / "prior" / "topk"))
+    batch = BayesKDCollator(setup["tok"].pad_token_id)([ds[i] for i in range(len(ds))])
+    assert batch["target_indices"].shape == (int(batch["response_mask"][:, 1:].sum()), 8)
+    s = distill(setup["data"], setup["student"], str(tmp_path / "o"), targets=str(tmp_path / "prior" / "topk"),
+                max_steps=2, per_device_train_batch_size=4, logging_steps=1, fused_backend="torch")
+    assert s["mode"] == "sparse-targets" and math.isfinite(s["final_kd_loss"])
+
+
+def test_empty_prompt_drops_the_context_free_row(setup):
+    """A response starting at position 0 has no context: its first target row is dropped, the rest align."""
+    tok = setup["tok"]
+    tokenized = tokenize_records([{"prompt": "", "response": "the module returns"},
+                                  {"prompt": "a list", "response": "of strings"}], tok)
+    p0 = int(tokenized.prompt_lengths[0])  # drop a BOS the tokenizer may add: the response starts at 0
+    tokenized.input_ids[0] = tokenized.input_ids[0][p0:]
+    tokenized.response_mask[0] = tokenized.response_mask[0][p0:]
+    tokenized.prompt_lengths[0] = 0
+    ds = TeacherTargetsDataset(tokenized)
+    ds._where, ds._dists = np.array([[0, 0], [0, len(tokenized.response_sequences()[0])]]), \
+        [SparseDist.cat(_teacher_token_dists(tokenized))]
+    items = [ds[0], ds[1]]
+    assert items[0]["target_indices"].shape[0] == len(tokenized.input_ids[0]) - 1
+    b = BayesKDCollator(tok.pad_token_id)(items)
+    sel = b["response_mask"][:, 1:]
+    assert torch.equal(b["target_indices"][:, 0].long(), b["input_ids"][:, 1:][sel])
