@@ -234,6 +234,9 @@ class BayesKDTrainer(transformers.Trainer):
         out = model(input_ids=input_ids, attention_mask=attention)
         rows = out.logits[:, :-1][sel]  # [M, V], row order = sel flattened row-major
         tokens = input_ids[:, 1:][sel]
+        if rows.shape[0] == 0:  # no response token in this batch (e.g. all truncated): a zero loss with a graph
+            zero = out.logits.sum() * 0.0
+            return (zero, out) if return_outputs else zero
         ce = F.cross_entropy(rows.float(), tokens)
 
         target = None
