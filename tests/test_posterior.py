@@ -200,3 +200,27 @@ def test_cli_end_to_end(setup, tmp_path):
     bad = CliRunner().invoke(main, ["estimate-posterior", "--prior", str(tmp_path / "nope"), "--proxy",
                                     setup["proxy"], "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "nope" in bad.output and "Traceback" not in bad.output
+
+
+def test_record_without_prompt_gets_uniform_proxy_row(setup):
+    from dataclasses import replace
+
+    tk = setup["tokenized"]
+    ids = [tk.input_ids[1][int(tk.prompt_lengths[1]):], tk.input_ids[2]]  # record 0 has no prompt at all
+    t2 = replace(tk, input_ids=ids, response_mask=[np.ones(len(ids[0]), bool), tk.response_mask[2]],
+                 prompt_lengths=np.array([0, tk.prompt_lengths[2]], dtype=np.int32))
+    post = ProxyPosterior(setup["proxy"], top_k=16, batch_size=2)
+    rows = post.proxy_topk(t2, [0, 1])
+    assert rows.num_rows == len(ids[0]) + len(ids[1]) - int(tk.prompt_lengths[2])
+    assert (rows.indices[0] == -1).all() and rows.tail[0] == 1.0
+    rows.validate("proxy rows")
+    post.posterior_rows(t2, [0, 1], setup["prior"]).validate("posterior rows")
+
+
+def test_bfloat16_proxy_and_small_proxy_top_k(setup, tmp_path):
+    post = ProxyPosterior(setup["proxy"], dtype="bfloat16", top_k=16, proxy_top_k=4, evidence=1.0)
+    s = post.estimate(setup["tokenized"], setup["prior"], tmp_path / "o", shard_records=10, progress=False)
+    assert s["complete"] and s["dtype"] == "bfloat16"
+    for name, d, _ in _read_all(tmp_path / "o"):
+        d.validate(name)
+        assert d.k == 16
