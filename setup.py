@@ -22,6 +22,7 @@ setup(
         "tqdm>=4.60",
         "pyyaml>=6.0",
         "tokenizers>=0.19",
+        "accelerate>=1.1",  # transformers.Trainer needs it
     ],
     extras_require={
         "dev": ["pytest>=7", "nltk>=3.8", "matplotlib>=3.7", "psutil>=5.9", "pyarrow>=14"],
