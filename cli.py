@@ -112,5 +112,44 @@ def estimate_posterior_cmd(**kwargs) -> None:
     click.echo(json.dumps(summary, indent=2))
 
 
+@main.command("distill")
+@config_option
+@click.option("--data", required=True, help="Teacher generations (JSONL, Parquet or a saved HF dataset).")
+@click.option("--student", required=True, help="Student model (path or hub id) to start from.")
+@click.option("--targets", default=None, help="Sparse target shard directory (from estimate-posterior or "
+              "estimate-prior --write-topk); 'none' or omitted: SFT on the teacher text.")
+@click.option("--teacher", default=None, help="White-box teacher model (readable logits, e.g. the lab's): "
+              "ordinary logit KD from its top-K.")
+@click.option("--tokenizer", default=None, help="Tokenizer (default: the student's).")
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--ce-weight", default=1.0, show_default=True, type=float)
+@click.option("--kd-weight", default=1.0, show_default=True, type=float)
+@click.option("--divergence", default="forward_kl", show_default=True,
+              type=click.Choice(["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"]))
+@click.option("--beta", default=None, type=float, help="JSD β (default 0.5) or skew-KL α (default 0.1).")
+@click.option("--kd-temperature", default=1.0, show_default=True, type=float)
+@click.option("--max-length", default=None, type=click.IntRange(2))
+@click.option("--num-train-epochs", default=1.0, show_default=True, type=float)
+@click.option("--max-steps", default=-1, show_default=True, type=int)
+@click.option("--learning-rate", default=5e-5, show_default=True, type=float)
+@click.option("--per-device-train-batch-size", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--gradient-accumulation-steps", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=42, show_default=True, type=int)
+@click.option("--skip-bad", is_flag=True)
+def distill_cmd(data, student, targets, teacher, tokenizer, out, skip_bad, **training_args) -> None:
+    """Train a student on the teacher's text and the estimated (or white-box) token distributions."""
+    from bayeskd.data import DataError
+    from bayeskd.train import distill
+
+    if targets is not None and targets.lower() == "none":
+        targets = None
+    try:
+        summary = distill(data, student, out, targets=targets, teacher=teacher, tokenizer=tokenizer,
+                          skip_bad=skip_bad, **training_args)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(json.dumps({k: v for k, v in summary.items() if k != "log_history"}, indent=2))
+
+
 if __name__ == "__main__":
     main()

@@ -3,7 +3,6 @@ from bayeskd.corpus import embedded_corpus, embedded_teacher_jsonl, train_bpe_to
 from bayeskd.data import DataError, TokenizedData, load_teacher_records, load_tokenizer, tokenize_records
 from bayeskd.losses import TARGET_FLOOR, combine, fused_posterior_kd, sparse_kd_loss
 from bayeskd.pipeline import estimate_prior
-from bayeskd.posterior import ProxyPosterior, estimate_posterior
 from bayeskd.prior import NGramPrior
 from bayeskd.sparse import CacheMismatchError, ShardReader, ShardWriter, SparseDist, tokenizer_fingerprint
 
@@ -12,6 +11,21 @@ __all__ = [
     "DataError", "TokenizedData", "load_teacher_records", "load_tokenizer", "tokenize_records",
     "embedded_corpus", "embedded_teacher_jsonl", "train_bpe_tokenizer",
     "NGramPrior", "estimate_prior", "ProxyPosterior", "estimate_posterior",
+    "BayesKDConfig", "BayesKDTrainer", "BayesKDCollator", "TeacherTargetsDataset", "distill",
     "TARGET_FLOOR", "combine", "sparse_kd_loss", "fused_posterior_kd",
 ]
 __version__ = "0.1.0"
+
+# The trainer and the posterior import transformers' Trainer and model classes (seconds): load them on first use
+# so `import bayeskd` and the CLI's --help stay fast.
+_LAZY = {name: "bayeskd.posterior" for name in ("ProxyPosterior", "estimate_posterior")}
+_LAZY.update({name: "bayeskd.train" for name in ("BayesKDConfig", "BayesKDTrainer", "BayesKDCollator",
+                                                 "TeacherTargetsDataset", "distill")})
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'bayeskd' has no attribute {name!r}")

@@ -110,3 +110,44 @@ def test_only_bayeskd_is_a_new_top_level_name(tmp_path):
             "print(u.find_spec('kernels') is None, u.find_spec('cli') is None)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "True"]
+
+
+def test_prior_posterior_distill_pipeline_through_the_cli(tmp_path, tiny_tokenizer_dir):
+    """The three commands chained as a user runs them, on tiny models saved and loaded by path."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    paths = {}
+    for name, seed in (("proxy", 1), ("student", 2)):
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        paths[name] = str(tmp_path / name)
+        LlamaForCausalLM(cfg).save_pretrained(paths[name])
+        tok.save_pretrained(paths[name])
+    data = _write_jsonl(tmp_path / "teacher.jsonl", n=24)
+
+    assert _run(["estimate-prior", "--data", str(data), "--tokenizer", tiny_tokenizer_dir, "--order", "3",
+                 "--out", str(tmp_path / "prior")]).exit_code == 0
+    res = _run(["estimate-posterior", "--data", str(data), "--prior", str(tmp_path / "prior"), "--proxy",
+                paths["proxy"], "--top-k", "16", "--out", str(tmp_path / "targets")])
+    assert res.exit_code == 0, res.output
+    targets = ShardReader(tmp_path / "targets", k=16)
+    assert sum(d.num_rows for d, _ in targets) == json.loads((tmp_path / "prior" / "summary.json").read_text())["tokens"]
+
+    res = _run(["distill", "--data", str(data), "--targets", str(tmp_path / "targets"), "--student",
+                paths["student"], "--max-steps", "3", "--per-device-train-batch-size", "4",
+                "--out", str(tmp_path / "distilled")])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "distilled" / "summary.json").read_text())
+    assert summary["mode"] == "sparse-targets" and summary["steps"] == 3
+    before = AutoModelForCausalLM.from_pretrained(paths["student"]).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "distilled").state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained and saved the result
+
+    res = CliRunner().invoke(main, ["distill", "--data", str(data), "--targets", str(tmp_path / "targets"),
+                                    "--teacher", paths["proxy"], "--student", paths["student"],
+                                    "--out", str(tmp_path / "x")])
+    assert res.exit_code != 0 and "not both" in res.output
