@@ -9,8 +9,11 @@ Data flow
 - `BayesKDTrainer.compute_loss`: CE on the teacher tokens (mean over response tokens) x ce_weight + KD
   (mean over response tokens of `fused_posterior_kd` against the targets) x kd_weight.
 
-Modes: "sparse-targets" (a targets directory), "sft" (no targets: CE only, sequence-level KD) and "white-box"
-(a teacher model with the same vocabulary: targets are its top-k at the same positions, tail mass exact).
+Modes: "sparse-targets" (a targets directory), "sft" (no targets: CE only, sequence-level KD), "white-box"
+(a teacher model with the same vocabulary: targets are its top-k at the same positions, tail mass exact) and
+"online-posterior" (a targets directory holding the PRIOR's top-K rows plus a proxy model: inside the step the
+proxy runs on the same batch without gradient and its dense logits at the response positions go to
+`fused_posterior_kd` with the prior rows, so the posterior is formed inside the loss; docs/MATH.md "Online mode").
 """
 from __future__ import annotations
 
@@ -33,6 +36,8 @@ from bayeskd.sparse import CacheMismatchError, ShardReader, SparseDist, atomic_w
 logger = logging.getLogger(__name__)
 
 TARGET_KEYS = ("target_indices", "target_logprobs", "target_tail")
+CONTEXT_COUNT_KEY = "target_context_count"  # the prior's per-row context counts (Dirichlet mode), when stored
+POSTERIOR_MODES = ("log_linear", "dirichlet", "mixture")
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -49,6 +54,13 @@ class BayesKDConfig(transformers.TrainingArguments):
     max_length: int | None = field(default=None, metadata={"help": "truncate sequences to this many tokens"})
     fused_backend: str = field(default="auto", metadata={"help": "fused KD backend: auto, torch or triton"})
     whitebox_top_k: int = field(default=64, metadata={"help": "top-k of the teacher's logits in white-box mode"})
+    posterior_mode: str = field(default="log_linear", metadata={
+        "help": "online-posterior mode: log_linear (p ∝ p0^a q^b), dirichlet (c) or mixture (w)"})
+    posterior_a: float = field(default=1.0, metadata={"help": "log-linear exponent of the prior"})
+    posterior_b: float = field(default=1.0, metadata={"help": "log-linear exponent of the proxy"})
+    posterior_c: float = field(default=1.0, metadata={"help": "Dirichlet concentration of the proxy"})
+    posterior_w: float = field(default=0.5, metadata={"help": "mixture weight of the prior"})
+    posterior_evidence: float = field(default=0.0, metadata={"help": "observations of the teacher token added"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep the target columns"})
     report_to: None | str | list[str] = field(default=None, metadata={"help": "integrations to report to"})
 
@@ -66,6 +78,13 @@ class BayesKDConfig(transformers.TrainingArguments):
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
         if self.whitebox_top_k < 1:
             raise ValueError(f"whitebox_top_k must be >= 1, got {self.whitebox_top_k}")
+        if self.posterior_mode not in POSTERIOR_MODES:
+            raise ValueError(f"posterior_mode must be one of {POSTERIOR_MODES}, got {self.posterior_mode!r}")
+        if not 0.0 <= self.posterior_w <= 1.0:
+            raise ValueError(f"posterior_w must be in [0, 1], got {self.posterior_w}")
+        if not self.posterior_c > 0 or self.posterior_evidence < 0:
+            raise ValueError(f"posterior_c must be > 0 and posterior_evidence >= 0, got {self.posterior_c}, "
+                             f"{self.posterior_evidence}")
 
 
 # ---------------------------------------------------------------------------------------------------- dataset
@@ -156,6 +175,8 @@ class TeacherTargetsDataset(torch.utils.data.Dataset):
             s, st = self._where[i]
             rows = self._dists[s][int(st) + r_lo:int(st) + r_hi]
             item.update(target_indices=rows.indices, target_logprobs=rows.logprobs, target_tail=rows.tail)
+            if "context_count" in rows.extras:
+                item[CONTEXT_COUNT_KEY] = rows.extras["context_count"].reshape(-1)
         return item
 
 
@@ -188,6 +209,8 @@ class BayesKDCollator:
         if all(k in items[0] for k in TARGET_KEYS):
             for k in TARGET_KEYS:
                 out[k] = torch.cat([it[k] for it in items])
+            if all(CONTEXT_COUNT_KEY in it for it in items):
+                out[CONTEXT_COUNT_KEY] = torch.cat([it[CONTEXT_COUNT_KEY] for it in items])
             if out["target_tail"].shape[0] != int(rmask[:, 1:].sum()):
                 raise ValueError(f"batch has {int(rmask[:, 1:].sum())} response tokens but "
                                  f"{out['target_tail'].shape[0]} target rows")
@@ -213,9 +236,16 @@ class BayesKDTrainer(transformers.Trainer):
     `teacher_model`: a readable teacher with the student's vocabulary (white-box mode: ordinary logit KD against
     its top-`whitebox_top_k` at every response position). Without it, the batch's sparse targets are used when
     present, else the loss is CE only (SFT). Logs `ce_loss` / `kd_loss`: their means since the last log.
+
+    `proxy_model` (online-posterior mode): the batch's targets are the PRIOR's top-K rows; the proxy runs on the
+    same batch (eval, no gradient) and its logits at the response positions (sliced to the student's V) are the
+    dense proxy of `fused_posterior_kd(rows, prior_rows, proxy_rows, mode=posterior_mode, a, b, c, w)`.
     """
 
-    def __init__(self, *args, teacher_model: torch.nn.Module | None = None, **kwargs):
+    def __init__(self, *args, teacher_model: torch.nn.Module | None = None,
+                 proxy_model: torch.nn.Module | None = None, **kwargs):
+        if teacher_model is not None and proxy_model is not None:
+            raise ValueError("give either teacher_model (white-box) or proxy_model (online posterior), not both")
         super().__init__(*args, **kwargs)
         # compute_loss returns a per-micro-batch mean: let the Trainer divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
@@ -224,6 +254,11 @@ class BayesKDTrainer(transformers.Trainer):
             teacher_model.eval()
             teacher_model.requires_grad_(False)
             self.teacher_model = teacher_model.to(self.args.device)
+        self.proxy_model = proxy_model
+        if proxy_model is not None:
+            proxy_model.eval()
+            proxy_model.requires_grad_(False)
+            self.proxy_model = proxy_model.to(self.args.device)
         self._acc = {"ce_loss": 0.0, "kd_loss": 0.0, "n": 0, "kd_n": 0}
         self.train_tokens = 0
 
@@ -247,14 +282,27 @@ class BayesKDTrainer(transformers.Trainer):
                 raise ValueError(f"teacher vocabulary {t_logits.shape[-1]} != student vocabulary {rows.shape[-1]}")
             target = whitebox_targets(t_logits, getattr(cfg, "whitebox_top_k", 64))
         elif "target_indices" in inputs:
+            extras = {"context_count": inputs[CONTEXT_COUNT_KEY]} if CONTEXT_COUNT_KEY in inputs else {}
             target = SparseDist(inputs["target_indices"], inputs["target_logprobs"], inputs["target_tail"],
-                                rows.shape[-1])
+                                rows.shape[-1], extras=extras)
             if target.num_rows != rows.shape[0]:
                 raise ValueError(f"{target.num_rows} target rows for {rows.shape[0]} response tokens")
+        elif self.proxy_model is not None:
+            raise ValueError("online-posterior mode needs the prior's top-K rows in the batch (a targets directory)")
+        proxy_rows, posterior = None, {}
+        if self.proxy_model is not None and target is not None:
+            proxy_rows = self._proxy_rows(input_ids, attention, sel, rows.shape[-1])
+            posterior = dict(mode=getattr(cfg, "posterior_mode", "log_linear"), a=getattr(cfg, "posterior_a", 1.0),
+                             b=getattr(cfg, "posterior_b", 1.0), c=getattr(cfg, "posterior_c", 1.0),
+                             w=getattr(cfg, "posterior_w", 0.5))
+            evidence = getattr(cfg, "posterior_evidence", 0.0)
+            if evidence:
+                posterior.update(teacher_tokens=tokens, evidence=evidence)
         kd = None
         if target is not None and rows.shape[0] > 0:
             target = target.to(rows.device)
-            kd = fused_posterior_kd(rows, target, divergence=getattr(cfg, "divergence", "forward_kl"),
+            kd = fused_posterior_kd(rows, target, proxy_rows, **posterior,
+                                    divergence=getattr(cfg, "divergence", "forward_kl"),
                                     beta=getattr(cfg, "beta", None), temperature=getattr(cfg, "kd_temperature", 1.0),
                                     tail=getattr(cfg, "kd_tail", "bucket"), inplace=False,
                                     backend=getattr(cfg, "fused_backend", "auto")).mean()
@@ -272,6 +320,19 @@ class BayesKDTrainer(transformers.Trainer):
             self.train_tokens += int(attention.sum())
         return (loss, out) if return_outputs else loss
 
+    @torch.no_grad()
+    def _proxy_rows(self, input_ids: torch.Tensor, attention: torch.Tensor, sel: torch.Tensor,
+                    vocab_size: int) -> torch.Tensor:
+        """The proxy's logits [M, vocab_size] (float32) at the response positions `sel`, in the student rows' order."""
+        proxy = self.proxy_model
+        if proxy.training:  # the Trainer's model.train() does not reach it, but a caller might
+            proxy.eval()
+        logits = proxy(input_ids=input_ids, attention_mask=attention).logits[:, :-1][sel]
+        if logits.shape[-1] < vocab_size:
+            raise ValueError(f"proxy vocabulary {logits.shape[-1]} < student vocabulary {vocab_size}: the proxy "
+                             "must share the student tokenizer")
+        return logits[:, :vocab_size].float()
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         a = self._acc
         if a["n"] and "loss" in logs:
@@ -285,12 +346,13 @@ class BayesKDTrainer(transformers.Trainer):
 # ---------------------------------------------------------------------------------------------------- distill
 
 def distill(data: str, student: str, out: str, *, targets: str | None = None, teacher: str | None = None,
-            tokenizer: str | None = None, split: str = "train", skip_bad: bool = False,
+            proxy: str | None = None, tokenizer: str | None = None, split: str = "train", skip_bad: bool = False,
             **training_args: Any) -> dict[str, Any]:
     """Train `student` (a `from_pretrained` path) on teacher `data`; save the student + tokenizer to `out`.
 
-    Mode: "sparse-targets" with `targets` (a shard directory), "white-box" with `teacher` (a model path with the
-    same vocabulary), else "sft". `tokenizer` defaults to the student's directory. `training_args` go to
+    Mode: "sparse-targets" with `targets` (a shard directory), "online-posterior" with `targets` holding the
+    prior's top-K rows and `proxy` (a model path sharing the tokenizer; posterior settings in `posterior_*`),
+    "white-box" with `teacher` (a model path with the same vocabulary), else "sft". `tokenizer` defaults to the student's directory. `training_args` go to
     `BayesKDConfig` (defaults for small runs: save_strategy="no", logging_steps=10). Writes `out/summary.json`
     and returns it.
     """
@@ -298,7 +360,11 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
 
     if targets is not None and teacher is not None:
         raise ValueError("give either targets (sparse-targets mode) or teacher (white-box mode), not both")
-    mode = "sparse-targets" if targets is not None else "white-box" if teacher is not None else "sft"
+    if proxy is not None and targets is None:
+        raise ValueError("online-posterior mode (proxy) needs targets: the prior's top-K shards "
+                         "(`bayeskd estimate-prior --write-topk`)")
+    mode = ("online-posterior" if proxy is not None else "sparse-targets" if targets is not None
+            else "white-box" if teacher is not None else "sft")
     out_dir = Path(out)
     training_args.setdefault("save_strategy", "no")
     training_args.setdefault("logging_steps", 10)
@@ -317,10 +383,21 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
         raise ValueError(f"{student}: the model's vocabulary ({model.get_output_embeddings().weight.shape[0]}) "
                          f"differs from the targets' ({dataset.vocab_size})")
     teacher_model = AutoModelForCausalLM.from_pretrained(teacher) if teacher is not None else None
+    proxy_model = None
+    if proxy is not None:
+        proxy_model = AutoModelForCausalLM.from_pretrained(proxy)
+        width = proxy_model.get_output_embeddings().weight.shape[0]
+        if width < model.get_output_embeddings().weight.shape[0]:
+            raise ValueError(f"{proxy}: the proxy's vocabulary ({width}) is smaller than the student's "
+                             f"({model.get_output_embeddings().weight.shape[0]}); it must share the tokenizer")
+        if cfg.posterior_mode == "dirichlet" and len(dataset) and CONTEXT_COUNT_KEY not in dataset[0]:
+            raise ValueError(f"{targets}: posterior_mode='dirichlet' needs the prior's context counts in the "
+                             "target shards (extras 'context_count', written by the n-gram prior)")
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
     trainer = BayesKDTrainer(model=model, args=cfg, data_collator=BayesKDCollator(pad), train_dataset=dataset,
-                             processing_class=tok, teacher_model=teacher_model)
+                             processing_class=tok, teacher_model=teacher_model,
+                             proxy_model=proxy_model)
     t0 = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - t0
@@ -332,6 +409,7 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
     first = history[0] if history else {}
     summary = {
         "mode": mode, "data": str(data), "student": str(student), "targets": targets, "teacher": teacher,
+        "proxy": proxy, "posterior_mode": cfg.posterior_mode if proxy is not None else None,
         "records": len(records), "skipped_records": int(report.skipped),
         "steps": int(trainer.state.global_step), "epochs": float(trainer.state.epoch or 0.0),
         "train_loss": float(result.training_loss),

@@ -255,3 +255,92 @@ def test_empty_prompt_drops_the_context_free_row(setup):
     b = BayesKDCollator(tok.pad_token_id)(items)
     sel = b["response_mask"][:, 1:]
     assert torch.equal(b["target_indices"][:, 0].long(), b["input_ids"][:, 1:][sel])
+
+
+# ---------------------------------------------------------------------------------------------------- online posterior
+
+def _prior_shards(setup, tmp_path):
+    """The prior's top-K rows as `bayeskd estimate-prior --write-topk` writes them (context counts included)."""
+    from bayeskd.pipeline import estimate_prior
+
+    estimate_prior(setup["data"], setup["tok_dir"], out=str(tmp_path / "prior"), order=2, top_k=8, write_topk=True)
+    return str(tmp_path / "prior" / "topk")
+
+
+@pytest.mark.parametrize("mode,extra", [("log_linear", dict(posterior_a=0.7, posterior_b=1.3)),
+                                        ("mixture", dict(posterior_w=0.3)),
+                                        ("dirichlet", dict(posterior_c=2.0)),
+                                        ("log_linear", dict(posterior_evidence=0.5))])
+def test_online_posterior_loss_matches_hand_computation(setup, tmp_path, mode, extra):
+    from transformers import AutoModelForCausalLM
+
+    from bayeskd.losses import combine
+
+    targets = _prior_shards(setup, tmp_path)
+    ds = TeacherTargetsDataset(setup["tokenized"], targets)
+    batch = BayesKDCollator(setup["tok"].pad_token_id)([ds[i] for i in range(6)])
+    assert "target_context_count" in batch  # the prior's counts travel with the rows (Dirichlet needs them)
+    model = AutoModelForCausalLM.from_pretrained(setup["student"])
+    proxy = AutoModelForCausalLM.from_pretrained(setup["teacher"])
+    cfg = BayesKDConfig(output_dir=str(tmp_path / "o"), ce_weight=0.5, kd_weight=2.0, fused_backend="torch",
+                        posterior_mode=mode, **extra)
+    trainer = BayesKDTrainer(model=model, args=cfg, data_collator=BayesKDCollator(0), train_dataset=ds,
+                             proxy_model=proxy)
+    model.eval()
+    loss = trainer.compute_loss(model, batch)
+    assert not proxy.training and not any(p.requires_grad for p in proxy.parameters())
+
+    sel = batch["response_mask"][:, 1:]
+    with torch.no_grad():
+        rows = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][sel]
+        q = proxy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][sel]
+    tokens = batch["input_ids"][:, 1:][sel]
+    prior = SparseDist(batch["target_indices"], batch["target_logprobs"], batch["target_tail"], rows.shape[-1],
+                       extras={"context_count": batch["target_context_count"]})
+    ev = extra.get("posterior_evidence", 0.0)
+    post = combine(prior, q, mode, a=extra.get("posterior_a", 1.0), b=extra.get("posterior_b", 1.0),
+                   c=extra.get("posterior_c", 1.0), w=extra.get("posterior_w", 0.5),
+                   teacher_tokens=tokens if ev else None, evidence=ev)
+    kd = sparse_kd_loss(rows, post).mean()
+    ce = torch.nn.functional.cross_entropy(rows, tokens)
+    torch.testing.assert_close(loss.detach(), 0.5 * ce + 2.0 * kd, rtol=1e-5, atol=1e-5)
+    # the proxy matters: the prior alone gives another loss
+    kd_prior = sparse_kd_loss(rows, combine(prior)).mean()
+    assert not torch.allclose(kd, kd_prior)
+
+
+def test_online_posterior_proxy_wider_vocab_is_sliced(setup, tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    tok = setup["tok"]
+    targets = _prior_shards(setup, tmp_path)
+    ds = TeacherTargetsDataset(setup["tokenized"], targets)
+    batch = BayesKDCollator(tok.pad_token_id)([ds[i] for i in range(4)])
+    torch.manual_seed(3)
+    proxy = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok) + 64, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4))
+    model = AutoModelForCausalLM.from_pretrained(setup["student"])
+    cfg = BayesKDConfig(output_dir=str(tmp_path / "o"), fused_backend="torch")
+    trainer = BayesKDTrainer(model=model, args=cfg, train_dataset=ds, proxy_model=proxy)
+    rows = trainer._proxy_rows(batch["input_ids"], batch["attention_mask"], batch["response_mask"][:, 1:], len(tok))
+    assert rows.shape == (batch["target_tail"].shape[0], len(tok))
+    assert torch.isfinite(trainer.compute_loss(model, batch))
+
+
+def test_distill_online_posterior_runs(setup, tmp_path):
+    targets = _prior_shards(setup, tmp_path)
+    s = distill(setup["data"], setup["student"], str(tmp_path / "o"), targets=targets, proxy=setup["teacher"],
+                max_steps=4, per_device_train_batch_size=4, logging_steps=1, fused_backend="torch",
+                posterior_mode="dirichlet", posterior_c=4.0)
+    assert s["mode"] == "online-posterior" and s["steps"] == 4 and s["posterior_mode"] == "dirichlet"
+    assert s["proxy"] == setup["teacher"]
+    assert all(math.isfinite(h["kd_loss"]) for h in s["log_history"] if "kd_loss" in h)
+
+
+def test_online_posterior_refusals(setup, tmp_path):
+    with pytest.raises(ValueError, match="needs targets"):
+        distill(setup["data"], setup["student"], str(tmp_path / "o"), proxy=setup["teacher"])
+    with pytest.raises(ValueError, match="posterior_mode"):
+        BayesKDConfig(output_dir=str(tmp_path / "o"), posterior_mode="product")
+    with pytest.raises(ValueError, match="posterior_w"):
+        BayesKDConfig(output_dir=str(tmp_path / "o"), posterior_w=1.5)
