@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from bayeskd.losses import combine
-from bayeskd.sparse import CacheMismatchError, ShardWriter, SparseDist, atomic_write_json
+from bayeskd.sparse import (MANIFEST, CacheMismatchError, ShardWriter, SparseDist, atomic_write_json, check_manifest,
+                            read_manifest)
 
 MODES = ("log_linear", "dirichlet", "mixture")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -46,6 +47,119 @@ def record_shard_bounds(num_records: int, shard_records: int) -> list[tuple[int,
     return [(lo, min(lo + shard_records, num_records)) for lo in range(0, num_records, shard_records)]
 
 
+def _rank_world() -> tuple[int, int]:
+    """(rank, world size): from torch.distributed when initialised, else RANK / WORLD_SIZE (default 0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _init_distributed() -> tuple[int, int, bool]:
+    """(rank, world size, created): init a gloo group from the environment when WORLD_SIZE > 1 and none exists."""
+    import torch.distributed as dist
+
+    rank, world = _rank_world()
+    if world > 1 and not dist.is_initialized():
+        if not dist.is_available():
+            raise RuntimeError(f"WORLD_SIZE={world} but torch.distributed is not available in this build")
+        dist.init_process_group("gloo")
+        return dist.get_rank(), dist.get_world_size(), True
+    return rank, world, False
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _gather(obj: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _rank_manifest_name(rank: int) -> str:
+    return f"manifest.rank{rank}.json"
+
+
+def _rank_manifests(out: Path) -> list[Path]:
+    return sorted(out.glob("manifest.rank*.json"))
+
+
+class _RankShardWriter(ShardWriter):
+    """A `ShardWriter` whose manifest goes to `manifest_name` (one per rank, so ranks never write the same file).
+
+    On opening it knows as finished every shard listed (and present) in the merged `manifest.json` or in any
+    per-rank manifest left by an interrupted run, after checking each manifest matches (V, K, tokenizer,
+    config). `merge_manifests` folds them all into `manifest.json`.
+    """
+
+    def __init__(self, out_dir, vocab_size: int, k: int, tokenizer_fingerprint: str, config: dict[str, Any],
+                 manifest_name: str = MANIFEST):
+        super().__init__(out_dir, vocab_size, k, tokenizer_fingerprint, config)  # reads/checks manifest.json
+        self.manifest_name = manifest_name
+        for path in _rank_manifests(self.dir):
+            try:
+                old = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue  # unreadable leftovers: their shards are simply recomputed
+            if old.get("format") != "bayeskd.sparse":
+                continue
+            check_manifest(old, path, vocab_size=vocab_size, k=k, tokenizer_fingerprint=tokenizer_fingerprint,
+                           config=config)
+            self.manifest["shards"].update({n: s for n, s in old["shards"].items() if (self.dir / n).exists()})
+
+    def write(self, name: str, dist: SparseDist, extra: dict[str, torch.Tensor] | None = None) -> Path:
+        if self.manifest_name == MANIFEST:
+            return super().write(name, dist, extra)
+        # ShardWriter.write rewrites manifest.json; write the shard the same way, the manifest under our name
+        if dist.vocab_size != self.manifest["vocab_size"] or dist.k != self.manifest["k"]:
+            raise ValueError(f"shard {name}: V={dist.vocab_size}, K={dist.k} does not match the manifest's "
+                             f"V={self.manifest['vocab_size']}, K={self.manifest['k']}")
+        from bayeskd.sparse import _sha256, atomic_save_safetensors
+
+        tensors = {"indices": dist.indices, "logprobs": dist.logprobs, "tail": dist.tail}
+        tensors.update({f"extras.{k}": v for k, v in dist.extras.items()})
+        tensors.update({f"extra.{k}": v for k, v in (extra or {}).items()})
+        fname = f"{name}.safetensors"
+        path = self.dir / fname
+        atomic_save_safetensors(tensors, path, metadata={"temperature": str(dist.temperature)})
+        self.manifest["shards"][fname] = {"rows": dist.num_rows, "sha256": _sha256(path)}
+        atomic_write_json(self.dir / self.manifest_name, self.manifest)
+        return path
+
+    def merge_manifests(self) -> dict[str, Any]:
+        """Fold `manifest.json` and every per-rank manifest into `manifest.json` (schema as ShardWriter writes
+        it), remove the per-rank files, and return the merged manifest. Call on one process, after a barrier."""
+        merged = {k: v for k, v in self.manifest.items() if k != "shards"}
+        shards: dict[str, Any] = {}
+        main = self.dir / MANIFEST
+        if main.exists():
+            shards.update(read_manifest(self.dir)["shards"])
+        ranks = _rank_manifests(self.dir)
+        for path in ranks:
+            try:
+                part = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if part.get("format") == "bayeskd.sparse":
+                shards.update(part["shards"])
+        merged["shards"] = {n: shards[n] for n in sorted(shards) if (self.dir / n).exists()}
+        atomic_write_json(main, merged)
+        for path in ranks:
+            path.unlink(missing_ok=True)
+        self.manifest = merged
+        return merged
+
+
 class ProxyPosterior:
     """A proxy causal LM and the settings of its combination with the prior (see `bayeskd.losses.combine`)."""
 
@@ -61,7 +175,10 @@ class ProxyPosterior:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.dtype = _torch_dtype(dtype)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device is None:
+            # one GPU per process under torchrun
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
         if isinstance(proxy, (str, os.PathLike)):
             from transformers import AutoModelForCausalLM
 
@@ -202,14 +319,33 @@ class ProxyPosterior:
         out = Path(out_dir)
         config = {**self.config(), "prior": prior.config(), "leave_one_out": bool(leave_one_out),
                   "shard_records": int(shard_records)}
-        writer = ShardWriter(out, V, self.top_k, fp, config)
+        rank, world, created = _init_distributed()
+        try:
+            return self._estimate(tokenized, prior, out, config, V, fp, leave_one_out, shard_records, max_shards,
+                                  progress, rank, world, t0)
+        finally:
+            if created:
+                import torch.distributed as dist
+
+                dist.destroy_process_group()
+
+    def _estimate(self, tokenized, prior, out: Path, config, V, fp, leave_one_out, shard_records, max_shards,
+                  progress, rank: int, world: int, t0: float) -> dict[str, Any]:
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+        _barrier(world)
+        writer = _RankShardWriter(out, V, self.top_k, fp, config,
+                                  MANIFEST if world == 1 else _rank_manifest_name(rank))
         seqs = tokenized.response_sequences()
         lengths = np.array([len(s) for s in seqs], dtype=np.int64)
         bounds = record_shard_bounds(len(seqs), shard_records)
         t_prior = t_proxy = t_comb = 0.0
         written = skipped = 0
         rows_written = 0
-        for i, (lo, hi) in enumerate(tqdm(bounds, desc="posterior shards", unit="shard", disable=not progress)):
+        mine = [i for i in range(len(bounds)) if i % world == rank]
+        for i in tqdm(mine, desc="posterior shards" + (f" (rank {rank}/{world})" if world > 1 else ""),
+                      unit="shard", disable=not progress or rank != 0):
+            lo, hi = bounds[i]
             name = f"shard-{i:05d}"
             if writer.has_shard(name):
                 skipped += 1
@@ -229,19 +365,35 @@ class ProxyPosterior:
                                             "lengths": torch.from_numpy(lengths[lo:hi])})
             written += 1
             rows_written += post.num_rows
+        stats = _gather({"written": written, "skipped": skipped, "rows_written": rows_written, "t_prior": t_prior,
+                         "t_proxy": t_proxy, "t_comb": t_comb}, world)
+        _barrier(world)  # every rank's shards and manifest are on disk
+        if rank == 0:
+            writer.merge_manifests()
+        _barrier(world)  # the merged manifest is on disk
+        if rank != 0:
+            writer.manifest = read_manifest(out)
+        written = sum(s["written"] for s in stats)
+        rows_written = sum(s["rows_written"] for s in stats)
         rows = int(lengths.sum())
         done = sum(1 for i in range(len(bounds)) if writer.has_shard(f"shard-{i:05d}"))
         total_bytes = _dir_bytes(out)
+        seconds = time.perf_counter() - t0
         summary = {
             "out": str(out), "records": len(seqs), "rows": rows, "shards": len(bounds), "shards_done": done,
-            "shards_written": written, "shards_skipped": skipped, "complete": done == len(bounds),
+            "shards_written": written, "shards_skipped": sum(s["skipped"] for s in stats),
+            "complete": done == len(bounds), "world_size": world,
             "vocab_size": V, **config, "tokenizer_fingerprint": fp,
-            "prior_topk_seconds": round(t_prior, 4), "proxy_forward_seconds": round(t_proxy, 4),
-            "combine_seconds": round(t_comb, 4), "seconds": round(time.perf_counter() - t0, 4),
+            # seconds summed over ranks
+            "prior_topk_seconds": round(sum(s["t_prior"] for s in stats), 4),
+            "proxy_forward_seconds": round(sum(s["t_proxy"] for s in stats), 4),
+            "combine_seconds": round(sum(s["t_comb"] for s in stats), 4), "seconds": round(seconds, 4),
             "bytes": total_bytes, "bytes_per_token": round(total_bytes / rows, 2) if rows else None,
-            "rows_per_second": round(rows_written / (time.perf_counter() - t0)) if written else None,
+            "rows_per_second": round(rows_written / seconds) if written else None,
         }
-        atomic_write_json(out / "summary.json", summary)
+        if rank == 0:
+            atomic_write_json(out / "summary.json", summary)
+        _barrier(world)
         return summary
 
 
@@ -287,5 +439,6 @@ def estimate_posterior(data: str | None = None, prior_dir: str | None = None, pr
                             max_shards=max_shards)
     summary.update({"data": str(data), "tokenizer": str(tokenizer), "prior_dir": str(prior_dir),
                     "skipped_records": int(report.skipped)})
-    atomic_write_json(Path(out) / "summary.json", summary)
+    if _rank_world()[0] == 0:
+        atomic_write_json(Path(out) / "summary.json", summary)
     return summary
