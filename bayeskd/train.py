@@ -323,7 +323,8 @@ class BayesKDTrainer(transformers.Trainer):
     @torch.no_grad()
     def _proxy_rows(self, input_ids: torch.Tensor, attention: torch.Tensor, sel: torch.Tensor,
                     vocab_size: int) -> torch.Tensor:
-        """The proxy's logits [M, vocab_size] (float32) at the response positions `sel`, in the student rows' order."""
+        """The proxy's logits [M, vocab_size] (float32) at the response positions `sel`, in the student rows'
+        order."""
         proxy = self.proxy_model
         if proxy.training:  # the Trainer's model.train() does not reach it, but a caller might
             proxy.eval()
@@ -352,9 +353,9 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
 
     Mode: "sparse-targets" with `targets` (a shard directory), "online-posterior" with `targets` holding the
     prior's top-K rows and `proxy` (a model path sharing the tokenizer; posterior settings in `posterior_*`),
-    "white-box" with `teacher` (a model path with the same vocabulary), else "sft". `tokenizer` defaults to the student's directory. `training_args` go to
-    `BayesKDConfig` (defaults for small runs: save_strategy="no", logging_steps=10). Writes `out/summary.json`
-    and returns it.
+    "white-box" with `teacher` (a model path with the same vocabulary), else "sft". `tokenizer` defaults to the
+    student's directory. `training_args` go to `BayesKDConfig` (defaults for small runs: save_strategy="no",
+    logging_steps=10). Writes `out/summary.json` and returns it.
     """
     from transformers import AutoModelForCausalLM
 
