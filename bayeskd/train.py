@@ -18,6 +18,7 @@ proxy runs on the same batch without gradient and its dense logits at the respon
 from __future__ import annotations
 
 import json
+import os
 import logging
 import time
 from dataclasses import dataclass, field
@@ -67,6 +68,11 @@ class BayesKDConfig(transformers.TrainingArguments):
     def __post_init__(self):
         if self.report_to is None:
             self.report_to = []
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+            # Launched by torchrun on CPUs: without use_cpu, accelerate leaves the model unwrapped and every rank
+            # trains alone on its share of the data (no gradient all-reduce). gloo is the CPU backend.
+            self.use_cpu = True
+            self.ddp_backend = self.ddp_backend or "gloo"
         super().__post_init__()
         if self.ce_weight < 0 or self.kd_weight < 0:
             raise ValueError(f"ce_weight and kd_weight must be >= 0, got {self.ce_weight}, {self.kd_weight}")

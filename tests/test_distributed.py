@@ -127,15 +127,14 @@ _DISTILL = """
 import json, os, sys
 from bayeskd.train import distill
 data, student, targets, out, bs = sys.argv[1:6]
-ddp = {"ddp_backend": "gloo"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}
 s = distill(data, student, out, targets=targets, max_steps=3, per_device_train_batch_size=int(bs),
-            logging_steps=1, seed=0, learning_rate=1e-3, **ddp)
+            logging_steps=1, seed=0, learning_rate=1e-3)  # the config picks gloo + use_cpu under torchrun
 """
 
 
 def test_distill_two_ranks_ddp(tiny_setup):
     """Per-device batch 2 on 2 ranks vs batch 4 on 1: the 4 records are one global batch either way, all with
-    responses of the same length, so the first logged loss (ranks' token means averaged) must agree."""
+    responses of the same length, so the trained weights must agree."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -151,12 +150,13 @@ def test_distill_two_ranks_ddp(tiny_setup):
     one = json.loads((tmp / "d1" / "summary.json").read_text())
     two = json.loads((tmp / "d2" / "summary.json").read_text())
     assert one["steps"] == two["steps"] == 3
-    l1 = [h["loss"] for h in one["log_history"] if "loss" in h]
-    l2 = [h["loss"] for h in two["log_history"] if "loss" in h]
-    assert len(l1) == len(l2) == 3
-    # Expected to agree to ~1e-3; observed a ~0.5% gap (8.817 vs 8.776) not yet explained (see the report on the
-    # distributed work) -- checked here only to 2e-2 until the Trainer/accelerate side is looked into.
-    assert l2[0] == pytest.approx(l1[0], rel=2e-2), (l1, l2)
+    # The logged loss under DDP is rank 0's own batch mean (the two ranks see different records), so compare
+    # what DDP must get right: gradients averaged over ranks equal the one-process gradient of the same global
+    # batch (equal token counts per rank), hence the same weights after every step.
+    w1 = AutoModelForCausalLM.from_pretrained(tmp / "d1").state_dict()
+    w2 = AutoModelForCausalLM.from_pretrained(tmp / "d2").state_dict()
+    worst = max((w1[k].float() - w2[k].float()).abs().max().item() for k in w1)
+    assert worst < 1e-4, worst  # 3 Adam steps at lr 1e-3 move weights by ~3e-3
     before = AutoModelForCausalLM.from_pretrained(paths["student"]).state_dict()
     after = AutoModelForCausalLM.from_pretrained(tmp / "d2").state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
