@@ -120,6 +120,14 @@ def estimate_posterior_cmd(**kwargs) -> None:
               "estimate-prior --write-topk); 'none' or omitted: SFT on the teacher text.")
 @click.option("--teacher", default=None, help="White-box teacher model (readable logits, e.g. the lab's): "
               "ordinary logit KD from its top-K.")
+@click.option("--proxy", default=None, help="Online posterior: a proxy model run inside each training step; "
+              "--targets must then hold the prior's top-K shards (estimate-prior --write-topk).")
+@click.option("--posterior-mode", default="log_linear", show_default=True,
+              type=click.Choice(["log_linear", "dirichlet", "mixture"]))
+@click.option("--posterior-a", default=1.0, show_default=True, type=float, help="Log-linear prior exponent.")
+@click.option("--posterior-b", default=1.0, show_default=True, type=float, help="Log-linear proxy exponent.")
+@click.option("--posterior-c", default=1.0, show_default=True, type=float, help="Dirichlet concentration.")
+@click.option("--posterior-w", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Mixture weight.")
 @click.option("--tokenizer", default=None, help="Tokenizer (default: the student's).")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--ce-weight", default=1.0, show_default=True, type=float)
@@ -135,8 +143,9 @@ def estimate_posterior_cmd(**kwargs) -> None:
 @click.option("--per-device-train-batch-size", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--gradient-accumulation-steps", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=42, show_default=True, type=int)
+@click.option("--logging-steps", default=10, show_default=True, type=click.IntRange(1))
 @click.option("--skip-bad", is_flag=True)
-def distill_cmd(data, student, targets, teacher, tokenizer, out, skip_bad, **training_args) -> None:
+def distill_cmd(data, student, targets, teacher, proxy, tokenizer, out, skip_bad, **training_args) -> None:
     """Train a student on the teacher's text and the estimated (or white-box) token distributions."""
     from bayeskd.data import DataError
     from bayeskd.train import distill
@@ -144,7 +153,7 @@ def distill_cmd(data, student, targets, teacher, tokenizer, out, skip_bad, **tra
     if targets is not None and targets.lower() == "none":
         targets = None
     try:
-        summary = distill(data, student, out, targets=targets, teacher=teacher, tokenizer=tokenizer,
+        summary = distill(data, student, out, targets=targets, teacher=teacher, proxy=proxy, tokenizer=tokenizer,
                           skip_bad=skip_bad, **training_args)
     except (DataError, FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from e

@@ -147,6 +147,16 @@ def test_prior_posterior_distill_pipeline_through_the_cli(tmp_path, tiny_tokeniz
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "distilled").state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained and saved the result
 
+    # online posterior: the proxy runs inside the training step on the prior's top-K shards
+    assert _run(["estimate-prior", "--data", str(data), "--tokenizer", tiny_tokenizer_dir, "--order", "3",
+                 "--write-topk", "--top-k", "8", "--out", str(tmp_path / "prior_k")]).exit_code == 0
+    res = _run(["distill", "--data", str(data), "--targets", str(tmp_path / "prior_k" / "topk"), "--proxy",
+                paths["proxy"], "--posterior-mode", "dirichlet", "--posterior-c", "2", "--student", paths["student"],
+                "--max-steps", "2", "--per-device-train-batch-size", "4", "--out", str(tmp_path / "online")])
+    assert res.exit_code == 0, res.output
+    online = json.loads((tmp_path / "online" / "summary.json").read_text())
+    assert online["mode"] == "online-posterior" and online["posterior_mode"] == "dirichlet"
+
     res = CliRunner().invoke(main, ["distill", "--data", str(data), "--targets", str(tmp_path / "targets"),
                                     "--teacher", paths["proxy"], "--student", paths["student"],
                                     "--out", str(tmp_path / "x")])
