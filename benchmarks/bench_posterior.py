@@ -201,10 +201,12 @@ def main() -> None:
     med = {n: statistics.median(v) for n, v in times.items()}
     b = {"batch_size": args.batch, "steps": args.steps, "warmup": args.warmup,
          "median_step_seconds": med, "step_seconds_all": times,
-         "ratio": med["sparse_targets"] / med["sft"], "target": 1.10}
+         # batches differ in length, so compare each batch with itself, then take the median of those ratios
+         "ratio": statistics.median(s / f for s, f in zip(times["sparse_targets"], times["sft"])),
+         "ratio_of_medians": med["sparse_targets"] / med["sft"], "target": 1.10}
     b["passes"] = b["ratio"] <= b["target"]
     if "online_posterior" in med:
-        b["online_over_sft"] = med["online_posterior"] / med["sft"]
+        b["online_over_sft"] = statistics.median(o / f for o, f in zip(times["online_posterior"], times["sft"]))
 
     # ---------------------------------------------------------------- (c) storage
     shard_bytes = sum(f.stat().st_size for f in Path(targets_dir).glob("*.safetensors"))
@@ -228,7 +230,7 @@ def main() -> None:
     print(f"{'    ratio':<44}{a['ratio']:>14.3f}{'<= 1.10':>12}  {'yes' if a['passes'] else 'NO'}")
     for n, v in med.items():
         print(f"{'(b) median step s: ' + n:<44}{v:>14.4f}")
-    print(f"{'    ratio sparse_targets / sft':<44}{b['ratio']:>14.3f}{'<= 1.10':>12}  {'yes' if b['passes'] else 'NO'}")
+    print(f"{'    per-batch ratio sparse_targets / sft':<44}{b['ratio']:>14.3f}{'<= 1.10':>12}  {'yes' if b['passes'] else 'NO'}")
     if "online_over_sft" in b:
         print(f"{'    ratio online_posterior / sft':<44}{b['online_over_sft']:>14.3f}")
     print(f"{'(c) bytes/token (shards)':<44}{c['shard_bytes_per_token']:>14.1f}")
