@@ -231,17 +231,25 @@ class ProxyPosterior:
         self.check_vocab(V)
         K = min(self.proxy_top_k or self.top_k, V)
         indices = [int(i) for i in indices]
-        per_record: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        order = sorted(indices, key=lambda i: -len(tokenized.input_ids[i]))
+        lens_all = [len(tokenized.input_ids[i]) for i in indices]
+        plens_all = [int(tokenized.prompt_lengths[i]) for i in indices]
+        counts = [l - p for l, p in zip(lens_all, plens_all)]
+        offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]) if counts else np.zeros(1, np.int64)
+        N = int(offsets[-1])
+        out_idx = torch.full((N, K), -1, dtype=torch.int32)
+        out_lp = torch.full((N, K), float("-inf"))
+        out_tail = torch.ones(N)
+        # positions in `indices`, longest record first (stable: the same batches as sorting the ids)
+        order = sorted(range(len(indices)), key=lambda q: -lens_all[q])
         for s in range(0, len(order), self.batch_size):
             batch = order[s:s + self.batch_size]
-            lens = [len(tokenized.input_ids[i]) for i in batch]
-            plens = [int(tokenized.prompt_lengths[i]) for i in batch]
+            lens = [lens_all[q] for q in batch]
+            plens = [plens_all[q] for q in batch]
             L = max(lens)
             ids = torch.zeros((len(batch), L), dtype=torch.long)
             mask = torch.zeros((len(batch), L), dtype=torch.long)
-            for j, i in enumerate(batch):
-                ids[j, :lens[j]] = torch.from_numpy(tokenized.input_ids[i].astype(np.int64))
+            for j, q in enumerate(batch):
+                ids[j, :lens[j]] = torch.from_numpy(tokenized.input_ids[indices[q]].astype(np.int64))
                 mask[j, :lens[j]] = 1
             # logits needed at positions p-1 for p >= prompt length (>= 1): from min(plen)-1 on
             start = max(min(plens) - 1, 0)
@@ -255,31 +263,33 @@ class ProxyPosterior:
             if logits.shape[-1] < V:
                 raise ValueError(f"proxy {self.name}: logits width {logits.shape[-1]} is smaller than the "
                                  f"vocabulary size {V}")
-            for j, i in enumerate(batch):
+            # every response row of the batch: (batch row, logits position) -> output row
+            bsel, psel, osel = [], [], []
+            for j, q in enumerate(batch):
+                first = 1 if plens[j] == 0 else 0  # no context for the first response token: uniform (tail 1)
                 n = lens[j] - plens[j]
-                rows = torch.empty((n, K), dtype=torch.int32), torch.full((n, K), float("-inf")), torch.ones(n)
-                first = 0
-                if plens[j] == 0 and n > 0:
-                    # no context for the first response token: the proxy says nothing (uniform: tail 1)
-                    rows[0][0].fill_(-1)
-                    first = 1
                 if n > first:
-                    lg = logits[j, plens[j] + first - 1 - offset:lens[j] - 1 - offset, :V].float()
-                    lp = torch.log_softmax(lg, dim=-1)
-                    top = torch.topk(lp, K, dim=-1)
+                    bsel.append(np.full(n - first, j, dtype=np.int64))
+                    psel.append(np.arange(plens[j] + first - 1 - offset, lens[j] - 1 - offset, dtype=np.int64))
+                    osel.append(np.arange(offsets[q] + first, offsets[q] + n, dtype=np.int64))
+            if bsel:
+                b_t = torch.from_numpy(np.concatenate(bsel)).to(logits.device)
+                p_t = torch.from_numpy(np.concatenate(psel)).to(logits.device)
+                o_t = torch.from_numpy(np.concatenate(osel))
+                lg = logits[:, :, :V][b_t, p_t].float()  # [M, V]
+                lp = torch.log_softmax(lg, dim=-1)
+                del lg
+                top = torch.topk(lp, K, dim=-1)
+                del lp
+                if K == V:
+                    tail = torch.zeros(top.values.shape[0])
+                else:
                     tail = (-torch.expm1(torch.logsumexp(top.values.double(), dim=-1))).clamp(min=0.0)
-                    if K == V:
-                        tail = torch.zeros_like(tail)
-                    rows[0][first:] = top.indices.to(torch.int32).cpu()
-                    rows[1][first:] = top.values.cpu()
-                    rows[2][first:] = tail.float().cpu()
-                per_record[i] = rows
+                out_idx[o_t] = top.indices.to(torch.int32).cpu()
+                out_lp[o_t] = top.values.cpu()
+                out_tail[o_t] = tail.float().cpu()
             del logits
-        parts = [per_record[i] for i in indices]
-        if not parts:
-            return SparseDist(torch.empty((0, K), dtype=torch.int32), torch.empty((0, K)), torch.empty(0), V)
-        return SparseDist(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-                          torch.cat([p[2] for p in parts]), V)
+        return SparseDist(out_idx, out_lp, out_tail, V)
 
     # ------------------------------------------------------------------ posterior rows
     def posterior_rows(self, tokenized, indices, prior, *, leave_one_out: bool = True) -> SparseDist:
