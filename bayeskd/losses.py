@@ -143,6 +143,27 @@ def _lookup(idx: torch.Tensor, lp: torch.Tensor, query: torch.Tensor, fill: torc
     return torch.where(found, lp.gather(1, order.gather(1, pos)), fill[:, None])
 
 
+def _from_union(src: torch.Tensor, dup: torch.Tensor, valid: torch.Tensor, c0: int, c1: int, vals: torch.Tensor,
+                fill: torch.Tensor, group: int) -> torch.Tensor:
+    """Like `_lookup`, for the source that filled columns [c0, c1) of the union's candidates: `src` is the
+    candidate column at each position of the stably sorted candidates, `dup` marks positions equal to the one
+    before. A group of equal candidates holds at most one entry per source (at most `group` entries), so the
+    source's value for a group sits at its head or up to group - 1 positions after it; no sort or search."""
+    fill = fill[:, None]
+    if c1 <= c0:
+        return fill.expand(src.shape).clone()
+    mine = (src >= c0) & (src < c1)
+    v = vals.gather(1, (src - c0).clamp(0, c1 - c0 - 1))
+    out = torch.where(mine, v, fill)
+    same = torch.ones_like(dup)
+    for shift in range(1, min(group, src.shape[1])):
+        # position t and t + shift are in the same group: dup at t+1 .. t+shift
+        same = same[:, :-1] & dup[:, shift:]
+        take = same & mine[:, shift:]
+        out[:, :-shift] = torch.where(take, v[:, shift:], out[:, :-shift])
+    return torch.where(valid, out, fill)
+
+
 def _combine_rows(vocab_size: int, prior_idx, prior_lp, prior_tail, proxy_idx=None, proxy_lp=None,
                   proxy_tail=None, proxy_logits=None, *, mode="log_linear", a=1.0, b=1.0, w_rows=None,
                   teacher_tokens=None, evidence=0.0, dtype=torch.float32):
@@ -157,7 +178,7 @@ def _combine_rows(vocab_size: int, prior_idx, prior_lp, prior_tail, proxy_idx=No
         cands.append(proxy_idx.long())
     if teacher_tokens is not None:
         cands.append(teacher_tokens.long()[:, None])
-    srt = torch.cat(cands, dim=1).sort(dim=1).values
+    srt, src = torch.cat(cands, dim=1).sort(dim=1, stable=True)
     dup = torch.zeros_like(srt, dtype=torch.bool)
     dup[:, 1:] = srt[:, 1:] == srt[:, :-1]
     U = srt.masked_fill(dup | (srt < 0), -1)
@@ -166,7 +187,8 @@ def _combine_rows(vocab_size: int, prior_idx, prior_lp, prior_tail, proxy_idx=No
     log_R = R.to(dtype).log()  # -inf when R = 0, which zeroes the outside mass below
 
     log_tau0 = _log_tau(prior_idx, prior_tail, vocab_size, dtype)
-    lp0 = _lookup(prior_idx, prior_lp.to(dtype), U, log_tau0)
+    k0 = prior_idx.shape[1]
+    lp0 = _from_union(src, dup, valid, 0, k0, prior_lp.to(dtype), log_tau0, len(cands))
 
     if proxy_logits is not None:
         # online mode: q = softmax(l) over all V. Only two numbers per row are needed beyond U: the
@@ -188,7 +210,7 @@ def _combine_rows(vocab_size: int, prior_idx, prior_lp, prior_tail, proxy_idx=No
     else:
         if proxy_idx is not None:
             log_tauq = _log_tau(proxy_idx, proxy_tail, vocab_size, dtype)
-            lq = _lookup(proxy_idx, proxy_lp.to(dtype), U, log_tauq)
+            lq = _from_union(src, dup, valid, k0, k0 + proxy_idx.shape[1], proxy_lp.to(dtype), log_tauq, len(cands))
             lq_out = log_R + log_tauq
         if mode == "log_linear":
             s = (_mul_log(a, lp0) + _mul_log(b, lq)).masked_fill(~valid, NEG_INF)
