@@ -299,8 +299,9 @@ def combine(prior: SparseDist, proxy: SparseDist | torch.Tensor | None = None, m
     # sort by probability (unused slots, -inf, go last), then keep K = top_k or the largest union
     # listed entries with p = 0 stay listed (they are categories of the loss): sort by probability, then move
     # the unused slots last with a stable sort
-    order = lp.sort(dim=1, descending=True, stable=True).indices
-    order = order.gather(1, (U.gather(1, order) < 0).to(torch.uint8).sort(dim=1, stable=True).indices)
+    # one stable ascending sort of -lp with the unused slots as NaN (NaN sorts last): the same permutation as a
+    # stable descending sort of lp followed by a stable sort moving the unused slots last
+    order = (-lp).masked_fill(U < 0, float("nan")).sort(dim=1, stable=True).indices
     U, lp = U.gather(1, order), lp.gather(1, order)
     tail = log_tail.exp()
     k = top_k if top_k is not None else max(int((U >= 0).sum(dim=1).max()), 1)
