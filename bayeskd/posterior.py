@@ -104,8 +104,8 @@ class _RankShardWriter(ShardWriter):
 
     def __init__(self, out_dir, vocab_size: int, k: int, tokenizer_fingerprint: str, config: dict[str, Any],
                  manifest_name: str = MANIFEST):
-        super().__init__(out_dir, vocab_size, k, tokenizer_fingerprint, config)  # reads/checks manifest.json
-        self.manifest_name = manifest_name
+        # reads and checks the merged manifest.json; writes go to `manifest_name`
+        super().__init__(out_dir, vocab_size, k, tokenizer_fingerprint, config, manifest_name=manifest_name)
         for path in _rank_manifests(self.dir):
             try:
                 old = json.loads(path.read_text())
@@ -116,25 +116,6 @@ class _RankShardWriter(ShardWriter):
             check_manifest(old, path, vocab_size=vocab_size, k=k, tokenizer_fingerprint=tokenizer_fingerprint,
                            config=config)
             self.manifest["shards"].update({n: s for n, s in old["shards"].items() if (self.dir / n).exists()})
-
-    def write(self, name: str, dist: SparseDist, extra: dict[str, torch.Tensor] | None = None) -> Path:
-        if self.manifest_name == MANIFEST:
-            return super().write(name, dist, extra)
-        # ShardWriter.write rewrites manifest.json; write the shard the same way, the manifest under our name
-        if dist.vocab_size != self.manifest["vocab_size"] or dist.k != self.manifest["k"]:
-            raise ValueError(f"shard {name}: V={dist.vocab_size}, K={dist.k} does not match the manifest's "
-                             f"V={self.manifest['vocab_size']}, K={self.manifest['k']}")
-        from bayeskd.sparse import _sha256, atomic_save_safetensors
-
-        tensors = {"indices": dist.indices, "logprobs": dist.logprobs, "tail": dist.tail}
-        tensors.update({f"extras.{k}": v for k, v in dist.extras.items()})
-        tensors.update({f"extra.{k}": v for k, v in (extra or {}).items()})
-        fname = f"{name}.safetensors"
-        path = self.dir / fname
-        atomic_save_safetensors(tensors, path, metadata={"temperature": str(dist.temperature)})
-        self.manifest["shards"][fname] = {"rows": dist.num_rows, "sha256": _sha256(path)}
-        atomic_write_json(self.dir / self.manifest_name, self.manifest)
-        return path
 
     def merge_manifests(self) -> dict[str, Any]:
         """Fold `manifest.json` and every per-rank manifest into `manifest.json` (schema as ShardWriter writes

@@ -179,8 +179,9 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir: str | os.PathLike, vocab_size: int, k: int, tokenizer_fingerprint: str,
-                 config: dict[str, Any] | None = None):
+                 config: dict[str, Any] | None = None, manifest_name: str = MANIFEST):
         self.dir = Path(out_dir)
+        self.manifest_name = manifest_name  # data-parallel writers each keep their own, merged afterwards
         self.dir.mkdir(parents=True, exist_ok=True)
         self.manifest = {
             "format": "bayeskd.sparse", "version": FORMAT_VERSION, "vocab_size": int(vocab_size), "k": int(k),
@@ -207,7 +208,7 @@ class ShardWriter:
         path = self.dir / fname
         atomic_save_safetensors(tensors, path, metadata={"temperature": str(dist.temperature)})
         self.manifest["shards"][fname] = {"rows": dist.num_rows, "sha256": _sha256(path)}
-        atomic_write_json(self.dir / MANIFEST, self.manifest)
+        atomic_write_json(self.dir / self.manifest_name, self.manifest)
         return path
 
 
