@@ -408,8 +408,15 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
     t0 = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - t0
-    trainer.save_model(str(out_dir))
-    tok.save_pretrained(str(out_dir))
+    trainer.save_model(str(out_dir))  # the Trainer saves from the main process only
+    main_process = trainer.is_world_process_zero()
+    train_tokens = trainer.train_tokens
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # every rank's tokens count
+        t = torch.tensor([train_tokens], dtype=torch.long, device=trainer.args.device)
+        torch.distributed.all_reduce(t)
+        train_tokens = int(t.item())
+    if main_process:
+        tok.save_pretrained(str(out_dir))
 
     history = [h for h in trainer.state.log_history if "loss" in h]
     last = history[-1] if history else {}
@@ -423,10 +430,11 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
         "final_loss": last.get("loss"), "final_ce_loss": last.get("ce_loss"), "final_kd_loss": last.get("kd_loss"),
         "first_loss": first.get("loss"), "first_ce_loss": first.get("ce_loss"),
         "first_kd_loss": first.get("kd_loss"),
-        "train_tokens": int(trainer.train_tokens), "train_seconds": round(seconds, 4),
-        "train_tokens_per_second": round(trainer.train_tokens / seconds, 2) if seconds > 0 else None,
+        "train_tokens": int(train_tokens), "train_seconds": round(seconds, 4),
+        "train_tokens_per_second": round(train_tokens / seconds, 2) if seconds > 0 else None,
         "log_history": trainer.state.log_history,
         "out": str(out_dir),
     }
-    atomic_write_json(out_dir / "summary.json", json.loads(json.dumps(summary, default=str)))
+    if main_process:
+        atomic_write_json(out_dir / "summary.json", json.loads(json.dumps(summary, default=str)))
     return summary

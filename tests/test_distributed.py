@@ -150,6 +150,7 @@ def test_distill_two_ranks_ddp(tiny_setup):
     one = json.loads((tmp / "d1" / "summary.json").read_text())
     two = json.loads((tmp / "d2" / "summary.json").read_text())
     assert one["steps"] == two["steps"] == 3
+    assert one["train_tokens"] == two["train_tokens"]  # summed over the ranks
     # The logged loss under DDP is rank 0's own batch mean (the two ranks see different records), so compare
     # what DDP must get right: gradients averaged over ranks equal the one-process gradient of the same global
     # batch (equal token counts per rank), hence the same weights after every step.
