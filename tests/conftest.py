@@ -27,3 +27,18 @@ def rng(request):
     seed = int(np.random.SeedSequence().entropy % (2**32))
     print(f"{request.node.name}: rng seed {seed}")
     return np.random.default_rng(seed)
+
+
+def save_tiny_llama(path, tokenizer, seed: int, layers: int = 1) -> str:
+    """A tiny Llama over `tokenizer`'s vocabulary, saved with its tokenizer like a user's checkpoint."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

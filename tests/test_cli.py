@@ -115,18 +115,12 @@ def test_only_bayeskd_is_a_new_top_level_name(tmp_path):
 def test_prior_posterior_distill_pipeline_through_the_cli(tmp_path, tiny_tokenizer_dir):
     """The three commands chained as a user runs them, on tiny models saved and loaded by path."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import save_tiny_llama
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    paths = {}
-    for name, seed in (("proxy", 1), ("student", 2)):
-        torch.manual_seed(seed)
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-        paths[name] = str(tmp_path / name)
-        LlamaForCausalLM(cfg).save_pretrained(paths[name])
-        tok.save_pretrained(paths[name])
+    paths = {name: save_tiny_llama(tmp_path / name, tok, seed) for name, seed in (("proxy", 1), ("student", 2))}
     data = _write_jsonl(tmp_path / "teacher.jsonl", n=24)
 
     assert _run(["estimate-prior", "--data", str(data), "--tokenizer", tiny_tokenizer_dir, "--order", "3",

@@ -57,20 +57,13 @@ def _sha(path):
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory, tiny_tokenizer_dir):
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
+
+    from conftest import save_tiny_llama
 
     tmp = tmp_path_factory.mktemp("dist")
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
-    paths = {}
-    for name, seed in (("proxy", 1), ("student", 2)):
-        torch.manual_seed(seed)
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                          pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-        paths[name] = str(tmp / name)
-        LlamaForCausalLM(cfg).save_pretrained(paths[name])
-        tok.save_pretrained(paths[name])
+    paths = {name: save_tiny_llama(tmp / name, tok, seed) for name, seed in (("proxy", 1), ("student", 2))}
     data = _write_jsonl(tmp / "teacher.jsonl", n=4)
     _run(["-m", "bayeskd.cli", "estimate-prior", "--data", str(data), "--tokenizer", tiny_tokenizer_dir,
           "--order", "3", "--out", str(tmp / "prior")])
