@@ -1,0 +1,366 @@
+"""The lab: a teacher with a known distribution, built on one machine from the embedded corpus.
+
+`build_lab` splits `embedded_corpus()` (deterministically) into a teacher part, a related proxy part and
+held-out prompts, trains a byte-level BPE tokenizer, trains a small Llama teacher and a proxy with a plain
+causal-LM loop, and saves an untrained smaller student initialisation:
+
+    root/<preset>/tokenizer/   the tokenizer (also saved next to every model)
+    root/<preset>/teacher/     Llama trained on the teacher part
+    root/<preset>/proxy/       Llama trained on the proxy part
+    root/<preset>/student/     smaller Llama, initialised only
+    root/<preset>/prompts.jsonl  held-out {"prompt", "response"} (the reference text, not teacher samples)
+    root/<preset>/lab.json     manifest: the preset config, split sizes, first/last training losses
+
+The pipeline sees the teacher only through `BlackBoxTeacher` (text in, text out); the evaluation reads its
+true distributions through `WhiteBoxTeacher`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from bayeskd.corpus import embedded_corpus, split_prompt_response, train_bpe_tokenizer
+from bayeskd.sparse import atomic_write_bytes
+
+LAB_VERSION = 1
+MANIFEST = "lab.json"
+
+
+class LabError(RuntimeError):
+    """A lab directory that cannot be used as asked (built with another config, incomplete, ...)."""
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """The shape of a Llama model; the vocabulary comes from the lab's tokenizer."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+
+    def llama_config(self, tokenizer, max_positions: int):
+        from transformers import LlamaConfig
+
+        return LlamaConfig(vocab_size=len(tokenizer), hidden_size=self.hidden, intermediate_size=self.intermediate,
+                           num_hidden_layers=self.layers, num_attention_heads=self.heads,
+                           num_key_value_heads=self.heads, max_position_embeddings=max_positions,
+                           pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+
+
+@dataclass(frozen=True)
+class LabPreset:
+    """Everything that determines a lab. Two labs with equal presets are identical (same seed, same corpus)."""
+
+    name: str
+    vocab_size: int
+    teacher: ModelSize
+    proxy: ModelSize
+    student: ModelSize
+    steps: int          # optimizer steps for the teacher and for the proxy
+    batch_size: int     # sequences per step
+    lr: float
+    seq_len: int        # tokens per training sequence
+    seed: int = 0
+    n_prompts: int = 32  # held-out prompts
+    warmup_steps: int = 10
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PRESETS: dict[str, LabPreset] = {
+    # Seconds: for tests and smoke runs. The teacher barely learns, but its loss does drop.
+    "micro": LabPreset("micro", vocab_size=512, teacher=ModelSize(32, 64, 1, 4), proxy=ModelSize(32, 64, 1, 4),
+                       student=ModelSize(16, 32, 1, 2), steps=50, batch_size=8, lr=3e-3, seq_len=64,
+                       n_prompts=16, warmup_steps=5),
+    # A few minutes on 2 CPU cores.
+    "tiny": LabPreset("tiny", vocab_size=2048, teacher=ModelSize(128, 256, 2, 4), proxy=ModelSize(128, 256, 2, 4),
+                      student=ModelSize(64, 128, 1, 4), steps=800, batch_size=16, lr=1e-3, seq_len=128,
+                      n_prompts=128, warmup_steps=50),
+    # Meant for a GPU (or a long CPU run).
+    "small": LabPreset("small", vocab_size=4096, teacher=ModelSize(256, 688, 4, 8), proxy=ModelSize(256, 688, 4, 8),
+                       student=ModelSize(128, 344, 2, 4), steps=4000, batch_size=32, lr=6e-4, seq_len=256,
+                       n_prompts=256, warmup_steps=200),
+}
+
+
+def get_preset(preset: str | LabPreset) -> LabPreset:
+    if isinstance(preset, LabPreset):
+        return preset
+    try:
+        return PRESETS[preset]
+    except KeyError:
+        raise LabError(f"unknown lab preset {preset!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def split_corpus(docs: Sequence[str], n_prompts: int, seed: int) -> tuple[list[str], list[str], list[dict]]:
+    """(teacher docs, proxy docs, held-out prompt records), deterministic in `seed`.
+
+    The held-out documents are `n_prompts` documents (in a seeded random order) that split into a prompt and a
+    response. The rest, in corpus order (topics sorted by name, so neighbours are related), alternate between
+    the teacher and the proxy: the two parts are disjoint but cover the same topics.
+    """
+    order = np.random.default_rng(seed).permutation(len(docs))
+    held: list[int] = []
+    records: list[dict] = []
+    for i in order:
+        if len(held) >= n_prompts:
+            break
+        pair = split_prompt_response(docs[i])
+        if pair is not None:
+            held.append(int(i))
+            records.append({"prompt": pair[0], "response": pair[1]})
+    if len(held) < n_prompts:
+        raise LabError(f"the corpus has only {len(held)} documents that split into prompt/response, "
+                       f"{n_prompts} asked")
+    held_set = set(held)
+    rest = [d for i, d in enumerate(docs) if i not in held_set]
+    return rest[0::2], rest[1::2], records
+
+
+def _token_stream(tokenizer, docs: Iterable[str]):
+    """All documents as one 1-D LongTensor: <bos> doc <eos> <bos> doc <eos> ..."""
+    import torch
+
+    ids: list[int] = []
+    enc = tokenizer(list(docs), add_special_tokens=True)["input_ids"]  # the post-processor prepends <bos>
+    for row in enc:
+        ids.extend(row)
+        ids.append(tokenizer.eos_token_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def train_causal_lm(model, stream, preset: LabPreset, seed: int, desc: str, progress: bool = True) -> list[float]:
+    """A plain causal-LM loop: random windows of `seq_len` tokens, AdamW, linear warmup then cosine decay.
+    Returns the per-step losses."""
+    import torch
+    from tqdm.auto import tqdm
+
+    if len(stream) <= preset.seq_len + 1:
+        raise LabError(f"{desc}: {len(stream)} tokens is too few for seq_len={preset.seq_len}")
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=preset.lr, weight_decay=0.01, betas=(0.9, 0.95))
+
+    def lr_at(step: int) -> float:
+        if step < preset.warmup_steps:
+            return preset.lr * (step + 1) / preset.warmup_steps
+        frac = (step - preset.warmup_steps) / max(1, preset.steps - preset.warmup_steps)
+        return preset.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    offsets = torch.arange(preset.seq_len + 1)
+    losses: list[float] = []
+    model.train()
+    bar = tqdm(range(preset.steps), desc=desc, disable=not progress, leave=False)
+    for step in bar:
+        starts = torch.randint(0, len(stream) - preset.seq_len - 1, (preset.batch_size,), generator=gen)
+        batch = stream[starts[:, None] + offsets]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        out = model(input_ids=batch[:, :-1], labels=batch[:, :-1])
+        # labels == inputs: the model shifts them itself. The last target token (batch[:, -1]) is unused.
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(out.loss.detach()))
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses
+
+
+def _save_model(model, tokenizer, path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+
+
+def _loss_summary(losses: list[float]) -> dict[str, float]:
+    k = min(5, len(losses))
+    return {"first_loss": losses[0], "last_loss": float(np.mean(losses[-k:])), "steps": len(losses)}
+
+
+def lab_paths(root: str | os.PathLike, name: str) -> dict[str, str]:
+    base = Path(root) / name
+    return {"root": str(base), "tokenizer": str(base / "tokenizer"), "teacher": str(base / "teacher"),
+            "proxy": str(base / "proxy"), "student": str(base / "student"), "prompts": str(base / "prompts.jsonl"),
+            "manifest": str(base / MANIFEST)}
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The lab.json of a built lab (`path` is the lab directory or the manifest itself)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST
+    return json.loads(path.read_text())
+
+
+def build_lab(root: str | os.PathLike, preset: str | LabPreset = "tiny", force: bool = False,
+              progress: bool = True) -> dict[str, str]:
+    """Build (or reuse) the lab for `preset` under `root/<preset name>`; returns its paths.
+
+    A lab whose manifest records the same config is reused as is. One built with another config is an error
+    unless `force`, which rebuilds it. A directory without a manifest (an interrupted build) is rebuilt.
+    """
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    cfg = get_preset(preset)
+    paths = lab_paths(root, cfg.name)
+    base, manifest_path = Path(paths["root"]), Path(paths["manifest"])
+    want = {"version": LAB_VERSION, "preset": cfg.to_dict()}
+    if manifest_path.exists():
+        have = read_manifest(manifest_path)
+        if {"version": have.get("version"), "preset": have.get("preset")} == want and not force:
+            return paths
+        if not force:
+            raise LabError(f"{base} holds a lab built with another config (version {have.get('version')}, "
+                           f"preset {have.get('preset')}); pass force=True to rebuild it, or use another root")
+    if base.exists():
+        if manifest_path.exists():
+            manifest_path.unlink()  # an interrupted rebuild must not look complete
+        for key in ("tokenizer", "teacher", "proxy", "student"):
+            shutil.rmtree(paths[key], ignore_errors=True)
+    base.mkdir(parents=True, exist_ok=True)
+
+    docs = embedded_corpus()
+    teacher_docs, proxy_docs, prompts = split_corpus(docs, cfg.n_prompts, cfg.seed)
+    train_bpe_tokenizer(teacher_docs + proxy_docs, cfg.vocab_size, paths["tokenizer"])
+    tok = AutoTokenizer.from_pretrained(paths["tokenizer"])
+    max_positions = max(512, 4 * cfg.seq_len)
+
+    stats: dict[str, Any] = {}
+    for role, size, part, seed in (("teacher", cfg.teacher, teacher_docs, cfg.seed),
+                                   ("proxy", cfg.proxy, proxy_docs, cfg.seed + 1000)):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(size.llama_config(tok, max_positions))
+        stream = _token_stream(tok, part)
+        losses = train_causal_lm(model, stream, cfg, seed=seed + 1, desc=f"lab {cfg.name}: {role}",
+                                 progress=progress)
+        _save_model(model, tok, Path(paths[role]))
+        stats[role] = {"docs": len(part), "tokens": int(len(stream)),
+                       "params": sum(p.numel() for p in model.parameters()), **_loss_summary(losses)}
+    torch.manual_seed(cfg.seed + 2000)
+    student = LlamaForCausalLM(cfg.student.llama_config(tok, max_positions))
+    _save_model(student, tok, Path(paths["student"]))
+    stats["student"] = {"params": sum(p.numel() for p in student.parameters())}
+
+    atomic_write_bytes(Path(paths["prompts"]),
+                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in prompts).encode())
+    manifest = {**want, "stats": stats, "n_prompts": len(prompts), "corpus_docs": len(docs)}
+    atomic_write_bytes(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())  # written last
+    return paths
+
+
+def load_lab_prompts(path: str | os.PathLike) -> list[dict]:
+    """The held-out {"prompt", "response"} records of a lab (`path`: lab directory or prompts.jsonl)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "prompts.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _load(path: str | os.PathLike):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path))
+    model.eval()
+    return model, tok
+
+
+class BlackBoxTeacher:
+    """The lab teacher as the pipeline sees a real API teacher: text in, text out, nothing else.
+
+    The model lives only inside a closure; no attribute of the object holds a module or a tensor.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        model, tok = _load(path)
+        tok.padding_side = "left"
+
+        def _generate(prompts: list[str], max_new_tokens: int, temperature: float, seed: int) -> list[str]:
+            import torch
+
+            if not prompts:
+                return []
+            enc = tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=True)
+            kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id,
+                                      "eos_token_id": tok.eos_token_id}
+            if temperature > 0:
+                kwargs.update(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0)
+            else:
+                kwargs.update(do_sample=False)
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.manual_seed(seed)
+                out = model.generate(**enc, **kwargs)
+            new = out[:, enc["input_ids"].shape[1]:]
+            return [str(s) for s in tok.batch_decode(new, skip_special_tokens=True)]
+
+        self.__generate = _generate
+        self.path = str(path)
+
+    def generate(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 1.0,
+                 seed: int = 0) -> list[str]:
+        """Continuations of `prompts` (text only), sampled at `temperature` (0: greedy) with `seed`."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings, not one string")
+        return self.__generate(list(prompts), int(max_new_tokens), float(temperature), int(seed))
+
+    def __repr__(self) -> str:
+        return f"BlackBoxTeacher({self.path!r})"
+
+
+def sample_teacher_jsonl(teacher: BlackBoxTeacher, prompts: Sequence[str | dict], out_path: str | os.PathLike,
+                         max_new_tokens: int = 64, temperature: float = 1.0, seed: int = 0,
+                         batch_size: int = 16) -> dict[str, int]:
+    """Sample one response per prompt and write {"prompt", "response"} JSONL atomically.
+
+    Prompts may be strings or records with a "prompt" key. Batch `b` is sampled with seed `seed + b`, so the
+    output depends on (prompts, seed, batch_size). Empty (whitespace-only) responses are skipped and counted.
+    Returns {"written", "empty"}.
+    """
+    texts = [p["prompt"] if isinstance(p, dict) else str(p) for p in prompts]
+    lines: list[str] = []
+    empty = 0
+    for b, start in enumerate(range(0, len(texts), batch_size)):
+        chunk = texts[start:start + batch_size]
+        for prompt, response in zip(chunk, teacher.generate(chunk, max_new_tokens, temperature, seed + b)):
+            response = response.strip()
+            if not response:
+                empty += 1
+                continue
+            lines.append(json.dumps({"prompt": prompt, "response": response}, ensure_ascii=False) + "\n")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_path, "".join(lines).encode())
+    return {"written": len(lines), "empty": empty}
+
+
+class WhiteBoxTeacher:
+    """The lab teacher's true distributions, for evaluation only (never hand this to the pipeline)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.model, self.tokenizer = _load(path)
+        self.path = str(path)
+
+    def logprobs(self, input_ids, attention_mask=None):
+        """[B, T, V] float32 log-softmax rows: row t is the distribution of token t+1 given tokens ≤ t."""
+        import torch
+
+        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        with torch.no_grad():
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return torch.log_softmax(logits.float(), dim=-1)
