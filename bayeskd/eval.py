@@ -213,8 +213,8 @@ def topk_mass_coverage(teacher_logprobs: torch.Tensor, estimate: Estimate, k: in
                        chunk_rows: int | None = None) -> torch.Tensor:
     """float64 [N] in [0, 1]: how much of the teacher's top-k mass the estimate's top-k tokens hold.
 
-    `coverage = Σ_{v ∈ topk(q)} p(v) / Σ_{v ∈ topk(p)} p(v)`, where `topk(q)` is the estimate's k most likely tokens
-    (ties to the lowest index; for a `SparseDist` unlisted tokens all sit at `tau`, so they enter in index order)
+    `coverage = Σ_{v ∈ topk(q)} p(v) / Σ_{v ∈ topk(p)} p(v)`, where `topk(q)` is the estimate's k most likely
+    tokens (ties to the lowest index; for a `SparseDist` unlisted tokens all sit at `tau`, so they enter in index order)
     and the denominator is the sum of the teacher's k largest probabilities. 1 means the estimate's top-k carries
     as much teacher mass as the teacher's own top-k (the same set, up to teacher ties); 0 means none of it.
     """
