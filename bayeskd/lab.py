@@ -132,9 +132,10 @@ def _token_stream(tokenizer, docs: Iterable[str]):
     import torch
 
     ids: list[int] = []
-    enc = tokenizer(list(docs), add_special_tokens=True)["input_ids"]  # the post-processor prepends <bos>
-    for row in enc:
-        ids.extend(row)
+    # The backend tokenizer directly: no "longer than model_max_length" warning for long documents; its
+    # post-processor prepends <bos>.
+    for enc in tokenizer.backend_tokenizer.encode_batch(list(docs)):
+        ids.extend(enc.ids)
         ids.append(tokenizer.eos_token_id)
     return torch.tensor(ids, dtype=torch.long)
 

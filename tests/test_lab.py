@@ -78,6 +78,15 @@ def test_force_rebuilds_with_new_config(tmp_path):
     assert os.stat(_weights(paths["teacher"])).st_mtime_ns != before
 
 
+def test_build_is_deterministic(tmp_path):
+    cfg = dataclasses.replace(PRESETS["micro"], steps=3, n_prompts=2, warmup_steps=1)
+    a, b = (build_lab(tmp_path / d, cfg, progress=False) for d in ("a", "b"))
+    for role in ("teacher", "proxy", "student"):
+        with open(_weights(a[role]), "rb") as fa, open(_weights(b[role]), "rb") as fb:
+            assert fa.read() == fb.read(), role
+    assert read_manifest(a["root"])["stats"] == read_manifest(b["root"])["stats"]
+
+
 def test_split_is_deterministic_and_disjoint():
     docs = [f"Document number {i} has a first sentence. And then a rest of {i}." for i in range(40)]
     a = split_corpus(docs, 5, seed=3)
