@@ -1,6 +1,7 @@
 """bayeskd: Bayesian estimation of a black-box LLM teacher's token distributions, and distillation from them."""
 from bayeskd.corpus import embedded_corpus, embedded_teacher_jsonl, train_bpe_tokenizer
 from bayeskd.data import DataError, TokenizedData, load_teacher_records, load_tokenizer, tokenize_records
+from bayeskd.eval import kl_teacher_to_estimate, smoothed_one_hot, top1_match, topk_mass_coverage
 from bayeskd.losses import TARGET_FLOOR, combine, fused_posterior_kd, sparse_kd_loss
 from bayeskd.pipeline import estimate_prior
 from bayeskd.prior import NGramPrior
@@ -12,6 +13,8 @@ __all__ = [
     "embedded_corpus", "embedded_teacher_jsonl", "train_bpe_tokenizer",
     "NGramPrior", "estimate_prior", "ProxyPosterior", "estimate_posterior",
     "BayesKDConfig", "BayesKDTrainer", "BayesKDCollator", "TeacherTargetsDataset", "distill",
+    "kl_teacher_to_estimate", "top1_match", "topk_mass_coverage", "smoothed_one_hot",
+    "build_lab", "BlackBoxTeacher", "WhiteBoxTeacher", "sample_teacher_jsonl",
     "TARGET_FLOOR", "combine", "sparse_kd_loss", "fused_posterior_kd",
 ]
 __version__ = "0.1.0"
@@ -19,6 +22,8 @@ __version__ = "0.1.0"
 # The trainer and the posterior import transformers' Trainer and model classes (seconds): load them on first use
 # so `import bayeskd` and the CLI's --help stay fast.
 _LAZY = {name: "bayeskd.posterior" for name in ("ProxyPosterior", "estimate_posterior")}
+_LAZY.update({name: "bayeskd.lab" for name in ("build_lab", "BlackBoxTeacher", "WhiteBoxTeacher",
+                                               "sample_teacher_jsonl")})
 _LAZY.update({name: "bayeskd.train" for name in ("BayesKDConfig", "BayesKDTrainer", "BayesKDCollator",
                                                  "TeacherTargetsDataset", "distill")})
 
