@@ -35,6 +35,17 @@ config_option = click.option(
     expose_value=False, help="YAML or JSON file of option values (command-line options override it).")
 
 
+def _run_job(job, drop: tuple[str, ...] = (), **kwargs) -> None:
+    """Call the library function behind a command; bad input becomes a one-line error, the summary is printed."""
+    from bayeskd.data import DataError
+
+    try:
+        summary = job(**kwargs)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(json.dumps({k: v for k, v in summary.items() if k not in drop}, indent=2))
+
+
 @click.group()
 @click.version_option(package_name="bayeskd")
 def main() -> None:
@@ -63,13 +74,8 @@ def main() -> None:
 def estimate_prior_cmd(**kwargs) -> None:
     """Count n-grams of the teacher's responses into a smoothed prior (and optionally its top-K shards)."""
     from bayeskd.pipeline import estimate_prior
-    from bayeskd.data import DataError
 
-    try:
-        summary = estimate_prior(**kwargs)
-    except (DataError, FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
-    click.echo(json.dumps(summary, indent=2))
+    _run_job(estimate_prior, **kwargs)
 
 
 @main.command("estimate-posterior")
@@ -102,14 +108,9 @@ def estimate_prior_cmd(**kwargs) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 def estimate_posterior_cmd(**kwargs) -> None:
     """Combine the n-gram prior with a proxy LM into per-position top-K posterior shards (resumable)."""
-    from bayeskd.data import DataError
     from bayeskd.posterior import estimate_posterior
 
-    try:
-        summary = estimate_posterior(**kwargs)
-    except (DataError, FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
-    click.echo(json.dumps(summary, indent=2))
+    _run_job(estimate_posterior, **kwargs)
 
 
 @main.command("distill")
@@ -147,17 +148,12 @@ def estimate_posterior_cmd(**kwargs) -> None:
 @click.option("--skip-bad", is_flag=True)
 def distill_cmd(data, student, targets, teacher, proxy, tokenizer, out, skip_bad, **training_args) -> None:
     """Train a student on the teacher's text and the estimated (or white-box) token distributions."""
-    from bayeskd.data import DataError
     from bayeskd.train import distill
 
     if targets is not None and targets.lower() == "none":
         targets = None
-    try:
-        summary = distill(data, student, out, targets=targets, teacher=teacher, proxy=proxy, tokenizer=tokenizer,
-                          skip_bad=skip_bad, **training_args)
-    except (DataError, FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
-    click.echo(json.dumps({k: v for k, v in summary.items() if k != "log_history"}, indent=2))
+    _run_job(distill, drop=("log_history",), data=data, student=student, out=out, targets=targets, teacher=teacher,
+             proxy=proxy, tokenizer=tokenizer, skip_bad=skip_bad, **training_args)
 
 
 if __name__ == "__main__":

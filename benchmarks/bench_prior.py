@@ -112,6 +112,17 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def _first_tokens(seqs, n_tokens: int) -> list:
+    """The leading sequences holding at least `n_tokens` tokens (all of them if there are fewer)."""
+    out, n = [], 0
+    for s in seqs:
+        out.append(s)
+        n += len(s)
+        if n >= n_tokens:
+            break
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=1_000_000, help="corpus size in word tokens")
@@ -149,12 +160,7 @@ def main() -> None:
           f"{args.num_proc}-process fit incl. spawn {par_s:.2f}s", flush=True)
 
     # ---- top-K queries on the training corpus (the way the pipeline uses the prior)
-    qseqs, n = [], 0
-    for s in seqs:
-        qseqs.append(s)
-        n += len(s)
-        if n >= args.query_positions:
-            break
+    qseqs = _first_tokens(seqs, args.query_positions)
     query = {}
     for loo in (False, True):
         # warm the lazy tables (suffix links, per-context orders: built once per prior, on first use) and the
@@ -179,12 +185,8 @@ def main() -> None:
     from nltk.lm import KneserNeyInterpolated
     from nltk.lm.preprocessing import padded_everygram_pipeline
 
-    sub, m = [], 0
-    for ws in words:
-        sub.append(ws)
-        m += len(ws)
-        if m >= args.nltk_tokens:
-            break
+    sub = _first_tokens(words, args.nltk_tokens)
+    m = sum(len(ws) for ws in sub)
     t = time.perf_counter()
     train, vocab = padded_everygram_pipeline(args.order, sub)
     lm = KneserNeyInterpolated(args.order)
