@@ -12,15 +12,16 @@ Alignment (`align_proxy`):
   and the alignment diagnostics before/after. Finished stages are skipped on rerun (rounds can be raised); a rerun
   with other settings is refused (`CacheMismatchError`).
 
-Weighted distillation (`bayeskd.train`, method "proxy-kd"): loss = CE(y_T) + α · mean_t[w(x, y_T) · KL_t(p_proxy ‖ p_S)]
-with w = σ((s - μ)/γ), s the proxy's log p(y_T|x) read from the target shards' per-row extras
-`proxy_teacher_logprob` (`proxy_kd_weights`).
+Weighted distillation (`bayeskd.train`, method "proxy-kd"):
+loss = CE(y_T) + α · mean_t[w(x, y_T) · KL_t(p_proxy ‖ p_S)] with w = σ((s - μ)/γ), s the proxy's log p(y_T|x)
+read from the target shards' per-row extras `proxy_teacher_logprob` (`proxy_kd_weights`).
 
 Diagnostics (as in the Proxy-KD paper's figures): the share of teacher tokens that are the proxy's top-1, and the
 share of positions whose top-K proxy mass exceeds 0.95 for K = 1..64 (`alignment_diagnostics`).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -51,7 +52,7 @@ DEFAULT_KS = tuple(range(1, 65))
 def proxy_preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
                           ref_rejected: torch.Tensor, beta: float, nll_weight: float = 1.0,
                           chosen_tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over pairs of -log σ(β[(π_c - ref_c) - (π_r - ref_r)]) plus `nll_weight` × the NLL of the chosen response.
+    """Mean over pairs of -log σ(β[(π_c - ref_c) - (π_r - ref_r)]), plus `nll_weight` × the chosen response's NLL.
 
     All inputs are per-sequence log-probabilities [B] (sums over response tokens). The NLL term is -mean(π_c) (the
     sequence-level -log π(y_T)); with `chosen_tokens` [B] (response lengths) it is -Σπ_c / Σ chosen_tokens, the
@@ -297,6 +298,20 @@ def _check_config(out: Path, cfg: dict[str, Any]) -> None:
                                  "Use a new --out, or the same settings (only --rounds may change).")
 
 
+@functools.lru_cache(maxsize=1)
+def pretokenized_dpo_trainer_class() -> type:
+    """TRL's `DPOTrainer`, taking a dataset already tokenized as prompt_ids / chosen_ids / rejected_ids (built from
+    `tokenize_records`): TRL's own tokenisation (prompt + completion jointly) would split the text differently
+    from the rest of bayeskd. Built on first use so importing this module does not import TRL."""
+    from trl import DPOTrainer
+
+    class PretokenizedDPOTrainer(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+    return PretokenizedDPOTrainer
+
+
 def _dpo_round(policy_dir: Path, stage_tmp: Path, tok, tokenized: TokenizedData, *, round_index: int, beta: float,
                nll_weight: float, temperature: float, max_new_tokens: int, learning_rate: float,
                dpo_epochs: float, batch_size: int, seed: int, logging_steps: int, device: str,
@@ -305,14 +320,7 @@ def _dpo_round(policy_dir: Path, stage_tmp: Path, tok, tokenized: TokenizedData,
     Returns the round's summary and the trained policy."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
-    from trl import DPOConfig, DPOTrainer
-
-    class _PretokenizedDPOTrainer(DPOTrainer):
-        """DPOTrainer over prompt_ids/chosen_ids/rejected_ids made by `tokenize_records`: TRL's own tokenisation
-        (of prompt + completion jointly) would split the text differently from the rest of bayeskd."""
-
-        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            return dataset
+    from trl import DPOConfig
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     policy = AutoModelForCausalLM.from_pretrained(policy_dir).to(device)
@@ -336,12 +344,12 @@ def _dpo_round(policy_dir: Path, stage_tmp: Path, tok, tokenized: TokenizedData,
     ds = Dataset.from_dict({"prompt_ids": prompts, "chosen_ids": chosen, "rejected_ids": rejected})
     args = dict(output_dir=str(stage_tmp / "trainer"), beta=beta, loss_type=["sigmoid", "sft"],
                 loss_weights=[1.0, nll_weight], learning_rate=learning_rate, num_train_epochs=dpo_epochs,
-                per_device_train_batch_size=batch_size, max_length=None, bf16=False, gradient_checkpointing=False,
+                per_device_train_batch_size=batch_size, max_length=None, bf16=False, activation_checkpointing=False,
                 save_strategy="no", report_to=[], logging_steps=logging_steps, seed=seed + round_index,
                 disable_dropout=True, use_cpu=device == "cpu")
     args.update(training_args)
-    trainer = _PretokenizedDPOTrainer(model=policy, ref_model=ref, args=DPOConfig(**args), train_dataset=ds,
-                                      processing_class=tok)
+    trainer = pretokenized_dpo_trainer_class()(model=policy, ref_model=ref, args=DPOConfig(**args),
+                                               train_dataset=ds, processing_class=tok)
     t0 = time.perf_counter()
     result = trainer.train()
     train_seconds = time.perf_counter() - t0

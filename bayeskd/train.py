@@ -14,6 +14,11 @@ Modes: "sparse-targets" (a targets directory), "sft" (no targets: CE only, seque
 "online-posterior" (a targets directory holding the PRIOR's top-K rows plus a proxy model: inside the step the
 proxy runs on the same batch without gradient and its dense logits at the response positions go to
 `fused_posterior_kd` with the prior rows, so the posterior is formed inside the loss; docs/MATH.md "Online mode").
+
+Method "proxy-kd" (`BayesKDConfig.method`, with targets whose shards carry the per-row extras
+`proxy_teacher_logprob`): each record gets the weight w = σ((s - μ)/γ) of `bayeskd.proxy_kd.proxy_kd_weights`
+(s = the proxy's log p(y_T|x)), and the loss is CE x ce_weight + proxy_kd_alpha x mean over response tokens of
+w(record) x KD.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ import transformers
 
 from bayeskd.data import TokenizedData, load_teacher_records, load_tokenizer, tokenize_records
 from bayeskd.losses import fused_posterior_kd
+from bayeskd.proxy_kd import PROXY_LOGPROB_KEY, WEIGHT_NORMALIZATIONS, proxy_kd_weights
 from bayeskd.sparse import CacheMismatchError, ShardReader, SparseDist, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -39,6 +45,8 @@ logger = logging.getLogger(__name__)
 TARGET_KEYS = ("target_indices", "target_logprobs", "target_tail")
 CONTEXT_COUNT_KEY = "target_context_count"  # the prior's per-row context counts (Dirichlet mode), when stored
 POSTERIOR_MODES = ("log_linear", "dirichlet", "mixture")
+METHODS = ("bayeskd", "proxy-kd")
+WEIGHT_KEY = "target_weight"  # per-row KD weights [M] (Proxy-KD: the record's weight on each of its rows)
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -62,6 +70,12 @@ class BayesKDConfig(transformers.TrainingArguments):
     posterior_c: float = field(default=1.0, metadata={"help": "Dirichlet concentration of the proxy"})
     posterior_w: float = field(default=0.5, metadata={"help": "mixture weight of the prior"})
     posterior_evidence: float = field(default=0.0, metadata={"help": "observations of the teacher token added"})
+    method: str = field(default="bayeskd", metadata={
+        "help": "bayeskd (KD against the targets) or proxy-kd (KD weighted per record by the proxy's likelihood "
+                "of the teacher response; targets must carry the 'proxy_teacher_logprob' extras)"})
+    proxy_kd_alpha: float = field(default=1.0, metadata={"help": "proxy-kd: weight α of the weighted KD term"})
+    proxy_kd_normalization: str = field(default="sequence", metadata={
+        "help": "proxy-kd: s = log p_proxy(y_T|x) summed over the response ('sequence') or per token ('token')"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "keep the target columns"})
     report_to: None | str | list[str] = field(default=None, metadata={"help": "integrations to report to"})
 
@@ -88,6 +102,16 @@ class BayesKDConfig(transformers.TrainingArguments):
             raise ValueError(f"posterior_mode must be one of {POSTERIOR_MODES}, got {self.posterior_mode!r}")
         if not 0.0 <= self.posterior_w <= 1.0:
             raise ValueError(f"posterior_w must be in [0, 1], got {self.posterior_w}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.proxy_kd_normalization not in WEIGHT_NORMALIZATIONS:
+            raise ValueError(f"proxy_kd_normalization must be one of {WEIGHT_NORMALIZATIONS}, got "
+                             f"{self.proxy_kd_normalization!r}")
+        if self.proxy_kd_alpha < 0:
+            raise ValueError(f"proxy_kd_alpha must be >= 0, got {self.proxy_kd_alpha}")
+        if self.method == "proxy-kd" and self.kd_weight != 1.0:
+            raise ValueError("method='proxy-kd' weights the KD term with proxy_kd_alpha; leave kd_weight at 1.0 "
+                             f"(got {self.kd_weight})")
         if not self.posterior_c > 0 or self.posterior_evidence < 0:
             raise ValueError(f"posterior_c must be > 0 and posterior_evidence >= 0, got {self.posterior_c}, "
                              f"{self.posterior_evidence}")
@@ -104,9 +128,15 @@ class TeacherTargetsDataset(torch.utils.data.Dataset):
     (before any `max_length` truncation), made with the same tokenizer (fingerprint in the manifest).
     `max_length` truncates like `tokenize_records`: the prompt from the left, a response that does not fit alone
     from the right (its target rows with it), keeping one prompt token as context.
+
+    Shards with the per-row extras `proxy_teacher_logprob` give `proxy_seq_logprob` [N] (its sum over each record's
+    rows, all of them, before truncation) and `proxy_n_tokens` [N]. With `weight_normalization` ("sequence" or
+    "token") the dataset computes the Proxy-KD weights over all its records (`proxy_kd_weights`), and item i also
+    holds "proxy_kd_weight" (a scalar).
     """
 
-    def __init__(self, tokenized: TokenizedData, targets_dir: str | None = None, max_length: int | None = None):
+    def __init__(self, tokenized: TokenizedData, targets_dir: str | None = None, max_length: int | None = None,
+                 weight_normalization: str | None = None):
         self.tokenized = tokenized
         self.max_length = max_length
         self.targets_dir = targets_dir
@@ -114,8 +144,18 @@ class TeacherTargetsDataset(torch.utils.data.Dataset):
         self.k: int | None = None
         self._dists: list[SparseDist] = []
         self._where: np.ndarray | None = None  # [N, 2] (shard number, first row) per record
+        self.proxy_seq_logprob: np.ndarray | None = None
+        self.proxy_n_tokens: np.ndarray | None = None
+        self.proxy_kd_weights: np.ndarray | None = None
         if targets_dir is not None:
             self._index_targets(Path(targets_dir))
+        if weight_normalization is not None:
+            if self.proxy_seq_logprob is None:
+                raise ValueError(f"{targets_dir}: Proxy-KD weights need target shards with the per-row extras "
+                                 f"'{PROXY_LOGPROB_KEY}' (the proxy's log-probability of the teacher token, written "
+                                 "by `bayeskd estimate-posterior --proxy P` without --prior)")
+            self.proxy_kd_weights = proxy_kd_weights(self.proxy_seq_logprob, self.proxy_n_tokens,
+                                                     weight_normalization)
 
     def _index_targets(self, d: Path) -> None:
         tok = self.tokenized
@@ -127,8 +167,18 @@ class TeacherTargetsDataset(torch.utils.data.Dataset):
         n = len(tok)
         where = np.full((n, 2), -1, dtype=np.int64)
         want = tok.lengths - tok.prompt_lengths.astype(np.int64)  # response tokens per record
+        seq_lp = np.zeros(n)
+        with_lp = 0  # shards that carry the proxy's teacher-token log-probabilities
         for s, name in enumerate(reader.shard_names):
             dist, extra = reader.read(name)
+            row_lp = dist.extras.get(PROXY_LOGPROB_KEY)
+            if row_lp is not None:
+                with_lp += 1
+                row_lp = row_lp.double().reshape(-1).numpy()
+                if row_lp.shape[0] != dist.num_rows or not np.isfinite(row_lp).all():
+                    raise ValueError(f"{d / name}: extras '{PROXY_LOGPROB_KEY}' must be finite with one value per "
+                                     f"row ({dist.num_rows}), got {row_lp.shape[0]} values")
+                cum = np.concatenate([[0.0], np.cumsum(row_lp)])
             if "record_index" not in extra or "lengths" not in extra:
                 raise ValueError(f"{d / name}: shard lacks the 'record_index'/'lengths' extras that map its rows "
                                  "to records")
@@ -148,12 +198,19 @@ class TeacherTargetsDataset(torch.utils.data.Dataset):
                     raise ValueError(f"{d / name}: record {r} has {ln} target rows but {want[r]} response tokens "
                                      "(targets made for other data, another tokenizer or another max_length?)")
                 where[r] = (s, st)
+                if row_lp is not None:
+                    seq_lp[r] = cum[st + ln] - cum[st]
             self._dists.append(dist)
         missing = np.nonzero(where[:, 0] < 0)[0]
         if len(missing):
             raise ValueError(f"{d}: no target rows for {len(missing)} of {n} records (first: record "
                              f"{int(missing[0])}); targets made for other data?")
         self._where = where
+        if with_lp and with_lp != len(reader.shard_names):
+            raise ValueError(f"{d}: only {with_lp} of {len(reader.shard_names)} shards carry the extras "
+                             f"'{PROXY_LOGPROB_KEY}'")
+        if with_lp:
+            self.proxy_seq_logprob, self.proxy_n_tokens = seq_lp, want
 
     @property
     def has_targets(self) -> bool:
@@ -183,6 +240,8 @@ class TeacherTargetsDataset(torch.utils.data.Dataset):
             item.update(target_indices=rows.indices, target_logprobs=rows.logprobs, target_tail=rows.tail)
             if "context_count" in rows.extras:
                 item[CONTEXT_COUNT_KEY] = rows.extras["context_count"].reshape(-1)
+            if self.proxy_kd_weights is not None:
+                item["proxy_kd_weight"] = torch.tensor(self.proxy_kd_weights[i], dtype=torch.float32)
         return item
 
 
@@ -196,6 +255,7 @@ class BayesKDCollator:
     Target order: the rows of item 0, then item 1, ...; within an item, response positions left to right. This is
     the order of `response_mask[:, 1:]` flattened row-major, i.e. the order of
     `logits[:, :-1][response_mask[:, 1:]]` (the logits at position t-1 predict the token at position t).
+    Items with a "proxy_kd_weight" give "target_weight" [M], each item's weight repeated over its rows.
     """
     pad_token_id: int
 
@@ -217,6 +277,9 @@ class BayesKDCollator:
                 out[k] = torch.cat([it[k] for it in items])
             if all(CONTEXT_COUNT_KEY in it for it in items):
                 out[CONTEXT_COUNT_KEY] = torch.cat([it[CONTEXT_COUNT_KEY] for it in items])
+            if all("proxy_kd_weight" in it for it in items):  # the record's weight on each of its rows
+                out[WEIGHT_KEY] = torch.cat([it["proxy_kd_weight"].float().expand(it["target_tail"].shape[0])
+                                             for it in items])
             if out["target_tail"].shape[0] != int(rmask[:, 1:].sum()):
                 raise ValueError(f"batch has {int(rmask[:, 1:].sum())} response tokens but "
                                  f"{out['target_tail'].shape[0]} target rows")
@@ -305,14 +368,23 @@ class BayesKDTrainer(transformers.Trainer):
             if evidence:
                 posterior.update(teacher_tokens=tokens, evidence=evidence)
         kd = None
+        proxy_kd = getattr(cfg, "method", "bayeskd") == "proxy-kd"
         if target is not None and rows.shape[0] > 0:
             target = target.to(rows.device)
-            kd = fused_posterior_kd(rows, target, proxy_rows, **posterior,
-                                    divergence=getattr(cfg, "divergence", "forward_kl"),
-                                    beta=getattr(cfg, "beta", None), temperature=getattr(cfg, "kd_temperature", 1.0),
-                                    tail=getattr(cfg, "kd_tail", "bucket"), inplace=False,
-                                    backend=getattr(cfg, "fused_backend", "auto")).mean()
-        ce_w, kd_w = getattr(cfg, "ce_weight", 1.0), getattr(cfg, "kd_weight", 1.0)
+            per_row = fused_posterior_kd(rows, target, proxy_rows, **posterior,
+                                         divergence=getattr(cfg, "divergence", "forward_kl"),
+                                         beta=getattr(cfg, "beta", None),
+                                         temperature=getattr(cfg, "kd_temperature", 1.0),
+                                         tail=getattr(cfg, "kd_tail", "bucket"), inplace=False,
+                                         backend=getattr(cfg, "fused_backend", "auto"))
+            if proxy_kd:
+                if WEIGHT_KEY not in inputs:
+                    raise ValueError("method='proxy-kd' needs per-row weights in the batch (a TeacherTargetsDataset "
+                                     "made with weight_normalization)")
+                per_row = per_row * inputs[WEIGHT_KEY].to(per_row.device)
+            kd = per_row.mean()
+        ce_w = getattr(cfg, "ce_weight", 1.0)
+        kd_w = getattr(cfg, "proxy_kd_alpha", 1.0) if proxy_kd else getattr(cfg, "kd_weight", 1.0)
         loss = ce * ce_w if ce_w else ce * 0.0
         if kd is not None and kd_w:
             loss = loss + kd * kd_w
@@ -362,6 +434,9 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
     "white-box" with `teacher` (a model path with the same vocabulary), else "sft". `tokenizer` defaults to the
     student's directory. `training_args` go to `BayesKDConfig` (defaults for small runs: save_strategy="no",
     logging_steps=10). Writes `out/summary.json` and returns it.
+
+    `method="proxy-kd"` (a `BayesKDConfig` field): `targets` must carry the per-row extras `proxy_teacher_logprob`;
+    the KD term is weighted per record (`proxy_kd_normalization`) and scaled by `proxy_kd_alpha`.
     """
     from transformers import AutoModelForCausalLM
 
@@ -377,11 +452,17 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
     training_args.setdefault("logging_steps", 10)
     training_args.setdefault("output_dir", str(out_dir))
     cfg = BayesKDConfig(**training_args)
+    proxy_kd = cfg.method == "proxy-kd"
+    if proxy_kd and (targets is None or teacher is not None):
+        raise ValueError("method='proxy-kd' needs targets (the proxy's top-K shards with the per-row extras "
+                         f"'{PROXY_LOGPROB_KEY}', from `bayeskd estimate-posterior --proxy P` without --prior) and "
+                         "no white-box teacher")
 
     tok = load_tokenizer(tokenizer or student)
     records, report = load_teacher_records(data, split=split, skip_bad=skip_bad)
     tokenized = tokenize_records(records, tok)  # untruncated: target rows are per full response
-    dataset = TeacherTargetsDataset(tokenized, targets, max_length=cfg.max_length)
+    dataset = TeacherTargetsDataset(tokenized, targets, max_length=cfg.max_length,
+                                    weight_normalization=cfg.proxy_kd_normalization if proxy_kd else None)
     model = AutoModelForCausalLM.from_pretrained(student)
     if model.get_output_embeddings().weight.shape[0] < tokenized.vocab_size:
         raise ValueError(f"{student}: the model's vocabulary ({model.get_output_embeddings().weight.shape[0]}) is "
@@ -423,7 +504,7 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
     first = history[0] if history else {}
     summary = {
         "mode": mode, "data": str(data), "student": str(student), "targets": targets, "teacher": teacher,
-        "proxy": proxy, "posterior_mode": cfg.posterior_mode if proxy is not None else None,
+        "proxy": proxy, "posterior_mode": cfg.posterior_mode if proxy is not None else None, "method": cfg.method,
         "records": len(records), "skipped_records": int(report.skipped),
         "steps": int(trainer.state.global_step), "epochs": float(trainer.state.epoch or 0.0),
         "train_loss": float(result.training_loss),
@@ -435,6 +516,10 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
         "log_history": trainer.state.log_history,
         "out": str(out_dir),
     }
+    if proxy_kd:
+        w = dataset.proxy_kd_weights
+        summary.update(proxy_kd_alpha=cfg.proxy_kd_alpha, proxy_kd_normalization=cfg.proxy_kd_normalization,
+                       proxy_kd_weights={"mean": float(w.mean()), "min": float(w.min()), "max": float(w.max())})
     if main_process:
         atomic_write_json(out_dir / "summary.json", json.loads(json.dumps(summary, default=str)))
     return summary
