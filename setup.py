@@ -23,6 +23,7 @@ setup(
         "pyyaml>=6.0",
         "tokenizers>=0.19",
         "accelerate>=1.1",  # transformers.Trainer needs it
+        "trl>=1.0",  # DPOTrainer for proxy alignment (align-proxy)
     ],
     extras_require={
         "dev": ["pytest>=7", "nltk>=3.8", "matplotlib>=3.7", "psutil>=5.9", "pyarrow>=14"],
