@@ -156,5 +156,54 @@ def distill_cmd(data, student, targets, teacher, proxy, tokenizer, out, skip_bad
              proxy=proxy, tokenizer=tokenizer, skip_bad=skip_bad, **training_args)
 
 
+@main.group("lab")
+def lab_group() -> None:
+    """The lab: a teacher whose true distributions are readable, built from Python's own documentation."""
+
+
+@lab_group.command("run")
+@config_option
+@click.option("--preset", default="tiny", show_default=True, type=click.Choice(["micro", "tiny", "small"]),
+              help="micro: seconds (smoke test); tiny: minutes on a laptop CPU; small: the benchmark preset.")
+@click.option("--root", default="runs/lab", show_default=True, type=click.Path(file_okay=False),
+              help="Where the lab models and the run live (reused by later runs).")
+@click.option("--seeds", default=None, type=click.IntRange(1), help="Students per method (default: the preset's).")
+@click.option("--methods", default=None, help="Comma-separated distillation methods (default: all of "
+              "sft,prior-kd,posterior-kd,white-box).")
+@click.option("--force", is_flag=True, help="Redo a run made with other settings instead of refusing.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def lab_run_cmd(preset, root, seeds, methods, force, quiet) -> None:
+    """Build the lab, sample the teacher as a black box, estimate prior and posterior, distill students and
+    score everything against the teacher's true distributions (tables in ROOT/PRESET/run/report.md)."""
+    from bayeskd.lab import LabError
+    from bayeskd.lab_run import run_lab
+
+    try:
+        run_lab(root, preset, seeds=seeds, methods=methods.split(",") if methods else None, force=force,
+                progress=not quiet, log=click.echo)
+    except LabError as e:
+        raise click.ClickException(str(e)) from e
+
+
+@main.command("evaluate")
+@config_option
+@click.option("--teacher", required=True, help="A readable teacher (causal LM path), e.g. the lab's.")
+@click.option("--data", required=True, help="Teacher text: training data to score target shards at its "
+              "positions, or held-out teacher text to score students.")
+@click.option("--targets", multiple=True, help="NAME=DIR of target shards made for --data (repeatable).")
+@click.option("--student", "students", multiple=True, help="NAME=PATH of a student model (repeatable).")
+@click.option("--prompts", default=None, help="JSONL of prompts: students also sample their own responses, "
+              "scored by KL(teacher‖student) at their positions.")
+@click.option("--tokenizer", default=None, help="Tokenizer (default: the teacher's).")
+@click.option("--max-records", default=None, type=click.IntRange(1), help="Score only the first N records.")
+@click.option("--max-new-tokens", default=48, show_default=True, type=click.IntRange(1))
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the report as JSON here.")
+def evaluate_cmd(**kwargs) -> None:
+    """Score target estimates and students against a teacher whose logits can be read."""
+    from bayeskd.evaluate import evaluate
+
+    _run_job(evaluate, **kwargs)
+
+
 if __name__ == "__main__":
     main()

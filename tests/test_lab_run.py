@@ -1,0 +1,138 @@
+"""The main job (`bayeskd lab run`) at the micro preset, and `bayeskd evaluate`'s dataset-level scoring."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bayeskd.cli import main
+from bayeskd.data import tokenize_records
+from bayeskd.evaluate import estimate_metrics, read_target_rows, response_logprobs, student_metrics
+from bayeskd.sparse import ShardWriter, SparseDist
+from bayeskd.train import whitebox_targets
+from conftest import save_tiny_llama
+
+RECORDS = [{"prompt": "Return the", "response": "absolute value of a number."},
+           {"prompt": "The with statement", "response": "wraps a block with methods defined by a context manager."},
+           {"prompt": "x", "response": "y z"}]
+
+
+@pytest.fixture(scope="module")
+def lab_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("labrun")
+    res = CliRunner().invoke(main, ["lab", "run", "--preset", "micro", "--root", str(root), "--quiet"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return root, res.output
+
+
+def test_lab_run_writes_every_table(lab_run):
+    root, output = lab_run
+    run = root / "micro" / "run"
+    report = json.loads((run / "report.json").read_text())
+    table = report["estimation"]["table"]
+    for name in ("smoothed one-hot (eps=0.1)", "n-gram prior (leave-one-out)", "n-gram prior, no leave-one-out",
+                 "proxy alone (before alignment)", "posterior log-linear (shards)", "posterior dirichlet (c=1)",
+                 "posterior mixture (w=0.5)"):
+        m = table[name]
+        assert math.isfinite(m["kl"]) and m["kl"] > -1e-6, (name, m)
+        assert 0.0 <= m["top1"] <= 1.0 and 0.0 <= m["coverage@8"] <= 1.0 + 1e-9
+    # the smoothed one-hot is far from a (nearly flat) micro teacher; any real estimate is closer
+    assert table["proxy alone (before alignment)"]["kl"] < table["smoothed one-hot (eps=0.1)"]["kl"]
+    assert [r["k"] for r in report["estimation"]["k_curve"]] == [4, 16]
+    assert [r["samples"] for r in report["corpus_curve"]][1:] == [24, 48]
+    students = report["students"]["summary"]
+    assert set(students) == {"student init", "sft", "prior-kd", "posterior-kd", "white-box"}
+    for method in ("sft", "prior-kd", "posterior-kd", "white-box"):
+        assert os.path.exists(run / "students" / f"{method}-s0" / "config.json")
+        # training on teacher text lowers the student's NLL of held-out teacher text
+        assert students[method]["nll"]["mean"] < students["student init"]["nll"]["mean"], method
+    assert "gap_closed_posterior_kd" in report["targets"]
+    assert "## Student quality" in (run / "report.md").read_text()
+    assert "Estimation quality" in output  # the tables are printed
+
+
+def test_lab_run_resumes_and_refuses_other_settings(lab_run):
+    root, _ = lab_run
+    run = root / "micro" / "run"
+    student = run / "students" / "sft-s0" / "summary.json"
+    before = os.stat(student).st_mtime_ns
+    res = CliRunner().invoke(main, ["lab", "run", "--preset", "micro", "--root", str(root), "--quiet",
+                                    "--methods", "sft"])
+    assert res.exit_code == 0, res.output
+    assert os.stat(student).st_mtime_ns == before  # the finished student was reused, not retrained
+    assert set(json.loads((run / "report.json").read_text())["students"]["summary"]) == {"student init", "sft"}
+    bad = CliRunner().invoke(main, ["lab", "run", "--preset", "micro", "--root", str(root), "--methods", "nope"])
+    assert bad.exit_code != 0 and "nope" in (bad.output + str(bad.exception))
+
+
+def test_response_logprobs_rows_match_a_direct_forward(tmp_path, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    path = save_tiny_llama(tmp_path / "m", tiny_tokenizer, seed=3)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tok = tokenize_records(RECORDS, tiny_tokenizer)
+    lp, valid = response_logprobs(model, tok, [2, 0], batch_size=2)
+    assert valid.all()
+    row = 0
+    for i in (2, 0):
+        ids = torch.from_numpy(tok.input_ids[i].astype(np.int64))
+        p = int(tok.prompt_lengths[i])
+        with torch.no_grad():
+            full = torch.log_softmax(model(input_ids=ids[None]).logits[0].float(), -1)
+        for t in range(p, len(ids)):
+            torch.testing.assert_close(lp[row], full[t - 1], atol=1e-5, rtol=1e-5)
+            row += 1
+    assert row == lp.shape[0]
+
+
+def test_evaluate_scores_targets_and_students(tmp_path, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    teacher = save_tiny_llama(tmp_path / "teacher", tiny_tokenizer, seed=1)
+    other = save_tiny_llama(tmp_path / "other", tiny_tokenizer, seed=2)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    tok = tokenize_records(RECORDS, tiny_tokenizer)
+    t_lp, _ = response_logprobs(AutoModelForCausalLM.from_pretrained(teacher), tok)
+    # targets = the teacher's own top-64 (with its exact tail): a nearly perfect estimate
+    exact = whitebox_targets(t_lp, 64)
+    lengths = [len(tok.input_ids[i]) - int(tok.prompt_lengths[i]) for i in range(len(tok))]
+    w = ShardWriter(tmp_path / "targets", exact.vocab_size, 64, tok.fingerprint, {})
+    w.write("shard-00000", exact, extra={"record_index": torch.arange(len(tok)),
+                                         "lengths": torch.tensor(lengths)})
+    back = read_target_rows(tmp_path / "targets", tok, [1, 2])
+    torch.testing.assert_close(back.logprobs, exact[lengths[0]:].logprobs)
+    out = tmp_path / "report.json"
+    res = CliRunner().invoke(main, ["evaluate", "--teacher", teacher, "--data", str(data), "--targets",
+                                    f"exact={tmp_path / 'targets'}", "--student", f"other={other}",
+                                    "--student", f"self={teacher}", "--out", str(out)])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    rep = json.loads(out.read_text())
+    est = rep["estimation"]
+    assert est["exact"]["kl"] < 0.05 * est["one-hot (eps=0.1)"]["kl"]
+    assert est["exact"]["top1"] == 1.0
+    assert rep["students"]["self"]["kl_tf"] == pytest.approx(0.0, abs=1e-6)
+    assert rep["students"]["other"]["kl_tf"] > 1e-3
+    # the NLL is the mean -log p of the teacher tokens, checked by hand for the teacher itself
+    tokens = torch.cat([torch.from_numpy(s.astype(np.int64)) for s in tok.response_sequences()])
+    nll = float(-t_lp.gather(1, tokens[:, None]).double().mean())
+    assert rep["students"]["self"]["nll"] == pytest.approx(nll, rel=1e-5)
+
+
+def test_evaluate_rejects_bad_input(tmp_path, tiny_tokenizer):
+    teacher = save_tiny_llama(tmp_path / "t", tiny_tokenizer, seed=1)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps(RECORDS[0]) + "\n")
+    none = CliRunner().invoke(main, ["evaluate", "--teacher", teacher, "--data", str(data)])
+    assert none.exit_code != 0 and "nothing to evaluate" in none.output
+    missing = CliRunner().invoke(main, ["evaluate", "--teacher", teacher, "--data", str(data),
+                                        "--targets", f"x={tmp_path / 'nope'}"])
+    assert missing.exit_code != 0 and "does not exist" in missing.output
+    tok = tokenize_records(RECORDS, tiny_tokenizer)
+    lp = torch.log_softmax(torch.randn(5, tok.vocab_size), -1)
+    with pytest.raises(ValueError, match="not the same positions"):
+        estimate_metrics(lp, SparseDist(torch.zeros(4, 1, dtype=torch.int32), torch.zeros(4, 1), torch.zeros(4),
+                                        tok.vocab_size))
