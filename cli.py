@@ -145,6 +145,14 @@ def estimate_posterior_cmd(**kwargs) -> None:
 @click.option("--gradient-accumulation-steps", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=42, show_default=True, type=int)
 @click.option("--logging-steps", default=10, show_default=True, type=click.IntRange(1))
+@click.option("--method", default="bayeskd", show_default=True, type=click.Choice(["bayeskd", "proxy-kd"]),
+              help="proxy-kd: weight each record's KD term by the proxy's likelihood of the teacher response "
+              "(--targets must carry the proxy's teacher-token log-probabilities).")
+@click.option("--proxy-kd-alpha", default=1.0, show_default=True, type=click.FloatRange(0),
+              help="proxy-kd: weight α of the weighted KD term.")
+@click.option("--weight-normalization", "proxy_kd_normalization", default="sequence", show_default=True,
+              type=click.Choice(["sequence", "token"]),
+              help="proxy-kd: the proxy's log-likelihood summed over the response or averaged per token.")
 @click.option("--skip-bad", is_flag=True)
 def distill_cmd(data, student, targets, teacher, proxy, tokenizer, out, skip_bad, **training_args) -> None:
     """Train a student on the teacher's text and the estimated (or white-box) token distributions."""
@@ -154,6 +162,42 @@ def distill_cmd(data, student, targets, teacher, proxy, tokenizer, out, skip_bad
         targets = None
     _run_job(distill, drop=("log_history",), data=data, student=student, out=out, targets=targets, teacher=teacher,
              proxy=proxy, tokenizer=tokenizer, skip_bad=skip_bad, **training_args)
+
+
+@main.command("align-proxy")
+@config_option
+@click.option("--data", required=True, help="Teacher generations (JSONL, Parquet or a saved HF dataset).")
+@click.option("--proxy", required=True, help="Proxy causal LM (path or hub id) to align.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output directory: sft/, round_<i>/, final/ (the aligned proxy), summary.json.")
+@click.option("--tokenizer", default=None, help="Tokenizer (default: the proxy's).")
+@click.option("--sft-epochs", default=1.0, show_default=True, type=click.FloatRange(0),
+              help="Epochs of SFT on the teacher responses first (0: none).")
+@click.option("--rounds", default=2, show_default=True, type=click.IntRange(0),
+              help="Preference rounds (teacher response preferred over the proxy's own sample).")
+@click.option("--beta", default=0.1, show_default=True, type=click.FloatRange(0, min_open=True), help="DPO β.")
+@click.option("--nll-weight", default=1.0, show_default=True, type=click.FloatRange(0),
+              help="Weight of the per-token NLL of the teacher response added to the DPO loss.")
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(0),
+              help="Sampling temperature of the proxy's responses (0: greedy).")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--sft-learning-rate", default=2e-5, show_default=True, type=float)
+@click.option("--learning-rate", default=1e-6, show_default=True, type=float, help="DPO learning rate.")
+@click.option("--dpo-epochs", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Epochs over the pairs per round.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--max-length", default=None, type=click.IntRange(2))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--logging-steps", default=10, show_default=True, type=click.IntRange(1))
+@click.option("--diagnostic-records", default=256, show_default=True, type=click.IntRange(1),
+              help="Records scored by the alignment diagnostics (top-1 match, top-K mass).")
+@click.option("--skip-bad", is_flag=True, help="Skip malformed records instead of failing.")
+def align_proxy_cmd(**kwargs) -> None:
+    """Align a proxy to the black-box teacher: SFT on its responses, then rounds of preference optimisation
+    (resumable; Proxy-KD)."""
+    from bayeskd.proxy_kd import align_proxy
+
+    _run_job(align_proxy, drop=("stages", "config", "diagnostics_before", "diagnostics_after"), **kwargs)
 
 
 @main.group("lab")
@@ -203,6 +247,44 @@ def evaluate_cmd(**kwargs) -> None:
     from bayeskd.evaluate import evaluate
 
     _run_job(evaluate, **kwargs)
+
+
+@main.command("gad")
+@config_option
+@click.option("--data", required=True, help="Teacher generations (JSONL, Parquet or a saved HF dataset).")
+@click.option("--student", required=True, help="Student model (path or hub id): the generator.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output directory (out/warmup/, out/student/, out/discriminator/); a rerun resumes it.")
+@click.option("--discriminator", default=None, help="Where the discriminator starts (default: the student's "
+              "backbone with a new scalar head).")
+@click.option("--tokenizer", default=None, help="Tokenizer (default: the student's).")
+@click.option("--warmup-steps", default=0, show_default=True, type=click.IntRange(0),
+              help="Warm-up steps: SFT of the student on the teacher responses while the discriminator trains.")
+@click.option("--warmup-d-only-steps", default=0, show_default=True, type=click.IntRange(0),
+              help="The first warm-up steps update the discriminator only.")
+@click.option("--steps", default=100, show_default=True, type=click.IntRange(0), help="Adversarial (GRPO) steps.")
+@click.option("--group-size", default=8, show_default=True, type=click.IntRange(2), help="Samples per prompt.")
+@click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--batch-prompts", default=4, show_default=True, type=click.IntRange(1), help="Prompts per step.")
+@click.option("--lr", default=1e-5, show_default=True, type=float, help="Student learning rate (AdamW).")
+@click.option("--d-lr", default=1e-5, show_default=True, type=float, help="Discriminator learning rate (AdamW).")
+@click.option("--clip", default=0.2, show_default=True, type=float, help="PPO clip range.")
+@click.option("--kl-coef", default=0.001, show_default=True, type=click.FloatRange(0),
+              help="Weight of the KL to the reference (the warm-up student); 0: none.")
+@click.option("--ppo-epochs", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--max-prompt-tokens", default=512, show_default=True, type=click.IntRange(1))
+@click.option("--micro-batch", default=None, type=click.IntRange(1), help="Prompts per forward/backward.")
+@click.option("--save-every", default=50, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=42, show_default=True, type=int)
+@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--skip-bad", is_flag=True, help="Skip malformed records instead of failing.")
+def gad_cmd(**kwargs) -> None:
+    """Generative adversarial distillation: the student learns by GRPO from a discriminator's score, the
+    discriminator learns to tell the teacher's responses from the student's."""
+    from bayeskd.gad import gad
+
+    _run_job(gad, drop=("history",), **kwargs)
 
 
 if __name__ == "__main__":

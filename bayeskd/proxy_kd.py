@@ -469,5 +469,7 @@ def align_proxy(data: str, proxy: str, out: str, *, tokenizer: str | None = None
         "diagnostics_before": json.loads(before_path.read_text()),
         "diagnostics_after": stages[-1]["diagnostics"],
     }
+    summary["alignment"] = {f"{key}_{when}": summary[f"diagnostics_{when}"][key]  # the headline numbers
+                            for key in ("top1_match", "teacher_token_logprob") for when in ("before", "after")}
     atomic_write_json(out_dir / "summary.json", json.loads(json.dumps(summary, default=str)))
     return summary
