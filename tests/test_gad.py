@@ -1,0 +1,219 @@
+"""GAD: the losses against hand-computed cases, the discriminator's scoring and persistence, one step end to end,
+D learning a separable toy case, the warm-up -> adversarial resume path, and the CLI."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from bayeskd.gad import (Discriminator, GADConfig, bradley_terry_loss, discriminator_accuracy, gad,
+                         group_advantages, grpo_loss)
+from conftest import save_tiny_llama
+
+WORDS = ["the", "module", "returns", "a", "list", "of", "strings", "when", "called", "with", "an", "object"]
+TINY = dict(group_size=4, batch_prompts=2, max_new_tokens=6, max_prompt_tokens=16, lr=1e-3, d_lr=1e-3,
+            seed=0, save_every=1)
+
+
+def _write_data(path, n=6, response=None, seed=0):
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            r = response or " ".join(rng.choice(WORDS, size=int(rng.integers(3, 8))))
+            f.write(json.dumps({"prompt": f"Question {i}: what does it return?", "response": r}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_tokenizer):
+    d = tmp_path_factory.mktemp("gad")
+    return {"dir": d, "student": save_tiny_llama(d / "student", tiny_tokenizer, seed=0),
+            "data": _write_data(d / "teacher.jsonl")}
+
+
+def _weights(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+def _sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+# ---------------------------------------------------------------------------------------------------- losses
+
+def test_bradley_terry_loss_and_accuracy_hand_case():
+    t = torch.tensor([1.0, 0.0], requires_grad=True)
+    s = torch.tensor([[0.0, 1.0], [0.0, -2.0]], requires_grad=True)
+    loss = bradley_terry_loss(t, s)
+    # differences t - s: [[1, 0], [0, 2]]; -log sigma(d) = log(1 + e^-d); mean over the 2 x 2 pairs
+    want = (math.log1p(math.exp(-1)) + 2 * math.log(2) + math.log1p(math.exp(-2))) / 4
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    loss.backward()
+    # d/dt_0 = -[(1 - sigma(1)) + (1 - sigma(0))] / 4; d/ds_00 = (1 - sigma(1)) / 4
+    assert t.grad[0].item() == pytest.approx(-((1 - _sigmoid(1)) + 0.5) / 4, rel=1e-6)
+    assert s.grad[0, 0].item() == pytest.approx((1 - _sigmoid(1)) / 4, rel=1e-6)
+    assert discriminator_accuracy(t, s) == 0.5  # strict: the tie (0 vs 0) and (0 vs 1) do not count
+    with pytest.raises(ValueError, match=r"\[P, n\]"):
+        bradley_terry_loss(t, s[:1])
+
+
+def test_group_advantages_hand_case():
+    r = torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0], [0.0, 4.0, 8.0]])
+    a = group_advantages(r, eps=0.5)
+    # group 0: mean 2, unbiased std 1 -> (r - 2) / 1.5; equal rewards -> 0; group 2: mean 4, std 4 -> (r-4)/4.5
+    want = torch.tensor([[-1 / 1.5, 0.0, 1 / 1.5], [0.0, 0.0, 0.0], [-4 / 4.5, 0.0, 4 / 4.5]])
+    torch.testing.assert_close(a, want)
+    with pytest.raises(ValueError, match="n >= 2"):
+        group_advantages(torch.ones(3, 1))
+
+
+def test_grpo_loss_clip_hand_case():
+    # four one-token sequences, old log-prob 0: ratios 1.5, 0.5, 0.5, 1.5 with advantages +1, +1, -1, -1
+    lp = torch.log(torch.tensor([[1.5], [0.5], [0.5], [1.5]])).requires_grad_(True)
+    old = torch.zeros(4, 1)
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    loss, stats = grpo_loss(lp, old, adv, torch.ones(4, 1, dtype=torch.bool), clip=0.2)
+    # per sequence -min(rho A, clip(rho) A): -1.2 (clipped), -0.5, +0.8 (clipped), +1.5
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 0.8 + 1.5) / 4, rel=1e-6)
+    assert stats["clip_frac"] == 0.5
+    loss.backward()
+    # clipped terms are constant: zero gradient; otherwise d(-rho A)/d lp = -rho A, over 4 sequences
+    torch.testing.assert_close(lp.grad, torch.tensor([[0.0], [-0.5 / 4], [0.0], [1.5 / 4]]))
+
+
+def test_grpo_loss_kl_and_mask_hand_case():
+    # one sequence of 3 tokens, the last masked; ratio 1 everywhere, advantage 2
+    lp = torch.zeros(1, 3, requires_grad=True)
+    ref = torch.tensor([[math.log(2.0), 0.0, 5.0]])
+    mask = torch.tensor([[True, True, False]])
+    loss, stats = grpo_loss(lp, lp.detach(), torch.tensor([2.0]), mask, ref_logprobs=ref, kl_coef=0.1)
+    k3 = 2.0 - math.log(2.0) - 1.0  # exp(d) - d - 1 at d = log 2; 0 at d = 0; the masked token is ignored
+    assert stats["kl"] == pytest.approx(k3 / 2, rel=1e-6)
+    assert loss.item() == pytest.approx(-2.0 + 0.1 * k3 / 2, rel=1e-6)
+    loss.backward()
+    # d/dlp of -rho A = -2 per token; of k3 = 1 - exp(d): 1 - 2 = -1 at token 0; /2 tokens
+    torch.testing.assert_close(lp.grad, torch.tensor([[(-2.0 - 0.1) / 2, -2.0 / 2, 0.0]]))
+
+
+def test_config_rejects_bad_settings():
+    with pytest.raises(ValueError, match="group_size"):
+        GADConfig(group_size=1)
+    with pytest.raises(ValueError, match="warmup_d_only_steps"):
+        GADConfig(warmup_steps=1, warmup_d_only_steps=2)
+    with pytest.raises(ValueError, match="clip"):
+        GADConfig(clip=1.5)
+
+
+# ---------------------------------------------------------------------------------------------------- discriminator
+
+def test_discriminator_scores_last_attended_token_and_round_trips(setup, tmp_path, tiny_tokenizer):
+    torch.manual_seed(0)
+    D = Discriminator.from_pretrained(setup["student"]).eval()
+    seq = torch.tensor([[5, 6, 7, 8]])
+    alone = D(seq, torch.ones_like(seq))
+    # right padding (with any id in the padded slots, even a real token) and left padding give the same score
+    right = torch.tensor([[5, 6, 7, 8, 9, 9], [5, 6, 7, 8, 3, 4]])
+    right_mask = torch.tensor([[1, 1, 1, 1, 0, 0]] * 2)
+    left = torch.tensor([[tiny_tokenizer.pad_token_id, 5, 6, 7, 8]])
+    torch.testing.assert_close(D(right, right_mask), alone.expand(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(D(left, torch.tensor([[0, 1, 1, 1, 1]])), alone, atol=1e-5, rtol=0)
+    assert not torch.allclose(D(seq[:, :3], torch.ones(1, 3, dtype=torch.long)), alone)  # the last token matters
+
+    D.save_pretrained(tmp_path / "d")
+    again = Discriminator.from_pretrained(tmp_path / "d").eval()
+    assert torch.equal(again(seq, torch.ones_like(seq)), alone)
+
+
+# ---------------------------------------------------------------------------------------------------- gad
+
+def test_one_gad_step_changes_student_and_discriminator(setup, tmp_path):
+    out = tmp_path / "run"
+    summary = gad(setup["data"], setup["student"], str(out), steps=1, progress=False, **TINY)
+    assert summary["steps_done"] == 1 and summary["warmup_steps_done"] == 0
+    rec = summary["final"]
+    for key in ("d_loss", "d_acc", "reward_mean", "teacher_score", "g_loss", "kl_ref", "clip_frac"):
+        assert math.isfinite(rec[key]), key
+    assert 0.0 <= rec["d_acc"] <= 1.0 and rec["kl_ref"] == 0.0  # the reference is the starting student
+    assert rec["d_loss"] > 0 and rec["sample_tokens"] >= 1
+
+    before = load_file(setup["student"] + "/model.safetensors")
+    after = _weights(out / "student")
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the student did not change"
+    d_after = _weights(out / "discriminator")
+    changed = [k for k in d_after if not torch.equal(d_after[k], before["model." + k])]
+    assert changed, "the discriminator's backbone did not change"
+    assert (out / "discriminator" / Discriminator.HEAD_FILE).exists()
+    assert json.loads((out / "summary.json").read_text())["history"] == summary["history"]
+    assert (out / "student" / "tokenizer.json").exists()
+
+
+def test_discriminator_learns_a_separable_toy_case(setup, tmp_path):
+    """Teacher responses are one repeated word; the untrained student samples random tokens: a few D-only
+    warm-up steps make D score the teacher above every sample."""
+    data = _write_data(tmp_path / "toy.jsonl", response=" ".join(["the"] * 6))
+    summary = gad(data, setup["student"], str(tmp_path / "toy"), warmup_steps=8, warmup_d_only_steps=8, steps=0,
+                  progress=False, **{**TINY, "d_lr": 1e-2, "save_every": 8})
+    acc = [h["d_acc"] for h in summary["history"]]
+    loss = [h["d_loss"] for h in summary["history"]]
+    assert len(acc) == 8 and all("sft_loss" not in h for h in summary["history"])  # D only
+    assert acc[-1] == 1.0 and np.mean(acc[-3:]) > acc[0], acc
+    assert loss[-1] < 0.5 * loss[0], loss
+
+
+def test_warmup_then_gad_resumes_to_the_same_result(setup, tmp_path):
+    settings = dict(warmup_steps=2, warmup_d_only_steps=1, steps=2, progress=False, **TINY)
+    full = gad(setup["data"], setup["student"], str(tmp_path / "full"), **settings)
+    assert [h["stage"] for h in full["history"]] == ["warmup"] * 2 + ["gad"] * 2
+    assert "sft_loss" not in full["history"][0] and "sft_loss" in full["history"][1]
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def stop_at(stage, step):
+        def hook(rec):
+            seen.append((rec["stage"], rec["step"]))
+            if (rec["stage"], rec["step"]) == (stage, step):
+                raise Stop
+        return hook
+
+    out = str(tmp_path / "cut")
+    with pytest.raises(Stop):  # interrupted inside the warm-up, after its step-1 checkpoint
+        gad(setup["data"], setup["student"], out, on_step=stop_at("warmup", 1), **settings)
+    with pytest.raises(Stop):  # resumed: warm-up step 2, then interrupted after the first adversarial step
+        gad(setup["data"], setup["student"], out, on_step=stop_at("gad", 1), **settings)
+    resumed = gad(setup["data"], setup["student"], out, on_step=lambda r: seen.append((r["stage"], r["step"])),
+                  **settings)
+    assert seen == [("warmup", 1), ("warmup", 2), ("gad", 1), ("gad", 2)]  # no step was redone
+
+    def numbers(h):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in h]
+    assert numbers(resumed["history"]) == numbers(full["history"])
+    for name in ("student", "discriminator"):
+        a, b = _weights(tmp_path / "full" / name), _weights(tmp_path / "cut" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+    # more adversarial steps continue the run; other settings are refused
+    longer = gad(setup["data"], setup["student"], out, **{**settings, "steps": 3})
+    assert longer["steps_done"] == 3 and numbers(longer["history"][:4]) == numbers(full["history"])
+    with pytest.raises(ValueError, match="lr: 0.001 there, 0.002 now"):
+        gad(setup["data"], setup["student"], out, **{**settings, "lr": 2e-3})
+
+
+def test_cli_gad(setup, tmp_path):
+    from bayeskd.cli import main
+
+    out = tmp_path / "cli"
+    args = ["gad", "--data", setup["data"], "--student", setup["student"], "--out", str(out), "--steps", "1",
+            "--group-size", "2", "--batch-prompts", "2", "--max-new-tokens", "4", "--seed", "1"]
+    res = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    printed = json.loads(res.output[res.output.index("{"):])
+    assert printed["steps_done"] == 1 and "history" not in printed
+    assert (out / "student" / "model.safetensors").exists()
+    bad = CliRunner().invoke(main, args[:-2] + ["--group-size", "1"])
+    assert bad.exit_code != 0 and "--group-size" in bad.output
