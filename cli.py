@@ -287,43 +287,5 @@ def gad_cmd(**kwargs) -> None:
     _run_job(gad, drop=("history",), **kwargs)
 
 
-@main.command("gad")
-@config_option
-@click.option("--data", required=True, help="Teacher generations (JSONL, Parquet or a saved HF dataset).")
-@click.option("--student", required=True, help="Student model (path or hub id): the generator.")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Output directory (out/warmup/, out/student/, out/discriminator/); a rerun resumes it.")
-@click.option("--discriminator", default=None, help="Where the discriminator starts (default: the student's "
-              "backbone with a new scalar head).")
-@click.option("--tokenizer", default=None, help="Tokenizer (default: the student's).")
-@click.option("--warmup-steps", default=0, show_default=True, type=click.IntRange(0),
-              help="Warm-up steps: SFT of the student on the teacher responses while the discriminator trains.")
-@click.option("--warmup-d-only-steps", default=0, show_default=True, type=click.IntRange(0),
-              help="The first warm-up steps update the discriminator only.")
-@click.option("--steps", default=100, show_default=True, type=click.IntRange(0), help="Adversarial (GRPO) steps.")
-@click.option("--group-size", default=8, show_default=True, type=click.IntRange(2), help="Samples per prompt.")
-@click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(0, min_open=True))
-@click.option("--batch-prompts", default=4, show_default=True, type=click.IntRange(1), help="Prompts per step.")
-@click.option("--lr", default=1e-5, show_default=True, type=float, help="Student learning rate (AdamW).")
-@click.option("--d-lr", default=1e-5, show_default=True, type=float, help="Discriminator learning rate (AdamW).")
-@click.option("--clip", default=0.2, show_default=True, type=float, help="PPO clip range.")
-@click.option("--kl-coef", default=0.001, show_default=True, type=click.FloatRange(0),
-              help="Weight of the KL to the reference (the warm-up student); 0: none.")
-@click.option("--ppo-epochs", default=1, show_default=True, type=click.IntRange(1))
-@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1))
-@click.option("--max-prompt-tokens", default=512, show_default=True, type=click.IntRange(1))
-@click.option("--micro-batch", default=None, type=click.IntRange(1), help="Prompts per forward/backward.")
-@click.option("--save-every", default=50, show_default=True, type=click.IntRange(1))
-@click.option("--seed", default=42, show_default=True, type=int)
-@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
-@click.option("--skip-bad", is_flag=True, help="Skip malformed records instead of failing.")
-def gad_cmd(**kwargs) -> None:
-    """Generative adversarial distillation: the student learns by GRPO from a discriminator's score, the
-    discriminator learns to tell the teacher's responses from the student's."""
-    from bayeskd.gad import gad
-
-    _run_job(gad, drop=("history",), **kwargs)
-
-
 if __name__ == "__main__":
     main()
