@@ -267,3 +267,32 @@ def test_alignment_diagnostics_on_a_model(setup):
     assert d["topk_mass_share"][-1] == 1.0  # all of V holds all the mass
     assert 0 <= d["topk_mass_share"][0] <= d["topk_mass_share"][1] <= 1
     assert d["teacher_token_logprob"] < 0 and 0 <= d["top1_match"] <= 1
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+def test_cli_align_proxy_and_distill_proxy_kd(setup, tmp_path):
+    from click.testing import CliRunner
+
+    from bayeskd.cli import main
+
+    out = tmp_path / "align"
+    res = CliRunner().invoke(main, ["align-proxy", "--data", setup["data"], "--proxy", setup["proxy"], "--out",
+                                    str(out), "--sft-epochs", "0", "--rounds", "1", "--max-new-tokens", "4",
+                                    "--batch-size", "8", "--diagnostic-records", "4"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert '"top1_match_after"' in res.output and '"stages"' not in res.output  # the compact summary is printed
+    assert json.loads((out / "summary.json").read_text())["final"] == str(out / "final")
+    assert (out / "final" / "config.json").exists() and (out / "final" / "tokenizer.json").exists()
+    res = CliRunner().invoke(main, ["align-proxy", "--data", setup["data"], "--proxy", setup["proxy"], "--out",
+                                    str(out), "--sft-epochs", "0", "--rounds", "1", "--max-new-tokens", "5"])
+    assert res.exit_code != 0 and "max_new_tokens" in res.output  # a clear refusal, no traceback
+
+    targets = _proxy_targets(tmp_path / "t", setup["tokenized"])
+    res = CliRunner().invoke(main, ["distill", "--data", setup["data"], "--student", setup["student"], "--targets",
+                                    targets, "--out", str(tmp_path / "s"), "--method", "proxy-kd",
+                                    "--weight-normalization", "token", "--proxy-kd-alpha", "0.5", "--max-steps", "1",
+                                    "--per-device-train-batch-size", "4"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    s = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert s["method"] == "proxy-kd" and s["proxy_kd_normalization"] == "token" and s["proxy_kd_alpha"] == 0.5
