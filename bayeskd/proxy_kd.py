@@ -323,8 +323,8 @@ def _dpo_round(policy_dir: Path, stage_tmp: Path, tok, tokenized: TokenizedData,
     from trl import DPOConfig
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    policy = AutoModelForCausalLM.from_pretrained(policy_dir).to(device)
-    ref = AutoModelForCausalLM.from_pretrained(policy_dir).to(device)
+    policy = AutoModelForCausalLM.from_pretrained(str(policy_dir)).to(device)
+    ref = AutoModelForCausalLM.from_pretrained(str(policy_dir)).to(device)
     prompts = [ids[:int(p)].tolist() for ids, p in zip(tokenized.input_ids, tokenized.prompt_lengths)]
     chosen = [ids[int(p):].tolist() for ids, p in zip(tokenized.input_ids, tokenized.prompt_lengths)]
     t0 = time.perf_counter()
@@ -385,7 +385,8 @@ def align_proxy(data: str, proxy: str, out: str, *, tokenizer: str | None = None
     -> out/round_{i}/. out/final/ is the last stage's model and tokenizer. Diagnostics (`alignment_diagnostics` on
     the first `diagnostic_records` records) are recorded for the initial proxy, after every stage and for the
     final model. Resumable: finished stages are reused; other settings than the first run's (except `rounds`)
-    raise `CacheMismatchError`. `training_args` go to both trainers (e.g. {"bf16": True}).
+    raise `CacheMismatchError`. `training_args` go to both trainers (e.g. {"bf16": True}). Runs in one process:
+    sampling, scoring and both trainers on `device` (default: cuda when available).
     """
     from transformers import AutoModelForCausalLM
 
@@ -409,7 +410,8 @@ def align_proxy(data: str, proxy: str, out: str, *, tokenizer: str | None = None
            "tokenizer_fingerprint": tokenized.fingerprint, "sft_epochs": sft_epochs, "beta": beta,
            "nll_weight": nll_weight, "temperature": temperature, "max_new_tokens": max_new_tokens,
            "sft_learning_rate": sft_learning_rate, "learning_rate": learning_rate, "dpo_epochs": dpo_epochs,
-           "batch_size": batch_size, "max_length": max_length, "seed": seed, "training_args": training_args}
+           "batch_size": batch_size, "max_length": max_length, "seed": seed, "training_args": training_args,
+           "diagnostic_records": diagnostic_records}
     _check_config(out_dir, json.loads(json.dumps(cfg, default=str)))
 
     def diagnose(model) -> dict[str, Any]:
@@ -425,10 +427,11 @@ def align_proxy(data: str, proxy: str, out: str, *, tokenizer: str | None = None
         stage = out_dir / "sft"
         if not _finished(stage):
             tmp = _fresh(out_dir / ".sft.tmp")
+            sft_args = dict(num_train_epochs=sft_epochs, learning_rate=sft_learning_rate,
+                            per_device_train_batch_size=batch_size, max_length=max_length, seed=seed,
+                            logging_steps=logging_steps, use_cpu=device == "cpu")
             s = distill(data, str(proxy), str(tmp), tokenizer=tokenizer, split=split, skip_bad=skip_bad,
-                        num_train_epochs=sft_epochs, learning_rate=sft_learning_rate,
-                        per_device_train_batch_size=batch_size, max_length=max_length, seed=seed,
-                        logging_steps=logging_steps, use_cpu=device == "cpu", **training_args)
+                        **{**sft_args, **training_args})
             s = {"stage": "sft", **{k: s[k] for k in ("steps", "train_loss", "first_loss", "final_loss",
                                                       "train_seconds", "log_history")}}
             s["diagnostics"] = diagnose(AutoModelForCausalLM.from_pretrained(tmp).to(device))
