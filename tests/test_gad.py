@@ -149,16 +149,26 @@ def test_one_gad_step_changes_student_and_discriminator(setup, tmp_path):
     assert json.loads((out / "summary.json").read_text())["history"] == summary["history"]
     assert (out / "student" / "tokenizer.json").exists()
 
+    # one prompt per forward/backward (gradient accumulation) gives the same step as the whole batch at once
+    micro = gad(setup["data"], setup["student"], str(tmp_path / "micro"), steps=1, progress=False,
+                **{**TINY, "micro_batch": 1})["final"]
+    for key in ("d_loss", "d_acc", "reward_mean", "g_loss", "d_grad_norm", "g_grad_norm"):
+        assert micro[key] == pytest.approx(rec[key], rel=1e-4, abs=1e-6), key
+    w_micro = _weights(tmp_path / "micro" / "student")
+    assert all(torch.allclose(w_micro[k], after[k], atol=1e-6) for k in after)
 
-def test_discriminator_learns_a_separable_toy_case(setup, tmp_path):
+
+@pytest.mark.parametrize("stage", ["warmup", "gad"])
+def test_discriminator_learns_a_separable_toy_case(setup, tmp_path, stage):
     """Teacher responses are one repeated word; the untrained student samples random tokens: a few D-only
-    warm-up steps make D score the teacher above every sample."""
+    warm-up steps, or a few GAD steps, make D score the teacher above every sample."""
     data = _write_data(tmp_path / "toy.jsonl", response=" ".join(["the"] * 6))
-    summary = gad(data, setup["student"], str(tmp_path / "toy"), warmup_steps=8, warmup_d_only_steps=8, steps=0,
-                  progress=False, **{**TINY, "d_lr": 1e-2, "save_every": 8})
+    steps = {"warmup_steps": 6, "warmup_d_only_steps": 6, "steps": 0} if stage == "warmup" else {"steps": 6}
+    summary = gad(data, setup["student"], str(tmp_path / "toy"), progress=False,
+                  **{**TINY, "d_lr": 1e-2, "save_every": 6, **steps})
     acc = [h["d_acc"] for h in summary["history"]]
     loss = [h["d_loss"] for h in summary["history"]]
-    assert len(acc) == 8 and all("sft_loss" not in h for h in summary["history"])  # D only
+    assert len(acc) == 6 and all(h["stage"] == stage and "sft_loss" not in h for h in summary["history"])
     assert acc[-1] == 1.0 and np.mean(acc[-3:]) > acc[0], acc
     assert loss[-1] < 0.5 * loss[0], loss
 
@@ -209,11 +219,12 @@ def test_cli_gad(setup, tmp_path):
 
     out = tmp_path / "cli"
     args = ["gad", "--data", setup["data"], "--student", setup["student"], "--out", str(out), "--steps", "1",
-            "--group-size", "2", "--batch-prompts", "2", "--max-new-tokens", "4", "--seed", "1"]
+            "--group-size", "2", "--batch-prompts", "2", "--max-new-tokens", "4", "--ppo-epochs", "2", "--seed", "1"]
     res = CliRunner().invoke(main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     printed = json.loads(res.output[res.output.index("{"):])
     assert printed["steps_done"] == 1 and "history" not in printed
+    assert 0.0 <= printed["final"]["clip_frac_last"] <= 1.0  # the second PPO pass ran against the old policy
     assert (out / "student" / "model.safetensors").exists()
     bad = CliRunner().invoke(main, args[:-2] + ["--group-size", "1"])
     assert bad.exit_code != 0 and "--group-size" in bad.output
