@@ -419,12 +419,10 @@ def _step_seed(seed: int, stage: str, step: int) -> int:
 
 def _batch_indices(n_records: int, batch_prompts: int, seed: int, stage: str, step: int) -> list[int]:
     """Prompts of a step: a seeded permutation per epoch, walked `batch_prompts` at a time (stateless)."""
-    out = []
-    for j in range(step * batch_prompts, (step + 1) * batch_prompts):
-        epoch = j // n_records
-        perm = np.random.default_rng([seed, {"warmup": 0, "gad": 1}[stage], epoch]).permutation(n_records)
-        out.append(int(perm[j % n_records]))
-    return out
+    positions = range(step * batch_prompts, (step + 1) * batch_prompts)
+    perms = {e: np.random.default_rng([seed, {"warmup": 0, "gad": 1}[stage], e]).permutation(n_records)
+             for e in {j // n_records for j in positions}}
+    return [int(perms[j // n_records][j % n_records]) for j in positions]
 
 
 def _prepare_data(data: str, tok, cfg: GADConfig, split: str, skip_bad: bool) -> tuple[list[list[int]],

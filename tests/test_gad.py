@@ -228,3 +228,12 @@ def test_cli_gad(setup, tmp_path):
     assert (out / "student" / "model.safetensors").exists()
     bad = CliRunner().invoke(main, args[:-2] + ["--group-size", "1"])
     assert bad.exit_code != 0 and "--group-size" in bad.output
+
+
+def test_prompt_batches_visit_every_record_once_per_epoch():
+    from bayeskd.gad import _batch_indices
+
+    idx = [i for step in range(6) for i in _batch_indices(5, 2, seed=0, stage="gad", step=step)]
+    assert sorted(idx[:5]) == list(range(5)) and sorted(idx[5:10]) == list(range(5))
+    assert idx[:5] != idx[5:10]  # a new permutation each epoch (fixed seed: deterministic)
+    assert _batch_indices(5, 2, 0, "gad", 3) == idx[6:8]  # stateless: a resumed run picks the same prompts
