@@ -16,6 +16,9 @@ __all__ = [
     "kl_teacher_to_estimate", "top1_match", "topk_mass_coverage", "smoothed_one_hot",
     "build_lab", "BlackBoxTeacher", "WhiteBoxTeacher", "sample_teacher_jsonl",
     "TARGET_FLOOR", "combine", "sparse_kd_loss", "fused_posterior_kd",
+    "run_lab", "LabRunConfig", "evaluate", "response_logprobs", "student_metrics",
+    "GADConfig", "gad", "Discriminator", "bradley_terry_loss", "discriminator_accuracy", "group_advantages",
+    "grpo_loss",
 ]
 __version__ = "0.1.0"
 
@@ -24,6 +27,10 @@ __version__ = "0.1.0"
 _LAZY = {name: "bayeskd.posterior" for name in ("ProxyPosterior", "estimate_posterior")}
 _LAZY.update({name: "bayeskd.lab" for name in ("build_lab", "BlackBoxTeacher", "WhiteBoxTeacher",
                                                "sample_teacher_jsonl")})
+_LAZY.update({name: "bayeskd.lab_run" for name in ("run_lab", "LabRunConfig")})
+_LAZY.update({name: "bayeskd.evaluate" for name in ("evaluate", "response_logprobs", "student_metrics")})
+_LAZY.update({name: "bayeskd.gad" for name in ("GADConfig", "gad", "Discriminator", "bradley_terry_loss",
+                                               "discriminator_accuracy", "group_advantages", "grpo_loss")})
 _LAZY.update({name: "bayeskd.train" for name in ("BayesKDConfig", "BayesKDTrainer", "BayesKDCollator",
                                                  "TeacherTargetsDataset", "distill")})
 
