@@ -12,18 +12,22 @@ import inspect
 import json
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from bayeskd.losses import combine
-from bayeskd.sparse import (MANIFEST, CacheMismatchError, ShardWriter, SparseDist, atomic_write_json, check_manifest,
-                            read_manifest)
+from bayeskd.sparse import (MANIFEST, CacheMismatchError, ShardReader, ShardWriter, SparseDist, atomic_write_json,
+                            check_manifest, read_manifest)
 
 MODES = ("log_linear", "dirichlet", "mixture")
+TEACHER_LOGPROB = "proxy_teacher_logprob"  # per-row shard extra: the proxy's log q(teacher token | context)
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
 
@@ -204,124 +208,158 @@ class ProxyPosterior:
                              f"vocabulary of {vocab_size} tokens; the proxy must share the student tokenizer")
 
     # ------------------------------------------------------------------ proxy forward
+    def _logits_at(self, ids: torch.Tensor, mask: torch.Tensor, b_t: torch.Tensor, p_t: torch.Tensor,
+                   start: int) -> torch.Tensor:
+        """Proxy logits [M, W] at the positions (b_t[m], p_t[m]) of the batch. The output embedding runs from the
+        position `start` on (`logits_to_keep`, the shortest prompt), over the whole batch: its matmul keeps the
+        shape of earlier versions, so the shards stay bit-identical (a matmul over the selected rows alone gives
+        other bits for small batches on CPU)."""
+        kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+        start = start if self._keep_arg else 0
+        if start > 0:
+            kwargs["logits_to_keep"] = int(ids.shape[1] - start)
+        return self.model(**kwargs).logits[b_t, p_t - start]
+
     @torch.no_grad()
-    def proxy_topk(self, tokenized, indices, vocab_size: int | None = None) -> SparseDist:
+    def proxy_topk(self, tokenized, indices, vocab_size: int | None = None, *, teacher_logprob: bool = False,
+                   top_k: int | None = None, pool: ThreadPoolExecutor | None = None) -> SparseDist:
         """Proxy next-token top-K rows at every response position of the records `indices` (rows in the order of
-        `indices`, positions in order), over the first `vocab_size` ids (default: the tokenizer's), renormalised."""
+        `indices`, positions in order), over the first `vocab_size` ids (default: the tokenizer's), renormalised.
+
+        K = `top_k`, else `proxy_top_k`, else the posterior's `top_k`. With `teacher_logprob`, extras
+        ["proxy_teacher_logprob"] (float32 [N]) holds the proxy's log q(teacher token | context) from the full
+        softmax (0.0 at a response token with no context). With `pool` (one worker), the top-K of each batch is
+        taken there while the next batch runs through the proxy; the result is complete once the pool's queued
+        work is done (`estimate` uses this; callers without a pool get finished rows)."""
         V = int(vocab_size if vocab_size is not None else tokenized.vocab_size)
         self.check_vocab(V)
-        K = min(self.proxy_top_k or self.top_k, V)
-        indices = [int(i) for i in indices]
-        lens_all = [len(tokenized.input_ids[i]) for i in indices]
-        plens_all = [int(tokenized.prompt_lengths[i]) for i in indices]
-        counts = [l - p for l, p in zip(lens_all, plens_all)]
-        offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]) if counts else np.zeros(1, np.int64)
+        K = min(top_k or self.proxy_top_k or self.top_k, V)
+        indices = np.asarray([int(i) for i in indices], dtype=np.int64)
+        lens_all = np.array([len(tokenized.input_ids[i]) for i in indices], dtype=np.int64)
+        plens_all = np.asarray(tokenized.prompt_lengths, dtype=np.int64)[indices]
+        offsets = np.concatenate([[0], np.cumsum(lens_all - plens_all)]).astype(np.int64)
         N = int(offsets[-1])
-        out_idx = torch.full((N, K), -1, dtype=torch.int32)
-        out_lp = torch.full((N, K), float("-inf"))
-        out_tail = torch.ones(N)
+        out = SparseDist(torch.full((N, K), -1, dtype=torch.int32), torch.full((N, K), float("-inf")),
+                         torch.ones(N), V)
+        if teacher_logprob:
+            out.extras[TEACHER_LOGPROB] = torch.zeros(N)
         # positions in `indices`, longest record first (stable: the same batches as sorting the ids)
-        order = sorted(range(len(indices)), key=lambda q: -lens_all[q])
+        order = np.argsort(-lens_all, kind="stable")
         for s in range(0, len(order), self.batch_size):
             batch = order[s:s + self.batch_size]
-            lens = [lens_all[q] for q in batch]
-            plens = [plens_all[q] for q in batch]
-            L = max(lens)
+            lens, plens = lens_all[batch], plens_all[batch]
+            # response rows with a context: the token at p >= max(plen, 1) is predicted by the logits at p - 1
+            # (a response token at position 0 has no context: its row stays uniform, tail 1)
+            first = np.maximum(plens, 1)
+            n = np.maximum(lens - first, 0)
+            if n.sum() == 0:
+                continue
+            starts = np.cumsum(n) - n
+            ramp = np.arange(int(n.sum())) - np.repeat(starts, n)
+            b_t = torch.from_numpy(np.repeat(np.arange(len(batch)), n))
+            p_t = torch.from_numpy(np.repeat(first - 1, n) + ramp)
+            o_t = torch.from_numpy(np.repeat(offsets[batch] + first - plens, n) + ramp)
+            L = int(lens.max())
             ids = torch.zeros((len(batch), L), dtype=torch.long)
             mask = torch.zeros((len(batch), L), dtype=torch.long)
             for j, q in enumerate(batch):
                 ids[j, :lens[j]] = torch.from_numpy(tokenized.input_ids[indices[q]].astype(np.int64))
                 mask[j, :lens[j]] = 1
-            # logits needed at positions p-1 for p >= prompt length (>= 1): from min(plen)-1 on
-            start = max(min(plens) - 1, 0)
-            kwargs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device), "use_cache": False}
-            if self._keep_arg and start > 0:
-                kwargs["logits_to_keep"] = L - start
-                offset = start
-            else:
-                offset = 0
-            logits = self.model(**kwargs).logits  # [B, L - offset, W]
+            logits = self._logits_at(ids.to(self.device), mask.to(self.device), b_t.to(self.device),
+                                     p_t.to(self.device), max(int(plens.min()) - 1, 0))
             if logits.shape[-1] < V:
                 raise ValueError(f"proxy {self.name}: logits width {logits.shape[-1]} is smaller than the "
                                  f"vocabulary size {V}")
-            # every response row of the batch: (batch row, logits position) -> output row
-            bsel, psel, osel = [], [], []
-            for j, q in enumerate(batch):
-                first = 1 if plens[j] == 0 else 0  # no context for the first response token: uniform (tail 1)
-                n = lens[j] - plens[j]
-                if n > first:
-                    bsel.append(np.full(n - first, j, dtype=np.int64))
-                    psel.append(np.arange(plens[j] + first - 1 - offset, lens[j] - 1 - offset, dtype=np.int64))
-                    osel.append(np.arange(offsets[q] + first, offsets[q] + n, dtype=np.int64))
-            if bsel:
-                b_t = torch.from_numpy(np.concatenate(bsel)).to(logits.device)
-                p_t = torch.from_numpy(np.concatenate(psel)).to(logits.device)
-                o_t = torch.from_numpy(np.concatenate(osel))
-                lg = logits[:, :, :V][b_t, p_t].float()  # [M, V]
-                lp = torch.log_softmax(lg, dim=-1)
-                del lg
-                top = torch.topk(lp, K, dim=-1)
-                del lp
-                if K == V:
-                    tail = torch.zeros(top.values.shape[0])
-                else:
-                    tail = (-torch.expm1(torch.logsumexp(top.values.double(), dim=-1))).clamp(min=0.0)
-                out_idx[o_t] = top.indices.to(torch.int32).cpu()
-                out_lp[o_t] = top.values.cpu()
-                out_tail[o_t] = tail.float().cpu()
-            del logits
-        return SparseDist(out_idx, out_lp, out_tail, V)
+            y_t = ids[b_t, p_t + 1] if teacher_logprob else None
+            if pool is None:
+                _fill_proxy_rows(out, o_t, logits, V, K, y_t)
+            else:
+                pool.submit(_fill_proxy_rows, out, o_t, logits, V, K, y_t)
+        return out
 
     # ------------------------------------------------------------------ posterior rows
-    def posterior_rows(self, tokenized, indices, prior, *, leave_one_out: bool = True) -> SparseDist:
-        """The combined posterior rows for the records `indices` (what one shard holds)."""
+    def posterior_rows(self, tokenized, indices, prior=None, *, leave_one_out: bool = True,
+                       teacher_logprob: bool | None = None) -> SparseDist:
+        """The rows one shard holds for the records `indices`: the posterior (or, with `prior=None`, the proxy's
+        own top-K rows), with the teacher-token log-probability extra when `teacher_logprob` (default: only
+        without a prior)."""
+        tlp = prior is None if teacher_logprob is None else bool(teacher_logprob)
         seqs = [tokenized.response_sequences()[int(i)] for i in indices]
-        prior_rows = prior.topk(seqs, self.top_k, leave_one_out=leave_one_out)
-        proxy_rows = self.proxy_topk(tokenized, indices, prior.vocab_size)
+        V = int(prior.vocab_size) if prior is not None else int(tokenized.vocab_size)
+        prior_rows = prior.topk(seqs, self.top_k, leave_one_out=leave_one_out) if prior is not None else None
+        proxy_rows = self.proxy_topk(tokenized, indices, V, teacher_logprob=tlp,
+                                     top_k=self.top_k if prior is None else None)
         return self._combine(prior_rows, proxy_rows, seqs)
 
-    def _combine(self, prior_rows: SparseDist, proxy_rows: SparseDist, seqs) -> SparseDist:
+    def _combine(self, prior_rows: SparseDist | None, proxy_rows: SparseDist, seqs) -> SparseDist:
         teacher = None
         if self.evidence > 0:
             teacher = torch.from_numpy(np.concatenate(seqs).astype(np.int64)) if len(seqs) else \
                 torch.empty(0, dtype=torch.int64)
-        return combine(prior_rows, proxy_rows, self.mode, a=self.a, b=self.b, c=self.c, w=self.w,
-                       teacher_tokens=teacher, evidence=self.evidence, top_k=self.top_k)
+        extras = {k: v for k, v in proxy_rows.extras.items() if k == TEACHER_LOGPROB}
+        if prior_rows is None:  # proxy-only targets; evidence adds the teacher token as with a prior
+            post = proxy_rows if self.evidence <= 0 else combine(
+                SparseDist(proxy_rows.indices, proxy_rows.logprobs, proxy_rows.tail, proxy_rows.vocab_size),
+                None, teacher_tokens=teacher, evidence=self.evidence, top_k=self.top_k)
+        else:
+            post = combine(prior_rows, proxy_rows, self.mode, a=self.a, b=self.b, c=self.c, w=self.w,
+                           teacher_tokens=teacher, evidence=self.evidence, top_k=self.top_k)
+        return SparseDist(post.indices, post.logprobs, post.tail, post.vocab_size, post.temperature, extras)
 
-    def estimate(self, tokenized, prior, out_dir, *, leave_one_out: bool = True, shard_records: int = 256,
-                 tokenizer_fingerprint: str | None = None, max_shards: int | None = None,
-                 progress: bool = True) -> dict[str, Any]:
-        """Write the posterior top-K rows of every response position of `tokenized` into `out_dir` as
-        SparseDist shards of `shard_records` whole records (extras `record_index`, `lengths`), skipping shards
-        already finished (resume). `max_shards` stops after writing that many new shards (for tests/partial
-        runs). Returns (and writes `out_dir/summary.json`) a summary."""
+    def estimate(self, tokenized, prior=None, out_dir=None, *, leave_one_out: bool = True, shard_records: int = 256,
+                 tokenizer_fingerprint: str | None = None, max_shards: int | None = None, progress: bool = True,
+                 teacher_logprob: bool | None = None, prior_topk: str | os.PathLike | None = None,
+                 overlap: bool = True) -> dict[str, Any]:
+        """Write the target rows of every response position of `tokenized` into `out_dir` as SparseDist shards of
+        `shard_records` whole records (extras `record_index`, `lengths`), skipping shards already finished
+        (resume). `max_shards` stops after writing that many new shards (for tests/partial runs). Returns (and
+        writes `out_dir/summary.json`) a summary.
+
+        prior: an `NGramPrior` (posterior targets) or None (proxy-only targets, mode "proxy" in the config).
+        teacher_logprob: store the per-row extra "proxy_teacher_logprob" (default: True without a prior).
+        prior_topk: a directory of the prior's top-K shards (`estimate-prior --write-topk`) made with the same
+        K, leave-one-out setting, tokenizer and records: its rows are read instead of recomputed.
+        overlap: take the proxy top-K, the prior top-K, the combination and the shard writing on a background
+        thread while the proxy runs (the shards are the same either way)."""
         t0 = time.perf_counter()
-        V = int(prior.vocab_size)
+        if out_dir is None:
+            raise ValueError("estimate needs out_dir")
+        V = int(prior.vocab_size) if prior is not None else int(tokenized.vocab_size)
         if V != int(tokenized.vocab_size):
             raise ValueError(f"the prior's vocabulary ({V} tokens) differs from the tokenizer's "
                              f"({tokenized.vocab_size} tokens); estimate the prior with the same tokenizer")
         if self.top_k > V:
             raise ValueError(f"top_k={self.top_k} is larger than the vocabulary size V={V}")
+        if prior is None and self.proxy_top_k not in (None, self.top_k):
+            raise ValueError(f"proxy_top_k={self.proxy_top_k} applies to combining with a prior; proxy-only "
+                             f"targets keep the proxy's top_k={self.top_k} entries")
         fp = tokenized.fingerprint
         if tokenizer_fingerprint is not None and tokenizer_fingerprint != fp:
             raise CacheMismatchError(f"tokenizer fingerprint {tokenizer_fingerprint[:12]}… does not match the "
                                      f"tokenized data's {fp[:12]}…")
         self.check_vocab(V)
+        tlp = prior is None if teacher_logprob is None else bool(teacher_logprob)
         out = Path(out_dir)
-        config = {**self.config(), "prior": prior.config(), "leave_one_out": bool(leave_one_out),
-                  "shard_records": int(shard_records)}
+        if prior is None:
+            config = {**self.config(), "mode": "proxy", "prior": None, "leave_one_out": None}
+        else:
+            config = {**self.config(), "prior": prior.config(), "leave_one_out": bool(leave_one_out)}
+        config.update({"shard_records": int(shard_records), "teacher_logprob": tlp})
+        source = None
+        if prior is not None:
+            source = _PriorTopK(prior, self.top_k, bool(leave_one_out), tokenized, prior_topk)
         rank, world, created = _init_distributed()
         try:
-            return self._estimate(tokenized, prior, out, config, V, fp, leave_one_out, shard_records, max_shards,
-                                  progress, rank, world, t0)
+            return self._estimate(tokenized, source, out, config, V, fp, shard_records, max_shards, progress, rank,
+                                  world, t0, tlp, overlap)
         finally:
             if created:
                 import torch.distributed as dist
 
                 dist.destroy_process_group()
 
-    def _estimate(self, tokenized, prior, out: Path, config, V, fp, leave_one_out, shard_records, max_shards,
-                  progress, rank: int, world: int, t0: float) -> dict[str, Any]:
+    def _estimate(self, tokenized, source: "_PriorTopK | None", out: Path, config, V, fp, shard_records, max_shards,
+                  progress, rank: int, world: int, t0: float, tlp: bool, overlap: bool) -> dict[str, Any]:
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
         _barrier(world)
@@ -330,34 +368,63 @@ class ProxyPosterior:
         seqs = tokenized.response_sequences()
         lengths = np.array([len(s) for s in seqs], dtype=np.int64)
         bounds = record_shard_bounds(len(seqs), shard_records)
-        t_prior = t_proxy = t_comb = 0.0
-        written = skipped = 0
-        rows_written = 0
+        times = {"prior": 0.0, "proxy": 0.0, "comb": 0.0, "write": 0.0}
+        counts = {"written": 0, "skipped": 0, "rows_written": 0}
         mine = [i for i in range(len(bounds)) if i % world == rank]
-        for i in tqdm(mine, desc="posterior shards" + (f" (rank {rank}/{world})" if world > 1 else ""),
-                      unit="shard", disable=not progress or rank != 0):
+        todo = [i for i in mine if not writer.has_shard(f"shard-{i:05d}")]
+        counts["skipped"] = len(mine) - len(todo)
+        if max_shards is not None:
+            todo = todo[:max_shards]
+
+        def timed(key, fn, *args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                times[key] += time.perf_counter() - t
+
+        def prior_rows(i):
+            return None if source is None else timed("prior", source.rows, *bounds[i])
+
+        def finish(i, prior_rows, proxy_rows):
             lo, hi = bounds[i]
-            name = f"shard-{i:05d}"
-            if writer.has_shard(name):
-                skipped += 1
-                continue
-            if max_shards is not None and written >= max_shards:
-                break
-            t = time.perf_counter()
-            prior_rows = prior.topk(seqs[lo:hi], self.top_k, leave_one_out=leave_one_out)
-            t_prior += time.perf_counter() - t
-            t = time.perf_counter()
-            proxy_rows = self.proxy_topk(tokenized, range(lo, hi), V)
-            t_proxy += time.perf_counter() - t
-            t = time.perf_counter()
-            post = self._combine(prior_rows, proxy_rows, seqs[lo:hi])
-            t_comb += time.perf_counter() - t
-            writer.write(name, post, extra={"record_index": torch.arange(lo, hi, dtype=torch.int64),
-                                            "lengths": torch.from_numpy(lengths[lo:hi])})
-            written += 1
-            rows_written += post.num_rows
-        stats = _gather({"written": written, "skipped": skipped, "rows_written": rows_written, "t_prior": t_prior,
-                         "t_proxy": t_proxy, "t_comb": t_comb}, world)
+            if isinstance(prior_rows, Future):
+                prior_rows = prior_rows.result()
+            post = timed("comb", self._combine, prior_rows, proxy_rows, seqs[lo:hi])
+            timed("write", writer.write, f"shard-{i:05d}", post,
+                  extra={"record_index": torch.arange(lo, hi, dtype=torch.int64),
+                         "lengths": torch.from_numpy(lengths[lo:hi])})
+            counts["written"] += 1
+            counts["rows_written"] += post.num_rows
+
+        proxy_k = self.top_k if source is None else None
+        bar = tqdm(total=len(todo), desc="posterior shards" + (f" (rank {rank}/{world})" if world > 1 else ""),
+                   unit="shard", disable=not progress or rank != 0)
+        # One worker thread, first in first out: the prior rows of the next shard, the proxy top-K of each batch
+        # and the combination + write of each shard run there while this thread feeds the proxy.
+        with _background_worker(overlap) as pool:
+            pending: list[Future] = []
+            prior_next = pool.submit(prior_rows, todo[0]) if pool and todo else None
+            for n, i in enumerate(todo):
+                lo, hi = bounds[i]
+                prior_now = prior_next if pool else prior_rows(i)
+                if pool and n + 1 < len(todo):
+                    prior_next = pool.submit(prior_rows, todo[n + 1])
+                proxy_rows = timed("proxy", self.proxy_topk, tokenized, range(lo, hi), V, teacher_logprob=tlp,
+                                   top_k=proxy_k, pool=pool)
+                if pool is None:
+                    finish(i, prior_now, proxy_rows)
+                    bar.update(1)
+                    continue
+                pending.append(pool.submit(finish, i, prior_now, proxy_rows))
+                while len(pending) > 1:  # at most two shards in flight (memory)
+                    pending.pop(0).result()
+                    bar.update(1)
+            for f in pending:
+                f.result()
+                bar.update(1)
+        bar.close()
+        stats = _gather({**counts, **{f"t_{k}": v for k, v in times.items()}}, world)
         _barrier(world)  # every rank's shards and manifest are on disk
         if rank == 0:
             writer.merge_manifests()
@@ -375,10 +442,14 @@ class ProxyPosterior:
             "shards_written": written, "shards_skipped": sum(s["skipped"] for s in stats),
             "complete": done == len(bounds), "world_size": world,
             "vocab_size": V, **config, "tokenizer_fingerprint": fp,
-            # seconds summed over ranks
+            "prior_rows": None if source is None else source.how,
+            # seconds summed over ranks; with overlap the parts run at the same time, so they add up to more
+            # than `seconds`. proxy_forward_seconds: the proxy batches (with overlap, their top-K is elsewhere)
             "prior_topk_seconds": round(sum(s["t_prior"] for s in stats), 4),
             "proxy_forward_seconds": round(sum(s["t_proxy"] for s in stats), 4),
-            "combine_seconds": round(sum(s["t_comb"] for s in stats), 4), "seconds": round(seconds, 4),
+            "combine_seconds": round(sum(s["t_comb"] for s in stats), 4),
+            "write_seconds": round(sum(s["t_write"] for s in stats), 4), "overlap": bool(overlap),
+            "seconds": round(seconds, 4),
             "bytes": total_bytes, "bytes_per_token": round(total_bytes / rows, 2) if rows else None,
             "rows_per_second": round(rows_written / seconds) if written else None,
         }
@@ -386,6 +457,122 @@ class ProxyPosterior:
             atomic_write_json(out / "summary.json", summary)
         _barrier(world)
         return summary
+
+
+def _fill_proxy_rows(out: SparseDist, o_t: torch.Tensor, logits: torch.Tensor, V: int, K: int,
+                     y_t: torch.Tensor | None) -> None:
+    """Write the top-K rows (and teacher-token log-probabilities) of the logits [M, >=V] into `out` at rows o_t."""
+    lp = torch.log_softmax(logits[:, :V].float(), dim=-1)
+    del logits
+    values, idx = fast_topk(lp, K)
+    if y_t is not None:
+        out.extras[TEACHER_LOGPROB][o_t] = lp.gather(1, y_t.to(lp.device)[:, None])[:, 0].float().cpu()
+    del lp
+    if K == V:
+        tail = torch.zeros(values.shape[0])
+    else:
+        tail = (-torch.expm1(torch.logsumexp(values.double(), dim=-1))).clamp(min=0.0)
+    out.indices[o_t] = idx.to(torch.int32).cpu()
+    out.logprobs[o_t] = values.cpu()
+    out.tail[o_t] = tail.float().cpu()
+
+
+def fast_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.topk(x, k, dim=-1)` (largest first) of the rows of a 2-D tensor: the same values, and the same
+    indices except where values tie. On CPU, when k is small next to the row, only k·8 candidates are ranked:
+    the columns are split into groups of 8 (column j, j + G, ..., j + 7G); the k groups with the largest maxima
+    hold k entries >= the k-th largest group maximum m, so the k-th largest entry is >= m, and every entry of
+    another group is <= m (at most a tie). torch.topk on CPU copies and heaps every entry of the row."""
+    n, width = x.shape
+    g = width // _GROUP
+    if x.device.type != "cpu" or k * _GROUP * 2 > width:
+        return torch.topk(x, k, dim=-1)
+    head = x[:, :g * _GROUP].view(n, _GROUP, g)
+    groups = head.amax(dim=1).topk(k, dim=-1, sorted=False).indices  # [n, k]
+    cand = (groups[:, None, :] + torch.arange(_GROUP)[None, :, None] * g).reshape(n, k * _GROUP)
+    if width > g * _GROUP:  # the last width % 8 columns are always candidates
+        cand = torch.cat([cand, torch.arange(g * _GROUP, width).expand(n, -1)], dim=1)
+    values, pos = x.gather(1, cand).topk(k, dim=-1)
+    return values, cand.gather(1, pos)
+
+
+_GROUP = 8
+
+
+@contextmanager
+def _background_worker(enabled: bool = True):
+    """One worker thread (first in, first out) for `estimate`, or None. Its torch ops use one intra-op thread
+    (OpenMP keeps the count per calling thread), so it and the proxy's thread team do not oversubscribe the
+    cores; the process-wide default is restored afterwards."""
+    if not enabled:
+        yield None
+        return
+    threads = torch.get_num_threads()
+    pool = ThreadPoolExecutor(1, thread_name_prefix="bayeskd-posterior",
+                              initializer=torch.set_num_threads if threads > 1 else None,
+                              initargs=(1,) if threads > 1 else ())
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
+
+
+class _PriorTopK:
+    """The prior's top-K rows of consecutive records: read from `estimate-prior --write-topk` shards when they
+    were made for the same records, K, leave-one-out setting and tokenizer (they are what `prior.topk` computes),
+    otherwise computed with `prior.topk`. `how` says which."""
+
+    def __init__(self, prior, k: int, leave_one_out: bool, tokenized, topk_dir: str | os.PathLike | None = None):
+        self.prior, self.k, self.loo = prior, int(k), bool(leave_one_out)
+        self.seqs = tokenized.response_sequences()
+        self.how, self.reader, self.starts, self.names, self._cache = "computed", None, None, [], (None, None)
+        if topk_dir is not None:
+            self._open(Path(topk_dir), tokenized)
+
+    def _open(self, topk_dir: Path, tokenized) -> None:
+        reader = ShardReader(topk_dir, vocab_size=self.prior.vocab_size, k=self.k,
+                             tokenizer_fingerprint=tokenized.fingerprint)
+        cfg = reader.manifest["config"]
+        if cfg.get("leave_one_out") != self.loo:
+            raise CacheMismatchError(f"{topk_dir}: prior top-K rows made with leave_one_out="
+                                     f"{cfg.get('leave_one_out')}, asked for {self.loo}")
+        for key, val in self.prior.config().items():
+            if key in cfg and cfg[key] != val:
+                raise CacheMismatchError(f"{topk_dir}: prior top-K rows made with {key}={cfg[key]!r}, the prior "
+                                         f"has {val!r}")
+        names, starts, lengths = [], [], []
+        for name in reader.shard_names:
+            with safe_open(str(topk_dir / name), "pt") as f:
+                starts.append(int(f.get_slice("extra.record_index")[0:1][0]))
+                lengths.append(f.get_tensor("extra.lengths"))
+            names.append(name)
+        lengths = torch.cat(lengths).numpy() if lengths else np.zeros(0, np.int64)
+        want = np.array([len(s) for s in self.seqs], dtype=np.int64)
+        if len(lengths) != len(want) or (lengths != want).any():
+            raise CacheMismatchError(f"{topk_dir}: prior top-K rows were made for other records ({len(lengths)} "
+                                     f"records) than the {len(want)} records given")
+        self.reader, self.names, self.starts, self.how = reader, names, np.array(starts), "read"
+        self.row_start = np.concatenate([[0], np.cumsum(want)])
+
+    def rows(self, lo: int, hi: int) -> SparseDist:
+        if self.reader is None:
+            return self.prior.topk(self.seqs[lo:hi], self.k, leave_one_out=self.loo)
+        parts, r = [], lo
+        while r < hi:
+            s = int(np.searchsorted(self.starts, r, side="right")) - 1
+            dist, first = self._shard(s)
+            end = min(hi, int(self.starts[s + 1]) if s + 1 < len(self.starts) else hi)
+            a, b = self.row_start[r] - self.row_start[first], self.row_start[end] - self.row_start[first]
+            parts.append(dist[int(a):int(b)])
+            r = end
+        return parts[0] if len(parts) == 1 else SparseDist.cat(parts)
+
+    def _shard(self, s: int) -> tuple[SparseDist, int]:
+        if self._cache[0] != s:  # consecutive output shards mostly fall in the same prior shard: keep the last
+            dist, _ = self.reader.read(self.names[s])
+            self._cache = (s, dist)
+        return self._cache[1], int(self.starts[s])
 
 
 def estimate_posterior(data: str | None = None, prior_dir: str | None = None, proxy=None, out: str | None = None,
