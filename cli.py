@@ -81,8 +81,9 @@ def estimate_prior_cmd(**kwargs) -> None:
 @main.command("estimate-posterior")
 @config_option
 @click.option("--data", default=None, help="Teacher generations (default: the data named in the prior's summary.json).")
-@click.option("--prior", "prior_dir", required=True, type=click.Path(file_okay=False),
-              help="An estimate-prior output directory (or a saved NGramPrior directory).")
+@click.option("--prior", "prior_dir", default=None, type=click.Path(file_okay=False),
+              help="An estimate-prior output directory (or a saved NGramPrior directory); 'none' or omitted: "
+              "proxy-only targets (the proxy's own top-K rows; then --data is needed).")
 @click.option("--proxy", required=True, help="Proxy causal LM (path or hub id) sharing the student tokenizer.")
 @click.option("--tokenizer", default=None, help="Student tokenizer (default: the one named in the prior's summary.json).")
 @click.option("--top-k", "top_k", default=64, show_default=True, type=click.IntRange(1))
@@ -97,6 +98,9 @@ def estimate_prior_cmd(**kwargs) -> None:
 @click.option("--evidence", default=0.0, show_default=True, type=float,
               help="Observations added for the teacher's own token.")
 @click.option("--leave-one-out/--no-leave-one-out", default=True, show_default=True)
+@click.option("--teacher-logprob/--no-teacher-logprob", "teacher_logprob", default=None,
+              help="Store the proxy's log-probability of each teacher token (shard extra proxy_teacher_logprob). "
+              "Default: on for proxy-only targets, off with a prior.")
 @click.option("--batch-size", "batch_size", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--dtype", default="float32", show_default=True,
               type=click.Choice(["float32", "bfloat16", "float16"]))
