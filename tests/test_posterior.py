@@ -224,3 +224,136 @@ def test_bfloat16_proxy_and_small_proxy_top_k(setup, tmp_path):
     for name, d, _ in _read_all(tmp_path / "o"):
         d.validate(name)
         assert d.k == 16
+
+
+# ---------------------------------------------------------------------- fast top-K, overlap, prior top-K reuse
+@pytest.mark.parametrize("width,k", [(512, 16), (515, 7), (4096, 64), (100, 30)])
+def test_fast_topk_equals_torch_topk(width, k):
+    from bayeskd.posterior import fast_topk
+
+    g = torch.Generator().manual_seed(width + k)
+    x = torch.randn(50, width, generator=g)
+    x[0, :] = 0.0  # all tied
+    x[1, :width // 8 * 8].view(8, -1)[0] += 100  # the whole top-k in one group (columns 0 .. width/8 - 1)
+    x[2] = torch.randint(0, 4, (width,), generator=g).float()  # many ties at the boundary
+    values, idx = fast_topk(x, k)
+    ref = torch.topk(x, k, dim=-1)
+    assert torch.equal(values, ref.values)
+    assert torch.equal(x.gather(1, idx), values)
+    assert (idx.sort(1).values[:, 1:] != idx.sort(1).values[:, :-1]).all()  # no index twice
+    untied = (ref.values[:, :-1] != ref.values[:, 1:]).all(1) & (ref.values[:, -1] > x.sort(1).values[:, -k - 1])
+    assert untied[3:].all() and torch.equal(idx[untied], ref.indices[untied])
+
+
+def test_overlap_and_prior_topk_reuse_give_identical_shards(setup, tmp_path):
+    tokenized, prior = setup["tokenized"], setup["prior"]
+    post = ProxyPosterior(setup["proxy"], batch_size=3, top_k=16, mode="dirichlet", evidence=0.5)
+    a = post.estimate(tokenized, prior, tmp_path / "a", shard_records=6, progress=False, overlap=False)
+    b = post.estimate(tokenized, prior, tmp_path / "b", shard_records=6, progress=False)
+    assert a["prior_rows"] == b["prior_rows"] == "computed" and b["overlap"]
+    # prior top-K rows written by estimate-prior --write-topk (one shard for all records) are read back
+    pdir = tmp_path / "prior_topk"
+    estimate_prior(setup["data"], setup["tokdir"], out=str(pdir), order=3, top_k=16, write_topk=True)
+    c = post.estimate(tokenized, prior, tmp_path / "c", shard_records=6, progress=False, prior_topk=pdir / "topk")
+    assert c["prior_rows"] == "read"
+    for i in range(a["shards"]):
+        f = f"shard-{i:05d}.safetensors"
+        assert _sha(tmp_path / "a" / f) == _sha(tmp_path / "b" / f) == _sha(tmp_path / "c" / f)
+    # estimate_posterior finds them in the prior dir when K and leave-one-out match, else computes
+    s16 = estimate_posterior(setup["data"], str(pdir), setup["proxy"], str(tmp_path / "d"), top_k=16)
+    s8 = estimate_posterior(setup["data"], str(pdir), setup["proxy"], str(tmp_path / "e"), top_k=8)
+    assert (s16["prior_rows"], s8["prior_rows"]) == ("read", "computed")
+    # rows made with another leave-one-out setting are refused, not silently used
+    from bayeskd.sparse import CacheMismatchError
+    with pytest.raises(CacheMismatchError, match="leave_one_out"):
+        post.estimate(tokenized, prior, tmp_path / "f", leave_one_out=False, progress=False,
+                      prior_topk=pdir / "topk")
+
+
+# ---------------------------------------------------------------------- proxy-only targets, teacher log-prob
+def _teacher_forced(model, tokenized, r, V):
+    """(log_softmax rows [n, V] predicting response tokens 1.., log q(teacher token)) for record r, alone."""
+    ids = torch.from_numpy(tokenized.input_ids[r].astype(np.int64))
+    p = int(tokenized.prompt_lengths[r])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids[None]).logits[0, :, :V].float(), dim=-1)
+    rows = lp[max(p, 1) - 1:len(ids) - 1]
+    return rows, rows.gather(1, ids[max(p, 1):, None])[:, 0]
+
+
+def test_proxy_only_targets_and_teacher_logprob(setup, tmp_path):
+    tokenized = setup["tokenized"]
+    V = tokenized.vocab_size
+    post = ProxyPosterior(setup["proxy"], batch_size=4, top_k=16)
+    s = post.estimate(tokenized, None, tmp_path / "p", shard_records=7, progress=False)
+    assert s["complete"] and s["mode"] == "proxy" and s["prior"] is None and s["teacher_logprob"]
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    assert manifest["config"]["mode"] == "proxy" and manifest["vocab_size"] == V and manifest["k"] == 16
+    for name, dist, extra in _read_all(tmp_path / "p"):
+        dist.validate(name)
+        tlp = dist.extras["proxy_teacher_logprob"]
+        assert tlp.dtype == torch.float32 and tlp.shape == (dist.num_rows,)
+        rows, want = zip(*[_teacher_forced(post.model, tokenized, r, V) for r in extra["record_index"].tolist()])
+        torch.testing.assert_close(tlp, torch.cat(want), atol=1e-5, rtol=0)
+        top = torch.topk(torch.cat(rows), 16, dim=-1)
+        torch.testing.assert_close(dist.logprobs, top.values, atol=1e-5, rtol=0)
+        torch.testing.assert_close(dist.tail, 1 - top.values.double().exp().sum(-1).float(), atol=1e-5, rtol=0)
+        assert (dist.indices == top.indices).float().mean() > 0.99  # (ties may order differently)
+    # resume: a partial run finished later writes the same bytes
+    post.estimate(tokenized, None, tmp_path / "q", shard_records=7, max_shards=1, progress=False)
+    s2 = post.estimate(tokenized, None, tmp_path / "q", shard_records=7, progress=False)
+    assert s2["shards_skipped"] == 1 and s2["complete"]
+    for i in range(s["shards"]):
+        assert _sha(tmp_path / "p" / f"shard-{i:05d}.safetensors") == _sha(tmp_path / "q" / f"shard-{i:05d}.safetensors")
+    # a proxy-only directory is not a prior-based cache, and the other way round
+    from bayeskd.sparse import CacheMismatchError
+    with pytest.raises(CacheMismatchError):
+        post.estimate(tokenized, setup["prior"], tmp_path / "p", shard_records=7, teacher_logprob=True,
+                      progress=False)
+    post.estimate(tokenized, setup["prior"], tmp_path / "r", shard_records=7, progress=False)
+    with pytest.raises(CacheMismatchError):
+        post.estimate(tokenized, None, tmp_path / "r", shard_records=7, teacher_logprob=False, progress=False)
+    with pytest.raises(ValueError, match="proxy_top_k"):
+        ProxyPosterior(setup["proxy"], top_k=16, proxy_top_k=8).estimate(tokenized, None, tmp_path / "s")
+
+
+def test_teacher_logprob_with_a_prior_and_without_context(setup, tmp_path):
+    from dataclasses import replace
+
+    tokenized, prior = setup["tokenized"], setup["prior"]
+    post = ProxyPosterior(setup["proxy"], batch_size=5, top_k=16)
+    s = post.estimate(tokenized, prior, tmp_path / "o", shard_records=10, teacher_logprob=True, progress=False)
+    assert s["teacher_logprob"] and s["mode"] == "log_linear"
+    for name, dist, extra in _read_all(tmp_path / "o"):
+        want = torch.cat([_teacher_forced(post.model, tokenized, r, prior.vocab_size)[1]
+                          for r in extra["record_index"].tolist()])
+        torch.testing.assert_close(dist.extras["proxy_teacher_logprob"], want, atol=1e-5, rtol=0)
+    # off by default with a prior
+    post.estimate(tokenized, prior, tmp_path / "n", shard_records=10, progress=False)
+    assert all("proxy_teacher_logprob" not in d.extras for _, d, _ in _read_all(tmp_path / "n"))
+    # a response token at position 0 (no prompt) has no context: log-prob 0.0, the rest teacher-forced
+    ids = [tokenized.input_ids[1][int(tokenized.prompt_lengths[1]):], tokenized.input_ids[2]]
+    t2 = replace(tokenized, input_ids=ids, response_mask=[np.ones(len(ids[0]), bool), tokenized.response_mask[2]],
+                 prompt_lengths=np.array([0, tokenized.prompt_lengths[2]], dtype=np.int32))
+    rows = post.proxy_topk(t2, [0, 1], teacher_logprob=True)
+    tlp = rows.extras["proxy_teacher_logprob"]
+    assert tlp[0] == 0.0
+    want = torch.cat([_teacher_forced(post.model, t2, r, prior.vocab_size)[1] for r in (0, 1)])
+    torch.testing.assert_close(tlp[1:], want, atol=1e-5, rtol=0)
+
+
+def test_cli_proxy_only(setup, tmp_path):
+    out = tmp_path / "cli_proxy"
+    res = CliRunner().invoke(main, ["estimate-posterior", "--data", setup["data"], "--prior", "none", "--proxy",
+                                    setup["proxy"], "--tokenizer", setup["tokdir"], "--top-k", "8", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output[res.output.index("{"):])
+    assert summary["mode"] == "proxy" and summary["teacher_logprob"] and summary["prior_dir"] is None
+    assert all("proxy_teacher_logprob" in d.extras for _, d, _ in _read_all(out))
+    res = CliRunner().invoke(main, ["estimate-posterior", "--data", setup["data"], "--proxy", setup["proxy"],
+                                    "--tokenizer", setup["tokdir"], "--top-k", "8", "--no-teacher-logprob",
+                                    "--out", str(tmp_path / "cli_proxy2")])
+    assert res.exit_code == 0, res.output
+    assert all("proxy_teacher_logprob" not in d.extras for _, d, _ in _read_all(tmp_path / "cli_proxy2"))
+    bad = CliRunner().invoke(main, ["estimate-posterior", "--proxy", setup["proxy"], "--out", str(tmp_path / "x")])
+    assert bad.exit_code != 0 and "--data" in bad.output and "Traceback" not in bad.output
