@@ -171,7 +171,8 @@ class TeacherTargetsDataset(torch.utils.data.Dataset):
         with_lp = 0  # shards that carry the proxy's teacher-token log-probabilities
         for s, name in enumerate(reader.shard_names):
             dist, extra = reader.read(name)
-            row_lp = dist.extras.get(PROXY_LOGPROB_KEY)
+            # per-row extras (SparseDist.extras); accepted among the shard's other tensors too
+            row_lp = dist.extras.get(PROXY_LOGPROB_KEY, extra.get(PROXY_LOGPROB_KEY))
             if row_lp is not None:
                 with_lp += 1
                 row_lp = row_lp.double().reshape(-1).numpy()
