@@ -5,6 +5,11 @@ trained on the embedded corpus, `bayeskd.pipeline.embedded_defaults()`); data: t
 
 (a) posterior pass: `ProxyPosterior.estimate` over the records (prior = `NGramPrior` fitted on the responses,
     top-K with leave-one-out, combine, shard writing) vs a bare proxy forward (full logits) over the same batches.
+    Each repeat times a bare pass and a posterior pass back to back; the ratio is the median over repeats of
+    those per-repeat ratios. Variants: `computed` (the prior top-K computed in the pass), `read` (read from
+    prior top-K shards as `estimate-prior --write-topk` writes them; their writing is timed separately),
+    `serial` (computed, no background worker), `proxy_only` (no prior: the proxy's own top-K rows and the
+    teacher-token log-probability).
 (b) distill step: `BayesKDTrainer.compute_loss` + backward + AdamW step with the sparse targets written in (a) vs
     plain SFT (CE only) at the same batches; per-step medians after warm-up, variants interleaved step by step so
     machine noise hits both alike. The online-posterior step (proxy forward inside the step) is timed too.
@@ -89,7 +94,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="distill batch size")
     ap.add_argument("--steps", type=int, default=20, help="timed distill steps per variant")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=3, help="posterior / bare-forward passes (best of)")
+    ap.add_argument("--repeats", type=int, default=5, help="bare-forward + posterior passes per variant (median)")
+    ap.add_argument("--variants", default="computed,read,serial,proxy_only",
+                    help="posterior-pass variants to time (comma-separated); the first is the headline ratio")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-online", action="store_true", help="skip timing the online-posterior step")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "posterior.json"))
@@ -128,25 +135,50 @@ def main() -> None:
     post = ProxyPosterior(proxy, device=device, batch_size=args.proxy_batch, top_k=args.k)
 
     # ---------------------------------------------------------------- (a) posterior pass vs bare proxy forward
+    from bayeskd.sparse import ShardWriter
+
+    prior_dir = work / "prior_topk"  # prior top-K shards, as `estimate-prior --write-topk` writes them
+    t = time.perf_counter()
+    seqs = tokenized.response_sequences()
+    ShardWriter(prior_dir, V, args.k, tokenized.fingerprint,
+                {**prior.config(), "top_k": args.k, "leave_one_out": True}).write(
+        "shard-00000", prior.topk(seqs, args.k, leave_one_out=True),
+        extra={"record_index": torch.arange(len(seqs)), "lengths": torch.tensor([len(s) for s in seqs])})
+    prior_topk_write_s = time.perf_counter() - t
+    settings = {"computed": ({}, prior), "read": ({"prior_topk": prior_dir}, prior),
+                "serial": ({"overlap": False}, prior), "proxy_only": ({}, None)}
+    names = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(names) - set(settings))
+    if unknown:
+        ap.error(f"unknown --variants {', '.join(unknown)}; choose from {', '.join(settings)}")
     _bare_proxy_pass(proxy, tokenized, args.proxy_batch, device)  # warm-up
-    bare, full, summaries = [], [], []
-    for r in range(args.repeats):  # interleaved, best of
-        bare.append(_bare_proxy_pass(proxy, tokenized, args.proxy_batch, device))
-        t = time.perf_counter()
-        summaries.append(post.estimate(tokenized, prior, work / f"post{r}", progress=False,
-                                       shard_records=max(1, len(tokenized) // 4)))
-        full.append(time.perf_counter() - t)
-    best = int(np.argmin(full))
-    s_best = summaries[best]
-    a = {"posterior_seconds": min(full), "bare_proxy_forward_seconds": min(bare),
-         "ratio": min(full) / min(bare), "target": 1.10,
-         "posterior_seconds_all": full, "bare_seconds_all": bare,
-         "breakdown_seconds": {k: s_best[k] for k in ("prior_topk_seconds", "proxy_forward_seconds",
-                                                       "combine_seconds")},
-         "prior_fit_seconds": prior_fit_s}
-    a["breakdown_seconds"]["write_and_other"] = round(min(full) - sum(a["breakdown_seconds"].values()), 4)
+    runs = {n: {"bare": [], "posterior": [], "ratio": []} for n in names}
+    summaries = {}
+    for r in range(args.repeats):
+        for n in (names if r % 2 == 0 else names[::-1]):  # alternate the order of the variants
+            kwargs, pr = settings[n]
+            bare_s = _bare_proxy_pass(proxy, tokenized, args.proxy_batch, device)
+            t = time.perf_counter()
+            summaries[n] = post.estimate(tokenized, pr, work / f"post_{n}{r}", progress=False,
+                                         shard_records=max(1, len(tokenized) // 4), **kwargs)
+            full_s = time.perf_counter() - t
+            runs[n]["bare"].append(bare_s)
+            runs[n]["posterior"].append(full_s)
+            runs[n]["ratio"].append(full_s / bare_s)
+    parts = ("prior_topk_seconds", "proxy_forward_seconds", "combine_seconds", "write_seconds")
+    variants = {n: {"ratio": statistics.median(v["ratio"]), "posterior_seconds_median": statistics.median(v["posterior"]),
+                    "bare_seconds_median": statistics.median(v["bare"]), "ratios_all": v["ratio"],
+                    "posterior_seconds_all": v["posterior"], "bare_seconds_all": v["bare"],
+                    "last_run_parts_seconds": {k: summaries[n][k] for k in parts}}
+                for n, v in runs.items()}
+    head = names[0]
+    a = {"ratio": variants[head]["ratio"], "variant": head, "target": 1.10, "variants": variants,
+         "prior_topk_write_seconds": prior_topk_write_s, "prior_fit_seconds": prior_fit_s}
     a["passes"] = a["ratio"] <= a["target"]
-    targets_dir = str(work / f"post{best}")
+    with_prior = [n for n in names if n != "proxy_only"]
+    if not with_prior:
+        ap.error("--variants needs at least one variant with a prior (its shards feed the distill step)")
+    targets_dir = str(work / f"post_{with_prior[0]}0")
 
     # ---------------------------------------------------------------- (b) distill step: sparse targets vs SFT
     ds_t = TeacherTargetsDataset(tokenized, targets_dir)
@@ -157,19 +189,11 @@ def main() -> None:
     n_batches = args.warmup + args.steps
     batches = [rng.choice(len(tokenized), size=args.batch, replace=False).tolist() for _ in range(n_batches)]
 
-    prior_dir = work / "prior_topk"  # prior top-K shards for the online mode (like estimate-prior --write-topk)
+    step_variants = {"sft": ds_s, "sparse_targets": ds_t}
     if not args.no_online:
-        from bayeskd.sparse import ShardWriter, SparseDist
-        seqs = tokenized.response_sequences()
-        w = ShardWriter(prior_dir, V, args.k, tokenized.fingerprint, {})
-        w.write("shard-00000", SparseDist.cat([prior.topk([s], args.k, leave_one_out=True) for s in seqs]),
-                extra={"record_index": torch.arange(len(seqs)), "lengths": torch.tensor([len(s) for s in seqs])})
-
-    variants = {"sft": ds_s, "sparse_targets": ds_t}
-    if not args.no_online:
-        variants["online_posterior"] = TeacherTargetsDataset(tokenized, str(prior_dir))
+        step_variants["online_posterior"] = TeacherTargetsDataset(tokenized, str(prior_dir))
     runners = {}
-    for name, ds in variants.items():
+    for name, ds in step_variants.items():
         m = copy.deepcopy(student).train()
         cfg = BayesKDConfig(output_dir=str(work / f"o_{name}"), learning_rate=1e-4, fused_backend="auto",
                             use_cpu=device.type == "cpu")
@@ -223,11 +247,12 @@ def main() -> None:
 
     print()
     print(f"{'measure':<44}{'value':>14}{'target':>12}  ok")
-    print(f"{'(a) posterior pass s (best of %d)' % args.repeats:<44}{a['posterior_seconds']:>14.3f}")
-    print(f"{'    bare proxy forward s':<44}{a['bare_proxy_forward_seconds']:>14.3f}")
-    for k_, v_ in a["breakdown_seconds"].items():
-        print(f"{'      ' + k_:<44}{v_:>14.3f}")
-    print(f"{'    ratio':<44}{a['ratio']:>14.3f}{'<= 1.10':>12}  {'yes' if a['passes'] else 'NO'}")
+    for n, v in variants.items():
+        print(f"{'(a) posterior/bare, median of %d: ' % args.repeats + n:<44}{v['ratio']:>14.3f}"
+              f"{'<= 1.10' if n == head else '':>12}  {('yes' if a['passes'] else 'NO') if n == head else ''}")
+        print(f"{'      posterior s / bare s (medians)':<44}{v['posterior_seconds_median']:>8.3f} /"
+              f"{v['bare_seconds_median']:>6.3f}")
+    print(f"{'    prior top-K shards written in (s)':<44}{prior_topk_write_s:>14.3f}")
     for n, v in med.items():
         print(f"{'(b) median step s: ' + n:<44}{v:>14.4f}")
     print(f"{'    per-batch ratio sparse_targets / sft':<44}{b['ratio']:>14.3f}{'<= 1.10':>12}  {'yes' if b['passes'] else 'NO'}")
