@@ -220,17 +220,21 @@ class ProxyPosterior:
             kwargs["logits_to_keep"] = int(ids.shape[1] - start)
         return self.model(**kwargs).logits[b_t, p_t - start]
 
-    @torch.no_grad()
     def proxy_topk(self, tokenized, indices, vocab_size: int | None = None, *, teacher_logprob: bool = False,
-                   top_k: int | None = None, pool: ThreadPoolExecutor | None = None) -> SparseDist:
+                   top_k: int | None = None) -> SparseDist:
         """Proxy next-token top-K rows at every response position of the records `indices` (rows in the order of
         `indices`, positions in order), over the first `vocab_size` ids (default: the tokenizer's), renormalised.
 
         K = `top_k`, else `proxy_top_k`, else the posterior's `top_k`. With `teacher_logprob`, extras
         ["proxy_teacher_logprob"] (float32 [N]) holds the proxy's log q(teacher token | context) from the full
-        softmax (0.0 at a response token with no context). With `pool` (one worker), the top-K of each batch is
-        taken there while the next batch runs through the proxy; the result is complete once the pool's queued
-        work is done (`estimate` uses this; callers without a pool get finished rows)."""
+        softmax (0.0 at a response token with no context)."""
+        return self._proxy_rows(tokenized, indices, vocab_size, teacher_logprob, top_k, None)[0]
+
+    @torch.no_grad()
+    def _proxy_rows(self, tokenized, indices, vocab_size: int | None, teacher_logprob: bool, top_k: int | None,
+                    pool: ThreadPoolExecutor | None) -> tuple[SparseDist, list[Future]]:
+        """`proxy_topk`; with `pool` (one worker, first in first out) the top-K of each batch is taken there while
+        the next batch runs through the proxy: the rows are complete once the returned futures are done."""
         V = int(vocab_size if vocab_size is not None else tokenized.vocab_size)
         self.check_vocab(V)
         K = min(top_k or self.proxy_top_k or self.top_k, V)
@@ -245,6 +249,7 @@ class ProxyPosterior:
             out.extras[TEACHER_LOGPROB] = torch.zeros(N)
         # positions in `indices`, longest record first (stable: the same batches as sorting the ids)
         order = np.argsort(-lens_all, kind="stable")
+        futures: list[Future] = []
         for s in range(0, len(order), self.batch_size):
             batch = order[s:s + self.batch_size]
             lens, plens = lens_all[batch], plens_all[batch]
@@ -274,8 +279,8 @@ class ProxyPosterior:
             if pool is None:
                 _fill_proxy_rows(out, o_t, logits, V, K, y_t)
             else:
-                pool.submit(_fill_proxy_rows, out, o_t, logits, V, K, y_t)
-        return out
+                futures.append(pool.submit(_fill_proxy_rows, out, o_t, logits, V, K, y_t))
+        return out, futures
 
     # ------------------------------------------------------------------ posterior rows
     def posterior_rows(self, tokenized, indices, prior=None, *, leave_one_out: bool = True,
@@ -386,10 +391,13 @@ class ProxyPosterior:
         def prior_rows(i):
             return None if source is None else timed("prior", source.rows, *bounds[i])
 
-        def finish(i, prior_rows, proxy_rows):
+        def finish(i, prior_rows, proxy):
             lo, hi = bounds[i]
             if isinstance(prior_rows, Future):
                 prior_rows = prior_rows.result()
+            proxy_rows, fills = proxy
+            for f in fills:  # done before this job (one worker, in order); raises what a batch raised
+                f.result()
             post = timed("comb", self._combine, prior_rows, proxy_rows, seqs[lo:hi])
             timed("write", writer.write, f"shard-{i:05d}", post,
                   extra={"record_index": torch.arange(lo, hi, dtype=torch.int64),
@@ -410,8 +418,7 @@ class ProxyPosterior:
                 prior_now = prior_next if pool else prior_rows(i)
                 if pool and n + 1 < len(todo):
                     prior_next = pool.submit(prior_rows, todo[n + 1])
-                proxy_rows = timed("proxy", self.proxy_topk, tokenized, range(lo, hi), V, teacher_logprob=tlp,
-                                   top_k=proxy_k, pool=pool)
+                proxy_rows = timed("proxy", self._proxy_rows, tokenized, range(lo, hi), V, tlp, proxy_k, pool)
                 if pool is None:
                     finish(i, prior_now, proxy_rows)
                     bar.update(1)

@@ -357,3 +357,16 @@ def test_cli_proxy_only(setup, tmp_path):
     assert all("proxy_teacher_logprob" not in d.extras for _, d, _ in _read_all(tmp_path / "cli_proxy2"))
     bad = CliRunner().invoke(main, ["estimate-posterior", "--proxy", setup["proxy"], "--out", str(tmp_path / "x")])
     assert bad.exit_code != 0 and "--data" in bad.output and "Traceback" not in bad.output
+
+
+def test_error_on_the_background_worker_is_raised(setup, tmp_path, monkeypatch):
+    import bayeskd.posterior as posterior
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("top-K failed")
+
+    monkeypatch.setattr(posterior, "_fill_proxy_rows", boom)
+    with pytest.raises(RuntimeError, match="top-K failed"):
+        ProxyPosterior(setup["proxy"], top_k=16).estimate(setup["tokenized"], setup["prior"], tmp_path / "o",
+                                                          progress=False)
+    assert not list((tmp_path / "o").glob("*.safetensors"))  # nothing half-made was written
