@@ -82,10 +82,10 @@ PRESETS: dict[str, LabPreset] = {
     "micro": LabPreset("micro", vocab_size=512, teacher=ModelSize(32, 64, 1, 4), proxy=ModelSize(32, 64, 1, 4),
                        student=ModelSize(16, 32, 1, 2), steps=50, batch_size=8, lr=3e-3, seq_len=64,
                        n_prompts=16, warmup_steps=5),
-    # A few minutes on 2 CPU cores.
-    "tiny": LabPreset("tiny", vocab_size=2048, teacher=ModelSize(128, 256, 2, 4), proxy=ModelSize(128, 256, 2, 4),
-                      student=ModelSize(64, 128, 1, 4), steps=800, batch_size=16, lr=1e-3, seq_len=128,
-                      n_prompts=128, warmup_steps=50),
+    # A few minutes on 2 CPU cores (each of teacher and proxy: 400 steps of 16 x 64 tokens).
+    "tiny": LabPreset("tiny", vocab_size=1024, teacher=ModelSize(128, 256, 2, 4), proxy=ModelSize(128, 256, 2, 4),
+                      student=ModelSize(64, 128, 1, 4), steps=400, batch_size=16, lr=2e-3, seq_len=64,
+                      n_prompts=128, warmup_steps=20),
     # Meant for a GPU (or a long CPU run).
     "small": LabPreset("small", vocab_size=4096, teacher=ModelSize(256, 688, 4, 8), proxy=ModelSize(256, 688, 4, 8),
                        student=ModelSize(128, 344, 2, 4), steps=4000, batch_size=32, lr=6e-4, seq_len=256,
