@@ -1,0 +1,86 @@
+"""The lab benchmark: every estimator and every distillation method scored against the lab teacher's truth.
+
+    python benchmarks/bench_lab.py --preset tiny --seeds 3      # CPU, tens of minutes
+    python benchmarks/bench_lab.py --preset small --seeds 3     # the benchmark preset (a GPU, or hours of CPU)
+
+Runs `bayeskd.lab_run.run_lab` (the same job as `bayeskd lab run`), then writes into benchmarks/results/:
+lab_<preset>.json (the report), lab_<preset>.md (its tables) and lab_<preset>.png (KL against corpus size, KL
+against K, student KL(teacher‖student) per method with the spread over seeds).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+from pathlib import Path
+
+from bayeskd.lab_run import format_report, run_lab
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    curve = report["corpus_curve"][1:]
+    ax = axes[0]
+    for key, style in (("prior", "o-"), ("posterior", "s-"), ("proxy", "--")):
+        ax.plot([r["tokens"] for r in curve], [r[key] for r in curve], style, label=key)
+    ax.set_xscale("log")
+    ax.set_xlabel("teacher response tokens counted by the prior")
+    ax.set_ylabel("KL(teacher ‖ estimate), nats/token")
+    ax.set_title("held-out teacher text vs corpus size")
+    ax.legend()
+    ax = axes[1]
+    kc = report["estimation"]["k_curve"]
+    for key, style in (("prior", "o-"), ("proxy", "^-"), ("posterior", "s-")):
+        ax.plot([r["k"] for r in kc], [r[key] for r in kc], style, label=key)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("K (entries kept per position)")
+    ax.set_title("training positions vs K")
+    ax.legend()
+    ax = axes[2]
+    s = report["students"]["summary"]
+    names = list(s)
+    ax.bar(range(len(names)), [s[n]["kl_tf"]["mean"] for n in names], yerr=[s[n]["kl_tf"]["std"] for n in names],
+           capsize=4, color="tab:blue", alpha=0.8, label="teacher-forced")
+    if all("kl_own" in s[n] for n in names):
+        ax.plot(range(len(names)), [s[n]["kl_own"]["mean"] for n in names], "kD", label="on own samples")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel("KL(teacher ‖ student), nats/token")
+    ax.set_title("students (held-out)")
+    ax.legend()
+    fig.suptitle(f"bayeskd lab, preset {report['preset']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny", choices=["micro", "tiny", "small"])
+    ap.add_argument("--root", default="runs/lab")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--methods", default=None, help="comma-separated (default: all)")
+    ap.add_argument("--force", action="store_true")
+    args = ap.parse_args()
+    report = run_lab(args.root, args.preset, seeds=args.seeds, force=args.force,
+                     methods=args.methods.split(",") if args.methods else None, progress=False)
+    report["machine"] = {"platform": platform.platform(), "python": platform.python_version(),
+                         "cpu_count": __import__("os").cpu_count()}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"lab_{args.preset}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(format_report(report))
+    plot(report, stem.with_suffix(".png"))
+    shutil.copy(Path(report["lab"]) / "lab.json", RESULTS / f"lab_{args.preset}_manifest.json")
+    print(f"wrote {stem}.json, .md, .png")
+
+
+if __name__ == "__main__":
+    main()
