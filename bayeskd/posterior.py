@@ -279,6 +279,8 @@ class ProxyPosterior:
             if pool is None:
                 _fill_proxy_rows(out, o_t, logits, V, K, y_t)
             else:
+                if len(futures) >= 2:  # at most two batches of logits wait for the worker (memory)
+                    futures[-2].result()
                 futures.append(pool.submit(_fill_proxy_rows, out, o_t, logits, V, K, y_t))
         return out, futures
 
