@@ -232,9 +232,11 @@ class ProxyPosterior:
 
     @torch.no_grad()
     def _proxy_rows(self, tokenized, indices, vocab_size: int | None, teacher_logprob: bool, top_k: int | None,
-                    pool: ThreadPoolExecutor | None) -> tuple[SparseDist, list[Future]]:
+                    pool: ThreadPoolExecutor | None, fill=None) -> tuple[SparseDist, list[Future]]:
         """`proxy_topk`; with `pool` (one worker, first in first out) the top-K of each batch is taken there while
-        the next batch runs through the proxy: the rows are complete once the returned futures are done."""
+        the next batch runs through the proxy: the rows are complete once the returned futures are done. `fill`
+        replaces `_fill_proxy_rows` (estimate passes a timed one)."""
+        fill = fill or _fill_proxy_rows
         V = int(vocab_size if vocab_size is not None else tokenized.vocab_size)
         self.check_vocab(V)
         K = min(top_k or self.proxy_top_k or self.top_k, V)
@@ -277,11 +279,11 @@ class ProxyPosterior:
                                  f"vocabulary size {V}")
             y_t = ids[b_t, p_t + 1] if teacher_logprob else None
             if pool is None:
-                _fill_proxy_rows(out, o_t, logits, V, K, y_t)
+                fill(out, o_t, logits, V, K, y_t)
             else:
                 if len(futures) >= 2:  # at most two batches of logits wait for the worker (memory)
                     futures[-2].result()
-                futures.append(pool.submit(_fill_proxy_rows, out, o_t, logits, V, K, y_t))
+                futures.append(pool.submit(fill, out, o_t, logits, V, K, y_t))
         return out, futures
 
     # ------------------------------------------------------------------ posterior rows
@@ -375,7 +377,7 @@ class ProxyPosterior:
         seqs = tokenized.response_sequences()
         lengths = np.array([len(s) for s in seqs], dtype=np.int64)
         bounds = record_shard_bounds(len(seqs), shard_records)
-        times = {"prior": 0.0, "proxy": 0.0, "comb": 0.0, "write": 0.0}
+        times = {"prior": 0.0, "proxy": 0.0, "topk": 0.0, "comb": 0.0, "write": 0.0}
         counts = {"written": 0, "skipped": 0, "rows_written": 0}
         mine = [i for i in range(len(bounds)) if i % world == rank]
         todo = [i for i in mine if not writer.has_shard(f"shard-{i:05d}")]
@@ -420,7 +422,8 @@ class ProxyPosterior:
                 prior_now = prior_next if pool else prior_rows(i)
                 if pool and n + 1 < len(todo):
                     prior_next = pool.submit(prior_rows, todo[n + 1])
-                proxy_rows = timed("proxy", self._proxy_rows, tokenized, range(lo, hi), V, tlp, proxy_k, pool)
+                proxy_rows = timed("proxy", self._proxy_rows, tokenized, range(lo, hi), V, tlp, proxy_k, pool,
+                                   lambda *a: timed("topk", _fill_proxy_rows, *a))
                 if pool is None:
                     finish(i, prior_now, proxy_rows)
                     bar.update(1)
@@ -453,9 +456,11 @@ class ProxyPosterior:
             "vocab_size": V, **config, "tokenizer_fingerprint": fp,
             "prior_rows": None if source is None else source.how,
             # seconds summed over ranks; with overlap the parts run at the same time, so they add up to more
-            # than `seconds`. proxy_forward_seconds: the proxy batches (with overlap, their top-K is elsewhere)
+            # than `seconds`. proxy_forward_seconds: the proxy batches, without their top-K
+            # (proxy_topk_seconds: log-softmax, top-K, teacher log-prob)
             "prior_topk_seconds": round(sum(s["t_prior"] for s in stats), 4),
-            "proxy_forward_seconds": round(sum(s["t_proxy"] for s in stats), 4),
+            "proxy_forward_seconds": round(sum(s["t_proxy"] - (0 if overlap else s["t_topk"]) for s in stats), 4),
+            "proxy_topk_seconds": round(sum(s["t_topk"] for s in stats), 4),
             "combine_seconds": round(sum(s["t_comb"] for s in stats), 4),
             "write_seconds": round(sum(s["t_write"] for s in stats), 4), "overlap": bool(overlap),
             "seconds": round(seconds, 4),

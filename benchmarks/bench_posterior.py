@@ -165,7 +165,7 @@ def main() -> None:
             runs[n]["bare"].append(bare_s)
             runs[n]["posterior"].append(full_s)
             runs[n]["ratio"].append(full_s / bare_s)
-    parts = ("prior_topk_seconds", "proxy_forward_seconds", "combine_seconds", "write_seconds")
+    parts = ("prior_topk_seconds", "proxy_forward_seconds", "proxy_topk_seconds", "combine_seconds", "write_seconds")
     variants = {n: {"ratio": statistics.median(v["ratio"]), "posterior_seconds_median": statistics.median(v["posterior"]),
                     "bare_seconds_median": statistics.median(v["bare"]), "ratios_all": v["ratio"],
                     "posterior_seconds_all": v["posterior"], "bare_seconds_all": v["bare"],
