@@ -4,7 +4,10 @@ position, written as top-K SparseDist shards (see docs/MATH.md and `bayeskd.loss
 `ProxyPosterior` runs a causal LM (the proxy) teacher-forced over prompt+response and keeps, for each
 response token at position p, the proxy's next-token distribution from the logits at p-1 as a top-K
 SparseDist; `estimate` combines it with the prior's top-K rows shard by shard (whole records per shard, like
-`bayeskd.pipeline.estimate_prior`), resumably.
+`bayeskd.pipeline.estimate_prior`), resumably. Without a prior it writes the proxy's own top-K rows (proxy-only
+targets, for Proxy-KD), optionally with the proxy's log-probability of each teacher token (`TEACHER_LOGPROB`).
+A background worker takes the top-K of each proxy batch, the prior rows, the combination and the writing
+while the proxy runs; the shards do not depend on it.
 """
 from __future__ import annotations
 
