@@ -22,12 +22,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from .eval import kl_teacher_to_estimate
 from .evaluate import (estimation_table, format_estimation, one_hot_estimate, read_target_rows, response_logprobs,
                        sample_own, student_metrics)
 from .lab import LabError, build_lab, get_preset, load_lab_prompts, split_corpus
 from .sparse import atomic_write_bytes, atomic_write_json
 
-METHODS = ("sft", "prior-kd", "posterior-kd", "white-box")
+METHODS = ("sft", "prior-kd", "posterior-kd", "proxy-kd", "gad", "white-box")
 POSTERIOR_VARIANTS = {  # name -> combine() settings, evaluated in memory beside the shards' log-linear one
     "posterior dirichlet (c=1)": dict(mode="dirichlet", c=1.0),
     "posterior mixture (w=0.5)": dict(mode="mixture", w=0.5),
@@ -55,6 +56,16 @@ class LabRunConfig:
     lr: float = 3e-3
     kd_weight: float = 1.0
     ce_weight: float = 1.0
+    align: bool = True              # align the proxy to the teacher's samples (Proxy-KD stage 1 + 2)
+    align_sft_epochs: float = 1.0
+    align_rounds: int = 1
+    align_lr: float = 1e-3          # SFT learning rate of the alignment (tiny models learn fast)
+    dpo_lr: float = 1e-4
+    gad_d_warmup: int = 10          # discriminator-only steps before the adversarial ones
+    gad_steps: int = 30             # adversarial (GRPO) steps, starting from the seed's SFT student
+    gad_group: int = 8
+    gad_batch_prompts: int = 8
+    gad_lr: float = 1e-4
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -63,7 +74,7 @@ class LabRunConfig:
 RUN_DEFAULTS: dict[str, LabRunConfig] = {
     "micro": LabRunConfig(samples_per_prompt=1, max_prompts=48, max_new_tokens=16, order=3, top_k=16,
                           eval_records=24, corpus_fractions=(0.5, 1.0), k_values=(4, 16), epochs=1.0,
-                          batch_size=8),
+                          batch_size=8, gad_d_warmup=2, gad_steps=2, gad_group=4, gad_batch_prompts=4),
     "tiny": LabRunConfig(),
     "small": LabRunConfig(samples_per_prompt=4, max_new_tokens=64, eval_records=800, seeds=3, epochs=3.0, lr=1e-3),
 }
@@ -88,7 +99,7 @@ def _sample(teacher_dir: str, prompts: Sequence[str], path: Path, cfg: LabRunCon
     teacher = BlackBoxTeacher(teacher_dir)  # text in, text out: the pipeline never sees its logits
     return sample_teacher_jsonl(teacher, [p for _ in range(repeats) for p in prompts], path,
                                 max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed,
-                                batch_size=64)
+                                batch_size=256)
 
 
 def _stage(name: str, log: Callable[[str], None], timings: dict[str, float]):
@@ -104,13 +115,33 @@ def _stage(name: str, log: Callable[[str], None], timings: dict[str, float]):
     return _Timer()
 
 
+def _posterior_dir(cfg: LabRunConfig) -> str:
+    """The posterior shards the posterior-KD students learn from: with the aligned proxy when there is one."""
+    return "posterior_aligned" if cfg.align else "posterior"
+
+
+def _gad_student(seed: int, paths: dict[str, str], run: Path, cfg: LabRunConfig, progress: bool) -> Path:
+    """GAD from the seed's SFT student (the SFT warm-up of the paper), a discriminator initialised from it and
+    trained alone for `gad_d_warmup` steps, then `gad_steps` adversarial steps."""
+    from .gad import gad
+
+    out = run / "students" / f"gad-s{seed}"
+    if not (out / "summary.json").exists():
+        sft = _distill_student("sft", seed, paths, run, cfg, progress)
+        gad(str(run / "teacher_train.jsonl"), str(sft), str(out), warmup_steps=cfg.gad_d_warmup,
+            warmup_d_only_steps=cfg.gad_d_warmup, steps=cfg.gad_steps, group_size=cfg.gad_group,
+            batch_prompts=cfg.gad_batch_prompts, lr=cfg.gad_lr, d_lr=cfg.gad_lr, max_new_tokens=cfg.max_new_tokens,
+            seed=seed, progress=progress)
+    return out / "student"
+
+
 def _distill_student(method: str, seed: int, paths: dict[str, str], run: Path, cfg: LabRunConfig,
                      progress: bool) -> Path:
     """Train (or reuse) the student of `method` with `seed`; returns its directory."""
     from .train import distill
 
     out = run / "students" / f"{method}-s{seed}"
-    if (out / "summary.json").exists():
+    if method != "gad" and (out / "summary.json").exists():
         return out
     kwargs: dict[str, Any] = dict(
         num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.lr,
@@ -122,12 +153,21 @@ def _distill_student(method: str, seed: int, paths: dict[str, str], run: Path, c
     elif method == "prior-kd":
         distill(data, paths["student"], str(out), targets=str(run / "prior" / "topk"), **kwargs)
     elif method == "posterior-kd":
-        distill(data, paths["student"], str(out), targets=str(run / "posterior"), **kwargs)
+        distill(data, paths["student"], str(out), targets=str(run / _posterior_dir(cfg)), **kwargs)
+    elif method == "proxy-kd":  # the aligned proxy's own top-K, KD weighted by its likelihood of the response
+        kwargs.pop("kd_weight")
+        distill(data, paths["student"], str(out), targets=str(run / "proxy_targets"), method="proxy-kd", **kwargs)
+    elif method == "gad":
+        return _gad_student(seed, paths, run, cfg, progress)
     elif method == "white-box":  # the upper bound: reads the real teacher's logits
         distill(data, paths["student"], str(out), teacher=paths["teacher"], whitebox_top_k=cfg.top_k, **kwargs)
     else:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     return out
+
+
+def _mean_kl(teacher_lp: torch.Tensor, estimate, valid: torch.Tensor) -> float:
+    return float(kl_teacher_to_estimate(teacher_lp, estimate)[valid].mean())
 
 
 def _estimation(paths, run: Path, cfg: LabRunConfig, tok, log) -> dict[str, Any]:
@@ -161,6 +201,13 @@ def _estimation(paths, run: Path, cfg: LabRunConfig, tok, log) -> dict[str, Any]
     for name, kw in POSTERIOR_VARIANTS.items():
         extra = {"teacher_tokens": tokens} if kw.get("evidence") else {}
         ests[name] = combine(prior_loo, proxy_rows, top_k=cfg.top_k, **kw, **extra)
+    if cfg.align:
+        aligned = ProxyPosterior(str(run / "aligned_proxy" / "final"), top_k=cfg.top_k).proxy_topk(tokenized, idx, V)
+        ests["proxy after alignment"] = aligned
+        ests["posterior log-linear, aligned proxy (shards)"] = read_target_rows(run / "posterior_aligned",
+                                                                                tokenized, idx)
+        ests["posterior mixture (w=0.5), aligned proxy"] = combine(prior_loo, aligned, "mixture", w=0.5,
+                                                                   top_k=cfg.top_k)
     table = estimation_table(t_lp, ests, valid)
     k_curve = []
     for k in cfg.k_values:
@@ -169,7 +216,7 @@ def _estimation(paths, run: Path, cfg: LabRunConfig, tok, log) -> dict[str, Any]
         q_k = ProxyPosterior(proxy.model, top_k=k).proxy_topk(tokenized, idx, V)
         row = {"k": k}
         for name, est in (("prior", p_k), ("proxy", q_k), ("posterior", combine(p_k, q_k, top_k=k))):
-            row[name] = estimation_table(t_lp, {name: est}, valid)[name]["kl"]
+            row[name] = _mean_kl(t_lp, est, valid)
         k_curve.append(row)
     log(format_estimation(table))
     return {"positions": int(valid.sum()), "records": len(idx), "table": table, "k_curve": k_curve}
@@ -195,16 +242,15 @@ def _corpus_curve(paths, run: Path, cfg: LabRunConfig, tok) -> list[dict[str, An
     t_lp, valid = response_logprobs(teacher, held_tok)
     seqs = held_tok.response_sequences()
     proxy_rows = ProxyPosterior(paths["proxy"], top_k=cfg.top_k).proxy_topk(held_tok, range(len(held_tok)), V)
-    curve = [{"samples": 0, "tokens": 0,
-              "proxy": estimation_table(t_lp, {"q": proxy_rows}, valid)["q"]["kl"]}]
+    curve = [{"samples": 0, "tokens": 0, "proxy": _mean_kl(t_lp, proxy_rows, valid)}]
     for frac in cfg.corpus_fractions:
         n = max(1, int(round(frac * len(train_seqs))))
         prior = NGramPrior(**prior_config).fit(train_seqs[:n])
         p_rows = prior.topk(seqs, cfg.top_k)  # held-out text: not in the counts, no leave-one-out needed
-        kl = estimation_table(t_lp, {"prior": p_rows, "posterior": combine(p_rows, proxy_rows, top_k=cfg.top_k)},
-                              valid)
         curve.append({"samples": n, "tokens": int(sum(len(s) for s in train_seqs[:n])),
-                      "prior": kl["prior"]["kl"], "posterior": kl["posterior"]["kl"], "proxy": curve[0]["proxy"]})
+                      "prior": _mean_kl(t_lp, p_rows, valid),
+                      "posterior": _mean_kl(t_lp, combine(p_rows, proxy_rows, top_k=cfg.top_k), valid),
+                      "proxy": curve[0]["proxy"]})
     return curve
 
 
@@ -233,7 +279,10 @@ def _students(paths, run: Path, cfg: LabRunConfig, tok, progress: bool, log) -> 
             own = sample_own(str(out), held, tok, max_new_tokens=cfg.max_new_tokens, seed=1000 + seed)
             model = AutoModelForCausalLM.from_pretrained(str(out))
             m = student_metrics(teacher, model, held_tok, own_samples=own)
-            m["train_seconds"] = json.loads((out / "summary.json").read_text())["train_seconds"]
+            summary = json.loads(((out.parent if method == "gad" else out) / "summary.json").read_text())
+            m["train_seconds"] = summary.get("train_seconds", summary.get("seconds", float("nan")))
+            if method == "gad" and summary.get("history"):
+                m["d_acc_final"] = float(summary["history"][-1].get("d_acc", float("nan")))
             per_seed[method].append(m)
             log(f"[lab] student {method} seed {seed}: " + ", ".join(f"{k}={v:.4f}" for k, v in m.items()))
     summary = {method: {metric: _mean_std([r[metric] for r in runs if metric in r]) for metric in runs[0]}
@@ -245,7 +294,8 @@ def _targets(report: dict[str, Any]) -> dict[str, Any]:
     """The issue's targets, computed from the report (reported whatever they say)."""
     out: dict[str, Any] = {}
     t = report.get("estimation", {}).get("table", {})
-    post = t.get("posterior log-linear (shards)", {}).get("kl")
+    # the pipeline's posterior: with the aligned proxy when the lab aligned one
+    post = t.get("posterior log-linear, aligned proxy (shards)", t.get("posterior log-linear (shards)", {})).get("kl")
     proxy = t.get("proxy alone (before alignment)", {}).get("kl")
     onehot = t.get("smoothed one-hot (eps=0.1)", {}).get("kl")
     if post is not None and proxy and onehot:
@@ -348,6 +398,25 @@ def run_lab(root: str = "runs/lab", preset: str = "tiny", *, seeds: int | None =
     with _stage("estimate-posterior", log, timings):
         estimate_posterior(str(run / "teacher_train.jsonl"), str(run / "prior"), paths["proxy"],
                            str(run / "posterior"), top_k=cfg.top_k, batch_size=16)
+    train_jsonl = str(run / "teacher_train.jsonl")
+    align_summary = None
+    if cfg.align:
+        from .proxy_kd import align_proxy
+
+        with _stage("align the proxy (SFT + preference rounds)", log, timings):
+            align_summary = align_proxy(train_jsonl, paths["proxy"], str(run / "aligned_proxy"),
+                                        sft_epochs=cfg.align_sft_epochs, rounds=cfg.align_rounds,
+                                        max_new_tokens=cfg.max_new_tokens, sft_learning_rate=cfg.align_lr,
+                                        learning_rate=cfg.dpo_lr, batch_size=cfg.batch_size, seed=lab_preset.seed,
+                                        training_args={"disable_tqdm": not progress})
+        with _stage("estimate-posterior (aligned proxy)", log, timings):
+            estimate_posterior(train_jsonl, str(run / "prior"), align_summary["final"],
+                               str(run / "posterior_aligned"), top_k=cfg.top_k, batch_size=16)
+    if "proxy-kd" in cfg.methods:
+        with _stage("Proxy-KD targets (the proxy's own top-K)", log, timings):
+            estimate_posterior(train_jsonl, None, align_summary["final"] if cfg.align else paths["proxy"],
+                               str(run / "proxy_targets"), tokenizer=paths["tokenizer"], top_k=cfg.top_k,
+                               batch_size=16)
     tok = load_tokenizer(paths["tokenizer"])
     train_tok = tokenize_records(load_teacher_records(str(run / "teacher_train.jsonl"))[0], tok)
     report: dict[str, Any] = {
@@ -361,6 +430,9 @@ def run_lab(root: str = "runs/lab", preset: str = "tiny", *, seeds: int | None =
         report["corpus_curve"] = _corpus_curve(paths, run, cfg, tok)
     with _stage("distill and evaluate students", log, timings):
         report["students"] = _students(paths, run, cfg, tok, progress, log)
+    if align_summary is not None:
+        report["alignment"] = {k: align_summary.get(k) for k in ("alignment", "diagnostics_before",
+                                                                 "diagnostics_after")}
     report["targets"] = _targets(report)
     report["timings"] = {**timings, "total": round(time.perf_counter() - t0, 2)}
     report["prior_summary"] = {k: prior_summary.get(k) for k in ("tokens", "records", "seconds")}
