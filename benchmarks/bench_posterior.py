@@ -65,13 +65,19 @@ def _llama(tok, hidden, layers, seed):
     return LlamaForCausalLM(cfg)
 
 
-def _bare_proxy_pass(model, tokenized, batch_size, device) -> float:
-    """A plain full-logits forward over the batches `ProxyPosterior.proxy_topk` forms (longest first)."""
-    order = sorted(range(len(tokenized)), key=lambda i: -len(tokenized.input_ids[i]))
+def _bare_proxy_pass(model, tokenized, batch_size, device, shard_records) -> float:
+    """A plain full-logits forward over the batches `ProxyPosterior.estimate` forms: whole-record shards of
+    `shard_records`, longest record first within each shard."""
+    from bayeskd.posterior import record_shard_bounds
+
+    order = [lo + i for lo, hi in record_shard_bounds(len(tokenized), shard_records)
+             for i in sorted(range(hi - lo), key=lambda q: -len(tokenized.input_ids[lo + q]))]
+    bounds = [(lo + s, min(lo + s + batch_size, hi)) for lo, hi in record_shard_bounds(len(tokenized), shard_records)
+              for s in range(0, hi - lo, batch_size)]
     t0 = time.perf_counter()
     with torch.no_grad():
-        for s in range(0, len(order), batch_size):
-            batch = order[s:s + batch_size]
+        for lo, hi in bounds:
+            batch = order[lo:hi]
             lens = [len(tokenized.input_ids[i]) for i in batch]
             ids = torch.zeros((len(batch), max(lens)), dtype=torch.long)
             mask = torch.zeros_like(ids)
@@ -151,16 +157,17 @@ def main() -> None:
     unknown = sorted(set(names) - set(settings))
     if unknown:
         ap.error(f"unknown --variants {', '.join(unknown)}; choose from {', '.join(settings)}")
-    _bare_proxy_pass(proxy, tokenized, args.proxy_batch, device)  # warm-up
+    shard_records = max(1, len(tokenized) // 4)
+    _bare_proxy_pass(proxy, tokenized, args.proxy_batch, device, shard_records)  # warm-up
     runs = {n: {"bare": [], "posterior": [], "ratio": []} for n in names}
     summaries = {}
     for r in range(args.repeats):
         for n in (names if r % 2 == 0 else names[::-1]):  # alternate the order of the variants
             kwargs, pr = settings[n]
-            bare_s = _bare_proxy_pass(proxy, tokenized, args.proxy_batch, device)
+            bare_s = _bare_proxy_pass(proxy, tokenized, args.proxy_batch, device, shard_records)
             t = time.perf_counter()
             summaries[n] = post.estimate(tokenized, pr, work / f"post_{n}{r}", progress=False,
-                                         shard_records=max(1, len(tokenized) // 4), **kwargs)
+                                         shard_records=shard_records, **kwargs)
             full_s = time.perf_counter() - t
             runs[n]["bare"].append(bare_s)
             runs[n]["posterior"].append(full_s)
