@@ -349,6 +349,30 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+DATA_SETTINGS = ("samples_per_prompt", "max_prompts", "max_new_tokens", "temperature", "order", "top_k")
+DERIVED = ("students", "aligned_proxy", "posterior_aligned", "proxy_targets")  # made by the training settings
+
+
+def _check_stamps(run: Path, cfg: LabRunConfig, force: bool) -> None:
+    """The teacher samples and the prior/posterior depend on DATA_SETTINGS: a run made with others is refused
+    (or redone with `force`). The trained models depend on the rest (seeds and methods aside): when those
+    change, the derived models are retrained."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("seeds", "methods")}
+    data = {k: settings[k] for k in DATA_SETTINGS}
+    stamp, train_stamp = run / "run.json", run / "train.json"
+    if stamp.exists() and json.loads(stamp.read_text()) != data:
+        if not force:
+            raise LabError(f"{run} was made with other settings ({json.loads(stamp.read_text())}); pass force "
+                           "to redo it")
+        shutil.rmtree(run)
+    if train_stamp.exists() and json.loads(train_stamp.read_text()) != settings:
+        for name in DERIVED:
+            shutil.rmtree(run / name, ignore_errors=True)
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(stamp, data)
+    atomic_write_json(train_stamp, settings)
+
+
 def run_lab(root: str = "runs/lab", preset: str = "tiny", *, seeds: int | None = None,
             methods: Sequence[str] | None = None, config: LabRunConfig | None = None, force: bool = False,
             progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -373,17 +397,7 @@ def run_lab(root: str = "runs/lab", preset: str = "tiny", *, seeds: int | None =
     with _stage("build lab", log, timings):
         paths = build_lab(root, lab_preset, progress=progress)
     run = Path(paths["root"]) / "run"
-    # Settings that change the data or the estimates invalidate the run; seeds/methods only add students.
-    data_cfg = {k: v for k, v in cfg.to_dict().items() if k not in ("seeds", "methods")}
-    stamp = run / "run.json"
-    if stamp.exists():
-        have = json.loads(stamp.read_text())
-        if have != data_cfg:
-            if not force:
-                raise LabError(f"{run} was made with other settings ({have}); pass force to redo it")
-            shutil.rmtree(run)
-    run.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(stamp, data_cfg)
+    _check_stamps(run, cfg, force)
 
     prompts = train_prompts(lab_preset)[:cfg.max_prompts]
     held_prompts = [r["prompt"] for r in load_lab_prompts(paths["root"])]

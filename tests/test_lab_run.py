@@ -1,4 +1,5 @@
 """The main job (`bayeskd lab run`) at the micro preset, and `bayeskd evaluate`'s dataset-level scoring."""
+import dataclasses
 import json
 import math
 import os
@@ -10,6 +11,8 @@ from click.testing import CliRunner
 
 from bayeskd.cli import main
 from bayeskd.data import tokenize_records
+from bayeskd.lab import LabError
+from bayeskd.lab_run import RUN_DEFAULTS, run_lab
 from bayeskd.evaluate import estimate_metrics, read_target_rows, response_logprobs, student_metrics
 from bayeskd.sparse import ShardWriter, SparseDist
 from bayeskd.train import whitebox_targets
@@ -35,7 +38,8 @@ def test_lab_run_writes_every_table(lab_run):
     table = report["estimation"]["table"]
     for name in ("smoothed one-hot (eps=0.1)", "n-gram prior (leave-one-out)", "n-gram prior, no leave-one-out",
                  "proxy alone (before alignment)", "posterior log-linear (shards)", "posterior dirichlet (c=1)",
-                 "posterior mixture (w=0.5)"):
+                 "posterior mixture (w=0.5)", "proxy after alignment",
+                 "posterior log-linear, aligned proxy (shards)"):
         m = table[name]
         assert math.isfinite(m["kl"]) and m["kl"] > -1e-6, (name, m)
         assert 0.0 <= m["top1"] <= 1.0 and 0.0 <= m["coverage@8"] <= 1.0 + 1e-9
@@ -44,9 +48,13 @@ def test_lab_run_writes_every_table(lab_run):
     assert [r["k"] for r in report["estimation"]["k_curve"]] == [4, 16]
     assert [r["samples"] for r in report["corpus_curve"]][1:] == [24, 48]
     students = report["students"]["summary"]
-    assert set(students) == {"student init", "sft", "prior-kd", "posterior-kd", "white-box"}
-    for method in ("sft", "prior-kd", "posterior-kd", "white-box"):
+    assert set(students) == {"student init", "sft", "prior-kd", "posterior-kd", "proxy-kd", "gad", "white-box"}
+    for method in ("sft", "prior-kd", "posterior-kd", "proxy-kd", "white-box"):
         assert os.path.exists(run / "students" / f"{method}-s0" / "config.json")
+    assert os.path.exists(run / "students" / "gad-s0" / "student" / "config.json")
+    assert os.path.exists(run / "aligned_proxy" / "final" / "config.json")
+    assert "top1_match_after" in report["alignment"]["alignment"]
+    for method in ("sft", "prior-kd", "posterior-kd", "proxy-kd", "gad", "white-box"):
         # training on teacher text lowers the student's NLL of held-out teacher text
         assert students[method]["nll"]["mean"] < students["student init"]["nll"]["mean"], method
     assert "gap_closed_posterior_kd" in report["targets"]
@@ -66,6 +74,11 @@ def test_lab_run_resumes_and_refuses_other_settings(lab_run):
     assert set(json.loads((run / "report.json").read_text())["students"]["summary"]) == {"student init", "sft"}
     bad = CliRunner().invoke(main, ["lab", "run", "--preset", "micro", "--root", str(root), "--methods", "nope"])
     assert bad.exit_code != 0 and "nope" in (bad.output + str(bad.exception))
+    # other teacher samples / targets settings: refused, and the finished run is left as it was
+    other = dataclasses.replace(RUN_DEFAULTS["micro"], top_k=8)
+    with pytest.raises(LabError, match="other settings"):
+        run_lab(str(root), "micro", config=other, progress=False, log=lambda _: None)
+    assert os.stat(student).st_mtime_ns == before
 
 
 def test_response_logprobs_rows_match_a_direct_forward(tmp_path, tiny_tokenizer):
