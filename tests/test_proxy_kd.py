@@ -296,3 +296,24 @@ def test_cli_align_proxy_and_distill_proxy_kd(setup, tmp_path):
     assert res.exit_code == 0, res.output
     s = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert s["method"] == "proxy-kd" and s["proxy_kd_normalization"] == "token" and s["proxy_kd_alpha"] == 0.5
+
+
+def test_proxy_only_posterior_targets_feed_proxy_kd(setup, tmp_path):
+    """The real contract: `estimate_posterior` without a prior writes the proxy's top-K with the per-row
+    `proxy_teacher_logprob`; its per-record sums are the proxy's log p(y_T|x) measured directly."""
+    from transformers import AutoModelForCausalLM
+
+    from bayeskd.posterior import estimate_posterior
+
+    out = tmp_path / "proxy_targets"
+    estimate_posterior(setup["data"], None, setup["proxy"], str(out), tokenizer=setup["proxy"], top_k=8,
+                       shard_records=3, device="cpu")
+    tokenized = setup["tokenized"]
+    ds = TeacherTargetsDataset(tokenized, str(out), weight_normalization="sequence")
+    prompts = [ids[:int(p)].tolist() for ids, p in zip(tokenized.input_ids, tokenized.prompt_lengths)]
+    direct = sequence_logprobs(AutoModelForCausalLM.from_pretrained(setup["proxy"]), prompts,
+                               [r.tolist() for r in tokenized.response_sequences()], pad_token_id=0)
+    np.testing.assert_allclose(ds.proxy_seq_logprob, direct.numpy(), rtol=1e-4)
+    s = distill(setup["data"], setup["student"], str(tmp_path / "s"), targets=str(out), method="proxy-kd",
+                max_steps=1, per_device_train_batch_size=4, fused_backend="torch")
+    assert s["method"] == "proxy-kd" and math.isfinite(s["final_loss"] or s["train_loss"])
