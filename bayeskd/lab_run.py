@@ -47,6 +47,7 @@ class LabRunConfig:
     order: int = 4                  # n-gram prior order
     top_k: int = 64                 # K of the prior/posterior targets
     eval_records: int = 400         # training records scored for estimation quality
+    calibration_records: int = 200  # training records (after those) that choose the combination settings
     corpus_fractions: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)
     k_values: tuple[int, ...] = (4, 16, 64)
     methods: tuple[str, ...] = METHODS
@@ -73,7 +74,7 @@ class LabRunConfig:
 
 RUN_DEFAULTS: dict[str, LabRunConfig] = {
     "micro": LabRunConfig(samples_per_prompt=1, max_prompts=48, max_new_tokens=16, order=3, top_k=16,
-                          eval_records=24, corpus_fractions=(0.5, 1.0), k_values=(4, 16), epochs=1.0,
+                          eval_records=24, calibration_records=24, corpus_fractions=(0.5, 1.0), k_values=(4, 16), epochs=1.0,
                           batch_size=8, gad_d_warmup=2, gad_steps=2, gad_group=4, gad_batch_prompts=4),
     "tiny": LabRunConfig(),
     "small": LabRunConfig(samples_per_prompt=4, max_new_tokens=64, eval_records=800, seeds=3, epochs=3.0, lr=1e-3),
@@ -170,6 +171,25 @@ def _mean_kl(teacher_lp: torch.Tensor, estimate, valid: torch.Tensor) -> float:
     return float(kl_teacher_to_estimate(teacher_lp, estimate)[valid].mean())
 
 
+def _calibrate(run: Path, cfg: LabRunConfig, proxy_dir: str, tok) -> dict[str, Any]:
+    """Pick the combination settings by the likelihood of the teacher's own tokens (`bayeskd.calibrate`) on
+    `calibration_records` training records after the ones the evaluation scores (disjoint from them)."""
+    from .calibrate import calibrate_combination
+    from .data import load_teacher_records, tokenize_records
+    from .posterior import ProxyPosterior
+    from .prior import NGramPrior
+
+    records, _ = load_teacher_records(str(run / "teacher_train.jsonl"))
+    lo = min(cfg.eval_records, max(0, len(records) - cfg.calibration_records))
+    tokenized = tokenize_records(records[lo:lo + cfg.calibration_records], tok)
+    seqs = tokenized.response_sequences()
+    prior_rows = NGramPrior.load(run / "prior" / "prior").topk(seqs, cfg.top_k, leave_one_out=True)
+    proxy_rows = ProxyPosterior(proxy_dir, top_k=cfg.top_k).proxy_topk(tokenized, range(len(tokenized)))
+    tokens = torch.from_numpy(np.concatenate(seqs).astype(np.int64))
+    best, table = calibrate_combination(prior_rows, proxy_rows, tokens, top_k=cfg.top_k)
+    return {"records": [lo, lo + len(tokenized)], "best": best, "table": table}
+
+
 def _estimation(paths, run: Path, cfg: LabRunConfig, tok, log) -> dict[str, Any]:
     """Estimation quality at the first `eval_records` training records, plus the curve against K."""
     from transformers import AutoModelForCausalLM
@@ -204,7 +224,7 @@ def _estimation(paths, run: Path, cfg: LabRunConfig, tok, log) -> dict[str, Any]
     if cfg.align:
         aligned = ProxyPosterior(str(run / "aligned_proxy" / "final"), top_k=cfg.top_k).proxy_topk(tokenized, idx, V)
         ests["proxy after alignment"] = aligned
-        ests["posterior log-linear, aligned proxy (shards)"] = read_target_rows(run / "posterior_aligned",
+        ests["posterior, aligned proxy, calibrated (shards)"] = read_target_rows(run / "posterior_aligned",
                                                                                 tokenized, idx)
         ests["posterior mixture (w=0.5), aligned proxy"] = combine(prior_loo, aligned, "mixture", w=0.5,
                                                                    top_k=cfg.top_k)
@@ -295,7 +315,7 @@ def _targets(report: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     t = report.get("estimation", {}).get("table", {})
     # the pipeline's posterior: with the aligned proxy when the lab aligned one
-    post = t.get("posterior log-linear, aligned proxy (shards)", t.get("posterior log-linear (shards)", {})).get("kl")
+    post = t.get("posterior, aligned proxy, calibrated (shards)", t.get("posterior log-linear (shards)", {})).get("kl")
     proxy = t.get("proxy alone (before alignment)", {}).get("kl")
     onehot = t.get("smoothed one-hot (eps=0.1)", {}).get("kl")
     if post is not None and proxy and onehot:
@@ -413,7 +433,7 @@ def run_lab(root: str = "runs/lab", preset: str = "tiny", *, seeds: int | None =
         estimate_posterior(str(run / "teacher_train.jsonl"), str(run / "prior"), paths["proxy"],
                            str(run / "posterior"), top_k=cfg.top_k, batch_size=16)
     train_jsonl = str(run / "teacher_train.jsonl")
-    align_summary = None
+    align_summary = calibration = None
     if cfg.align:
         from .proxy_kd import align_proxy
 
@@ -423,9 +443,14 @@ def run_lab(root: str = "runs/lab", preset: str = "tiny", *, seeds: int | None =
                                         max_new_tokens=cfg.max_new_tokens, sft_learning_rate=cfg.align_lr,
                                         learning_rate=cfg.dpo_lr, batch_size=cfg.batch_size, seed=lab_preset.seed,
                                         training_args={"disable_tqdm": not progress})
-        with _stage("estimate-posterior (aligned proxy)", log, timings):
+        with _stage("calibrate the combination", log, timings):
+            calibration = _calibrate(run, cfg, align_summary["final"], load_tokenizer(paths["tokenizer"]))
+            log(f"[lab] calibrated combination: {calibration['best']} (teacher-token NLL "
+                f"{calibration['table'][0]['nll']:.4f}; a=b=1 log-linear: "
+                f"{next(r['nll'] for r in calibration['table'] if r.get('a') == 1.0 and r.get('b') == 1.0):.4f})")
+        with _stage("estimate-posterior (aligned proxy, calibrated)", log, timings):
             estimate_posterior(train_jsonl, str(run / "prior"), align_summary["final"],
-                               str(run / "posterior_aligned"), top_k=cfg.top_k, batch_size=16)
+                               str(run / "posterior_aligned"), top_k=cfg.top_k, batch_size=16, **calibration["best"])
     if "proxy-kd" in cfg.methods:
         with _stage("Proxy-KD targets (the proxy's own top-K)", log, timings):
             estimate_posterior(train_jsonl, None, align_summary["final"] if cfg.align else paths["proxy"],
@@ -444,6 +469,8 @@ def run_lab(root: str = "runs/lab", preset: str = "tiny", *, seeds: int | None =
         report["corpus_curve"] = _corpus_curve(paths, run, cfg, tok)
     with _stage("distill and evaluate students", log, timings):
         report["students"] = _students(paths, run, cfg, tok, progress, log)
+    if calibration is not None:
+        report["calibration"] = calibration
     if align_summary is not None:
         report["alignment"] = {k: align_summary.get(k) for k in ("alignment", "diagnostics_before",
                                                                  "diagnostics_after")}

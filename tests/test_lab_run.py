@@ -39,7 +39,7 @@ def test_lab_run_writes_every_table(lab_run):
     for name in ("smoothed one-hot (eps=0.1)", "n-gram prior (leave-one-out)", "n-gram prior, no leave-one-out",
                  "proxy alone (before alignment)", "posterior log-linear (shards)", "posterior dirichlet (c=1)",
                  "posterior mixture (w=0.5)", "proxy after alignment",
-                 "posterior log-linear, aligned proxy (shards)"):
+                 "posterior, aligned proxy, calibrated (shards)"):
         m = table[name]
         assert math.isfinite(m["kl"]) and m["kl"] > -1e-6, (name, m)
         assert 0.0 <= m["top1"] <= 1.0 and 0.0 <= m["coverage@8"] <= 1.0 + 1e-9
