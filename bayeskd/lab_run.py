@@ -370,13 +370,14 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 DATA_SETTINGS = ("samples_per_prompt", "max_prompts", "max_new_tokens", "temperature", "order", "top_k")
-DERIVED = ("students", "aligned_proxy", "posterior_aligned", "proxy_targets")  # made by the training settings
+ALIGN_SETTINGS = ("align", "align_sft_epochs", "align_rounds", "align_lr", "dpo_lr", "batch_size")
+DERIVED = ("posterior_aligned", "proxy_targets", "students")  # depend on every training setting
 
 
 def _check_stamps(run: Path, cfg: LabRunConfig, force: bool) -> None:
     """The teacher samples and the prior/posterior depend on DATA_SETTINGS: a run made with others is refused
-    (or redone with `force`). The trained models depend on the rest (seeds and methods aside): when those
-    change, the derived models are retrained."""
+    (or redone with `force`). The aligned proxy depends on ALIGN_SETTINGS, the other trained models on every
+    setting (seeds and methods aside): when those change, what depends on them is retrained."""
     settings = {k: v for k, v in cfg.to_dict().items() if k not in ("seeds", "methods")}
     data = {k: settings[k] for k in DATA_SETTINGS}
     stamp, train_stamp = run / "run.json", run / "train.json"
@@ -385,9 +386,13 @@ def _check_stamps(run: Path, cfg: LabRunConfig, force: bool) -> None:
             raise LabError(f"{run} was made with other settings ({json.loads(stamp.read_text())}); pass force "
                            "to redo it")
         shutil.rmtree(run)
-    if train_stamp.exists() and json.loads(train_stamp.read_text()) != settings:
-        for name in DERIVED:
-            shutil.rmtree(run / name, ignore_errors=True)
+    if train_stamp.exists():
+        have = json.loads(train_stamp.read_text())
+        if have != settings:
+            if any(have.get(k) != settings[k] for k in ALIGN_SETTINGS):
+                shutil.rmtree(run / "aligned_proxy", ignore_errors=True)
+            for name in DERIVED:
+                shutil.rmtree(run / name, ignore_errors=True)
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_json(stamp, data)
     atomic_write_json(train_stamp, settings)
