@@ -97,6 +97,10 @@ def estimate_prior_cmd(**kwargs) -> None:
 @click.option("--w", default=0.5, show_default=True, type=float, help="Mixture weight of the prior.")
 @click.option("--evidence", default=0.0, show_default=True, type=float,
               help="Observations added for the teacher's own token.")
+@click.option("--calibrate/--no-calibrate", default=False, show_default=True,
+              help="Choose --mode and its weights by the likelihood of the teacher's own tokens (leave-one-out).")
+@click.option("--calibration-records", default=256, show_default=True, type=click.IntRange(1),
+              help="Records scored by --calibrate.")
 @click.option("--leave-one-out/--no-leave-one-out", default=True, show_default=True)
 @click.option("--teacher-logprob/--no-teacher-logprob", "teacher_logprob", default=None,
               help="Store the proxy's log-probability of each teacher token (shard extra proxy_teacher_logprob). "

@@ -592,6 +592,26 @@ class _PriorTopK:
         return self._cache[1], int(self.starts[s])
 
 
+def _calibrate(post: ProxyPosterior, prior, tokenized, n_records: int) -> dict[str, Any]:
+    """Set `post`'s combination to the one that best explains the teacher tokens of the first `n_records`
+    records (prior queried with leave-one-out); returns the scores."""
+    from bayeskd.calibrate import calibrate_combination
+
+    if n_records < 1:
+        raise ValueError(f"calibration_records must be >= 1, got {n_records}")
+    idx = list(range(min(n_records, len(tokenized))))
+    seqs = [tokenized.response_sequences()[i] for i in idx]
+    prior_rows = prior.topk(seqs, post.top_k, leave_one_out=True)
+    proxy_rows = post.proxy_topk(tokenized, idx, prior.vocab_size)
+    tokens = torch.from_numpy(np.concatenate(seqs).astype(np.int64)) if seqs else torch.empty(0, dtype=torch.long)
+    best, table = calibrate_combination(prior_rows, proxy_rows, tokens, top_k=post.top_k)
+    post.mode = best["mode"]
+    for key in ("a", "b", "c", "w"):
+        if key in best:
+            setattr(post, key, float(best[key]))
+    return {"records": len(idx), "best": best, "table": table}
+
+
 def estimate_posterior(data: str | None = None, prior_dir: str | None = None, proxy=None, out: str | None = None,
                        *, tokenizer: str | None = None, top_k: int = 64, proxy_top_k: int | None = None,
                        mode: str = "log_linear", a: float = 1.0, b: float = 1.0, c: float = 1.0, w: float = 0.5,
@@ -599,7 +619,8 @@ def estimate_posterior(data: str | None = None, prior_dir: str | None = None, pr
                        device: str | None = None, leave_one_out: bool = True, shard_records: int = 256,
                        skip_bad: bool = False, split: str = "train", max_records: int | None = None,
                        max_shards: int | None = None, teacher_logprob: bool | None = None,
-                       reuse_prior_topk: bool = True) -> dict[str, Any]:
+                       reuse_prior_topk: bool = True, calibrate: bool = False,
+                       calibration_records: int = 256) -> dict[str, Any]:
     """The job behind `bayeskd estimate-posterior`: load the teacher records and the prior saved by
     `estimate_prior` (`prior_dir/prior`, or `prior_dir` itself), tokenize with `tokenizer` (default: the one
     named in `prior_dir/summary.json`), and write posterior shards with the proxy into `out`.
@@ -608,7 +629,9 @@ def estimate_posterior(data: str | None = None, prior_dir: str | None = None, pr
     needed and the tokenizer defaults to the proxy's. `teacher_logprob`: store the per-row extra
     "proxy_teacher_logprob" (default: True without a prior). With `reuse_prior_topk`, the prior's top-K rows
     are read from `prior_dir/topk` (`estimate-prior --write-topk`) when it was made with the same K,
-    leave-one-out setting and records, instead of being recomputed (the shards are the same)."""
+    leave-one-out setting and records, instead of being recomputed (the shards are the same).
+    `calibrate`: choose mode and a/b/c/w (replacing the given ones) by the likelihood of the teacher's own tokens
+    on the first `calibration_records` records (`bayeskd.calibrate`); the choice is in the summary and manifest."""
     from bayeskd.data import DataError, load_teacher_records, load_tokenizer, tokenize_records
     from bayeskd.prior import NGramPrior
 
@@ -650,6 +673,11 @@ def estimate_posterior(data: str | None = None, prior_dir: str | None = None, pr
                                  f"{want[:12]}…, {tokenizer} has {tokenized.fingerprint[:12]}…)")
     post = ProxyPosterior(proxy, dtype=dtype, device=device, batch_size=batch_size, mode=mode, a=a, b=b, c=c, w=w,
                           evidence=evidence, top_k=top_k, proxy_top_k=proxy_top_k)
+    calibration = None
+    if calibrate:
+        if prior is None:
+            raise ValueError("calibrate chooses how to combine prior and proxy: it needs a prior")
+        calibration = _calibrate(post, prior, tokenized, calibration_records)
     prior_topk = None
     if prior is not None and reuse_prior_topk and (pdir / "topk" / MANIFEST).exists():
         topk_manifest = read_manifest(pdir / "topk")
@@ -659,6 +687,8 @@ def estimate_posterior(data: str | None = None, prior_dir: str | None = None, pr
             prior_topk = pdir / "topk"  # other mismatches (tokenizer, lengths) are refused with a clear error
     summary = post.estimate(tokenized, prior, out, leave_one_out=leave_one_out, shard_records=shard_records,
                             max_shards=max_shards, teacher_logprob=teacher_logprob, prior_topk=prior_topk)
+    if calibration is not None:
+        summary["calibration"] = calibration
     summary.update({"data": str(data), "tokenizer": str(tokenizer),
                     "prior_dir": None if prior_dir is None else str(prior_dir),
                     "skipped_records": int(report.skipped)})

@@ -370,3 +370,32 @@ def test_error_on_the_background_worker_is_raised(setup, tmp_path, monkeypatch):
         ProxyPosterior(setup["proxy"], top_k=16).estimate(setup["tokenized"], setup["prior"], tmp_path / "o",
                                                           progress=False)
     assert not list((tmp_path / "o").glob("*.safetensors"))  # nothing half-made was written
+
+
+def test_cli_calibrate_picks_the_best_scoring_combination(setup, tmp_path):
+    from bayeskd.calibrate import calibrate_combination
+    from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
+    from bayeskd.prior import NGramPrior
+
+    out = tmp_path / "calibrated"
+    res = CliRunner().invoke(main, ["estimate-posterior", "--data", setup["data"], "--prior", setup["prior_dir"],
+                                    "--proxy", setup["proxy"], "--top-k", "8", "--calibrate",
+                                    "--calibration-records", "6", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.output[res.output.index("{"):])
+    cal = summary["calibration"]
+    assert cal["records"] == 6 and cal["table"][0]["nll"] == min(r["nll"] for r in cal["table"])
+    assert summary["mode"] == cal["best"]["mode"]  # the shards were made with the chosen combination
+    # the same choice, recomputed independently
+    tok = tokenize_records(load_teacher_records(setup["data"])[0][:6], load_tokenizer(setup["tokdir"]))
+    prior = NGramPrior.load(os.path.join(setup["prior_dir"], "prior"))
+    seqs = tok.response_sequences()
+    post = ProxyPosterior(setup["proxy"], top_k=8)
+    best, _ = calibrate_combination(prior.topk(seqs, 8, leave_one_out=True),
+                                    post.proxy_topk(tok, range(6), prior.vocab_size),
+                                    torch.from_numpy(np.concatenate(seqs).astype(np.int64)), top_k=8)
+    assert best == cal["best"]
+    bad = CliRunner().invoke(main, ["estimate-posterior", "--data", setup["data"], "--prior", "none", "--proxy",
+                                    setup["proxy"], "--tokenizer", setup["tokdir"], "--calibrate",
+                                    "--out", str(tmp_path / "x")])
+    assert bad.exit_code != 0 and "needs a prior" in bad.output
