@@ -19,6 +19,8 @@ __all__ = [
     "run_lab", "LabRunConfig", "evaluate", "response_logprobs", "student_metrics",
     "GADConfig", "gad", "Discriminator", "bradley_terry_loss", "discriminator_accuracy", "group_advantages",
     "grpo_loss",
+    "align_proxy", "proxy_preference_loss", "proxy_kd_weights", "alignment_diagnostics", "top1_match_ratio",
+    "topk_mass_share", "calibrate_combination",
 ]
 __version__ = "0.1.0"
 
@@ -31,6 +33,9 @@ _LAZY.update({name: "bayeskd.lab_run" for name in ("run_lab", "LabRunConfig")})
 _LAZY.update({name: "bayeskd.evaluate" for name in ("evaluate", "response_logprobs", "student_metrics")})
 _LAZY.update({name: "bayeskd.gad" for name in ("GADConfig", "gad", "Discriminator", "bradley_terry_loss",
                                                "discriminator_accuracy", "group_advantages", "grpo_loss")})
+_LAZY.update({name: "bayeskd.proxy_kd" for name in ("align_proxy", "proxy_preference_loss", "proxy_kd_weights",
+                                                    "alignment_diagnostics", "top1_match_ratio", "topk_mass_share")})
+_LAZY.update({name: "bayeskd.calibrate" for name in ("calibrate_combination",)})
 _LAZY.update({name: "bayeskd.train" for name in ("BayesKDConfig", "BayesKDTrainer", "BayesKDCollator",
                                                  "TeacherTargetsDataset", "distill")})
 
