@@ -117,8 +117,9 @@ def _stage(name: str, log: Callable[[str], None], timings: dict[str, float]):
 
 
 def _posterior_dir(cfg: LabRunConfig) -> str:
-    """The posterior shards the posterior-KD students learn from: with the aligned proxy when there is one."""
-    return "posterior_aligned" if cfg.align else "posterior"
+    """The posterior shards the posterior-KD students learn from: the aligned proxy (when the lab aligns one)
+    combined with the prior as the calibration chose."""
+    return "posterior_calibrated"
 
 
 def _gad_student(seed: int, paths: dict[str, str], run: Path, cfg: LabRunConfig, progress: bool) -> Path:
@@ -190,8 +191,10 @@ def _calibrate(run: Path, cfg: LabRunConfig, proxy_dir: str, tok) -> dict[str, A
     return {"records": [lo, lo + len(tokenized)], "best": best, "table": table}
 
 
-def _estimation(paths, run: Path, cfg: LabRunConfig, tok, log) -> dict[str, Any]:
-    """Estimation quality at the first `eval_records` training records, plus the curve against K."""
+def _estimation(paths, run: Path, cfg: LabRunConfig, tok, log, pipeline_proxy: str,
+                combo: dict[str, Any]) -> dict[str, Any]:
+    """Estimation quality at the first `eval_records` training records, plus the curve against K (the pipeline's
+    proxy and combination)."""
     from transformers import AutoModelForCausalLM
 
     from .data import load_teacher_records, tokenize_records
@@ -221,28 +224,30 @@ def _estimation(paths, run: Path, cfg: LabRunConfig, tok, log) -> dict[str, Any]
     for name, kw in POSTERIOR_VARIANTS.items():
         extra = {"teacher_tokens": tokens} if kw.get("evidence") else {}
         ests[name] = combine(prior_loo, proxy_rows, top_k=cfg.top_k, **kw, **extra)
+    pipe = ProxyPosterior(pipeline_proxy, top_k=cfg.top_k)
     if cfg.align:
-        aligned = ProxyPosterior(str(run / "aligned_proxy" / "final"), top_k=cfg.top_k).proxy_topk(tokenized, idx, V)
-        ests["proxy after alignment"] = aligned
-        ests["posterior, aligned proxy, calibrated (shards)"] = read_target_rows(run / "posterior_aligned",
-                                                                                tokenized, idx)
-        ests["posterior mixture (w=0.5), aligned proxy"] = combine(prior_loo, aligned, "mixture", w=0.5,
-                                                                   top_k=cfg.top_k)
+        ests["proxy after alignment"] = pipe.proxy_topk(tokenized, idx, V)
+    ests[_pipeline_name(cfg)] = read_target_rows(run / _posterior_dir(cfg), tokenized, idx)
     table = estimation_table(t_lp, ests, valid)
     k_curve = []
     for k in cfg.k_values:
         k = min(k, V)
         p_k = prior.topk(seqs, k, leave_one_out=True)
-        q_k = ProxyPosterior(proxy.model, top_k=k).proxy_topk(tokenized, idx, V)
+        q_k = ProxyPosterior(pipe.model, top_k=k).proxy_topk(tokenized, idx, V)
         row = {"k": k}
-        for name, est in (("prior", p_k), ("proxy", q_k), ("posterior", combine(p_k, q_k, top_k=k))):
+        for name, est in (("prior", p_k), ("proxy", q_k), ("posterior", combine(p_k, q_k, top_k=k, **combo))):
             row[name] = _mean_kl(t_lp, est, valid)
         k_curve.append(row)
     log(format_estimation(table))
     return {"positions": int(valid.sum()), "records": len(idx), "table": table, "k_curve": k_curve}
 
 
-def _corpus_curve(paths, run: Path, cfg: LabRunConfig, tok) -> list[dict[str, Any]]:
+def _pipeline_name(cfg: LabRunConfig) -> str:
+    return f"posterior, {'aligned ' if cfg.align else ''}proxy, calibrated (shards)"
+
+
+def _corpus_curve(paths, run: Path, cfg: LabRunConfig, tok, pipeline_proxy: str,
+                  combo: dict[str, Any]) -> list[dict[str, Any]]:
     """KL(teacher‖estimate) on held-out teacher text for priors counted on growing shares of the teacher corpus,
     alone and combined with the proxy."""
     from transformers import AutoModelForCausalLM
@@ -261,7 +266,7 @@ def _corpus_curve(paths, run: Path, cfg: LabRunConfig, tok) -> list[dict[str, An
     teacher = AutoModelForCausalLM.from_pretrained(paths["teacher"])
     t_lp, valid = response_logprobs(teacher, held_tok)
     seqs = held_tok.response_sequences()
-    proxy_rows = ProxyPosterior(paths["proxy"], top_k=cfg.top_k).proxy_topk(held_tok, range(len(held_tok)), V)
+    proxy_rows = ProxyPosterior(pipeline_proxy, top_k=cfg.top_k).proxy_topk(held_tok, range(len(held_tok)), V)
     curve = [{"samples": 0, "tokens": 0, "proxy": _mean_kl(t_lp, proxy_rows, valid)}]
     for frac in cfg.corpus_fractions:
         n = max(1, int(round(frac * len(train_seqs))))
@@ -269,7 +274,7 @@ def _corpus_curve(paths, run: Path, cfg: LabRunConfig, tok) -> list[dict[str, An
         p_rows = prior.topk(seqs, cfg.top_k)  # held-out text: not in the counts, no leave-one-out needed
         curve.append({"samples": n, "tokens": int(sum(len(s) for s in train_seqs[:n])),
                       "prior": _mean_kl(t_lp, p_rows, valid),
-                      "posterior": _mean_kl(t_lp, combine(p_rows, proxy_rows, top_k=cfg.top_k), valid),
+                      "posterior": _mean_kl(t_lp, combine(p_rows, proxy_rows, top_k=cfg.top_k, **combo), valid),
                       "proxy": curve[0]["proxy"]})
     return curve
 
@@ -315,7 +320,7 @@ def _targets(report: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     t = report.get("estimation", {}).get("table", {})
     # the pipeline's posterior: with the aligned proxy when the lab aligned one
-    post = t.get("posterior, aligned proxy, calibrated (shards)", t.get("posterior log-linear (shards)", {})).get("kl")
+    post = next((v["kl"] for k, v in t.items() if k.endswith("calibrated (shards)")), None)
     proxy = t.get("proxy alone (before alignment)", {}).get("kl")
     onehot = t.get("smoothed one-hot (eps=0.1)", {}).get("kl")
     if post is not None and proxy and onehot:
@@ -344,11 +349,12 @@ def format_report(report: dict[str, Any]) -> str:
         lines += [f"## Estimation quality ({e['positions']} training positions, lower KL is better)", "",
                   format_estimation(e["table"]), ""]
         if e.get("k_curve"):
-            lines += ["KL(teacher‖estimate) against K:", "", "| K | prior | proxy | posterior |", "|---:|---:|---:|---:|"]
+            lines += ["KL(teacher‖estimate) against K (the pipeline's proxy and calibrated combination):", "", "| K | prior | proxy | posterior |", "|---:|---:|---:|---:|"]
             lines += [f"| {r['k']} | {r['prior']:.4f} | {r['proxy']:.4f} | {r['posterior']:.4f} |" for r in e["k_curve"]]
             lines.append("")
     if report.get("corpus_curve"):
-        lines += ["KL(teacher‖estimate) on held-out teacher text against the corpus size:", "",
+        lines += ["KL(teacher‖estimate) on held-out teacher text against the corpus size (the pipeline's proxy and "
+                  "calibrated combination):", "",
                   "| teacher samples | tokens | prior | posterior | proxy |", "|---:|---:|---:|---:|---:|"]
         for r in report["corpus_curve"][1:]:
             lines.append(f"| {r['samples']} | {r['tokens']} | {r['prior']:.4f} | {r['posterior']:.4f} | "
@@ -371,7 +377,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 DATA_SETTINGS = ("samples_per_prompt", "max_prompts", "max_new_tokens", "temperature", "order", "top_k")
 ALIGN_SETTINGS = ("align", "align_sft_epochs", "align_rounds", "align_lr", "dpo_lr", "batch_size")
-DERIVED = ("posterior_aligned", "proxy_targets", "students")  # depend on every training setting
+DERIVED = ("posterior_calibrated", "proxy_targets", "students")  # depend on every training setting
 
 
 def _check_stamps(run: Path, cfg: LabRunConfig, force: bool) -> None:
@@ -448,17 +454,18 @@ def run_lab(root: str = "runs/lab", preset: str = "tiny", *, seeds: int | None =
                                         max_new_tokens=cfg.max_new_tokens, sft_learning_rate=cfg.align_lr,
                                         learning_rate=cfg.dpo_lr, batch_size=cfg.batch_size, seed=lab_preset.seed,
                                         training_args={"disable_tqdm": not progress})
-        with _stage("calibrate the combination", log, timings):
-            calibration = _calibrate(run, cfg, align_summary["final"], load_tokenizer(paths["tokenizer"]))
-            log(f"[lab] calibrated combination: {calibration['best']} (teacher-token NLL "
-                f"{calibration['table'][0]['nll']:.4f}; a=b=1 log-linear: "
-                f"{next(r['nll'] for r in calibration['table'] if r.get('a') == 1.0 and r.get('b') == 1.0):.4f})")
-        with _stage("estimate-posterior (aligned proxy, calibrated)", log, timings):
-            estimate_posterior(train_jsonl, str(run / "prior"), align_summary["final"],
-                               str(run / "posterior_aligned"), top_k=cfg.top_k, batch_size=16, **calibration["best"])
+    pipeline_proxy = align_summary["final"] if cfg.align else paths["proxy"]
+    with _stage("calibrate the combination", log, timings):
+        calibration = _calibrate(run, cfg, pipeline_proxy, load_tokenizer(paths["tokenizer"]))
+        log(f"[lab] calibrated combination: {calibration['best']} (teacher-token NLL "
+            f"{calibration['table'][0]['nll']:.4f}; a=b=1 log-linear: "
+            f"{next(r['nll'] for r in calibration['table'] if r.get('a') == 1.0 and r.get('b') == 1.0):.4f})")
+    with _stage("estimate-posterior (calibrated)", log, timings):
+        estimate_posterior(train_jsonl, str(run / "prior"), pipeline_proxy, str(run / _posterior_dir(cfg)),
+                           top_k=cfg.top_k, batch_size=16, **calibration["best"])
     if "proxy-kd" in cfg.methods:
         with _stage("Proxy-KD targets (the proxy's own top-K)", log, timings):
-            estimate_posterior(train_jsonl, None, align_summary["final"] if cfg.align else paths["proxy"],
+            estimate_posterior(train_jsonl, None, pipeline_proxy,
                                str(run / "proxy_targets"), tokenizer=paths["tokenizer"], top_k=cfg.top_k,
                                batch_size=16)
     tok = load_tokenizer(paths["tokenizer"])
@@ -470,12 +477,11 @@ def run_lab(root: str = "runs/lab", preset: str = "tiny", *, seeds: int | None =
                  "train_prompts": len(prompts), "empty_samples": s_train.get("empty", 0)},
     }
     with _stage("evaluate estimates", log, timings):
-        report["estimation"] = _estimation(paths, run, cfg, tok, log)
-        report["corpus_curve"] = _corpus_curve(paths, run, cfg, tok)
+        report["estimation"] = _estimation(paths, run, cfg, tok, log, pipeline_proxy, calibration["best"])
+        report["corpus_curve"] = _corpus_curve(paths, run, cfg, tok, pipeline_proxy, calibration["best"])
     with _stage("distill and evaluate students", log, timings):
         report["students"] = _students(paths, run, cfg, tok, progress, log)
-    if calibration is not None:
-        report["calibration"] = calibration
+    report["calibration"] = calibration
     if align_summary is not None:
         report["alignment"] = {k: align_summary.get(k) for k in ("alignment", "diagnostics_before",
                                                                  "diagnostics_after")}
