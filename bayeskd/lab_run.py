@@ -293,6 +293,7 @@ def _students(paths, run: Path, cfg: LabRunConfig, tok, progress: bool, log) -> 
     held_tok = tokenize_records(held, tok)
     teacher = AutoModelForCausalLM.from_pretrained(paths["teacher"])
     per_seed: dict[str, list[dict[str, float]]] = {}
+    d_acc_curves: dict[int, list[dict[str, Any]]] = {}  # GAD: the discriminator's accuracy, step by step
     init = AutoModelForCausalLM.from_pretrained(paths["student"])
     per_seed["student init"] = [student_metrics(teacher, init, held_tok,
                                                 own_samples=sample_own(paths["student"], held, tok,
@@ -308,11 +309,14 @@ def _students(paths, run: Path, cfg: LabRunConfig, tok, progress: bool, log) -> 
             m["train_seconds"] = summary.get("train_seconds", summary.get("seconds", float("nan")))
             if method == "gad" and summary.get("history"):
                 m["d_acc_final"] = float(summary["history"][-1].get("d_acc", float("nan")))
+                d_acc_curves[seed] = [{"stage": h.get("stage"), "step": h.get("step"), "d_acc": h.get("d_acc"),
+                                       "reward_mean": h.get("reward_mean")} for h in summary["history"]]
             per_seed[method].append(m)
             log(f"[lab] student {method} seed {seed}: " + ", ".join(f"{k}={v:.4f}" for k, v in m.items()))
     summary = {method: {metric: _mean_std([r[metric] for r in runs if metric in r]) for metric in runs[0]}
                for method, runs in per_seed.items()}
-    return {"heldout_records": len(held_tok), "per_seed": per_seed, "summary": summary}
+    return {"heldout_records": len(held_tok), "per_seed": per_seed, "summary": summary,
+            "gad_d_acc": d_acc_curves}
 
 
 def _targets(report: dict[str, Any]) -> dict[str, Any]:

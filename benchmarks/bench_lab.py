@@ -26,7 +26,8 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    curves = report["students"].get("gad_d_acc") or {}
+    fig, axes = plt.subplots(1, 4 if curves else 3, figsize=(20 if curves else 15, 4.2))
     curve = report["corpus_curve"][1:]
     ax = axes[0]
     for key, style in (("prior", "o-"), ("posterior", "s-"), ("proxy", "--")):
@@ -55,6 +56,18 @@ def plot(report: dict, path: Path) -> None:
     ax.set_ylabel("KL(teacher ‖ student), nats/token")
     ax.set_title("students (held-out)")
     ax.legend()
+    if curves:
+        ax = axes[3]
+        for seed, hist in curves.items():
+            ax.plot(range(1, len(hist) + 1), [h["d_acc"] for h in hist], ".-", label=f"seed {seed}")
+        warm = sum(1 for h in next(iter(curves.values())) if h["stage"] == "warmup")
+        if warm:
+            ax.axvline(warm + 0.5, color="gray", ls=":", label="warm-up | GAD")
+        ax.set_xlabel("GAD step (warm-up: discriminator only)")
+        ax.set_ylabel("D accuracy (teacher scored higher)")
+        ax.set_ylim(0, 1.05)
+        ax.set_title("GAD discriminator accuracy")
+        ax.legend(fontsize=8)
     fig.suptitle(f"bayeskd lab, preset {report['preset']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

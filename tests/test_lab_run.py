@@ -52,6 +52,9 @@ def test_lab_run_writes_every_table(lab_run):
     for method in ("sft", "prior-kd", "posterior-kd", "proxy-kd", "white-box"):
         assert os.path.exists(run / "students" / f"{method}-s0" / "config.json")
     assert os.path.exists(run / "students" / "gad-s0" / "student" / "config.json")
+    curve = report["students"]["gad_d_acc"]["0"]  # the discriminator's accuracy, step by step
+    assert [h["stage"] for h in curve] == ["warmup"] * 2 + ["gad"] * 2
+    assert all(0.0 <= h["d_acc"] <= 1.0 for h in curve)
     assert os.path.exists(run / "aligned_proxy" / "final" / "config.json")
     assert "top1_match_after" in report["alignment"]["alignment"]
     for method in ("sft", "prior-kd", "posterior-kd", "proxy-kd", "gad", "white-box"):
