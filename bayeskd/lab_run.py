@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -28,6 +29,9 @@ from .evaluate import (estimation_table, format_estimation, one_hot_estimate, re
 from .lab import LabError, build_lab, get_preset, load_lab_prompts, split_corpus
 from .sparse import atomic_write_bytes, atomic_write_json
 
+# The posterior shards posterior-KD learns from: the pipeline's proxy (aligned when the lab aligns one) combined
+# with the prior as the calibration chose.
+POSTERIOR_DIR = "posterior_calibrated"
 METHODS = ("sft", "prior-kd", "posterior-kd", "proxy-kd", "gad", "white-box")
 POSTERIOR_VARIANTS = {  # name -> combine() settings, evaluated in memory beside the shards' log-linear one
     "posterior dirichlet (c=1)": dict(mode="dirichlet", c=1.0),
@@ -103,23 +107,14 @@ def _sample(teacher_dir: str, prompts: Sequence[str], path: Path, cfg: LabRunCon
                                 batch_size=256)
 
 
+@contextmanager
 def _stage(name: str, log: Callable[[str], None], timings: dict[str, float]):
-    class _Timer:
-        def __enter__(self):
-            log(f"[lab] {name} ...")
-            self.t0 = time.perf_counter()
-
-        def __exit__(self, *exc):
-            timings[name] = round(time.perf_counter() - self.t0, 2)
-            if exc[0] is None:
-                log(f"[lab] {name}: {timings[name]:.1f} s")
-    return _Timer()
-
-
-def _posterior_dir(cfg: LabRunConfig) -> str:
-    """The posterior shards the posterior-KD students learn from: the aligned proxy (when the lab aligns one)
-    combined with the prior as the calibration chose."""
-    return "posterior_calibrated"
+    """Log a stage's start and duration; its seconds go into `timings`."""
+    log(f"[lab] {name} ...")
+    t0 = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - t0, 2)
+    log(f"[lab] {name}: {timings[name]:.1f} s")
 
 
 def _gad_student(seed: int, paths: dict[str, str], run: Path, cfg: LabRunConfig, progress: bool) -> Path:
@@ -155,7 +150,7 @@ def _distill_student(method: str, seed: int, paths: dict[str, str], run: Path, c
     elif method == "prior-kd":
         distill(data, paths["student"], str(out), targets=str(run / "prior" / "topk"), **kwargs)
     elif method == "posterior-kd":
-        distill(data, paths["student"], str(out), targets=str(run / _posterior_dir(cfg)), **kwargs)
+        distill(data, paths["student"], str(out), targets=str(run / POSTERIOR_DIR), **kwargs)
     elif method == "proxy-kd":  # the aligned proxy's own top-K, KD weighted by its likelihood of the response
         kwargs.pop("kd_weight")
         distill(data, paths["student"], str(out), targets=str(run / "proxy_targets"), method="proxy-kd", **kwargs)
@@ -227,7 +222,7 @@ def _estimation(paths, run: Path, cfg: LabRunConfig, tok, log, pipeline_proxy: s
     pipe = ProxyPosterior(pipeline_proxy, top_k=cfg.top_k)
     if cfg.align:
         ests["proxy after alignment"] = pipe.proxy_topk(tokenized, idx, V)
-    ests[_pipeline_name(cfg)] = read_target_rows(run / _posterior_dir(cfg), tokenized, idx)
+    ests[_pipeline_name(cfg)] = read_target_rows(run / POSTERIOR_DIR, tokenized, idx)
     table = estimation_table(t_lp, ests, valid)
     k_curve = []
     for k in cfg.k_values:
@@ -367,7 +362,7 @@ def format_report(report: dict[str, Any]) -> str:
     if "students" in report:
         s = report["students"]["summary"]
         metrics = [m for m in ("nll", "kl_tf", "kl_own") if any(m in v for v in s.values())]
-        lines += [f"## Student quality (held-out teacher text; mean ± std over seeds)", "",
+        lines += ["## Student quality (held-out teacher text; mean ± std over seeds)", "",
                   "| student | seeds | " + " | ".join(metrics) + " |", "|---|---:|" + "---:|" * len(metrics)]
         for method, v in s.items():
             cells = [f"{v[m]['mean']:.4f} ± {v[m]['std']:.4f}" if m in v else "–" for m in metrics]
@@ -381,7 +376,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 DATA_SETTINGS = ("samples_per_prompt", "max_prompts", "max_new_tokens", "temperature", "order", "top_k")
 ALIGN_SETTINGS = ("align", "align_sft_epochs", "align_rounds", "align_lr", "dpo_lr", "batch_size")
-DERIVED = ("posterior_calibrated", "proxy_targets", "students")  # depend on every training setting
+DERIVED = (POSTERIOR_DIR, "proxy_targets", "students")  # depend on every training setting
 
 
 def _check_stamps(run: Path, cfg: LabRunConfig, force: bool) -> None:
@@ -465,7 +460,7 @@ def run_lab(root: str = "runs/lab", preset: str = "tiny", *, seeds: int | None =
             f"{calibration['table'][0]['nll']:.4f}; a=b=1 log-linear: "
             f"{next(r['nll'] for r in calibration['table'] if r.get('a') == 1.0 and r.get('b') == 1.0):.4f})")
     with _stage("estimate-posterior (calibrated)", log, timings):
-        estimate_posterior(train_jsonl, str(run / "prior"), pipeline_proxy, str(run / _posterior_dir(cfg)),
+        estimate_posterior(train_jsonl, str(run / "prior"), pipeline_proxy, str(run / POSTERIOR_DIR),
                            top_k=cfg.top_k, batch_size=16, **calibration["best"])
     if "proxy-kd" in cfg.methods:
         with _stage("Proxy-KD targets (the proxy's own top-K)", log, timings):
