@@ -35,6 +35,13 @@ config_option = click.option(
     expose_value=False, help="YAML or JSON file of option values (command-line options override it).")
 
 
+# Options several commands share, spelled once.
+skip_bad_option = click.option("--skip-bad", is_flag=True,
+                               help="Skip malformed records (counted in the summary) instead of failing.")
+max_records_option = click.option("--max-records", default=None, type=click.IntRange(1),
+                                  help="Use only the first N records.")
+
+
 def _run_job(job, drop: tuple[str, ...] = (), **kwargs) -> None:
     """Call the library function behind a command; bad input becomes a one-line error, the summary is printed."""
     from bayeskd.data import DataError
@@ -68,8 +75,8 @@ def main() -> None:
               help="Also write the per-position top-K prior (leave-one-out) as SparseDist shards.")
 @click.option("--leave-one-out/--no-leave-one-out", default=True, show_default=True)
 @click.option("--num-proc", default=1, show_default=True, type=click.IntRange(1), help="Parallel counting processes.")
-@click.option("--skip-bad", is_flag=True, help="Skip malformed records (counted in the summary) instead of failing.")
-@click.option("--max-records", default=None, type=click.IntRange(1), help="Use only the first N records.")
+@skip_bad_option
+@max_records_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 def estimate_prior_cmd(**kwargs) -> None:
     """Count n-grams of the teacher's responses into a smoothed prior (and optionally its top-K shards)."""
@@ -111,8 +118,8 @@ def estimate_prior_cmd(**kwargs) -> None:
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option("--shard-records", "shard_records", default=256, show_default=True, type=click.IntRange(1),
               help="Whole records per output shard.")
-@click.option("--skip-bad", is_flag=True, help="Skip malformed records (counted in the summary) instead of failing.")
-@click.option("--max-records", default=None, type=click.IntRange(1), help="Use only the first N records.")
+@skip_bad_option
+@max_records_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 def estimate_posterior_cmd(**kwargs) -> None:
     """Combine the n-gram prior with a proxy LM into per-position top-K posterior shards (resumable)."""
@@ -161,7 +168,7 @@ def estimate_posterior_cmd(**kwargs) -> None:
 @click.option("--weight-normalization", "proxy_kd_normalization", default="sequence", show_default=True,
               type=click.Choice(["sequence", "token"]),
               help="proxy-kd: the proxy's log-likelihood summed over the response or averaged per token.")
-@click.option("--skip-bad", is_flag=True)
+@skip_bad_option
 def distill_cmd(data, student, targets, teacher, proxy, tokenizer, out, skip_bad, **training_args) -> None:
     """Train a student on the teacher's text and the estimated (or white-box) token distributions."""
     from bayeskd.train import distill
@@ -199,7 +206,7 @@ def distill_cmd(data, student, targets, teacher, proxy, tokenizer, out, skip_bad
 @click.option("--logging-steps", default=10, show_default=True, type=click.IntRange(1))
 @click.option("--diagnostic-records", default=256, show_default=True, type=click.IntRange(1),
               help="Records scored by the alignment diagnostics (top-1 match, top-K mass).")
-@click.option("--skip-bad", is_flag=True, help="Skip malformed records instead of failing.")
+@skip_bad_option
 def align_proxy_cmd(**kwargs) -> None:
     """Align a proxy to the black-box teacher: SFT on its responses, then rounds of preference optimisation
     (resumable; Proxy-KD)."""
@@ -286,7 +293,7 @@ def evaluate_cmd(**kwargs) -> None:
 @click.option("--save-every", default=50, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=42, show_default=True, type=int)
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
-@click.option("--skip-bad", is_flag=True, help="Skip malformed records instead of failing.")
+@skip_bad_option
 def gad_cmd(**kwargs) -> None:
     """Generative adversarial distillation: the student learns by GRPO from a discriminator's score, the
     discriminator learns to tell the teacher's responses from the student's."""
