@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from .losses import combine
@@ -68,3 +69,19 @@ def calibrate_combination(prior: SparseDist, proxy: SparseDist | torch.Tensor, t
     table.sort(key=lambda r: (math.isnan(r["nll"]), r["nll"]))
     best = {k: v for k, v in table[0].items() if k != "nll"}
     return best, table
+
+
+def calibrate_on_records(prior, proxy, tokenized, indices: Sequence[int], top_k: int, *,
+                         candidates: Sequence[dict[str, Any]] = DEFAULT_CANDIDATES) -> dict[str, Any]:
+    """`calibrate_combination` at the response positions of the records `indices` of `tokenized`: the prior
+    (an NGramPrior) queried with leave-one-out, the proxy (a ProxyPosterior) through its top-K. Returns
+    {"records": how many, "best": settings, "table": every candidate's score}."""
+    indices = [int(i) for i in indices]
+    if not indices:
+        raise ValueError("calibration needs at least one record")
+    seqs = [tokenized.response_sequences()[i] for i in indices]
+    prior_rows = prior.topk(seqs, top_k, leave_one_out=True)
+    proxy_rows = proxy.proxy_topk(tokenized, indices, prior.vocab_size)
+    tokens = torch.from_numpy(np.concatenate(seqs).astype(np.int64))
+    best, table = calibrate_combination(prior_rows, proxy_rows, tokens, candidates=candidates, top_k=top_k)
+    return {"records": len(indices), "best": best, "table": table}

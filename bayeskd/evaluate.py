@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .eval import kl_teacher_to_estimate, smoothed_one_hot, summarize, top1_match, topk_mass_coverage
-from .sparse import SparseDist, ShardReader, atomic_write_json
+from .sparse import SparseDist, atomic_write_json
 
 COVERAGE_K = (1, 8)
 
@@ -88,27 +88,12 @@ def estimate_metrics(teacher_lp: torch.Tensor, estimate: SparseDist | torch.Tens
 
 
 def read_target_rows(targets_dir: str | Path, tokenized, indices: Sequence[int]) -> SparseDist:
-    """The rows of the records `indices` from a target-shard directory (made for `tokenized`'s data and
-    tokenizer), in target-row order."""
-    reader = ShardReader(targets_dir, tokenizer_fingerprint=tokenized.fingerprint)
-    where: dict[int, tuple[SparseDist, int, int]] = {}
-    for name in reader.shard_names:
-        dist, extra = reader.read(name)
-        if "record_index" not in extra or "lengths" not in extra:
-            raise ValueError(f"{Path(targets_dir) / name}: shard lacks the 'record_index'/'lengths' extras")
-        starts = np.concatenate([[0], np.cumsum(extra["lengths"].long().numpy())])
-        for r, a, b in zip(extra["record_index"].long().tolist(), starts[:-1], starts[1:]):
-            where[r] = (dist, int(a), int(b))
-    parts = []
-    for i in indices:
-        if int(i) not in where:
-            raise ValueError(f"{targets_dir}: no target rows for record {int(i)} (targets made for other data?)")
-        dist, a, b = where[int(i)]
-        want = len(tokenized.input_ids[int(i)]) - int(tokenized.prompt_lengths[int(i)])
-        if b - a != want:
-            raise ValueError(f"{targets_dir}: record {int(i)} has {b - a} target rows but {want} response tokens")
-        parts.append(dist[a:b])
-    return SparseDist.cat(parts)
+    """The rows of the records `indices` from a target-shard directory made for `tokenized`'s data and tokenizer
+    (checked as the trainer checks them), in target-row order."""
+    from .train import TeacherTargetsDataset
+
+    dataset = TeacherTargetsDataset(tokenized, str(targets_dir))
+    return SparseDist.cat([dataset.record_rows(int(i)) for i in indices])
 
 
 def estimation_table(teacher_lp: torch.Tensor, estimates: Mapping[str, SparseDist | torch.Tensor],
@@ -123,17 +108,21 @@ def one_hot_estimate(tokenized, indices: Sequence[int], vocab_size: int, eps: fl
     return smoothed_one_hot(response_tokens(tokenized, indices), vocab_size, eps)
 
 
-def student_metrics(teacher, student, tokenized, *, own_samples=None, batch_size: int = 16,
+def student_metrics(teacher, student, tokenized, *, own_samples=None, indices: Sequence[int] | None = None,
+                    teacher_rows: tuple[torch.Tensor, torch.Tensor] | None = None, batch_size: int = 16,
                     device: str | torch.device = "cpu") -> dict[str, float]:
     """Student quality against a readable teacher (both causal LMs sharing the vocabulary of `tokenized`).
 
-    `tokenized`: held-out teacher text. `own_samples`: the student's own responses (tokenized the same way)
-    to held-out prompts, or None. Returns nll (nats per teacher token), kl_tf (mean KL(teacher‖student) at the
-    teacher's positions) and, with own samples, kl_own (at the student's positions)."""
+    `tokenized`: held-out teacher text (its records `indices`, all by default). `own_samples`: the student's own
+    responses (tokenized the same way) to held-out prompts, or None. `teacher_rows`: the teacher's
+    `response_logprobs` on those records when already computed (scoring several students). Returns nll (nats
+    per teacher token), kl_tf (mean KL(teacher‖student) at the teacher's positions) and, with own samples, kl_own
+    (at the student's positions)."""
     V = int(tokenized.vocab_size)
-    t_lp, valid = response_logprobs(teacher, tokenized, vocab_size=V, batch_size=batch_size, device=device)
-    s_lp, _ = response_logprobs(student, tokenized, vocab_size=V, batch_size=batch_size, device=device)
-    tokens = response_tokens(tokenized)
+    t_lp, valid = teacher_rows if teacher_rows is not None else response_logprobs(
+        teacher, tokenized, indices, vocab_size=V, batch_size=batch_size, device=device)
+    s_lp, _ = response_logprobs(student, tokenized, indices, vocab_size=V, batch_size=batch_size, device=device)
+    tokens = response_tokens(tokenized, indices)
     nll = -s_lp.gather(1, tokens[:, None]).squeeze(1).double()
     out = summarize({"nll": nll, "kl_tf": kl_teacher_to_estimate(t_lp, s_lp)}, valid)
     del t_lp, s_lp
@@ -181,13 +170,11 @@ def evaluate(teacher: str, data: str, *, tokenizer: str | None = None, targets: 
         raise ValueError("nothing to evaluate: give --targets NAME=DIR and/or --student NAME=PATH")
     tok = load_tokenizer(tokenizer or teacher)
     records, _ = load_teacher_records(data)
-    if max_records is not None:
-        records = records[:max_records]
-    tokenized = tokenize_records(records, tok)
+    tokenized = tokenize_records(records, tok)  # all records: the target shards cover all of them
+    idx = list(range(len(tokenized) if max_records is None else min(max_records, len(tokenized))))
     teacher_model = AutoModelForCausalLM.from_pretrained(teacher)
-    report: dict[str, Any] = {"teacher": teacher, "data": data, "records": len(tokenized)}
+    report: dict[str, Any] = {"teacher": teacher, "data": data, "records": len(idx)}
     if target_dirs:
-        idx = list(range(len(tokenized)))
         t_lp, valid = response_logprobs(teacher_model, tokenized, idx, batch_size=batch_size)
         ests: dict[str, SparseDist | torch.Tensor] = {
             f"one-hot (eps={one_hot_eps})": one_hot_estimate(tokenized, idx, tokenized.vocab_size, one_hot_eps)}
@@ -198,12 +185,13 @@ def evaluate(teacher: str, data: str, *, tokenizer: str | None = None, targets: 
     if student_dirs:
         report["students"] = {}
         prompt_records = load_teacher_records(prompts)[0] if prompts else None
+        t_rows = response_logprobs(teacher_model, tokenized, idx, batch_size=batch_size)  # once for all students
         for name, path in student_dirs.items():
             model = AutoModelForCausalLM.from_pretrained(path)
             own = (sample_own(path, prompt_records, tok, max_new_tokens=max_new_tokens, seed=seed)
                    if prompt_records else None)
             report["students"][name] = student_metrics(teacher_model, model, tokenized, own_samples=own,
-                                                       batch_size=batch_size)
+                                                       indices=idx, teacher_rows=t_rows, batch_size=batch_size)
     report["seconds"] = round(time.perf_counter() - t0, 3)
     if out:
         atomic_write_json(Path(out), json.loads(json.dumps(report)))
@@ -215,16 +203,10 @@ def sample_own(model_path: str, prompt_records: Sequence[dict], tokenizer, *, ma
     """A model's own responses to the prompts of `prompt_records`, tokenized like teacher data (text only, as
     the lab's black-box teacher produces them)."""
     from .data import tokenize_records
-    from .lab import BlackBoxTeacher
+    from .lab import BlackBoxTeacher, sample_records
 
-    gen = BlackBoxTeacher(model_path)
-    texts = [r["prompt"] for r in prompt_records]
-    recs = []
-    for b, s in enumerate(range(0, len(texts), batch_size)):
-        chunk = texts[s:s + batch_size]
-        for p, r in zip(chunk, gen.generate(chunk, max_new_tokens, temperature, seed + b)):
-            if r.strip():
-                recs.append({"prompt": p, "response": r.strip()})
+    recs, _ = sample_records(BlackBoxTeacher(model_path), prompt_records, max_new_tokens, temperature, seed,
+                             batch_size)
     return tokenize_records(recs, tokenizer) if recs else None
 
 

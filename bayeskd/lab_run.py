@@ -170,7 +170,7 @@ def _mean_kl(teacher_lp: torch.Tensor, estimate, valid: torch.Tensor) -> float:
 def _calibrate(run: Path, cfg: LabRunConfig, proxy_dir: str, tok) -> dict[str, Any]:
     """Pick the combination settings by the likelihood of the teacher's own tokens (`bayeskd.calibrate`) on
     `calibration_records` training records after the ones the evaluation scores (disjoint from them)."""
-    from .calibrate import calibrate_combination
+    from .calibrate import calibrate_on_records
     from .data import load_teacher_records, tokenize_records
     from .posterior import ProxyPosterior
     from .prior import NGramPrior
@@ -178,12 +178,10 @@ def _calibrate(run: Path, cfg: LabRunConfig, proxy_dir: str, tok) -> dict[str, A
     records, _ = load_teacher_records(str(run / "teacher_train.jsonl"))
     lo = min(cfg.eval_records, max(0, len(records) - cfg.calibration_records))
     tokenized = tokenize_records(records[lo:lo + cfg.calibration_records], tok)
-    seqs = tokenized.response_sequences()
-    prior_rows = NGramPrior.load(run / "prior" / "prior").topk(seqs, cfg.top_k, leave_one_out=True)
-    proxy_rows = ProxyPosterior(proxy_dir, top_k=cfg.top_k).proxy_topk(tokenized, range(len(tokenized)))
-    tokens = torch.from_numpy(np.concatenate(seqs).astype(np.int64))
-    best, table = calibrate_combination(prior_rows, proxy_rows, tokens, top_k=cfg.top_k)
-    return {"records": [lo, lo + len(tokenized)], "best": best, "table": table}
+    result = calibrate_on_records(NGramPrior.load(run / "prior" / "prior"),
+                                  ProxyPosterior(proxy_dir, top_k=cfg.top_k), tokenized, range(len(tokenized)),
+                                  cfg.top_k)
+    return {**result, "records": [lo, lo + len(tokenized)]}
 
 
 def _estimation(paths, run: Path, cfg: LabRunConfig, tok, log, pipeline_proxy: str,
@@ -287,10 +285,11 @@ def _students(paths, run: Path, cfg: LabRunConfig, tok, progress: bool, log) -> 
     held, _ = load_teacher_records(str(run / "teacher_heldout.jsonl"))
     held_tok = tokenize_records(held, tok)
     teacher = AutoModelForCausalLM.from_pretrained(paths["teacher"])
+    t_rows = response_logprobs(teacher, held_tok)  # the teacher on held-out text: once for every student
     per_seed: dict[str, list[dict[str, float]]] = {}
     d_acc_curves: dict[int, list[dict[str, Any]]] = {}  # GAD: the discriminator's accuracy, step by step
     init = AutoModelForCausalLM.from_pretrained(paths["student"])
-    per_seed["student init"] = [student_metrics(teacher, init, held_tok,
+    per_seed["student init"] = [student_metrics(teacher, init, held_tok, teacher_rows=t_rows,
                                                 own_samples=sample_own(paths["student"], held, tok,
                                                                        max_new_tokens=cfg.max_new_tokens))]
     for method in cfg.methods:
@@ -299,7 +298,7 @@ def _students(paths, run: Path, cfg: LabRunConfig, tok, progress: bool, log) -> 
             out = _distill_student(method, seed, paths, run, cfg, progress)
             own = sample_own(str(out), held, tok, max_new_tokens=cfg.max_new_tokens, seed=1000 + seed)
             model = AutoModelForCausalLM.from_pretrained(str(out))
-            m = student_metrics(teacher, model, held_tok, own_samples=own)
+            m = student_metrics(teacher, model, held_tok, own_samples=own, teacher_rows=t_rows)
             summary = json.loads(((out.parent if method == "gad" else out) / "summary.json").read_text())
             m["train_seconds"] = summary.get("train_seconds", summary.get("seconds", float("nan")))
             if method == "gad" and summary.get("history"):

@@ -595,21 +595,16 @@ class _PriorTopK:
 def _calibrate(post: ProxyPosterior, prior, tokenized, n_records: int) -> dict[str, Any]:
     """Set `post`'s combination to the one that best explains the teacher tokens of the first `n_records`
     records (prior queried with leave-one-out); returns the scores."""
-    from bayeskd.calibrate import calibrate_combination
+    from bayeskd.calibrate import calibrate_on_records
 
     if n_records < 1:
         raise ValueError(f"calibration_records must be >= 1, got {n_records}")
-    idx = list(range(min(n_records, len(tokenized))))
-    seqs = [tokenized.response_sequences()[i] for i in idx]
-    prior_rows = prior.topk(seqs, post.top_k, leave_one_out=True)
-    proxy_rows = post.proxy_topk(tokenized, idx, prior.vocab_size)
-    tokens = torch.from_numpy(np.concatenate(seqs).astype(np.int64)) if seqs else torch.empty(0, dtype=torch.long)
-    best, table = calibrate_combination(prior_rows, proxy_rows, tokens, top_k=post.top_k)
-    post.mode = best["mode"]
+    result = calibrate_on_records(prior, post, tokenized, range(min(n_records, len(tokenized))), post.top_k)
+    post.mode = result["best"]["mode"]
     for key in ("a", "b", "c", "w"):
-        if key in best:
-            setattr(post, key, float(best[key]))
-    return {"records": len(idx), "best": best, "table": table}
+        if key in result["best"]:
+            setattr(post, key, float(result["best"][key]))
+    return result
 
 
 def estimate_posterior(data: str | None = None, prior_dir: str | None = None, proxy=None, out: str | None = None,

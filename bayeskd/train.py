@@ -220,6 +220,14 @@ class TeacherTargetsDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.tokenized)
 
+    def record_rows(self, i: int) -> SparseDist:
+        """Every target row of record `i`: one per response token, before any `max_length` truncation."""
+        if self._where is None:
+            raise ValueError("this dataset was made without a targets directory")
+        s, st = (int(x) for x in self._where[i])
+        n = len(self.tokenized.input_ids[i]) - int(self.tokenized.prompt_lengths[i])
+        return self._dists[s][st:st + n]
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         tok = self.tokenized
         ids = np.asarray(tok.input_ids[i], dtype=np.int64)
@@ -236,8 +244,7 @@ class TeacherTargetsDataset(torch.utils.data.Dataset):
             r_lo = 1  # a response token at position 0 is predicted from nothing: no row for it
         item = {"input_ids": torch.from_numpy(ids), "response_mask": torch.from_numpy(mask)}
         if self._where is not None:
-            s, st = self._where[i]
-            rows = self._dists[s][int(st) + r_lo:int(st) + r_hi]
+            rows = self.record_rows(i)[r_lo:r_hi]
             item.update(target_indices=rows.indices, target_logprobs=rows.logprobs, target_tail=rows.tail)
             if "context_count" in rows.extras:
                 item[CONTEXT_COUNT_KEY] = rows.extras["context_count"].reshape(-1)
