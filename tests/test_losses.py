@@ -330,7 +330,10 @@ def test_fast_path_matches_reference(mode, div):
                                                  mask=mask, inplace=inplace, chunk_rows=2, **kw)
                 (got * weights.float()).sum().backward()
                 torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=2e-6)
-                torch.testing.assert_close(leaf.grad.double(), want_grad, rtol=1e-3, atol=2e-6)
+                # fp32 against a float64 reference: an entry's error scales with the row's largest gradient
+                # (cancellation in reverse-KL terms), so the absolute tolerance does too
+                torch.testing.assert_close(leaf.grad.double(), want_grad, rtol=1e-3,
+                                           atol=2e-6 + 1e-5 * float(want_grad.abs().max()))
                 assert (leaf.grad[~mask] == 0).all() and (got[~mask] == 0).all()
 
 
