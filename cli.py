@@ -80,7 +80,7 @@ def main() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 def estimate_prior_cmd(**kwargs) -> None:
     """Count n-grams of the teacher's responses into a smoothed prior (and optionally its top-K shards)."""
-    from bayeskd.pipeline import estimate_prior
+    from bayeskd.priors.estimate import estimate_prior
 
     _run_job(estimate_prior, **kwargs)
 
@@ -123,7 +123,7 @@ def estimate_prior_cmd(**kwargs) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 def estimate_posterior_cmd(**kwargs) -> None:
     """Combine the n-gram prior with a proxy LM into per-position top-K posterior shards (resumable)."""
-    from bayeskd.posterior import estimate_posterior
+    from bayeskd.posterior.estimate import estimate_posterior
 
     _run_job(estimate_posterior, **kwargs)
 
@@ -171,7 +171,7 @@ def estimate_posterior_cmd(**kwargs) -> None:
 @skip_bad_option
 def distill_cmd(data, student, targets, teacher, proxy, tokenizer, out, skip_bad, **training_args) -> None:
     """Train a student on the teacher's text and the estimated (or white-box) token distributions."""
-    from bayeskd.train import distill
+    from bayeskd.distill.trainer import distill
 
     if targets is not None and targets.lower() == "none":
         targets = None
@@ -210,7 +210,7 @@ def distill_cmd(data, student, targets, teacher, proxy, tokenizer, out, skip_bad
 def align_proxy_cmd(**kwargs) -> None:
     """Align a proxy to the black-box teacher: SFT on its responses, then rounds of preference optimisation
     (resumable; Proxy-KD)."""
-    from bayeskd.proxy_kd import align_proxy
+    from bayeskd.distill.proxy_kd import align_proxy
 
     _run_job(align_proxy, drop=("stages", "config", "diagnostics_before", "diagnostics_after"), **kwargs)
 
@@ -234,8 +234,8 @@ def lab_group() -> None:
 def lab_run_cmd(preset, root, seeds, methods, force, quiet) -> None:
     """Build the lab, sample the teacher as a black box, estimate prior and posterior, distill students and
     score everything against the teacher's true distributions (tables in ROOT/PRESET/run/report.md)."""
-    from bayeskd.lab import LabError
-    from bayeskd.lab_run import run_lab
+    from bayeskd.lab.build import LabError
+    from bayeskd.lab.run import run_lab
 
     try:
         run_lab(root, preset, seeds=seeds, methods=methods.split(",") if methods else None, force=force,
@@ -259,7 +259,7 @@ def lab_run_cmd(preset, root, seeds, methods, force, quiet) -> None:
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the report as JSON here.")
 def evaluate_cmd(**kwargs) -> None:
     """Score target estimates and students against a teacher whose logits can be read."""
-    from bayeskd.evaluate import evaluate
+    from bayeskd.evaluation.evaluate import evaluate
 
     _run_job(evaluate, **kwargs)
 
@@ -297,7 +297,7 @@ def evaluate_cmd(**kwargs) -> None:
 def gad_cmd(**kwargs) -> None:
     """Generative adversarial distillation: the student learns by GRPO from a discriminator's score, the
     discriminator learns to tell the teacher's responses from the student's."""
-    from bayeskd.gad import gad
+    from bayeskd.distill.gad import gad
 
     _run_job(gad, drop=("history",), **kwargs)
 

@@ -8,7 +8,8 @@ setup(
     version="0.1.0",
     description="Bayesian estimation of a black-box LLM teacher's token distributions, and distillation from them",
     python_requires=">=3.10",
-    packages=["bayeskd", "bayeskd.kernels"],
+    packages=["bayeskd", "bayeskd.kernels", "bayeskd.teachers", "bayeskd.priors", "bayeskd.posterior",
+              "bayeskd.distill", "bayeskd.evaluation", "bayeskd.lab"],
     package_dir={"bayeskd": "bayeskd", "bayeskd.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",

@@ -19,6 +19,12 @@ from safetensors.torch import load_file, save_file
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
+# Names every stage shares, defined once: how prior and proxy combine, and the keys of a shard's extras.
+MODES = ("log_linear", "dirichlet", "mixture")  # prior x proxy combinations (docs/MATH.md)
+TEACHER_LOGPROB = "proxy_teacher_logprob"  # per-row extra: the proxy's log q(teacher token | context)
+CONTEXT_COUNT = "context_count"  # per-row extra of n-gram prior rows: the context's count (Dirichlet mode)
+RECORD_INDEX, LENGTHS = "record_index", "lengths"  # per-shard extras: the records a shard holds, rows of each
+
 
 class CacheMismatchError(ValueError):
     """A shard directory was made for another tokenizer, vocabulary or config than the one asked for."""

@@ -14,7 +14,7 @@ grad_weight accumulates in the weight's dtype (as a bf16 lm_head's own gradient 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -29,43 +29,13 @@ def default_chunk_size(n: int) -> int:
     return max(min(n, 256), math.ceil(n / 8))
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    return backend
-
-
-def _chunk_loss_and_grad(logits: torch.Tensor, targets: tuple, kwargs: dict[str, Any], backend: str,
-                         need_grad: bool) -> torch.Tensor:
+def _chunk_loss_and_grad(logits: torch.Tensor, targets: tuple, kwargs: dict[str, Any],
+                         chunk_loss: Callable | None, need_grad: bool) -> torch.Tensor:
     """Loss [c] of one chunk; when need_grad, the gradient w.r.t. the logits overwrites `logits`."""
-    if backend == "triton":
+    if chunk_loss is None:
         loss, _ = sparse_kd_forward(logits, *targets, inplace=True, compute_grad=need_grad, **kwargs)
         return loss
-    from bayeskd.losses import fused_posterior_kd  # the PyTorch path (CPU)
-    from bayeskd.sparse import SparseDist
-
-    p_idx, p_lp, p_tail, q_idx, q_lp, q_tail, q_logits = targets
-    v = logits.shape[1]
-    kw = {k: v_ for k, v_ in kwargs.items() if k not in ("block_v", "check_finite", "w_rows")}
-    w_rows = kwargs.get("w_rows")
-    if w_rows is not None and w_rows.numel():
-        if not bool((w_rows == w_rows[0]).all()):
-            raise ValueError("per-row mixture weights need backend='triton' (the torch path takes one scalar w)")
-        kw["w"] = float(w_rows[0])
-    if kw.get("mode") == "none":
-        kw["mode"] = "log_linear"  # ignored: no proxy means the prior alone
-    proxy = SparseDist(q_idx, q_lp, q_tail, v) if q_idx is not None else q_logits
-    x = logits.detach().requires_grad_(need_grad)
-    with torch.enable_grad():
-        loss = fused_posterior_kd(x, SparseDist(p_idx, p_lp, p_tail, v), proxy, backend="torch",
-                                  inplace=need_grad, **kw)
-        if need_grad:  # inplace: the gradient already lives in `logits`; copy_ covers a non-aliasing result
-            (g,) = torch.autograd.grad(loss.sum(), x)
-            if g.data_ptr() != logits.data_ptr():
-                logits.copy_(g)
-    return loss.detach().float()
+    return chunk_loss(logits, targets, kwargs, need_grad)
 
 
 def _slice_targets(targets: tuple, s: int, e: int) -> tuple:
@@ -76,7 +46,7 @@ def _slice_kwargs(kwargs: dict[str, Any], s: int, e: int) -> dict[str, Any]:
     return {k: (v[s:e] if k in _ROW_KEYS and v is not None else v) for k, v in kwargs.items()}
 
 
-def _run_chunks(hidden, weight, targets, kwargs, chunk, backend, grad_hidden, grad_weight, row_scale=None):
+def _run_chunks(hidden, weight, targets, kwargs, chunk, chunk_loss, grad_hidden, grad_weight, row_scale=None):
     """One pass over the row chunks; fills grad_hidden / grad_weight (either may be None); returns the loss."""
     n = hidden.shape[0]
     need_grad = grad_hidden is not None or grad_weight is not None
@@ -86,7 +56,7 @@ def _run_chunks(hidden, weight, targets, kwargs, chunk, backend, grad_hidden, gr
         h = hidden[s:e]
         logits = h @ weight.t()  # [c, V] in the input dtype (fp32 accumulation inside the matmul)
         loss[s:e] = _chunk_loss_and_grad(logits, _slice_targets(targets, s, e), _slice_kwargs(kwargs, s, e),
-                                         backend, need_grad)
+                                         chunk_loss, need_grad)
         if not need_grad:
             continue
         g = logits  # now the gradient w.r.t. the chunk's logits
@@ -103,13 +73,13 @@ class FusedLinearSparseKDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, prior_idx, prior_logp, prior_tail, proxy_idx, proxy_logp, proxy_tail,
                 proxy_logits, cfg):
-        kwargs, chunk, backend = cfg["kwargs"], cfg["chunk"], cfg["backend"]
+        kwargs, chunk, chunk_loss = cfg["kwargs"], cfg["chunk"], cfg["chunk_loss"]
         targets = (prior_idx, prior_logp, prior_tail, proxy_idx, proxy_logp, proxy_tail, proxy_logits)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        loss = _run_chunks(hidden, weight, targets, kwargs, chunk, backend, grad_hidden, grad_weight)
+        loss = _run_chunks(hidden, weight, targets, kwargs, chunk, chunk_loss, grad_hidden, grad_weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.recompute = (hidden.detach(), weight.detach(), targets, kwargs, chunk, backend)
+        ctx.recompute = (hidden.detach(), weight.detach(), targets, kwargs, chunk, chunk_loss)
         return loss
 
     @staticmethod
@@ -128,9 +98,9 @@ class FusedLinearSparseKDFunction(torch.autograd.Function):
                 if go.numel() and go[0].item() != 1.0:
                     grad_weight.mul_(go[0].to(grad_weight.dtype))
             else:  # Σ_rows go_r g_r h_r^T cannot be had from Σ_rows g_r h_r^T: rebuild it
-                hidden, weight, targets, kwargs, chunk, backend = ctx.recompute
+                hidden, weight, targets, kwargs, chunk, chunk_loss = ctx.recompute
                 grad_weight.zero_()
-                _run_chunks(hidden, weight, targets, {**kwargs, "check_finite": False}, chunk, backend, None,
+                _run_chunks(hidden, weight, targets, {**kwargs, "check_finite": False}, chunk, chunk_loss, None,
                             grad_weight, row_scale=go.float())
         ctx.recompute = None
         return (grad_hidden, grad_weight) + (None,) * 8
@@ -159,14 +129,15 @@ def fused_linear_sparse_kd(
     mask: torch.Tensor | None = None,
     tail: str = "bucket",
     chunk_size: int | None = None,
-    backend: str = "auto",
+    chunk_loss: Callable | None = None,
     check_finite: bool = True,
 ) -> torch.Tensor:
     """Per-row loss (float32 [N]) of softmax((hidden @ weight.T) / T) against the posterior target.
 
     hidden [N, H], weight [V, H] (the lm_head). Target arguments as in `triton_fused_posterior_kd`.
-    `backend`: "triton" (the fused kernel; on CPU it needs TRITON_INTERPRET=1), "torch" (the chunk loss from
-    bayeskd.losses.fused_posterior_kd), or "auto" (triton on CUDA, torch elsewhere).
+    `chunk_loss`: None runs the Triton kernel on each chunk (on CPU only under TRITON_INTERPRET=1); a callable
+    (logits, targets, kwargs, need_grad) -> loss replaces it (`bayeskd.losses.torch_chunk_loss`, the PyTorch
+    path). Users call `bayeskd.losses.fused_linear_posterior_kd`, which validates and picks the backend.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)} and "
@@ -178,6 +149,6 @@ def fused_linear_sparse_kd(
     kwargs = dict(mode=mode, a=a, b=b, w_rows=w_rows, teacher_tokens=teacher_tokens, evidence=evidence,
                   divergence=divergence, beta=beta, temperature=temperature, mask=mask, tail=tail,
                   check_finite=check_finite)
-    cfg = {"kwargs": kwargs, "chunk": chunk, "backend": _resolve_backend(backend, hidden.device)}
+    cfg = {"kwargs": kwargs, "chunk": chunk, "chunk_loss": chunk_loss}
     return FusedLinearSparseKDFunction.apply(hidden, weight, prior_idx, prior_logp, prior_tail, proxy_idx,
                                              proxy_logp, proxy_tail, proxy_logits, cfg)

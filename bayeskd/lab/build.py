@@ -11,8 +11,8 @@ causal-LM loop, and saves an untrained smaller student initialisation:
     root/<preset>/prompts.jsonl  held-out {"prompt", "response"} (the reference text, not teacher samples)
     root/<preset>/lab.json     manifest: the preset config, split sizes, first/last training losses
 
-The pipeline sees the teacher only through `BlackBoxTeacher` (text in, text out); the evaluation reads its
-true distributions through `WhiteBoxTeacher`.
+The pipeline sees the teacher only through `bayeskd.teachers.local.BlackBoxTeacher` (text in, text out); the
+evaluation reads its true distributions through `WhiteBoxTeacher`.
 """
 from __future__ import annotations
 
@@ -269,105 +269,3 @@ def load_lab_prompts(path: str | os.PathLike) -> list[dict]:
     if path.is_dir():
         path = path / "prompts.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _load(path: str | os.PathLike):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path))
-    model.eval()
-    return model, tok
-
-
-class BlackBoxTeacher:
-    """The lab teacher as the pipeline sees a real API teacher: text in, text out, nothing else.
-
-    The model lives only inside a closure; no attribute of the object holds a module or a tensor.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        model, tok = _load(path)
-        tok.padding_side = "left"
-
-        def _generate(prompts: list[str], max_new_tokens: int, temperature: float, seed: int) -> list[str]:
-            import torch
-
-            if not prompts:
-                return []
-            enc = tok(list(prompts), return_tensors="pt", padding=True, add_special_tokens=True)
-            kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id,
-                                      "eos_token_id": tok.eos_token_id}
-            if temperature > 0:
-                kwargs.update(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0)
-            else:
-                kwargs.update(do_sample=False)
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
-                torch.manual_seed(seed)
-                out = model.generate(**enc, **kwargs)
-            new = out[:, enc["input_ids"].shape[1]:]
-            return [str(s) for s in tok.batch_decode(new, skip_special_tokens=True)]
-
-        self.__generate = _generate
-        self.path = str(path)
-
-    def generate(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 1.0,
-                 seed: int = 0) -> list[str]:
-        """Continuations of `prompts` (text only), sampled at `temperature` (0: greedy) with `seed`."""
-        if isinstance(prompts, str):
-            raise TypeError("prompts must be a list of strings, not one string")
-        return self.__generate(list(prompts), int(max_new_tokens), float(temperature), int(seed))
-
-    def __repr__(self) -> str:
-        return f"BlackBoxTeacher({self.path!r})"
-
-
-def sample_records(teacher: BlackBoxTeacher, prompts: Sequence[str | dict], max_new_tokens: int = 64,
-                   temperature: float = 1.0, seed: int = 0, batch_size: int = 16) -> tuple[list[dict], int]:
-    """({"prompt", "response"} records, number of empty responses skipped): one sampled response per prompt.
-
-    Prompts may be strings or records with a "prompt" key. Batch `b` is sampled with seed `seed + b`, so the
-    output depends on (prompts, seed, batch_size). Empty (whitespace-only) responses are skipped and counted.
-    """
-    texts = [p["prompt"] if isinstance(p, dict) else str(p) for p in prompts]
-    records: list[dict] = []
-    empty = 0
-    for b, start in enumerate(range(0, len(texts), batch_size)):
-        chunk = texts[start:start + batch_size]
-        for prompt, response in zip(chunk, teacher.generate(chunk, max_new_tokens, temperature, seed + b)):
-            response = response.strip()
-            if not response:
-                empty += 1
-                continue
-            records.append({"prompt": prompt, "response": response})
-    return records, empty
-
-
-def sample_teacher_jsonl(teacher: BlackBoxTeacher, prompts: Sequence[str | dict], out_path: str | os.PathLike,
-                         max_new_tokens: int = 64, temperature: float = 1.0, seed: int = 0,
-                         batch_size: int = 16) -> dict[str, int]:
-    """`sample_records` written as {"prompt", "response"} JSONL atomically. Returns {"written", "empty"}."""
-    records, empty = sample_records(teacher, prompts, max_new_tokens, temperature, seed, batch_size)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
-    return {"written": len(records), "empty": empty}
-
-
-class WhiteBoxTeacher:
-    """The lab teacher's true distributions, for evaluation only (never hand this to the pipeline)."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.model, self.tokenizer = _load(path)
-        self.path = str(path)
-
-    def logprobs(self, input_ids, attention_mask=None):
-        """[B, T, V] float32 log-softmax rows: row t is the distribution of token t+1 given tokens ≤ t."""
-        import torch
-
-        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        with torch.no_grad():
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return torch.log_softmax(logits.float(), dim=-1)

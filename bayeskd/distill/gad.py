@@ -1,0 +1,543 @@
+"""GAD: generative adversarial distillation from a black-box teacher ("Black-Box On-Policy Distillation of Large
+Language Models"). The student is a generator G; a discriminator D (a causal-LM backbone + a scalar head,
+initialised from the student) learns to score the teacher's responses above G's samples; G is trained by GRPO
+with D's score as the reward.
+
+One step, on a batch of `batch_prompts` prompts:
+  roll out `group_size` samples per prompt from G (temperature sampling, left-padded prompts)
+  -> score them with D (the rewards come from D before its update)
+  -> group advantages (r - mean_group) / (std_group + eps), the same on every token of a sample
+  -> update D: Bradley-Terry -log sigma(D(x, y_teacher) - D(x, y_student)), mean over the group, then prompts
+  -> update G: PPO-clip token loss + kl_coef * k3-KL to the reference model (GRPO), `ppo_epochs` passes.
+Stages: warm-up in out/warmup/ (SFT of G on the teacher responses while D trains on G's samples; the first
+`warmup_d_only_steps` steps update D only), then the adversarial stage in out/, starting from the warm-up
+checkpoints with fresh optimizers; the warm-up student is the KL reference.
+
+Why a loop of our own rather than TRL's GRPOTrainer: TRL takes reward models as fixed scorers and has no hook to
+train one on each step's rollouts, which is the point of GAD. The loop is plain PyTorch on HF models.
+
+Every sequence (prompt + response) is laid out right-padded with explicit position ids, for G, D and the
+reference alike, so the scores and log-probs do not depend on how a batch was padded.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bayeskd.data import DataError, load_teacher_records, load_tokenizer, tokenize_records
+from bayeskd.sparse import atomic_save_safetensors, atomic_write_json
+from bayeskd.teacher_forcing import pad_prompt_response, position_ids, token_logprobs
+
+logger = logging.getLogger(__name__)
+
+STATE = "state.json"
+STATE_VERSION = 1
+RESUMABLE = ("steps", "save_every", "micro_batch")  # settings a rerun may change without refusing the checkpoint
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+@dataclass
+class GADConfig:
+    """GAD settings. Steps are optimizer steps of the stage; each step uses `batch_prompts` prompts."""
+    warmup_steps: int = 0          # warm-up steps (SFT of G + D training); 0: start adversarial at once
+    warmup_d_only_steps: int = 0   # the first warm-up steps update D only
+    steps: int = 100               # adversarial (GRPO) steps
+    group_size: int = 8            # student samples per prompt
+    temperature: float = 0.8       # sampling temperature (also the policy's temperature in the PPO ratio)
+    batch_prompts: int = 4
+    lr: float = 1e-5               # student (generator) AdamW learning rate, warm-up SFT included
+    d_lr: float = 1e-5             # discriminator AdamW learning rate
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    clip: float = 0.2              # PPO clip range
+    kl_coef: float = 0.001         # weight of the k3 KL to the reference (0: no reference model is loaded)
+    ppo_epochs: int = 1            # G updates per rollout batch (>1 makes the clip bite)
+    adv_eps: float = 1e-4
+    max_new_tokens: int = 128      # sample length; teacher responses are cut to it too (no length cue for D)
+    max_prompt_tokens: int = 512   # prompts are cut from the left
+    micro_batch: int | None = None  # prompts per forward/backward (gradient accumulation); None: the whole batch
+    save_every: int = 50           # checkpoint every N steps (and at the end of each stage)
+    seed: int = 42
+
+    def __post_init__(self):
+        ints = {"warmup_steps": 0, "warmup_d_only_steps": 0, "steps": 0, "group_size": 2, "batch_prompts": 1,
+                "ppo_epochs": 1, "max_new_tokens": 1, "max_prompt_tokens": 1, "save_every": 1}
+        for name, low in ints.items():
+            if int(getattr(self, name)) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.warmup_d_only_steps > self.warmup_steps:
+            raise ValueError(f"warmup_d_only_steps ({self.warmup_d_only_steps}) must be <= warmup_steps "
+                             f"({self.warmup_steps})")
+        for name in ("temperature", "lr", "d_lr", "max_grad_norm", "adv_eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.clip < 1:
+            raise ValueError(f"clip must be in (0, 1), got {self.clip}")
+        if self.kl_coef < 0 or self.weight_decay < 0:
+            raise ValueError(f"kl_coef and weight_decay must be >= 0, got {self.kl_coef}, {self.weight_decay}")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1 or None, got {self.micro_batch}")
+
+
+# ---------------------------------------------------------------------------------------------------- losses
+
+def bradley_terry_loss(teacher_scores: torch.Tensor, student_scores: torch.Tensor) -> torch.Tensor:
+    """-log sigma(D(x, y_teacher) - D(x, y_student)): teacher_scores [P], student_scores [P, n] (n samples of
+    prompt p); the mean over each prompt's group, then over prompts."""
+    if teacher_scores.dim() != 1 or student_scores.dim() != 2 or student_scores.shape[0] != teacher_scores.shape[0]:
+        raise ValueError(f"need teacher_scores [P] and student_scores [P, n], got {tuple(teacher_scores.shape)} "
+                         f"and {tuple(student_scores.shape)}")
+    return -F.logsigmoid(teacher_scores[:, None] - student_scores).mean()
+
+
+def discriminator_accuracy(teacher_scores: torch.Tensor, student_scores: torch.Tensor) -> float:
+    """Share of (teacher, student sample) pairs of the same prompt where the teacher scores strictly higher."""
+    return float((teacher_scores[:, None] > student_scores).float().mean())
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """(r - mean_group) / (std_group + eps) for rewards [P, n]; std is the unbiased one (as TRL's GRPO). A group
+    whose rewards are all equal gets advantage 0."""
+    if rewards.dim() != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"need rewards [P, n] with n >= 2 samples per prompt, got {tuple(rewards.shape)}")
+    return (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + eps)
+
+
+def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+              mask: torch.Tensor, *, clip: float = 0.2, ref_logprobs: torch.Tensor | None = None,
+              kl_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO's loss for [B, T] token log-probs under the current and the sampling policy, advantages [B] and a
+    response mask [B, T]: per token -min(rho A, clip(rho, 1-clip, 1+clip) A) + kl_coef * k3, with
+    rho = exp(logprobs - old_logprobs) and k3 = exp(ref - logprobs) - (ref - logprobs) - 1 (the unbiased,
+    non-negative KL estimator of GRPO); averaged over each sequence's tokens, then over sequences.
+    Returns (loss, stats: kl = mean k3 per token, clip_frac = share of tokens whose clipped term was taken)."""
+    m = mask.to(logprobs.dtype)
+    ratio = torch.exp(logprobs - old_logprobs)
+    a = advantages[:, None].to(logprobs.dtype)
+    unclipped, clipped = ratio * a, ratio.clamp(1 - clip, 1 + clip) * a
+    per_token = -torch.minimum(unclipped, clipped)
+    n_tok = m.sum().clamp(min=1)
+    stats = {"clip_frac": float(((clipped < unclipped).to(m.dtype) * m).sum() / n_tok), "kl": 0.0}
+    if ref_logprobs is not None:
+        d = ref_logprobs - logprobs
+        k3 = torch.exp(d) - d - 1
+        stats["kl"] = float((k3.detach() * m).sum() / n_tok)
+        if kl_coef:
+            per_token = per_token + kl_coef * k3
+    per_seq = (per_token * m).sum(1) / m.sum(1).clamp(min=1)
+    return per_seq.mean(), stats
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+def _quiet_from_pretrained(cls, path: str, **kwargs):
+    """`cls.from_pretrained` without transformers' load report (a CausalLM checkpoint loaded as a bare backbone
+    reports its unused lm_head, which is expected here)."""
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    finally:
+        transformers.logging.set_verbosity(level)
+
+
+class Discriminator(torch.nn.Module):
+    """A causal-LM backbone (`AutoModel`) and a linear scalar head; the score of a sequence is the head's value
+    at its last attended position (padding-aware through `attention_mask`, whatever the padding side).
+
+    Not `AutoModelForSequenceClassification`: it picks the last token that is not the pad *id*, which is wrong
+    when pad == EOS (common for Llama) or when a sample contains the pad token.
+    """
+    HEAD_FILE = "score_head.safetensors"
+
+    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Linear | None = None):
+        super().__init__()
+        self.backbone = backbone
+        if head is None:
+            cfg = backbone.config.get_text_config()
+            head = torch.nn.Linear(cfg.hidden_size, 1)
+            torch.nn.init.normal_(head.weight, std=getattr(cfg, "initializer_range", 0.02))
+            torch.nn.init.zeros_(head.bias)
+        self.head = head
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> "Discriminator":
+        """The backbone of any HF checkpoint at `path` (a causal LM's base model, or a saved discriminator) and the
+        head saved next to it; without a saved head, a new one (drawn from torch's global RNG)."""
+        from transformers import AutoModel
+
+        backbone = _quiet_from_pretrained(AutoModel, str(path), **kwargs)
+        d = cls(backbone)
+        head_path = Path(path) / cls.HEAD_FILE
+        if head_path.exists():
+            from safetensors.torch import load_file
+
+            d.head.load_state_dict(load_file(str(head_path)))
+        return d
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """The backbone through HF's `save_pretrained`, the head as safetensors next to it."""
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(str(path))
+        atomic_save_safetensors({k: v.detach().cpu() for k, v in self.head.state_dict().items()},
+                                Path(path) / self.HEAD_FILE)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Scores [B] (float32) of sequences [B, L]."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids(attention_mask)).last_hidden_state
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        last = (positions * attention_mask.long()).argmax(-1)  # the last attended position of each row
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.head(h.to(self.head.weight.dtype)).squeeze(-1).float()
+
+
+def _pack(prompts: list[list[int]], responses: list[list[int]], pad: int, device) -> dict[str, torch.Tensor]:
+    """Prompt + response, right-padded on `device`: input_ids, attention_mask, response_mask [B, L]."""
+    return {k: v.to(device) for k, v in pad_prompt_response(prompts, responses, pad).items()}
+
+
+def _token_logprobs(model, s: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """log p(token t | tokens < t) at temperature, [B, L-1] (position t-1 predicts token t)."""
+    return token_logprobs(model, s, temperature, explicit_positions=True)
+
+
+@torch.no_grad()
+def _rollout(model, prompts: list[list[int]], cfg: GADConfig, pad: int, eos: int | None, device) -> list[list[int]]:
+    """`group_size` samples per prompt (prompt-major: samples of prompt i are rows i*n .. i*n+n-1), each cut after
+    its first EOS."""
+    from transformers import GenerationConfig
+
+    n = cfg.group_size
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding: generation continues every row from its last column
+        ids[i, L - len(p):] = torch.tensor(p)
+        mask[i, L - len(p):] = 1
+    gen = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
+                           max_new_tokens=cfg.max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+    out = model.generate(input_ids=ids.repeat_interleave(n, 0).to(device),
+                         attention_mask=mask.repeat_interleave(n, 0).to(device), generation_config=gen)
+    samples = []
+    for row in out[:, L:].tolist():
+        if eos is not None and eos in row:
+            row = row[:row.index(eos) + 1]
+        samples.append(row)
+    return samples
+
+
+def _chunks(n_prompts: int, micro: int | None) -> list[range]:
+    size = micro or n_prompts
+    return [range(i, min(i + size, n_prompts)) for i in range(0, n_prompts, size)]
+
+
+# ---------------------------------------------------------------------------------------------------- updates
+
+def _update_discriminator(D, opt, prompts, teacher, samples, cfg: GADConfig, pad: int, device) -> tuple[
+        torch.Tensor, dict[str, float]]:
+    """One Bradley-Terry step of D. Returns the rewards [P, n] (the student samples' scores before the step)."""
+    P, n = len(prompts), cfg.group_size
+    opt.zero_grad(set_to_none=True)
+    t_all, s_all, loss_sum = [], [], 0.0
+    for ch in _chunks(P, cfg.micro_batch):
+        t = D(**_d_inputs(prompts, teacher, ch, 1, pad, device))
+        s = D(**_d_inputs(prompts, samples, ch, n, pad, device)).view(len(ch), n)
+        loss = bradley_terry_loss(t, s) * (len(ch) / P)
+        loss.backward()
+        loss_sum += float(loss.detach())
+        t_all.append(t.detach())
+        s_all.append(s.detach())
+    grad_norm = torch.nn.utils.clip_grad_norm_(D.parameters(), cfg.max_grad_norm)
+    opt.step()
+    t, s = torch.cat(t_all), torch.cat(s_all)
+    return s, {"d_loss": loss_sum, "d_acc": discriminator_accuracy(t, s), "teacher_score": float(t.mean()),
+               "reward_mean": float(s.mean()), "reward_std": float(s.std()), "d_grad_norm": float(grad_norm)}
+
+
+def _d_inputs(prompts, responses, ch: range, per_prompt: int, pad: int, device) -> dict[str, torch.Tensor]:
+    rows = [i * per_prompt + j for i in ch for j in range(per_prompt)]
+    s = _pack([prompts[r // per_prompt] for r in rows], [responses[r] for r in rows], pad, device)
+    return {"input_ids": s["input_ids"], "attention_mask": s["attention_mask"]}
+
+
+def _update_generator_grpo(G, ref, opt, prompts, samples, advantages, cfg: GADConfig, pad: int,
+                           device) -> dict[str, float]:
+    """`ppo_epochs` PPO-clip passes of G over the rollout batch (old log-probs: G before the first pass)."""
+    P, n = len(prompts), cfg.group_size
+    batches = []
+    for ch in _chunks(P, cfg.micro_batch):
+        rows = [i * n + j for i in ch for j in range(n)]
+        s = _pack([prompts[r // n] for r in rows], [samples[r] for r in rows], pad, device)
+        with torch.no_grad():
+            old = _token_logprobs(G, s, cfg.temperature) if cfg.ppo_epochs > 1 else None
+            ref_lp = _token_logprobs(ref, s, cfg.temperature) if ref is not None else None
+        batches.append((ch, s, old, ref_lp, advantages[list(ch)].reshape(-1)))
+    stats: dict[str, float] = {}
+    for epoch in range(cfg.ppo_epochs):
+        opt.zero_grad(set_to_none=True)
+        acc = {"g_loss": 0.0, "kl_ref": 0.0, "clip_frac": 0.0}
+        for ch, s, old, ref_lp, adv in batches:
+            lp = _token_logprobs(G, s, cfg.temperature)
+            # One pass per rollout: the sampling policy is G itself, ratio 1 with the policy gradient.
+            loss, st = grpo_loss(lp, lp.detach() if old is None else old, adv, s["response_mask"][:, 1:], clip=cfg.clip,
+                                 ref_logprobs=ref_lp, kl_coef=cfg.kl_coef)
+            w = len(ch) / P
+            (loss * w).backward()
+            acc["g_loss"] += float(loss.detach()) * w
+            acc["kl_ref"] += st["kl"] * w
+            acc["clip_frac"] += st["clip_frac"] * w
+        grad_norm = torch.nn.utils.clip_grad_norm_(G.parameters(), cfg.max_grad_norm)
+        opt.step()
+        if epoch == 0:  # the first pass measures the policy that sampled the batch
+            stats = {**acc, "g_grad_norm": float(grad_norm)}
+    if cfg.ppo_epochs > 1:
+        stats["clip_frac_last"] = acc["clip_frac"]  # how far the last pass moved from the sampling policy
+    return stats
+
+
+def _update_generator_sft(G, opt, prompts, teacher, cfg: GADConfig, pad: int, device) -> dict[str, float]:
+    """One SFT step of G: cross-entropy on the teacher's response tokens, mean over the batch's tokens."""
+    P = len(prompts)
+    total = sum(len(r) for r in teacher)
+    opt.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    for ch in _chunks(P, cfg.micro_batch):
+        s = _pack([prompts[i] for i in ch], [teacher[i] for i in ch], pad, device)
+        lp = _token_logprobs(G, s)
+        loss = -(lp * s["response_mask"][:, 1:]).sum() / total
+        loss.backward()
+        loss_sum += float(loss.detach())
+    grad_norm = torch.nn.utils.clip_grad_norm_(G.parameters(), cfg.max_grad_norm)
+    opt.step()
+    return {"sft_loss": loss_sum, "g_grad_norm": float(grad_norm)}
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+def _save_checkpoint(stage_dir: Path, G, tok, D, opt_g, opt_d, state: dict[str, Any]) -> None:
+    """Write the whole checkpoint to a temporary folder whose state.json, written last, marks it complete; then
+    move it into place (`_commit`), so an interruption never leaves a mix of two steps behind."""
+    tmp = stage_dir / f".saving-{state['step']}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    G.save_pretrained(str(tmp / "student"))
+    tok.save_pretrained(str(tmp / "student"))
+    D.save_pretrained(tmp / "discriminator")
+    torch.save({"student": opt_g.state_dict(), "discriminator": opt_d.state_dict()}, tmp / "optimizers.pt")
+    atomic_write_json(tmp / STATE, state)
+    _commit(stage_dir, tmp)
+
+
+def _commit(stage_dir: Path, tmp: Path) -> None:
+    """Move a complete checkpoint folder into place; idempotent, so a commit cut short is finished later."""
+    for name in ("student", "discriminator", "optimizers.pt"):
+        src, dst = tmp / name, stage_dir / name
+        if src.exists():
+            if dst.is_dir():
+                shutil.rmtree(dst)
+            elif dst.exists():
+                dst.unlink()
+            os.replace(src, dst)
+    os.replace(tmp / STATE, stage_dir / STATE)
+    shutil.rmtree(tmp)
+
+
+def _load_state(stage_dir: Path) -> dict[str, Any] | None:
+    """The stage's state.json after finishing (or dropping) an interrupted save; None when there is none."""
+    for tmp in sorted(stage_dir.glob(".saving-*")):
+        if (tmp / STATE).exists():
+            _commit(stage_dir, tmp)
+        else:
+            shutil.rmtree(tmp)
+    path = stage_dir / STATE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); remove {stage_dir} to start over") from e
+
+
+def _check_resume(stage_dir: Path, state: dict[str, Any], want: dict[str, Any]) -> None:
+    have = {k: v for k, v in state.get("config", {}).items() if k not in RESUMABLE}
+    want = {k: v for k, v in want.items() if k not in RESUMABLE}
+    diff = [f"{k}: {have.get(k)!r} there, {want.get(k)!r} now" for k in sorted(set(have) | set(want))
+            if have.get(k) != want.get(k)]
+    if state.get("version") != STATE_VERSION or diff:
+        raise ValueError(f"{stage_dir} holds a GAD run with other settings ({'; '.join(diff) or 'old format'}); "
+                         "rerun with the same settings to resume, or use another --out")
+
+
+# ---------------------------------------------------------------------------------------------------- gad
+
+def _path_key(p: str | None) -> str | None:
+    """A path as recorded in the checkpoint: absolute when it exists locally (a hub id stays as is)."""
+    return str(Path(p).resolve()) if p is not None and Path(p).exists() else p
+
+
+def _step_seed(seed: int, stage: str, step: int) -> int:
+    """Each step seeds torch from (seed, stage, step): a resumed run samples exactly what an uninterrupted one
+    would."""
+    return int(np.random.SeedSequence([seed, {"warmup": 0, "gad": 1}[stage], step]).generate_state(1)[0])
+
+
+def _batch_indices(n_records: int, batch_prompts: int, seed: int, stage: str, step: int) -> list[int]:
+    """Prompts of a step: a seeded permutation per epoch, walked `batch_prompts` at a time (stateless)."""
+    positions = range(step * batch_prompts, (step + 1) * batch_prompts)
+    perms = {e: np.random.default_rng([seed, {"warmup": 0, "gad": 1}[stage], e]).permutation(n_records)
+             for e in {j // n_records for j in positions}}
+    return [int(perms[j // n_records][j % n_records]) for j in positions]
+
+
+def _prepare_data(data: str, tok, cfg: GADConfig, split: str, skip_bad: bool) -> tuple[list[list[int]],
+                                                                                        list[list[int]]]:
+    records, _ = load_teacher_records(data, split=split, skip_bad=skip_bad)
+    tokd = tokenize_records(records, tok)
+    prompts, responses = [], []
+    for i, (ids, p) in enumerate(zip(tokd.input_ids, tokd.prompt_lengths)):
+        p = int(p)
+        if p == 0:
+            raise DataError(f"{data}: record {i} (counting kept records from 0) has an empty prompt; GAD samples the "
+                            "student from the prompt, so it needs at least one prompt token")
+        prompts.append(ids[max(0, p - cfg.max_prompt_tokens):p].tolist())
+        responses.append(ids[p:p + cfg.max_new_tokens].tolist())
+    return prompts, responses
+
+
+def gad(data: str, student: str, out: str, *, discriminator: str | None = None, tokenizer: str | None = None,
+        config: GADConfig | None = None, split: str = "train", skip_bad: bool = False, device: str | None = None,
+        progress: bool = True, on_step: Callable[[dict[str, Any]], None] | None = None,
+        **settings: Any) -> dict[str, Any]:
+    """Distill `student` (a `from_pretrained` path) from the teacher responses in `data` by GAD; see the module
+    docstring. `discriminator`: where D starts (default: the student's backbone with a new head). `settings`
+    are `GADConfig` fields (or pass `config`): warmup_steps, warmup_d_only_steps, steps, group_size=8,
+    temperature=0.8, batch_prompts, lr, d_lr, clip=0.2, kl_coef=0.001, max_new_tokens, seed, ...
+
+    Writes out/warmup/{student,discriminator,optimizers.pt,state.json} (warm-up), the same under out/ (the
+    adversarial stage; out/student is the distilled student with its tokenizer) and out/summary.json. A rerun
+    with the same settings resumes from the last checkpoint (`steps` may be raised to train further); other
+    settings are refused. `on_step(record)` is called after each step (and its checkpoint, if any).
+    Returns the summary: the config, steps done, the per-step history (D accuracy, rewards, KL, losses).
+    """
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM
+
+    if config is not None and settings:
+        raise ValueError(f"give either config or settings ({', '.join(sorted(settings))}), not both")
+    known = {f.name for f in fields(GADConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"unknown GAD setting(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    cfg = config or GADConfig(**settings)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out_dir = Path(out)
+    warm_dir = out_dir / "warmup"
+    t0 = time.perf_counter()
+
+    tok = load_tokenizer(tokenizer or student)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if pad is None:
+        raise ValueError(f"{tokenizer or student}: the tokenizer has neither a pad nor an EOS token to pad with")
+    prompts, teacher = _prepare_data(data, tok, cfg, split, skip_bad)
+    run_key = {**asdict(cfg), "data": _path_key(data), "student": _path_key(student),
+               "discriminator": _path_key(discriminator), "tokenizer": _path_key(tokenizer), "split": split}
+
+    def load_models(g_path: str, d_path: str):
+        torch.manual_seed(cfg.seed)  # a new discriminator head is drawn from it
+        G = AutoModelForCausalLM.from_pretrained(g_path).to(device).eval()  # eval: no dropout, ratio is exact
+        D = Discriminator.from_pretrained(d_path).to(device).eval()
+        width = G.get_output_embeddings().weight.shape[0]
+        if width < len(tok):
+            raise ValueError(f"{g_path}: the model's vocabulary ({width}) is smaller than the tokenizer's ({len(tok)})")
+        return G, D
+
+    def optimizers(G, D):
+        return (torch.optim.AdamW(G.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
+                torch.optim.AdamW(D.parameters(), lr=cfg.d_lr, weight_decay=cfg.weight_decay))
+
+    def run_stage(stage: str, stage_dir: Path, n_steps: int, start: tuple[str, str], ref_path: str | None):
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        state = _load_state(stage_dir)
+        if state is not None:
+            _check_resume(stage_dir, state, run_key)
+            if int(state["step"]) >= n_steps:  # finished already: nothing to load
+                return list(state["history"])
+            G, D = load_models(str(stage_dir / "student"), str(stage_dir / "discriminator"))
+            opt_g, opt_d = optimizers(G, D)
+            saved = torch.load(stage_dir / "optimizers.pt", map_location=device, weights_only=True)
+            opt_g.load_state_dict(saved["student"])
+            opt_d.load_state_dict(saved["discriminator"])
+            step, history = int(state["step"]), list(state["history"])
+        else:
+            G, D = load_models(*start)
+            opt_g, opt_d = optimizers(G, D)
+            step, history = 0, []
+        ref = None
+        if ref_path is not None:
+            ref = AutoModelForCausalLM.from_pretrained(ref_path).to(device).eval().requires_grad_(False)
+
+        def save():
+            _save_checkpoint(stage_dir, G, tok, D, opt_g, opt_d, {"version": STATE_VERSION, "stage": stage,
+                                                                  "step": step, "config": run_key,
+                                                                  "history": history})
+
+        bar = tqdm(range(step, n_steps), desc=f"GAD {stage}", disable=not progress, leave=False)
+        for _ in bar:
+            t_step = time.perf_counter()
+            torch.manual_seed(_step_seed(cfg.seed, stage, step))
+            idx = _batch_indices(len(prompts), cfg.batch_prompts, cfg.seed, stage, step)
+            ps, ts = [prompts[i] for i in idx], [teacher[i] for i in idx]
+            samples = _rollout(G, ps, cfg, pad, tok.eos_token_id, device)
+            rewards, rec = _update_discriminator(D, opt_d, ps, ts, samples, cfg, pad, device)
+            if stage == "gad":
+                adv = group_advantages(rewards, cfg.adv_eps)
+                rec.update(_update_generator_grpo(G, ref, opt_g, ps, samples, adv, cfg, pad, device))
+            elif step >= cfg.warmup_d_only_steps:
+                rec.update(_update_generator_sft(G, opt_g, ps, ts, cfg, pad, device))
+            step += 1
+            rec = {"stage": stage, "step": step, **rec,
+                   "sample_tokens": float(np.mean([len(s) for s in samples])),
+                   "seconds": round(time.perf_counter() - t_step, 4)}
+            history.append(rec)
+            bar.set_postfix(d_acc=f"{rec['d_acc']:.2f}", reward=f"{rec['reward_mean']:.3f}")
+            if step % cfg.save_every == 0 or step == n_steps:
+                save()
+            if on_step is not None:
+                on_step(rec)
+        if not (stage_dir / STATE).exists():  # a stage of 0 steps still leaves its models in place
+            save()
+        return history
+
+    history: list[dict[str, Any]] = []
+    start = (student, discriminator or student)
+    if cfg.warmup_steps:
+        history += run_stage("warmup", warm_dir, cfg.warmup_steps, start, None)
+        start = (str(warm_dir / "student"), str(warm_dir / "discriminator"))
+    ref_path = start[0] if cfg.kl_coef > 0 else None  # the student the adversarial stage starts from
+    history += run_stage("gad", out_dir, cfg.steps, start, ref_path)
+
+    gad_rows = [h for h in history if h["stage"] == "gad"]
+    summary = {
+        "method": "gad", "data": str(data), "student": str(student), "discriminator": discriminator,
+        "out": str(out_dir), "config": asdict(cfg), "records": len(prompts),
+        "warmup_steps_done": sum(h["stage"] == "warmup" for h in history), "steps_done": len(gad_rows),
+        "final": gad_rows[-1] if gad_rows else None,
+        "student_out": str(out_dir / "student"), "discriminator_out": str(out_dir / "discriminator"),
+        "seconds": round(time.perf_counter() - t0, 4), "history": history,
+    }
+    atomic_write_json(out_dir / "summary.json", summary)
+    return summary

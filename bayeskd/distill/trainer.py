@@ -1,0 +1,349 @@
+"""Distillation training through the Hugging Face Trainer: sparse teacher targets, SFT and white-box logit KD.
+
+Data flow
+- `TeacherTargetsDataset` / `BayesKDCollator` (bayeskd.distill.targets): records and the rows of their targets,
+  in the row order of `bayeskd.teacher_forcing`.
+- `BayesKDTrainer.compute_loss`: CE on the teacher tokens (mean over response tokens) x ce_weight + KD
+  (mean over response tokens of `fused_posterior_kd` against the targets) x kd_weight.
+
+Modes: "sparse-targets" (a targets directory), "sft" (no targets: CE only, sequence-level KD), "white-box"
+(a teacher model with the same vocabulary: targets are its top-k at the same positions, tail mass exact) and
+"online-posterior" (a targets directory holding the PRIOR's top-K rows plus a proxy model: inside the step the
+proxy runs on the same batch without gradient and its dense logits at the response positions go to
+`fused_posterior_kd` with the prior rows, so the posterior is formed inside the loss; docs/MATH.md "Online mode").
+
+Method "proxy-kd" (`BayesKDConfig.method`, with targets whose shards carry the per-row extras
+`proxy_teacher_logprob`): each record gets the weight w = σ((s - μ)/γ) of `bayeskd.distill.targets.proxy_kd_weights`
+(s = the proxy's log p(y_T|x)), and the loss is CE x ce_weight + proxy_kd_alpha x mean over response tokens of
+w(record) x KD.
+"""
+from __future__ import annotations
+
+import json
+import os
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+
+from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
+from bayeskd.distill.targets import (CONTEXT_COUNT_KEY, WEIGHT_KEY, WEIGHT_NORMALIZATIONS, BayesKDCollator,
+                                     TeacherTargetsDataset)
+from bayeskd.losses import fused_posterior_kd
+from bayeskd.sparse import CONTEXT_COUNT, MODES, TEACHER_LOGPROB, SparseDist, atomic_write_json
+from bayeskd.teacher_forcing import model_logits, select_rows
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("bayeskd", "proxy-kd")
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+@dataclass
+class BayesKDConfig(transformers.TrainingArguments):
+    """`TrainingArguments` plus the distillation loss settings."""
+    ce_weight: float = field(default=1.0, metadata={"help": "weight of the CE loss on the teacher tokens"})
+    kd_weight: float = field(default=1.0, metadata={"help": "weight of the KD loss against the targets"})
+    divergence: str = field(default="forward_kl", metadata={"help": "forward_kl, reverse_kl, jsd, skew_kl, ..."})
+    beta: float | None = field(default=None, metadata={"help": "jsd's beta / skew_kl's alpha"})
+    kd_temperature: float = field(default=1.0, metadata={"help": "temperature of target and student in the KD"})
+    kd_tail: str = field(default="bucket", metadata={"help": "'bucket' or 'ignore' (mass outside the top-K)"})
+    max_length: int | None = field(default=None, metadata={"help": "truncate sequences to this many tokens"})
+    fused_backend: str = field(default="auto", metadata={"help": "fused KD backend: auto, torch or triton"})
+    whitebox_top_k: int = field(default=64, metadata={"help": "top-k of the teacher's logits in white-box mode"})
+    posterior_mode: str = field(default="log_linear", metadata={
+        "help": "online-posterior mode: log_linear (p ∝ p0^a q^b), dirichlet (c) or mixture (w)"})
+    posterior_a: float = field(default=1.0, metadata={"help": "log-linear exponent of the prior"})
+    posterior_b: float = field(default=1.0, metadata={"help": "log-linear exponent of the proxy"})
+    posterior_c: float = field(default=1.0, metadata={"help": "Dirichlet concentration of the proxy"})
+    posterior_w: float = field(default=0.5, metadata={"help": "mixture weight of the prior"})
+    posterior_evidence: float = field(default=0.0, metadata={"help": "observations of the teacher token added"})
+    method: str = field(default="bayeskd", metadata={
+        "help": "bayeskd (KD against the targets) or proxy-kd (KD weighted per record by the proxy's likelihood "
+                "of the teacher response; targets must carry the 'proxy_teacher_logprob' extras)"})
+    proxy_kd_alpha: float = field(default=1.0, metadata={"help": "proxy-kd: weight α of the weighted KD term"})
+    proxy_kd_normalization: str = field(default="sequence", metadata={
+        "help": "proxy-kd: s = log p_proxy(y_T|x) summed over the response ('sequence') or per token ('token')"})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "keep the target columns"})
+    report_to: None | str | list[str] = field(default=None, metadata={"help": "integrations to report to"})
+
+    def __post_init__(self):
+        if self.report_to is None:
+            self.report_to = []
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+            # Launched by torchrun on CPUs: without use_cpu, accelerate leaves the model unwrapped and every rank
+            # trains alone on its share of the data (no gradient all-reduce). gloo is the CPU backend.
+            self.use_cpu = True
+            self.ddp_backend = self.ddp_backend or "gloo"
+        super().__post_init__()
+        if self.ce_weight < 0 or self.kd_weight < 0:
+            raise ValueError(f"ce_weight and kd_weight must be >= 0, got {self.ce_weight}, {self.kd_weight}")
+        if self.kd_tail not in ("bucket", "ignore"):
+            raise ValueError(f"kd_tail must be 'bucket' or 'ignore', got {self.kd_tail!r}")
+        if not self.kd_temperature > 0:
+            raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if self.whitebox_top_k < 1:
+            raise ValueError(f"whitebox_top_k must be >= 1, got {self.whitebox_top_k}")
+        if self.posterior_mode not in MODES:
+            raise ValueError(f"posterior_mode must be one of {MODES}, got {self.posterior_mode!r}")
+        if not 0.0 <= self.posterior_w <= 1.0:
+            raise ValueError(f"posterior_w must be in [0, 1], got {self.posterior_w}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.proxy_kd_normalization not in WEIGHT_NORMALIZATIONS:
+            raise ValueError(f"proxy_kd_normalization must be one of {WEIGHT_NORMALIZATIONS}, got "
+                             f"{self.proxy_kd_normalization!r}")
+        if self.proxy_kd_alpha < 0:
+            raise ValueError(f"proxy_kd_alpha must be >= 0, got {self.proxy_kd_alpha}")
+        if self.method == "proxy-kd" and self.kd_weight != 1.0:
+            raise ValueError("method='proxy-kd' weights the KD term with proxy_kd_alpha; leave kd_weight at 1.0 "
+                             f"(got {self.kd_weight})")
+        if not self.posterior_c > 0 or self.posterior_evidence < 0:
+            raise ValueError(f"posterior_c must be > 0 and posterior_evidence >= 0, got {self.posterior_c}, "
+                             f"{self.posterior_evidence}")
+
+
+# ---------------------------------------------------------------------------------------------------- trainer
+
+def whitebox_targets(teacher_logits: torch.Tensor, k: int) -> SparseDist:
+    """Top-k of a teacher's logits [M, V] as a SparseDist (float32), tail = the exact mass outside the top-k."""
+    lp = torch.log_softmax(teacher_logits.float(), dim=-1)
+    k = min(k, lp.shape[-1])
+    top_lp, top_idx = lp.topk(k, dim=-1)
+    tail = (1.0 - top_lp.exp().sum(-1)).clamp(min=0.0)
+    if k == lp.shape[-1]:
+        tail = torch.zeros_like(tail)
+    return SparseDist(top_idx.to(torch.int32), top_lp, tail, lp.shape[-1])
+
+
+class BayesKDTrainer(transformers.Trainer):
+    """`transformers.Trainer` with the distillation loss (see the module docstring).
+
+    `teacher_model`: a readable teacher with the student's vocabulary (white-box mode: ordinary logit KD against
+    its top-`whitebox_top_k` at every response position). Without it, the batch's sparse targets are used when
+    present, else the loss is CE only (SFT). Logs `ce_loss` / `kd_loss`: their means since the last log.
+
+    `proxy_model` (online-posterior mode): the batch's targets are the PRIOR's top-K rows; the proxy runs on the
+    same batch (eval, no gradient) and its logits at the response positions (sliced to the student's V) are the
+    dense proxy of `fused_posterior_kd(rows, prior_rows, proxy_rows, mode=posterior_mode, a, b, c, w)`.
+    """
+
+    def __init__(self, *args, teacher_model: torch.nn.Module | None = None,
+                 proxy_model: torch.nn.Module | None = None, **kwargs):
+        if teacher_model is not None and proxy_model is not None:
+            raise ValueError("give either teacher_model (white-box) or proxy_model (online posterior), not both")
+        super().__init__(*args, **kwargs)
+        # compute_loss returns a per-micro-batch mean: let the Trainer divide by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self.teacher_model = teacher_model
+        if teacher_model is not None:
+            teacher_model.eval()
+            teacher_model.requires_grad_(False)
+            self.teacher_model = teacher_model.to(self.args.device)
+        self.proxy_model = proxy_model
+        if proxy_model is not None:
+            proxy_model.eval()
+            proxy_model.requires_grad_(False)
+            self.proxy_model = proxy_model.to(self.args.device)
+        self._acc = {"ce_loss": 0.0, "kd_loss": 0.0, "n": 0, "kd_n": 0}
+        self.train_tokens = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        cfg = self.args
+        input_ids, attention = inputs["input_ids"], inputs["attention_mask"]
+        rmask = inputs["response_mask"]
+        out = model(input_ids=input_ids, attention_mask=attention)
+        rows = select_rows(out.logits, rmask)  # [M, V] in the targets' row order
+        tokens = select_rows(input_ids[:, 1:], rmask)
+        if rows.shape[0] == 0:  # no response token in this batch (e.g. all truncated): a zero loss with a graph
+            zero = out.logits.sum() * 0.0
+            return (zero, out) if return_outputs else zero
+        ce = F.cross_entropy(rows.float(), tokens)
+
+        target = None
+        if self.teacher_model is not None:
+            with torch.no_grad():
+                t_logits = select_rows(model_logits(self.teacher_model, input_ids, attention), rmask)
+            if t_logits.shape[-1] != rows.shape[-1]:
+                raise ValueError(f"teacher vocabulary {t_logits.shape[-1]} != student vocabulary {rows.shape[-1]}")
+            target = whitebox_targets(t_logits, getattr(cfg, "whitebox_top_k", 64))
+        elif "target_indices" in inputs:
+            extras = {CONTEXT_COUNT: inputs[CONTEXT_COUNT_KEY]} if CONTEXT_COUNT_KEY in inputs else {}
+            target = SparseDist(inputs["target_indices"], inputs["target_logprobs"], inputs["target_tail"],
+                                rows.shape[-1], extras=extras)
+            if target.num_rows != rows.shape[0]:
+                raise ValueError(f"{target.num_rows} target rows for {rows.shape[0]} response tokens")
+        elif self.proxy_model is not None:
+            raise ValueError("online-posterior mode needs the prior's top-K rows in the batch (a targets directory)")
+        proxy_rows, posterior = None, {}
+        if self.proxy_model is not None and target is not None:
+            proxy_rows = self._proxy_rows(input_ids, attention, rmask, rows.shape[-1])
+            posterior = dict(mode=getattr(cfg, "posterior_mode", "log_linear"), a=getattr(cfg, "posterior_a", 1.0),
+                             b=getattr(cfg, "posterior_b", 1.0), c=getattr(cfg, "posterior_c", 1.0),
+                             w=getattr(cfg, "posterior_w", 0.5))
+            evidence = getattr(cfg, "posterior_evidence", 0.0)
+            if evidence:
+                posterior.update(teacher_tokens=tokens, evidence=evidence)
+        kd = None
+        proxy_kd = getattr(cfg, "method", "bayeskd") == "proxy-kd"
+        if target is not None and rows.shape[0] > 0:
+            target = target.to(rows.device)
+            per_row = fused_posterior_kd(rows, target, proxy_rows, **posterior,
+                                         divergence=getattr(cfg, "divergence", "forward_kl"),
+                                         beta=getattr(cfg, "beta", None),
+                                         temperature=getattr(cfg, "kd_temperature", 1.0),
+                                         tail=getattr(cfg, "kd_tail", "bucket"), inplace=False,
+                                         backend=getattr(cfg, "fused_backend", "auto"))
+            if proxy_kd:
+                if WEIGHT_KEY not in inputs:
+                    raise ValueError("method='proxy-kd' needs per-row weights in the batch (a TeacherTargetsDataset "
+                                     "made with weight_normalization)")
+                per_row = per_row * inputs[WEIGHT_KEY].to(per_row.device)
+            kd = per_row.mean()
+        ce_w = getattr(cfg, "ce_weight", 1.0)
+        kd_w = getattr(cfg, "proxy_kd_alpha", 1.0) if proxy_kd else getattr(cfg, "kd_weight", 1.0)
+        loss = ce * ce_w if ce_w else ce * 0.0
+        if kd is not None and kd_w:
+            loss = loss + kd * kd_w
+
+        if model.training:
+            self._acc["ce_loss"] += float(ce.detach())
+            self._acc["n"] += 1
+            if kd is not None:
+                self._acc["kd_loss"] += float(kd.detach())
+                self._acc["kd_n"] += 1
+            self.train_tokens += int(attention.sum())
+        return (loss, out) if return_outputs else loss
+
+    @torch.no_grad()
+    def _proxy_rows(self, input_ids: torch.Tensor, attention: torch.Tensor, response_mask: torch.Tensor,
+                    vocab_size: int) -> torch.Tensor:
+        """The proxy's logits [M, vocab_size] (float32) at the response positions, in the student rows' order."""
+        proxy = self.proxy_model
+        if proxy.training:  # the Trainer's model.train() does not reach it, but a caller might
+            proxy.eval()
+        logits = select_rows(model_logits(proxy, input_ids, attention), response_mask)
+        if logits.shape[-1] < vocab_size:
+            raise ValueError(f"proxy vocabulary {logits.shape[-1]} < student vocabulary {vocab_size}: the proxy "
+                             "must share the student tokenizer")
+        return logits[:, :vocab_size].float()
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        a = self._acc
+        if a["n"] and "loss" in logs:
+            logs["ce_loss"] = round(a["ce_loss"] / a["n"], 6)
+            if a["kd_n"]:
+                logs["kd_loss"] = round(a["kd_loss"] / a["kd_n"], 6)
+            self._acc = {"ce_loss": 0.0, "kd_loss": 0.0, "n": 0, "kd_n": 0}
+        super().log(logs, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------- distill
+
+def distill(data: str, student: str, out: str, *, targets: str | None = None, teacher: str | None = None,
+            proxy: str | None = None, tokenizer: str | None = None, split: str = "train", skip_bad: bool = False,
+            **training_args: Any) -> dict[str, Any]:
+    """Train `student` (a `from_pretrained` path) on teacher `data`; save the student + tokenizer to `out`.
+
+    Mode: "sparse-targets" with `targets` (a shard directory), "online-posterior" with `targets` holding the
+    prior's top-K rows and `proxy` (a model path sharing the tokenizer; posterior settings in `posterior_*`),
+    "white-box" with `teacher` (a model path with the same vocabulary), else "sft". `tokenizer` defaults to the
+    student's directory. `training_args` go to `BayesKDConfig` (defaults for small runs: save_strategy="no",
+    logging_steps=10). Writes `out/summary.json` and returns it.
+
+    `method="proxy-kd"` (a `BayesKDConfig` field): `targets` must carry the per-row extras `proxy_teacher_logprob`;
+    the KD term is weighted per record (`proxy_kd_normalization`) and scaled by `proxy_kd_alpha`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if targets is not None and teacher is not None:
+        raise ValueError("give either targets (sparse-targets mode) or teacher (white-box mode), not both")
+    if proxy is not None and targets is None:
+        raise ValueError("online-posterior mode (proxy) needs targets: the prior's top-K shards "
+                         "(`bayeskd estimate-prior --write-topk`)")
+    mode = ("online-posterior" if proxy is not None else "sparse-targets" if targets is not None
+            else "white-box" if teacher is not None else "sft")
+    out_dir = Path(out)
+    training_args.setdefault("save_strategy", "no")
+    training_args.setdefault("logging_steps", 10)
+    training_args.setdefault("output_dir", str(out_dir))
+    cfg = BayesKDConfig(**training_args)
+    proxy_kd = cfg.method == "proxy-kd"
+    if proxy_kd and (targets is None or teacher is not None):
+        raise ValueError("method='proxy-kd' needs targets (the proxy's top-K shards with the per-row extras "
+                         f"'{TEACHER_LOGPROB}', from `bayeskd estimate-posterior --proxy P` without --prior) and "
+                         "no white-box teacher")
+
+    tok = load_tokenizer(tokenizer or student)
+    records, report = load_teacher_records(data, split=split, skip_bad=skip_bad)
+    tokenized = tokenize_records(records, tok)  # untruncated: target rows are per full response
+    dataset = TeacherTargetsDataset(tokenized, targets, max_length=cfg.max_length,
+                                    weight_normalization=cfg.proxy_kd_normalization if proxy_kd else None)
+    model = AutoModelForCausalLM.from_pretrained(student)
+    if model.get_output_embeddings().weight.shape[0] < tokenized.vocab_size:
+        raise ValueError(f"{student}: the model's vocabulary ({model.get_output_embeddings().weight.shape[0]}) is "
+                         f"smaller than the tokenizer's ({tokenized.vocab_size})")
+    if dataset.vocab_size is not None and model.get_output_embeddings().weight.shape[0] != dataset.vocab_size:
+        raise ValueError(f"{student}: the model's vocabulary ({model.get_output_embeddings().weight.shape[0]}) "
+                         f"differs from the targets' ({dataset.vocab_size})")
+    teacher_model = AutoModelForCausalLM.from_pretrained(teacher) if teacher is not None else None
+    proxy_model = None
+    if proxy is not None:
+        proxy_model = AutoModelForCausalLM.from_pretrained(proxy)
+        width = proxy_model.get_output_embeddings().weight.shape[0]
+        if width < model.get_output_embeddings().weight.shape[0]:
+            raise ValueError(f"{proxy}: the proxy's vocabulary ({width}) is smaller than the student's "
+                             f"({model.get_output_embeddings().weight.shape[0]}); it must share the tokenizer")
+        if cfg.posterior_mode == "dirichlet" and len(dataset) and CONTEXT_COUNT_KEY not in dataset[0]:
+            raise ValueError(f"{targets}: posterior_mode='dirichlet' needs the prior's context counts in the "
+                             "target shards (extras 'context_count', written by the n-gram prior)")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    trainer = BayesKDTrainer(model=model, args=cfg, data_collator=BayesKDCollator(pad), train_dataset=dataset,
+                             processing_class=tok, teacher_model=teacher_model,
+                             proxy_model=proxy_model)
+    t0 = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - t0
+    trainer.save_model(str(out_dir))  # the Trainer saves from the main process only
+    main_process = trainer.is_world_process_zero()
+    train_tokens = trainer.train_tokens
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # every rank's tokens count
+        t = torch.tensor([train_tokens], dtype=torch.long, device=trainer.args.device)
+        torch.distributed.all_reduce(t)
+        train_tokens = int(t.item())
+    if main_process:
+        tok.save_pretrained(str(out_dir))
+
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    last = history[-1] if history else {}
+    first = history[0] if history else {}
+    summary = {
+        "mode": mode, "data": str(data), "student": str(student), "targets": targets, "teacher": teacher,
+        "proxy": proxy, "posterior_mode": cfg.posterior_mode if proxy is not None else None, "method": cfg.method,
+        "records": len(records), "skipped_records": int(report.skipped),
+        "steps": int(trainer.state.global_step), "epochs": float(trainer.state.epoch or 0.0),
+        "train_loss": float(result.training_loss),
+        "final_loss": last.get("loss"), "final_ce_loss": last.get("ce_loss"), "final_kd_loss": last.get("kd_loss"),
+        "first_loss": first.get("loss"), "first_ce_loss": first.get("ce_loss"),
+        "first_kd_loss": first.get("kd_loss"),
+        "train_tokens": int(train_tokens), "train_seconds": round(seconds, 4),
+        "train_tokens_per_second": round(train_tokens / seconds, 2) if seconds > 0 else None,
+        "log_history": trainer.state.log_history,
+        "out": str(out_dir),
+    }
+    if proxy_kd:
+        w = dataset.proxy_kd_weights
+        summary.update(proxy_kd_alpha=cfg.proxy_kd_alpha, proxy_kd_normalization=cfg.proxy_kd_normalization,
+                       proxy_kd_weights={"mean": float(w.mean()), "min": float(w.min()), "max": float(w.max())})
+    if main_process:
+        atomic_write_json(out_dir / "summary.json", json.loads(json.dumps(summary, default=str)))
+    return summary

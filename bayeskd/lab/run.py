@@ -1,0 +1,494 @@
+"""The main job: `bayeskd lab run` — the whole black-box pipeline on the lab, scored against the truth.
+
+    build or reuse the lab (teacher, proxy, student init; `bayeskd.lab.build`)
+    → sample the teacher through its text only (train prompts, held-out prompts) as JSONL
+    → estimate-prior → estimate-posterior → distill (the same library functions as the CLI commands)
+    → evaluate: estimation quality at the training positions, curves against corpus size and K,
+      student quality on held-out teacher text, per distillation method and seed.
+
+Everything lands under `root/<preset>/run/`; `report.json` and `report.md` hold the tables. Every stage is
+skipped when its output exists (rerun = resume); a run directory made with other settings is refused unless
+`force`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from bayeskd.evaluation.evaluate import (estimation_table, format_estimation, one_hot_estimate, read_target_rows,
+                                         response_logprobs, sample_own, student_metrics)
+from bayeskd.evaluation.metrics import kl_teacher_to_estimate
+from bayeskd.lab.build import LabError, build_lab, get_preset, load_lab_prompts, split_corpus
+from bayeskd.sparse import atomic_write_bytes, atomic_write_json
+
+# The posterior shards posterior-KD learns from: the pipeline's proxy (aligned when the lab aligns one) combined
+# with the prior as the calibration chose.
+POSTERIOR_DIR = "posterior_calibrated"
+METHODS = ("sft", "prior-kd", "posterior-kd", "proxy-kd", "gad", "white-box")
+POSTERIOR_VARIANTS = {  # name -> combine() settings, evaluated in memory beside the shards' log-linear one
+    "posterior dirichlet (c=1)": dict(mode="dirichlet", c=1.0),
+    "posterior mixture (w=0.5)": dict(mode="mixture", w=0.5),
+    "posterior log-linear + evidence 1": dict(mode="log_linear", evidence=1.0),
+}
+
+
+@dataclass(frozen=True)
+class LabRunConfig:
+    """The settings of one lab run (besides the lab preset itself)."""
+
+    samples_per_prompt: int = 2     # teacher samples per training prompt (the black-box corpus)
+    max_prompts: int | None = None  # training prompts used (None: all the corpus offers)
+    max_new_tokens: int = 48
+    temperature: float = 1.0        # teacher sampling temperature
+    order: int = 4                  # n-gram prior order
+    top_k: int = 64                 # K of the prior/posterior targets
+    eval_records: int = 400         # training records scored for estimation quality
+    calibration_records: int = 200  # training records (after those) that choose the combination settings
+    corpus_fractions: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)
+    k_values: tuple[int, ...] = (4, 16, 64)
+    methods: tuple[str, ...] = METHODS
+    seeds: int = 1
+    epochs: float = 2.0
+    batch_size: int = 16
+    lr: float = 3e-3
+    kd_weight: float = 1.0
+    ce_weight: float = 1.0
+    align: bool = True              # align the proxy to the teacher's samples (Proxy-KD stage 1 + 2)
+    align_sft_epochs: float = 1.0
+    align_rounds: int = 1
+    align_lr: float = 1e-3          # SFT learning rate of the alignment (tiny models learn fast)
+    dpo_lr: float = 1e-4
+    gad_d_warmup: int = 10          # discriminator-only steps before the adversarial ones
+    gad_steps: int = 30             # adversarial (GRPO) steps, starting from the seed's SFT student
+    gad_group: int = 8
+    gad_batch_prompts: int = 8
+    gad_lr: float = 1e-4
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+
+RUN_DEFAULTS: dict[str, LabRunConfig] = {
+    "micro": LabRunConfig(samples_per_prompt=1, max_prompts=48, max_new_tokens=16, order=3, top_k=16,
+                          eval_records=24, calibration_records=24, corpus_fractions=(0.5, 1.0), k_values=(4, 16), epochs=1.0,
+                          batch_size=8, gad_d_warmup=2, gad_steps=2, gad_group=4, gad_batch_prompts=4),
+    "tiny": LabRunConfig(),
+    "small": LabRunConfig(samples_per_prompt=4, max_new_tokens=64, eval_records=800, seeds=3, epochs=3.0, lr=1e-3),
+}
+
+
+def train_prompts(preset) -> list[str]:
+    """The prompts the teacher answers for the black-box corpus: the first sentence of every corpus document
+    outside the held-out prompts (deterministic)."""
+    from bayeskd.corpus import embedded_corpus, split_prompt_response
+
+    teacher_docs, proxy_docs, _ = split_corpus(embedded_corpus(), preset.n_prompts, preset.seed)
+    pairs = (split_prompt_response(d) for d in teacher_docs + proxy_docs)
+    return [p[0] for p in pairs if p is not None]
+
+
+def _sample(teacher_dir: str, prompts: Sequence[str], path: Path, cfg: LabRunConfig, seed: int,
+            repeats: int) -> dict[str, int]:
+    from bayeskd.teachers.local import BlackBoxTeacher
+    from bayeskd.teachers.sampling import sample_teacher_jsonl
+
+    if path.exists():
+        return {"written": sum(1 for _ in path.open()), "reused": 1}
+    teacher = BlackBoxTeacher(teacher_dir)  # text in, text out: the pipeline never sees its logits
+    return sample_teacher_jsonl(teacher, [p for _ in range(repeats) for p in prompts], path,
+                                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed,
+                                batch_size=256)
+
+
+@contextmanager
+def _stage(name: str, log: Callable[[str], None], timings: dict[str, float]):
+    """Log a stage's start and duration; its seconds go into `timings`."""
+    log(f"[lab] {name} ...")
+    t0 = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - t0, 2)
+    log(f"[lab] {name}: {timings[name]:.1f} s")
+
+
+def _gad_student(seed: int, paths: dict[str, str], run: Path, cfg: LabRunConfig, progress: bool) -> Path:
+    """GAD from the seed's SFT student (the SFT warm-up of the paper), a discriminator initialised from it and
+    trained alone for `gad_d_warmup` steps, then `gad_steps` adversarial steps."""
+    from bayeskd.distill.gad import gad
+
+    out = run / "students" / f"gad-s{seed}"
+    if not (out / "summary.json").exists():
+        sft = _distill_student("sft", seed, paths, run, cfg, progress)
+        gad(str(run / "teacher_train.jsonl"), str(sft), str(out), warmup_steps=cfg.gad_d_warmup,
+            warmup_d_only_steps=cfg.gad_d_warmup, steps=cfg.gad_steps, group_size=cfg.gad_group,
+            batch_prompts=cfg.gad_batch_prompts, lr=cfg.gad_lr, d_lr=cfg.gad_lr, max_new_tokens=cfg.max_new_tokens,
+            seed=seed, progress=progress)
+    return out / "student"
+
+
+def _distill_student(method: str, seed: int, paths: dict[str, str], run: Path, cfg: LabRunConfig,
+                     progress: bool) -> Path:
+    """Train (or reuse) the student of `method` with `seed`; returns its directory."""
+    from bayeskd.distill.trainer import distill
+
+    out = run / "students" / f"{method}-s{seed}"
+    if method != "gad" and (out / "summary.json").exists():
+        return out
+    kwargs: dict[str, Any] = dict(
+        num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.lr,
+        lr_scheduler_type="cosine", warmup_steps=10, seed=seed, data_seed=seed, logging_steps=10,
+        disable_tqdm=not progress, ce_weight=cfg.ce_weight, kd_weight=cfg.kd_weight)
+    data = str(run / "teacher_train.jsonl")
+    if method == "sft":
+        distill(data, paths["student"], str(out), **kwargs)
+    elif method == "prior-kd":
+        distill(data, paths["student"], str(out), targets=str(run / "prior" / "topk"), **kwargs)
+    elif method == "posterior-kd":
+        distill(data, paths["student"], str(out), targets=str(run / POSTERIOR_DIR), **kwargs)
+    elif method == "proxy-kd":  # the aligned proxy's own top-K, KD weighted by its likelihood of the response
+        kwargs.pop("kd_weight")
+        distill(data, paths["student"], str(out), targets=str(run / "proxy_targets"), method="proxy-kd", **kwargs)
+    elif method == "gad":
+        return _gad_student(seed, paths, run, cfg, progress)
+    elif method == "white-box":  # the upper bound: reads the real teacher's logits
+        distill(data, paths["student"], str(out), teacher=paths["teacher"], whitebox_top_k=cfg.top_k, **kwargs)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return out
+
+
+def _mean_kl(teacher_lp: torch.Tensor, estimate, valid: torch.Tensor) -> float:
+    return float(kl_teacher_to_estimate(teacher_lp, estimate)[valid].mean())
+
+
+def _calibrate(run: Path, cfg: LabRunConfig, proxy_dir: str, tok) -> dict[str, Any]:
+    """Pick the combination settings by the likelihood of the teacher's own tokens (`bayeskd.posterior.calibrate`) on
+    `calibration_records` training records after the ones the evaluation scores (disjoint from them)."""
+    from bayeskd.posterior.calibrate import calibrate_on_records
+    from bayeskd.data import load_teacher_records, tokenize_records
+    from bayeskd.posterior.proxy import ProxyPosterior
+    from bayeskd.priors.ngram import NGramPrior
+
+    records, _ = load_teacher_records(str(run / "teacher_train.jsonl"))
+    lo = min(cfg.eval_records, max(0, len(records) - cfg.calibration_records))
+    tokenized = tokenize_records(records[lo:lo + cfg.calibration_records], tok)
+    result = calibrate_on_records(NGramPrior.load(run / "prior" / "prior"),
+                                  ProxyPosterior(proxy_dir, top_k=cfg.top_k), tokenized, range(len(tokenized)),
+                                  cfg.top_k)
+    return {**result, "records": [lo, lo + len(tokenized)]}
+
+
+def _estimation(paths, run: Path, cfg: LabRunConfig, tok, log, pipeline_proxy: str,
+                combo: dict[str, Any]) -> dict[str, Any]:
+    """Estimation quality at the first `eval_records` training records, plus the curve against K (the pipeline's
+    proxy and combination)."""
+    from transformers import AutoModelForCausalLM
+
+    from bayeskd.data import load_teacher_records, tokenize_records
+    from bayeskd.posterior.combine import combine
+    from bayeskd.posterior.proxy import ProxyPosterior
+    from bayeskd.priors.ngram import NGramPrior
+
+    records, _ = load_teacher_records(str(run / "teacher_train.jsonl"))
+    tokenized = tokenize_records(records, tok)
+    idx = list(range(min(cfg.eval_records, len(tokenized))))
+    V = tokenized.vocab_size
+    teacher = AutoModelForCausalLM.from_pretrained(paths["teacher"])
+    t_lp, valid = response_logprobs(teacher, tokenized, idx)
+    prior = NGramPrior.load(run / "prior" / "prior")
+    seqs = [tokenized.response_sequences()[i] for i in idx]
+    proxy = ProxyPosterior(paths["proxy"], top_k=cfg.top_k)
+    proxy_rows = proxy.proxy_topk(tokenized, idx, V)
+    prior_loo = prior.topk(seqs, cfg.top_k, leave_one_out=True)
+    tokens = torch.from_numpy(np.concatenate(seqs).astype(np.int64))
+    ests = {
+        "smoothed one-hot (eps=0.1)": one_hot_estimate(tokenized, idx, V, 0.1),
+        "n-gram prior, no leave-one-out": prior.topk(seqs, cfg.top_k, leave_one_out=False),
+        "n-gram prior (leave-one-out)": read_target_rows(run / "prior" / "topk", tokenized, idx),
+        "proxy alone (before alignment)": proxy_rows,
+        "posterior log-linear (shards)": read_target_rows(run / "posterior", tokenized, idx),
+    }
+    for name, kw in POSTERIOR_VARIANTS.items():
+        extra = {"teacher_tokens": tokens} if kw.get("evidence") else {}
+        ests[name] = combine(prior_loo, proxy_rows, top_k=cfg.top_k, **kw, **extra)
+    pipe = ProxyPosterior(pipeline_proxy, top_k=cfg.top_k)
+    if cfg.align:
+        ests["proxy after alignment"] = pipe.proxy_topk(tokenized, idx, V)
+    ests[_pipeline_name(cfg)] = read_target_rows(run / POSTERIOR_DIR, tokenized, idx)
+    table = estimation_table(t_lp, ests, valid)
+    k_curve = []
+    for k in cfg.k_values:
+        k = min(k, V)
+        p_k = prior.topk(seqs, k, leave_one_out=True)
+        q_k = ProxyPosterior(pipe.model, top_k=k).proxy_topk(tokenized, idx, V)
+        row = {"k": k}
+        for name, est in (("prior", p_k), ("proxy", q_k), ("posterior", combine(p_k, q_k, top_k=k, **combo))):
+            row[name] = _mean_kl(t_lp, est, valid)
+        k_curve.append(row)
+    log(format_estimation(table))
+    return {"positions": int(valid.sum()), "records": len(idx), "table": table, "k_curve": k_curve}
+
+
+def _pipeline_name(cfg: LabRunConfig) -> str:
+    return f"posterior, {'aligned ' if cfg.align else ''}proxy, calibrated (shards)"
+
+
+def _corpus_curve(paths, run: Path, cfg: LabRunConfig, tok, pipeline_proxy: str,
+                  combo: dict[str, Any]) -> list[dict[str, Any]]:
+    """KL(teacher‖estimate) on held-out teacher text for priors counted on growing shares of the teacher corpus,
+    alone and combined with the proxy."""
+    from transformers import AutoModelForCausalLM
+
+    from bayeskd.data import load_teacher_records, tokenize_records
+    from bayeskd.posterior.combine import combine
+    from bayeskd.posterior.proxy import ProxyPosterior
+    from bayeskd.priors.ngram import NGramPrior
+
+    train, _ = load_teacher_records(str(run / "teacher_train.jsonl"))
+    train_seqs = tokenize_records(train, tok).response_sequences()
+    held, _ = load_teacher_records(str(run / "teacher_heldout.jsonl"))
+    held_tok = tokenize_records(held, tok)
+    V = held_tok.vocab_size
+    prior_config = NGramPrior.load(run / "prior" / "prior").config()  # the pipeline's prior, refit on less data
+    teacher = AutoModelForCausalLM.from_pretrained(paths["teacher"])
+    t_lp, valid = response_logprobs(teacher, held_tok)
+    seqs = held_tok.response_sequences()
+    proxy_rows = ProxyPosterior(pipeline_proxy, top_k=cfg.top_k).proxy_topk(held_tok, range(len(held_tok)), V)
+    curve = [{"samples": 0, "tokens": 0, "proxy": _mean_kl(t_lp, proxy_rows, valid)}]
+    for frac in cfg.corpus_fractions:
+        n = max(1, int(round(frac * len(train_seqs))))
+        prior = NGramPrior(**prior_config).fit(train_seqs[:n])
+        p_rows = prior.topk(seqs, cfg.top_k)  # held-out text: not in the counts, no leave-one-out needed
+        curve.append({"samples": n, "tokens": int(sum(len(s) for s in train_seqs[:n])),
+                      "prior": _mean_kl(t_lp, p_rows, valid),
+                      "posterior": _mean_kl(t_lp, combine(p_rows, proxy_rows, top_k=cfg.top_k, **combo), valid),
+                      "proxy": curve[0]["proxy"]})
+    return curve
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": int(len(a))}
+
+
+def _students(paths, run: Path, cfg: LabRunConfig, tok, progress: bool, log) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    from bayeskd.data import load_teacher_records, tokenize_records
+
+    held, _ = load_teacher_records(str(run / "teacher_heldout.jsonl"))
+    held_tok = tokenize_records(held, tok)
+    teacher = AutoModelForCausalLM.from_pretrained(paths["teacher"])
+    t_rows = response_logprobs(teacher, held_tok)  # the teacher on held-out text: once for every student
+    per_seed: dict[str, list[dict[str, float]]] = {}
+    d_acc_curves: dict[int, list[dict[str, Any]]] = {}  # GAD: the discriminator's accuracy, step by step
+    init = AutoModelForCausalLM.from_pretrained(paths["student"])
+    per_seed["student init"] = [student_metrics(teacher, init, held_tok, teacher_rows=t_rows,
+                                                own_samples=sample_own(paths["student"], held, tok,
+                                                                       max_new_tokens=cfg.max_new_tokens))]
+    for method in cfg.methods:
+        per_seed[method] = []
+        for seed in range(cfg.seeds):
+            out = _distill_student(method, seed, paths, run, cfg, progress)
+            own = sample_own(str(out), held, tok, max_new_tokens=cfg.max_new_tokens, seed=1000 + seed)
+            model = AutoModelForCausalLM.from_pretrained(str(out))
+            m = student_metrics(teacher, model, held_tok, own_samples=own, teacher_rows=t_rows)
+            summary = json.loads(((out.parent if method == "gad" else out) / "summary.json").read_text())
+            m["train_seconds"] = summary.get("train_seconds", summary.get("seconds", float("nan")))
+            if method == "gad" and summary.get("history"):
+                m["d_acc_final"] = float(summary["history"][-1].get("d_acc", float("nan")))
+                d_acc_curves[seed] = [{"stage": h.get("stage"), "step": h.get("step"), "d_acc": h.get("d_acc"),
+                                       "reward_mean": h.get("reward_mean")} for h in summary["history"]]
+            per_seed[method].append(m)
+            log(f"[lab] student {method} seed {seed}: " + ", ".join(f"{k}={v:.4f}" for k, v in m.items()))
+    summary = {method: {metric: _mean_std([r[metric] for r in runs if metric in r]) for metric in runs[0]}
+               for method, runs in per_seed.items()}
+    return {"heldout_records": len(held_tok), "per_seed": per_seed, "summary": summary,
+            "gad_d_acc": d_acc_curves}
+
+
+def _targets(report: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets, computed from the report (reported whatever they say)."""
+    out: dict[str, Any] = {}
+    t = report.get("estimation", {}).get("table", {})
+    # the pipeline's posterior: with the aligned proxy when the lab aligned one
+    post = next((v["kl"] for k, v in t.items() if k.endswith("calibrated (shards)")), None)
+    proxy = t.get("proxy alone (before alignment)", {}).get("kl")
+    onehot = t.get("smoothed one-hot (eps=0.1)", {}).get("kl")
+    if post is not None and proxy and onehot:
+        out["posterior_kl_over_proxy"] = post / proxy
+        out["posterior_kl_over_one_hot"] = post / onehot
+        out["posterior_le_50pct_proxy"] = bool(post <= 0.5 * proxy)
+        out["posterior_le_30pct_one_hot"] = bool(post <= 0.3 * onehot)
+    s = report.get("students", {}).get("summary", {})
+    if all(m in s for m in ("sft", "posterior-kd", "white-box")):
+        sft, post_s, wb = (s[m]["kl_tf"]["mean"] for m in ("sft", "posterior-kd", "white-box"))
+        gap = sft - wb
+        out["gap_closed_posterior_kd"] = (sft - post_s) / gap if gap > 0 else None
+        out["gap_closed_ge_60pct"] = bool(gap > 0 and (sft - post_s) / gap >= 0.6)
+    return out
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report's tables as markdown."""
+    lines = [f"# bayeskd lab report — preset `{report['preset']}`", ""]
+    d = report.get("data", {})
+    lines += [f"Teacher corpus: {d.get('train_records')} black-box samples ({d.get('train_tokens')} response "
+              f"tokens); held-out: {d.get('heldout_records')} samples. K = {report['config']['top_k']}, "
+              f"prior order {report['config']['order']}.", ""]
+    if "estimation" in report:
+        e = report["estimation"]
+        lines += [f"## Estimation quality ({e['positions']} training positions, lower KL is better)", "",
+                  format_estimation(e["table"]), ""]
+        if e.get("k_curve"):
+            lines += ["KL(teacher‖estimate) against K (the pipeline's proxy and calibrated combination):", "", "| K | prior | proxy | posterior |", "|---:|---:|---:|---:|"]
+            lines += [f"| {r['k']} | {r['prior']:.4f} | {r['proxy']:.4f} | {r['posterior']:.4f} |" for r in e["k_curve"]]
+            lines.append("")
+    if report.get("corpus_curve"):
+        lines += ["KL(teacher‖estimate) on held-out teacher text against the corpus size (the pipeline's proxy and "
+                  "calibrated combination):", "",
+                  "| teacher samples | tokens | prior | posterior | proxy |", "|---:|---:|---:|---:|---:|"]
+        for r in report["corpus_curve"][1:]:
+            lines.append(f"| {r['samples']} | {r['tokens']} | {r['prior']:.4f} | {r['posterior']:.4f} | "
+                         f"{r['proxy']:.4f} |")
+        lines.append("")
+    if "students" in report:
+        s = report["students"]["summary"]
+        metrics = [m for m in ("nll", "kl_tf", "kl_own") if any(m in v for v in s.values())]
+        lines += ["## Student quality (held-out teacher text; mean ± std over seeds)", "",
+                  "| student | seeds | " + " | ".join(metrics) + " |", "|---|---:|" + "---:|" * len(metrics)]
+        for method, v in s.items():
+            cells = [f"{v[m]['mean']:.4f} ± {v[m]['std']:.4f}" if m in v else "–" for m in metrics]
+            lines.append(f"| {method} | {v[metrics[0]]['n']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if report.get("targets"):
+        lines += ["## Targets", ""] + [f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}"
+                                       for k, v in report["targets"].items()]
+    return "\n".join(lines) + "\n"
+
+
+DATA_SETTINGS = ("samples_per_prompt", "max_prompts", "max_new_tokens", "temperature", "order", "top_k")
+ALIGN_SETTINGS = ("align", "align_sft_epochs", "align_rounds", "align_lr", "dpo_lr", "batch_size")
+DERIVED = (POSTERIOR_DIR, "proxy_targets", "students")  # depend on every training setting
+
+
+def _check_stamps(run: Path, cfg: LabRunConfig, force: bool) -> None:
+    """The teacher samples and the prior/posterior depend on DATA_SETTINGS: a run made with others is refused
+    (or redone with `force`). The aligned proxy depends on ALIGN_SETTINGS, the other trained models on every
+    setting (seeds and methods aside): when those change, what depends on them is retrained."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("seeds", "methods")}
+    data = {k: settings[k] for k in DATA_SETTINGS}
+    stamp, train_stamp = run / "run.json", run / "train.json"
+    if stamp.exists() and json.loads(stamp.read_text()) != data:
+        if not force:
+            raise LabError(f"{run} was made with other settings ({json.loads(stamp.read_text())}); pass force "
+                           "to redo it")
+        shutil.rmtree(run)
+    if train_stamp.exists():
+        have = json.loads(train_stamp.read_text())
+        if have != settings:
+            if any(have.get(k) != settings[k] for k in ALIGN_SETTINGS):
+                shutil.rmtree(run / "aligned_proxy", ignore_errors=True)
+            for name in DERIVED:
+                shutil.rmtree(run / name, ignore_errors=True)
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(stamp, data)
+    atomic_write_json(train_stamp, settings)
+
+
+def run_lab(root: str = "runs/lab", preset: str = "tiny", *, seeds: int | None = None,
+            methods: Sequence[str] | None = None, config: LabRunConfig | None = None, force: bool = False,
+            progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the whole lab (see the module docstring) and return the report (also in run/report.json, .md)."""
+    from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
+    from bayeskd.priors.estimate import estimate_prior
+    from bayeskd.posterior.estimate import estimate_posterior
+
+    lab_preset = get_preset(preset)
+    cfg = config or RUN_DEFAULTS.get(lab_preset.name, LabRunConfig())
+    if seeds is not None:
+        cfg = replace(cfg, seeds=int(seeds))
+    if methods is not None:
+        bad = [m for m in methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+        cfg = replace(cfg, methods=tuple(methods))
+    if cfg.seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {cfg.seeds}")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with _stage("build lab", log, timings):
+        paths = build_lab(root, lab_preset, progress=progress)
+    run = Path(paths["root"]) / "run"
+    _check_stamps(run, cfg, force)
+
+    prompts = train_prompts(lab_preset)[:cfg.max_prompts]
+    held_prompts = [r["prompt"] for r in load_lab_prompts(paths["root"])]
+    with _stage("sample the black-box teacher", log, timings):
+        s_train = _sample(paths["teacher"], prompts, run / "teacher_train.jsonl", cfg, lab_preset.seed,
+                          cfg.samples_per_prompt)
+        s_held = _sample(paths["teacher"], held_prompts, run / "teacher_heldout.jsonl", cfg, lab_preset.seed + 1,
+                         1)
+    with _stage("estimate-prior", log, timings):
+        prior_summary = estimate_prior(str(run / "teacher_train.jsonl"), paths["tokenizer"], out=str(run / "prior"),
+                                       order=cfg.order, top_k=cfg.top_k, write_topk=True)
+    with _stage("estimate-posterior", log, timings):
+        estimate_posterior(str(run / "teacher_train.jsonl"), str(run / "prior"), paths["proxy"],
+                           str(run / "posterior"), top_k=cfg.top_k, batch_size=16)
+    train_jsonl = str(run / "teacher_train.jsonl")
+    align_summary = calibration = None
+    if cfg.align:
+        from bayeskd.distill.proxy_kd import align_proxy
+
+        with _stage("align the proxy (SFT + preference rounds)", log, timings):
+            align_summary = align_proxy(train_jsonl, paths["proxy"], str(run / "aligned_proxy"),
+                                        sft_epochs=cfg.align_sft_epochs, rounds=cfg.align_rounds,
+                                        max_new_tokens=cfg.max_new_tokens, sft_learning_rate=cfg.align_lr,
+                                        learning_rate=cfg.dpo_lr, batch_size=cfg.batch_size, seed=lab_preset.seed,
+                                        training_args={"disable_tqdm": not progress})
+    pipeline_proxy = align_summary["final"] if cfg.align else paths["proxy"]
+    with _stage("calibrate the combination", log, timings):
+        calibration = _calibrate(run, cfg, pipeline_proxy, load_tokenizer(paths["tokenizer"]))
+        log(f"[lab] calibrated combination: {calibration['best']} (teacher-token NLL "
+            f"{calibration['table'][0]['nll']:.4f}; a=b=1 log-linear: "
+            f"{next(r['nll'] for r in calibration['table'] if r.get('a') == 1.0 and r.get('b') == 1.0):.4f})")
+    with _stage("estimate-posterior (calibrated)", log, timings):
+        estimate_posterior(train_jsonl, str(run / "prior"), pipeline_proxy, str(run / POSTERIOR_DIR),
+                           top_k=cfg.top_k, batch_size=16, **calibration["best"])
+    if "proxy-kd" in cfg.methods:
+        with _stage("Proxy-KD targets (the proxy's own top-K)", log, timings):
+            estimate_posterior(train_jsonl, None, pipeline_proxy,
+                               str(run / "proxy_targets"), tokenizer=paths["tokenizer"], top_k=cfg.top_k,
+                               batch_size=16)
+    tok = load_tokenizer(paths["tokenizer"])
+    train_tok = tokenize_records(load_teacher_records(str(run / "teacher_train.jsonl"))[0], tok)
+    report: dict[str, Any] = {
+        "preset": lab_preset.name, "config": cfg.to_dict(), "lab": paths["root"],
+        "data": {"train_records": len(train_tok), "heldout_records": s_held.get("written"),
+                 "train_tokens": int(sum(len(s) for s in train_tok.response_sequences())),
+                 "train_prompts": len(prompts), "empty_samples": s_train.get("empty", 0)},
+    }
+    with _stage("evaluate estimates", log, timings):
+        report["estimation"] = _estimation(paths, run, cfg, tok, log, pipeline_proxy, calibration["best"])
+        report["corpus_curve"] = _corpus_curve(paths, run, cfg, tok, pipeline_proxy, calibration["best"])
+    with _stage("distill and evaluate students", log, timings):
+        report["students"] = _students(paths, run, cfg, tok, progress, log)
+    report["calibration"] = calibration
+    if align_summary is not None:
+        report["alignment"] = {k: align_summary.get(k) for k in ("alignment", "diagnostics_before",
+                                                                 "diagnostics_after")}
+    report["targets"] = _targets(report)
+    report["timings"] = {**timings, "total": round(time.perf_counter() - t0, 2)}
+    report["prior_summary"] = {k: prior_summary.get(k) for k in ("tokens", "records", "seconds")}
+    atomic_write_json(run / "report.json", json.loads(json.dumps(report)))
+    text = format_report(report)
+    atomic_write_bytes(run / "report.md", text.encode())
+    log(text)
+    return report

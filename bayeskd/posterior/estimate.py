@@ -1,0 +1,112 @@
+"""The job behind `bayeskd estimate-posterior`: load teacher records, the prior and the proxy, optionally
+calibrate the combination, and write posterior shards (`ProxyPosterior.estimate`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from bayeskd.posterior.calibrate import calibrate_on_records
+from bayeskd.posterior.proxy import ProxyPosterior
+from bayeskd.posterior.shards import rank_world
+from bayeskd.sparse import MANIFEST, CacheMismatchError, atomic_write_json, read_manifest
+
+
+def _calibrate(post: ProxyPosterior, prior, tokenized, n_records: int) -> dict[str, Any]:
+    """Set `post`'s combination to the one that best explains the teacher tokens of the first `n_records`
+    records (prior queried with leave-one-out); returns the scores."""
+    if n_records < 1:
+        raise ValueError(f"calibration_records must be >= 1, got {n_records}")
+    result = calibrate_on_records(prior, post, tokenized, range(min(n_records, len(tokenized))), post.top_k)
+    post.mode = result["best"]["mode"]
+    for key in ("a", "b", "c", "w"):
+        if key in result["best"]:
+            setattr(post, key, float(result["best"][key]))
+    return result
+
+
+def estimate_posterior(data: str | None = None, prior_dir: str | None = None, proxy=None, out: str | None = None,
+                       *, tokenizer: str | None = None, top_k: int = 64, proxy_top_k: int | None = None,
+                       mode: str = "log_linear", a: float = 1.0, b: float = 1.0, c: float = 1.0, w: float = 0.5,
+                       evidence: float = 0.0, batch_size: int = 8, dtype: str = "float32",
+                       device: str | None = None, leave_one_out: bool = True, shard_records: int = 256,
+                       skip_bad: bool = False, split: str = "train", max_records: int | None = None,
+                       max_shards: int | None = None, teacher_logprob: bool | None = None,
+                       reuse_prior_topk: bool = True, calibrate: bool = False,
+                       calibration_records: int = 256) -> dict[str, Any]:
+    """The job behind `bayeskd estimate-posterior`: load the teacher records and the prior saved by
+    `estimate_prior` (`prior_dir/prior`, or `prior_dir` itself), tokenize with `tokenizer` (default: the one
+    named in `prior_dir/summary.json`), and write posterior shards with the proxy into `out`.
+
+    `prior_dir=None` (or "none"): proxy-only targets (the proxy's own top-K rows, mode "proxy"); then `data` is
+    needed and the tokenizer defaults to the proxy's. `teacher_logprob`: store the per-row extra
+    "proxy_teacher_logprob" (default: True without a prior). With `reuse_prior_topk`, the prior's top-K rows
+    are read from `prior_dir/topk` (`estimate-prior --write-topk`) when it was made with the same K,
+    leave-one-out setting and records, instead of being recomputed (the shards are the same).
+    `calibrate`: choose mode and a/b/c/w (replacing the given ones) by the likelihood of the teacher's own tokens
+    on the first `calibration_records` records (`bayeskd.posterior.calibrate`); the choice is in the summary and manifest."""
+    from bayeskd.data import DataError, load_teacher_records, load_tokenizer, tokenize_records
+    from bayeskd.priors.base import load_prior
+
+    if proxy is None or out is None:
+        raise ValueError("estimate_posterior needs proxy and out")
+    if prior_dir is not None and str(prior_dir).lower() == "none":
+        prior_dir = None
+    prior = pdir = None
+    pconfig: dict[str, Any] = {}
+    if prior_dir is not None:
+        pdir = Path(prior_dir)
+        if not pdir.exists():
+            raise FileNotFoundError(f"{prior_dir}: prior directory does not exist")
+        psummary = json.loads((pdir / "summary.json").read_text()) if (pdir / "summary.json").exists() else {}
+        if (pdir / "prior_config.json").exists():
+            pconfig = json.loads((pdir / "prior_config.json").read_text())
+        tokenizer = tokenizer or psummary.get("tokenizer")
+        if tokenizer is None:
+            raise DataError(f"{prior_dir}: no summary.json naming the tokenizer; pass --tokenizer")
+        data = data or psummary.get("data") or pconfig.get("data")
+        if data is None:
+            raise DataError(f"{prior_dir}: no summary.json naming the data; pass --data")
+        prior = load_prior(pdir)
+    else:
+        if data is None:
+            raise DataError("proxy-only targets (no --prior) need --data")
+        if tokenizer is None:
+            if not isinstance(proxy, (str, os.PathLike)):
+                raise DataError("proxy-only targets with an in-memory proxy need --tokenizer")
+            tokenizer = str(proxy)  # the proxy shares the student tokenizer; its checkpoint usually carries it
+    tok = load_tokenizer(tokenizer)
+    records, report = load_teacher_records(data, split=split, skip_bad=skip_bad)
+    if max_records is not None:
+        records = records[:max_records]
+    tokenized = tokenize_records(records, tok)
+    want = pconfig.get("tokenizer_fingerprint")
+    if want is not None and want != tokenized.fingerprint:
+        raise CacheMismatchError(f"{prior_dir}: the prior was estimated with another tokenizer (fingerprint "
+                                 f"{want[:12]}…, {tokenizer} has {tokenized.fingerprint[:12]}…)")
+    post = ProxyPosterior(proxy, dtype=dtype, device=device, batch_size=batch_size, mode=mode, a=a, b=b, c=c, w=w,
+                          evidence=evidence, top_k=top_k, proxy_top_k=proxy_top_k)
+    calibration = None
+    if calibrate:
+        if prior is None:
+            raise ValueError("calibrate chooses how to combine prior and proxy: it needs a prior")
+        calibration = _calibrate(post, prior, tokenized, calibration_records)
+    prior_topk = None
+    if prior is not None and reuse_prior_topk and (pdir / "topk" / MANIFEST).exists():
+        topk_manifest = read_manifest(pdir / "topk")
+        if (topk_manifest["k"] == top_k and topk_manifest["config"].get("leave_one_out") == bool(leave_one_out)
+                and sum(sh["rows"] for sh in topk_manifest["shards"].values())
+                == sum(len(x) for x in tokenized.response_sequences())):  # complete, for these records
+            prior_topk = pdir / "topk"  # other mismatches (tokenizer, lengths) are refused with a clear error
+    summary = post.estimate(tokenized, prior, out, leave_one_out=leave_one_out, shard_records=shard_records,
+                            max_shards=max_shards, teacher_logprob=teacher_logprob, prior_topk=prior_topk)
+    if calibration is not None:
+        summary["calibration"] = calibration
+    summary.update({"data": str(data), "tokenizer": str(tokenizer),
+                    "prior_dir": None if prior_dir is None else str(prior_dir),
+                    "skipped_records": int(report.skipped)})
+    if rank_world()[0] == 0:
+        atomic_write_json(Path(out) / "summary.json", summary)
+    return summary

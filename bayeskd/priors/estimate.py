@@ -1,0 +1,145 @@
+"""The jobs behind the CLI commands, as plain functions a test (or a notebook) can call."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from bayeskd.sparse import CacheMismatchError, ShardWriter, SparseDist, atomic_write_json
+
+DEFAULT_CACHE = Path(os.environ.get("BAYESKD_CACHE", Path.home() / ".cache" / "bayeskd"))
+SHARD_ROWS = 1 << 18  # rows per prior shard: ~70 MB at K=64
+
+
+def embedded_defaults(cache_dir: str | os.PathLike | None = None) -> tuple[str, str]:
+    """The embedded default data and tokenizer: teacher-style JSONL made from Python's own documentation and a
+    BPE tokenizer trained on it. Built once into the cache, reused after."""
+    from bayeskd.corpus import embedded_corpus, embedded_teacher_jsonl, train_bpe_tokenizer
+
+    cache = Path(cache_dir or DEFAULT_CACHE) / "embedded"
+    cache.mkdir(parents=True, exist_ok=True)
+    data = cache / "teacher.jsonl"
+    if not data.exists():
+        embedded_teacher_jsonl(data)
+    tok = cache / "tokenizer"
+    if not (tok / "tokenizer.json").exists():
+        train_bpe_tokenizer(embedded_corpus(), 4096, tok)
+    return str(data), str(tok)
+
+
+def _vocab_size(tokenizer) -> int:
+    # len() counts added tokens; vocab_size may not. Ids must stay below what the student's embedding has,
+    # which later issues check against the model config.
+    return max(len(tokenizer), int(getattr(tokenizer, "vocab_size", 0) or 0))
+
+
+def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out: str, order: int = 4,
+                   smoothing: str = "kneser_ney", alpha: float = 1.0, top_k: int = 64, write_topk: bool = False,
+                   leave_one_out: bool = True, num_proc: int = 1, skip_bad: bool = False,
+                   max_records: int | None = None, split: str = "train") -> dict[str, Any]:
+    """Fit an NGramPrior on the teacher responses in `data` (tokenized with `tokenizer`) and save it in `out`.
+
+    Writes `out/prior/` (the model), optionally `out/topk/` (per-position top-K prior shards, leave-one-out by
+    default) and `out/summary.json`. A finished model with the same config is reused, and finished shards are
+    kept, so an interrupted run resumes.
+    """
+    from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
+    from bayeskd.priors.ngram import NGramPrior
+
+    t0 = time.perf_counter()
+    if data is None or tokenizer is None:
+        default_data, default_tok = embedded_defaults()
+        data, tokenizer = data or default_data, tokenizer or default_tok
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tok = load_tokenizer(tokenizer)
+    records, report = load_teacher_records(data, split=split, skip_bad=skip_bad)
+    if max_records is not None:
+        records = records[:max_records]  # the summary's `records` counts what was used
+    tokenized = tokenize_records(records, tok)
+    sequences = tokenized.response_sequences()
+    vocab = _vocab_size(tok)
+    if top_k > vocab:
+        raise ValueError(f"--top-k {top_k} is larger than the tokenizer's vocabulary ({vocab} tokens)")
+    n_tokens = int(sum(len(s) for s in sequences))
+    config = {"data": str(data), "tokenizer_fingerprint": tokenized.fingerprint, "order": order,
+              "smoothing": smoothing, "alpha": alpha, "vocab_size": vocab, "records": len(records),
+              "tokens": n_tokens}
+
+    model_dir = out_dir / "prior"
+    cfg_path = out_dir / "prior_config.json"
+    t_count = time.perf_counter()
+    old_config = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
+    if old_config is not None and old_config != config:
+        # Never overwrite a finished model made with other settings: the user may still need it.
+        diff = sorted(k for k in set(config) | set(old_config) if config.get(k) != old_config.get(k))
+        raise CacheMismatchError(f"{out_dir} already holds a prior made with another config (differs in: "
+                                 f"{', '.join(diff)}); use a new --out directory")
+    if model_dir.exists() and old_config == config:
+        prior = NGramPrior.load(model_dir)
+        reused = True
+    else:
+        prior = NGramPrior(order=order, smoothing=smoothing, vocab_size=vocab, alpha=alpha)
+        prior.fit(sequences, num_proc=num_proc)
+        prior.save(model_dir)
+        atomic_write_json(cfg_path, config)
+        reused = False
+    count_seconds = time.perf_counter() - t_count
+
+    topk_seconds = 0.0
+    shards = 0
+    if write_topk:
+        t_q = time.perf_counter()
+        writer = ShardWriter(out_dir / "topk", vocab, top_k, tokenized.fingerprint,
+                             {**config, "top_k": top_k, "leave_one_out": leave_one_out})
+        # Shards hold whole sequences so a row range maps back to (record, response position).
+        lengths = np.array([len(s) for s in sequences], dtype=np.int64)
+        bounds = _shard_bounds(lengths, SHARD_ROWS)
+        for i, (lo, hi) in enumerate(tqdm(bounds, desc="prior top-K shards", unit="shard")):
+            name = f"shard-{i:05d}"
+            shards += 1
+            if writer.has_shard(name):
+                continue
+            dist: SparseDist = prior.topk(sequences[lo:hi], top_k, leave_one_out=leave_one_out)
+            writer.write(name, dist, extra={"record_index": torch.arange(lo, hi, dtype=torch.int64),
+                                            "lengths": torch.from_numpy(lengths[lo:hi])})
+        topk_seconds = time.perf_counter() - t_q
+
+    summary = {
+        "data": str(data), "tokenizer": str(tokenizer), "records": len(records),
+        "skipped_records": int(report.skipped),
+        "tokens": n_tokens, "vocab_size": vocab, "order": order, "smoothing": smoothing,
+        "ngrams_per_order": prior.ngram_counts(),
+        "count_seconds": round(count_seconds, 4), "reused_model": reused,
+        "count_tokens_per_second": round(n_tokens / count_seconds) if count_seconds > 0 and not reused else None,
+        "topk_shards": shards if write_topk else 0, "topk_seconds": round(topk_seconds, 4),
+        "model_bytes": _dir_bytes(model_dir),
+        "topk_bytes": _dir_bytes(out_dir / "topk") if write_topk else 0,
+        "seconds": round(time.perf_counter() - t0, 4), "out": str(out_dir),
+    }
+    atomic_write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def _shard_bounds(lengths: np.ndarray, rows_per_shard: int) -> list[tuple[int, int]]:
+    """Split sequences into consecutive groups of about `rows_per_shard` rows (whole sequences only)."""
+    ends = np.cumsum(lengths)
+    bounds, lo = [], 0
+    while lo < len(lengths):
+        start_rows = ends[lo - 1] if lo else 0
+        hi = int(np.searchsorted(ends, start_rows + rows_per_shard, side="right"))
+        hi = max(hi, lo + 1)
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).exists() else 0
