@@ -67,19 +67,19 @@ def model_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     return model(**kwargs).logits
 
 
-def select_rows(grid: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """The rows of a per-position grid [B, L, ...] (logits) or [B, L-1, ...] (per-token values already shifted)
-    that predict response tokens, in row order."""
-    sel = response_mask[:, 1:]
-    if grid.shape[1] == response_mask.shape[1]:
-        grid = grid[:, :-1]
-    return grid[sel.to(grid.device)]
+def select_rows(grid: torch.Tensor, response_mask: torch.Tensor, shifted: bool = False) -> torch.Tensor:
+    """The rows of a per-position grid [B, L, ...] (logits: position t-1 predicts token t) that predict response
+    tokens, in row order. `shifted`: the grid is already aligned with the predicted tokens, [B, L-1, ...]
+    (e.g. input_ids[:, 1:], or `token_logprobs`)."""
+    sel = response_mask[:, 1:].to(grid.device)
+    return (grid if shifted else grid[:, :-1])[sel]
 
 
 def response_rows(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits rows [M, W], the tokens they predict [M]) of a `pad_batch` batch, in row order."""
     logits = model_logits(model, batch["input_ids"], batch["attention_mask"])
-    return select_rows(logits, batch["response_mask"]), select_rows(batch["input_ids"][:, 1:], batch["response_mask"])
+    rmask = batch["response_mask"]
+    return select_rows(logits, rmask), select_rows(batch["input_ids"][:, 1:], rmask, shifted=True)
 
 
 def token_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0,

@@ -15,7 +15,7 @@ import platform
 import shutil
 from pathlib import Path
 
-from bayeskd.lab_run import format_report, run_lab
+from bayeskd.lab.run import format_report, run_lab
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -1,7 +1,7 @@
 """Benchmark the posterior pass and the distillation step against their bare baselines, in one run.
 
 Models: tiny-but-not-trivial Llamas built from a config (default hidden 256, 4 layers, V = 4096: the BPE tokenizer
-trained on the embedded corpus, `bayeskd.pipeline.embedded_defaults()`); data: the embedded teacher records.
+trained on the embedded corpus, `bayeskd.priors.estimate.embedded_defaults()`); data: the embedded teacher records.
 
 (a) posterior pass: `ProxyPosterior.estimate` over the records (prior = `NGramPrior` fitted on the responses,
     top-K with leave-one-out, combine, shard writing) vs a bare proxy forward (full logits) over the same batches.
@@ -68,7 +68,7 @@ def _llama(tok, hidden, layers, seed):
 def _bare_proxy_pass(model, tokenized, batch_size, device, shard_records) -> float:
     """A plain full-logits forward over the batches `ProxyPosterior.estimate` forms: whole-record shards of
     `shard_records`, longest record first within each shard."""
-    from bayeskd.posterior import record_shard_bounds
+    from bayeskd.posterior.shards import record_shard_bounds
 
     order = [lo + i for lo, hi in record_shard_bounds(len(tokenized), shard_records)
              for i in sorted(range(hi - lo), key=lambda q: -len(tokenized.input_ids[lo + q]))]
@@ -114,10 +114,11 @@ def main() -> None:
 
     from bayeskd.corpus import embedded_teacher_records
     from bayeskd.data import tokenize_records
-    from bayeskd.pipeline import embedded_defaults
-    from bayeskd.posterior import ProxyPosterior
-    from bayeskd.prior import NGramPrior
-    from bayeskd.train import BayesKDCollator, BayesKDConfig, BayesKDTrainer, TeacherTargetsDataset
+    from bayeskd.priors.estimate import embedded_defaults
+    from bayeskd.posterior.proxy import ProxyPosterior
+    from bayeskd.priors.ngram import NGramPrior
+    from bayeskd.distill.targets import BayesKDCollator, TeacherTargetsDataset
+    from bayeskd.distill.trainer import BayesKDConfig, BayesKDTrainer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, tok_dir = embedded_defaults()

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from bayeskd.prior import NGramPrior
+from bayeskd.priors.ngram import NGramPrior
 
 WORD = re.compile(r"\w+|[^\w\s]")
 

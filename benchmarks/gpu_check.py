@@ -116,7 +116,7 @@ def main(argv=None) -> int:
         x, w = hidden.to(dev).requires_grad_(), weight.to(dev).requires_grad_()
         loss = fused_linear_sparse_kd(x, w, *(cuda(t) for t in (prior.indices, prior.logprobs, prior.tail,
                                                                proxy.indices, proxy.logprobs, proxy.tail)),
-                                      chunk_size=24, backend="triton", **kw)
+                                      chunk_size=24, **kw)
         loss.sum().backward()
         loss_err = float((loss.detach().cpu().double() - ref_loss).abs().max() / max(1.0, float(ref_loss.abs().max())))
         gerr = max(T.rel_err(x.grad.cpu(), ref_gh), T.rel_err(w.grad.cpu(), ref_gw))

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from bayeskd.calibrate import calibrate_combination, token_logprob
-from bayeskd.eval import kl_teacher_to_estimate
-from bayeskd.losses import combine
+from bayeskd.posterior.calibrate import calibrate_combination, token_logprob
+from bayeskd.evaluation.metrics import kl_teacher_to_estimate
+from bayeskd.posterior.combine import combine
 from bayeskd.sparse import SparseDist
 
 

@@ -118,7 +118,7 @@ def test_estimate_posterior_two_ranks_resumes_from_rank_manifests(tiny_setup):
 
 _DISTILL = """
 import json, os, sys
-from bayeskd.train import distill
+from bayeskd.distill.trainer import distill
 data, student, targets, out, bs = sys.argv[1:6]
 s = distill(data, student, out, targets=targets, max_steps=3, per_device_train_batch_size=int(bs),
             logging_steps=1, seed=0, learning_rate=1e-3)  # the config picks gloo + use_cpu under torchrun

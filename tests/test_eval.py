@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from bayeskd.eval import kl_teacher_to_estimate, smoothed_one_hot, summarize, top1_match, topk_mass_coverage
+from bayeskd.evaluation.metrics import kl_teacher_to_estimate, smoothed_one_hot, summarize, top1_match, topk_mass_coverage
 from bayeskd.sparse import SparseDist
 
 L = math.log

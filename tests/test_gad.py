@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from bayeskd.gad import (Discriminator, GADConfig, bradley_terry_loss, discriminator_accuracy, gad,
+from bayeskd.distill.gad import (Discriminator, GADConfig, bradley_terry_loss, discriminator_accuracy, gad,
                          group_advantages, grpo_loss)
 from conftest import save_tiny_llama
 
@@ -231,7 +231,7 @@ def test_cli_gad(setup, tmp_path):
 
 
 def test_prompt_batches_visit_every_record_once_per_epoch():
-    from bayeskd.gad import _batch_indices
+    from bayeskd.distill.gad import _batch_indices
 
     idx = [i for step in range(6) for i in _batch_indices(5, 2, seed=0, stage="gad", step=step)]
     assert sorted(idx[:5]) == list(range(5)) and sorted(idx[5:10]) == list(range(5))

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from bayeskd.data import load_teacher_records
-from bayeskd.lab import (PRESETS, BlackBoxTeacher, LabError, WhiteBoxTeacher, build_lab, load_lab_prompts,
-                         read_manifest, sample_teacher_jsonl, split_corpus)
+from bayeskd.lab.build import PRESETS, LabError, build_lab, load_lab_prompts, read_manifest, split_corpus
+from bayeskd.teachers.local import BlackBoxTeacher, WhiteBoxTeacher
+from bayeskd.teachers.sampling import sample_teacher_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ from click.testing import CliRunner
 
 from bayeskd.cli import main
 from bayeskd.data import tokenize_records
-from bayeskd.lab import LabError
-from bayeskd.lab_run import RUN_DEFAULTS, run_lab
-from bayeskd.evaluate import estimate_metrics, read_target_rows, response_logprobs
+from bayeskd.lab.build import LabError
+from bayeskd.lab.run import RUN_DEFAULTS, run_lab
+from bayeskd.evaluation.evaluate import estimate_metrics, read_target_rows, response_logprobs
 from bayeskd.sparse import ShardWriter, SparseDist
-from bayeskd.train import whitebox_targets
+from bayeskd.distill.trainer import whitebox_targets
 from conftest import save_tiny_llama
 
 RECORDS = [{"prompt": "Return the", "response": "absolute value of a number."},

@@ -11,10 +11,11 @@ from click.testing import CliRunner
 
 from bayeskd.cli import main
 from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
-from bayeskd.losses import combine
-from bayeskd.pipeline import estimate_prior
-from bayeskd.posterior import ProxyPosterior, estimate_posterior
-from bayeskd.prior import NGramPrior
+from bayeskd.posterior.combine import combine
+from bayeskd.priors.estimate import estimate_prior
+from bayeskd.posterior.estimate import estimate_posterior
+from bayeskd.posterior.proxy import ProxyPosterior
+from bayeskd.priors.ngram import NGramPrior
 from bayeskd.sparse import ShardReader
 
 N_RECORDS = 20
@@ -229,7 +230,7 @@ def test_bfloat16_proxy_and_small_proxy_top_k(setup, tmp_path):
 # ---------------------------------------------------------------------- fast top-K, overlap, prior top-K reuse
 @pytest.mark.parametrize("width,k", [(512, 16), (515, 7), (4096, 64), (100, 30)])
 def test_fast_topk_equals_torch_topk(width, k):
-    from bayeskd.posterior import fast_topk
+    from bayeskd.posterior.proxy import fast_topk
 
     g = torch.Generator().manual_seed(width + k)
     x = torch.randn(50, width, generator=g)
@@ -360,7 +361,7 @@ def test_cli_proxy_only(setup, tmp_path):
 
 
 def test_error_on_the_background_worker_is_raised(setup, tmp_path, monkeypatch):
-    import bayeskd.posterior as posterior
+    import bayeskd.posterior.proxy as posterior
 
     def boom(*args, **kwargs):
         raise RuntimeError("top-K failed")
@@ -373,9 +374,9 @@ def test_error_on_the_background_worker_is_raised(setup, tmp_path, monkeypatch):
 
 
 def test_cli_calibrate_picks_the_best_scoring_combination(setup, tmp_path):
-    from bayeskd.calibrate import calibrate_combination
+    from bayeskd.posterior.calibrate import calibrate_combination
     from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
-    from bayeskd.prior import NGramPrior
+    from bayeskd.priors.ngram import NGramPrior
 
     out = tmp_path / "calibrated"
     res = CliRunner().invoke(main, ["estimate-posterior", "--data", setup["data"], "--prior", setup["prior_dir"],

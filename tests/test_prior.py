@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bayeskd.prior import NGramPrior, fit_parallel
+from bayeskd.priors.ngram import NGramPrior, fit_parallel
 
 SMOOTHINGS = ["kneser_ney", "witten_bell", "dirichlet", "mle"]
 
@@ -305,7 +305,7 @@ def _reference_merge(PW, PV, SW, SV, K):
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 40])
 def test_merge_sorted_matches_stable_sort(m):
-    from bayeskd.prior import _merge_sorted
+    from bayeskd.priors.ngram import _merge_sorted
     rng = np.random.default_rng(m)
     K, R, V = 8, 300, 80
     levels = np.array([0.1, 0.2, 0.3, 0.5])  # few distinct values: many ties, between and within the lists
@@ -327,7 +327,7 @@ def test_merge_sorted_matches_stable_sort(m):
 @pytest.mark.parametrize("loo", [False, True])
 def test_topk_independent_of_chunking(monkeypatch, loo):
     # small position and row chunks, contexts seen and unseen: the same rows as one pass
-    import bayeskd.prior as prior_mod
+    import bayeskd.priors.ngram as prior_mod
     rng = np.random.default_rng()
     V = 200
     seqs = [rng.integers(0, V, 300) for _ in range(10)]

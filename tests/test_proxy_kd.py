@@ -9,11 +9,12 @@ import torch
 
 from bayeskd.data import load_teacher_records, tokenize_records
 from bayeskd.losses import sparse_kd_loss
-from bayeskd.proxy_kd import (PROXY_LOGPROB_KEY, align_proxy, alignment_diagnostics, pretokenized_dpo_trainer_class,
-                              proxy_kd_weights, proxy_preference_loss, sequence_logprobs, top1_match_ratio,
-                              topk_mass_share)
+from bayeskd.distill.proxy_kd import (align_proxy, alignment_diagnostics, pretokenized_dpo_trainer_class,
+                                      proxy_preference_loss, sequence_logprobs, top1_match_ratio, topk_mass_share)
+from bayeskd.distill.targets import BayesKDCollator, TeacherTargetsDataset, proxy_kd_weights
+from bayeskd.distill.trainer import BayesKDConfig, BayesKDTrainer, distill
+from bayeskd.sparse import TEACHER_LOGPROB
 from bayeskd.sparse import CacheMismatchError, ShardWriter, SparseDist
-from bayeskd.train import BayesKDCollator, BayesKDConfig, BayesKDTrainer, TeacherTargetsDataset, distill
 from conftest import save_tiny_llama
 
 WORDS = ["the", "module", "returns", "a", "list", "of", "strings", "when", "called", "with", "an", "object"]
@@ -195,7 +196,7 @@ def _proxy_targets(out, tokenized, k=4, seed=0, with_logprob=True):
             t = torch.as_tensor(seq, dtype=torch.int64)
             idx = torch.stack([(t + j) % tokenized.vocab_size for j in range(k)], 1).to(torch.int32)
             p = torch.softmax(torch.randn(len(t), k + 1, generator=g), -1)  # the last column is the tail
-            extras = {PROXY_LOGPROB_KEY: p[:, 0].log()} if with_logprob else {}
+            extras = {TEACHER_LOGPROB: p[:, 0].log()} if with_logprob else {}
             parts.append(SparseDist(idx, p[:, :k].log(), p[:, k], tokenized.vocab_size, extras=extras))
         writer.write(f"shard-{s:05d}", SparseDist.cat(parts),
                      extra={"record_index": torch.arange(lo, hi, dtype=torch.int64),
@@ -247,7 +248,7 @@ def test_distill_proxy_kd(setup, tmp_path):
     assert 0 < s["proxy_kd_weights"]["min"] < s["proxy_kd_weights"]["max"] < 1
 
     plain = _proxy_targets(tmp_path / "plain", tokenized, with_logprob=False)
-    with pytest.raises(ValueError, match=PROXY_LOGPROB_KEY):
+    with pytest.raises(ValueError, match=TEACHER_LOGPROB):
         distill(setup["data"], setup["student"], str(tmp_path / "o2"), targets=plain, method="proxy-kd")
     with pytest.raises(ValueError, match="needs targets"):
         distill(setup["data"], setup["student"], str(tmp_path / "o3"), method="proxy-kd")
@@ -303,7 +304,7 @@ def test_proxy_only_posterior_targets_feed_proxy_kd(setup, tmp_path):
     `proxy_teacher_logprob`; its per-record sums are the proxy's log p(y_T|x) measured directly."""
     from transformers import AutoModelForCausalLM
 
-    from bayeskd.posterior import estimate_posterior
+    from bayeskd.posterior.estimate import estimate_posterior
 
     out = tmp_path / "proxy_targets"
     estimate_posterior(setup["data"], None, setup["proxy"], str(out), tokenizer=setup["proxy"], top_k=8,

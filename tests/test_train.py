@@ -8,10 +8,10 @@ import torch
 
 from bayeskd.data import load_teacher_records, tokenize_records
 from bayeskd.losses import sparse_kd_loss
-from bayeskd.prior import NGramPrior
+from bayeskd.priors.ngram import NGramPrior
 from bayeskd.sparse import CacheMismatchError, ShardWriter, SparseDist
-from bayeskd.train import (BayesKDCollator, BayesKDConfig, BayesKDTrainer, TeacherTargetsDataset, distill,
-                           whitebox_targets)
+from bayeskd.distill.targets import BayesKDCollator, TeacherTargetsDataset
+from bayeskd.distill.trainer import BayesKDConfig, BayesKDTrainer, distill, whitebox_targets
 
 WORDS = ["the", "module", "returns", "a", "list", "of", "strings", "when", "called", "with", "an", "object"]
 
@@ -227,7 +227,7 @@ def test_distill_refuses_targets_and_teacher(setup, tmp_path):
 
 def test_targets_from_the_prior_pipeline(setup, tmp_path):
     """The shards `bayeskd prior --write-topk` writes are read as they are."""
-    from bayeskd.pipeline import estimate_prior
+    from bayeskd.priors.estimate import estimate_prior
 
     estimate_prior(setup["data"], setup["tok_dir"], out=str(tmp_path / "prior"), order=2, top_k=8, write_topk=True)
     ds = TeacherTargetsDataset(setup["tokenized"], str(tmp_path / "prior" / "topk"))
@@ -261,7 +261,7 @@ def test_empty_prompt_drops_the_context_free_row(setup):
 
 def _prior_shards(setup, tmp_path):
     """The prior's top-K rows as `bayeskd estimate-prior --write-topk` writes them (context counts included)."""
-    from bayeskd.pipeline import estimate_prior
+    from bayeskd.priors.estimate import estimate_prior
 
     estimate_prior(setup["data"], setup["tok_dir"], out=str(tmp_path / "prior"), order=2, top_k=8, write_topk=True)
     return str(tmp_path / "prior" / "topk")
@@ -274,7 +274,7 @@ def _prior_shards(setup, tmp_path):
 def test_online_posterior_loss_matches_hand_computation(setup, tmp_path, mode, extra):
     from transformers import AutoModelForCausalLM
 
-    from bayeskd.losses import combine
+    from bayeskd.posterior.combine import combine
 
     targets = _prior_shards(setup, tmp_path)
     ds = TeacherTargetsDataset(setup["tokenized"], targets)
@@ -322,7 +322,7 @@ def test_online_posterior_proxy_wider_vocab_is_sliced(setup, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(setup["student"])
     cfg = BayesKDConfig(output_dir=str(tmp_path / "o"), fused_backend="torch")
     trainer = BayesKDTrainer(model=model, args=cfg, train_dataset=ds, proxy_model=proxy)
-    rows = trainer._proxy_rows(batch["input_ids"], batch["attention_mask"], batch["response_mask"][:, 1:], len(tok))
+    rows = trainer._proxy_rows(batch["input_ids"], batch["attention_mask"], batch["response_mask"], len(tok))
     assert rows.shape == (batch["target_tail"].shape[0], len(tok))
     assert torch.isfinite(trainer.compute_loss(model, batch))
 

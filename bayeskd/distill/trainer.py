@@ -162,7 +162,7 @@ class BayesKDTrainer(transformers.Trainer):
         rmask = inputs["response_mask"]
         out = model(input_ids=input_ids, attention_mask=attention)
         rows = select_rows(out.logits, rmask)  # [M, V] in the targets' row order
-        tokens = select_rows(input_ids[:, 1:], rmask)
+        tokens = select_rows(input_ids[:, 1:], rmask, shifted=True)
         if rows.shape[0] == 0:  # no response token in this batch (e.g. all truncated): a zero loss with a graph
             zero = out.logits.sum() * 0.0
             return (zero, out) if return_outputs else zero
