@@ -152,6 +152,9 @@ def estimate_posterior_cmd(**kwargs) -> None:
               type=click.Choice(["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"]))
 @click.option("--beta", default=None, type=float, help="JSD β (default 0.5) or skew-KL α (default 0.1).")
 @click.option("--kd-temperature", default=1.0, show_default=True, type=float)
+@click.option("--fused-linear/--no-fused-linear", default=False, show_default=True,
+              help="Give the student's last hidden states and lm_head to the loss: the [N, V] logits are never "
+              "built (CE and KD in row chunks).")
 @click.option("--max-length", default=None, type=click.IntRange(2))
 @click.option("--num-train-epochs", default=1.0, show_default=True, type=float)
 @click.option("--max-steps", default=-1, show_default=True, type=int)

@@ -407,28 +407,16 @@ def fused_posterior_kd(student_logits: torch.Tensor, prior: SparseDist,
 # lm_head + loss without the [N, V] logits (kernels/fused_linear_sparse_kd.py holds the chunk loop)
 
 def torch_chunk_loss(logits: torch.Tensor, targets: tuple, kwargs: dict, need_grad: bool) -> torch.Tensor:
-    """The PyTorch chunk loss of the fused-linear op: loss [c] of one chunk of logits; when `need_grad`, the
-    gradient w.r.t. the logits overwrites `logits`. `targets` and `kwargs` as the kernel's chunk loop passes them."""
+    """The PyTorch chunk loss of the fused-linear op: loss [c] of one chunk of logits, whose values are replaced
+    by their gradient (when `need_grad`; otherwise they are scratch). `targets` and `kwargs` are the validated,
+    resolved arguments the kernel's chunk loop slices per chunk (per-row mixture weights included)."""
     p_idx, p_lp, p_tail, q_idx, q_lp, q_tail, q_logits = targets
-    v = logits.shape[1]
-    kw = {k: v_ for k, v_ in kwargs.items() if k not in ("block_v", "check_finite", "w_rows")}
-    w_rows = kwargs.get("w_rows")
-    if w_rows is not None and w_rows.numel():
-        if not bool((w_rows == w_rows[0]).all()):
-            raise ValueError("per-row mixture weights need backend='triton' (the torch path takes one scalar w)")
-        kw["w"] = float(w_rows[0])
-    if kw.get("mode") == "none":
-        kw["mode"] = "log_linear"  # ignored: no proxy means the prior alone
-    proxy = SparseDist(q_idx, q_lp, q_tail, v) if q_idx is not None else q_logits
-    x = logits.detach().requires_grad_(need_grad)
-    with torch.enable_grad():
-        loss = fused_posterior_kd(x, SparseDist(p_idx, p_lp, p_tail, v), proxy, backend="torch",
-                                  inplace=need_grad, **kw)
-        if need_grad:  # inplace: the gradient already lives in `logits`; copy_ covers a non-aliasing result
-            (g,) = torch.autograd.grad(loss.sum(), x)
-            if g.data_ptr() != logits.data_ptr():
-                logits.copy_(g)
-    return loss.detach().float()
+    args = _Args(logits.shape[1], p_idx, p_lp, p_tail, q_idx, q_lp, q_tail, q_logits, kwargs["mode"],
+                 kwargs["a"], kwargs["b"], kwargs["w_rows"], kwargs["teacher_tokens"], kwargs["evidence"],
+                 kwargs["divergence"], kwargs["beta"], kwargs["temperature"], kwargs["mask"], kwargs["tail"],
+                 inplace=True)
+    z = logits.detach()
+    return _fused_forward(z, z, args)
 
 
 def fused_linear_posterior_kd(hidden: torch.Tensor, weight: torch.Tensor, prior: SparseDist,
@@ -440,7 +428,7 @@ def fused_linear_posterior_kd(hidden: torch.Tensor, weight: torch.Tensor, prior:
                               backend: str = "auto") -> torch.Tensor:
     """`fused_posterior_kd` of the logits hidden @ weight.T (hidden [N, H], weight [V, H]: the lm_head), without
     ever holding the [N, V] logits: rows in chunks, each chunk's logits turned into their gradient at once.
-    Differentiable w.r.t. hidden and weight. Dirichlet mode needs backend="triton" (per-row weights)."""
+    Differentiable w.r.t. hidden and weight."""
     from bayeskd.kernels.fused_linear_sparse_kd import fused_linear_sparse_kd
 
     if hidden.dim() != 2 or weight.dim() != 2:

@@ -344,3 +344,34 @@ def test_online_posterior_refusals(setup, tmp_path):
         BayesKDConfig(output_dir=str(tmp_path / "o"), posterior_mode="product")
     with pytest.raises(ValueError, match="posterior_w"):
         BayesKDConfig(output_dir=str(tmp_path / "o"), posterior_w=1.5)
+
+
+@pytest.mark.parametrize("mode", ["targets", "online-dirichlet", "white-box"])
+def test_fused_linear_trains_the_same_weights(setup, tmp_path, mode):
+    """fused_linear=True (hidden states + lm_head to the loss, no [N, V] student logits) trains the same student
+    as the plain path, up to float summation order."""
+    from safetensors.torch import load_file
+
+    kw = dict(max_steps=3, per_device_train_batch_size=4, learning_rate=5e-3, fused_backend="torch", seed=7,
+              logging_steps=1, divergence="jsd", kd_temperature=1.5)
+    if mode == "targets":
+        kw["targets"] = _prior_shards(setup, tmp_path)
+    elif mode == "online-dirichlet":
+        kw.update(targets=_prior_shards(setup, tmp_path), proxy=setup["teacher"], posterior_mode="dirichlet",
+                  posterior_c=4.0)
+    else:
+        kw["teacher"] = setup["teacher"]
+    plain = distill(setup["data"], setup["student"], str(tmp_path / "plain"), **kw)
+    fused = distill(setup["data"], setup["student"], str(tmp_path / "fused"), fused_linear=True, **kw)
+    assert fused["steps"] == plain["steps"] == 3
+    for a, b in (("first_ce_loss", "first_ce_loss"), ("first_kd_loss", "first_kd_loss")):
+        assert fused[a] == pytest.approx(plain[b], rel=1e-5)
+    wp, wf = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("plain", "fused"))
+    w0 = load_file(setup["student"] + "/model.safetensors")
+    assert wp.keys() == wf.keys()
+    moved = max(float((wp[k] - w0[k]).abs().max()) for k in wp)
+    assert moved > 1e-3  # training changed the weights, so equality below means something
+    # Adam divides by sqrt(v): an entry whose gradient is ~0 can move by up to lr from a summation-order
+    # difference alone, so the tolerance is 1e-4 (the weights moved by up to 3 x lr = 1.5e-2)
+    for k in wp:
+        torch.testing.assert_close(wf[k], wp[k], rtol=1e-4, atol=1e-4, msg=lambda m: f"{k}: {m}")

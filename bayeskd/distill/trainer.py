@@ -20,9 +20,10 @@ w(record) x KD.
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ import transformers
 from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
 from bayeskd.distill.targets import (CONTEXT_COUNT_KEY, WEIGHT_KEY, WEIGHT_NORMALIZATIONS, BayesKDCollator,
                                      TeacherTargetsDataset)
-from bayeskd.losses import fused_posterior_kd
+from bayeskd.losses import fused_linear_posterior_kd, fused_posterior_kd
 from bayeskd.sparse import CONTEXT_COUNT, MODES, TEACHER_LOGPROB, SparseDist, atomic_write_json
 from bayeskd.teacher_forcing import model_logits, select_rows
 
@@ -56,6 +57,9 @@ class BayesKDConfig(transformers.TrainingArguments):
     kd_tail: str = field(default="bucket", metadata={"help": "'bucket' or 'ignore' (mass outside the top-K)"})
     max_length: int | None = field(default=None, metadata={"help": "truncate sequences to this many tokens"})
     fused_backend: str = field(default="auto", metadata={"help": "fused KD backend: auto, torch or triton"})
+    fused_linear: bool = field(default=False, metadata={
+        "help": "hand the student's last hidden states and lm_head weight to the loss (CE and KD), so the [N, V] "
+                "logits are never built (bayeskd.losses.fused_linear_posterior_kd); DDP-safe, not for FSDP"})
     whitebox_top_k: int = field(default=64, metadata={"help": "top-k of the teacher's logits in white-box mode"})
     posterior_mode: str = field(default="log_linear", metadata={
         "help": "online-posterior mode: log_linear (p ∝ p0^a q^b), dirichlet (c) or mixture (w)"})
@@ -124,12 +128,48 @@ def whitebox_targets(teacher_logits: torch.Tensor, k: int) -> SparseDist:
     return SparseDist(top_idx.to(torch.int32), top_lp, tail, lp.shape[-1])
 
 
+class _HiddenStatesOut(torch.nn.Module):
+    """Stands in for the lm_head during one forward: returns its input (the last hidden states), keeping the real
+    lm_head as a submodule so the parameters the wrappers (DDP) registered stay where they were."""
+
+    def __init__(self, lm_head: torch.nn.Module):
+        super().__init__()
+        self.lm_head = lm_head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+@contextmanager
+def _hidden_states_out(model):
+    """Make `model`'s forward return its last hidden states as `logits`; yields the lm_head (Linear, no bias)."""
+    inner = model
+    while hasattr(inner, "module") and not hasattr(inner, "get_output_embeddings"):  # DDP and friends
+        inner = inner.module
+    lm_head = inner.get_output_embeddings()
+    if not isinstance(lm_head, torch.nn.Linear) or lm_head.bias is not None:
+        raise ValueError(f"fused_linear needs an lm_head that is a Linear without bias, got {lm_head!r}")
+    for key in ("final_logit_softcapping", "logit_scale"):  # applied after the lm_head: they would hit hidden states
+        if getattr(inner.config, key, None) not in (None, 1.0):
+            raise ValueError(f"fused_linear does not support models whose config sets {key}")
+    inner.set_output_embeddings(_HiddenStatesOut(lm_head))
+    try:
+        yield lm_head
+    finally:
+        inner.set_output_embeddings(lm_head)
+
+
 class BayesKDTrainer(transformers.Trainer):
     """`transformers.Trainer` with the distillation loss (see the module docstring).
 
     `teacher_model`: a readable teacher with the student's vocabulary (white-box mode: ordinary logit KD against
     its top-`whitebox_top_k` at every response position). Without it, the batch's sparse targets are used when
     present, else the loss is CE only (SFT). Logs `ce_loss` / `kd_loss`: their means since the last log.
+
+    With `fused_linear` (a `BayesKDConfig` field) the student's last hidden states and lm_head weight go to the
+    loss: CE (as the KL from the teacher token's one-hot) and KD run through `fused_linear_posterior_kd`, and the
+    student's [N, V] logits are never built. The outputs returned with `return_outputs` then carry the hidden
+    states as `logits`.
 
     `proxy_model` (online-posterior mode): the batch's targets are the PRIOR's top-K rows; the proxy runs on the
     same batch (eval, no gradient) and its logits at the response positions (sliced to the student's V) are the
@@ -160,32 +200,45 @@ class BayesKDTrainer(transformers.Trainer):
         cfg = self.args
         input_ids, attention = inputs["input_ids"], inputs["attention_mask"]
         rmask = inputs["response_mask"]
-        out = model(input_ids=input_ids, attention_mask=attention)
-        rows = select_rows(out.logits, rmask)  # [M, V] in the targets' row order
+        lm_head = None
+        if getattr(cfg, "fused_linear", False):
+            # rows are the student's last hidden states [M, H]; the loss multiplies them by lm_head in chunks
+            with _hidden_states_out(model) as lm_head:
+                out = model(input_ids=input_ids, attention_mask=attention)
+        else:
+            out = model(input_ids=input_ids, attention_mask=attention)
+        rows = select_rows(out.logits, rmask)  # [M, V] (or [M, H]) in the targets' row order
         tokens = select_rows(input_ids[:, 1:], rmask, shifted=True)
         if rows.shape[0] == 0:  # no response token in this batch (e.g. all truncated): a zero loss with a graph
             zero = out.logits.sum() * 0.0
             return (zero, out) if return_outputs else zero
-        ce = F.cross_entropy(rows.float(), tokens)
+        V = rows.shape[-1] if lm_head is None else lm_head.weight.shape[0]
+        backend = getattr(cfg, "fused_backend", "auto")
+        if lm_head is None:
+            ce = F.cross_entropy(rows.float(), tokens)
+        else:  # CE = KL(one-hot of the teacher token ‖ student), through the same fused op
+            one_hot = SparseDist(tokens[:, None].to(torch.int32), torch.zeros(len(tokens), 1, device=rows.device),
+                                 torch.zeros(len(tokens), device=rows.device), V)
+            ce = fused_linear_posterior_kd(rows, lm_head.weight, one_hot, backend=backend).mean()
 
         target = None
         if self.teacher_model is not None:
             with torch.no_grad():
                 t_logits = select_rows(model_logits(self.teacher_model, input_ids, attention), rmask)
-            if t_logits.shape[-1] != rows.shape[-1]:
-                raise ValueError(f"teacher vocabulary {t_logits.shape[-1]} != student vocabulary {rows.shape[-1]}")
+            if t_logits.shape[-1] != V:
+                raise ValueError(f"teacher vocabulary {t_logits.shape[-1]} != student vocabulary {V}")
             target = whitebox_targets(t_logits, getattr(cfg, "whitebox_top_k", 64))
         elif "target_indices" in inputs:
             extras = {CONTEXT_COUNT: inputs[CONTEXT_COUNT_KEY]} if CONTEXT_COUNT_KEY in inputs else {}
-            target = SparseDist(inputs["target_indices"], inputs["target_logprobs"], inputs["target_tail"],
-                                rows.shape[-1], extras=extras)
+            target = SparseDist(inputs["target_indices"], inputs["target_logprobs"], inputs["target_tail"], V,
+                                extras=extras)
             if target.num_rows != rows.shape[0]:
                 raise ValueError(f"{target.num_rows} target rows for {rows.shape[0]} response tokens")
         elif self.proxy_model is not None:
             raise ValueError("online-posterior mode needs the prior's top-K rows in the batch (a targets directory)")
         proxy_rows, posterior = None, {}
         if self.proxy_model is not None and target is not None:
-            proxy_rows = self._proxy_rows(input_ids, attention, rmask, rows.shape[-1])
+            proxy_rows = self._proxy_rows(input_ids, attention, rmask, V)
             posterior = dict(mode=getattr(cfg, "posterior_mode", "log_linear"), a=getattr(cfg, "posterior_a", 1.0),
                              b=getattr(cfg, "posterior_b", 1.0), c=getattr(cfg, "posterior_c", 1.0),
                              w=getattr(cfg, "posterior_w", 0.5))
@@ -196,12 +249,13 @@ class BayesKDTrainer(transformers.Trainer):
         proxy_kd = getattr(cfg, "method", "bayeskd") == "proxy-kd"
         if target is not None and rows.shape[0] > 0:
             target = target.to(rows.device)
-            per_row = fused_posterior_kd(rows, target, proxy_rows, **posterior,
-                                         divergence=getattr(cfg, "divergence", "forward_kl"),
-                                         beta=getattr(cfg, "beta", None),
-                                         temperature=getattr(cfg, "kd_temperature", 1.0),
-                                         tail=getattr(cfg, "kd_tail", "bucket"), inplace=False,
-                                         backend=getattr(cfg, "fused_backend", "auto"))
+            loss_kw = dict(divergence=getattr(cfg, "divergence", "forward_kl"), beta=getattr(cfg, "beta", None),
+                           temperature=getattr(cfg, "kd_temperature", 1.0), tail=getattr(cfg, "kd_tail", "bucket"),
+                           backend=backend)
+            if lm_head is None:
+                per_row = fused_posterior_kd(rows, target, proxy_rows, **posterior, **loss_kw, inplace=False)
+            else:
+                per_row = fused_linear_posterior_kd(rows, lm_head.weight, target, proxy_rows, **posterior, **loss_kw)
             if proxy_kd:
                 if WEIGHT_KEY not in inputs:
                     raise ValueError("method='proxy-kd' needs per-row weights in the batch (a TeacherTargetsDataset "
