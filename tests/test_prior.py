@@ -305,7 +305,7 @@ def _reference_merge(PW, PV, SW, SV, K):
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 40])
 def test_merge_sorted_matches_stable_sort(m):
-    from bayeskd.priors.ngram import _merge_sorted
+    from bayeskd.priors.topk import _merge_sorted
     rng = np.random.default_rng(m)
     K, R, V = 8, 300, 80
     levels = np.array([0.1, 0.2, 0.3, 0.5])  # few distinct values: many ties, between and within the lists
@@ -328,6 +328,7 @@ def test_merge_sorted_matches_stable_sort(m):
 def test_topk_independent_of_chunking(monkeypatch, loo):
     # small position and row chunks, contexts seen and unseen: the same rows as one pass
     import bayeskd.priors.ngram as prior_mod
+    import bayeskd.priors.topk as topk_mod
     rng = np.random.default_rng()
     V = 200
     seqs = [rng.integers(0, V, 300) for _ in range(10)]
@@ -335,7 +336,7 @@ def test_topk_independent_of_chunking(monkeypatch, loo):
     query = seqs[:3] if loo else seqs[:3] + [rng.integers(0, V, 50)]
     ref = prior.topk(query, 16, leave_one_out=loo)
     monkeypatch.setattr(prior_mod, "CHUNK", 37)
-    monkeypatch.setattr(prior_mod, "ROW_CHUNK", 5)
+    monkeypatch.setattr(topk_mod, "ROW_CHUNK", 5)
     got = prior.topk(query, 16, leave_one_out=loo)
     for a, b in ((ref.indices, got.indices), (ref.logprobs, got.logprobs), (ref.tail, got.tail),
                  (ref.extras["context_count"], got.extras["context_count"])):
