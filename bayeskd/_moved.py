@@ -7,14 +7,17 @@ import sys
 import warnings
 
 
-def alias(old: str, *new: str) -> None:
-    """Make module `old` look up every attribute in the modules `new` (first match wins), with a warning."""
+def alias(old: str, *new: str, renamed: dict[str, tuple[str, str]] | None = None) -> None:
+    """Make module `old` look up every attribute in the modules `new` (first match wins), with a warning.
+    `renamed`: old name -> (module, new name) for constants that now live elsewhere under one name."""
     warnings.warn(f"{old} has moved to {' and '.join(new)}; the old path goes away in the next release",
                   DeprecationWarning, stacklevel=3)
     targets = [importlib.import_module(n) for n in new]
     module = sys.modules[old]
 
     def __getattr__(name: str):
+        if renamed and name in renamed:
+            return getattr(importlib.import_module(renamed[name][0]), renamed[name][1])
         for t in targets:
             if hasattr(t, name):
                 return getattr(t, name)

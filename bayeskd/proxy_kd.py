@@ -1,4 +1,5 @@
-"""Deprecated path: moved to bayeskd.distill.proxy_kd bayeskd.distill.targets."""
+"""Deprecated path: moved to bayeskd.distill.proxy_kd and bayeskd.distill.targets."""
 from bayeskd._moved import alias
 
-alias(__name__, "bayeskd.distill.proxy_kd", "bayeskd.distill.targets")
+alias(__name__, "bayeskd.distill.proxy_kd", "bayeskd.distill.targets",
+      renamed={"PROXY_LOGPROB_KEY": ("bayeskd.sparse", "TEACHER_LOGPROB")})

@@ -119,9 +119,10 @@ def test_estimate_posterior_two_ranks_resumes_from_rank_manifests(tiny_setup):
 _DISTILL = """
 import json, os, sys
 from bayeskd.distill.trainer import distill
-data, student, targets, out, bs = sys.argv[1:6]
+data, student, targets, out, bs, fused = sys.argv[1:7]
 s = distill(data, student, out, targets=targets, max_steps=3, per_device_train_batch_size=int(bs),
-            logging_steps=1, seed=0, learning_rate=1e-3)  # the config picks gloo + use_cpu under torchrun
+            logging_steps=1, seed=0, learning_rate=1e-3,  # the config picks gloo + use_cpu under torchrun
+            fused_linear=fused == "fused", fused_backend="torch")
 """
 
 
@@ -137,8 +138,10 @@ def test_distill_two_ranks_ddp(tiny_setup):
         _run(_posterior_args(tmp, data, paths, targets))
     script = tmp / "distill_script.py"
     script.write_text(_DISTILL)
-    _run([str(script), str(data), paths["student"], str(targets), str(tmp / "d1"), "4"])
-    _run([str(script), str(data), paths["student"], str(targets), str(tmp / "d2"), "2"], nproc=2)
+    _run([str(script), str(data), paths["student"], str(targets), str(tmp / "d1"), "4", "plain"])
+    _run([str(script), str(data), paths["student"], str(targets), str(tmp / "d2"), "2", "plain"], nproc=2)
+    # --fused-linear under DDP: the lm_head is used outside the model's forward; gradients must still be averaged
+    _run([str(script), str(data), paths["student"], str(targets), str(tmp / "d3"), "2", "fused"], nproc=2)
 
     one = json.loads((tmp / "d1" / "summary.json").read_text())
     two = json.loads((tmp / "d2" / "summary.json").read_text())
@@ -151,6 +154,9 @@ def test_distill_two_ranks_ddp(tiny_setup):
     w2 = AutoModelForCausalLM.from_pretrained(tmp / "d2").state_dict()
     worst = max((w1[k].float() - w2[k].float()).abs().max().item() for k in w1)
     assert worst < 1e-4, worst  # 3 Adam steps at lr 1e-3 move weights by ~3e-3
+    w3 = AutoModelForCausalLM.from_pretrained(tmp / "d3").state_dict()
+    worst = max((w1[k].float() - w3[k].float()).abs().max().item() for k in w1)
+    assert worst < 1e-4, worst
     before = AutoModelForCausalLM.from_pretrained(paths["student"]).state_dict()
     after = AutoModelForCausalLM.from_pretrained(tmp / "d2").state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)

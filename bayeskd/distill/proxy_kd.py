@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from bayeskd.data import TokenizedData, load_teacher_records, load_tokenizer, tokenize_records
-from bayeskd.sparse import CacheMismatchError, atomic_write_json
+from bayeskd.resume import check_stamp
+from bayeskd.sparse import atomic_write_json
 from bayeskd.teacher_forcing import pad_batch, response_rows, select_rows
 
 logger = logging.getLogger(__name__)
@@ -245,19 +246,6 @@ def _copy_model_dir(src: Path, dst_tmp: Path) -> None:
     shutil.copytree(src, dst_tmp, copy_function=link_or_copy)
 
 
-def _check_config(out: Path, cfg: dict[str, Any]) -> None:
-    path = out / ALIGN_CONFIG
-    if not path.exists():
-        atomic_write_json(path, cfg)
-        return
-    old = json.loads(path.read_text())
-    diff = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
-    if diff:
-        detail = ", ".join(f"{k}: {old.get(k)!r} -> {cfg.get(k)!r}" for k in diff)
-        raise CacheMismatchError(f"{out}: made by align-proxy with other settings ({detail}); refusing to resume. "
-                                 "Use a new --out, or the same settings (only --rounds may change).")
-
-
 @functools.lru_cache(maxsize=1)
 def pretokenized_dpo_trainer_class() -> type:
     """TRL's `DPOTrainer`, taking a dataset already tokenized as prompt_ids / chosen_ids / rejected_ids (built from
@@ -372,7 +360,8 @@ def align_proxy(data: str, proxy: str, out: str, *, tokenizer: str | None = None
            "sft_learning_rate": sft_learning_rate, "learning_rate": learning_rate, "dpo_epochs": dpo_epochs,
            "batch_size": batch_size, "max_length": max_length, "seed": seed, "training_args": training_args,
            "diagnostic_records": diagnostic_records}
-    _check_config(out_dir, json.loads(json.dumps(cfg, default=str)))
+    check_stamp(out_dir / ALIGN_CONFIG, cfg, what="align-proxy",
+                hint="refusing to resume. Use a new --out, or the same settings (only --rounds may change).")
 
     def diagnose(model) -> dict[str, Any]:
         return alignment_diagnostics(model, tokenized, batch_size=batch_size, max_records=diagnostic_records,

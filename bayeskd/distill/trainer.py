@@ -137,7 +137,10 @@ class _HiddenStatesOut(torch.nn.Module):
         self.lm_head = lm_head
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden
+        # A zero that depends on the lm_head weight: DDP with find_unused_parameters (the Trainer's default)
+        # would otherwise mark the weight unused at the end of forward, then again when the loss's gradient
+        # reaches it ("mark a variable ready only once").
+        return hidden + self.lm_head.weight.view(-1)[:1].sum() * 0
 
 
 @contextmanager

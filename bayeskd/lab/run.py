@@ -27,6 +27,7 @@ from bayeskd.evaluation.evaluate import (estimation_table, format_estimation, on
                                          response_logprobs, sample_own, student_metrics)
 from bayeskd.evaluation.metrics import kl_teacher_to_estimate
 from bayeskd.lab.build import LabError, build_lab, get_preset, load_lab_prompts, split_corpus
+from bayeskd.resume import check_stamp, read_stamp, settings_diff
 from bayeskd.sparse import atomic_write_bytes, atomic_write_json
 
 # The posterior shards posterior-KD learns from: the pipeline's proxy (aligned when the lab aligns one) combined
@@ -384,22 +385,16 @@ def _check_stamps(run: Path, cfg: LabRunConfig, force: bool) -> None:
     (or redone with `force`). The aligned proxy depends on ALIGN_SETTINGS, the other trained models on every
     setting (seeds and methods aside): when those change, what depends on them is retrained."""
     settings = {k: v for k, v in cfg.to_dict().items() if k not in ("seeds", "methods")}
-    data = {k: settings[k] for k in DATA_SETTINGS}
-    stamp, train_stamp = run / "run.json", run / "train.json"
-    if stamp.exists() and json.loads(stamp.read_text()) != data:
-        if not force:
-            raise LabError(f"{run} was made with other settings ({json.loads(stamp.read_text())}); pass force "
-                           "to redo it")
-        shutil.rmtree(run)
-    if train_stamp.exists():
-        have = json.loads(train_stamp.read_text())
-        if have != settings:
-            if any(have.get(k) != settings[k] for k in ALIGN_SETTINGS):
-                shutil.rmtree(run / "aligned_proxy", ignore_errors=True)
-            for name in DERIVED:
-                shutil.rmtree(run / name, ignore_errors=True)
-    run.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(stamp, data)
+    check_stamp(run / "run.json", {k: settings[k] for k in DATA_SETTINGS}, what="a lab run",
+                hint="pass force to redo it", error_cls=LabError, force=force)
+    train_stamp = run / "train.json"
+    have = read_stamp(train_stamp)
+    changed = settings_diff(have, settings) if have is not None else []
+    if changed:
+        if set(changed) & set(ALIGN_SETTINGS):
+            shutil.rmtree(run / "aligned_proxy", ignore_errors=True)
+        for name in DERIVED:
+            shutil.rmtree(run / name, ignore_errors=True)
     atomic_write_json(train_stamp, settings)
 
 
