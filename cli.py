@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from bayeskd.sparse import MODES
+
 
 def _load_config(ctx: click.Context, _param: click.Parameter, path: str | None) -> str | None:
     """`--config cfg.yaml|cfg.json` fills the command's defaults; options given on the command line win."""
@@ -53,6 +55,15 @@ def _run_job(job, drop: tuple[str, ...] = (), **kwargs) -> None:
     click.echo(json.dumps({k: v for k, v in summary.items() if k not in drop}, indent=2))
 
 
+def _end_distributed() -> None:
+    """Under torchrun, tear the process group down before exit: gloo's threads can abort the process
+    ("terminate called without an active exception") when it is left to the interpreter's shutdown."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @click.group()
 @click.version_option(package_name="bayeskd")
 def main() -> None:
@@ -97,7 +108,7 @@ def estimate_prior_cmd(**kwargs) -> None:
 @click.option("--proxy-top-k", "proxy_top_k", default=None, type=click.IntRange(1),
               help="Proxy entries per position before combining (default: --top-k).")
 @click.option("--mode", default="log_linear", show_default=True,
-              type=click.Choice(["log_linear", "dirichlet", "mixture"]))
+              type=click.Choice(list(MODES)))
 @click.option("--a", default=1.0, show_default=True, type=float, help="Log-linear prior exponent.")
 @click.option("--b", default=1.0, show_default=True, type=float, help="Log-linear proxy exponent.")
 @click.option("--c", default=1.0, show_default=True, type=float, help="Dirichlet concentration of the proxy.")
@@ -139,7 +150,7 @@ def estimate_posterior_cmd(**kwargs) -> None:
 @click.option("--proxy", default=None, help="Online posterior: a proxy model run inside each training step; "
               "--targets must then hold the prior's top-K shards (estimate-prior --write-topk).")
 @click.option("--posterior-mode", default="log_linear", show_default=True,
-              type=click.Choice(["log_linear", "dirichlet", "mixture"]))
+              type=click.Choice(list(MODES)))
 @click.option("--posterior-a", default=1.0, show_default=True, type=float, help="Log-linear prior exponent.")
 @click.option("--posterior-b", default=1.0, show_default=True, type=float, help="Log-linear proxy exponent.")
 @click.option("--posterior-c", default=1.0, show_default=True, type=float, help="Dirichlet concentration.")
@@ -178,8 +189,11 @@ def distill_cmd(data, student, targets, teacher, proxy, tokenizer, out, skip_bad
 
     if targets is not None and targets.lower() == "none":
         targets = None
-    _run_job(distill, drop=("log_history",), data=data, student=student, out=out, targets=targets, teacher=teacher,
-             proxy=proxy, tokenizer=tokenizer, skip_bad=skip_bad, **training_args)
+    try:
+        _run_job(distill, drop=("log_history",), data=data, student=student, out=out, targets=targets,
+                 teacher=teacher, proxy=proxy, tokenizer=tokenizer, skip_bad=skip_bad, **training_args)
+    finally:
+        _end_distributed()
 
 
 @main.command("align-proxy")

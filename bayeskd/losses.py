@@ -18,7 +18,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from bayeskd.posterior.combine import (NEG_INF, _check_dist, _check_logits, _check_mask, _check_scalars,
                                       _check_teacher_tokens, _combine_rows, _dirichlet_w, _prepare_proxy, combine)

@@ -160,6 +160,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def dir_bytes(path: Path) -> int:
+    """Bytes of every file below `path` (0 when it does not exist): the size a job reports it wrote."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).exists() else 0
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 

@@ -123,6 +123,9 @@ data, student, targets, out, bs, fused = sys.argv[1:7]
 s = distill(data, student, out, targets=targets, max_steps=3, per_device_train_batch_size=int(bs),
             logging_steps=1, seed=0, learning_rate=1e-3,  # the config picks gloo + use_cpu under torchrun
             fused_linear=fused == "fused", fused_backend="torch")
+import torch.distributed as dist
+if dist.is_initialized():  # as the CLI does: gloo's threads can abort the process when left to shutdown
+    dist.destroy_process_group()
 """
 
 

@@ -1,10 +1,10 @@
 """Every job's outputs are bit-for-bit what they were when the checksum table was written.
 
-The table (`tests/golden_outputs.json`) was written by the code before the stage-folders reshaping (a move that
-must change no number): prior model and top-K shards, posterior shards in every mode (calibrated and
+The table (`tests/golden_outputs.json`) was written by the code before the stage-folders reshaping (a move
+that must change no number): prior model and top-K shards, posterior shards in every mode (calibrated and
 proxy-only included), the weights of distill runs in every mode (sparse targets, SFT, white-box, online
-posterior, Proxy-KD), a GAD run, a proxy alignment, the evaluate reports and the numbers of a micro lab run. A change that alters any number
-fails here; one that does so on purpose rewrites the table with
+posterior, Proxy-KD), a GAD run, a proxy alignment, the evaluate reports and the numbers of a micro lab run.
+A change that alters any number fails here; one that does so on purpose rewrites the table with
 
     BAYESKD_WRITE_GOLDEN=1 .venv/bin/python -m pytest -q tests/test_outputs_unchanged.py
 

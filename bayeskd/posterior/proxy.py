@@ -24,11 +24,11 @@ import torch
 from tqdm.auto import tqdm
 
 from bayeskd.posterior.combine import combine
-from bayeskd.posterior.shards import (PriorTopK, RankShardWriter, barrier, dir_bytes, gather, init_distributed,
+from bayeskd.posterior.shards import (PriorTopK, RankShardWriter, barrier, gather, init_distributed,
                                       rank_manifest_name, record_shard_bounds)
 from bayeskd.teacher_forcing import RecordBatch, model_logits, record_batches, target_row_layout
 from bayeskd.sparse import (LENGTHS, MANIFEST, MODES, RECORD_INDEX, TEACHER_LOGPROB, CacheMismatchError, SparseDist,
-                            atomic_write_json, read_manifest)
+                            atomic_write_json, dir_bytes, read_manifest)
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}

@@ -16,10 +16,6 @@ from bayeskd.sparse import (LENGTHS, MANIFEST, RECORD_INDEX, CacheMismatchError,
                             SparseDist, atomic_write_json, check_manifest, read_manifest)
 
 
-def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).exists() else 0
-
-
 def record_shard_bounds(num_records: int, shard_records: int) -> list[tuple[int, int]]:
     """Consecutive groups of `shard_records` whole records: [(lo, hi), ...]."""
     if shard_records < 1:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bayeskd.sparse import CacheMismatchError, ShardWriter, SparseDist, atomic_write_json
+from bayeskd.sparse import CacheMismatchError, ShardWriter, SparseDist, atomic_write_json, dir_bytes
 
 DEFAULT_CACHE = Path(os.environ.get("BAYESKD_CACHE", Path.home() / ".cache" / "bayeskd"))
 SHARD_ROWS = 1 << 18  # rows per prior shard: ~70 MB at K=64
@@ -120,8 +120,8 @@ def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out
         "count_seconds": round(count_seconds, 4), "reused_model": reused,
         "count_tokens_per_second": round(n_tokens / count_seconds) if count_seconds > 0 and not reused else None,
         "topk_shards": shards if write_topk else 0, "topk_seconds": round(topk_seconds, 4),
-        "model_bytes": _dir_bytes(model_dir),
-        "topk_bytes": _dir_bytes(out_dir / "topk") if write_topk else 0,
+        "model_bytes": dir_bytes(model_dir),
+        "topk_bytes": dir_bytes(out_dir / "topk") if write_topk else 0,
         "seconds": round(time.perf_counter() - t0, 4), "out": str(out_dir),
     }
     atomic_write_json(out_dir / "summary.json", summary)
@@ -139,7 +139,3 @@ def _shard_bounds(lengths: np.ndarray, rows_per_shard: int) -> list[tuple[int, i
         bounds.append((lo, hi))
         lo = hi
     return bounds
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).exists() else 0
