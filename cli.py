@@ -70,6 +70,52 @@ def main() -> None:
     """Estimate a black-box teacher's token distributions and distill students from them."""
 
 
+@main.command("generate")
+@config_option
+@click.option("--prompts", required=True, help="Prompts: JSONL, Parquet or a saved HF dataset with 'prompt' or chat "
+              "'messages' (and an optional 'id').")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Teacher records (JSONL), appended as they complete; summary.json, failed.jsonl beside it.")
+@click.option("--model", required=True, help="The teacher's model name at the API (or a local path with --backend hf).")
+@click.option("--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 "
+              "(default: OpenAI's).")
+@click.option("--backend", default="openai", show_default=True, type=click.Choice(["openai", "hf"]),
+              help="openai: any OpenAI-compatible API; hf: a local transformers model (--model PATH).")
+@click.option("--endpoint", default="chat", show_default=True, type=click.Choice(["chat", "completions"]))
+@click.option("--n", default=1, show_default=True, type=click.IntRange(1), help="Samples per prompt.")
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(0))
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=0, show_default=True, type=int, help="Each request's seed derives from it.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--system", default=None, help="System message put before each prompt.")
+@click.option("--top-logprobs", default=0, show_default=True, type=click.IntRange(0),
+              help="Top-k log-probabilities per generated token (0: text only; OpenAI allows at most 20).")
+@click.option("--api-key-env", default="OPENAI_API_KEY", show_default=True,
+              help="Environment variable holding the API key (the key is never written anywhere).")
+@click.option("--concurrency", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--requests-per-minute", default=None, type=click.FloatRange(0, min_open=True))
+@click.option("--tokens-per-minute", default=None, type=click.FloatRange(0, min_open=True))
+@click.option("--max-retries", default=6, show_default=True, type=click.IntRange(0))
+@click.option("--timeout", default=120.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Seconds per request.")
+@click.option("--ordered", is_flag=True, help="Rewrite the output in input order at the end (default: completion "
+              "order; every record carries its key).")
+@click.option("--max-prompts", default=None, type=click.IntRange(1), help="Use only the first N prompts.")
+@click.option("--device", default=None, help="torch device for --backend hf.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@skip_bad_option
+def generate_cmd(stop, quiet, **kwargs) -> None:
+    """Sample a teacher (an OpenAI-compatible API or a local model) into teacher records, resumably and exactly
+    once."""
+    from bayeskd.teachers.generate import GenerateError, generate
+
+    try:
+        _run_job(generate, drop=("settings",), stop=list(stop) or None, progress=not quiet, **kwargs)
+    except GenerateError as e:
+        raise click.ClickException(str(e)) from e
+
+
 @main.command("estimate-prior")
 @config_option
 @click.option("--data", default=None, help="Teacher generations: JSONL, Parquet or a saved HF dataset. "

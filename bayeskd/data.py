@@ -178,38 +178,34 @@ def _hub_rows(name: str, split: str) -> Iterable[dict]:
                         f"(split '{split}') failed: {e}") from e
 
 
-def load_teacher_records(path_or_name: str | os.PathLike, split: str = "train",
-                         skip_bad: bool = False) -> tuple[list[dict[str, Any]], LoadReport]:
-    """Load and validate teacher records from JSONL, Parquet, a `save_to_disk` directory or a hub dataset.
-
-    With `skip_bad`, malformed records are skipped and counted in the report instead of raising. An input
-    with no records, or with every record bad, is always an error.
-    """
+def _input_items(path_or_name: str | os.PathLike, split: str) -> tuple[Iterator[tuple[str, Any]], str]:
+    """(location, record) pairs of JSONL, Parquet, a `save_to_disk` directory or a hub dataset, and the format."""
     path = Path(path_or_name)
     if path.is_dir():
         rows, where = _dataset_rows(path, split)
-        items, fmt = _iter_rows(rows, where), "dataset"
-    elif path.is_file():
+        return _iter_rows(rows, where), "dataset"
+    if path.is_file():
         suffix = path.suffix.lower()
         if suffix in PARQUET_SUFFIXES:
-            items, fmt = _iter_rows(_parquet_rows(path), str(path)), "parquet"
-        elif suffix in JSONL_SUFFIXES or suffix == "":
+            return _iter_rows(_parquet_rows(path), str(path)), "parquet"
+        if suffix in JSONL_SUFFIXES or suffix == "":
             with open(path, "rb") as f:
                 first = f.read(64).lstrip()
             # A .json file holding one array is accepted too; everything else is read as JSON lines.
             if suffix == ".json" and first.startswith(b"["):
-                items, fmt = _iter_json_array(path), "json"
-            else:
-                items, fmt = _iter_jsonl(path), "jsonl"
-        else:
-            raise DataError(f"{path}: unknown file type '{suffix}' (expected .jsonl, .json, .parquet "
-                            "or a directory saved with datasets.save_to_disk)")
-    elif str(path_or_name).startswith((".", "/", "~")) or str(path_or_name).endswith(
-            JSONL_SUFFIXES + PARQUET_SUFFIXES):
+                return _iter_json_array(path), "json"
+            return _iter_jsonl(path), "jsonl"
+        raise DataError(f"{path}: unknown file type '{suffix}' (expected .jsonl, .json, .parquet "
+                        "or a directory saved with datasets.save_to_disk)")
+    if str(path_or_name).startswith((".", "/", "~")) or str(path_or_name).endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES):
         raise DataError(f"{path_or_name}: no such file or directory")
-    else:
-        items, fmt = _iter_rows(_hub_rows(str(path_or_name), split), f"{path_or_name}[{split}]"), "hub"
+    return _iter_rows(_hub_rows(str(path_or_name), split), f"{path_or_name}[{split}]"), "hub"
 
+
+def _load(path_or_name: str | os.PathLike, split: str, skip_bad: bool, normalize,
+          what: str) -> tuple[list[dict[str, Any]], LoadReport]:
+    """Read `path_or_name`, check each record with `normalize`; see `load_teacher_records`."""
+    items, fmt = _input_items(path_or_name, split)
     report = LoadReport(source=str(path_or_name), format=fmt)
     records: list[dict[str, Any]] = []
     for where, rec in items:
@@ -217,7 +213,7 @@ def load_teacher_records(path_or_name: str | os.PathLike, split: str = "train",
         try:
             if isinstance(rec, _BadRecord):
                 raise rec
-            records.append(normalize_record(rec))
+            records.append(normalize(rec))
         except _BadRecord as e:
             if not skip_bad:
                 raise DataError(f"{where}: {e}") from None
@@ -226,13 +222,57 @@ def load_teacher_records(path_or_name: str | os.PathLike, split: str = "train",
                 report.reasons.append(f"{where}: {e}")
     report.kept = len(records)
     if report.total == 0:
-        raise DataError(f"{path_or_name}: no records (the input is empty)")
+        raise DataError(f"{path_or_name}: no {what} (the input is empty)")
     if not records:
-        raise DataError(f"{path_or_name}: all {report.total} records are malformed; first: {report.reasons[0]}")
+        raise DataError(f"{path_or_name}: all {report.total} {what} are malformed; first: {report.reasons[0]}")
     if report.skipped:
         logger.warning("%s: skipped %d of %d malformed records (first: %s)", path_or_name, report.skipped,
                        report.total, report.reasons[0])
     return records, report
+
+
+def load_teacher_records(path_or_name: str | os.PathLike, split: str = "train",
+                         skip_bad: bool = False) -> tuple[list[dict[str, Any]], LoadReport]:
+    """Load and validate teacher records from JSONL, Parquet, a `save_to_disk` directory or a hub dataset.
+
+    With `skip_bad`, malformed records are skipped and counted in the report instead of raising. An input
+    with no records, or with every record bad, is always an error.
+    """
+    return _load(path_or_name, split, skip_bad, normalize_record, "records")
+
+
+def normalize_prompt(rec: Any) -> dict[str, Any]:
+    """Check one prompt record: {"prompt": str} or chat {"messages": [...]} (ending with the user's turn), plus
+    an optional "id"; other fields are kept (raises `_BadRecord` with the reason)."""
+    if not isinstance(rec, dict):
+        raise _BadRecord(f"record must be an object, got {_type_name(rec)}")
+    out = {k: v for k, v in rec.items() if v is not None}
+    if "messages" in out:
+        if "prompt" in out:
+            raise _BadRecord("record has both 'messages' and 'prompt'; use one format per record")
+        msgs = out["messages"]
+        if not isinstance(msgs, (list, tuple)) or not msgs:
+            raise _BadRecord(f"field 'messages' must be a non-empty list of {{role, content}}, got {msgs!r:.80}")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise _BadRecord(f"field 'messages[{i}]' must be {{'role': str, 'content': str}}, got {m!r:.80}")
+        out["messages"] = [{"role": m["role"], "content": m["content"]} for m in msgs]
+        if out["messages"][-1]["role"] == "assistant":
+            raise _BadRecord("field 'messages' ends with an assistant message: a prompt ends with the user's turn")
+    elif "prompt" in out:
+        out["prompt"] = _check_string(out, "prompt", allow_empty=False)
+    else:
+        raise _BadRecord("missing field 'prompt' (need 'prompt' or 'messages')")
+    if "id" in out and not isinstance(out["id"], (str, int)):
+        raise _BadRecord(f"field 'id' must be a string or an integer, got {_type_name(out['id'])}")
+    return out
+
+
+def load_prompts(path_or_name: str | os.PathLike, split: str = "train",
+                 skip_bad: bool = False) -> tuple[list[dict[str, Any]], LoadReport]:
+    """Load prompt records ({"prompt"} or chat {"messages"}, optional "id") from the same sources as
+    `load_teacher_records`; bad records raise `DataError` naming the file and line, or are skipped."""
+    return _load(path_or_name, split, skip_bad, normalize_prompt, "prompts")
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer

@@ -1,0 +1,309 @@
+"""The job behind `bayeskd generate`: prompts in, teacher records out, from an OpenAI-compatible API or a local
+model, resumable and exactly once.
+
+Every prompt is one request for `n` samples; sample i of a prompt gets the record key
+sha256(prompt, generation settings) + "/i", and the request a seed derived from (seed, that hash), so a rerun,
+a retry or a resumed run asks for exactly the same thing. Records are appended to the output and flushed as they
+complete; a rerun reads the keys already there and asks only for the rest. A torn last line (a crash mid-write) is
+cut off. Requests that fail after all retries go to `failed.jsonl` beside the output (and are asked again by the
+next run); empty responses go to `empty.jsonl` (they are the teacher's answer, but no use for training).
+
+Records: `prompt` + `response` (completions endpoint) or chat `messages` ending with the assistant's answer
+(chat endpoint); `finish_reason`; `model`, `settings`, `key`, `prompt_index`, `sample_index`, the prompt's `id`;
+`usage`; with `top_logprobs` k > 0, `logprobs`: per generated token {token, bytes, logprob, top_logprobs: [{token,
+bytes, logprob}]}. OpenAI's -9999 placeholder ("not in the top k") is dropped, never read as a probability.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bayeskd.data import DataError, load_prompts
+from bayeskd.sparse import atomic_write_bytes, atomic_write_json
+from bayeskd.teachers.clients import (FATAL, UNREACHABLE, Answer, HFBackend, OpenAIBackend, RateLimiter,
+                                     chat_messages, completion_prompt)
+
+OPENAI_MAX_TOP_LOGPROBS = 20
+ENDPOINTS = ("chat", "completions")
+BACKENDS = ("openai", "hf")
+
+
+class GenerateError(RuntimeError):
+    """The run cannot go on (server unreachable, key refused, settings rejected); the message says what to do."""
+
+
+@dataclass
+class GenerateSettings:
+    """What the teacher is asked; part of every request key (changing any of them asks again)."""
+    model: str
+    endpoint: str = "chat"
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    seed: int | None = 0
+    stop: list[str] | None = None
+    system: str | None = None
+    top_logprobs: int = 0
+
+    def __post_init__(self):
+        if self.endpoint not in ENDPOINTS:
+            raise ValueError(f"endpoint must be one of {ENDPOINTS}, got {self.endpoint!r}")
+        if self.n < 1 or self.max_tokens < 1:
+            raise ValueError(f"n and max_tokens must be >= 1, got {self.n}, {self.max_tokens}")
+        if not 0 <= self.top_logprobs:
+            raise ValueError(f"top_logprobs must be >= 0, got {self.top_logprobs}")
+        if not (self.temperature >= 0 and 0 < self.top_p <= 1):
+            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
+
+
+# ---------------------------------------------------------------------------------------------------- requests
+
+def request_key(prompt: dict[str, Any], settings: GenerateSettings) -> str:
+    """sha256 of the prompt (text or messages) and the settings: the same question always has the same key."""
+    what = {"prompt": prompt.get("prompt"), "messages": prompt.get("messages"), "settings": asdict(settings)}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
+
+
+def request_seed(seed: int | None, key: str) -> int | None:
+    """The seed of one request: a function of the run's seed and the request key, so it never depends on the
+    order or the retries."""
+    if seed is None:
+        return None
+    return int(hashlib.sha256(f"{seed}/{key}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+
+
+# ---------------------------------------------------------------------------------------------------- output
+
+def read_done(path: Path, what: str = "output") -> list[dict[str, Any]]:
+    """The records already in a JSONL output; a torn last line (no newline, or not JSON) is cut off the file.
+    Any other bad line is an error naming it (the file was changed by something else)."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    keep = len(data) if data.endswith(b"\n") or not data else data.rfind(b"\n") + 1
+    lines = data[:keep].split(b"\n")[:-1] if keep else []
+    records = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or "key" not in rec:
+                raise ValueError("a record without its 'key'")
+        except ValueError as e:
+            if i == len(lines) and keep == len(data):  # the last complete line may be a torn write too
+                keep -= len(line) + 1
+                break
+            raise DataError(f"{path}:{i}: not a generate record ({e}); the {what} was changed by something else. "
+                            "Move it away to start over") from e
+        records.append(rec)
+    if keep < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+    return records
+
+
+class RecordWriter:
+    """Appends JSON lines and flushes each, so a killed run loses at most the line being written."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, rec: dict[str, Any]) -> None:
+        self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _order_file(path: Path, records: list[dict[str, Any]]) -> None:
+    records = sorted(records, key=lambda r: (r["prompt_index"], r["sample_index"]))
+    atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
+
+
+# ---------------------------------------------------------------------------------------------------- the job
+
+@dataclass
+class _Counts:
+    requests: int = 0
+    done: int = 0
+    failed: int = 0
+    retries: int = 0
+    records: int = 0
+    empty: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+def _record(prompt: dict[str, Any], p: int, i: int, key: str, answer: Answer, s: GenerateSettings,
+            usage: dict[str, int]) -> dict[str, Any]:
+    rec: dict[str, Any] = {"key": f"{key}/{i}"}
+    if "id" in prompt:
+        rec["id"] = prompt["id"]
+    if s.endpoint == "chat":
+        rec["messages"] = chat_messages(prompt, s.system) + [{"role": "assistant", "content": answer.text}]
+    else:
+        rec["prompt"], rec["response"] = completion_prompt(prompt, s.system), answer.text
+    rec.update(finish_reason=answer.finish_reason, model=s.model, prompt_index=p, sample_index=i,
+               settings=asdict(s), usage=usage)
+    if answer.logprobs is not None:
+        rec["logprobs"] = answer.logprobs
+    return rec
+
+
+def generate(prompts: str, out: str, *, model: str, base_url: str | None = None, backend: str = "openai",
+             endpoint: str = "chat", n: int = 1, temperature: float = 1.0, top_p: float = 1.0, max_tokens: int = 256,
+             seed: int | None = 0, stop: list[str] | tuple[str, ...] | None = None, system: str | None = None,
+             top_logprobs: int = 0, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
+             requests_per_minute: float | None = None, tokens_per_minute: float | None = None,
+             max_retries: int = 6, timeout: float = 120.0, ordered: bool = False, split: str = "train",
+             skip_bad: bool = False, max_prompts: int | None = None, device: str | None = None,
+             progress: bool = True, backoff: float = 0.5) -> dict[str, Any]:
+    """Ask the teacher `model` for `n` samples per prompt of `prompts` and append teacher records to `out`.
+
+    backend "openai": any OpenAI-compatible server at `base_url` (the API key read from the environment variable
+    `api_key_env`, never written anywhere); "hf": `model` is a local transformers checkpoint. Resumable and
+    exactly once (see the module docstring); `ordered` rewrites the output in input order at the end. Writes
+    `summary.json` beside `out` and returns it.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if top_logprobs > OPENAI_MAX_TOP_LOGPROBS and backend == "openai":
+        raise ValueError(f"top_logprobs={top_logprobs}: OpenAI-compatible APIs return at most "
+                         f"{OPENAI_MAX_TOP_LOGPROBS} alternatives per token (vLLM: raise its --max-logprobs and use "
+                         "the completions endpoint if you need more)")
+    if concurrency < 1 or max_retries < 0:
+        raise ValueError(f"concurrency must be >= 1 and max_retries >= 0, got {concurrency}, {max_retries}")
+    settings = GenerateSettings(model=model, endpoint=endpoint, n=n, temperature=temperature, top_p=top_p,
+                                max_tokens=max_tokens, seed=seed, stop=list(stop) if stop else None, system=system,
+                                top_logprobs=top_logprobs)
+    records_in, report = load_prompts(prompts, split=split, skip_bad=skip_bad)
+    if max_prompts is not None:
+        records_in = records_in[:max_prompts]
+    if endpoint == "completions":
+        for p, rec in enumerate(records_in):
+            if "messages" in rec:
+                raise DataError(f"{prompts}: prompt {p} is chat 'messages'; use --endpoint chat")
+    out_path = Path(out)
+    failed_path, empty_path = out_path.with_name("failed.jsonl"), out_path.with_name("empty.jsonl")
+    summary_path = out_path.with_name("summary.json")
+    done = {r["key"] for r in read_done(out_path)} | {r["key"] for r in read_done(empty_path, "empty list")}
+    keys = [request_key(rec, settings) for rec in records_in]
+    todo = [p for p, k in enumerate(keys) if any(f"{k}/{i}" not in done for i in range(n))]
+    counts = _Counts(requests=len(todo))
+    t0 = time.perf_counter()
+    client = OpenAIBackend(base_url, api_key_env, timeout) if backend == "openai" else HFBackend(model, device)
+    failures: list[dict[str, Any]] = []
+    try:
+        asyncio.run(_run(client, records_in, keys, todo, done, settings, counts, failures, out_path, empty_path,
+                         concurrency, RateLimiter(requests_per_minute, tokens_per_minute), max_retries, backoff,
+                         progress, seed))
+    finally:
+        # what failed this run, for the user and the next run (which asks for them again anyway)
+        atomic_write_bytes(failed_path, "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures).encode())
+    written = read_done(out_path)
+    if ordered:
+        _order_file(out_path, written)
+    seconds = time.perf_counter() - t0
+    summary = {
+        "out": str(out_path), "prompts": len(records_in), "skipped_prompts": int(report.skipped),
+        "requests": counts.requests, "requests_done": counts.done, "requests_failed": counts.failed,
+        "retries": counts.retries, "records_written": counts.records, "records_total": len(written),
+        "records_expected": len(records_in) * n, "empty": counts.empty, "errors": counts.errors,
+        "prompt_tokens": counts.prompt_tokens, "completion_tokens": counts.completion_tokens,
+        "seconds": round(seconds, 3),
+        "completion_tokens_per_second": round(counts.completion_tokens / seconds, 1) if seconds > 0 else None,
+        "complete": counts.failed == 0, "backend": backend, "base_url": client.base_url,
+        "api_key_env": api_key_env if backend == "openai" else None, "ordered": bool(ordered),
+        "settings": asdict(settings), "failed_file": str(failed_path) if failures else None,
+    }
+    atomic_write_json(summary_path, summary)
+    return summary
+
+
+async def _run(client, prompts, keys, todo, done, s: GenerateSettings, counts: _Counts, failures, out_path: Path,
+               empty_path: Path, concurrency: int, limiter: RateLimiter, max_retries: int, backoff: float,
+               progress: bool, seed: int | None) -> None:
+    from tqdm.auto import tqdm
+
+    writer, empties = RecordWriter(out_path), RecordWriter(empty_path)
+    sem = asyncio.Semaphore(concurrency)
+    jitter = random.Random(0 if seed is None else seed)  # backoff jitter, reproducible
+    bar = tqdm(total=len(todo), desc="generate", unit="req", disable=not progress)
+    started = time.perf_counter()
+    fatal: list[GenerateError] = []
+
+    def postfix() -> None:
+        rate = counts.completion_tokens / max(time.perf_counter() - started, 1e-9)
+        bar.set_postfix(done=counts.done, failed=counts.failed, retried=counts.retries, tok_s=f"{rate:.0f}")
+
+    async def one(p: int) -> None:
+        prompt, key = prompts[p], keys[p]
+        cost = len(json.dumps(prompt.get("prompt") or prompt.get("messages"))) / 4 + s.max_tokens * s.n
+        error = ""
+        async with sem:
+            for attempt in range(max_retries + 1):
+                if fatal:
+                    return
+                await limiter.acquire(cost)
+                try:
+                    reply = await client.ask(prompt, s, request_seed(s.seed, key))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - every failure is classified: retried, recorded or fatal
+                    kind, wait, error = client.classify(e)
+                    counts.errors[type(e).__name__] = counts.errors.get(type(e).__name__, 0) + 1
+                    gone = kind == UNREACHABLE and attempt >= min(2, max_retries)
+                    if counts.done == 0 and (kind == FATAL or gone):
+                        fatal.append(GenerateError(error))  # nothing worked yet: the settings or the URL are wrong
+                        return
+                    if kind == FATAL or attempt == max_retries:
+                        break
+                    counts.retries += 1
+                    postfix()
+                    delay = wait if wait is not None else backoff * 2 ** attempt * (0.5 + jitter.random())
+                    await asyncio.sleep(min(delay, 60.0))
+                    continue
+                usage = {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens}
+                for i, answer in enumerate(reply.answers):
+                    rec = _record(prompt, p, i, key, answer, s, usage)
+                    if rec["key"] in done:
+                        continue  # written by an earlier run (a request is asked again as a whole)
+                    if not answer.text:
+                        empties.write(rec)
+                        counts.empty += 1
+                    else:
+                        writer.write(rec)
+                        counts.records += 1
+                    done.add(rec["key"])
+                counts.done += 1
+                counts.prompt_tokens += reply.prompt_tokens
+                counts.completion_tokens += reply.completion_tokens
+                bar.update(1)
+                postfix()
+                return
+        counts.failed += 1
+        failures.append({"key": key, "prompt_index": p, **({"id": prompt["id"]} if "id" in prompt else {}),
+                         "error": error})
+        bar.update(1)
+        postfix()
+
+    try:
+        await asyncio.gather(*(one(p) for p in todo))
+    finally:
+        bar.close()
+        writer.close()
+        empties.close()
+        await client.close()
+    if fatal:
+        raise fatal[0]
