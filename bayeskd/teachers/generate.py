@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,8 @@ from bayeskd.data import DataError, load_prompts
 from bayeskd.sparse import atomic_write_bytes, atomic_write_json
 from bayeskd.teachers.clients import (FATAL, UNREACHABLE, Answer, HFBackend, OpenAIBackend, RateLimiter,
                                      chat_messages, completion_prompt)
+
+logger = logging.getLogger(__name__)
 
 OPENAI_MAX_TOP_LOGPROBS = 20
 ENDPOINTS = ("chat", "completions")
@@ -179,9 +182,11 @@ def generate(prompts: str, out: str, *, model: str, base_url: str | None = None,
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if top_logprobs > OPENAI_MAX_TOP_LOGPROBS and backend == "openai":
-        raise ValueError(f"top_logprobs={top_logprobs}: OpenAI-compatible APIs return at most "
-                         f"{OPENAI_MAX_TOP_LOGPROBS} alternatives per token (vLLM: raise its --max-logprobs and use "
-                         "the completions endpoint if you need more)")
+        if base_url is None or "api.openai.com" in base_url:
+            raise ValueError(f"top_logprobs={top_logprobs}: OpenAI returns at most {OPENAI_MAX_TOP_LOGPROBS} "
+                             "alternatives per token")
+        logger.warning("top_logprobs=%d: OpenAI allows at most %d; %s must allow more (vLLM: --max-logprobs)",
+                       top_logprobs, OPENAI_MAX_TOP_LOGPROBS, base_url)
     if concurrency < 1 or max_retries < 0:
         raise ValueError(f"concurrency must be >= 1 and max_retries >= 0, got {concurrency}, {max_retries}")
     settings = GenerateSettings(model=model, endpoint=endpoint, n=n, temperature=temperature, top_p=top_p,
