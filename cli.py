@@ -116,6 +116,38 @@ def generate_cmd(stop, quiet, **kwargs) -> None:
         raise click.ClickException(str(e)) from e
 
 
+@main.command("serve-teacher")
+@click.option("--model", required=True, type=click.Path(exists=True, file_okay=False),
+              help="A local causal LM (from_pretrained directory with its tokenizer).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--name", default=None, help="Model name clients ask for (default: the model path's basename).")
+@click.option("--fail-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="Fault drill: answer this share of requests with 429 (Retry-After: 0) and 500 in turn.")
+@click.option("--drop-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="Fault drill: close the connection halfway through this share of answers.")
+@click.option("--delay", default=0.0, show_default=True, type=click.FloatRange(0), help="Seconds before answering.")
+@click.option("--fault-seed", default=0, show_default=True, type=int, help="Seed of the injected faults.")
+@click.option("--max-n", default=16, show_default=True, type=click.IntRange(1), help="Largest n a request may ask.")
+@click.option("--device", default=None, help="torch device (default: cuda when available).")
+@click.option("--api-key-env", default=None, help="Require the API key held in this environment variable "
+              "(Bearer token; 401 otherwise). Default: no key.")
+def serve_teacher_cmd(model, fail_rate, drop_rate, fault_seed, max_n, api_key_env, **kwargs) -> None:
+    """Serve a local causal LM as an OpenAI-compatible API (/v1/chat/completions, /v1/completions with logprobs
+    and token bytes) until interrupted."""
+    import os
+
+    from bayeskd.teachers.server import serve_teacher
+
+    api_key = None
+    if api_key_env is not None:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise click.BadParameter(f"the environment variable {api_key_env} is not set", param_hint="--api-key-env")
+    serve_teacher(model, fail_rate=fail_rate, drop_rate=drop_rate, fault_seed=fault_seed, max_n=max_n,
+                  api_key=api_key, **kwargs)
+
+
 @main.command("estimate-prior")
 @config_option
 @click.option("--data", default=None, help="Teacher generations: JSONL, Parquet or a saved HF dataset. "

@@ -25,6 +25,10 @@ setup(
         "tokenizers>=0.19",
         "accelerate>=1.1",  # transformers.Trainer needs it
         "trl>=1.0",  # DPOTrainer for proxy alignment (align-proxy)
+        "openai>=1.50",  # bayeskd generate: the official SDK talks to OpenAI-compatible teachers
+        "fastapi>=0.110",  # bayeskd serve-teacher
+        "uvicorn>=0.29",
+        "httpx>=0.27",
     ],
     extras_require={
         "dev": ["pytest>=7", "nltk>=3.8", "matplotlib>=3.7", "psutil>=5.9", "pyarrow>=14"],

@@ -10,12 +10,9 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bayeskd.data import DataError
-
-if TYPE_CHECKING:
-    from bayeskd.teachers.generate import GenerateSettings
 
 NOT_IN_TOP = -9999.0  # OpenAI's placeholder log-probability for "not among the top k"
 
@@ -50,8 +47,18 @@ class Reply:
 
 # ---------------------------------------------------------------------------------------------------- logprobs
 
+def _token_bytes(token: str) -> list[int]:
+    """The bytes of a token named by its text; OpenAI names a token that is not whole UTF-8 `bytes:\\xNN...`."""
+    if token.startswith("bytes:"):
+        try:
+            return list(token[len("bytes:"):].encode("latin-1").decode("unicode_escape").encode("latin-1"))
+        except (UnicodeDecodeError, UnicodeEncodeError):
+            pass
+    return list(token.encode("utf-8"))
+
+
 def _entry(token: str, token_bytes: list[int] | bytes | None, logprob: float | None) -> dict[str, Any]:
-    b = list(token_bytes) if token_bytes is not None else list(token.encode("utf-8"))
+    b = list(token_bytes) if token_bytes is not None else _token_bytes(token)
     lp = None if logprob is None or logprob <= NOT_IN_TOP else float(logprob)
     return {"token": token, "bytes": b, "logprob": lp}
 
@@ -75,6 +82,8 @@ def completion_logprobs(lp: Any) -> list[dict[str, Any]] | None:
     if lp is None:
         return None
     lp = lp if isinstance(lp, dict) else lp.model_dump()
+    if lp.get("content"):  # serve-teacher also sends the chat format, which keeps every alternative's bytes
+        return chat_logprobs(lp["content"])
     tokens, values = lp.get("tokens") or [], lp.get("token_logprobs") or []
     tops, token_bytes = lp.get("top_logprobs") or [None] * len(tokens), lp.get("token_bytes") or [None] * len(tokens)
     out = []
@@ -104,7 +113,7 @@ class OpenAIBackend:
         self.client = openai.AsyncOpenAI(base_url=self.base_url, api_key=key or "EMPTY", timeout=timeout,
                                          max_retries=0)
 
-    async def ask(self, prompt: dict[str, Any], s: GenerateSettings, seed: int | None) -> Reply:
+    async def ask(self, prompt: dict[str, Any], s: Any, seed: int | None) -> Reply:
         common: dict[str, Any] = {"model": s.model, "n": s.n, "temperature": s.temperature, "top_p": s.top_p,
                                   "max_tokens": s.max_tokens, "stop": s.stop}
         if seed is not None:
@@ -160,7 +169,7 @@ class HFBackend:
         self.base_url = f"hf:{model}"
         self._lock = asyncio.Lock()
 
-    async def ask(self, prompt: dict[str, Any], s: GenerateSettings, seed: int | None) -> Reply:
+    async def ask(self, prompt: dict[str, Any], s: Any, seed: int | None) -> Reply:
         kw = dict(n=s.n, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=seed or 0,
                   stop=s.stop, top_logprobs=s.top_logprobs, logprobs=s.top_logprobs > 0)
         if s.endpoint == "chat":

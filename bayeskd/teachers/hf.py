@@ -1,0 +1,390 @@
+"""A local causal LM as a teacher: text, finish reasons and per-token log-probabilities with exact token bytes,
+sampled by our own loop so that every sample is reproducible on its own.
+
+`HFTeacher.complete` answers one request (one prompt, n samples) the way an OpenAI-compatible server does;
+`bayeskd serve-teacher` (`teachers/server.py`) puts it behind HTTP and `bayeskd generate --backend hf` calls it
+directly. Reproducibility contract: sample i of a call is drawn with its own CPU `torch.Generator` seeded with
+`row_seed(seed, i)` = (seed * 1_000_003 + i) mod 2**63 (one uniform per generated token, inverse-CDF sampling);
+the n samples of a call are n identical rows of one batch (no padding; the prompt runs once and its KV cache is
+repeated), and rows of different prompts are never batched together. So a sample depends only on (prompt,
+settings, seed, i) and on the model's arithmetic, never on what else runs. (Batches of different sizes may round
+differently on some hardware, so sample i of n=2 and of n=4 agree exactly where the matmuls are batch-invariant,
+as on our CPU tests.)
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+SEED_STRIDE = 1_000_003
+
+
+def row_seed(seed: int, i: int) -> int:
+    """The generator seed of sample i of a call with `seed`: (seed * 1_000_003 + i) mod 2**63 (torch takes a
+    signed 64-bit seed; any int, also a negative OpenAI seed, maps into it)."""
+    return (int(seed) * SEED_STRIDE + int(i)) % (1 << 63)
+
+
+# ---------------------------------------------------------------------------------------------------- token bytes
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (byte-level BPE writes every byte as one of these characters)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _decoder_types(tokenizer) -> set[str]:
+    """The `type`s of a fast tokenizer's decoder (a Sequence counts with its parts); empty for slow ones."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return set()
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "type" in node:
+                found.add(str(node["type"]))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(json.loads(backend.to_str()).get("decoder"))
+    return found
+
+
+def token_bytes_table(tokenizer) -> list[bytes]:
+    """The exact UTF-8 bytes of every token id (`len(tokenizer)` entries); special tokens are b"".
+
+    Byte-level BPE (GPT-2 style, a ByteLevel decoder): the token string read back through GPT-2's byte map.
+    SentencePiece style (byte fallback / Metaspace): `<0xNN>` is that byte and `▁` a space; note that such
+    tokenizers drop the first space of a decoded text, which these bytes keep. Anything else:
+    `convert_tokens_to_string([token])` in UTF-8. Added tokens that are not special are their content.
+    """
+    types = _decoder_types(tokenizer)
+    if "ByteLevel" in types or (not types and hasattr(tokenizer, "byte_decoder")):
+        kind = "bytelevel"
+    elif types & {"ByteFallback", "Metaspace"} or (not types and hasattr(tokenizer, "sp_model")):
+        kind = "sentencepiece"
+    else:
+        kind = "generic"
+    byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+    special = set(tokenizer.all_special_ids)
+    added = {int(i): t for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+    out: list[bytes] = []
+    for i, tok in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+        if tok is None or i in special or (i in added and added[i].special):
+            out.append(b"")
+        elif i in added:
+            out.append(added[i].content.encode("utf-8"))
+        elif kind == "bytelevel":
+            # A character outside the byte map cannot come out of byte-level BPE; keep it as its UTF-8.
+            out.append(b"".join(bytes([byte_of[c]]) if c in byte_of else c.encode("utf-8") for c in tok))
+        elif kind == "sentencepiece":
+            if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
+                out.append(bytes([int(tok[3:5], 16)]))
+            else:
+                out.append(tok.replace("▁", " ").encode("utf-8"))
+        else:
+            out.append(tokenizer.convert_tokens_to_string([tok]).encode("utf-8"))
+    return out
+
+
+def token_display(token_bytes: bytes, fallback: str) -> str:
+    """A token's `token` string as OpenAI writes it: its text, or `bytes:\\xNN...` when its bytes are not whole
+    UTF-8 characters; `fallback` (the tokenizer's own string) for special tokens, which have no bytes."""
+    if not token_bytes:
+        return fallback
+    try:
+        return token_bytes.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in token_bytes)
+
+
+# ---------------------------------------------------------------------------------------------------- results
+
+@dataclass
+class TokenLogprob:
+    """One generated token: its string, exact bytes, log-probability and the top alternatives (token, bytes,
+    log-probability), largest first. Log-probabilities are of the model's own distribution (temperature 1)."""
+    token: str
+    bytes: bytes
+    logprob: float
+    top: list[tuple[str, bytes, float]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """The record format of issue 12 (the keys of OpenAI's chat `logprobs.content[]`)."""
+        return {"token": self.token, "bytes": list(self.bytes), "logprob": self.logprob,
+                "top_logprobs": [{"token": t, "bytes": list(b), "logprob": lp} for t, b, lp in self.top]}
+
+
+@dataclass
+class Generation:
+    """One sample. `text` is the decode of `token_ids` (special tokens skipped, never stripped), cut before a stop
+    string; `token_ids` (and `tokens`, when log-probabilities were asked for) hold the generated tokens whose
+    bytes lie inside `text`: no EOS, nothing of a stop string. `completion_tokens` counts every token the model
+    generated (EOS and a stop string's tokens included), as API usage does. finish_reason: "stop" (EOS or a stop
+    string) or "length" (max_tokens)."""
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    tokens: list[TokenLogprob] | None = None
+
+
+# ---------------------------------------------------------------------------------------------------- sampling
+
+def _sample_rows(logits: torch.Tensor, temperature: float, top_p: float, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row by inverse-CDF sampling with that row's uniform in [0, 1). Every operation is row-wise,
+    so a row's choice depends on its logits and its uniform only. Tokens of probability zero are never chosen."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    order = None
+    if top_p < 1.0:
+        probs, order = probs.sort(dim=-1, descending=True, stable=True)
+        # Nucleus: keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        probs = probs * ((probs.cumsum(-1) - probs) < top_p)
+    cdf = probs.double().cumsum(-1)
+    target = uniforms.to(device=cdf.device, dtype=torch.float64)[:, None] * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)
+    return (order.gather(-1, idx) if order is not None else idx)[:, 0]
+
+
+def _repeat_cache(cache: Any, n: int) -> Any:
+    """The prompt's KV cache for n identical rows."""
+    if n == 1:
+        return cache
+    if hasattr(cache, "batch_repeat_interleave"):
+        cache.batch_repeat_interleave(n)
+        return cache
+    return tuple(tuple(t.repeat_interleave(n, dim=0) for t in layer) for layer in cache)  # legacy tuple cache
+
+
+def _prompt_seed(seed: int, prompt: str) -> int:
+    """Teacher.generate's per-prompt seed: from (seed, prompt text), so prompts sampled with one seed do not
+    share their uniforms, and a prompt's answer does not depend on its place in the list."""
+    h = hashlib.blake2b(f"{int(seed)}\0{prompt}".encode("utf-8"), digest_size=4).digest()
+    return int.from_bytes(h, "big")
+
+
+class HFTeacher:
+    """A transformers causal LM (a checkpoint directory or hub name) answering completion requests.
+
+    Loaded with AutoTokenizer/AutoModelForCausalLM.from_pretrained, in eval mode; `device` defaults to cuda when
+    available. Calls are serialized by a lock (one model call at a time), so one object may serve many threads.
+    """
+
+    def __init__(self, model: str | os.PathLike, *, device: str | None = None, dtype: Any = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.path = str(model)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        kwargs: dict[str, Any] = {}
+        if dtype is not None:  # transformers renamed torch_dtype to dtype in 4.56
+            import transformers
+            from packaging.version import Version
+
+            kwargs["dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"] = dtype
+        self.model = AutoModelForCausalLM.from_pretrained(self.path, **kwargs).to(self.device).eval()
+        self._lock = threading.Lock()
+        self._bytes: list[bytes] | None = None
+        self._strs: list[str] | None = None
+        eos: set[int] = set()
+        for src in (self.model.config, getattr(self.model, "generation_config", None), self.tokenizer):
+            ids = getattr(src, "eos_token_id", None)
+            eos.update([ids] if isinstance(ids, int) else (ids or []))
+        self.eos_ids = eos  # chat models end a turn with a token listed in generation_config, not the tokenizer
+        self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
+        self._forward_params = set(inspect.signature(self.model.forward).parameters)
+
+    def __repr__(self) -> str:
+        return f"HFTeacher({self.path!r}, device={str(self.device)!r})"
+
+    # ------------------------------------------------------------------------------------------------ tokens
+
+    def token_bytes(self) -> list[bytes]:
+        """`token_bytes_table(self.tokenizer)`, computed once."""
+        if self._bytes is None:
+            self._bytes = token_bytes_table(self.tokenizer)
+            toks = self.tokenizer.convert_ids_to_tokens(list(range(len(self._bytes))))
+            self._strs = [token_display(b, t or "") for b, t in zip(self._bytes, toks)]
+        return self._bytes
+
+    def token_str(self, token_id: int) -> str:
+        """The `token` string of an id (its text, `bytes:\\x..` for partial characters, the name of a special)."""
+        self.token_bytes()
+        assert self._strs is not None
+        return self._strs[token_id]
+
+    def encode_prompt(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+        """Token ids of a request's prompt. Chat messages go through the chat template (add_generation_prompt) and
+        are encoded without the tokenizer's own special tokens (the template writes them, as `bayeskd.data`
+        does); a plain prompt is encoded with them (BOS)."""
+        if (prompt is None) == (messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        if messages is not None:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ValueError(f"the tokenizer of {self.path} has no chat template; use the completions endpoint")
+            text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if not ids:
+            raise ValueError("the prompt is empty (no tokens) and the tokenizer adds no BOS token")
+        return list(ids)
+
+    # ------------------------------------------------------------------------------------------------ generation
+
+    def complete(self, prompt: str | None = None, messages: list[dict] | None = None, *, n: int = 1,
+                 max_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                 stop: list[str] | None = None, top_logprobs: int = 0, logprobs: bool = False) -> list[Generation]:
+        """n samples of one prompt (text `prompt` or chat `messages`).
+
+        temperature 0 is greedy (the first maximal token); top_p < 1 samples from the nucleus. A sample ends at
+        EOS or a stop string (finish_reason "stop"; neither is in the text) or after max_tokens ("length").
+        With `logprobs` or `top_logprobs` > 0 each Generation carries `tokens`: per token its log-probability and
+        the top_logprobs largest alternatives, from log_softmax of the raw logits, i.e. the model's own
+        distribution at temperature 1 whatever the sampling settings (as vLLM's default raw_logprobs).
+        Sample i depends only on (prompt, settings, seed, i): see the module docstring.
+        """
+        if n < 1 or max_tokens < 1:
+            raise ValueError(f"n and max_tokens must be at least 1 (got n={n}, max_tokens={max_tokens})")
+        if temperature < 0 or not 0 < top_p <= 1 or top_logprobs < 0:
+            raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_logprobs >= 0 (got {temperature}, "
+                             f"{top_p}, {top_logprobs})")
+        stop = [s for s in ([stop] if isinstance(stop, str) else (stop or [])) if s]
+        ids = self.encode_prompt(prompt, messages)
+        if self.max_positions and len(ids) + max_tokens > self.max_positions:
+            raise ValueError(f"this model's maximum context length is {self.max_positions} tokens; the request "
+                             f"needs {len(ids) + max_tokens} ({len(ids)} in the prompt, {max_tokens} to generate)")
+        want = logprobs or top_logprobs > 0
+        table = self.token_bytes()
+        with self._lock, torch.inference_mode():
+            rows = self._run(ids, n, max_tokens, float(temperature), float(top_p), int(seed), stop,
+                             int(top_logprobs) if want else -1)
+        out = []
+        for gen, steps, reason, cut in rows:
+            # Keep the tokens whose bytes end inside the (possibly cut) text: no EOS, nothing of a stop string.
+            text = self.tokenizer.decode(gen, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            keep = len(gen)
+            if cut is not None:
+                text = text[:cut]
+                budget, keep = len(text.encode("utf-8")), 0
+                while keep < len(gen) and len(table[gen[keep]]) <= budget:
+                    budget -= len(table[gen[keep]])
+                    keep += 1
+            tokens = None
+            if want:
+                tokens = [TokenLogprob(self.token_str(t), table[t], lp,
+                                       [(self.token_str(a), table[a], alp) for a, alp in top])
+                          for t, (lp, top) in zip(gen[:keep], steps[:keep])]
+            out.append(Generation(text, gen[:keep], reason, len(ids), len(steps), tokens))
+        return out
+
+    def _run(self, ids: list[int], n: int, max_tokens: int, temperature: float, top_p: float, seed: int,
+             stop: list[str], k: int) -> list[tuple[list[int], list, str, int | None]]:
+        """The sampling loop: per row (generated ids before EOS, per step (logprob, top-k) or None, finish reason,
+        character index of the first stop string or None). k < 0: no log-probabilities."""
+        gens = [torch.Generator(device="cpu").manual_seed(row_seed(seed, i)) for i in range(n)]
+        # The prompt runs once (batch 1); its cache is repeated, so every row starts from identical numbers.
+        out = self._forward(torch.tensor([ids], device=self.device), _new_cache(self.model.config), last_only=True)
+        past = _repeat_cache(self._cache_of(out), n)
+        logits = out.logits[:, -1, :].float().expand(n, -1)
+        rows: list[list[int]] = [[] for _ in range(n)]
+        steps: list[list] = [[] for _ in range(n)]
+        reasons: list[str | None] = [None] * n
+        cuts: list[int | None] = [None] * n
+        for step in range(max_tokens):
+            if temperature == 0:
+                nxt = logits.argmax(-1)
+            else:
+                # One uniform per row per step, drawn whether or not the row is done, from the row's own generator.
+                u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in gens])
+                nxt = _sample_rows(logits, temperature, top_p, u)
+            lp_chosen = top_v = top_i = None
+            if k >= 0:
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                lp_chosen = logp.gather(-1, nxt[:, None])[:, 0].tolist()
+                if k > 0:
+                    top_v, top_i = (x.tolist() for x in logp.topk(min(k, logp.shape[-1]), dim=-1, sorted=True))
+            chosen = nxt.tolist()
+            for i in range(n):
+                if reasons[i] is not None:
+                    continue
+                t = chosen[i]
+                steps[i].append(None if k < 0 else (lp_chosen[i], list(zip(top_i[i], top_v[i])) if k > 0 else []))
+                if t in self.eos_ids:
+                    reasons[i] = "stop"
+                    continue
+                rows[i].append(t)
+                if stop:
+                    text = self.tokenizer.decode(rows[i], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+                    hits = [p for p in (text.find(s) for s in stop) if p >= 0]
+                    if hits:
+                        reasons[i], cuts[i] = "stop", min(hits)
+                        continue
+                if len(steps[i]) >= max_tokens:
+                    reasons[i] = "length"
+            if all(r is not None for r in reasons) or step == max_tokens - 1:
+                break
+            # Finished rows keep running (their numbers are ignored) so the batch never changes shape mid-call.
+            out = self._forward(nxt[:, None], past)
+            past, logits = self._cache_of(out), out.logits[:, -1, :].float()
+        return [(rows[i], steps[i], reasons[i] or "length", cuts[i]) for i in range(n)]
+
+    def _forward(self, input_ids: torch.Tensor, cache: Any, last_only: bool = False) -> Any:
+        """One forward pass with the KV cache, under whichever argument names this transformers version uses
+        (`cache` from 5.x, `past_key_values` before; `logits_to_keep` / `num_logits_to_keep` spare the prefill
+        its [L, V] logits)."""
+        params = self._forward_params
+        kwargs: dict[str, Any] = {"use_cache": True, ("cache" if "cache" in params else "past_key_values"): cache}
+        if last_only:
+            for name in ("logits_to_keep", "num_logits_to_keep"):
+                if name in params:
+                    kwargs[name] = 1
+                    break
+        return self.model(input_ids=input_ids, **kwargs)
+
+    @staticmethod
+    def _cache_of(out: Any) -> Any:
+        cache = getattr(out, "cache", None)
+        return cache if cache is not None else out.past_key_values
+
+    def generate(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 1.0,
+                 seed: int = 0) -> list[str]:
+        """The Teacher protocol: one continuation per prompt, prompt by prompt. Each prompt is sample 0 of
+        `complete` with a seed derived from (seed, prompt text), so its answer is the same wherever it sits in
+        the list, and two prompts sampled with one seed do not share their random numbers."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings, not one string")
+        return [self.complete(p, max_tokens=int(max_new_tokens), temperature=float(temperature),
+                              seed=_prompt_seed(seed, p))[0].text for p in prompts]
+
+
+def _new_cache(config: Any) -> Any:
+    """An empty DynamicCache where transformers has one (so the prefill returns a cache object we can repeat);
+    given the model's config where the class takes it (sliding-window layers)."""
+    try:
+        from transformers import DynamicCache
+    except ImportError:  # pragma: no cover - very old transformers: the model makes its own (tuple) cache
+        return None
+    try:
+        return DynamicCache(config=config)
+    except TypeError:  # transformers before the config argument
+        return DynamicCache()
