@@ -18,8 +18,11 @@ def test_request_key_depends_on_prompt_and_settings_only():
     assert a != request_key({"prompt": "hello!"}, s)
     assert a != request_key({"prompt": "hello"}, GenerateSettings(model="m", n=2, temperature=0.8))
     assert a != request_key({"messages": [{"role": "user", "content": "hello"}]}, s)
-    assert request_seed(0, a) == request_seed(0, a) != request_seed(1, a)
-    assert request_seed(None, a) is None
+    p = {"prompt": "hello"}
+    assert request_seed(p, s) == request_seed(p, GenerateSettings(model="other", n=2, temperature=0.7))
+    assert request_seed(p, s) != request_seed(p, GenerateSettings(model="m", n=2, temperature=0.7, seed=1))
+    assert request_seed(p, s) != request_seed({"prompt": "hello!"}, s)
+    assert request_seed(p, GenerateSettings(model="m", seed=None)) is None
 
 
 def test_read_done_cuts_a_torn_last_line_and_names_a_corrupt_one(tmp_path):
@@ -75,3 +78,254 @@ def test_load_prompts_names_bad_records(tmp_path):
     f.write_text('{"messages": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]}\n')
     with pytest.raises(DataError, match="user's turn"):
         load_prompts(f)
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, tiny_tokenizer):
+    from conftest import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("gen") / "teacher", tiny_tokenizer, seed=11)
+
+
+@pytest.fixture(scope="module")
+def server(teacher_dir):
+    from bayeskd.teachers.server import running_server
+
+    with running_server(teacher_dir, name="teacher") as url:
+        yield url
+
+
+def _prompts(path, n=6, chat=True):
+    rows = [{"prompt": f"Question {i}: what does module {i} return?", "id": f"q{i}"} for i in range(n)]
+    if chat:
+        rows[1] = {"messages": [{"role": "user", "content": "Explain the list type."}], "id": "chat"}
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _gen(prompts, out, url, **kw):
+    from bayeskd.teachers.generate import generate
+
+    kw.setdefault("max_tokens", 8)
+    kw.setdefault("progress", False)
+    kw.setdefault("backoff", 0.01)
+    return generate(str(prompts), str(out), model="teacher", base_url=url, **kw)
+
+
+def test_generate_chat_with_logprobs_loads_as_teacher_data(server, tmp_path):
+    from bayeskd.data import load_teacher_records
+
+    prompts = _prompts(tmp_path / "p.jsonl")
+    s = _gen(prompts, tmp_path / "t.jsonl", server, n=2, top_logprobs=3, seed=7)
+    assert s["complete"] and s["records_total"] + s["empty"] == 12 and s["retries"] == 0
+    assert s["completion_tokens"] > 0 and s["api_key_env"] == "OPENAI_API_KEY"
+    recs = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert len({r["key"] for r in recs}) == len(recs)
+    for r in recs:
+        text = r["messages"][-1]["content"]
+        got = b"".join(bytes(t["bytes"]) for t in r["logprobs"])
+        assert text.startswith(got.decode("utf-8", "replace"))  # the tokens' bytes spell the answer
+        assert all(len(t["top_logprobs"]) == 3 and t["top_logprobs"][0]["logprob"] >= t["top_logprobs"][-1]["logprob"]
+                   for t in r["logprobs"])
+        assert r["finish_reason"] in ("stop", "length") and r["settings"]["top_logprobs"] == 3
+    loaded, _ = load_teacher_records(tmp_path / "t.jsonl")
+    assert len(loaded) == len(recs) and "logprobs" in loaded[0]
+
+
+def test_local_backend_gives_the_server_answers(server, teacher_dir, tmp_path):
+    from bayeskd.teachers.generate import generate
+
+    prompts = _prompts(tmp_path / "p.jsonl", n=3, chat=False)
+    kw = dict(n=2, top_logprobs=2, seed=3, max_tokens=6, progress=False, endpoint="completions", ordered=True)
+    generate(str(prompts), str(tmp_path / "a.jsonl"), model="teacher", base_url=server, **kw)
+    generate(str(prompts), str(tmp_path / "b.jsonl"), model=teacher_dir, backend="hf", **kw)
+    a = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert [(r["response"], r["logprobs"], r["finish_reason"]) for r in a] == \
+           [(r["response"], r["logprobs"], r["finish_reason"]) for r in b]
+
+
+def test_resume_asks_only_for_what_is_missing(server, tmp_path):
+    prompts = _prompts(tmp_path / "p.jsonl", n=8, chat=False)
+    out = tmp_path / "t.jsonl"
+    full = _gen(prompts, tmp_path / "full.jsonl", server, endpoint="completions", n=2, seed=1, ordered=True)
+    first = _gen(prompts, out, server, endpoint="completions", n=2, seed=1, max_prompts=3)
+    assert first["requests"] == 3
+    with open(out, "a") as f:
+        f.write('{"key": "torn')  # a crash mid-line
+    again = _gen(prompts, out, server, endpoint="completions", n=2, seed=1, ordered=True)
+    assert again["requests"] == 5 and again["records_written"] + again["empty"] == 10
+    assert out.read_bytes() == (tmp_path / "full.jsonl").read_bytes()
+    done = _gen(prompts, out, server, endpoint="completions", n=2, seed=1)
+    assert done["requests"] == 0 and done["records_written"] == 0
+
+
+def test_faults_every_request_once_and_the_same_records(teacher_dir, tmp_path):
+    """serve-teacher --fail-rate 0.3 --drop-rate 0.1: every request present exactly once, records byte-identical
+    to a fault-free run (BAYESKD_DRILL_REQUESTS sets the count; CI runs 120, the drill 500)."""
+    import os
+
+    from bayeskd.teachers.server import running_server
+
+    n = int(os.environ.get("BAYESKD_DRILL_REQUESTS", "120"))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Item {i} of the list"}) + "\n" for i in range(n)))
+    kw = dict(endpoint="completions", max_tokens=4, seed=5, ordered=True, concurrency=8, max_retries=12)
+    with running_server(teacher_dir, name="teacher") as url:
+        clean = _gen(prompts, tmp_path / "clean.jsonl", url, **kw)
+    with running_server(teacher_dir, name="teacher", fail_rate=0.3, drop_rate=0.1, fault_seed=2) as url:
+        faulty = _gen(prompts, tmp_path / "faulty.jsonl", url, **kw)
+    assert clean["complete"] and faulty["complete"] and faulty["retries"] > 0.2 * n
+    assert faulty["errors"].get("APIConnectionError", 0) > 0 and faulty["errors"].get("RateLimitError", 0) > 0
+    assert (tmp_path / "faulty.jsonl").read_bytes() == (tmp_path / "clean.jsonl").read_bytes()
+    keys = [json.loads(x)["key"] for x in (tmp_path / "faulty.jsonl").read_text().splitlines()]
+    assert len(keys) + faulty["empty"] == n and len(set(keys)) == len(keys)
+
+
+def test_killed_runs_resume_to_the_same_records(server, teacher_dir, tmp_path):
+    """generate as a user runs it, killed with SIGKILL at seeded random moments and restarted until it
+    finishes: the same bytes as an undisturbed run."""
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Entry {i} says"}) + "\n" for i in range(60)))
+    args = ["--prompts", str(prompts), "--model", "teacher", "--base-url", server, "--endpoint", "completions",
+            "--max-tokens", "6", "--seed", "9", "--ordered", "--quiet", "--concurrency", "4"]
+    _gen(prompts, tmp_path / "ref.jsonl", server, endpoint="completions", max_tokens=6, seed=9, ordered=True,
+         concurrency=4)
+    out = tmp_path / "t.jsonl"
+    rng = random.Random(1234)
+    print("kill seed 1234")
+    cmd = [sys.executable, "-m", "bayeskd.cli", "generate", *args, "--out", str(out)]
+    kills = 0
+    for _ in range(3):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        lines = 0
+        deadline = time.time() + 60
+        target = rng.randint(1, 40)
+        while proc.poll() is None and time.time() < deadline:  # kill once some records are written
+            lines = out.read_bytes().count(b"\n") if out.exists() else 0
+            if lines >= target:
+                break
+            time.sleep(0.01)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait(30)
+    assert kills >= 1
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert out.read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_clear_errors_for_a_wrong_setup(server, teacher_dir, tmp_path, monkeypatch):
+    from bayeskd.teachers.generate import GenerateError
+    from bayeskd.teachers.server import running_server
+
+    prompts = _prompts(tmp_path / "p.jsonl", n=3)
+    down = f"http://127.0.0.1:{_free_port()}/v1"  # nothing listens there
+    with pytest.raises(GenerateError, match=f"cannot reach {down}"):
+        _gen(prompts, tmp_path / "a.jsonl", down, max_retries=2)
+    with pytest.raises(GenerateError, match="'techer' does not exist; this server serves 'teacher'"):
+        from bayeskd.teachers.generate import generate
+        generate(str(prompts), str(tmp_path / "b.jsonl"), model="techer", base_url=server, progress=False)
+    with pytest.raises(GenerateError, match="n must be at most 16"):
+        _gen(prompts, tmp_path / "c.jsonl", server, n=20)
+    monkeypatch.setenv("BAYESKD_TEST_KEY", "sk-secret-123")
+    with running_server(teacher_dir, name="teacher", api_key="another-key") as url:
+        with pytest.raises(GenerateError, match="BAYESKD_TEST_KEY") as e:
+            _gen(prompts, tmp_path / "d.jsonl", url, api_key_env="BAYESKD_TEST_KEY")
+        assert "sk-secret-123" not in str(e.value)
+        monkeypatch.setenv("BAYESKD_TEST_KEY", "another-key")
+        assert _gen(prompts, tmp_path / "d.jsonl", url, api_key_env="BAYESKD_TEST_KEY")["complete"]
+    for f in tmp_path.glob("*"):
+        assert "sk-secret-123" not in f.read_text(errors="replace")  # the key is never written
+    with pytest.raises(ValueError, match="at most 20"):
+        _gen(prompts, tmp_path / "e.jsonl", None, top_logprobs=21)
+
+
+def test_malformed_json_timeouts_and_empty_answers(tmp_path):
+    """A stub server: the first answer to each prompt is broken JSON or too slow, and prompt 2 always gets an
+    empty answer; the broken ones are retried, the empty one is listed in empty.jsonl, nothing is lost."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response
+
+    from bayeskd.teachers.server import running_app
+
+    seen: dict[str, int] = {}
+    app = FastAPI()
+
+    @app.get("/health")
+    def health():
+        return {"ok": True}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: Request):
+        body = await req.json()
+        text = body["messages"][-1]["content"]
+        seen[text] = seen.get(text, 0) + 1
+        if seen[text] == 1 and text.endswith("0"):
+            return Response('{"id": "x", "choices": [', media_type="application/json")  # malformed
+        if seen[text] == 1 and text.endswith("1"):
+            await asyncio.sleep(2.0)  # past the client's timeout
+        answer = "" if text.endswith("2") else f"answer to {text}"
+        return JSONResponse({"id": "x", "object": "chat.completion", "created": 0, "model": "stub",
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                                          "finish_reason": "stop"}],
+                             "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(4)))
+    with running_app(app) as url:
+        from bayeskd.teachers.generate import generate
+
+        s = generate(str(prompts), str(tmp_path / "t.jsonl"), model="stub", base_url=f"{url}/v1", timeout=0.5,
+                     backoff=0.01, progress=False)
+    assert s["complete"] and s["records_total"] == 3 and s["empty"] == 1 and s["retries"] == 2
+    assert json.loads((tmp_path / "empty.jsonl").read_text())["messages"][-1]["content"] == ""
+    assert {json.loads(x)["messages"][0]["content"] for x in (tmp_path / "t.jsonl").read_text().splitlines()} == \
+        {"q0", "q1", "q3"}
+
+
+def test_failures_after_all_retries_are_listed_and_asked_again(teacher_dir, tmp_path):
+    from bayeskd.teachers.server import running_server
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Line {i}"}) + "\n" for i in range(12)))
+    kw = dict(endpoint="completions", max_tokens=3, seed=4)
+    with running_server(teacher_dir, name="teacher", fail_rate=0.5, fault_seed=3) as url:
+        s = _gen(prompts, tmp_path / "t.jsonl", url, max_retries=0, **kw)  # no retries: some must fail
+    assert 0 < s["requests_failed"] < 12 and not s["complete"]
+    failed = [json.loads(x) for x in (tmp_path / "failed.jsonl").read_text().splitlines()]
+    assert len(failed) == s["requests_failed"] and all("HTTP" in f["error"] for f in failed)
+    with running_server(teacher_dir, name="teacher") as url:
+        again = _gen(prompts, tmp_path / "t.jsonl", url, **kw)
+    assert again["complete"] and again["requests"] == s["requests_failed"]
+    assert (tmp_path / "failed.jsonl").read_text() == ""
+
+
+def test_cli_generate_names_a_bad_prompt_line(tmp_path):
+    from click.testing import CliRunner
+
+    from bayeskd.cli import main
+
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"prompt": 3}\n')
+    res = CliRunner().invoke(main, ["generate", "--prompts", str(bad), "--out", str(tmp_path / "t.jsonl"),
+                                    "--model", "m", "--base-url", "http://127.0.0.1:9/v1"])
+    assert res.exit_code != 0 and "p.jsonl:2" in res.output and "'prompt' must be a string" in res.output

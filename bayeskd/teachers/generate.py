@@ -21,7 +21,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,12 +74,13 @@ def request_key(prompt: dict[str, Any], settings: GenerateSettings) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]
 
 
-def request_seed(seed: int | None, key: str) -> int | None:
-    """The seed of one request: a function of the run's seed and the request key, so it never depends on the
-    order or the retries."""
-    if seed is None:
+def request_seed(prompt: dict[str, Any], settings: GenerateSettings) -> int | None:
+    """The seed of one request: a function of the run's seed, the prompt and the settings other than the model's
+    name, so it never depends on the order or the retries, and a local model and its server get the same one."""
+    if settings.seed is None:
         return None
-    return int(hashlib.sha256(f"{seed}/{key}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+    key = request_key(prompt, replace(settings, model=""))
+    return int(hashlib.sha256(f"{settings.seed}/{key}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
 # ---------------------------------------------------------------------------------------------------- output
@@ -262,7 +263,7 @@ async def _run(client, prompts, keys, todo, done, s: GenerateSettings, counts: _
                     return
                 await limiter.acquire(cost)
                 try:
-                    reply = await client.ask(prompt, s, request_seed(s.seed, key))
+                    reply = await client.ask(prompt, s, request_seed(prompt, s))
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:  # noqa: BLE001 - every failure is classified: retried, recorded or fatal
