@@ -150,7 +150,7 @@ def test_local_backend_gives_the_server_answers(server, teacher_dir, tmp_path):
 def test_resume_asks_only_for_what_is_missing(server, tmp_path):
     prompts = _prompts(tmp_path / "p.jsonl", n=8, chat=False)
     out = tmp_path / "t.jsonl"
-    full = _gen(prompts, tmp_path / "full.jsonl", server, endpoint="completions", n=2, seed=1, ordered=True)
+    _gen(prompts, tmp_path / "full.jsonl", server, endpoint="completions", n=2, seed=1, ordered=True)
     first = _gen(prompts, out, server, endpoint="completions", n=2, seed=1, max_prompts=3)
     assert first["requests"] == 3
     with open(out, "a") as f:

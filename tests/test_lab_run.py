@@ -46,7 +46,8 @@ def test_lab_run_writes_every_table(lab_run):
     # the smoothed one-hot is far from a (nearly flat) micro teacher; any real estimate is closer
     assert table["proxy alone (before alignment)"]["kl"] < table["smoothed one-hot (eps=0.1)"]["kl"]
     assert [r["k"] for r in report["estimation"]["k_curve"]] == [4, 16]
-    assert [r["samples"] for r in report["corpus_curve"]][1:] == [24, 48]
+    n = report["data"]["train_records"]  # the teacher's answers over HTTP (empty ones are listed apart)
+    assert 40 <= n <= 48 and [r["samples"] for r in report["corpus_curve"]][1:] == [n // 2, n]
     students = report["students"]["summary"]
     assert set(students) == {"student init", "sft", "prior-kd", "posterior-kd", "proxy-kd", "gad", "white-box"}
     for method in ("sft", "prior-kd", "posterior-kd", "proxy-kd", "white-box"):

@@ -5,7 +5,8 @@ from bayeskd._moved import lazy
 _NAMES = {**{n: "bayeskd.lab.build" for n in ("build_lab", "LabError", "LabPreset", "ModelSize", "PRESETS",
                                                "get_preset", "split_corpus", "load_lab_prompts", "read_manifest",
                                                "lab_paths", "train_causal_lm")},
-          **{n: "bayeskd.lab.run" for n in ("run_lab", "LabRunConfig", "format_report")},
+          **{n: "bayeskd.lab.run" for n in ("run_lab", "LabRunConfig")},
+          "format_report": "bayeskd.lab.report",
           # the lab's teacher lives in bayeskd.teachers since the stage folders; kept here for old imports
           **{n: "bayeskd.teachers.local" for n in ("BlackBoxTeacher", "WhiteBoxTeacher")},
           **{n: "bayeskd.teachers.sampling" for n in ("sample_records", "sample_teacher_jsonl")}}

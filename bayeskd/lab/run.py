@@ -27,6 +27,7 @@ from bayeskd.evaluation.evaluate import (estimation_table, format_estimation, on
                                          response_logprobs, sample_own, student_metrics)
 from bayeskd.evaluation.metrics import kl_teacher_to_estimate
 from bayeskd.lab.build import LabError, build_lab, get_preset, load_lab_prompts, split_corpus
+from bayeskd.lab.report import check_targets, format_report
 from bayeskd.resume import check_stamp, read_stamp, settings_diff
 from bayeskd.sparse import atomic_write_bytes, atomic_write_json
 
@@ -96,17 +97,40 @@ def train_prompts(preset) -> list[str]:
     return [p[0] for p in pairs if p is not None]
 
 
-def _sample(teacher_dir: str, prompts: Sequence[str], path: Path, cfg: LabRunConfig, seed: int,
-            repeats: int) -> dict[str, int]:
-    from bayeskd.teachers.local import BlackBoxTeacher
-    from bayeskd.teachers.sampling import sample_teacher_jsonl
+def _sample(teacher_dir: str, jobs: Sequence[tuple[Sequence[str], Path, int, int]], cfg: LabRunConfig,
+            progress: bool) -> list[dict[str, Any]]:
+    """Sample the lab teacher as a user samples an API teacher: `serve-teacher` on loopback (a free port, stopped
+    at the end, also on error) and `generate` over HTTP, text only. Per job (prompts, output, seed, samples per
+    prompt): the teacher records, in prompt order. Finished outputs are reused; generate's own files (resumable)
+    live in run/sampling/<name>/."""
+    from bayeskd.teachers.generate import generate
+    from bayeskd.teachers.server import running_server
 
-    if path.exists():
-        return {"written": sum(1 for _ in path.open()), "reused": 1}
-    teacher = BlackBoxTeacher(teacher_dir)  # text in, text out: the pipeline never sees its logits
-    return sample_teacher_jsonl(teacher, [p for _ in range(repeats) for p in prompts], path,
-                                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed,
-                                batch_size=256)
+    out: list[dict[str, Any] | None] = [None] * len(jobs)
+    for i, (_, path, _, _) in enumerate(jobs):
+        if path.exists():
+            out[i] = {"written": sum(1 for _ in path.open()), "reused": 1}
+    if all(o is not None for o in out):
+        return out  # type: ignore[return-value]
+    with running_server(teacher_dir, name="lab-teacher") as url:  # the pipeline never sees its weights
+        for i, (prompts, path, seed, samples) in enumerate(jobs):
+            if out[i] is not None:
+                continue
+            stage = path.parent / "sampling" / path.stem
+            stage.mkdir(parents=True, exist_ok=True)
+            unique = list(dict.fromkeys(prompts))  # one request per distinct prompt, `samples` answers each
+            atomic_write_bytes(stage / "prompts.jsonl",
+                               "".join(json.dumps({"prompt": p}) + "\n" for p in unique).encode())
+            s = generate(str(stage / "prompts.jsonl"), str(stage / "records.jsonl"), model="lab-teacher",
+                         base_url=url, endpoint="completions", n=samples, temperature=cfg.temperature,
+                         max_tokens=cfg.max_new_tokens, seed=seed, ordered=True, concurrency=4, progress=progress)
+            if not s["complete"]:
+                raise LabError(f"sampling the lab teacher failed for {s['requests_failed']} prompts "
+                               f"(see {stage / 'failed.jsonl'}); rerun to resume")
+            atomic_write_bytes(path, (stage / "records.jsonl").read_bytes())
+            out[i] = {"written": s["records_total"], "empty": s["empty"], "requests": s["requests"],
+                      "retries": s["retries"], "seconds": s["seconds"]}
+    return out  # type: ignore[return-value]
 
 
 @contextmanager
@@ -315,66 +339,6 @@ def _students(paths, run: Path, cfg: LabRunConfig, tok, progress: bool, log) -> 
             "gad_d_acc": d_acc_curves}
 
 
-def _targets(report: dict[str, Any]) -> dict[str, Any]:
-    """The issue's targets, computed from the report (reported whatever they say)."""
-    out: dict[str, Any] = {}
-    t = report.get("estimation", {}).get("table", {})
-    # the pipeline's posterior: with the aligned proxy when the lab aligned one
-    post = next((v["kl"] for k, v in t.items() if k.endswith("calibrated (shards)")), None)
-    proxy = t.get("proxy alone (before alignment)", {}).get("kl")
-    onehot = t.get("smoothed one-hot (eps=0.1)", {}).get("kl")
-    if post is not None and proxy and onehot:
-        out["posterior_kl_over_proxy"] = post / proxy
-        out["posterior_kl_over_one_hot"] = post / onehot
-        out["posterior_le_50pct_proxy"] = bool(post <= 0.5 * proxy)
-        out["posterior_le_30pct_one_hot"] = bool(post <= 0.3 * onehot)
-    s = report.get("students", {}).get("summary", {})
-    if all(m in s for m in ("sft", "posterior-kd", "white-box")):
-        sft, post_s, wb = (s[m]["kl_tf"]["mean"] for m in ("sft", "posterior-kd", "white-box"))
-        gap = sft - wb
-        out["gap_closed_posterior_kd"] = (sft - post_s) / gap if gap > 0 else None
-        out["gap_closed_ge_60pct"] = bool(gap > 0 and (sft - post_s) / gap >= 0.6)
-    return out
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """The report's tables as markdown."""
-    lines = [f"# bayeskd lab report — preset `{report['preset']}`", ""]
-    d = report.get("data", {})
-    lines += [f"Teacher corpus: {d.get('train_records')} black-box samples ({d.get('train_tokens')} response "
-              f"tokens); held-out: {d.get('heldout_records')} samples. K = {report['config']['top_k']}, "
-              f"prior order {report['config']['order']}.", ""]
-    if "estimation" in report:
-        e = report["estimation"]
-        lines += [f"## Estimation quality ({e['positions']} training positions, lower KL is better)", "",
-                  format_estimation(e["table"]), ""]
-        if e.get("k_curve"):
-            lines += ["KL(teacher‖estimate) against K (the pipeline's proxy and calibrated combination):", "", "| K | prior | proxy | posterior |", "|---:|---:|---:|---:|"]
-            lines += [f"| {r['k']} | {r['prior']:.4f} | {r['proxy']:.4f} | {r['posterior']:.4f} |" for r in e["k_curve"]]
-            lines.append("")
-    if report.get("corpus_curve"):
-        lines += ["KL(teacher‖estimate) on held-out teacher text against the corpus size (the pipeline's proxy and "
-                  "calibrated combination):", "",
-                  "| teacher samples | tokens | prior | posterior | proxy |", "|---:|---:|---:|---:|---:|"]
-        for r in report["corpus_curve"][1:]:
-            lines.append(f"| {r['samples']} | {r['tokens']} | {r['prior']:.4f} | {r['posterior']:.4f} | "
-                         f"{r['proxy']:.4f} |")
-        lines.append("")
-    if "students" in report:
-        s = report["students"]["summary"]
-        metrics = [m for m in ("nll", "kl_tf", "kl_own") if any(m in v for v in s.values())]
-        lines += ["## Student quality (held-out teacher text; mean ± std over seeds)", "",
-                  "| student | seeds | " + " | ".join(metrics) + " |", "|---|---:|" + "---:|" * len(metrics)]
-        for method, v in s.items():
-            cells = [f"{v[m]['mean']:.4f} ± {v[m]['std']:.4f}" if m in v else "–" for m in metrics]
-            lines.append(f"| {method} | {v[metrics[0]]['n']} | " + " | ".join(cells) + " |")
-        lines.append("")
-    if report.get("targets"):
-        lines += ["## Targets", ""] + [f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}"
-                                       for k, v in report["targets"].items()]
-    return "\n".join(lines) + "\n"
-
-
 DATA_SETTINGS = ("samples_per_prompt", "max_prompts", "max_new_tokens", "temperature", "order", "top_k")
 ALIGN_SETTINGS = ("align", "align_sft_epochs", "align_rounds", "align_lr", "dpo_lr", "batch_size")
 DERIVED = (POSTERIOR_DIR, "proxy_targets", "students")  # depend on every training setting
@@ -426,11 +390,10 @@ def run_lab(root: str = "runs/lab", preset: str = "tiny", *, seeds: int | None =
 
     prompts = train_prompts(lab_preset)[:cfg.max_prompts]
     held_prompts = [r["prompt"] for r in load_lab_prompts(paths["root"])]
-    with _stage("sample the black-box teacher", log, timings):
-        s_train = _sample(paths["teacher"], prompts, run / "teacher_train.jsonl", cfg, lab_preset.seed,
-                          cfg.samples_per_prompt)
-        s_held = _sample(paths["teacher"], held_prompts, run / "teacher_heldout.jsonl", cfg, lab_preset.seed + 1,
-                         1)
+    with _stage("sample the black-box teacher (serve-teacher + generate over HTTP)", log, timings):
+        s_train, s_held = _sample(paths["teacher"], [
+            (prompts, run / "teacher_train.jsonl", lab_preset.seed, cfg.samples_per_prompt),
+            (held_prompts, run / "teacher_heldout.jsonl", lab_preset.seed + 1, 1)], cfg, progress)
     with _stage("estimate-prior", log, timings):
         prior_summary = estimate_prior(str(run / "teacher_train.jsonl"), paths["tokenizer"], out=str(run / "prior"),
                                        order=cfg.order, top_k=cfg.top_k, write_topk=True)
@@ -479,7 +442,7 @@ def run_lab(root: str = "runs/lab", preset: str = "tiny", *, seeds: int | None =
     if align_summary is not None:
         report["alignment"] = {k: align_summary.get(k) for k in ("alignment", "diagnostics_before",
                                                                  "diagnostics_after")}
-    report["targets"] = _targets(report)
+    report["targets"] = check_targets(report)
     report["timings"] = {**timings, "total": round(time.perf_counter() - t0, 2)}
     report["prior_summary"] = {k: prior_summary.get(k) for k in ("tokens", "records", "seconds")}
     atomic_write_json(run / "report.json", json.loads(json.dumps(report)))

@@ -1,0 +1,66 @@
+"""The lab's report: the targets it checks (gap closed, posterior against its parts) and the markdown tables."""
+from __future__ import annotations
+
+from typing import Any
+
+from bayeskd.evaluation.evaluate import format_estimation
+
+
+def check_targets(report: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets, computed from the report (reported whatever they say)."""
+    out: dict[str, Any] = {}
+    t = report.get("estimation", {}).get("table", {})
+    # the pipeline's posterior: with the aligned proxy when the lab aligned one
+    post = next((v["kl"] for k, v in t.items() if k.endswith("calibrated (shards)")), None)
+    proxy = t.get("proxy alone (before alignment)", {}).get("kl")
+    onehot = t.get("smoothed one-hot (eps=0.1)", {}).get("kl")
+    if post is not None and proxy and onehot:
+        out["posterior_kl_over_proxy"] = post / proxy
+        out["posterior_kl_over_one_hot"] = post / onehot
+        out["posterior_le_50pct_proxy"] = bool(post <= 0.5 * proxy)
+        out["posterior_le_30pct_one_hot"] = bool(post <= 0.3 * onehot)
+    s = report.get("students", {}).get("summary", {})
+    if all(m in s for m in ("sft", "posterior-kd", "white-box")):
+        sft, post_s, wb = (s[m]["kl_tf"]["mean"] for m in ("sft", "posterior-kd", "white-box"))
+        gap = sft - wb
+        out["gap_closed_posterior_kd"] = (sft - post_s) / gap if gap > 0 else None
+        out["gap_closed_ge_60pct"] = bool(gap > 0 and (sft - post_s) / gap >= 0.6)
+    return out
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report's tables as markdown."""
+    lines = [f"# bayeskd lab report — preset `{report['preset']}`", ""]
+    d = report.get("data", {})
+    lines += [f"Teacher corpus: {d.get('train_records')} black-box samples ({d.get('train_tokens')} response "
+              f"tokens); held-out: {d.get('heldout_records')} samples. K = {report['config']['top_k']}, "
+              f"prior order {report['config']['order']}.", ""]
+    if "estimation" in report:
+        e = report["estimation"]
+        lines += [f"## Estimation quality ({e['positions']} training positions, lower KL is better)", "",
+                  format_estimation(e["table"]), ""]
+        if e.get("k_curve"):
+            lines += ["KL(teacher‖estimate) against K (the pipeline's proxy and calibrated combination):", "", "| K | prior | proxy | posterior |", "|---:|---:|---:|---:|"]
+            lines += [f"| {r['k']} | {r['prior']:.4f} | {r['proxy']:.4f} | {r['posterior']:.4f} |" for r in e["k_curve"]]
+            lines.append("")
+    if report.get("corpus_curve"):
+        lines += ["KL(teacher‖estimate) on held-out teacher text against the corpus size (the pipeline's proxy and "
+                  "calibrated combination):", "",
+                  "| teacher samples | tokens | prior | posterior | proxy |", "|---:|---:|---:|---:|---:|"]
+        for r in report["corpus_curve"][1:]:
+            lines.append(f"| {r['samples']} | {r['tokens']} | {r['prior']:.4f} | {r['posterior']:.4f} | "
+                         f"{r['proxy']:.4f} |")
+        lines.append("")
+    if "students" in report:
+        s = report["students"]["summary"]
+        metrics = [m for m in ("nll", "kl_tf", "kl_own") if any(m in v for v in s.values())]
+        lines += ["## Student quality (held-out teacher text; mean ± std over seeds)", "",
+                  "| student | seeds | " + " | ".join(metrics) + " |", "|---|---:|" + "---:|" * len(metrics)]
+        for method, v in s.items():
+            cells = [f"{v[m]['mean']:.4f} ± {v[m]['std']:.4f}" if m in v else "–" for m in metrics]
+            lines.append(f"| {method} | {v[metrics[0]]['n']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if report.get("targets"):
+        lines += ["## Targets", ""] + [f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}"
+                                       for k, v in report["targets"].items()]
+    return "\n".join(lines) + "\n"
