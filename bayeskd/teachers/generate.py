@@ -251,7 +251,9 @@ async def _run(client, prompts, keys, todo, done, s: GenerateSettings, counts: _
 
     def postfix() -> None:
         rate = counts.completion_tokens / max(time.perf_counter() - started, 1e-9)
-        bar.set_postfix(done=counts.done, failed=counts.failed, retried=counts.retries, tok_s=f"{rate:.0f}")
+        # refresh=False: the bar redraws at its own pace (mininterval), not once per request
+        bar.set_postfix(done=counts.done, failed=counts.failed, retried=counts.retries, tok_s=f"{rate:.0f}",
+                        refresh=False)
 
     async def one(p: int) -> None:
         prompt, key = prompts[p], keys[p]
