@@ -185,41 +185,40 @@ def test_faults_every_request_once_and_the_same_records(teacher_dir, tmp_path):
 
 
 def test_killed_runs_resume_to_the_same_records(server, teacher_dir, tmp_path):
-    """generate as a user runs it, killed with SIGKILL at seeded random moments and restarted until it
-    finishes: the same bytes as an undisturbed run."""
+    """generate as a user runs it, against serve-teacher --fail-rate 0.3 --drop-rate 0.1, killed with SIGKILL at
+    seeded random moments and restarted until it finishes: the same bytes as an undisturbed, fault-free run."""
     import random
     import signal
     import subprocess
     import sys
 
+    from bayeskd.teachers.server import running_server
+
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"Entry {i} says"}) + "\n" for i in range(60)))
-    args = ["--prompts", str(prompts), "--model", "teacher", "--base-url", server, "--endpoint", "completions",
-            "--max-tokens", "6", "--seed", "9", "--ordered", "--quiet", "--concurrency", "4"]
     _gen(prompts, tmp_path / "ref.jsonl", server, endpoint="completions", max_tokens=6, seed=9, ordered=True,
          concurrency=4)
     out = tmp_path / "t.jsonl"
     rng = random.Random(1234)
     print("kill seed 1234")
-    cmd = [sys.executable, "-m", "bayeskd.cli", "generate", *args, "--out", str(out)]
-    kills = 0
-    for _ in range(3):
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        lines = 0
-        deadline = time.time() + 60
-        target = rng.randint(1, 40)
-        while proc.poll() is None and time.time() < deadline:  # kill once some records are written
-            lines = out.read_bytes().count(b"\n") if out.exists() else 0
-            if lines >= target:
-                break
-            time.sleep(0.01)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait(30)
-    assert kills >= 1
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
+    with running_server(teacher_dir, name="teacher", fail_rate=0.3, drop_rate=0.1, fault_seed=8) as url:
+        cmd = [sys.executable, "-m", "bayeskd.cli", "generate", "--prompts", str(prompts), "--model", "teacher",
+               "--base-url", url, "--endpoint", "completions", "--max-tokens", "6", "--seed", "9", "--ordered",
+               "--quiet", "--concurrency", "4", "--max-retries", "12", "--out", str(out)]
+        kills = 0
+        for _ in range(3):
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline, target = time.time() + 60, rng.randint(1, 40)
+            while proc.poll() is None and time.time() < deadline:  # kill once some records are written
+                if out.exists() and out.read_bytes().count(b"\n") >= target:
+                    break
+                time.sleep(0.01)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+            proc.wait(30)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert kills >= 1 and res.returncode == 0, res.stderr[-2000:]
     assert out.read_bytes() == (tmp_path / "ref.jsonl").read_bytes()
 
 
