@@ -282,7 +282,7 @@ def test_malformed_json_timeouts_and_empty_answers(tmp_path):
             return Response('{"id": "x", "choices": [', media_type="application/json")  # malformed
         if seen[text] == 1 and text.endswith("1"):
             await asyncio.sleep(2.0)  # past the client's timeout
-        answer = "" if text.endswith("2") else f"answer to {text}"
+        answer = " \n" if text.endswith("2") else f"answer to {text}"  # whitespace only: empty
         return JSONResponse({"id": "x", "object": "chat.completion", "created": 0, "model": "stub",
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
                                           "finish_reason": "stop"}],
@@ -296,7 +296,7 @@ def test_malformed_json_timeouts_and_empty_answers(tmp_path):
         s = generate(str(prompts), str(tmp_path / "t.jsonl"), model="stub", base_url=f"{url}/v1", timeout=0.5,
                      backoff=0.01, progress=False)
     assert s["complete"] and s["records_total"] == 3 and s["empty"] == 1 and s["retries"] == 2
-    assert json.loads((tmp_path / "empty.jsonl").read_text())["messages"][-1]["content"] == ""
+    assert json.loads((tmp_path / "empty.jsonl").read_text())["messages"][-1]["content"] == " \n"
     assert {json.loads(x)["messages"][0]["content"] for x in (tmp_path / "t.jsonl").read_text().splitlines()} == \
         {"q0", "q1", "q3"}
 

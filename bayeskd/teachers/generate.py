@@ -6,7 +6,8 @@ sha256(prompt, generation settings) + "/i", and the request a seed derived from 
 a retry or a resumed run asks for exactly the same thing. Records are appended to the output and flushed as they
 complete; a rerun reads the keys already there and asks only for the rest. A torn last line (a crash mid-write) is
 cut off. Requests that fail after all retries go to `failed.jsonl` beside the output (and are asked again by the
-next run); empty responses go to `empty.jsonl` (they are the teacher's answer, but no use for training).
+next run); empty (or whitespace-only) responses go to `empty.jsonl` (they are the teacher's answer, but no use
+for training, and `load_teacher_records` refuses them).
 
 Records: `prompt` + `response` (completions endpoint) or chat `messages` ending with the assistant's answer
 (chat endpoint); `finish_reason`; `model`, `settings`, `key`, `prompt_index`, `sample_index`, the prompt's `id`;
@@ -287,7 +288,7 @@ async def _run(client, prompts, keys, todo, done, s: GenerateSettings, counts: _
                     rec = _record(prompt, p, i, key, answer, s, usage)
                     if rec["key"] in done:
                         continue  # written by an earlier run (a request is asked again as a whole)
-                    if not answer.text:
+                    if not answer.text.strip():  # whitespace only: nothing to learn from (the loader refuses it)
                         empties.write(rec)
                         counts.empty += 1
                     else:
