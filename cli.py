@@ -75,7 +75,8 @@ def main() -> None:
 @click.option("--prompts", required=True, help="Prompts: JSONL, Parquet or a saved HF dataset with 'prompt' or chat "
               "'messages' (and an optional 'id').")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
-              help="Teacher records (JSONL), appended as they complete; summary.json, failed.jsonl beside it.")
+              help="Teacher records (JSONL), appended as they complete; OUT's .summary.json, .failed.jsonl and "
+              ".empty.jsonl beside it.")
 @click.option("--model", required=True, help="The teacher's model name at the API (or a local path with --backend hf).")
 @click.option("--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 "
               "(default: OpenAI's).")
@@ -193,6 +194,14 @@ def estimate_prior_cmd(**kwargs) -> None:
 @click.option("--w", default=0.5, show_default=True, type=float, help="Mixture weight of the prior.")
 @click.option("--evidence", default=0.0, show_default=True, type=float,
               help="Observations added for the teacher's own token.")
+@click.option("--no-evidence", is_flag=True, help="Ignore the teacher's top-k log-probabilities in the data (by "
+              "default the posterior is conditioned on them wherever the records carry them).")
+@click.option("--evidence-top-k", default=None, type=click.IntRange(1),
+              help="Use only the k most likely revealed entries per position.")
+@click.option("--evidence-mode", default="condition", show_default=True,
+              type=click.Choice(["condition", "evidence_only"]),
+              help="condition: revealed entries exact, prior x proxy spreads the rest (capped); evidence_only: "
+              "the baselines' targets (revealed entries and a uniform tail).")
 @click.option("--calibrate/--no-calibrate", default=False, show_default=True,
               help="Choose --mode and its weights by the likelihood of the teacher's own tokens (leave-one-out).")
 @click.option("--calibration-records", default=256, show_default=True, type=click.IntRange(1),

@@ -142,7 +142,9 @@ def run_generate(base_url: str, model: str, prompts_path: Path, out: Path, concu
                  max_tokens: int) -> dict:
     from bayeskd.teachers.generate import generate
 
-    for f in (out, out.with_name("summary.json"), out.with_name("failed.jsonl"), out.with_name("empty.jsonl")):
+    from bayeskd.teachers.generate import side_files
+
+    for f in (out, *side_files(out)):
         f.unlink(missing_ok=True)
     t = time.perf_counter()
     with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):  # the bar is drawn, and paid for

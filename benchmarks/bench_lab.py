@@ -27,7 +27,9 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     curves = report["students"].get("gad_d_acc") or {}
-    fig, axes = plt.subplots(1, 4 if curves else 3, figsize=(20 if curves else 15, 4.2))
+    evidence = (report["estimation"].get("evidence") or {}).get("rows")
+    panels = 3 + bool(curves) + bool(evidence)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2))
     curve = report["corpus_curve"][1:]
     ax = axes[0]
     for key, style in (("prior", "o-"), ("posterior", "s-"), ("proxy", "--")):
@@ -67,6 +69,19 @@ def plot(report: dict, path: Path) -> None:
         ax.set_ylabel("D accuracy (teacher scored higher)")
         ax.set_ylim(0, 1.05)
         ax.set_title("GAD discriminator accuracy")
+        ax.legend(fontsize=8)
+    if evidence:
+        ax = axes[-1]
+        ks = [r["k"] for r in evidence]
+        for key, style, label in (("text_only", "--", "text only (calibrated posterior)"),
+                                  ("condition", "s-", "conditioned on the revealed top-k"),
+                                  ("evidence_only", "o-", "top-k + uniform tail (TRL, DistillKit)")):
+            ax.plot(ks, [r[key] for r in evidence], style, label=label)
+        ax.set_xscale("log")
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlabel("k (log-probabilities the teacher reveals per token)")
+        ax.set_ylabel("KL(teacher ‖ estimate), nats/token")
+        ax.set_title("training positions vs revealed k")
         ax.legend(fontsize=8)
     fig.suptitle(f"bayeskd lab, preset {report['preset']}")
     fig.tight_layout()

@@ -260,7 +260,7 @@ def test_clear_errors_for_a_wrong_setup(server, teacher_dir, tmp_path, monkeypat
 
 def test_malformed_json_timeouts_and_empty_answers(tmp_path):
     """A stub server: the first answer to each prompt is broken JSON or too slow, and prompt 2 always gets an
-    empty answer; the broken ones are retried, the empty one is listed in empty.jsonl, nothing is lost."""
+    empty answer; the broken ones are retried, the empty one is listed in t.empty.jsonl, nothing is lost."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
 
@@ -296,7 +296,7 @@ def test_malformed_json_timeouts_and_empty_answers(tmp_path):
         s = generate(str(prompts), str(tmp_path / "t.jsonl"), model="stub", base_url=f"{url}/v1", timeout=0.5,
                      backoff=0.01, progress=False)
     assert s["complete"] and s["records_total"] == 3 and s["empty"] == 1 and s["retries"] == 2
-    assert json.loads((tmp_path / "empty.jsonl").read_text())["messages"][-1]["content"] == " \n"
+    assert json.loads((tmp_path / "t.empty.jsonl").read_text())["messages"][-1]["content"] == " \n"
     assert {json.loads(x)["messages"][0]["content"] for x in (tmp_path / "t.jsonl").read_text().splitlines()} == \
         {"q0", "q1", "q3"}
 
@@ -310,12 +310,12 @@ def test_failures_after_all_retries_are_listed_and_asked_again(teacher_dir, tmp_
     with running_server(teacher_dir, name="teacher", fail_rate=0.5, fault_seed=3) as url:
         s = _gen(prompts, tmp_path / "t.jsonl", url, max_retries=0, **kw)  # no retries: some must fail
     assert 0 < s["requests_failed"] < 12 and not s["complete"]
-    failed = [json.loads(x) for x in (tmp_path / "failed.jsonl").read_text().splitlines()]
+    failed = [json.loads(x) for x in (tmp_path / "t.failed.jsonl").read_text().splitlines()]
     assert len(failed) == s["requests_failed"] and all("HTTP" in f["error"] for f in failed)
     with running_server(teacher_dir, name="teacher") as url:
         again = _gen(prompts, tmp_path / "t.jsonl", url, **kw)
     assert again["complete"] and again["requests"] == s["requests_failed"]
-    assert (tmp_path / "failed.jsonl").read_text() == ""
+    assert (tmp_path / "t.failed.jsonl").read_text() == ""
 
 
 def test_cli_generate_names_a_bad_prompt_line(tmp_path):

@@ -46,11 +46,15 @@ def test_lab_run_writes_every_table(lab_run):
     # the smoothed one-hot is far from a (nearly flat) micro teacher; any real estimate is closer
     assert table["proxy alone (before alignment)"]["kl"] < table["smoothed one-hot (eps=0.1)"]["kl"]
     assert [r["k"] for r in report["estimation"]["k_curve"]] == [4, 16]
+    ev = report["estimation"]["evidence"]  # the teacher server revealed its top-20: conditioning is scored
+    assert [r["k"] for r in ev["rows"]] == [1, 5, 20] and ev["report"]["rows_with_evidence"] > 0
+    assert all(r["condition"] < r["text_only"] for r in ev["rows"])
     n = report["data"]["train_records"]  # the teacher's answers over HTTP (empty ones are listed apart)
     assert 40 <= n <= 48 and [r["samples"] for r in report["corpus_curve"]][1:] == [n // 2, n]
     students = report["students"]["summary"]
-    assert set(students) == {"student init", "sft", "prior-kd", "posterior-kd", "proxy-kd", "gad", "white-box"}
-    for method in ("sft", "prior-kd", "posterior-kd", "proxy-kd", "white-box"):
+    assert set(students) == {"student init", "sft", "prior-kd", "posterior-kd", "posterior-kd-text", "bucket-kd",
+                             "proxy-kd", "gad", "white-box"}
+    for method in ("sft", "prior-kd", "posterior-kd", "posterior-kd-text", "bucket-kd", "proxy-kd", "white-box"):
         assert os.path.exists(run / "students" / f"{method}-s0" / "config.json")
     assert os.path.exists(run / "students" / "gad-s0" / "student" / "config.json")
     curve = report["students"]["gad_d_acc"]["0"]  # the discriminator's accuracy, step by step

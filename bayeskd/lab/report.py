@@ -19,6 +19,13 @@ def check_targets(report: dict[str, Any]) -> dict[str, Any]:
         out["posterior_kl_over_one_hot"] = post / onehot
         out["posterior_le_50pct_proxy"] = bool(post <= 0.5 * proxy)
         out["posterior_le_30pct_one_hot"] = bool(post <= 0.3 * onehot)
+    ev = (report.get("estimation", {}).get("evidence") or {}).get("rows", [])
+    for r in ev:  # issue 13: conditioned / text-only <= 0.55 at k=5, <= 0.35 at k=20, below the baseline at every k
+        out[f"evidence_k{r['k']}_condition_over_text"] = r["condition_ratio"]
+        out[f"evidence_k{r['k']}_condition_below_baseline"] = bool(r["condition"] < r["evidence_only"])
+        limit = {5: 0.55, 20: 0.35}.get(r["k"])
+        if limit is not None:
+            out[f"evidence_k{r['k']}_condition_le_{limit}"] = bool(r["condition_ratio"] <= limit)
     s = report.get("students", {}).get("summary", {})
     if all(m in s for m in ("sft", "posterior-kd", "white-box")):
         sft, post_s, wb = (s[m]["kl_tf"]["mean"] for m in ("sft", "posterior-kd", "white-box"))
@@ -40,8 +47,20 @@ def format_report(report: dict[str, Any]) -> str:
         lines += [f"## Estimation quality ({e['positions']} training positions, lower KL is better)", "",
                   format_estimation(e["table"]), ""]
         if e.get("k_curve"):
-            lines += ["KL(teacher‖estimate) against K (the pipeline's proxy and calibrated combination):", "", "| K | prior | proxy | posterior |", "|---:|---:|---:|---:|"]
-            lines += [f"| {r['k']} | {r['prior']:.4f} | {r['proxy']:.4f} | {r['posterior']:.4f} |" for r in e["k_curve"]]
+            lines += ["KL(teacher‖estimate) against K (the pipeline's proxy and calibrated combination):", "",
+                      "| K | prior | proxy | posterior |", "|---:|---:|---:|---:|"]
+            lines += [f"| {r['k']} | {r['prior']:.4f} | {r['proxy']:.4f} | {r['posterior']:.4f} |"
+                      for r in e["k_curve"]]
+            lines.append("")
+        ev = e.get("evidence")
+        if ev:
+            rep_ = ev["report"]
+            lines += [f"KL(teacher‖estimate) when the teacher reveals its top-k log-probabilities ("
+                      f"{rep_.get('share_with_evidence', 0):.0%} of the positions have evidence):", "",
+                      "| k | text only | conditioned | ratio | top-k + uniform tail (TRL, DistillKit) | ratio |",
+                      "|---:|---:|---:|---:|---:|---:|"]
+            lines += [f"| {r['k']} | {r['text_only']:.4f} | {r['condition']:.4f} | {r['condition_ratio']:.3f} | "
+                      f"{r['evidence_only']:.4f} | {r['evidence_only_ratio']:.3f} |" for r in ev["rows"]]
             lines.append("")
     if report.get("corpus_curve"):
         lines += ["KL(teacher‖estimate) on held-out teacher text against the corpus size (the pipeline's proxy and "

@@ -34,7 +34,8 @@ from bayeskd.sparse import atomic_write_bytes, atomic_write_json
 # The posterior shards posterior-KD learns from: the pipeline's proxy (aligned when the lab aligns one) combined
 # with the prior as the calibration chose.
 POSTERIOR_DIR = "posterior_calibrated"
-METHODS = ("sft", "prior-kd", "posterior-kd", "proxy-kd", "gad", "white-box")
+METHODS = ("sft", "prior-kd", "posterior-kd", "posterior-kd-text", "bucket-kd", "proxy-kd", "gad", "white-box")
+TEXT_DIR, BUCKET_DIR = "posterior_text", "evidence_only"  # the text-only posterior; the revealed top-k + a bucket
 POSTERIOR_VARIANTS = {  # name -> combine() settings, evaluated in memory beside the shards' log-linear one
     "posterior dirichlet (c=1)": dict(mode="dirichlet", c=1.0),
     "posterior mixture (w=0.5)": dict(mode="mixture", w=0.5),
@@ -50,6 +51,8 @@ class LabRunConfig:
     max_prompts: int | None = None  # training prompts used (None: all the corpus offers)
     max_new_tokens: int = 48
     temperature: float = 1.0        # teacher sampling temperature
+    top_logprobs: int = 20          # the teacher server reveals this many log-probabilities per token (0: text only)
+    evidence_ks: tuple[int, ...] = (1, 5, 20)  # the estimation table scores evidence cut to these k
     order: int = 4                  # n-gram prior order
     top_k: int = 64                 # K of the prior/posterior targets
     eval_records: int = 400         # training records scored for estimation quality
@@ -80,8 +83,8 @@ class LabRunConfig:
 
 RUN_DEFAULTS: dict[str, LabRunConfig] = {
     "micro": LabRunConfig(samples_per_prompt=1, max_prompts=48, max_new_tokens=16, order=3, top_k=16,
-                          eval_records=24, calibration_records=24, corpus_fractions=(0.5, 1.0), k_values=(4, 16), epochs=1.0,
-                          batch_size=8, gad_d_warmup=2, gad_steps=2, gad_group=4, gad_batch_prompts=4),
+                          eval_records=24, calibration_records=24, corpus_fractions=(0.5, 1.0), k_values=(4, 16),
+                          epochs=1.0, batch_size=8, gad_d_warmup=2, gad_steps=2, gad_group=4, gad_batch_prompts=4),
     "tiny": LabRunConfig(),
     "small": LabRunConfig(samples_per_prompt=4, max_new_tokens=64, eval_records=800, seeds=3, epochs=3.0, lr=1e-3),
 }
@@ -97,23 +100,23 @@ def train_prompts(preset) -> list[str]:
     return [p[0] for p in pairs if p is not None]
 
 
-def _sample(teacher_dir: str, jobs: Sequence[tuple[Sequence[str], Path, int, int]], cfg: LabRunConfig,
+def _sample(teacher_dir: str, jobs: Sequence[tuple[Sequence[str], Path, int, int, int]], cfg: LabRunConfig,
             progress: bool) -> list[dict[str, Any]]:
     """Sample the lab teacher as a user samples an API teacher: `serve-teacher` on loopback (a free port, stopped
-    at the end, also on error) and `generate` over HTTP, text only. Per job (prompts, output, seed, samples per
-    prompt): the teacher records, in prompt order. Finished outputs are reused; generate's own files (resumable)
-    live in run/sampling/<name>/."""
+    at the end, also on error) and `generate` over HTTP: text, and the top log-probabilities an API reveals. Per
+    job (prompts, output, seed, samples per prompt, top log-probabilities): the teacher records, in prompt order.
+    Finished outputs are reused; generate's own files (resumable) live in run/sampling/<name>/."""
     from bayeskd.teachers.generate import generate
     from bayeskd.teachers.server import running_server
 
     out: list[dict[str, Any] | None] = [None] * len(jobs)
-    for i, (_, path, _, _) in enumerate(jobs):
+    for i, (_, path, _, _, _) in enumerate(jobs):
         if path.exists():
             out[i] = {"written": sum(1 for _ in path.open()), "reused": 1}
     if all(o is not None for o in out):
         return out  # type: ignore[return-value]
     with running_server(teacher_dir, name="lab-teacher") as url:  # the pipeline never sees its weights
-        for i, (prompts, path, seed, samples) in enumerate(jobs):
+        for i, (prompts, path, seed, samples, top_logprobs) in enumerate(jobs):
             if out[i] is not None:
                 continue
             stage = path.parent / "sampling" / path.stem
@@ -123,10 +126,11 @@ def _sample(teacher_dir: str, jobs: Sequence[tuple[Sequence[str], Path, int, int
                                "".join(json.dumps({"prompt": p}) + "\n" for p in unique).encode())
             s = generate(str(stage / "prompts.jsonl"), str(stage / "records.jsonl"), model="lab-teacher",
                          base_url=url, endpoint="completions", n=samples, temperature=cfg.temperature,
-                         max_tokens=cfg.max_new_tokens, seed=seed, ordered=True, concurrency=4, progress=progress)
+                         max_tokens=cfg.max_new_tokens, seed=seed, ordered=True, concurrency=4, progress=progress,
+                         top_logprobs=top_logprobs)
             if not s["complete"]:
                 raise LabError(f"sampling the lab teacher failed for {s['requests_failed']} prompts "
-                               f"(see {stage / 'failed.jsonl'}); rerun to resume")
+                               f"(see {stage / 'records.failed.jsonl'}); rerun to resume")
             atomic_write_bytes(path, (stage / "records.jsonl").read_bytes())
             out[i] = {"written": s["records_total"], "empty": s["empty"], "requests": s["requests"],
                       "retries": s["retries"], "seconds": s["seconds"]}
@@ -177,6 +181,10 @@ def _distill_student(method: str, seed: int, paths: dict[str, str], run: Path, c
         distill(data, paths["student"], str(out), targets=str(run / "prior" / "topk"), **kwargs)
     elif method == "posterior-kd":
         distill(data, paths["student"], str(out), targets=str(run / POSTERIOR_DIR), **kwargs)
+    elif method == "posterior-kd-text":  # the same posterior without the revealed log-probabilities
+        distill(data, paths["student"], str(out), targets=str(run / TEXT_DIR), **kwargs)
+    elif method == "bucket-kd":  # TRL's server KD: the revealed top-k, the rest of the mass in one bucket
+        distill(data, paths["student"], str(out), targets=str(run / BUCKET_DIR), kd_tail="bucket", **kwargs)
     elif method == "proxy-kd":  # the aligned proxy's own top-K, KD weighted by its likelihood of the response
         kwargs.pop("kd_weight")
         distill(data, paths["student"], str(out), targets=str(run / "proxy_targets"), method="proxy-kd", **kwargs)
@@ -258,7 +266,31 @@ def _estimation(paths, run: Path, cfg: LabRunConfig, tok, log, pipeline_proxy: s
             row[name] = _mean_kl(t_lp, est, valid)
         k_curve.append(row)
     log(format_estimation(table))
-    return {"positions": int(valid.sum()), "records": len(idx), "table": table, "k_curve": k_curve}
+    evidence = None
+    if cfg.top_logprobs:
+        text_only = combine(prior_loo, pipe.proxy_topk(tokenized, idx, V), top_k=cfg.top_k, **combo)
+        evidence = _evidence_curve(records, tokenized, tok, idx, cfg, t_lp, valid, text_only)
+    return {"positions": int(valid.sum()), "records": len(idx), "table": table, "k_curve": k_curve,
+            "evidence": evidence}
+
+
+def _evidence_curve(records, tokenized, tok, idx, cfg: LabRunConfig, t_lp, valid, text_only) -> dict[str, Any]:
+    """KL(teacher‖estimate) when the teacher reveals its top-k log-probabilities, k in `evidence_ks`: the
+    text-only calibrated posterior, conditioned on them, and the baselines' revealed top-k with a uniform tail."""
+    from bayeskd.posterior.evidence import evidence_rows
+    from bayeskd.posterior.proxy import apply_evidence
+
+    ev, report = evidence_rows(records, tokenized, tok, indices=idx)
+    base = _mean_kl(t_lp, text_only, valid)
+    rows = []
+    for k in cfg.evidence_ks:
+        e = ev.top(k)
+        cond = _mean_kl(t_lp, apply_evidence(text_only, e, "condition", cfg.top_k), valid)
+        only = _mean_kl(t_lp, apply_evidence(text_only, e, "evidence_only", cfg.top_k), valid)
+        rows.append({"k": k, "text_only": base, "condition": cond, "evidence_only": only,
+                     "condition_ratio": cond / base, "evidence_only_ratio": only / base,
+                     "share_with_evidence": float(torch.from_numpy(e.has)[valid].float().mean())})
+    return {"report": report, "rows": rows}
 
 
 def _pipeline_name(cfg: LabRunConfig) -> str:
@@ -318,7 +350,7 @@ def _students(paths, run: Path, cfg: LabRunConfig, tok, progress: bool, log) -> 
     per_seed["student init"] = [student_metrics(teacher, init, held_tok, teacher_rows=t_rows,
                                                 own_samples=sample_own(paths["student"], held, tok,
                                                                        max_new_tokens=cfg.max_new_tokens))]
-    for method in cfg.methods:
+    for method in [m for m in cfg.methods if cfg.top_logprobs or m not in ("posterior-kd-text", "bucket-kd")]:
         per_seed[method] = []
         for seed in range(cfg.seeds):
             out = _distill_student(method, seed, paths, run, cfg, progress)
@@ -339,9 +371,10 @@ def _students(paths, run: Path, cfg: LabRunConfig, tok, progress: bool, log) -> 
             "gad_d_acc": d_acc_curves}
 
 
-DATA_SETTINGS = ("samples_per_prompt", "max_prompts", "max_new_tokens", "temperature", "order", "top_k")
+DATA_SETTINGS = ("samples_per_prompt", "max_prompts", "max_new_tokens", "temperature", "order", "top_k",
+                 "top_logprobs")
 ALIGN_SETTINGS = ("align", "align_sft_epochs", "align_rounds", "align_lr", "dpo_lr", "batch_size")
-DERIVED = (POSTERIOR_DIR, "proxy_targets", "students")  # depend on every training setting
+DERIVED = (POSTERIOR_DIR, TEXT_DIR, BUCKET_DIR, "proxy_targets", "students")  # depend on every training setting
 
 
 def _check_stamps(run: Path, cfg: LabRunConfig, force: bool) -> None:
@@ -392,14 +425,14 @@ def run_lab(root: str = "runs/lab", preset: str = "tiny", *, seeds: int | None =
     held_prompts = [r["prompt"] for r in load_lab_prompts(paths["root"])]
     with _stage("sample the black-box teacher (serve-teacher + generate over HTTP)", log, timings):
         s_train, s_held = _sample(paths["teacher"], [
-            (prompts, run / "teacher_train.jsonl", lab_preset.seed, cfg.samples_per_prompt),
-            (held_prompts, run / "teacher_heldout.jsonl", lab_preset.seed + 1, 1)], cfg, progress)
+            (prompts, run / "teacher_train.jsonl", lab_preset.seed, cfg.samples_per_prompt, cfg.top_logprobs),
+            (held_prompts, run / "teacher_heldout.jsonl", lab_preset.seed + 1, 1, 0)], cfg, progress)
     with _stage("estimate-prior", log, timings):
         prior_summary = estimate_prior(str(run / "teacher_train.jsonl"), paths["tokenizer"], out=str(run / "prior"),
                                        order=cfg.order, top_k=cfg.top_k, write_topk=True)
     with _stage("estimate-posterior", log, timings):
         estimate_posterior(str(run / "teacher_train.jsonl"), str(run / "prior"), paths["proxy"],
-                           str(run / "posterior"), top_k=cfg.top_k, batch_size=16)
+                           str(run / "posterior"), top_k=cfg.top_k, batch_size=16, no_evidence=True)
     train_jsonl = str(run / "teacher_train.jsonl")
     align_summary = calibration = None
     if cfg.align:
@@ -417,9 +450,14 @@ def run_lab(root: str = "runs/lab", preset: str = "tiny", *, seeds: int | None =
         log(f"[lab] calibrated combination: {calibration['best']} (teacher-token NLL "
             f"{calibration['table'][0]['nll']:.4f}; a=b=1 log-linear: "
             f"{next(r['nll'] for r in calibration['table'] if r.get('a') == 1.0 and r.get('b') == 1.0):.4f})")
-    with _stage("estimate-posterior (calibrated)", log, timings):
+    with _stage("estimate-posterior (calibrated; conditioned on the revealed log-probabilities)", log, timings):
         estimate_posterior(train_jsonl, str(run / "prior"), pipeline_proxy, str(run / POSTERIOR_DIR),
                            top_k=cfg.top_k, batch_size=16, **calibration["best"])
+        if cfg.top_logprobs:  # what the conditioning is measured against: text only, and the revealed top-k alone
+            estimate_posterior(train_jsonl, str(run / "prior"), pipeline_proxy, str(run / TEXT_DIR),
+                               top_k=cfg.top_k, batch_size=16, no_evidence=True, **calibration["best"])
+            estimate_posterior(train_jsonl, str(run / "prior"), pipeline_proxy, str(run / BUCKET_DIR),
+                               top_k=cfg.top_k, batch_size=16, evidence_mode="evidence_only", **calibration["best"])
     if "proxy-kd" in cfg.methods:
         with _stage("Proxy-KD targets (the proxy's own top-K)", log, timings):
             estimate_posterior(train_jsonl, None, pipeline_proxy,

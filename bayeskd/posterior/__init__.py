@@ -7,11 +7,13 @@ tokens), estimate.py (the `estimate-posterior` job).
 from bayeskd._moved import lazy
 
 _NAMES = {"combine": "bayeskd.posterior.combine",
+          "evidence_only": "bayeskd.posterior.condition",
           "ProxyPosterior": "bayeskd.posterior.proxy", "fast_topk": "bayeskd.posterior.proxy",
           "PriorTopK": "bayeskd.posterior.shards", "record_shard_bounds": "bayeskd.posterior.shards",
           "calibrate_combination": "bayeskd.posterior.calibrate", "calibrate_on_records": "bayeskd.posterior.calibrate",
           "token_logprob": "bayeskd.posterior.calibrate", "DEFAULT_CANDIDATES": "bayeskd.posterior.calibrate",
           "estimate_posterior": "bayeskd.posterior.estimate",
+          "Evidence": "bayeskd.posterior.evidence", "evidence_rows": "bayeskd.posterior.evidence",
           "MODES": "bayeskd.sparse", "TEACHER_LOGPROB": "bayeskd.sparse"}
 __all__ = sorted(_NAMES)
 __getattr__ = lazy(__name__, _NAMES)

@@ -35,7 +35,8 @@ def estimate_posterior(data: str | None = None, prior_dir: str | None = None, pr
                        skip_bad: bool = False, split: str = "train", max_records: int | None = None,
                        max_shards: int | None = None, teacher_logprob: bool | None = None,
                        reuse_prior_topk: bool = True, calibrate: bool = False,
-                       calibration_records: int = 256) -> dict[str, Any]:
+                       calibration_records: int = 256, no_evidence: bool = False, evidence_top_k: int | None = None,
+                       evidence_mode: str = "condition") -> dict[str, Any]:
     """The job behind `bayeskd estimate-posterior`: load the teacher records and the prior saved by
     `estimate_prior` (`prior_dir/prior`, or `prior_dir` itself), tokenize with `tokenizer` (default: the one
     named in `prior_dir/summary.json`), and write posterior shards with the proxy into `out`.
@@ -46,7 +47,13 @@ def estimate_posterior(data: str | None = None, prior_dir: str | None = None, pr
     are read from `prior_dir/topk` (`estimate-prior --write-topk`) when it was made with the same K,
     leave-one-out setting and records, instead of being recomputed (the shards are the same).
     `calibrate`: choose mode and a/b/c/w (replacing the given ones) by the likelihood of the teacher's own tokens
-    on the first `calibration_records` records (`bayeskd.posterior.calibrate`); the choice is in the summary and manifest."""
+    on the first `calibration_records` records (`bayeskd.posterior.calibrate`); the choice is in the summary and
+    manifest.
+
+    Records that carry the teacher's top-k log-probabilities (`bayeskd generate --top-logprobs k`) condition the
+    posterior at the positions they cover (`bayeskd.posterior.condition`; the combination chosen for the other
+    positions is unchanged), unless `no_evidence`. `evidence_top_k`: use only the k most likely revealed entries
+    per position; `evidence_mode` "evidence_only": the baselines' targets (the revealed entries, a uniform tail)."""
     from bayeskd.data import DataError, load_teacher_records, load_tokenizer, tokenize_records
     from bayeskd.priors.base import load_prior
 
@@ -100,8 +107,15 @@ def estimate_posterior(data: str | None = None, prior_dir: str | None = None, pr
                 and sum(sh["rows"] for sh in topk_manifest["shards"].values())
                 == sum(len(x) for x in tokenized.response_sequences())):  # complete, for these records
             prior_topk = pdir / "topk"  # other mismatches (tokenizer, lengths) are refused with a clear error
+    evidence, evidence_report = None, None
+    if not no_evidence and any("logprobs" in r for r in records):
+        from bayeskd.posterior.evidence import evidence_rows
+
+        evidence, evidence_report = evidence_rows(records, tokenized, tok, top_k=evidence_top_k)
     summary = post.estimate(tokenized, prior, out, leave_one_out=leave_one_out, shard_records=shard_records,
-                            max_shards=max_shards, teacher_logprob=teacher_logprob, prior_topk=prior_topk)
+                            max_shards=max_shards, teacher_logprob=teacher_logprob, prior_topk=prior_topk,
+                            evidence=evidence, evidence_mode=evidence_mode, evidence_top_k=evidence_top_k)
+    summary["evidence"] = evidence_report
     if calibration is not None:
         summary["calibration"] = calibration
     summary.update({"data": str(data), "tokenizer": str(tokenizer),

@@ -188,7 +188,8 @@ class ProxyPosterior:
     def estimate(self, tokenized, prior=None, out_dir=None, *, leave_one_out: bool = True, shard_records: int = 256,
                  tokenizer_fingerprint: str | None = None, max_shards: int | None = None, progress: bool = True,
                  teacher_logprob: bool | None = None, prior_topk: str | os.PathLike | None = None,
-                 overlap: bool = True) -> dict[str, Any]:
+                 overlap: bool = True, evidence=None, evidence_mode: str = "condition",
+                 evidence_top_k: int | None = None) -> dict[str, Any]:
         """Write the target rows of every response position of `tokenized` into `out_dir` as SparseDist shards of
         `shard_records` whole records (extras `record_index`, `lengths`), skipping shards already finished
         (resume). `max_shards` stops after writing that many new shards (for tests/partial runs). Returns (and
@@ -199,7 +200,11 @@ class ProxyPosterior:
         prior_topk: a directory of the prior's top-K shards (`estimate-prior --write-topk`) made with the same
         K, leave-one-out setting, tokenizer and records: its rows are read instead of recomputed.
         overlap: take the proxy top-K, the prior top-K, the combination and the shard writing on a background
-        thread while the proxy runs (the shards are the same either way)."""
+        thread while the proxy runs (the shards are the same either way).
+        evidence: `bayeskd.posterior.evidence.Evidence` rows (target-row order, all records) of what the teacher
+        revealed; at rows that have some, the combination is conditioned on it (`evidence_mode` "condition", or
+        the baselines "evidence_only": the revealed entries and a uniform tail). `evidence_top_k` is recorded in
+        the config (the rows given must already be cut to it)."""
         t0 = time.perf_counter()
         if out_dir is None:
             raise ValueError("estimate needs out_dir")
@@ -224,13 +229,20 @@ class ProxyPosterior:
         else:
             config = {**self.config(), "prior": prior.config(), "leave_one_out": bool(leave_one_out)}
         config.update({"shard_records": int(shard_records), "teacher_logprob": tlp})
+        if evidence is not None:
+            if evidence_mode not in EVIDENCE_MODES:
+                raise ValueError(f"evidence_mode must be one of {EVIDENCE_MODES}, got {evidence_mode!r}")
+            rows = sum(len(x) for x in tokenized.response_sequences())
+            if evidence.num_rows != rows:
+                raise ValueError(f"evidence has {evidence.num_rows} rows, the data {rows} response tokens")
+            config["evidence"] = {"mode": evidence_mode, "top_k": evidence_top_k}
         source = None
         if prior is not None:
             source = PriorTopK(prior, self.top_k, bool(leave_one_out), tokenized, prior_topk)
         rank, world, created = init_distributed()
         try:
             return self._estimate(tokenized, source, out, config, V, fp, shard_records, max_shards, progress, rank,
-                                  world, t0, tlp, overlap)
+                                  world, t0, tlp, overlap, evidence, evidence_mode)
         finally:
             if created:
                 import torch.distributed as dist
@@ -238,7 +250,8 @@ class ProxyPosterior:
                 dist.destroy_process_group()
 
     def _estimate(self, tokenized, source: "PriorTopK | None", out: Path, config, V, fp, shard_records, max_shards,
-                  progress, rank: int, world: int, t0: float, tlp: bool, overlap: bool) -> dict[str, Any]:
+                  progress, rank: int, world: int, t0: float, tlp: bool, overlap: bool, evidence=None,
+                  evidence_mode: str = "condition") -> dict[str, Any]:
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
         barrier(world)
@@ -246,6 +259,7 @@ class ProxyPosterior:
                                   MANIFEST if world == 1 else rank_manifest_name(rank))
         seqs = tokenized.response_sequences()
         lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+        row_at = np.concatenate([[0], np.cumsum(lengths)])  # first target row of each record
         bounds = record_shard_bounds(len(seqs), shard_records)
         times = {"prior": 0.0, "proxy": 0.0, "topk": 0.0, "comb": 0.0, "write": 0.0}
         counts = {"written": 0, "skipped": 0, "rows_written": 0}
@@ -273,6 +287,9 @@ class ProxyPosterior:
             for f in fills:  # done before this job (one worker, in order); raises what a batch raised
                 f.result()
             post = timed("comb", self._combine, prior_rows, proxy_rows, seqs[lo:hi])
+            if evidence is not None:
+                post = timed("comb", apply_evidence, post, evidence[int(row_at[lo]):int(row_at[hi])], evidence_mode,
+                             self.top_k)
             timed("write", writer.write, f"shard-{i:05d}", post,
                   extra={RECORD_INDEX: torch.arange(lo, hi, dtype=torch.int64),
                          LENGTHS: torch.from_numpy(lengths[lo:hi])})
@@ -341,6 +358,40 @@ class ProxyPosterior:
             atomic_write_json(out / "summary.json", summary)
         barrier(world)
         return summary
+
+
+EVIDENCE_MODES = ("condition", "evidence_only")
+
+
+def apply_evidence(post: SparseDist, evidence, mode: str, top_k: int) -> SparseDist:
+    """The posterior rows conditioned on the revealed entries (`mode` "condition"), or replaced by them with a
+    uniform tail where there are some ("evidence_only", the baselines); rows without evidence are unchanged.
+    Per-row extras (the proxy's teacher-token log-probability) are kept."""
+    from bayeskd.posterior.condition import condition, evidence_only
+
+    idx, probs = torch.from_numpy(evidence.indices), torch.from_numpy(evidence.probs)
+    if mode == "condition":
+        out = condition(post, idx, probs, torch.from_numpy(evidence.lower), top_k=top_k,
+                        cap=torch.from_numpy(evidence.cap))
+    else:
+        base = evidence_only(idx, probs, post.vocab_size, top_k=top_k)
+        out = _merge_rows(post, base, torch.from_numpy(evidence.has))
+    return SparseDist(out.indices, out.logprobs, out.tail, out.vocab_size, post.temperature, dict(post.extras))
+
+
+def _merge_rows(a: SparseDist, b: SparseDist, take_b: torch.Tensor) -> SparseDist:
+    """Row i from `b` where take_b[i], else from `a` (padding both to the larger K)."""
+    k = max(a.k, b.k)
+
+    def pad(d: SparseDist) -> tuple[torch.Tensor, torch.Tensor]:
+        extra = k - d.k
+        return (torch.nn.functional.pad(d.indices, (0, extra), value=-1),
+                torch.nn.functional.pad(d.logprobs.float(), (0, extra), value=float("-inf")))
+
+    (ai, al), (bi, bl) = pad(a), pad(b)
+    m = take_b[:, None]
+    return SparseDist(torch.where(m, bi, ai), torch.where(m, bl, al), torch.where(take_b, b.tail.float(),
+                      a.tail.float()), a.vocab_size, a.temperature)
 
 
 def _fill_proxy_rows(out: SparseDist, o_t: torch.Tensor, logits: torch.Tensor, V: int, K: int,

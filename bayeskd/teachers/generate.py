@@ -5,8 +5,8 @@ Every prompt is one request for `n` samples; sample i of a prompt gets the recor
 sha256(prompt, generation settings) + "/i", and the request a seed derived from (seed, that hash), so a rerun,
 a retry or a resumed run asks for exactly the same thing. Records are appended to the output and flushed as they
 complete; a rerun reads the keys already there and asks only for the rest. A torn last line (a crash mid-write) is
-cut off. Requests that fail after all retries go to `failed.jsonl` beside the output (and are asked again by the
-next run); empty (or whitespace-only) responses go to `empty.jsonl` (they are the teacher's answer, but no use
+cut off. Requests that fail after all retries go to `<out>.failed.jsonl` beside the output (and are asked again by
+the next run); empty (or whitespace-only) responses go to `<out>.empty.jsonl` (the teacher's answer, but no use
 for training, and `load_teacher_records` refuses them).
 
 Records: `prompt` + `response` (completions endpoint) or chat `messages` ending with the assistant's answer
@@ -130,6 +130,12 @@ class RecordWriter:
         self.f.close()
 
 
+def side_files(out: Path) -> tuple[Path, Path, Path]:
+    """(failed, empty, summary) beside the output, named after it: two outputs in one folder never share them."""
+    return (out.with_name(f"{out.stem}.failed.jsonl"), out.with_name(f"{out.stem}.empty.jsonl"),
+            out.with_name(f"{out.stem}.summary.json"))
+
+
 def _order_file(path: Path, records: list[dict[str, Any]]) -> None:
     records = sorted(records, key=lambda r: (r["prompt_index"], r["sample_index"]))
     atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
@@ -179,7 +185,7 @@ def generate(prompts: str, out: str, *, model: str, base_url: str | None = None,
     backend "openai": any OpenAI-compatible server at `base_url` (the API key read from the environment variable
     `api_key_env`, never written anywhere); "hf": `model` is a local transformers checkpoint. Resumable and
     exactly once (see the module docstring); `ordered` rewrites the output in input order at the end. Writes
-    `summary.json` beside `out` and returns it.
+    `<out>.summary.json` beside `out` (teacher.jsonl: teacher.summary.json) and returns it.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -202,8 +208,7 @@ def generate(prompts: str, out: str, *, model: str, base_url: str | None = None,
             if "messages" in rec:
                 raise DataError(f"{prompts}: prompt {p} is chat 'messages'; use --endpoint chat")
     out_path = Path(out)
-    failed_path, empty_path = out_path.with_name("failed.jsonl"), out_path.with_name("empty.jsonl")
-    summary_path = out_path.with_name("summary.json")
+    failed_path, empty_path, summary_path = side_files(out_path)
     done = {r["key"] for r in read_done(out_path)} | {r["key"] for r in read_done(empty_path, "empty list")}
     keys = [request_key(rec, settings) for rec in records_in]
     todo = [p for p, k in enumerate(keys) if any(f"{k}/{i}" not in done for i in range(n))]
