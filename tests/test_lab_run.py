@@ -52,9 +52,10 @@ def test_lab_run_writes_every_table(lab_run):
     n = report["data"]["train_records"]  # the teacher's answers over HTTP (empty ones are listed apart)
     assert 40 <= n <= 48 and [r["samples"] for r in report["corpus_curve"]][1:] == [n // 2, n]
     students = report["students"]["summary"]
-    assert set(students) == {"student init", "sft", "prior-kd", "posterior-kd", "posterior-kd-text", "bucket-kd",
-                             "proxy-kd", "gad", "white-box"}
-    for method in ("sft", "prior-kd", "posterior-kd", "posterior-kd-text", "bucket-kd", "proxy-kd", "white-box"):
+    assert set(students) == {"student init", "sft", "prior-kd", "posterior-kd", "posterior-kd-k5", "posterior-kd-text",
+                             "bucket-kd", "proxy-kd", "gad", "white-box"}
+    for method in ("sft", "prior-kd", "posterior-kd", "posterior-kd-k5", "posterior-kd-text", "bucket-kd", "proxy-kd",
+                   "white-box"):
         assert os.path.exists(run / "students" / f"{method}-s0" / "config.json")
     assert os.path.exists(run / "students" / "gad-s0" / "student" / "config.json")
     curve = report["students"]["gad_d_acc"]["0"]  # the discriminator's accuracy, step by step

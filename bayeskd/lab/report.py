@@ -32,6 +32,12 @@ def check_targets(report: dict[str, Any]) -> dict[str, Any]:
         gap = sft - wb
         out["gap_closed_posterior_kd"] = (sft - post_s) / gap if gap > 0 else None
         out["gap_closed_ge_60pct"] = bool(gap > 0 and (sft - post_s) / gap >= 0.6)
+        for method in ("posterior-kd-k5", "posterior-kd-text", "bucket-kd"):
+            if method in s and gap > 0:
+                out[f"gap_closed_{method}"] = (sft - s[method]["kl_tf"]["mean"]) / gap
+        if "posterior-kd-k5" in s and gap > 0:  # issue 13: >= 80% of the gap at k = 5, >= 90% at k = 20
+            out["gap_closed_k5_ge_80pct"] = bool(out["gap_closed_posterior-kd-k5"] >= 0.8)
+            out["gap_closed_k20_ge_90pct"] = bool(out["gap_closed_posterior_kd"] >= 0.9)
     return out
 
 

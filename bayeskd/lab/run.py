@@ -34,8 +34,11 @@ from bayeskd.sparse import atomic_write_bytes, atomic_write_json
 # The posterior shards posterior-KD learns from: the pipeline's proxy (aligned when the lab aligns one) combined
 # with the prior as the calibration chose.
 POSTERIOR_DIR = "posterior_calibrated"
-METHODS = ("sft", "prior-kd", "posterior-kd", "posterior-kd-text", "bucket-kd", "proxy-kd", "gad", "white-box")
+METHODS = ("sft", "prior-kd", "posterior-kd", "posterior-kd-k5", "posterior-kd-text", "bucket-kd", "proxy-kd", "gad",
+           "white-box")
+EVIDENCE_METHODS = ("posterior-kd-k5", "posterior-kd-text", "bucket-kd")  # need the teacher's revealed log-probs
 TEXT_DIR, BUCKET_DIR = "posterior_text", "evidence_only"  # the text-only posterior; the revealed top-k + a bucket
+K5_DIR = "posterior_k5"  # conditioned on the top-5 only (an API that reveals less)
 POSTERIOR_VARIANTS = {  # name -> combine() settings, evaluated in memory beside the shards' log-linear one
     "posterior dirichlet (c=1)": dict(mode="dirichlet", c=1.0),
     "posterior mixture (w=0.5)": dict(mode="mixture", w=0.5),
@@ -181,6 +184,8 @@ def _distill_student(method: str, seed: int, paths: dict[str, str], run: Path, c
         distill(data, paths["student"], str(out), targets=str(run / "prior" / "topk"), **kwargs)
     elif method == "posterior-kd":
         distill(data, paths["student"], str(out), targets=str(run / POSTERIOR_DIR), **kwargs)
+    elif method == "posterior-kd-k5":  # the same posterior conditioned on the top-5 only
+        distill(data, paths["student"], str(out), targets=str(run / K5_DIR), **kwargs)
     elif method == "posterior-kd-text":  # the same posterior without the revealed log-probabilities
         distill(data, paths["student"], str(out), targets=str(run / TEXT_DIR), **kwargs)
     elif method == "bucket-kd":  # TRL's server KD: the revealed top-k, the rest of the mass in one bucket
@@ -350,7 +355,7 @@ def _students(paths, run: Path, cfg: LabRunConfig, tok, progress: bool, log) -> 
     per_seed["student init"] = [student_metrics(teacher, init, held_tok, teacher_rows=t_rows,
                                                 own_samples=sample_own(paths["student"], held, tok,
                                                                        max_new_tokens=cfg.max_new_tokens))]
-    for method in [m for m in cfg.methods if cfg.top_logprobs or m not in ("posterior-kd-text", "bucket-kd")]:
+    for method in [m for m in cfg.methods if cfg.top_logprobs or m not in EVIDENCE_METHODS]:
         per_seed[method] = []
         for seed in range(cfg.seeds):
             out = _distill_student(method, seed, paths, run, cfg, progress)
@@ -374,7 +379,7 @@ def _students(paths, run: Path, cfg: LabRunConfig, tok, progress: bool, log) -> 
 DATA_SETTINGS = ("samples_per_prompt", "max_prompts", "max_new_tokens", "temperature", "order", "top_k",
                  "top_logprobs")
 ALIGN_SETTINGS = ("align", "align_sft_epochs", "align_rounds", "align_lr", "dpo_lr", "batch_size")
-DERIVED = (POSTERIOR_DIR, TEXT_DIR, BUCKET_DIR, "proxy_targets", "students")  # depend on every training setting
+DERIVED = (POSTERIOR_DIR, TEXT_DIR, BUCKET_DIR, K5_DIR, "proxy_targets", "students")  # depend on every training setting
 
 
 def _check_stamps(run: Path, cfg: LabRunConfig, force: bool) -> None:
@@ -458,6 +463,9 @@ def run_lab(root: str = "runs/lab", preset: str = "tiny", *, seeds: int | None =
                                top_k=cfg.top_k, batch_size=16, no_evidence=True, **calibration["best"])
             estimate_posterior(train_jsonl, str(run / "prior"), pipeline_proxy, str(run / BUCKET_DIR),
                                top_k=cfg.top_k, batch_size=16, evidence_mode="evidence_only", **calibration["best"])
+            if "posterior-kd-k5" in cfg.methods:
+                estimate_posterior(train_jsonl, str(run / "prior"), pipeline_proxy, str(run / K5_DIR),
+                                   top_k=cfg.top_k, batch_size=16, evidence_top_k=5, **calibration["best"])
     if "proxy-kd" in cfg.methods:
         with _stage("Proxy-KD targets (the proxy's own top-K)", log, timings):
             estimate_posterior(train_jsonl, None, pipeline_proxy,
