@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from bayeskd.sparse import MODES
+from bayeskd.sparse import EVIDENCE_MODES, MODES
 
 
 def _load_config(ctx: click.Context, _param: click.Parameter, path: str | None) -> str | None:
@@ -199,7 +199,7 @@ def estimate_prior_cmd(**kwargs) -> None:
 @click.option("--evidence-top-k", default=None, type=click.IntRange(1),
               help="Use only the k most likely revealed entries per position.")
 @click.option("--evidence-mode", default="condition", show_default=True,
-              type=click.Choice(["condition", "evidence_only"]),
+              type=click.Choice(list(EVIDENCE_MODES)),
               help="condition: revealed entries exact, prior x proxy spreads the rest (capped); evidence_only: "
               "the baselines' targets (revealed entries and a uniform tail).")
 @click.option("--calibrate/--no-calibrate", default=False, show_default=True,

@@ -57,11 +57,9 @@ def model_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                  keep_from: int = 0, explicit_positions: bool = False) -> torch.Tensor:
     """The model's logits [B, L - keep_from, W]. `keep_from` > 0 runs the output embedding from that position on
     only (`logits_to_keep`, for models that take it); `explicit_positions` passes `position_ids` from the mask."""
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
     if explicit_positions:
         kwargs["position_ids"] = position_ids(attention_mask)
-    else:
-        kwargs["use_cache"] = False
     if keep_from > 0:
         kwargs["logits_to_keep"] = int(input_ids.shape[1] - keep_from)
     return model(**kwargs).logits

@@ -18,7 +18,8 @@ from bayeskd.corpus import embedded_corpus, train_bpe_tokenizer
 from bayeskd.data import DataError, tokenize_records
 from bayeskd.posterior.evidence import Evidence, StudentVocab, evidence_rows
 from bayeskd.teacher_forcing import target_logprobs, target_row_layout
-from bayeskd.teachers.hf import HFTeacher, token_bytes_table
+from bayeskd.teachers.hf import HFTeacher
+from bayeskd.token_bytes import token_bytes_table
 
 SEED = 0
 K = 5

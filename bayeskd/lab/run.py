@@ -283,7 +283,7 @@ def _evidence_curve(records, tokenized, tok, idx, cfg: LabRunConfig, t_lp, valid
     """KL(teacher‖estimate) when the teacher reveals its top-k log-probabilities, k in `evidence_ks`: the
     text-only calibrated posterior, conditioned on them, and the baselines' revealed top-k with a uniform tail."""
     from bayeskd.posterior.evidence import evidence_rows
-    from bayeskd.posterior.proxy import apply_evidence
+    from bayeskd.posterior.condition import apply_evidence
 
     ev, report = evidence_rows(records, tokenized, tok, indices=idx)
     base = _mean_kl(t_lp, text_only, valid)

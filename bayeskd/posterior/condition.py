@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from bayeskd.posterior.combine import NEG_INF, _check_dist
 from bayeskd.sparse import SparseDist
 
-__all__ = ["condition", "evidence_only", "MASS_TOL"]
+__all__ = ["condition", "evidence_only", "apply_evidence", "MASS_TOL"]
 
 MASS_TOL = 1e-4  # revealed probabilities may sum to 1 + MASS_TOL (API rounding); they are renormalized. Beyond: error
 _F64 = torch.float64
@@ -315,3 +315,32 @@ def evidence_only(ev_indices: torch.Tensor, ev_probs: torch.Tensor, vocab_size: 
     k = top_k if top_k is not None else max(int(e_valid.sum(dim=1).max()) if n > 0 else 0, 1)
     idx, lp, tail = _sorted_topk(e_idx.masked_fill(~e_valid, -1), lp, tail, k)
     return SparseDist(idx.to(torch.int32), lp.to(torch.float32), tail.to(torch.float32), vocab_size)
+
+
+def apply_evidence(post: SparseDist, evidence, mode: str, top_k: int) -> SparseDist:
+    """The posterior rows conditioned on the revealed entries (`mode` "condition"), or replaced by them with a
+    uniform tail where there are some ("evidence_only", the baselines); rows without evidence are unchanged.
+    Per-row extras (the proxy's teacher-token log-probability) are kept."""
+    idx, probs = torch.from_numpy(evidence.indices), torch.from_numpy(evidence.probs)
+    if mode == "condition":
+        out = condition(post, idx, probs, torch.from_numpy(evidence.lower), top_k=top_k,
+                        cap=torch.from_numpy(evidence.cap))
+    else:
+        base = evidence_only(idx, probs, post.vocab_size, top_k=top_k)
+        out = _merge_rows(post, base, torch.from_numpy(evidence.has))
+    return SparseDist(out.indices, out.logprobs, out.tail, out.vocab_size, post.temperature, dict(post.extras))
+
+
+def _merge_rows(a: SparseDist, b: SparseDist, take_b: torch.Tensor) -> SparseDist:
+    """Row i from `b` where take_b[i], else from `a` (padding both to the larger K)."""
+    k = max(a.k, b.k)
+
+    def pad(d: SparseDist) -> tuple[torch.Tensor, torch.Tensor]:
+        extra = k - d.k
+        return (torch.nn.functional.pad(d.indices, (0, extra), value=-1),
+                torch.nn.functional.pad(d.logprobs.float(), (0, extra), value=float("-inf")))
+
+    (ai, al), (bi, bl) = pad(a), pad(b)
+    m = take_b[:, None]
+    return SparseDist(torch.where(m, bi, ai), torch.where(m, bl, al), torch.where(take_b, b.tail.float(),
+                      a.tail.float()), a.vocab_size, a.temperature)

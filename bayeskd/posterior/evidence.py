@@ -25,7 +25,7 @@ import numpy as np
 from bayeskd.data import DataError
 from bayeskd.sparse import tokenizer_fingerprint
 from bayeskd.teacher_forcing import target_row_layout
-from bayeskd.teachers.hf import token_bytes_table
+from bayeskd.token_bytes import token_bytes_table
 
 PLACEHOLDER = -9999.0  # OpenAI's "not in the top k" log-probability
 LOGPROB_TOL = 1e-6  # a log-probability may exceed 0, and a list be out of order, by this much (rounding)

@@ -24,11 +24,12 @@ import torch
 from tqdm.auto import tqdm
 
 from bayeskd.posterior.combine import combine
+from bayeskd.posterior.condition import apply_evidence
 from bayeskd.posterior.shards import (PriorTopK, RankShardWriter, barrier, gather, init_distributed,
                                       rank_manifest_name, record_shard_bounds)
+from bayeskd.sparse import (EVIDENCE_MODES, LENGTHS, MANIFEST, MODES, RECORD_INDEX, TEACHER_LOGPROB,
+                            CacheMismatchError, SparseDist, atomic_write_json, dir_bytes, read_manifest)
 from bayeskd.teacher_forcing import RecordBatch, model_logits, record_batches, target_row_layout
-from bayeskd.sparse import (LENGTHS, MANIFEST, MODES, RECORD_INDEX, TEACHER_LOGPROB, CacheMismatchError, SparseDist,
-                            atomic_write_json, dir_bytes, read_manifest)
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
@@ -358,40 +359,6 @@ class ProxyPosterior:
             atomic_write_json(out / "summary.json", summary)
         barrier(world)
         return summary
-
-
-EVIDENCE_MODES = ("condition", "evidence_only")
-
-
-def apply_evidence(post: SparseDist, evidence, mode: str, top_k: int) -> SparseDist:
-    """The posterior rows conditioned on the revealed entries (`mode` "condition"), or replaced by them with a
-    uniform tail where there are some ("evidence_only", the baselines); rows without evidence are unchanged.
-    Per-row extras (the proxy's teacher-token log-probability) are kept."""
-    from bayeskd.posterior.condition import condition, evidence_only
-
-    idx, probs = torch.from_numpy(evidence.indices), torch.from_numpy(evidence.probs)
-    if mode == "condition":
-        out = condition(post, idx, probs, torch.from_numpy(evidence.lower), top_k=top_k,
-                        cap=torch.from_numpy(evidence.cap))
-    else:
-        base = evidence_only(idx, probs, post.vocab_size, top_k=top_k)
-        out = _merge_rows(post, base, torch.from_numpy(evidence.has))
-    return SparseDist(out.indices, out.logprobs, out.tail, out.vocab_size, post.temperature, dict(post.extras))
-
-
-def _merge_rows(a: SparseDist, b: SparseDist, take_b: torch.Tensor) -> SparseDist:
-    """Row i from `b` where take_b[i], else from `a` (padding both to the larger K)."""
-    k = max(a.k, b.k)
-
-    def pad(d: SparseDist) -> tuple[torch.Tensor, torch.Tensor]:
-        extra = k - d.k
-        return (torch.nn.functional.pad(d.indices, (0, extra), value=-1),
-                torch.nn.functional.pad(d.logprobs.float(), (0, extra), value=float("-inf")))
-
-    (ai, al), (bi, bl) = pad(a), pad(b)
-    m = take_b[:, None]
-    return SparseDist(torch.where(m, bi, ai), torch.where(m, bl, al), torch.where(take_b, b.tail.float(),
-                      a.tail.float()), a.vocab_size, a.temperature)
 
 
 def _fill_proxy_rows(out: SparseDist, o_t: torch.Tensor, logits: torch.Tensor, V: int, K: int,

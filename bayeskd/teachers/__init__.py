@@ -1,7 +1,8 @@
 """Sampling a teacher: the Teacher protocol, the teachers that live in this process, and turning any teacher's
 answers into teacher records."""
 from bayeskd.teachers.base import Teacher, TopLogprobsTeacher
-from bayeskd.teachers.hf import Generation, HFTeacher, TokenLogprob, token_bytes_table
+from bayeskd.teachers.hf import Generation, HFTeacher, TokenLogprob
+from bayeskd.token_bytes import token_bytes_table
 from bayeskd.teachers.local import BlackBoxTeacher, WhiteBoxTeacher
 from bayeskd.teachers.sampling import sample_records, sample_teacher_jsonl
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bayeskd.data import DataError
+from bayeskd.token_bytes import token_name_bytes
 
 NOT_IN_TOP = -9999.0  # OpenAI's placeholder log-probability for "not among the top k"
 
@@ -47,18 +48,8 @@ class Reply:
 
 # ---------------------------------------------------------------------------------------------------- logprobs
 
-def _token_bytes(token: str) -> list[int]:
-    """The bytes of a token named by its text; OpenAI names a token that is not whole UTF-8 `bytes:\\xNN...`."""
-    if token.startswith("bytes:"):
-        try:
-            return list(token[len("bytes:"):].encode("latin-1").decode("unicode_escape").encode("latin-1"))
-        except (UnicodeDecodeError, UnicodeEncodeError):
-            pass
-    return list(token.encode("utf-8"))
-
-
 def _entry(token: str, token_bytes: list[int] | bytes | None, logprob: float | None) -> dict[str, Any]:
-    b = list(token_bytes) if token_bytes is not None else _token_bytes(token)
+    b = list(token_bytes) if token_bytes is not None else list(token_name_bytes(token))
     lp = None if logprob is None or logprob <= NOT_IN_TOP else float(logprob)
     return {"token": token, "bytes": b, "logprob": lp}
 
