@@ -102,6 +102,8 @@ def main() -> None:
               help="Seconds per request.")
 @click.option("--ordered", is_flag=True, help="Rewrite the output in input order at the end (default: completion "
               "order; every record carries its key).")
+@click.option("--keep-empty", is_flag=True, help="Keep blank answers (whitespace only, or the teacher ending at once) "
+              "in the output: they are samples of the teacher too (default: set apart in OUT.empty.jsonl).")
 @click.option("--max-prompts", default=None, type=click.IntRange(1), help="Use only the first N prompts.")
 @click.option("--device", default=None, help="torch device for --backend hf.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

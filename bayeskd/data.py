@@ -25,6 +25,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 MAX_REASONS = 5  # how many skip reasons a report keeps
 
 
+NATURAL_END = (None, "stop", "eos", "eos_token", "end_turn")  # finish reasons of a response that ended itself
+
+
 class DataError(ValueError):
     """Malformed or unusable input data; the message names the file, line/row and field."""
 
@@ -80,9 +83,20 @@ def _check_messages(messages: Any) -> list[dict[str, str]]:
     if out[-1]["role"] != "assistant":
         raise _BadRecord(f"field 'messages' must end with the assistant's message (the response), "
                          f"last role is '{out[-1]['role']}'")
-    if not out[-1]["content"].strip():
-        raise _BadRecord(f"field 'messages[{len(out) - 1}].content' (the assistant response) is empty")
     return out
+
+
+def _check_response(text: str, finish: Any, what: str) -> None:
+    """A blank response is data only when a teacher gave it (the record carries its `finish_reason`): the teacher
+    answering nothing but whitespace, or ending at once, is one of its samples (`generate --keep-empty`); in
+    hand-made data it is a mistake. A response that is empty and did not end itself has nothing in it at all."""
+    if text.strip():
+        return
+    if finish is None:
+        raise _BadRecord(f"{what} is empty")
+    if not text and finish not in NATURAL_END:
+        raise _BadRecord(f"{what} is empty and the teacher did not end it (finish_reason "
+                         f"{finish!r}): nothing was generated")
 
 
 def normalize_record(rec: Any) -> dict[str, Any]:
@@ -96,6 +110,8 @@ def normalize_record(rec: Any) -> dict[str, Any]:
     out = {k: v for k, v in rec.items() if v is not None}
     if out.get("messages") is not None:
         out["messages"] = _check_messages(out["messages"])
+        _check_response(out["messages"][-1]["content"], out.get("finish_reason"),
+                        f"field 'messages[{len(out['messages']) - 1}].content' (the assistant response)")
         for k in ("prompt", "response"):  # a record is one or the other; mixing them would be ambiguous
             if k in out:
                 raise _BadRecord(f"record has both 'messages' and '{k}'; use one format per record")
@@ -104,7 +120,8 @@ def normalize_record(rec: Any) -> dict[str, Any]:
         raise _BadRecord("missing field 'response' (need 'prompt'+'response' or 'messages')")
     if "prompt" not in rec:
         raise _BadRecord("missing field 'prompt' (need 'prompt'+'response' or 'messages')")
-    out["response"] = _check_string(rec, "response", allow_empty=False)
+    out["response"] = _check_string(rec, "response", allow_empty=True)
+    _check_response(out["response"], out.get("finish_reason"), "field 'response'")
     out["prompt"] = _check_string(rec, "prompt", allow_empty=True)  # an empty prompt = unconditional text
     return out
 
@@ -306,6 +323,9 @@ class TokenizeReport:
     prompt_truncated: int = 0  # records whose prompt lost tokens on the left
     response_truncated: int = 0  # records whose response alone was longer than max_length
     response_tokens_dropped: int = 0
+    teacher_tokens: int = 0  # records whose response tokens are the teacher's own (from its logprobs' bytes)
+    noncanonical: int = 0  # of those, records the tokenizer would have tokenized otherwise
+    no_eos: int = 0  # records cut off (finish_reason "length", ...): no EOS appended
 
     def to_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -370,12 +390,36 @@ def render_prompt(record: dict[str, Any], tokenizer) -> str:
     return tokenizer.apply_chat_template(record["messages"][:-1], add_generation_prompt=True, tokenize=False)
 
 
+def _teacher_ids(rec: dict[str, Any], response: str, id_of: dict[bytes, int]) -> list[int] | None:
+    """The teacher's own tokens of a record, as student ids, when its `logprobs` spell the response (exactly, or
+    but for partial characters) and every token is one student token (the same tokenizer); None otherwise (then
+    the text is re-tokenized)."""
+    lps = rec.get("logprobs")
+    if not isinstance(lps, list):
+        return None
+    try:
+        pieces = [bytes(e["bytes"]) for e in lps]
+    except (TypeError, ValueError, KeyError):
+        return None  # malformed logprobs: the evidence rows name the record
+    spelled = b"".join(pieces)
+    if spelled != response.encode("utf-8") and spelled.decode("utf-8", "replace") != response:
+        return None  # (a character the teacher left partial reads as U+FFFD in the text: its bytes are the truth)
+    ids = [id_of.get(b, -1) for b in pieces]
+    return None if -1 in ids else ids
+
+
 def tokenize_records(records: list[dict[str, Any]], tokenizer, max_length: int | None = None,
-                     add_eos: bool = True) -> TokenizedData:
+                     add_eos: bool = True, teacher_tokens: bool = True) -> TokenizedData:
     """Tokenize records into prompt tokens + response tokens (+ EOS) with a response mask.
 
-    Prompt and response are tokenized separately and concatenated, so the response tokens are exactly the
-    tokenization of the response text (a merge across the boundary is never formed).
+    The observed tokens must be the teacher's own (they are samples of the distribution every stage estimates):
+    - Prompt and response are tokenized separately and concatenated, as the teacher saw its prompt and
+      generated after it (a merge across the boundary is never formed).
+    - `teacher_tokens`: a record whose `logprobs` (from `generate --top-logprobs`) spell the response exactly in
+      tokens of this tokenizer keeps the teacher's tokens, also where the teacher sampled a split the tokenizer
+      would not make (re-tokenizing would put tokens the teacher never produced in its place).
+    - EOS (with `add_eos`) only ends a response that ended itself: `finish_reason` absent, "stop" (or "eos",
+      "eos_token", "end_turn"); one cut off by the length limit ("length") or otherwise gets none.
     - `prompt`/`response` records: the prompt gets the tokenizer's special tokens (e.g. BOS), as
       `tokenizer(prompt)` would; the response gets none.
     - `messages` records: the prompt is `apply_chat_template(messages[:-1], add_generation_prompt=True,
@@ -407,9 +451,21 @@ def tokenize_records(records: list[dict[str, Any]], tokenizer, max_length: int |
     response_ids = _batch_encode(tokenizer, responses, False, "responses")
 
     report = TokenizeReport(records=len(records))
+    if teacher_tokens and any("logprobs" in r for r in records):
+        from bayeskd.token_bytes import cached_bytes_to_id
+
+        id_of = cached_bytes_to_id(tokenizer)
+        for i, rec in enumerate(records):
+            own = _teacher_ids(rec, responses[i], id_of)
+            if own is not None:
+                report.teacher_tokens += 1
+                report.noncanonical += own != response_ids[i]
+                response_ids[i] = own
     input_ids, masks, plens = [], [], np.empty(len(records), dtype=np.int32)
     for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-        r = np.asarray(r + ([eos] if eos is not None else []), dtype=np.int32)
+        ended = records[i].get("finish_reason") in NATURAL_END
+        report.no_eos += not ended
+        r = np.asarray(r + ([eos] if eos is not None and ended else []), dtype=np.int32)
         p = np.asarray(p, dtype=np.int32)
         if max_length is not None and len(p) + len(r) > max_length:
             keep_r = max_length - min(1, len(p))  # one prompt token gives the first response token a context

@@ -5,7 +5,11 @@ client) and the evidence rows of the posterior.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>$")  # SentencePiece's byte-fallback tokens
+_ID_OF_BYTES: dict[str, dict[bytes, int]] = {}  # tokenizer fingerprint -> its bytes -> id map
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -77,6 +81,34 @@ def token_bytes_table(tokenizer) -> list[bytes]:
         else:
             out.append(tokenizer.convert_tokens_to_string([tok]).encode("utf-8"))
     return out
+
+
+def bytes_to_id(tokenizer, table: list[bytes] | None = None) -> dict[bytes, int]:
+    """bytes -> the token id with exactly those bytes (special tokens have none). One byte string with several
+    ids (a piece and its `<0xNN>` byte-fallback twin): the id the tokenizer itself gives the text, else the
+    smallest that is not a byte piece."""
+    table = token_bytes_table(tokenizer) if table is None else table
+    by_bytes: dict[bytes, list[int]] = {}
+    for i, b in enumerate(table):
+        by_bytes.setdefault(b, []).append(i)
+    by_bytes.pop(b"", None)
+    out = {b: ids[0] for b, ids in by_bytes.items()}
+    for b, ids in by_bytes.items():
+        if len(ids) > 1:
+            enc = tokenizer(b.decode("utf-8", "replace"), add_special_tokens=False)["input_ids"]
+            plain = [i for i, t in zip(ids, tokenizer.convert_ids_to_tokens(ids)) if not _BYTE_PIECE.match(t)]
+            out[b] = enc[0] if len(enc) == 1 and enc[0] in ids else min(plain or ids)
+    return out
+
+
+def cached_bytes_to_id(tokenizer) -> dict[bytes, int]:
+    """`bytes_to_id` built once per tokenizer (by fingerprint) in this process; do not modify the result."""
+    from bayeskd.sparse import tokenizer_fingerprint
+
+    fp = tokenizer_fingerprint(tokenizer)
+    if fp not in _ID_OF_BYTES:
+        _ID_OF_BYTES[fp] = bytes_to_id(tokenizer)
+    return _ID_OF_BYTES[fp]
 
 
 def token_display(token_bytes: bytes, fallback: str) -> str:

@@ -296,3 +296,25 @@ def test_tokenizer_fixture_has_the_chat_template(tiny_tokenizer):
     assert 500 <= len(tiny_tokenizer) <= 1000
     ids = tiny_tokenizer("hello world")["input_ids"]
     assert ids[0] == tiny_tokenizer.bos_token_id and tiny_tokenizer.unk_token_id not in ids
+
+
+def test_blank_teacher_answers_and_eos_only_at_a_natural_end(tmp_path, tiny_tokenizer):
+    """A teacher's blank answer is one of its samples (kept with its finish_reason; in hand-made data it is an
+    error); EOS ends only responses that ended themselves, not those cut off by the length limit."""
+    rows = [{"prompt": "a", "response": " \n", "finish_reason": "stop"},
+            {"prompt": "a", "response": "", "finish_reason": "stop"},
+            {"prompt": "a", "response": "x y", "finish_reason": "length"},
+            {"prompt": "a", "response": "x y"}]
+    p = tmp_path / "t.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records, _ = load_teacher_records(str(p))
+    tok = tokenize_records(records, tiny_tokenizer)
+    eos = tiny_tokenizer.eos_token_id
+    resp = tok.response_sequences()
+    assert resp[0][-1] == eos and len(resp[0]) > 1
+    assert resp[1].tolist() == [eos]  # the teacher ended at once: its one row is EOS
+    assert eos not in resp[2].tolist() and resp[3][-1] == eos  # cut off: no EOS; no finish_reason: a whole answer
+    assert tok.report.no_eos == 1
+    p.write_text(json.dumps({"prompt": "a", "response": "", "finish_reason": "length"}) + "\n")
+    with pytest.raises(DataError, match=r"t\.jsonl:1: field 'response' is empty and the teacher did not end it"):
+        load_teacher_records(str(p))

@@ -73,7 +73,9 @@ def records(teacher) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def same(records, tiny_tokenizer):
-    tokenized = tokenize_records(records, tiny_tokenizer)
+    # The text re-tokenized (not the teacher's own tokens, `teacher_tokens=False`): the alignment is what is tested
+    # here, also after a split the tokenizer would not make; the teacher's own tokens are tested below.
+    tokenized = tokenize_records(records, tiny_tokenizer, teacher_tokens=False)
     ev, report = evidence_rows(records, tokenized, tiny_tokenizer)
     return tokenized, ev, report
 
@@ -120,13 +122,17 @@ def test_same_tokenizer_entries_are_the_teachers_distribution(teacher, records, 
         rr = _rows(tokenized, q)
         has, ex = ev.has[rr.start:rr.stop], exact[rr.start:rr.stop]
         ids = tokenized.input_ids[q][tokenized.prompt_lengths[q]:]
-        assert not has[-1] and ids[-1] == tiny_tokenizer.eos_token_id  # the EOS row stays empty
+        if rec["finish_reason"] == "stop":
+            assert not has[-1] and ids[-1] == tiny_tokenizer.eos_token_id  # the EOS row stays empty
+            ids = ids[:-1]
+        else:  # cut off by max_tokens: no EOS was produced, none is appended
+            assert rec["finish_reason"] == "length" and tiny_tokenizer.eos_token_id not in ids
         k = int(ex.sum())
         assert ex[:k].all()  # exact rows are a prefix of the response rows ...
         teacher_bytes = [bytes(t["bytes"]) for t in rec["logprobs"]]
-        student_bytes = [table[x] for x in ids[:-1]]
+        student_bytes = [table[x] for x in ids]
         if teacher_bytes == student_bytes:
-            assert k == len(ids) - 1  # ... all of them when the teacher's tokens are the student's
+            assert k == len(ids)  # ... all of them when the teacher's tokens are the student's
             kinds.add("one to one")
         else:  # ... up to a partial character, a special token or a non-canonical token (then lower bounds)
             d = next(i for i, (x, y) in enumerate(zip(teacher_bytes + [None], student_bytes + [None])) if x != y)
@@ -137,6 +143,33 @@ def test_same_tokenizer_entries_are_the_teachers_distribution(teacher, records, 
                 assert ev.indices[rr.start + j, ev.chosen[rr.start + j]] == ids[j]
     assert kinds == {"one to one", "broken text", "special", "other"}, kinds  # every path taken
     assert report["share_with_evidence"] == pytest.approx(ev.has.mean())
+
+
+def test_the_teachers_own_tokens_make_every_row_exact(teacher, records, same, tiny_tokenizer):
+    """Tokenized with the teacher's own tokens (the default), every record whose logprobs spell its text is one to
+    one, the non-canonical ones included (those holding a special token are re-tokenized), so every row but EOS has exact evidence, equal to the teacher's own."""
+    retok = same[0]
+    tokenized = tokenize_records(records, tiny_tokenizer)
+    ev, report = evidence_rows(records, tokenized, tiny_tokenizer)
+    table = token_bytes_table(tiny_tokenizer)
+    spelled = [[bytes(t["bytes"]) for t in r["logprobs"]] for r in records]  # a special token (no bytes): re-tokenized
+    whole = [q for q, r in enumerate(records)  # a partial character reads as U+FFFD in the text; its bytes are known
+             if b"".join(spelled[q]).decode("utf-8", "replace") == _text(r) and b"" not in spelled[q]]
+    assert any("\ufffd" in _text(records[q]) for q in whole)
+    assert tokenized.report.teacher_tokens == len(whole) and 0 < tokenized.report.noncanonical < len(whole)
+    changed = 0
+    for q in whole:
+        ids = tokenized.input_ids[q][tokenized.prompt_lengths[q]:]
+        body = ids[:-1] if records[q]["finish_reason"] == "stop" else ids
+        assert [table[x] for x in body] == [bytes(t["bytes"]) for t in records[q]["logprobs"]]
+        rr = _rows(tokenized, q)
+        assert (ev.has & ~ev.lower.any(1))[rr.start:rr.start + len(body)].all()
+        changed += not np.array_equal(ids, retok.input_ids[q][retok.prompt_lengths[q]:])
+    assert changed == tokenized.report.noncanonical
+    logp = target_logprobs(teacher.model, tokenized)[0].numpy()
+    r = np.nonzero(ev.has & ~ev.lower.any(1))[0]
+    assert len(r) > 0.9 * ev.num_rows - len(records)
+    np.testing.assert_allclose(ev.probs[r, 0], np.exp(logp[r, ev.indices[r, 0]]), rtol=1e-4, atol=1e-7)
 
 
 def test_rows_follow_the_indices_asked_for(records, same, tiny_tokenizer):
@@ -156,7 +189,7 @@ def test_truncated_responses_keep_their_rows(records, same, tiny_tokenizer):
     """max_length cuts responses (and prompts): the kept rows carry the evidence of the full record's first rows
     (the teacher saw the whole prompt, so its numbers stay its numbers)."""
     full, ev, _ = same
-    tokenized = tokenize_records(records, tiny_tokenizer, max_length=8)
+    tokenized = tokenize_records(records, tiny_tokenizer, max_length=8, teacher_tokens=False)
     assert tokenized.report.response_truncated > 0
     cut, report = evidence_rows(records, tokenized, tiny_tokenizer)
     assert cut.num_rows == report["rows"] == sum(len(_rows(tokenized, q)) for q in range(len(records)))
@@ -370,7 +403,7 @@ def test_a_broken_character_ends_the_evidence(tiny_tokenizer):
             "top_logprobs": [{"token": "t", "bytes": list(b), "logprob": math.log(0.2)},
                              {"token": "u", "bytes": list(b"zz"), "logprob": math.log(0.1)}]} for b in pieces]
     rec = {"prompt": "x", "response": "ab\ufffdcdef", "finish_reason": "length", "logprobs": lps}
-    tokenized = tokenize_records([rec], tiny_tokenizer)
+    tokenized = tokenize_records([rec], tiny_tokenizer, teacher_tokens=False)  # the text re-tokenized
     ev, report = evidence_rows([rec], tokenized, tiny_tokenizer)
     table = token_bytes_table(tiny_tokenizer)
     ids = tokenized.input_ids[0][tokenized.prompt_lengths[0]:]
@@ -378,6 +411,11 @@ def test_a_broken_character_ends_the_evidence(tiny_tokenizer):
     assert set(starts.tolist()) & {3, 4, 5, 6}  # teacher offsets 3..6 (in its bytes) would have coincided
     np.testing.assert_array_equal(ev.has, np.isin(starts, [0, 1, 2]))
     assert report["rows_with_evidence"] >= 1
+    # The teacher's own tokens (the default) keep the lone byte: every row is the teacher's, with its evidence.
+    own = tokenize_records([rec], tiny_tokenizer)
+    assert [table[x] for x in own.input_ids[0][own.prompt_lengths[0]:]] == pieces
+    ev, _ = evidence_rows([rec], own, tiny_tokenizer)
+    assert ev.has.all() and np.allclose(ev.probs[:, 0], 0.2)  # ("zz" is no student token: lower bounds)
 
 
 def test_stop_may_cut_inside_a_token_length_may_not(records, tiny_tokenizer):

@@ -295,10 +295,18 @@ def test_malformed_json_timeouts_and_empty_answers(tmp_path):
 
         s = generate(str(prompts), str(tmp_path / "t.jsonl"), model="stub", base_url=f"{url}/v1", timeout=0.5,
                      backoff=0.01, progress=False)
+        kept = generate(str(prompts), str(tmp_path / "k.jsonl"), model="stub", base_url=f"{url}/v1", timeout=0.5,
+                        backoff=0.01, progress=False, keep_empty=True)
     assert s["complete"] and s["records_total"] == 3 and s["empty"] == 1 and s["retries"] == 2
     assert json.loads((tmp_path / "t.empty.jsonl").read_text())["messages"][-1]["content"] == " \n"
     assert {json.loads(x)["messages"][0]["content"] for x in (tmp_path / "t.jsonl").read_text().splitlines()} == \
         {"q0", "q1", "q3"}
+    # --keep-empty: the blank answer is a sample like the others, and the loader takes it (it has its finish_reason)
+    assert kept["records_total"] == 4 and kept["empty"] == 0 and kept["empty_kept"] == 1
+    from bayeskd.data import load_teacher_records
+
+    records, _ = load_teacher_records(str(tmp_path / "k.jsonl"))
+    assert sorted(r["messages"][-1]["content"] for r in records)[0] == " \n"
 
 
 def test_failures_after_all_retries_are_listed_and_asked_again(teacher_dir, tmp_path):

@@ -94,14 +94,23 @@ def test_no_evidence_gives_the_text_only_shards(setup, tmp_path):
 
     from bayeskd.posterior.estimate import estimate_posterior
 
-    plain = tmp_path / "plain.jsonl"
-    plain.write_text("".join(json.dumps({k: v for k, v in json.loads(x).items() if k != "logprobs"}) + "\n"
-                             for x in setup["data"].read_text().splitlines()))
-    kw = dict(top_k=16, mode="mixture", w=0.3)
-    a = estimate_posterior(str(setup["data"]), str(setup["d"] / "prior"), setup["proxy"], str(tmp_path / "a"),
+    from bayeskd.data import load_tokenizer, tokenize_records
+
+    # Records the tokenizer splits as the teacher did (elsewhere the text alone gives other tokens than the
+    # teacher's own, which records with logprobs keep): with and without their logprobs.
+    tok = load_tokenizer(setup["teacher"])
+    recs = [json.loads(x) for x in setup["data"].read_text().splitlines()]
+    plain_recs = [{k: v for k, v in r.items() if k != "logprobs"} for r in recs]
+    canonical = [i for i in range(len(recs)) if np.array_equal(tokenize_records([recs[i]], tok).input_ids[0],
+                                                               tokenize_records([plain_recs[i]], tok).input_ids[0])]
+    assert 0 < len(canonical) < len(recs), len(canonical)  # (the others are tested in test_evidence.py)
+    full, plain = tmp_path / "full.jsonl", tmp_path / "plain.jsonl"
+    for path, rs in ((full, recs), (plain, plain_recs)):
+        path.write_text("".join(json.dumps(rs[i]) + "\n" for i in canonical))
+    kw = dict(top_k=16, mode="mixture", w=0.3, reuse_prior_topk=False)
+    a = estimate_posterior(str(full), str(setup["d"] / "prior"), setup["proxy"], str(tmp_path / "a"),
                            no_evidence=True, **kw)
-    b = estimate_posterior(str(plain), str(setup["d"] / "prior"), setup["proxy"], str(tmp_path / "b"),
-                           reuse_prior_topk=False, **kw)
+    b = estimate_posterior(str(plain), str(setup["d"] / "prior"), setup["proxy"], str(tmp_path / "b"), **kw)
     assert a["evidence"] is None and b["evidence"] is None
 
     def sums(d):

@@ -281,3 +281,25 @@ def summarize(metrics: Mapping[str, torch.Tensor], mask: torch.Tensor | None = N
             vals = vals[mask.to(vals.device)]
         out[name] = float(vals.mean()) if vals.numel() else float("nan")
     return out
+
+
+def observed_token_check(teacher_logprobs: torch.Tensor, tokens: torch.Tensor, first: torch.Tensor,
+                         eos_token_id: int | None = None) -> dict[str, dict[str, float]]:
+    """Are the observed tokens samples of the teacher? At positions chosen without looking at the token, the mean
+    of −log p(y) − H(p) is 0 when y ~ p; each group gets its mean and standard error: "first" (each response's
+    first row), "rest" (the others). EOS is a token, not a position: its check is the expected number of EOS
+    (Σ p(EOS) over all rows) against the observed number (what a spurious EOS on cut-off responses inflates).
+    `teacher_logprobs` [N, V], `tokens` [N] (the observed token of each row), `first` [N] bool."""
+    lp = teacher_logprobs.double()
+    nll = -lp.gather(1, tokens.long()[:, None])[:, 0]
+    gap = nll - (-(lp.exp() * torch.nan_to_num(lp, neginf=0.0)).sum(-1))
+    out: dict[str, dict[str, float]] = {}
+    for name, m in (("first", first), ("rest", ~first)):
+        g = gap[m]
+        out[name] = {"rows": int(m.sum()), "gap": float(g.mean()) if len(g) else math.nan,
+                     "stderr": float(g.std() / math.sqrt(len(g))) if len(g) > 1 else math.nan}
+    if eos_token_id is not None:
+        p = lp[:, eos_token_id].exp()
+        out["eos"] = {"rows": int(len(tokens)), "expected": float(p.sum()),
+                      "stderr": float((p * (1 - p)).sum().sqrt()), "observed": int((tokens == eos_token_id).sum())}
+    return out

@@ -26,6 +26,13 @@ def check_targets(report: dict[str, Any]) -> dict[str, Any]:
         limit = {5: 0.55, 20: 0.35}.get(r["k"])
         if limit is not None:
             out[f"evidence_k{r['k']}_condition_le_{limit}"] = bool(r["condition_ratio"] <= limit)
+    o = report.get("estimation", {}).get("observed_tokens")
+    if o:  # issue 14 item 0: the observed tokens are the teacher's samples (within 0.02 nats, or the noise)
+        for k in ("first", "rest"):
+            out[f"observed_{k}_gap_within_0.02"] = bool(abs(o[k]["gap"]) <= max(0.02, 2 * o[k]["stderr"]))
+        if "eos" in o:
+            out["observed_eos_within_2se"] = bool(abs(o["eos"]["expected"] - o["eos"]["observed"])
+                                                  <= 2 * o["eos"]["stderr"] + 1)
     s = report.get("students", {}).get("summary", {})
     if all(m in s for m in ("sft", "posterior-kd", "white-box")):
         sft, post_s, wb = (s[m]["kl_tf"]["mean"] for m in ("sft", "posterior-kd", "white-box"))
@@ -57,6 +64,17 @@ def format_report(report: dict[str, Any]) -> str:
                       "| K | prior | proxy | posterior |", "|---:|---:|---:|---:|"]
             lines += [f"| {r['k']} | {r['prior']:.4f} | {r['proxy']:.4f} | {r['posterior']:.4f} |"
                       for r in e["k_curve"]]
+            lines.append("")
+        o = e.get("observed_tokens")
+        if o:
+            lines += ["Are the observed tokens the teacher's own samples? Mean −log p(y) − H(p) under the true teacher "
+                      "(0 when y ~ p), and the expected number of EOS against the observed one:", "",
+                      f"- first response token: {o['first']['gap']:+.4f} ± {o['first']['stderr']:.4f} nats "
+                      f"({o['first']['rows']} rows); other positions: {o['rest']['gap']:+.4f} ± "
+                      f"{o['rest']['stderr']:.4f} ({o['rest']['rows']} rows)"]
+            if "eos" in o:
+                lines.append(f"- EOS: expected {o['eos']['expected']:.1f} ± {o['eos']['stderr']:.1f}, observed "
+                             f"{o['eos']['observed']}")
             lines.append("")
         ev = e.get("evidence")
         if ev:

@@ -25,7 +25,7 @@ import torch
 
 from bayeskd.evaluation.evaluate import (estimation_table, format_estimation, one_hot_estimate, read_target_rows,
                                          response_logprobs, sample_own, student_metrics)
-from bayeskd.evaluation.metrics import kl_teacher_to_estimate
+from bayeskd.evaluation.metrics import kl_teacher_to_estimate, observed_token_check
 from bayeskd.lab.build import LabError, build_lab, get_preset, load_lab_prompts, split_corpus
 from bayeskd.lab.report import check_targets, format_report
 from bayeskd.resume import check_stamp, read_stamp, settings_diff
@@ -55,6 +55,7 @@ class LabRunConfig:
     max_new_tokens: int = 48
     temperature: float = 1.0        # teacher sampling temperature
     top_logprobs: int = 20          # the teacher server reveals this many log-probabilities per token (0: text only)
+    keep_empty: bool = True         # keep the teacher's blank answers: every sample counts, or the estimates are biased
     evidence_ks: tuple[int, ...] = (1, 5, 20)  # the estimation table scores evidence cut to these k
     order: int = 4                  # n-gram prior order
     top_k: int = 64                 # K of the prior/posterior targets
@@ -130,12 +131,13 @@ def _sample(teacher_dir: str, jobs: Sequence[tuple[Sequence[str], Path, int, int
             s = generate(str(stage / "prompts.jsonl"), str(stage / "records.jsonl"), model="lab-teacher",
                          base_url=url, endpoint="completions", n=samples, temperature=cfg.temperature,
                          max_tokens=cfg.max_new_tokens, seed=seed, ordered=True, concurrency=4, progress=progress,
-                         top_logprobs=top_logprobs)
+                         top_logprobs=top_logprobs, keep_empty=cfg.keep_empty)
             if not s["complete"]:
                 raise LabError(f"sampling the lab teacher failed for {s['requests_failed']} prompts "
                                f"(see {stage / 'records.failed.jsonl'}); rerun to resume")
             atomic_write_bytes(path, (stage / "records.jsonl").read_bytes())
-            out[i] = {"written": s["records_total"], "empty": s["empty"], "requests": s["requests"],
+            out[i] = {"written": s["records_total"], "empty": s["empty"], "empty_kept": s["empty_kept"],
+                      "requests": s["requests"],
                       "retries": s["retries"], "seconds": s["seconds"]}
     return out  # type: ignore[return-value]
 
@@ -261,6 +263,9 @@ def _estimation(paths, run: Path, cfg: LabRunConfig, tok, log, pipeline_proxy: s
         ests["proxy after alignment"] = pipe.proxy_topk(tokenized, idx, V)
     ests[_pipeline_name(cfg)] = read_target_rows(run / POSTERIOR_DIR, tokenized, idx)
     table = estimation_table(t_lp, ests, valid)
+    first = torch.zeros(len(tokens), dtype=torch.bool)
+    first[np.cumsum([0] + [len(x) for x in seqs[:-1]])] = True
+    observed = observed_token_check(t_lp[valid], tokens[valid], first[valid], tokenized.eos_token_id)
     k_curve = []
     for k in cfg.k_values:
         k = min(k, V)
@@ -276,7 +281,7 @@ def _estimation(paths, run: Path, cfg: LabRunConfig, tok, log, pipeline_proxy: s
         text_only = combine(prior_loo, pipe.proxy_topk(tokenized, idx, V), top_k=cfg.top_k, **combo)
         evidence = _evidence_curve(records, tokenized, tok, idx, cfg, t_lp, valid, text_only)
     return {"positions": int(valid.sum()), "records": len(idx), "table": table, "k_curve": k_curve,
-            "evidence": evidence}
+            "evidence": evidence, "observed_tokens": observed, "tokenize": tokenized.report.to_dict()}
 
 
 def _evidence_curve(records, tokenized, tok, idx, cfg: LabRunConfig, t_lp, valid, text_only) -> dict[str, Any]:
@@ -377,7 +382,7 @@ def _students(paths, run: Path, cfg: LabRunConfig, tok, progress: bool, log) -> 
 
 
 DATA_SETTINGS = ("samples_per_prompt", "max_prompts", "max_new_tokens", "temperature", "order", "top_k",
-                 "top_logprobs")
+                 "top_logprobs", "keep_empty")
 ALIGN_SETTINGS = ("align", "align_sft_epochs", "align_rounds", "align_lr", "dpo_lr", "batch_size")
 DERIVED = (POSTERIOR_DIR, TEXT_DIR, BUCKET_DIR, K5_DIR, "proxy_targets", "students")  # depend on every training setting
 
@@ -477,7 +482,8 @@ def run_lab(root: str = "runs/lab", preset: str = "tiny", *, seeds: int | None =
         "preset": lab_preset.name, "config": cfg.to_dict(), "lab": paths["root"],
         "data": {"train_records": len(train_tok), "heldout_records": s_held.get("written"),
                  "train_tokens": int(sum(len(s) for s in train_tok.response_sequences())),
-                 "train_prompts": len(prompts), "empty_samples": s_train.get("empty", 0)},
+                 "train_prompts": len(prompts), "empty_samples": s_train.get("empty", 0),
+                 "blank_samples_kept": s_train.get("empty_kept", 0)},
     }
     with _stage("evaluate estimates", log, timings):
         report["estimation"] = _estimation(paths, run, cfg, tok, log, pipeline_proxy, calibration["best"])

@@ -16,7 +16,6 @@ no start coincides. None or -9999 means "not in the top k", never a probability.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -25,13 +24,12 @@ import numpy as np
 from bayeskd.data import DataError
 from bayeskd.sparse import tokenizer_fingerprint
 from bayeskd.teacher_forcing import target_row_layout
-from bayeskd.token_bytes import token_bytes_table
+from bayeskd.token_bytes import bytes_to_id, token_bytes_table
 
 PLACEHOLDER = -9999.0  # OpenAI's "not in the top k" log-probability
 LOGPROB_TOL = 1e-6  # a log-probability may exceed 0, and a list be out of order, by this much (rounding)
 SUM_TOL = 1e-4  # the listed probabilities of a position may sum to 1 + this
 CHOSEN_TOL = 1e-3  # the sampled token's logprob and its top-list entry must agree this closely
-_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>$")  # SentencePiece's byte-fallback tokens
 
 
 class _Bad(Exception):
@@ -142,16 +140,7 @@ class StudentVocab:
         self.table = token_bytes_table(tokenizer)
         self.lengths = np.array([len(b) for b in self.table], dtype=np.int64)
         self.max_len = int(self.lengths.max(initial=0))
-        by_bytes: dict[bytes, list[int]] = {}
-        for i, b in enumerate(self.table):
-            by_bytes.setdefault(b, []).append(i)
-        by_bytes.pop(b"", None)
-        self.id_of_bytes = {b: ids[0] for b, ids in by_bytes.items()}
-        for b, ids in by_bytes.items():  # one byte string, several ids: the one tokenizing it, else not <0xNN>
-            if len(ids) > 1:
-                enc = tokenizer(b.decode("utf-8", "replace"), add_special_tokens=False)["input_ids"]
-                plain = [i for i, t in zip(ids, tokenizer.convert_ids_to_tokens(ids)) if not _BYTE_PIECE.match(t)]
-                self.id_of_bytes[b] = enc[0] if len(enc) == 1 and enc[0] in ids else min(plain or ids)
+        self.id_of_bytes = bytes_to_id(tokenizer, self.table)
         # Tokens without bytes (specials) can only be named: the teacher's "<eos>" is the student's "<eos>".
         names = {**getattr(tokenizer, "get_added_vocab", dict)(),
                  **{t: tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens}}
@@ -338,6 +327,9 @@ def _align(t_bytes: list[bytes], text: bytes, finish: Any, s_bytes: list[bytes],
         raise DataError(f"{name}: its logprobs do not belong to its response: the tokens spell "
                         f"{spelled[max(d - 20, 0):d + 20]!r} where the response has {text[max(d - 20, 0):d + 20]!r} "
                         f"(first difference at byte {d}; finish_reason {finish!r})")
+    if s_bytes == t_bytes and all(t_bytes):  # the student's tokens are the teacher's own (tokenize_records)
+        at = np.arange(len(t_bytes))
+        return at, at, np.ones(len(at), bool)
     s_spelled = b"".join(s_bytes)  # a student that adds a leading space (SentencePiece) is read past it
     s_shift = int(s_spelled.startswith(b" ") and _common(s_spelled[1:], text) > _common(s_spelled, text))
     t_start, t_ok = _starts([len(b) for b in t_bytes], match[0], match[1], False)

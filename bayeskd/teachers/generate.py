@@ -6,8 +6,10 @@ sha256(prompt, generation settings) + "/i", and the request a seed derived from 
 a retry or a resumed run asks for exactly the same thing. Records are appended to the output and flushed as they
 complete; a rerun reads the keys already there and asks only for the rest. A torn last line (a crash mid-write) is
 cut off. Requests that fail after all retries go to `<out>.failed.jsonl` beside the output (and are asked again by
-the next run); empty (or whitespace-only) responses go to `<out>.empty.jsonl` (the teacher's answer, but no use
-for training, and `load_teacher_records` refuses them).
+the next run); empty (or whitespace-only) responses go to `<out>.empty.jsonl` (the teacher's answer, but rarely
+wanted for training); with `keep_empty` they stay in the output, as they are samples of the teacher too (leaving
+them out biases the first tokens of every estimate; `load_teacher_records` takes them since they carry their
+`finish_reason`); an answer with no text that did not end itself (nothing generated) is always set apart.
 
 Records: `prompt` + `response` (completions endpoint) or chat `messages` ending with the assistant's answer
 (chat endpoint); `finish_reason`; `model`, `settings`, `key`, `prompt_index`, `sample_index`, the prompt's `id`;
@@ -26,7 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bayeskd.data import DataError, load_prompts
+from bayeskd.data import NATURAL_END, DataError, load_prompts
 from bayeskd.sparse import atomic_write_bytes, atomic_write_json
 from bayeskd.teachers.clients import (FATAL, UNREACHABLE, Answer, HFBackend, OpenAIBackend, RateLimiter,
                                      chat_messages, completion_prompt)
@@ -151,6 +153,7 @@ class _Counts:
     retries: int = 0
     records: int = 0
     empty: int = 0
+    empty_kept: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     errors: dict[str, int] = field(default_factory=dict)
@@ -179,7 +182,7 @@ def generate(prompts: str, out: str, *, model: str, base_url: str | None = None,
              requests_per_minute: float | None = None, tokens_per_minute: float | None = None,
              max_retries: int = 6, timeout: float = 120.0, ordered: bool = False, split: str = "train",
              skip_bad: bool = False, max_prompts: int | None = None, device: str | None = None,
-             progress: bool = True, backoff: float = 0.5) -> dict[str, Any]:
+             progress: bool = True, backoff: float = 0.5, keep_empty: bool = False) -> dict[str, Any]:
     """Ask the teacher `model` for `n` samples per prompt of `prompts` and append teacher records to `out`.
 
     backend "openai": any OpenAI-compatible server at `base_url` (the API key read from the environment variable
@@ -219,7 +222,7 @@ def generate(prompts: str, out: str, *, model: str, base_url: str | None = None,
     try:
         asyncio.run(_run(client, records_in, keys, todo, done, settings, counts, failures, out_path, empty_path,
                          concurrency, RateLimiter(requests_per_minute, tokens_per_minute), max_retries, backoff,
-                         progress, seed))
+                         progress, seed, keep_empty))
     finally:
         # what failed this run, for the user and the next run (which asks for them again anyway)
         atomic_write_bytes(failed_path, "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures).encode())
@@ -231,7 +234,7 @@ def generate(prompts: str, out: str, *, model: str, base_url: str | None = None,
         "out": str(out_path), "prompts": len(records_in), "skipped_prompts": int(report.skipped),
         "requests": counts.requests, "requests_done": counts.done, "requests_failed": counts.failed,
         "retries": counts.retries, "records_written": counts.records, "records_total": len(written),
-        "records_expected": len(records_in) * n, "empty": counts.empty, "errors": counts.errors,
+        "records_expected": len(records_in) * n, "empty": counts.empty, "empty_kept": counts.empty_kept, "errors": counts.errors,
         "prompt_tokens": counts.prompt_tokens, "completion_tokens": counts.completion_tokens,
         "seconds": round(seconds, 3),
         "completion_tokens_per_second": round(counts.completion_tokens / seconds, 1) if seconds > 0 else None,
@@ -245,7 +248,7 @@ def generate(prompts: str, out: str, *, model: str, base_url: str | None = None,
 
 async def _run(client, prompts, keys, todo, done, s: GenerateSettings, counts: _Counts, failures, out_path: Path,
                empty_path: Path, concurrency: int, limiter: RateLimiter, max_retries: int, backoff: float,
-               progress: bool, seed: int | None) -> None:
+               progress: bool, seed: int | None, keep_empty: bool) -> None:
     from tqdm.auto import tqdm
 
     writer, empties = RecordWriter(out_path), RecordWriter(empty_path)
@@ -293,12 +296,14 @@ async def _run(client, prompts, keys, todo, done, s: GenerateSettings, counts: _
                     rec = _record(prompt, p, i, key, answer, s, usage)
                     if rec["key"] in done:
                         continue  # written by an earlier run (a request is asked again as a whole)
-                    if not answer.text.strip():  # whitespace only: nothing to learn from (the loader refuses it)
+                    blank = not answer.text.strip()
+                    if blank and not (keep_empty and (answer.text or answer.finish_reason in NATURAL_END)):
                         empties.write(rec)
                         counts.empty += 1
                     else:
                         writer.write(rec)
                         counts.records += 1
+                        counts.empty_kept += blank
                     done.add(rec["key"])
                 counts.done += 1
                 counts.prompt_tokens += reply.prompt_tokens
