@@ -49,7 +49,7 @@ def test_lab_run_writes_every_table(lab_run):
     ev = report["estimation"]["evidence"]  # the teacher server revealed its top-20: conditioning is scored
     assert [r["k"] for r in ev["rows"]] == [1, 5, 20] and ev["report"]["rows_with_evidence"] > 0
     assert all(r["condition"] < r["text_only"] for r in ev["rows"])
-    n = report["data"]["train_records"]  # the teacher's answers over HTTP (empty ones are listed apart)
+    n = report["data"]["train_records"]  # the teacher's answers over HTTP (blank ones kept: they are samples too)
     assert 40 <= n <= 48 and [r["samples"] for r in report["corpus_curve"]][1:] == [n // 2, n]
     students = report["students"]["summary"]
     assert set(students) == {"student init", "sft", "prior-kd", "posterior-kd", "posterior-kd-k5", "posterior-kd-text",
@@ -67,6 +67,16 @@ def test_lab_run_writes_every_table(lab_run):
         # training on teacher text lowers the student's NLL of held-out teacher text
         assert students[method]["nll"]["mean"] < students["student init"]["nll"]["mean"], method
     assert "gap_closed_posterior_kd" in report["targets"]
+    # teacher B (another tokenizer): its revealed log-probabilities reach the student's vocabulary at some positions
+    # (lower bounds at the starts both tokenizers share), and every student is scored per byte of B's text
+    cross = report["cross_tokenizer"]
+    assert cross["teacher_vocab"] != cross["student_vocab"]
+    for method in ("posterior-kd", "posterior-kd-k5"):
+        ev = cross["evidence"][method]
+        assert 0 < ev["share_with_evidence"] < 1 and ev["records_cross_tokenizer"] > 0
+    assert set(cross["nll_per_byte"]) == {"student init", "sft", "posterior-kd-text", "posterior-kd-k5", "posterior-kd"}
+    assert cross["nll_per_byte"]["sft"]["mean"] < cross["nll_per_byte"]["student init"]["mean"]
+    assert "## Across tokenizers" in (run / "report.md").read_text()
     assert "## Student quality" in (run / "report.md").read_text()
     assert "Estimation quality" in output  # the tables are printed
 

@@ -33,6 +33,11 @@ def check_targets(report: dict[str, Any]) -> dict[str, Any]:
         if "eos" in o:
             out["observed_eos_within_2se"] = bool(abs(o["eos"]["expected"] - o["eos"]["observed"])
                                                   <= 2 * o["eos"]["stderr"] + 1)
+    c = (report.get("cross_tokenizer") or {}).get("nll_per_byte", {})
+    if "posterior-kd-text" in c:  # issue 13: across tokenizers the evidence still helps, at every k
+        for m in ("posterior-kd-k5", "posterior-kd"):
+            if m in c:
+                out[f"cross_{m}_below_text_only"] = bool(c[m]["mean"] < c["posterior-kd-text"]["mean"])
     s = report.get("students", {}).get("summary", {})
     if all(m in s for m in ("sft", "posterior-kd", "white-box")):
         sft, post_s, wb = (s[m]["kl_tf"]["mean"] for m in ("sft", "posterior-kd", "white-box"))
@@ -102,6 +107,16 @@ def format_report(report: dict[str, Any]) -> str:
         for method, v in s.items():
             cells = [f"{v[m]['mean']:.4f} ± {v[m]['std']:.4f}" if m in v else "–" for m in metrics]
             lines.append(f"| {method} | {v[metrics[0]]['n']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    c = report.get("cross_tokenizer")
+    if c:
+        share = ", ".join(f"{m}: {v['share_with_evidence']:.0%}" for m, v in c["evidence"].items())
+        lines += [f"## Across tokenizers (teacher B: vocabulary {c['teacher_vocab']}, student {c['student_vocab']})", "",
+                  f"{c['train_records']} samples of B with its top-{report['config']['top_logprobs']} log-probabilities; "
+                  f"positions with evidence ({share}). Students' NLL per byte of {c['heldout_records']} held-out B "
+                  "samples (differences are differences of KL(B‖student) per byte; mean ± std over seeds):", "",
+                  "| student | seeds | NLL / byte |", "|---|---:|---:|"]
+        lines += [f"| {m} | {v['n']} | {v['mean']:.4f} ± {v['std']:.4f} |" for m, v in c["nll_per_byte"].items()]
         lines.append("")
     if report.get("targets"):
         lines += ["## Targets", ""] + [f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}"

@@ -28,6 +28,7 @@ from bayeskd.evaluation.evaluate import (estimation_table, format_estimation, on
 from bayeskd.evaluation.metrics import kl_teacher_to_estimate, observed_token_check
 from bayeskd.lab.build import LabError, build_lab, get_preset, load_lab_prompts, split_corpus
 from bayeskd.lab.report import check_targets, format_report
+from bayeskd.lab.sampling import sample_teacher
 from bayeskd.resume import check_stamp, read_stamp, settings_diff
 from bayeskd.sparse import atomic_write_bytes, atomic_write_json
 
@@ -56,6 +57,7 @@ class LabRunConfig:
     temperature: float = 1.0        # teacher sampling temperature
     top_logprobs: int = 20          # the teacher server reveals this many log-probabilities per token (0: text only)
     keep_empty: bool = True         # keep the teacher's blank answers: every sample counts, or the estimates are biased
+    cross_tokenizer: bool = True    # also teacher B, with another tokenizer (`bayeskd.lab.cross`; needs top_logprobs)
     evidence_ks: tuple[int, ...] = (1, 5, 20)  # the estimation table scores evidence cut to these k
     order: int = 4                  # n-gram prior order
     top_k: int = 64                 # K of the prior/posterior targets
@@ -84,6 +86,12 @@ class LabRunConfig:
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
 
+    def train_kwargs(self, seed: int, progress: bool) -> dict[str, Any]:
+        """`distill` keyword arguments of a lab student trained with `seed`."""
+        return dict(num_train_epochs=self.epochs, per_device_train_batch_size=self.batch_size, learning_rate=self.lr,
+                    lr_scheduler_type="cosine", warmup_steps=10, seed=seed, data_seed=seed, logging_steps=10,
+                    disable_tqdm=not progress, ce_weight=self.ce_weight, kd_weight=self.kd_weight)
+
 
 RUN_DEFAULTS: dict[str, LabRunConfig] = {
     "micro": LabRunConfig(samples_per_prompt=1, max_prompts=48, max_new_tokens=16, order=3, top_k=16,
@@ -102,44 +110,6 @@ def train_prompts(preset) -> list[str]:
     teacher_docs, proxy_docs, _ = split_corpus(embedded_corpus(), preset.n_prompts, preset.seed)
     pairs = (split_prompt_response(d) for d in teacher_docs + proxy_docs)
     return [p[0] for p in pairs if p is not None]
-
-
-def _sample(teacher_dir: str, jobs: Sequence[tuple[Sequence[str], Path, int, int, int]], cfg: LabRunConfig,
-            progress: bool) -> list[dict[str, Any]]:
-    """Sample the lab teacher as a user samples an API teacher: `serve-teacher` on loopback (a free port, stopped
-    at the end, also on error) and `generate` over HTTP: text, and the top log-probabilities an API reveals. Per
-    job (prompts, output, seed, samples per prompt, top log-probabilities): the teacher records, in prompt order.
-    Finished outputs are reused; generate's own files (resumable) live in run/sampling/<name>/."""
-    from bayeskd.teachers.generate import generate
-    from bayeskd.teachers.server import running_server
-
-    out: list[dict[str, Any] | None] = [None] * len(jobs)
-    for i, (_, path, _, _, _) in enumerate(jobs):
-        if path.exists():
-            out[i] = {"written": sum(1 for _ in path.open()), "reused": 1}
-    if all(o is not None for o in out):
-        return out  # type: ignore[return-value]
-    with running_server(teacher_dir, name="lab-teacher") as url:  # the pipeline never sees its weights
-        for i, (prompts, path, seed, samples, top_logprobs) in enumerate(jobs):
-            if out[i] is not None:
-                continue
-            stage = path.parent / "sampling" / path.stem
-            stage.mkdir(parents=True, exist_ok=True)
-            unique = list(dict.fromkeys(prompts))  # one request per distinct prompt, `samples` answers each
-            atomic_write_bytes(stage / "prompts.jsonl",
-                               "".join(json.dumps({"prompt": p}) + "\n" for p in unique).encode())
-            s = generate(str(stage / "prompts.jsonl"), str(stage / "records.jsonl"), model="lab-teacher",
-                         base_url=url, endpoint="completions", n=samples, temperature=cfg.temperature,
-                         max_tokens=cfg.max_new_tokens, seed=seed, ordered=True, concurrency=4, progress=progress,
-                         top_logprobs=top_logprobs, keep_empty=cfg.keep_empty)
-            if not s["complete"]:
-                raise LabError(f"sampling the lab teacher failed for {s['requests_failed']} prompts "
-                               f"(see {stage / 'records.failed.jsonl'}); rerun to resume")
-            atomic_write_bytes(path, (stage / "records.jsonl").read_bytes())
-            out[i] = {"written": s["records_total"], "empty": s["empty"], "empty_kept": s["empty_kept"],
-                      "requests": s["requests"],
-                      "retries": s["retries"], "seconds": s["seconds"]}
-    return out  # type: ignore[return-value]
 
 
 @contextmanager
@@ -175,10 +145,7 @@ def _distill_student(method: str, seed: int, paths: dict[str, str], run: Path, c
     out = run / "students" / f"{method}-s{seed}"
     if method != "gad" and (out / "summary.json").exists():
         return out
-    kwargs: dict[str, Any] = dict(
-        num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.lr,
-        lr_scheduler_type="cosine", warmup_steps=10, seed=seed, data_seed=seed, logging_steps=10,
-        disable_tqdm=not progress, ce_weight=cfg.ce_weight, kd_weight=cfg.kd_weight)
+    kwargs = cfg.train_kwargs(seed, progress)
     data = str(run / "teacher_train.jsonl")
     if method == "sft":
         distill(data, paths["student"], str(out), **kwargs)
@@ -384,14 +351,14 @@ def _students(paths, run: Path, cfg: LabRunConfig, tok, progress: bool, log) -> 
 DATA_SETTINGS = ("samples_per_prompt", "max_prompts", "max_new_tokens", "temperature", "order", "top_k",
                  "top_logprobs", "keep_empty")
 ALIGN_SETTINGS = ("align", "align_sft_epochs", "align_rounds", "align_lr", "dpo_lr", "batch_size")
-DERIVED = (POSTERIOR_DIR, TEXT_DIR, BUCKET_DIR, K5_DIR, "proxy_targets", "students")  # depend on every training setting
+DERIVED = (POSTERIOR_DIR, TEXT_DIR, BUCKET_DIR, K5_DIR, "proxy_targets", "students", "cross")  # depend on every training setting
 
 
 def _check_stamps(run: Path, cfg: LabRunConfig, force: bool) -> None:
     """The teacher samples and the prior/posterior depend on DATA_SETTINGS: a run made with others is refused
     (or redone with `force`). The aligned proxy depends on ALIGN_SETTINGS, the other trained models on every
     setting (seeds and methods aside): when those change, what depends on them is retrained."""
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("seeds", "methods")}
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("seeds", "methods", "cross_tokenizer")}
     check_stamp(run / "run.json", {k: settings[k] for k in DATA_SETTINGS}, what="a lab run",
                 hint="pass force to redo it", error_cls=LabError, force=force)
     train_stamp = run / "train.json"
@@ -434,7 +401,7 @@ def run_lab(root: str = "runs/lab", preset: str = "tiny", *, seeds: int | None =
     prompts = train_prompts(lab_preset)[:cfg.max_prompts]
     held_prompts = [r["prompt"] for r in load_lab_prompts(paths["root"])]
     with _stage("sample the black-box teacher (serve-teacher + generate over HTTP)", log, timings):
-        s_train, s_held = _sample(paths["teacher"], [
+        s_train, s_held = sample_teacher(paths["teacher"], [
             (prompts, run / "teacher_train.jsonl", lab_preset.seed, cfg.samples_per_prompt, cfg.top_logprobs),
             (held_prompts, run / "teacher_heldout.jsonl", lab_preset.seed + 1, 1, 0)], cfg, progress)
     with _stage("estimate-prior", log, timings):
@@ -490,6 +457,12 @@ def run_lab(root: str = "runs/lab", preset: str = "tiny", *, seeds: int | None =
         report["corpus_curve"] = _corpus_curve(paths, run, cfg, tok, pipeline_proxy, calibration["best"])
     with _stage("distill and evaluate students", log, timings):
         report["students"] = _students(paths, run, cfg, tok, progress, log)
+    if cfg.cross_tokenizer and cfg.top_logprobs:
+        from bayeskd.lab.cross import run_cross
+
+        with _stage("teacher B, another tokenizer: sample, estimate, distill, evaluate", log, timings):
+            report["cross_tokenizer"] = run_cross(paths, run, cfg, prompts, held_prompts, pipeline_proxy,
+                                                  calibration["best"], lab_preset, progress, log)
     report["calibration"] = calibration
     if align_summary is not None:
         report["alignment"] = {k: align_summary.get(k) for k in ("alignment", "diagnostics_before",
