@@ -451,10 +451,11 @@ def tokenize_records(records: list[dict[str, Any]], tokenizer, max_length: int |
     response_ids = _batch_encode(tokenizer, responses, False, "responses")
 
     report = TokenizeReport(records=len(records))
+    fingerprint = tokenizer_fingerprint(tokenizer)
     if teacher_tokens and any("logprobs" in r for r in records):
         from bayeskd.token_bytes import cached_bytes_to_id
 
-        id_of = cached_bytes_to_id(tokenizer)
+        id_of = cached_bytes_to_id(tokenizer, fingerprint)
         for i, rec in enumerate(records):
             own = _teacher_ids(rec, responses[i], id_of)
             if own is not None:
@@ -486,5 +487,5 @@ def tokenize_records(records: list[dict[str, Any]], tokenizer, max_length: int |
     if report.response_truncated:
         logger.warning("%d responses were longer than max_length=%d and were truncated (%d tokens dropped)",
                        report.response_truncated, max_length, report.response_tokens_dropped)
-    return TokenizedData(input_ids, masks, plens, tokenizer_fingerprint(tokenizer), len(tokenizer),
+    return TokenizedData(input_ids, masks, plens, fingerprint, len(tokenizer),
                          tokenizer.eos_token_id, report)

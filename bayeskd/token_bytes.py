@@ -101,13 +101,15 @@ def bytes_to_id(tokenizer, table: list[bytes] | None = None) -> dict[bytes, int]
     return out
 
 
-def cached_bytes_to_id(tokenizer) -> dict[bytes, int]:
-    """`bytes_to_id` built once per tokenizer (by fingerprint) in this process; do not modify the result."""
+def cached_bytes_to_id(tokenizer, fingerprint: str | None = None, table: list[bytes] | None = None
+                       ) -> dict[bytes, int]:
+    """`bytes_to_id` built once per tokenizer (by fingerprint) in this process; do not modify the result. Callers
+    that already hold the tokenizer's fingerprint or bytes table pass them."""
     from bayeskd.sparse import tokenizer_fingerprint
 
-    fp = tokenizer_fingerprint(tokenizer)
+    fp = fingerprint or tokenizer_fingerprint(tokenizer)
     if fp not in _ID_OF_BYTES:
-        _ID_OF_BYTES[fp] = bytes_to_id(tokenizer)
+        _ID_OF_BYTES[fp] = bytes_to_id(tokenizer, table)
     return _ID_OF_BYTES[fp]
 
 

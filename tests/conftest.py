@@ -29,6 +29,15 @@ def rng(request):
     return np.random.default_rng(seed)
 
 
+def is_utf8(b: bytes) -> bool:
+    """Whether the bytes are whole UTF-8 characters (a token's bytes may hold part of one)."""
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
 def save_tiny_llama(path, tokenizer, seed: int, layers: int = 1) -> str:
     """A tiny Llama over `tokenizer`'s vocabulary, saved with its tokenizer like a user's checkpoint."""
     import torch

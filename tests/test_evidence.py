@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_llama
+from conftest import is_utf8, save_tiny_llama
 
 from bayeskd.corpus import embedded_corpus, train_bpe_tokenizer
 from bayeskd.data import DataError, tokenize_records
@@ -26,14 +26,6 @@ K = 5
 PROMPTS = ["The os module", "import sys", "def f(x):", "Hello", "A list is", "class Path", "# comment", "x = 1"]
 
 
-def _utf8(b: bytes) -> bool:
-    try:
-        b.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory, tiny_tokenizer) -> HFTeacher:
     """A tiny random Llama nudged towards whole UTF-8 tokens: a random model emits a partial character every few
@@ -45,7 +37,7 @@ def teacher(tmp_path_factory, tiny_tokenizer) -> HFTeacher:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path)
-    partial = torch.tensor([not _utf8(b) for b in token_bytes_table(tiny_tokenizer)])
+    partial = torch.tensor([not is_utf8(b) for b in token_bytes_table(tiny_tokenizer)])
     with torch.no_grad():
         model.model.embed_tokens.weight[:, 0] = 3.0
         model.lm_head.weight[partial, 0] = -0.8
@@ -235,7 +227,7 @@ def test_cross_tokenizer_aligns_by_byte_offsets(records, other_tokenizer):
             assert ev.mass[r] == pytest.approx(sum(math.exp(v) for v in entries.values()), rel=1e-5)
             got = dict(zip(ev.indices[r][ev.indices[r] >= 0].tolist(), ev.probs[r][ev.indices[r] >= 0].tolist()))
             for b, v in entries.items():
-                if b and _utf8(b):
+                if b and is_utf8(b):
                     first = tok(b.decode(), add_special_tokens=False)["input_ids"][0]
                     assert got[first] >= math.exp(v) * (1 - 1e-5)
 

@@ -49,11 +49,7 @@ def sampled(tmp_path_factory, tiny_tokenizer):
 
 def _check(model, tokenized):
     lp, _ = target_logprobs(model, tokenized)
-    seqs = tokenized.response_sequences()
-    tokens = torch.from_numpy(__import__("numpy").concatenate(seqs).astype("int64"))
-    first = torch.zeros(len(tokens), dtype=torch.bool)
-    first[torch.tensor([0] + [len(x) for x in seqs[:-1]]).cumsum(0)] = True
-    out = observed_token_check(lp, tokens, first, tokenized.eos_token_id)
+    out = observed_token_check(lp, tokenized.response_sequences(), tokenized.eos_token_id)
     print(json.dumps(out))
     return out
 

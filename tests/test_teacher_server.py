@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import save_tiny_llama
+from conftest import is_utf8, save_tiny_llama
 
 from bayeskd.teachers import HFTeacher, Teacher, token_bytes_table
 from bayeskd.teachers.hf import row_seed
@@ -72,15 +72,7 @@ def test_token_bytes_roundtrip_byte_level(tiny_tokenizer):
     assert ids[0] == tiny_tokenizer.bos_token_id
     assert b"".join(table[i] for i in ids) == text.encode("utf-8")
     # The test means something only if some character is split across tokens.
-    assert any(_not_utf8(table[i]) for i in ids)
-
-
-def _not_utf8(b: bytes) -> bool:
-    try:
-        b.decode("utf-8")
-        return False
-    except UnicodeDecodeError:
-        return True
+    assert any(not is_utf8(table[i]) for i in ids)
 
 
 def test_token_bytes_sentencepiece_byte_fallback():
@@ -125,7 +117,7 @@ def test_text_is_the_decode_never_stripped(teacher):
         assert g.text == teacher.tokenizer.decode(g.token_ids, skip_special_tokens=True,
                                                   clean_up_tokenization_spaces=False)
         raw = b"".join(table[t] for t in g.token_ids)
-        if not _not_utf8(raw):
+        if is_utf8(raw):
             assert g.text.encode("utf-8") == raw
 
 

@@ -13,8 +13,9 @@ log-probabilities already (it is not renormalised). NaN or +inf in the teacher o
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from bayeskd.sparse import SparseDist
@@ -283,13 +284,20 @@ def summarize(metrics: Mapping[str, torch.Tensor], mask: torch.Tensor | None = N
     return out
 
 
-def observed_token_check(teacher_logprobs: torch.Tensor, tokens: torch.Tensor, first: torch.Tensor,
-                         eos_token_id: int | None = None) -> dict[str, dict[str, float]]:
+def observed_token_check(teacher_logprobs: torch.Tensor, sequences: Sequence, eos_token_id: int | None = None,
+                         valid: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
     """Are the observed tokens samples of the teacher? At positions chosen without looking at the token, the mean
     of −log p(y) − H(p) is 0 when y ~ p; each group gets its mean and standard error: "first" (each response's
     first row), "rest" (the others). EOS is a token, not a position: its check is the expected number of EOS
     (Σ p(EOS) over all rows) against the observed number (what a spurious EOS on cut-off responses inflates).
-    `teacher_logprobs` [N, V], `tokens` [N] (the observed token of each row), `first` [N] bool."""
+    `teacher_logprobs` [N, V]: the teacher's rows of the response tokens `sequences` (one array per record, N
+    tokens in all, e.g. `TokenizedData.response_sequences()`); `valid` [N] bool: the rows to use (all by default)."""
+    tokens = torch.from_numpy(np.concatenate([np.asarray(s) for s in sequences]).astype(np.int64))
+    first = torch.zeros(len(tokens), dtype=torch.bool)
+    starts = torch.tensor([0] + [len(s) for s in sequences[:-1]]).cumsum(0)
+    first[starts[starts < len(tokens)]] = True  # (a record without response rows has no first row)
+    if valid is not None:
+        teacher_logprobs, tokens, first = teacher_logprobs[valid], tokens[valid], first[valid]
     lp = teacher_logprobs.double()
     nll = -lp.gather(1, tokens.long()[:, None])[:, 0]
     gap = nll - (-(lp.exp() * torch.nan_to_num(lp, neginf=0.0)).sum(-1))

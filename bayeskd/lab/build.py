@@ -191,6 +191,22 @@ def _loss_summary(losses: list[float]) -> dict[str, float]:
     return {"first_loss": losses[0], "last_loss": float(np.mean(losses[-k:])), "steps": len(losses)}
 
 
+def train_lab_model(size: ModelSize, tokenizer, docs: Sequence[str], preset: LabPreset, seed: int, path: Path,
+                    desc: str, progress: bool = True) -> dict[str, Any]:
+    """A lab model of `size` (initialised with `seed`) trained on `docs` (with `seed` + 1) and saved with its
+    tokenizer at `path`; returns its statistics."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(size.llama_config(tokenizer, max(512, 4 * preset.seq_len)))
+    stream = _token_stream(tokenizer, docs)
+    losses = train_causal_lm(model, stream, preset, seed=seed + 1, desc=desc, progress=progress)
+    _save_model(model, tokenizer, Path(path))
+    return {"docs": len(docs), "tokens": int(len(stream)), "params": sum(p.numel() for p in model.parameters()),
+            **_loss_summary(losses)}
+
+
 def lab_paths(root: str | os.PathLike, name: str) -> dict[str, str]:
     base = Path(root) / name
     return {"root": str(base), "tokenizer": str(base / "tokenizer"), "teacher": str(base / "teacher"),
@@ -243,14 +259,8 @@ def build_lab(root: str | os.PathLike, preset: str | LabPreset = "tiny", force: 
     stats: dict[str, Any] = {}
     for role, size, part, seed in (("teacher", cfg.teacher, teacher_docs, cfg.seed),
                                    ("proxy", cfg.proxy, proxy_docs, cfg.seed + 1000)):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(size.llama_config(tok, max_positions))
-        stream = _token_stream(tok, part)
-        losses = train_causal_lm(model, stream, cfg, seed=seed + 1, desc=f"lab {cfg.name}: {role}",
-                                 progress=progress)
-        _save_model(model, tok, Path(paths[role]))
-        stats[role] = {"docs": len(part), "tokens": int(len(stream)),
-                       "params": sum(p.numel() for p in model.parameters()), **_loss_summary(losses)}
+        stats[role] = train_lab_model(size, tok, part, cfg, seed, Path(paths[role]), f"lab {cfg.name}: {role}",
+                                      progress)
     torch.manual_seed(cfg.seed + 2000)
     student = LlamaForCausalLM(cfg.student.llama_config(tok, max_positions))
     _save_model(student, tok, Path(paths["student"]))

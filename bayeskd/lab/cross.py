@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from bayeskd.lab.build import LabPreset, _save_model, _token_stream, split_corpus, train_causal_lm
+from bayeskd.lab.build import LabPreset, split_corpus, train_lab_model
 from bayeskd.lab.sampling import sample_teacher
 from bayeskd.sparse import atomic_write_bytes
 
@@ -33,8 +33,7 @@ TARGETS = {"posterior-kd-text": ("posterior_text", dict(no_evidence=True)),
 
 def build_teacher_b(lab_root: str, preset: LabPreset, progress: bool = True) -> str:
     """Build (or reuse) teacher B under `lab_root/teacher_b/` (its model and tokenizer in `teacher/`)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from bayeskd.corpus import embedded_corpus, train_bpe_tokenizer
 
@@ -49,12 +48,9 @@ def build_teacher_b(lab_root: str, preset: LabPreset, progress: bool = True) -> 
     teacher_docs, proxy_docs, _ = split_corpus(embedded_corpus(), preset.n_prompts, preset.seed)
     train_bpe_tokenizer(teacher_docs + proxy_docs, vocab, base / "tokenizer")  # the lab tokenizer's text
     tok = AutoTokenizer.from_pretrained(base / "tokenizer")
-    torch.manual_seed(preset.seed + 3000)
-    model = LlamaForCausalLM(preset.teacher.llama_config(tok, max(512, 4 * preset.seq_len)))
-    losses = train_causal_lm(model, _token_stream(tok, teacher_docs), preset, seed=preset.seed + 3001,
-                             desc=f"lab {preset.name}: teacher B", progress=progress)
-    _save_model(model, tok, base / "teacher")
-    atomic_write_bytes(manifest, (json.dumps({**want, "first_loss": losses[0], "last_loss": losses[-1]}, indent=2)
+    stats = train_lab_model(preset.teacher, tok, teacher_docs, preset, preset.seed + 3000, base / "teacher",
+                            f"lab {preset.name}: teacher B", progress)
+    atomic_write_bytes(manifest, (json.dumps({**want, "stats": stats}, indent=2)
                                   + "\n").encode())  # written last: a build without it is redone
     return str(base / "teacher")
 

@@ -230,9 +230,7 @@ def _estimation(paths, run: Path, cfg: LabRunConfig, tok, log, pipeline_proxy: s
         ests["proxy after alignment"] = pipe.proxy_topk(tokenized, idx, V)
     ests[_pipeline_name(cfg)] = read_target_rows(run / POSTERIOR_DIR, tokenized, idx)
     table = estimation_table(t_lp, ests, valid)
-    first = torch.zeros(len(tokens), dtype=torch.bool)
-    first[np.cumsum([0] + [len(x) for x in seqs[:-1]])] = True
-    observed = observed_token_check(t_lp[valid], tokens[valid], first[valid], tokenized.eos_token_id)
+    observed = observed_token_check(t_lp, seqs, tokenized.eos_token_id, valid)
     k_curve = []
     for k in cfg.k_values:
         k = min(k, V)

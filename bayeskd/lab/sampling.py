@@ -42,6 +42,5 @@ def sample_teacher(teacher_dir: str, jobs: Sequence[tuple[Sequence[str], Path, i
                                f"(see {stage / 'records.failed.jsonl'}); rerun to resume")
             atomic_write_bytes(path, (stage / "records.jsonl").read_bytes())
             out[i] = {"written": s["records_total"], "empty": s["empty"], "empty_kept": s["empty_kept"],
-                      "requests": s["requests"],
-                      "retries": s["retries"], "seconds": s["seconds"]}
+                      "requests": s["requests"], "retries": s["retries"], "seconds": s["seconds"]}
     return out  # type: ignore[return-value]

@@ -24,7 +24,7 @@ import numpy as np
 from bayeskd.data import DataError
 from bayeskd.sparse import tokenizer_fingerprint
 from bayeskd.teacher_forcing import target_row_layout
-from bayeskd.token_bytes import bytes_to_id, token_bytes_table
+from bayeskd.token_bytes import cached_bytes_to_id, token_bytes_table
 
 PLACEHOLDER = -9999.0  # OpenAI's "not in the top k" log-probability
 LOGPROB_TOL = 1e-6  # a log-probability may exceed 0, and a list be out of order, by this much (rounding)
@@ -140,7 +140,7 @@ class StudentVocab:
         self.table = token_bytes_table(tokenizer)
         self.lengths = np.array([len(b) for b in self.table], dtype=np.int64)
         self.max_len = int(self.lengths.max(initial=0))
-        self.id_of_bytes = bytes_to_id(tokenizer, self.table)
+        self.id_of_bytes = cached_bytes_to_id(tokenizer, self.fingerprint, self.table)
         # Tokens without bytes (specials) can only be named: the teacher's "<eos>" is the student's "<eos>".
         names = {**getattr(tokenizer, "get_added_vocab", dict)(),
                  **{t: tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens}}
