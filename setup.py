@@ -29,6 +29,8 @@ setup(
         "fastapi>=0.110",  # bayeskd serve-teacher
         "uvicorn>=0.29",
         "httpx>=0.27",
+        "pydivsufsort>=0.0.20",  # the suffix prior's suffix array (estimate-prior --kind suffix)
+        "numba>=0.60",  # the suffix prior's per-position query
     ],
     extras_require={
         "dev": ["pytest>=7", "nltk>=3.8", "matplotlib>=3.7", "psutil>=5.9", "pyarrow>=14"],

@@ -363,6 +363,10 @@ class TokenizedData:
         """The response tokens of each record (views), e.g. to count the n-gram prior on teacher text."""
         return [ids[int(p):] for ids, p in zip(self.input_ids, self.prompt_lengths)]
 
+    def prompt_sequences(self) -> list[np.ndarray]:
+        """The prompt ids of every record (the context before its response)."""
+        return [ids[:int(p)] for ids, p in zip(self.input_ids, self.prompt_lengths)]
+
 
 def _batch_encode(tokenizer, texts: list[str], add_special_tokens: bool, desc: str,
                   batch_size: int = 1024) -> list[list[int]]:

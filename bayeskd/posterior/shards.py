@@ -125,6 +125,7 @@ class PriorTopK:
     def __init__(self, prior, k: int, leave_one_out: bool, tokenized, topk_dir: str | os.PathLike | None = None):
         self.prior, self.k, self.loo = prior, int(k), bool(leave_one_out)
         self.seqs = tokenized.response_sequences()
+        self.prompts = tokenized.prompt_sequences()
         self.how, self.reader, self.starts, self.names, self._cache = "computed", None, None, [], (None, None)
         if topk_dir is not None:
             self._open(Path(topk_dir), tokenized)
@@ -136,6 +137,10 @@ class PriorTopK:
         if cfg.get("leave_one_out") != self.loo:
             raise CacheMismatchError(f"{topk_dir}: prior top-K rows made with leave_one_out="
                                      f"{cfg.get('leave_one_out')}, asked for {self.loo}")
+        kind = self.prior.config().get("kind", "ngram")
+        if cfg.get("kind", "ngram") != kind:
+            raise CacheMismatchError(f"{topk_dir}: prior top-K rows made by a {cfg.get('kind', 'ngram')} prior, "
+                                     f"the prior is a {kind} prior")
         for key, val in self.prior.config().items():
             if key in cfg and cfg[key] != val:
                 raise CacheMismatchError(f"{topk_dir}: prior top-K rows made with {key}={cfg[key]!r}, the prior "
@@ -156,7 +161,7 @@ class PriorTopK:
 
     def rows(self, lo: int, hi: int) -> SparseDist:
         if self.reader is None:
-            return self.prior.topk(self.seqs[lo:hi], self.k, leave_one_out=self.loo)
+            return self.prior.topk(self.seqs[lo:hi], self.k, leave_one_out=self.loo, contexts=self.prompts[lo:hi])
         parts, r = [], lo
         while r < hi:
             s = int(np.searchsorted(self.starts, r, side="right")) - 1

@@ -21,9 +21,10 @@ from bayeskd.sparse import SparseDist
 class Prior(Protocol):
     vocab_size: int
 
-    def topk(self, sequences: Any, k: int, leave_one_out: bool = False) -> SparseDist:
+    def topk(self, sequences: Any, k: int, leave_one_out: bool = False, contexts: Any = None) -> SparseDist:
         """Row t of each sequence: the distribution of token t given the tokens before it; rows concatenated.
-        leave_one_out: the position's own occurrence is not counted (the prior is queried on its own corpus)."""
+        leave_one_out: the position's own occurrence is not counted (the prior is queried on its own corpus).
+        contexts: the prompt before each sequence (a prior may use it; an n-gram does not)."""
 
     def prob(self, context: Sequence[int]) -> np.ndarray:
         """The full next-token distribution [V] after `context`."""
@@ -37,8 +38,9 @@ class Prior(Protocol):
 
 def _loaders() -> dict[str, Callable[[Path], Prior]]:
     from bayeskd.priors.ngram import NGramPrior
+    from bayeskd.priors.suffix import SuffixPrior
 
-    return {"bayeskd.ngram_prior": NGramPrior.load}
+    return {"bayeskd.ngram_prior": NGramPrior.load, "bayeskd.suffix_prior": SuffixPrior.load}
 
 
 def load_prior(path: str | os.PathLike) -> Prior:

@@ -39,11 +39,19 @@ def _vocab_size(tokenizer) -> int:
     return max(len(tokenizer), int(getattr(tokenizer, "vocab_size", 0) or 0))
 
 
-def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out: str, order: int = 4,
+PRIOR_KINDS = ("ngram", "suffix")
+
+
+def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out: str, kind: str = "ngram",
+                   order: int = 4,
                    smoothing: str = "kneser_ney", alpha: float = 1.0, top_k: int = 64, write_topk: bool = False,
                    leave_one_out: bool = True, num_proc: int = 1, skip_bad: bool = False,
-                   max_records: int | None = None, split: str = "train") -> dict[str, Any]:
-    """Fit an NGramPrior on the teacher responses in `data` (tokenized with `tokenizer`) and save it in `out`.
+                   max_records: int | None = None, split: str = "train", max_levels: int = 4,
+                   max_support: int = 1024) -> dict[str, Any]:
+    """Fit a prior on the teacher responses in `data` (tokenized with `tokenizer`) and save it in `out`.
+
+    kind "ngram": an NGramPrior of `order`; "suffix": a SuffixPrior (prompt + response of every record in a
+    suffix array, Witten-Bell over its `max_levels` deepest context levels, backing off to that n-gram).
 
     Writes `out/prior/` (the model), optionally `out/topk/` (per-position top-K prior shards, leave-one-out by
     default) and `out/summary.json`. A finished model with the same config is reused, and finished shards are
@@ -51,7 +59,10 @@ def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out
     """
     from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
     from bayeskd.priors.ngram import NGramPrior
+    from bayeskd.priors.suffix import SuffixPrior
 
+    if kind not in PRIOR_KINDS:
+        raise ValueError(f"unknown prior kind {kind!r}; choose one of {', '.join(PRIOR_KINDS)}")
     t0 = time.perf_counter()
     if data is None or tokenizer is None:
         default_data, default_tok = embedded_defaults()
@@ -65,6 +76,7 @@ def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out
         records = records[:max_records]  # the summary's `records` counts what was used
     tokenized = tokenize_records(records, tok)
     sequences = tokenized.response_sequences()
+    prompts = tokenized.prompt_sequences() if kind == "suffix" else None
     vocab = _vocab_size(tok)
     if top_k > vocab:
         raise ValueError(f"--top-k {top_k} is larger than the tokenizer's vocabulary ({vocab} tokens)")
@@ -72,6 +84,8 @@ def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out
     config = {"data": str(data), "tokenizer_fingerprint": tokenized.fingerprint, "order": order,
               "smoothing": smoothing, "alpha": alpha, "vocab_size": vocab, "records": len(records),
               "tokens": n_tokens}
+    if kind == "suffix":  # (n-gram configs keep their old form, so finished n-gram runs still resume)
+        config.update(kind=kind, max_levels=max_levels, max_support=max_support)
 
     model_dir = out_dir / "prior"
     cfg_path = out_dir / "prior_config.json"
@@ -82,12 +96,18 @@ def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out
         diff = sorted(k for k in set(config) | set(old_config) if config.get(k) != old_config.get(k))
         raise CacheMismatchError(f"{out_dir} already holds a prior made with another config (differs in: "
                                  f"{', '.join(diff)}); use a new --out directory")
+    model_cls = SuffixPrior if kind == "suffix" else NGramPrior
     if model_dir.exists() and old_config == config:
-        prior = NGramPrior.load(model_dir)
+        prior = model_cls.load(model_dir)
         reused = True
     else:
-        prior = NGramPrior(order=order, smoothing=smoothing, vocab_size=vocab, alpha=alpha)
-        prior.fit(sequences, num_proc=num_proc)
+        if kind == "suffix":
+            prior = SuffixPrior(order=order, smoothing=smoothing, vocab_size=vocab, alpha=alpha,
+                                max_levels=max_levels, max_support=max_support)
+            prior.fit(sequences, prompts, num_proc=num_proc)
+        else:
+            prior = NGramPrior(order=order, smoothing=smoothing, vocab_size=vocab, alpha=alpha)
+            prior.fit(sequences, num_proc=num_proc)
         prior.save(model_dir)
         atomic_write_json(cfg_path, config)
         reused = False
@@ -107,7 +127,8 @@ def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out
             shards += 1
             if writer.has_shard(name):
                 continue
-            dist: SparseDist = prior.topk(sequences[lo:hi], top_k, leave_one_out=leave_one_out)
+            dist: SparseDist = prior.topk(sequences[lo:hi], top_k, leave_one_out=leave_one_out,
+                                          **({} if prompts is None else {"contexts": prompts[lo:hi]}))
             writer.write(name, dist, extra={"record_index": torch.arange(lo, hi, dtype=torch.int64),
                                             "lengths": torch.from_numpy(lengths[lo:hi])})
         topk_seconds = time.perf_counter() - t_q
@@ -115,8 +136,9 @@ def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out
     summary = {
         "data": str(data), "tokenizer": str(tokenizer), "records": len(records),
         "skipped_records": int(report.skipped),
-        "tokens": n_tokens, "vocab_size": vocab, "order": order, "smoothing": smoothing,
-        "ngrams_per_order": prior.ngram_counts(),
+        "tokens": n_tokens, "vocab_size": vocab, "kind": kind, "order": order, "smoothing": smoothing,
+        "ngrams_per_order": (prior.base if kind == "suffix" else prior).ngram_counts(),
+        "corpus_tokens": prior.num_tokens if kind == "suffix" else n_tokens,
         "count_seconds": round(count_seconds, 4), "reused_model": reused,
         "count_tokens_per_second": round(n_tokens / count_seconds) if count_seconds > 0 and not reused else None,
         "topk_shards": shards if write_topk else 0, "topk_seconds": round(topk_seconds, 4),

@@ -242,7 +242,7 @@ class NGramPrior(TopKMixin):
         return prior
 
     # ------------------------------------------------------------------ top-K queries (machinery: TopKMixin)
-    def topk(self, sequences: Any, k: int, leave_one_out: bool = False) -> SparseDist:
+    def topk(self, sequences: Any, k: int, leave_one_out: bool = False, contexts: Any = None) -> SparseDist:
         """The prior at every position of `sequences` (one sequence or a list): row t is the distribution of
         token t given the tokens before it (BOS-padded), rows concatenated in order, K entries each, sorted by
         descending probability.
@@ -252,6 +252,8 @@ class NGramPrior(TopKMixin):
         leave_one_out: each position's own n-grams are removed from the counts first (raw counts at every order,
         the continuation counts whose (n+1)-gram type disappears, and the affected context totals and N1/N2/N3+);
         the MKN discounts stay those of the full corpus.
+        contexts: the prompts before the sequences; unused (an n-gram's context starts at BOS), accepted so every
+        Prior is queried the same way.
         """
         self._check_fitted()
         V = self.vocab_size

@@ -1,0 +1,199 @@
+"""The suffix prior: an unbounded-context ("infini-gram") prior over the teacher's own text, on top of an n-gram.
+
+The corpus is every record's prompt + response (EOS included where the response ended naturally), records
+separated by a marker SEP = V: `SEP r0 SEP r1 SEP ... SEP`. A suffix array of the *reversed* corpus (built with
+`pydivsufsort`) lists every context read backwards, so the occurrences of any context are one contiguous range
+of it, and the token that followed each occurrence is the one just before it in the reversed corpus.
+
+For the position predicting token y after context h (prompt included), the query extends h backwards one token at
+a time, narrowing the range, until no other occurrence is left (or the record start, SEP, is passed). The ranges
+with distinct occurrence counts and at least `order` tokens of context are the levels j = 1..m (shallow to deep,
+the `max_levels` deepest kept); each gives leave-one-out continuation counts c_j(w), total c_j and distinct
+continuations T_j. Witten-Bell interpolation over the levels, starting from the n-gram (order `order`, counted on
+the responses, its top-K row + uniform tail share):
+    p_j(w) = (c_j(w) + T_j p_{j-1}(w)) / (c_j + T_j),   p_0 = the n-gram row.
+Leave-one-out removes the position's own occurrence (one count of y at every level, and from the n-gram). A level
+with more than `max_support` occurrences is estimated from `max_support` evenly spaced ones (as infini-gram
+does); below that every count is exact. docs/MATH.md has the formula.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+from bayeskd.priors._suffix_query import query_rows
+from bayeskd.priors.ngram import NGramPrior
+from bayeskd.sparse import SparseDist
+
+FORMAT = "bayeskd.suffix_prior"
+FORMAT_VERSION = 1
+CHUNK = 1 << 16  # query positions per chunk: bounds the [chunk, K] temporaries
+
+
+def _as_seqs(sequences: Any, what: str) -> list[np.ndarray]:
+    if sequences is None:
+        raise ValueError(f"{what}: got None instead of token sequences")
+    if isinstance(sequences, np.ndarray) and sequences.ndim == 1 or (
+            isinstance(sequences, (list, tuple)) and sequences and np.isscalar(sequences[0])):
+        sequences = [sequences]
+    return [np.asarray(s, dtype=np.int64).reshape(-1) for s in sequences]
+
+
+class SuffixPrior:
+    """Unbounded-context prior: Witten-Bell over the suffix levels of a suffix array, backing off to an n-gram.
+
+    `fit(responses, prompts)`: responses are what the prior predicts (and what the n-gram counts), prompts the
+    context before each (part of the corpus too: teachers repeat their prompts). Query with the same prompts
+    (`topk(..., contexts=prompts)`); without them the context starts at the response."""
+
+    def __init__(self, order: int = 4, smoothing: str = "kneser_ney", vocab_size: int | None = None,
+                 alpha: float = 1.0, max_levels: int = 4, max_support: int = 1024):
+        if vocab_size is None or int(vocab_size) < 1:
+            raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+        if int(max_levels) < 1 or int(max_support) < 1:
+            raise ValueError(f"max_levels and max_support must be >= 1, got {max_levels}, {max_support}")
+        if int(vocab_size) >= 2**31 - 1:
+            raise ValueError(f"vocab_size {vocab_size} does not fit the int32 corpus")
+        self.order, self.smoothing, self.vocab_size, self.alpha = int(order), smoothing, int(vocab_size), float(alpha)
+        self.max_levels, self.max_support = int(max_levels), int(max_support)
+        self.base = NGramPrior(order=order, smoothing=smoothing, vocab_size=vocab_size, alpha=alpha)
+        self.rev: np.ndarray | None = None  # the reversed corpus, int32
+        self.sa: np.ndarray | None = None  # its suffix array, int32
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": "suffix", "order": self.order, "smoothing": self.smoothing, "vocab_size": self.vocab_size,
+                "alpha": self.alpha, "max_levels": self.max_levels, "max_support": self.max_support}
+
+    @property
+    def num_tokens(self) -> int:
+        """Corpus tokens (prompts + responses, separators excluded)."""
+        return 0 if self.rev is None else int((self.rev != self.vocab_size).sum())
+
+    def nbytes(self) -> int:
+        """Bytes of the suffix structure (reversed corpus + suffix array); the n-gram's are `base.nbytes()`."""
+        return 0 if self.rev is None else int(self.rev.nbytes + self.sa.nbytes)
+
+    def __repr__(self) -> str:
+        return f"SuffixPrior({self.config()}, corpus_tokens={self.num_tokens})"
+
+    # ------------------------------------------------------------------ build
+    def _corpus(self, responses: list[np.ndarray], prompts: list[np.ndarray] | None) -> np.ndarray:
+        V = self.vocab_size
+        if prompts is not None and len(prompts) != len(responses):
+            raise ValueError(f"fit: {len(prompts)} prompts for {len(responses)} responses")
+        parts = [np.full(1, V, np.int32)]
+        for i, r in enumerate(responses):
+            for name, s in (("prompt", None if prompts is None else prompts[i]), ("response", r)):
+                if s is None or len(s) == 0:
+                    continue
+                if s.min() < 0 or s.max() >= V:
+                    raise ValueError(f"fit: {name} {i} holds a token id outside the vocabulary [0, V={V})")
+                parts.append(s.astype(np.int32))
+            parts.append(np.full(1, V, np.int32))
+        return np.concatenate(parts)
+
+    def fit(self, responses: Any, prompts: Any = None, num_proc: int = 1) -> "SuffixPrior":
+        """Count the n-gram on `responses` and index prompt + response of every record; returns self."""
+        import pydivsufsort
+
+        resp = _as_seqs(responses, "fit")
+        if not resp:
+            raise ValueError("fit: empty input (no sequences)")
+        prm = None if prompts is None else _as_seqs(prompts, "fit: prompts")
+        self.base.fit(resp, num_proc=num_proc)
+        corpus = self._corpus(resp, prm)
+        self.rev = np.ascontiguousarray(corpus[::-1])
+        self.sa = np.asarray(pydivsufsort.divsufsort(self.rev), dtype=np.int32)
+        return self
+
+    def _check_fitted(self) -> None:
+        if self.sa is None:
+            raise RuntimeError("this SuffixPrior is not fitted; call fit() or load() first")
+
+    # ------------------------------------------------------------------ queries
+    def topk(self, sequences: Any, k: int, leave_one_out: bool = False, contexts: Any = None) -> SparseDist:
+        """Row t of each sequence: the distribution of its token t given `contexts[i]` + its tokens before t, rows
+        concatenated, K entries sorted by descending probability.
+
+        extras: "context_count" (occurrences of the deepest level's context, leave-one-out; the n-gram's context
+        count where no level applies) and "match_length" (tokens of the longest context that occurs elsewhere,
+        the record start counting as one token).
+        leave_one_out: the sequences are in the corpus (with these contexts) and their own occurrence is removed."""
+        self._check_fitted()
+        V = self.vocab_size
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        if k > V:
+            raise ValueError(f"k={k} is larger than the vocabulary size V={V}")
+        seqs = _as_seqs(sequences, "topk")
+        ctxs = [np.zeros(0, np.int64)] * len(seqs) if contexts is None else _as_seqs(contexts, "topk: contexts")
+        if len(ctxs) != len(seqs):
+            raise ValueError(f"topk: {len(ctxs)} contexts for {len(seqs)} sequences")
+        base = self.base.topk(seqs, k, leave_one_out=leave_one_out)
+        # every query position as (flat index of its token in `hist`, start of its record in `hist`)
+        hist = np.concatenate([np.concatenate((c, s)) for c, s in zip(ctxs, seqs)] or [np.zeros(0, np.int64)])
+        if len(hist) and (hist.min() < 0 or hist.max() >= V):
+            raise ValueError(f"topk: a token id is outside the vocabulary [0, V={V})")
+        lens = np.array([len(c) + len(s) for c, s in zip(ctxs, seqs)], np.int64)
+        starts = np.concatenate(([0], np.cumsum(lens)[:-1])).astype(np.int64)
+        pos = np.concatenate([st + len(c) + np.arange(len(s)) for st, c, s in zip(starts, ctxs, seqs)]
+                             or [np.zeros(0, np.int64)]).astype(np.int64)
+        rec_start = np.repeat(starts, [len(s) for s in seqs]).astype(np.int64)
+        n = len(pos)
+        idx = np.empty((n, k), np.int32)
+        lp = np.empty((n, k), np.float32)
+        tail = np.empty(n, np.float32)
+        cc = np.empty(n, np.float32)
+        ml = np.empty(n, np.float32)
+        b_idx, b_lp = base.indices.numpy(), base.logprobs.numpy()
+        b_tail, b_cc = base.tail.numpy(), base.extras["context_count"].numpy()
+        hist32 = hist.astype(np.int32)
+        for lo in range(0, n, CHUNK):
+            sl = slice(lo, min(lo + CHUNK, n))
+            query_rows(self.rev, self.sa, hist32, pos[sl], rec_start[sl], b_idx[sl], b_lp[sl], b_tail[sl],
+                       b_cc[sl], V, self.order, self.max_levels, self.max_support, bool(leave_one_out),
+                       idx[sl], lp[sl], tail[sl], cc[sl], ml[sl])
+        return SparseDist(torch.from_numpy(idx), torch.from_numpy(lp), torch.from_numpy(tail), V,
+                          extras={"context_count": torch.from_numpy(cc), "match_length": torch.from_numpy(ml)})
+
+    def prob(self, context: Sequence[int], prompt: Sequence[int] | None = None) -> np.ndarray:
+        """The full next-token distribution [V] after `prompt` + `context` (float64; not leave-one-out)."""
+        self._check_fitted()
+        ctx = np.asarray(context, np.int64).reshape(-1)
+        row = self.topk([np.append(ctx, 0)], self.vocab_size, contexts=None if prompt is None else [prompt])
+        p = np.zeros(self.vocab_size)
+        ind, lps = row.indices[-1].numpy(), row.logprobs[-1].double().numpy()
+        p[ind[ind >= 0]] = np.exp(lps[ind >= 0])
+        return p / p.sum()
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, path: str | os.PathLike) -> None:
+        self._check_fitted()
+        d = Path(path)
+        d.mkdir(parents=True, exist_ok=True)
+        self.base.save(d / "ngram")
+        save_file({"reversed_corpus": self.rev, "suffix_array": self.sa}, str(d / "suffix.safetensors"))
+        (d / "config.json").write_text(json.dumps({"format": FORMAT, "version": FORMAT_VERSION, **self.config()},
+                                                  indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SuffixPrior":
+        d = Path(path)
+        cfg = json.loads((d / "config.json").read_text())
+        if cfg.pop("format", None) != FORMAT:
+            raise ValueError(f"{d}/config.json is not a SuffixPrior config")
+        cfg.pop("version", None)
+        cfg.pop("kind", None)
+        prior = cls(**cfg)
+        prior.base = NGramPrior.load(d / "ngram")
+        t = load_file(str(d / "suffix.safetensors"))
+        prior.rev, prior.sa = t["reversed_corpus"], t["suffix_array"]
+        if len(prior.rev) != len(prior.sa):
+            raise ValueError(f"{d}/suffix.safetensors: corpus and suffix array differ in length (file damaged?)")
+        return prior

@@ -1,0 +1,168 @@
+"""SuffixPrior against a brute-force counter (every position, leave-one-out included), and where it pays."""
+import numpy as np
+import pytest
+import torch
+
+from bayeskd.priors.base import load_prior
+from bayeskd.priors.ngram import NGramPrior
+from bayeskd.priors.suffix import SuffixPrior
+
+
+def _brute_dense(prompts, responses, i, t, V, order, max_levels, loo, base_row):
+    """The suffix prior's distribution at response position t of record i, by scanning the corpus."""
+    SEP = V
+    corpus = [SEP]
+    for p, r in zip(prompts, responses):
+        corpus += list(p) + list(r) + [SEP]
+    ctx = list(prompts[i]) + list(responses[i][:t])
+    y = int(responses[i][t])
+
+    def continuations(s):  # tokens that follow the occurrences of s (real tokens only)
+        out = {}
+        for j in range(len(corpus) - len(s)):
+            if corpus[j:j + len(s)] == s and corpus[j + len(s)] != SEP:
+                out[corpus[j + len(s)]] = out.get(corpus[j + len(s)], 0) + 1
+        if loo:
+            out[y] -= 1
+        return {w: c for w, c in out.items() if c > 0}
+
+    levels = []  # (d, counts), shallow to deep, distinct totals
+    for d in range(1, len(ctx) + 2):
+        s = [SEP] + ctx if d == len(ctx) + 1 else ctx[len(ctx) - d:]
+        cont = continuations(s)
+        if not cont:
+            break
+        if d >= order:
+            if levels and sum(levels[-1].values()) == sum(cont.values()):
+                levels[-1] = cont
+            else:
+                levels.append(cont)
+    levels = levels[-max_levels:]
+    ind, lp, tail = base_row
+    listed = ind >= 0
+    p = np.full(V, float(tail) / (V - listed.sum()) if V > listed.sum() else 0.0)
+    p[ind[listed]] = np.exp(lp[listed].astype(np.float64))
+    for cont in levels:
+        total, types = sum(cont.values()), len(cont)
+        q = np.zeros(V)
+        for w, c in cont.items():
+            q[w] = c / total
+        p = (total * q + types * p) / (total + types)
+    return p, (sum(levels[-1].values()) if levels else None)
+
+
+@pytest.mark.parametrize("seed,loo,with_prompts", [(0, True, True), (1, False, True), (2, True, False)])
+def test_suffix_prior_matches_brute_force(seed, loo, with_prompts):
+    print("seed", seed)
+    rng = np.random.default_rng(seed)
+    V, order, K = 7, 2, 7
+    # a small alphabet and repeated prompts give long matches
+    base_prompts = [rng.integers(0, V, 4) for _ in range(3)]
+    prompts = [base_prompts[int(rng.integers(3))] for _ in range(8)] if with_prompts else None
+    responses = [rng.integers(0, V, int(rng.integers(2, 9))) for _ in range(8)]
+    prior = SuffixPrior(order=order, vocab_size=V, max_levels=3).fit(responses, prompts)
+    rows = prior.topk(responses, K, leave_one_out=loo, contexts=prompts)
+    base = prior.base.topk(responses, K, leave_one_out=loo)
+    assert rows.num_rows == sum(len(r) for r in responses)
+    r = 0
+    for i, resp in enumerate(responses):
+        for t in range(len(resp)):
+            b = (base.indices[r].numpy(), base.logprobs[r].numpy(), base.tail[r].numpy())
+            dense, count = _brute_dense(prompts or [[]] * len(responses), responses, i, t, V, order, 3, loo, b)
+            assert dense.sum() == pytest.approx(1.0, abs=1e-6)
+            ind = rows.indices[r].numpy()
+            got = np.exp(rows.logprobs[r].double().numpy()[ind >= 0])
+            np.testing.assert_allclose(got, dense[ind[ind >= 0]], rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(np.sort(got)[::-1], np.sort(dense)[::-1][:len(got)], rtol=1e-5, atol=1e-7)
+            assert float(rows.tail[r]) == pytest.approx(1 - got.sum(), abs=1e-5)
+            if count is not None:
+                assert float(rows.extras["context_count"][r]) == count
+            r += 1
+
+
+def test_long_repeated_span_is_predicted_where_a_4gram_cannot():
+    rng = np.random.default_rng(5)
+    print("seed", 5)
+    V = 6  # 216 three-token contexts, each seen ~20 times in the noise with random continuations
+    span = rng.integers(0, V, 40)
+    # the span appears in two records; everything else is random noise that mixes 3-token contexts
+    noise = [rng.integers(0, V, 200) for _ in range(20)]
+    responses = noise[:10] + [np.concatenate((rng.integers(0, V, 5), span))] + noise[10:] + \
+        [np.concatenate((rng.integers(0, V, 7), span))]
+    suffix = SuffixPrior(order=4, vocab_size=V).fit(responses)
+    ngram = NGramPrior(order=4, vocab_size=V).fit(responses)
+    query = [responses[-1]]
+    s_rows = suffix.topk(query, 1, leave_one_out=True)
+    n_rows = ngram.topk(query, 1, leave_one_out=True)
+    # inside the span, after enough of it to be unique, the suffix prior's top-1 is the span's next token
+    pos = np.arange(7 + 12, 7 + 40)
+    truth = query[0][pos]
+    s_hit = (s_rows.indices[pos, 0].numpy() == truth).mean()
+    n_hit = (n_rows.indices[pos, 0].numpy() == truth).mean()
+    assert s_hit == 1.0 and n_hit < 0.5, (s_hit, n_hit)
+    assert float(s_rows.extras["match_length"][pos].min()) >= 10
+
+
+def test_save_load_and_errors(tmp_path):
+    rng = np.random.default_rng(3)
+    V = 11
+    responses = [rng.integers(0, V, 12) for _ in range(5)]
+    prompts = [rng.integers(0, V, 3) for _ in range(5)]
+    prior = SuffixPrior(order=3, vocab_size=V).fit(responses, prompts)
+    prior.save(tmp_path / "p")
+    again = load_prior(tmp_path / "p")
+    assert isinstance(again, SuffixPrior)
+    a = prior.topk(responses, 4, leave_one_out=True, contexts=prompts)
+    b = again.topk(responses, 4, leave_one_out=True, contexts=prompts)
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.logprobs, b.logprobs)
+    p = again.prob(responses[0][:5], prompt=prompts[0])
+    assert p.shape == (V,) and p.sum() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="larger than the vocabulary"):
+        prior.topk(responses, V + 1)
+    with pytest.raises(ValueError, match="contexts for"):
+        prior.topk(responses, 2, contexts=prompts[:2])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        SuffixPrior(order=2, vocab_size=V).fit([np.array([1, V])])
+    with pytest.raises(RuntimeError, match="not fitted"):
+        SuffixPrior(vocab_size=V).topk(responses, 2)
+
+
+def test_estimate_prior_kind_suffix_job(tmp_path, tiny_tokenizer_dir):
+    import json
+
+    from click.testing import CliRunner
+
+    from bayeskd.cli import main
+    from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
+    from bayeskd.posterior.shards import PriorTopK
+    from bayeskd.sparse import CacheMismatchError, ShardReader
+
+    rng = np.random.default_rng(11)
+    print("seed", 11)
+    words = "the cat sat on a mat while dogs ran fast and slow over hills".split()
+    lines = []
+    for i in range(30):  # 10 prompts, 3 samples each: the samples share their prompt
+        prompt = f"Question {i % 10}: " + " ".join(rng.choice(words, 5))
+        lines.append({"prompt": prompt, "response": " ".join(rng.choice(words, int(rng.integers(3, 12)))),
+                      "finish_reason": "stop"})
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    out = tmp_path / "prior"
+    res = CliRunner().invoke(main, ["estimate-prior", "--data", str(data), "--tokenizer", tiny_tokenizer_dir,
+                                    "--kind", "suffix", "--order", "2", "--top-k", "8", "--write-topk",
+                                    "--out", str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kind"] == "suffix" and summary["corpus_tokens"] > summary["tokens"]  # prompts indexed too
+    prior = load_prior(out)
+    assert isinstance(prior, SuffixPrior)
+    tokenized = tokenize_records(load_teacher_records(str(data))[0], load_tokenizer(tiny_tokenizer_dir))
+    want = prior.topk(tokenized.response_sequences(), 8, leave_one_out=True, contexts=tokenized.prompt_sequences())
+    got = PriorTopK(prior, 8, True, tokenized, out / "topk")
+    rows = got.rows(0, len(tokenized))
+    assert got.how == "read" and torch.equal(rows.indices, want.indices) and torch.equal(rows.tail, want.tail)
+    assert rows.num_rows == sum(d.num_rows for d, _ in ShardReader(out / "topk", k=8))
+    assert (rows.extras["match_length"] > 2).float().mean() > 0.2  # prompts repeat: long matches exist
+    # an n-gram prior never reads a suffix prior's rows as its own
+    with pytest.raises(CacheMismatchError, match="suffix prior"):
+        PriorTopK(prior.base, 8, True, tokenized, out / "topk")
