@@ -1,4 +1,5 @@
-"""Benchmark NGramPrior against NLTK's KneserNeyInterpolated on Python's own documentation text.
+"""Benchmark NGramPrior against NLTK's KneserNeyInterpolated, and SuffixPrior against NGramPrior and the suffix-array
+libraries' own build and query (pydivsufsort, tokengrams), on Python's own documentation text.
 
 Corpus: pydoc_data.topics (the `help()` topics shipped with every Python) plus stdlib module docstrings when more
 tokens are asked for; a regex word tokenizer with a frequency-ranked vocabulary (~32k words, rarer ones -> <unk>).
@@ -23,6 +24,7 @@ import numpy as np
 import psutil
 
 from bayeskd.priors.ngram import NGramPrior
+from bayeskd.priors.suffix import SuffixPrior
 
 WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -123,6 +125,69 @@ def _first_tokens(seqs, n_tokens: int) -> list:
     return out
 
 
+def bench_suffix(seqs: list, args, ngram_loo_pos_s: float) -> dict:
+    """SuffixPrior: build (suffix structure alone and with its n-gram), leave-one-out top-K, bytes per corpus token;
+    beside it the libraries' own: pydivsufsort's suffix array and sa_search, tokengrams' index build and count."""
+    import pydivsufsort
+    import tokengrams
+
+    n_tok = int(sum(len(s) for s in seqs))
+    prior = SuffixPrior(order=args.order, vocab_size=args.vocab)
+    prior.fit(seqs[:50])  # compile the query (numba caches it on disk) and warm the allocator
+    prior.topk(seqs[:50], args.k, leave_one_out=True)
+    rss0 = rss_mb()
+    t = time.perf_counter()
+    corpus = prior._corpus(seqs, None)
+    rev = np.ascontiguousarray(corpus[::-1])
+    sa = np.asarray(pydivsufsort.divsufsort(rev), dtype=np.int32)
+    sa_s = time.perf_counter() - t
+    t = time.perf_counter()
+    prior.fit(seqs)
+    fit_s = time.perf_counter() - t
+    rss_fit = rss_mb()
+    qseqs = _first_tokens(seqs, args.query_positions)
+    base_t = time.perf_counter()
+    prior.base.topk(qseqs, args.k, leave_one_out=True)
+    base_s = time.perf_counter() - base_t
+    t = time.perf_counter()
+    dist = prior.topk(qseqs, args.k, leave_one_out=True)
+    q_s = time.perf_counter() - t
+    long = float((dist.extras["match_length"] >= args.order).float().mean())
+    # the libraries' own query (pydivsufsort's sa_search takes bytes only, so tokengrams' count): the
+    # occurrences of each position's (order+4)-token context, one call each
+    rng = np.random.default_rng(0)
+    n_q, L = 5000, args.order + 4
+    starts = rng.integers(1, len(corpus) - L, n_q)
+    t = time.perf_counter()
+    tg = tokengrams.InMemoryIndex(corpus.astype(np.uint32), args.vocab + 1)
+    tg_build_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for s0 in starts:
+        tg.count(corpus[s0:s0 + L].astype(np.uint32).tolist())
+    tg_q_s = time.perf_counter() - t
+    del tg
+    out = {"corpus_tokens": n_tok, "max_levels": prior.max_levels, "max_support": prior.max_support,
+           "suffix_array_seconds": round(sa_s, 4), "suffix_build_tokens_per_s": round(n_tok / sa_s),
+           "fit_seconds_with_ngram": round(fit_s, 4), "fit_tokens_per_s_with_ngram": round(n_tok / fit_s),
+           "suffix_bytes_per_token": round(prior.nbytes() / n_tok, 2),
+           "rss_fit_mb_delta": round(rss_fit - rss0, 1),
+           "loo_topk_positions": dist.num_rows, "loo_topk_seconds": round(q_s, 4),
+           "loo_topk_positions_per_s": round(dist.num_rows / q_s),
+           "of_which_ngram_seconds": round(base_s, 4),
+           "suffix_part_positions_per_s": round(dist.num_rows / max(q_s - base_s, 1e-9)),
+           "ngram_loo_topk_positions_per_s": round(ngram_loo_pos_s),
+           "positions_with_longer_context_than_the_ngram": round(long, 4),
+           "tokengrams_build_tokens_per_s": round(n_tok / tg_build_s),
+           "tokengrams_count_queries_per_s": round(n_q / tg_q_s),
+           "tokengrams_note": "count() answers one context's occurrence count per call, no continuation "
+                              "distribution and no leave-one-out; our row is a full top-K distribution"}
+    print(f"suffix prior: suffix array {n_tok / sa_s:,.0f} tok/s ({prior.nbytes() / n_tok:.1f} B/token), fit with "
+          f"n-gram {n_tok / fit_s:,.0f} tok/s; LOO top-{args.k} {dist.num_rows / q_s:,.0f} pos/s (n-gram part "
+          f"{base_s:.2f}s of {q_s:.2f}s); longer context than the n-gram at {long:.1%} of positions; "
+          f"tokengrams build {n_tok / tg_build_s:,.0f} tok/s, count {n_q / tg_q_s:,.0f} q/s", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=1_000_000, help="corpus size in word tokens")
@@ -181,6 +246,8 @@ def main() -> None:
     except ImportError:
         pass
 
+    suffix = bench_suffix(seqs, args, query["loo"]["positions_per_s"])
+
     # ---- NLTK on a subset (same tokens, as strings)
     from nltk.lm import KneserNeyInterpolated
     from nltk.lm.preprocessing import padded_everygram_pipeline
@@ -220,6 +287,7 @@ def main() -> None:
                   "stored_bytes": prior.nbytes(), "stored_bytes_per_ngram": round(prior.nbytes() / n_grams, 2),
                   "rss_model_mb_delta": round(rss_model - rss0, 1)},
         "query": query,
+        "suffix": suffix,
         "peak_rss_mb": round(rss_peak, 1),
         "nltk": {"tokens": m, "build_seconds": round(nltk_build_s, 3), "build_tokens_per_s": round(nltk_rate),
                  "ours_same_subset_tokens_per_s": round(m / ours_sub_s),
@@ -229,7 +297,10 @@ def main() -> None:
                          "distributions (K entries + tail), so the rates are not like for like"},
         "targets": {"build_tokens_per_s>=2e6": n_tok / build_s >= 2e6,
                     "build_speedup>=100x": n_tok / build_s / nltk_rate >= 100,
-                    "topk_positions_per_s>=2e5": query["plain"]["positions_per_s"] >= 2e5},
+                    "topk_positions_per_s>=2e5": query["plain"]["positions_per_s"] >= 2e5,
+                    "suffix_build_tokens_per_s>=3e6": suffix["suffix_build_tokens_per_s"] >= 3e6,
+                    "suffix_loo_topk_positions_per_s>=1e5": suffix["loo_topk_positions_per_s"] >= 1e5,
+                    "suffix_bytes_per_token<=16": suffix["suffix_bytes_per_token"] <= 16},
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -240,6 +311,11 @@ def main() -> None:
             ("topk pos/s", f"{query['plain']['positions_per_s']:,}"),
             ("topk LOO pos/s", f"{query['loo']['positions_per_s']:,}"),
             ("NLTK score() calls/s", f"{calls / nltk_score_s:,.0f}"),
+            ("suffix: suffix array tok/s", f"{suffix['suffix_build_tokens_per_s']:,}"),
+            ("suffix: LOO topk pos/s (n-gram included)", f"{suffix['loo_topk_positions_per_s']:,}"),
+            ("suffix: bytes/corpus token", f"{suffix['suffix_bytes_per_token']}"),
+            ("suffix: tokengrams count() q/s", f"{suffix['tokengrams_count_queries_per_s']:,}"),
+            ("suffix: tokengrams build tok/s", f"{suffix['tokengrams_build_tokens_per_s']:,}"),
             ("n-grams", f"{n_grams:,}"), ("stored bytes/n-gram", f"{prior.nbytes() / n_grams:.1f}"),
             ("peak RSS MB", f"{rss_peak:,.0f}")]
     for k_, v_ in rows:
