@@ -22,7 +22,7 @@ __all__ = [
     "GADConfig", "gad", "Discriminator", "bradley_terry_loss", "discriminator_accuracy", "group_advantages",
     "grpo_loss",
     "align_proxy", "proxy_preference_loss", "proxy_kd_weights", "alignment_diagnostics", "top1_match_ratio",
-    "topk_mass_share", "calibrate_combination",
+    "topk_mass_share", "calibrate_combination", "fit_adaptive",
 ]
 __version__ = "0.1.0"
 
@@ -41,6 +41,7 @@ _LAZY.update({name: "bayeskd.distill.proxy_kd" for name in ("align_proxy", "prox
                                                             "alignment_diagnostics", "top1_match_ratio",
                                                             "topk_mass_share")})
 _LAZY.update({name: "bayeskd.posterior.calibrate" for name in ("calibrate_combination",)})
+_LAZY.update({name: "bayeskd.posterior.adaptive" for name in ("fit_adaptive",)})
 _LAZY.update({name: "bayeskd.distill.trainer" for name in ("BayesKDConfig", "BayesKDTrainer", "distill")})
 _LAZY.update({name: "bayeskd.distill.targets" for name in ("BayesKDCollator", "TeacherTargetsDataset",
                                                            "proxy_kd_weights")})

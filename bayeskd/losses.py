@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
+from bayeskd.posterior.adaptive import Theta
 from bayeskd.posterior.combine import (NEG_INF, _check_dist, _check_logits, _check_mask, _check_scalars,
-                                      _check_teacher_tokens, _combine_rows, _dirichlet_w, _prepare_proxy, combine)
+                                      _check_teacher_tokens, _combine_rows, _mixture_mode, _prepare_proxy, combine)
 from bayeskd.sparse import SparseDist
 
 TARGET_FLOOR = 1e-12  # reverse KL needs log p; a zero target is floored here (docs/MATH.md)
@@ -163,7 +164,7 @@ class _Args:
     proxy_lp: torch.Tensor | None
     proxy_tail: torch.Tensor | None
     proxy_logits: torch.Tensor | None
-    mode: str  # "none", "log_linear" or "mixture" (Dirichlet is a mixture with per-row weights)
+    mode: str  # "none", "log_linear" or "mixture" (Dirichlet and adaptive are mixtures with per-row weights)
     a: float
     b: float
     w_rows: torch.Tensor | None  # float32 [N] for mixture
@@ -179,13 +180,14 @@ class _Args:
 
 
 def _prepare(student_logits, prior, proxy, mode, a, b, c, w, teacher_tokens, evidence, divergence, beta,
-             temperature, mask, tail, inplace, check_values: bool = True, student_values: bool = True) -> _Args:
+             temperature, mask, tail, inplace, check_values: bool = True, student_values: bool = True,
+             theta: Theta | None = None) -> _Args:
     # The Triton kernel checks values (NaN/inf, index range) inside its own passes: the Triton path skips the
     # host-side checks here, which would cost extra passes over the logits and several host syncs.
     _check_dist(prior, "prior", values=check_values)
     n, v = prior.num_rows, prior.vocab_size
     _check_logits(student_logits, "student_logits", v, n, values=check_values and student_values)
-    _check_scalars(mode, a, b, c, w, evidence, teacher_tokens)
+    _check_scalars(mode, a, b, c, w, evidence, teacher_tokens, theta=theta)
     beta = _resolve_beta(divergence, beta)
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
@@ -194,13 +196,8 @@ def _prepare(student_logits, prior, proxy, mode, a, b, c, w, teacher_tokens, evi
     proxy_sd, proxy_logits = _prepare_proxy(prior, proxy, check_values)
     mask = _check_mask(mask, n)
     y = _check_teacher_tokens(teacher_tokens, n, v, mask)
-    w_rows = None
-    if proxy is None:
-        mode = "none"
-    elif mode == "dirichlet":
-        w_rows, mode = _dirichlet_w(prior, c).float(), "mixture"
-    elif mode == "mixture":
-        w_rows = torch.full((n,), w, dtype=torch.float32, device=student_logits.device)
+    mode, w_rows = _mixture_mode(prior, proxy, mode, c, w, theta)
+    w_rows = None if w_rows is None else w_rows.float()  # the kernels take float32 weights
     dev = student_logits.device
     to = lambda t, dt=None: None if t is None else t.to(device=dev, dtype=dt).contiguous()  # noqa: E731
     return _Args(
@@ -344,13 +341,14 @@ class _FusedPosteriorKD(torch.autograd.Function):
 def fused_posterior_kd_torch(student_logits: torch.Tensor, prior: SparseDist,
                              proxy: SparseDist | torch.Tensor | None = None, *, mode: str = "log_linear",
                              a: float = 1.0, b: float = 1.0, c: float = 1.0, w: float = 0.5,
+                             theta: Theta | None = None,
                              teacher_tokens: torch.Tensor | None = None, evidence: float = 0.0,
                              divergence: str = "forward_kl", beta: float | None = None, temperature: float = 1.0,
                              mask: torch.Tensor | None = None, tail: str = "bucket", inplace: bool = False,
                              chunk_rows: int | None = None) -> torch.Tensor:
     """The PyTorch path of `fused_posterior_kd` (see there), usable on any device; float32 math."""
     args = _prepare(student_logits, prior, proxy, mode, a, b, c, w, teacher_tokens, evidence, divergence, beta,
-                    temperature, mask, tail, inplace)
+                    temperature, mask, tail, inplace, theta=theta)
     args.chunk_rows = chunk_rows
     return _FusedPosteriorKD.apply(student_logits, args)
 
@@ -377,6 +375,7 @@ def pick_backend(backend: str, device: torch.device) -> str:
 def fused_posterior_kd(student_logits: torch.Tensor, prior: SparseDist,
                        proxy: SparseDist | torch.Tensor | None = None, *, mode: str = "log_linear",
                        a: float = 1.0, b: float = 1.0, c: float = 1.0, w: float = 0.5,
+                       theta: Theta | None = None,
                        teacher_tokens: torch.Tensor | None = None, evidence: float = 0.0,
                        divergence: str = "forward_kl", beta: float | None = None, temperature: float = 1.0,
                        mask: torch.Tensor | None = None, tail: str = "bucket", inplace: bool = False,
@@ -391,7 +390,7 @@ def fused_posterior_kd(student_logits: torch.Tensor, prior: SparseDist,
     """
     chosen = pick_backend(backend, student_logits.device)
     args = _prepare(student_logits, prior, proxy, mode, a, b, c, w, teacher_tokens, evidence, divergence, beta,
-                    temperature, mask, tail, inplace, check_values=chosen == "torch")
+                    temperature, mask, tail, inplace, check_values=chosen == "torch", theta=theta)
     if chosen == "torch":
         return _FusedPosteriorKD.apply(student_logits, args)
     from bayeskd.kernels.sparse_kd import triton_fused_posterior_kd  # lazy: triton is heavy to import
@@ -421,6 +420,7 @@ def torch_chunk_loss(logits: torch.Tensor, targets: tuple, kwargs: dict, need_gr
 def fused_linear_posterior_kd(hidden: torch.Tensor, weight: torch.Tensor, prior: SparseDist,
                               proxy: SparseDist | torch.Tensor | None = None, *, mode: str = "log_linear",
                               a: float = 1.0, b: float = 1.0, c: float = 1.0, w: float = 0.5,
+                              theta: Theta | None = None,
                               teacher_tokens: torch.Tensor | None = None, evidence: float = 0.0,
                               divergence: str = "forward_kl", beta: float | None = None, temperature: float = 1.0,
                               mask: torch.Tensor | None = None, tail: str = "bucket", chunk_size: int | None = None,
@@ -436,7 +436,8 @@ def fused_linear_posterior_kd(hidden: torch.Tensor, weight: torch.Tensor, prior:
     chosen = pick_backend(backend, hidden.device)
     shape_only = hidden.new_empty(()).expand(hidden.shape[0], weight.shape[0])  # no memory: shapes are checked
     args = _prepare(shape_only, prior, proxy, mode, a, b, c, w, teacher_tokens, evidence, divergence, beta,
-                    temperature, mask, tail, False, check_values=chosen == "torch", student_values=False)
+                    temperature, mask, tail, False, check_values=chosen == "torch", student_values=False,
+                    theta=theta)
     return fused_linear_sparse_kd(
         hidden, weight, args.prior_idx, args.prior_lp, args.prior_tail, args.proxy_idx, args.proxy_lp,
         args.proxy_tail, args.proxy_logits, mode=args.mode, a=args.a, b=args.b, w_rows=args.w_rows,

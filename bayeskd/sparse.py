@@ -20,7 +20,7 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 # Names every stage shares, defined once: how prior and proxy combine, and the keys of a shard's extras.
-MODES = ("log_linear", "dirichlet", "mixture")  # prior x proxy combinations (docs/MATH.md)
+MODES = ("log_linear", "dirichlet", "mixture", "adaptive")  # prior x proxy combinations (docs/MATH.md)
 EVIDENCE_MODES = ("condition", "evidence_only")  # what revealed log-probabilities do to the posterior
 TEACHER_LOGPROB = "proxy_teacher_logprob"  # per-row extra: the proxy's log q(teacher token | context)
 CONTEXT_COUNT = "context_count"  # per-row extra of n-gram prior rows: the context's count (Dirichlet mode)

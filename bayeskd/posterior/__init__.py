@@ -1,8 +1,8 @@
 """The posterior: prior x proxy (x revealed log-probabilities) at every response position.
 
-combine.py (the combination math), proxy.py (`ProxyPosterior`: the proxy teacher-forced, the posterior pass),
-shards.py (prior rows and per-rank shard writing), calibrate.py (choosing the combination from the teacher's own
-tokens), estimate.py (the `estimate-posterior` job).
+combine.py (the combination math), adaptive.py (mode "adaptive": per-row mixture weights and their fit), proxy.py
+(`ProxyPosterior`: the proxy teacher-forced, the posterior pass), shards.py (prior rows and per-rank shard writing),
+calibrate.py (choosing the combination from the teacher's own tokens), estimate.py (the `estimate-posterior` job).
 """
 from bayeskd._moved import lazy
 
@@ -13,6 +13,8 @@ _NAMES = {"combine": "bayeskd.posterior.combine",
           "calibrate_combination": "bayeskd.posterior.calibrate", "calibrate_on_records": "bayeskd.posterior.calibrate",
           "token_logprob": "bayeskd.posterior.calibrate", "DEFAULT_CANDIDATES": "bayeskd.posterior.calibrate",
           "estimate_posterior": "bayeskd.posterior.estimate",
+          "fit_adaptive": "bayeskd.posterior.adaptive", "adaptive_features": "bayeskd.posterior.adaptive",
+          "adaptive_weights": "bayeskd.posterior.adaptive",
           "Evidence": "bayeskd.posterior.evidence", "evidence_rows": "bayeskd.posterior.evidence",
           "MODES": "bayeskd.sparse", "TEACHER_LOGPROB": "bayeskd.sparse"}
 __all__ = sorted(_NAMES)

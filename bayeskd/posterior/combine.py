@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from bayeskd.posterior.adaptive import Theta, adaptive_settings, prior_weights
 from bayeskd.sparse import MODES, SparseDist
 
 NEG_INF = float("-inf")
@@ -57,7 +58,7 @@ def _check_dist(d: SparseDist, name: str, vocab_size: int | None = None, rows: i
         raise ValueError(f"{name} contains NaN or infinite values in logprobs or tail")
 
 
-def _check_scalars(mode, a, b, c, w, evidence, teacher_tokens, top_k=None, vocab_size=None) -> None:
+def _check_scalars(mode, a, b, c, w, evidence, teacher_tokens, top_k=None, vocab_size=None, theta=None) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     for name, v in (("a", a), ("b", b), ("c", c), ("w", w), ("evidence", evidence)):
@@ -67,6 +68,8 @@ def _check_scalars(mode, a, b, c, w, evidence, teacher_tokens, top_k=None, vocab
         raise ValueError(f"w must be in [0, 1], got {w}")
     if mode == "dirichlet" and c <= 0:
         raise ValueError(f"Dirichlet mode needs a concentration c > 0, got {c}")
+    if mode == "adaptive":
+        adaptive_settings(theta)  # a clear error for missing or malformed settings, before any row work
     if evidence > 0 and teacher_tokens is None:
         raise ValueError("evidence > 0 needs teacher_tokens")
     if top_k is not None and not 1 <= top_k <= vocab_size:
@@ -228,6 +231,21 @@ def _dirichlet_w(prior: SparseDist, c: float) -> torch.Tensor:
     return n / (c + n)
 
 
+def _mixture_mode(prior: SparseDist, proxy, mode: str, c: float, w: float,
+                  theta: Theta | None) -> tuple[str, torch.Tensor | None]:
+    """(the mode `_combine_rows` runs, the per-row prior weight float64 [N] for a mixture): Dirichlet and adaptive
+    are mixtures whose weight comes from the rows (so the fused kernels need no mode of their own)."""
+    if proxy is None:
+        return "none", None
+    if mode == "dirichlet":
+        return "mixture", _dirichlet_w(prior, c)
+    if mode == "adaptive":
+        return "mixture", prior_weights(prior, proxy, theta)
+    if mode == "mixture":
+        return "mixture", torch.full((prior.num_rows,), w, dtype=torch.float64)
+    return mode, None
+
+
 def _prepare_proxy(prior: SparseDist, proxy, values: bool = True):
     """(proxy SparseDist or None, proxy logits or None), validated against the prior."""
     if proxy is None:
@@ -245,28 +263,23 @@ def _prepare_proxy(prior: SparseDist, proxy, values: bool = True):
 def combine(prior: SparseDist, proxy: SparseDist | torch.Tensor | None = None, mode: str = "log_linear",
             a: float = 1.0, b: float = 1.0, c: float = 1.0, w: float = 0.5,
             teacher_tokens: torch.Tensor | None = None, evidence: float = 0.0,
-            top_k: int | None = None) -> SparseDist:
+            top_k: int | None = None, theta: Theta | None = None) -> SparseDist:
     """Posterior of `prior` and `proxy` (a SparseDist, or dense [N, V] proxy logits = online mode).
 
     Modes: log-linear p ∝ p0^a q^b, mixture w p0 + (1-w) q, Dirichlet (mixture with per-row w = n/(c+n), n =
-    prior.extras["context_count"]). `proxy=None` gives the prior itself. Teacher tokens join the support;
-    `evidence` e adds e observations of them. The result lists the union support sorted by probability
+    prior.extras["context_count"]), adaptive (mixture with per-row w = σ(θ·f), `theta` the settings of
+    `bayeskd.posterior.adaptive.fit_adaptive`). `proxy=None` gives the prior itself. Teacher tokens join the
+    support; `evidence` e adds e observations of them. The result lists the union support sorted by probability
     (K = the largest union, padded with -1/-inf), or its `top_k` largest entries with the rest in the tail.
     """
     _check_dist(prior, "prior")
     v = prior.vocab_size
-    _check_scalars(mode, a, b, c, w, evidence, teacher_tokens, top_k, v)
+    _check_scalars(mode, a, b, c, w, evidence, teacher_tokens, top_k, v, theta)
     proxy_sd, proxy_logits = _prepare_proxy(prior, proxy)
     y = _check_teacher_tokens(teacher_tokens, prior.num_rows, v)
     dtype = torch.float64 if torch.float64 in (prior.logprobs.dtype, getattr(proxy, "dtype", None),
                                                getattr(proxy_sd, "logprobs", prior.logprobs).dtype) else torch.float32
-    w_rows = None
-    if proxy is None:
-        mode = "none"
-    elif mode == "dirichlet":
-        w_rows, mode = _dirichlet_w(prior, c), "mixture"
-    elif mode == "mixture":
-        w_rows = torch.full((prior.num_rows,), w, dtype=torch.float64)
+    mode, w_rows = _mixture_mode(prior, proxy, mode, c, w, theta)
     U, lp, log_tail, _ = _combine_rows(
         v, prior.indices, prior.logprobs, prior.tail,
         *((proxy_sd.indices, proxy_sd.logprobs, proxy_sd.tail) if proxy_sd is not None else (None, None, None)),

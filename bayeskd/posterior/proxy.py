@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from bayeskd.posterior.adaptive import Theta, adaptive_settings
 from bayeskd.posterior.combine import combine
 from bayeskd.posterior.condition import apply_evidence
 from bayeskd.posterior.shards import (PriorTopK, RankShardWriter, barrier, gather, init_distributed,
@@ -48,9 +49,12 @@ class ProxyPosterior:
 
     def __init__(self, proxy, *, dtype: str | torch.dtype = "float32", device: str | torch.device | None = None,
                  batch_size: int = 8, mode: str = "log_linear", a: float = 1.0, b: float = 1.0, c: float = 1.0,
-                 w: float = 0.5, evidence: float = 0.0, top_k: int = 64, proxy_top_k: int | None = None):
+                 w: float = 0.5, evidence: float = 0.0, top_k: int = 64, proxy_top_k: int | None = None,
+                 theta: Theta | None = None):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        # mode "adaptive": `theta` = fit_adaptive's settings, kept as plain JSON (they go into the config)
+        self.theta = adaptive_settings(theta) if mode == "adaptive" else None
         if not isinstance(top_k, (int, np.integer)) or top_k < 1:
             raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
         if proxy_top_k is not None and (not isinstance(proxy_top_k, (int, np.integer)) or proxy_top_k < 1):
@@ -89,9 +93,12 @@ class ProxyPosterior:
 
     # ------------------------------------------------------------------ config
     def config(self) -> dict[str, Any]:
-        return {"proxy": self.name, "dtype": str(self.dtype).replace("torch.", ""), "mode": self.mode,
-                "a": self.a, "b": self.b, "c": self.c, "w": self.w, "evidence": self.evidence,
-                "top_k": self.top_k, "proxy_top_k": self.proxy_top_k}
+        cfg = {"proxy": self.name, "dtype": str(self.dtype).replace("torch.", ""), "mode": self.mode,
+               "a": self.a, "b": self.b, "c": self.c, "w": self.w, "evidence": self.evidence,
+               "top_k": self.top_k, "proxy_top_k": self.proxy_top_k}
+        if self.theta is not None:  # only then: other modes' configs (and resumable directories) stay as they were
+            cfg["theta"] = self.theta
+        return cfg
 
     def logits_width(self) -> int:
         emb = self.model.get_output_embeddings()
@@ -164,9 +171,12 @@ class ProxyPosterior:
         own top-K rows), with the teacher-token log-probability extra when `teacher_logprob` (default: only
         without a prior)."""
         tlp = prior is None if teacher_logprob is None else bool(teacher_logprob)
-        seqs = [tokenized.response_sequences()[int(i)] for i in indices]
+        all_seqs, all_prompts = tokenized.response_sequences(), tokenized.prompt_sequences()
+        seqs = [all_seqs[int(i)] for i in indices]
         V = int(prior.vocab_size) if prior is not None else int(tokenized.vocab_size)
-        prior_rows = prior.topk(seqs, self.top_k, leave_one_out=leave_one_out) if prior is not None else None
+        prompts = [all_prompts[int(i)] for i in indices]
+        prior_rows = (prior.topk(seqs, self.top_k, leave_one_out=leave_one_out, contexts=prompts)
+                      if prior is not None else None)
         proxy_rows = self.proxy_topk(tokenized, indices, V, teacher_logprob=tlp,
                                      top_k=self.top_k if prior is None else None)
         return self._combine(prior_rows, proxy_rows, seqs)
@@ -183,7 +193,7 @@ class ProxyPosterior:
                 None, teacher_tokens=teacher, evidence=self.evidence, top_k=self.top_k)
         else:
             post = combine(prior_rows, proxy_rows, self.mode, a=self.a, b=self.b, c=self.c, w=self.w,
-                           teacher_tokens=teacher, evidence=self.evidence, top_k=self.top_k)
+                           teacher_tokens=teacher, evidence=self.evidence, top_k=self.top_k, theta=self.theta)
         return SparseDist(post.indices, post.logprobs, post.tail, post.vocab_size, post.temperature, extras)
 
     def estimate(self, tokenized, prior=None, out_dir=None, *, leave_one_out: bool = True, shard_records: int = 256,
