@@ -157,7 +157,14 @@ def serve_teacher_cmd(model, fail_rate, drop_rate, fault_seed, max_n, api_key_en
               "Default: the embedded corpus (Python's own documentation).")
 @click.option("--tokenizer", default=None, help="Student tokenizer (path or hub id). Default: a BPE tokenizer "
               "trained on the embedded corpus.")
+@click.option("--kind", default="ngram", show_default=True, type=click.Choice(["ngram", "suffix"]),
+              help="ngram: an order-N n-gram; suffix: unbounded context (prompt included) from a suffix array of "
+              "the teacher's text, backing off to that n-gram.")
 @click.option("--order", default=4, show_default=True, type=click.IntRange(1, 8))
+@click.option("--max-levels", default=4, show_default=True, type=click.IntRange(1),
+              help="--kind suffix: context levels (distinct occurrence counts) interpolated above the n-gram.")
+@click.option("--max-support", default=1024, show_default=True, type=click.IntRange(1),
+              help="--kind suffix: occurrences read per level (more: evenly spaced ones, as infini-gram does).")
 @click.option("--smoothing", default="kneser_ney", show_default=True,
               type=click.Choice(["kneser_ney", "witten_bell", "dirichlet", "mle"]))
 @click.option("--alpha", default=1.0, show_default=True, type=float, help="Dirichlet concentration.")
@@ -171,7 +178,7 @@ def serve_teacher_cmd(model, fail_rate, drop_rate, fault_seed, max_n, api_key_en
 @max_records_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 def estimate_prior_cmd(**kwargs) -> None:
-    """Count n-grams of the teacher's responses into a smoothed prior (and optionally its top-K shards)."""
+    """Count the teacher's text into a smoothed prior (and optionally its top-K shards)."""
     from bayeskd.priors.estimate import estimate_prior
 
     _run_job(estimate_prior, **kwargs)
@@ -188,12 +195,13 @@ def estimate_prior_cmd(**kwargs) -> None:
 @click.option("--top-k", "top_k", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--proxy-top-k", "proxy_top_k", default=None, type=click.IntRange(1),
               help="Proxy entries per position before combining (default: --top-k).")
-@click.option("--mode", default="log_linear", show_default=True,
-              type=click.Choice(list(MODES)))
-@click.option("--a", default=1.0, show_default=True, type=float, help="Log-linear prior exponent.")
-@click.option("--b", default=1.0, show_default=True, type=float, help="Log-linear proxy exponent.")
-@click.option("--c", default=1.0, show_default=True, type=float, help="Dirichlet concentration of the proxy.")
-@click.option("--w", default=0.5, show_default=True, type=float, help="Mixture weight of the prior.")
+@click.option("--mode", default=None, type=click.Choice(list(MODES)),
+              help="How prior and proxy combine (default: chosen by calibration, else log_linear). Giving it or "
+              "--a/--b/--c/--w turns the default calibration off.")
+@click.option("--a", default=None, type=float, help="Log-linear prior exponent (default 1).")
+@click.option("--b", default=None, type=float, help="Log-linear proxy exponent (default 1).")
+@click.option("--c", default=None, type=float, help="Dirichlet concentration of the proxy (default 1).")
+@click.option("--w", default=None, type=float, help="Mixture weight of the prior (default 0.5).")
 @click.option("--evidence", default=0.0, show_default=True, type=float,
               help="Observations added for the teacher's own token.")
 @click.option("--no-evidence", is_flag=True, help="Ignore the teacher's top-k log-probabilities in the data (by "
@@ -204,10 +212,16 @@ def estimate_prior_cmd(**kwargs) -> None:
               type=click.Choice(list(EVIDENCE_MODES)),
               help="condition: revealed entries exact, prior x proxy spreads the rest (capped); evidence_only: "
               "the baselines' targets (revealed entries and a uniform tail).")
-@click.option("--calibrate/--no-calibrate", default=False, show_default=True,
-              help="Choose --mode and its weights by the likelihood of the teacher's own tokens (leave-one-out).")
+@click.option("--calibrate/--no-calibrate", default=None,
+              help="Choose --mode and its weights by the likelihood of the teacher's own tokens (prior leave-one-out, "
+              "proxy on records it was not trained on: an aligned proxy's held-out slice). Default: on with a prior "
+              "unless --mode/--a/--b/--c/--w are given; --calibrate with them is refused; --no-calibrate uses "
+              "them (or log_linear a=b=1).")
 @click.option("--calibration-records", default=256, show_default=True, type=click.IntRange(1),
-              help="Records scored by --calibrate.")
+              help="At most this many records are scored by the calibration.")
+@click.option("--calibrate-on-training-records", is_flag=True,
+              help="Calibrate even on records the proxy was trained on (it then looks better than it is); without "
+              "it, a proxy aligned on all these records is refused.")
 @click.option("--leave-one-out/--no-leave-one-out", default=True, show_default=True)
 @click.option("--teacher-logprob/--no-teacher-logprob", "teacher_logprob", default=None,
               help="Store the proxy's log-probability of each teacher token (shard extra proxy_teacher_logprob). "
@@ -312,13 +326,17 @@ def distill_cmd(data, student, targets, teacher, proxy, tokenizer, out, skip_bad
 @click.option("--logging-steps", default=10, show_default=True, type=click.IntRange(1))
 @click.option("--diagnostic-records", default=256, show_default=True, type=click.IntRange(1),
               help="Records scored by the alignment diagnostics (top-1 match, top-K mass).")
+@click.option("--holdout-records", default=None, type=click.IntRange(0),
+              help="Records no stage trains on (a seeded random slice), for estimate-posterior's calibration "
+              "(default: 10% of the records, at most 256; 0: none).")
 @skip_bad_option
 def align_proxy_cmd(**kwargs) -> None:
     """Align a proxy to the black-box teacher: SFT on its responses, then rounds of preference optimisation
     (resumable; Proxy-KD)."""
     from bayeskd.distill.proxy_kd import align_proxy
 
-    _run_job(align_proxy, drop=("stages", "config", "diagnostics_before", "diagnostics_after"), **kwargs)
+    _run_job(align_proxy, drop=("stages", "config", "diagnostics_before", "diagnostics_after", "training"),
+             **kwargs)
 
 
 @main.group("lab")
@@ -328,8 +346,10 @@ def lab_group() -> None:
 
 @lab_group.command("run")
 @config_option
-@click.option("--preset", default="tiny", show_default=True, type=click.Choice(["micro", "tiny", "small"]),
-              help="micro: seconds (smoke test); tiny: minutes on a laptop CPU; small: the benchmark preset.")
+@click.option("--preset", default="tiny", show_default=True,
+              type=click.Choice(["micro", "tiny", "small", "micro-sharp", "tiny-sharp", "small-sharp"]),
+              help="micro: seconds (smoke test); tiny: minutes on a laptop CPU; small: the benchmark preset; "
+              "NAME-sharp: that lab with its teacher at a temperature < 1 (mean entropy <= 1.4 nats/token).")
 @click.option("--root", default="runs/lab", show_default=True, type=click.Path(file_okay=False),
               help="Where the lab models and the run live (reused by later runs).")
 @click.option("--seeds", default=None, type=click.IntRange(1), help="Students per method (default: the preset's).")

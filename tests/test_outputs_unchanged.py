@@ -86,7 +86,8 @@ def _run_everything(d: Path, tok_dir: str) -> dict[str, dict[str, str]]:
     sums["estimate-prior"] = _safetensors_sums(d / "prior")
     post = ["estimate-posterior", "--data", data, "--prior", d / "prior", "--proxy", proxy, "--top-k", "8",
             "--batch-size", "4", "--shard-records", "10"]
-    variants = {"log_linear": ["--evidence", "1"], "dirichlet": ["--mode", "dirichlet", "--c", "2"],
+    # (calibration became the default: the fixed log-linear product needs --no-calibrate now)
+    variants = {"log_linear": ["--no-calibrate", "--evidence", "1"], "dirichlet": ["--mode", "dirichlet", "--c", "2"],
                 "mixture": ["--mode", "mixture", "--w", "0.3"], "calibrated": ["--calibrate"]}
     for name, extra in variants.items():
         _invoke(post + extra + ["--out", d / f"post_{name}"])
@@ -111,7 +112,7 @@ def _run_everything(d: Path, tok_dir: str) -> dict[str, dict[str, str]]:
              "--d-lr", "1e-3", "--seed", "5", "--out", d / "gad"])
     sums["gad"] = {k: v for k, v in _safetensors_sums(d / "gad").items()}
     _invoke(["align-proxy", "--data", data, "--proxy", proxy, "--rounds", "1", "--max-new-tokens", "8",
-             "--batch-size", "8", "--learning-rate", "1e-4", "--diagnostic-records", "8", "--out", d / "aligned"])
+             "--holdout-records", "0", "--batch-size", "8", "--learning-rate", "1e-4", "--diagnostic-records", "8", "--out", d / "aligned"])
     sums["align-proxy"] = _safetensors_sums(d / "aligned" / "final")
 
     _invoke(["evaluate", "--teacher", proxy, "--data", data, "--targets", f"posterior={d / 'post_log_linear'}",

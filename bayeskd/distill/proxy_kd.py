@@ -11,6 +11,12 @@ Alignment (`align_proxy`):
 - out/final/ is the aligned proxy (from_pretrained directory with tokenizer); out/summary.json records every stage
   and the alignment diagnostics before/after. Finished stages are skipped on rerun (rounds can be raised); a rerun
   with other settings is refused (`CacheMismatchError`).
+- Held-out slice (`holdout_records`): a seeded random sample of the records is used by no stage, so that
+  `estimate-posterior` can choose its prior/proxy combination on records the proxy has not seen (cross-fitting,
+  `bayeskd.posterior.calibrate`). What the proxy was trained on (data, a sha256 fingerprint of the records, the
+  training and held-out indices as [start, stop) ranges) is in out/summary.json ("training") and in
+  `bayeskd_training.json` inside every model directory (sft/, round_<i>/, final/), so a later job finds it from the
+  proxy's path alone (`bayeskd.posterior.calibrate.read_training_info`).
 
 Weighted distillation (`bayeskd.distill.trainer`, method "proxy-kd"):
 loss = CE(y_T) + α · mean_t[w(x, y_T) · KL_t(p_proxy ‖ p_S)] with w = σ((s - μ)/γ), s the proxy's log p(y_T|x)
@@ -36,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from bayeskd.data import TokenizedData, load_teacher_records, load_tokenizer, tokenize_records
+from bayeskd.posterior.calibrate import TRAINING_INFO, TRAINING_INFO_FORMAT, index_ranges, records_fingerprint
 from bayeskd.resume import check_stamp
 from bayeskd.sparse import atomic_write_json
 from bayeskd.teacher_forcing import pad_batch, response_rows, select_rows
@@ -45,6 +52,21 @@ logger = logging.getLogger(__name__)
 ALIGN_CONFIG = "align_config.json"
 ALIGN_VERSION = 1
 DEFAULT_KS = tuple(range(1, 65))
+TRAIN_RECORDS = "train_records.jsonl"  # out/: the records SFT trains on when some are held out
+
+
+def default_holdout(n_records: int) -> int:
+    """Records `align_proxy` holds out by default: 10% of them, at most 256 (none below 10 records)."""
+    return min(256, n_records // 10)
+
+
+def holdout_indices(n_records: int, holdout: int, seed: int) -> list[int]:
+    """The `holdout` records (sorted indices) no alignment stage trains on: a seeded random sample, not the tail, as
+    teacher data is often ordered (by prompt, topic or time) and the slice should look like the rest."""
+    if not 0 <= holdout < n_records:
+        raise ValueError(f"holdout_records must be in [0, {n_records - 1}] (at least one record left to train on), "
+                         f"got {holdout}")
+    return sorted(int(i) for i in np.random.default_rng(seed).permutation(n_records)[:holdout])
 
 
 # ---------------------------------------------------------------------------------------------------- pure functions
@@ -215,6 +237,16 @@ def _data_hash(tokenized: TokenizedData) -> str:
     return h.hexdigest()
 
 
+def _subset(tokenized: TokenizedData, indices: Sequence[int]) -> TokenizedData:
+    """The records `indices` of `tokenized`, in that order."""
+    from dataclasses import replace
+
+    idx = [int(i) for i in indices]
+    return replace(tokenized, input_ids=[tokenized.input_ids[i] for i in idx],
+                   response_mask=[tokenized.response_mask[i] for i in idx],
+                   prompt_lengths=np.asarray(tokenized.prompt_lengths)[idx])
+
+
 def _finished(stage: Path) -> bool:
     return (stage / "summary.json").exists()
 
@@ -323,7 +355,7 @@ def align_proxy(data: str, proxy: str, out: str, *, tokenizer: str | None = None
                 max_new_tokens: int = 64, sft_learning_rate: float = 2e-5, learning_rate: float = 1e-6,
                 dpo_epochs: float = 1.0, batch_size: int = 8, max_length: int | None = None, seed: int = 0,
                 logging_steps: int = 10, diagnostic_records: int | None = 256, split: str = "train",
-                skip_bad: bool = False, device: str | None = None,
+                skip_bad: bool = False, device: str | None = None, holdout_records: int | None = None,
                 training_args: dict[str, Any] | None = None) -> dict[str, Any]:
     """Align `proxy` (a from_pretrained path) to the teacher responses in `data`; returns out/summary.json.
 
@@ -335,6 +367,11 @@ def align_proxy(data: str, proxy: str, out: str, *, tokenizer: str | None = None
     final model. Resumable: finished stages are reused; other settings than the first run's (except `rounds`)
     raise `CacheMismatchError`. `training_args` go to both trainers (e.g. {"bf16": True}). Runs in one process:
     sampling, scoring and both trainers on `device` (default: cuda when available).
+
+    `holdout_records` (default `default_holdout`: 10% of the records, at most 256; 0: none): a seeded random sample
+    of records that neither SFT nor the preference rounds see (diagnostics are on the training records). Every
+    model directory gets `bayeskd_training.json` (data, records fingerprint, training and held-out indices), so
+    `estimate-posterior --calibrate` scores the aligned proxy only on records it was not trained on.
     """
     from transformers import AutoModelForCausalLM
 
@@ -353,13 +390,23 @@ def align_proxy(data: str, proxy: str, out: str, *, tokenizer: str | None = None
     tok = load_tokenizer(tokenizer or proxy)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     records, report = load_teacher_records(data, split=split, skip_bad=skip_bad)
-    tokenized = tokenize_records(records, tok, max_length=max_length)
+    n_holdout = default_holdout(len(records)) if holdout_records is None else int(holdout_records)
+    heldout = holdout_indices(len(records), n_holdout, seed)
+    train_idx = sorted(set(range(len(records))) - set(heldout))
+    # every stage below sees only the training records
+    tokenized = _subset(tokenize_records(records, tok, max_length=max_length), train_idx)
+    training = {"format": TRAINING_INFO_FORMAT, "job": "align-proxy", "data": str(data), "split": split,
+                "skip_bad": skip_bad, "records": len(records), "records_fingerprint": records_fingerprint(records),
+                "trained_on": index_ranges(train_idx), "heldout": index_ranges(heldout), "holdout_seed": seed}
     cfg = {"version": ALIGN_VERSION, "data": str(data), "data_hash": _data_hash(tokenized), "proxy": str(proxy),
            "tokenizer_fingerprint": tokenized.fingerprint, "sft_epochs": sft_epochs, "beta": beta,
            "nll_weight": nll_weight, "temperature": temperature, "max_new_tokens": max_new_tokens,
            "sft_learning_rate": sft_learning_rate, "learning_rate": learning_rate, "dpo_epochs": dpo_epochs,
            "batch_size": batch_size, "max_length": max_length, "seed": seed, "training_args": training_args,
-           "diagnostic_records": diagnostic_records}
+           "diagnostic_records": diagnostic_records,
+           # absent (None) without a holdout, so output directories made before holdouts existed still resume
+           "holdout": {"records": n_holdout, "indices": hashlib.sha256(json.dumps(heldout).encode()).hexdigest()}
+           if heldout else None}
     check_stamp(out_dir / ALIGN_CONFIG, cfg, what="align-proxy",
                 hint="refusing to resume. Use a new --out, or the same settings (only --rounds may change).")
 
@@ -379,12 +426,20 @@ def align_proxy(data: str, proxy: str, out: str, *, tokenizer: str | None = None
             sft_args = dict(num_train_epochs=sft_epochs, learning_rate=sft_learning_rate,
                             per_device_train_batch_size=batch_size, max_length=max_length, seed=seed,
                             logging_steps=logging_steps, use_cpu=device == "cpu")
-            s = distill(data, str(proxy), str(tmp), tokenizer=tokenizer, split=split, skip_bad=skip_bad,
+            sft_data, sft_read = data, {"split": split, "skip_bad": skip_bad}
+            if heldout:  # SFT reads a file: give it the training records only (kept in out/ for inspection)
+                sft_data, sft_read = str(out_dir / TRAIN_RECORDS), {}
+                with open(out_dir / f".{TRAIN_RECORDS}.tmp", "w", encoding="utf-8") as f:
+                    for i in train_idx:
+                        f.write(json.dumps(records[i], ensure_ascii=False) + "\n")
+                os.replace(out_dir / f".{TRAIN_RECORDS}.tmp", sft_data)
+            s = distill(sft_data, str(proxy), str(tmp), tokenizer=tokenizer, **sft_read,
                         **{**sft_args, **training_args})
             s = {"stage": "sft", **{k: s[k] for k in ("steps", "train_loss", "first_loss", "final_loss",
                                                       "train_seconds", "log_history")}}
             s["diagnostics"] = diagnose(AutoModelForCausalLM.from_pretrained(tmp).to(device))
             atomic_write_json(tmp / "summary.json", json.loads(json.dumps(s, default=str)))
+            atomic_write_json(tmp / TRAINING_INFO, training)
             _publish(tmp, stage)
         stages.append(json.loads((stage / "summary.json").read_text()))
         current = stage
@@ -399,6 +454,7 @@ def align_proxy(data: str, proxy: str, out: str, *, tokenizer: str | None = None
                                    training_args=training_args)
             s["diagnostics"] = diagnose(policy)
             atomic_write_json(tmp / "summary.json", json.loads(json.dumps(s, default=str)))
+            atomic_write_json(tmp / TRAINING_INFO, training)
             _publish(tmp, stage)
         stages.append(json.loads((stage / "summary.json").read_text()))
         current = stage
@@ -414,9 +470,13 @@ def align_proxy(data: str, proxy: str, out: str, *, tokenizer: str | None = None
                 (tmp / extra).unlink()
         atomic_write_json(tmp / "source.json", {"stage": current.name})
         _publish(tmp, final)
+    # written on every run (not only when final/ is rebuilt): a final/ made before this file existed gets it too;
+    # a fresh file, so the stage directory final/ hard-links to is not touched
+    atomic_write_json(final / TRAINING_INFO, training)
     summary = {
         "data": str(data), "proxy": str(proxy), "out": str(out_dir), "final": str(final), "config": cfg,
         "rounds": rounds, "records": len(records), "skipped_records": int(report.skipped),
+        "holdout_records": len(heldout), "training": training,
         "stages": [{k: v for k, v in s.items() if k != "log_history"} for s in stages],
         "diagnostics_before": json.loads(before_path.read_text()),
         "diagnostics_after": stages[-1]["diagnostics"],

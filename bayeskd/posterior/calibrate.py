@@ -4,12 +4,23 @@ Each teacher token y_t was drawn from the hidden distribution p_t, so for any es
 on y_t, E[-log q_t(y_t)] = H(p_t) + KL(p_t ‖ q_t): the mean negative log-likelihood of the observed tokens ranks
 estimates exactly as their mean KL to the teacher does (up to sampling noise). The prior must be queried with
 leave-one-out for this to hold (otherwise it has counted y_t already). A proxy trained on the same teacher text
-(an aligned proxy) has seen y_t too, which biases the choice towards it; calibrate on records it was not
-trained on when you have them.
+(an aligned proxy) has seen y_t too, which biases the choice towards it.
+
+Cross-fitting (`calibration_indices`): the proxy is scored only on records it was not trained on. `align-proxy`
+holds a random slice of the records out of every stage and writes what it trained on into the proxy's directory
+(`bayeskd_training.json`: records fingerprint, training and held-out indices). On the same records (same
+fingerprint) calibration scores the held-out ones; a proxy trained on all of them, or on other data whose overlap
+with these records is unknown, is refused unless forced; a proxy without that file (a base model) is taken as
+not trained on the teacher's text and scores the first records. A held-out record may share its prompt with a
+training record (several samples per prompt): its response is still an independent draw, so the score is unbiased.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -85,3 +96,89 @@ def calibrate_on_records(prior, proxy, tokenized, indices: Sequence[int], top_k:
     tokens = torch.from_numpy(np.concatenate(seqs).astype(np.int64))
     best, table = calibrate_combination(prior_rows, proxy_rows, tokens, candidates=candidates, top_k=top_k)
     return {"records": len(indices), "best": best, "table": table}
+
+
+# ---------------------------------------------------------------------------------------------------- cross-fitting
+
+TRAINING_INFO = "bayeskd_training.json"  # in a model directory: the teacher records it was trained on
+TRAINING_INFO_FORMAT = "bayeskd-training/1"
+
+
+def _record_content(rec: dict[str, Any]) -> list[Any]:
+    """What identifies a record: its chat messages, or its prompt and response (not keys, logprobs...)."""
+    return ["messages", rec["messages"]] if "messages" in rec else ["prompt", rec.get("prompt", ""), rec["response"]]
+
+
+def records_fingerprint(records: Sequence[dict[str, Any]]) -> str:
+    """sha256 (hex) over the records' prompt + response (or messages), in order: the same record set gives the same
+    value in every process and Python version (unlike `hash()`), whatever the tokenizer."""
+    h = hashlib.sha256()
+    for rec in records:
+        # canonical JSON escapes newlines, so one newline per record separates them unambiguously
+        h.update(json.dumps(_record_content(rec), ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def index_ranges(indices: Sequence[int]) -> list[list[int]]:
+    """Sorted distinct indices as [start, stop) ranges: [0, 1, 2, 5] -> [[0, 3], [5, 6]]."""
+    out: list[list[int]] = []
+    for i in sorted({int(i) for i in indices}):
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return out
+
+
+def expand_ranges(ranges: Sequence[Sequence[int]]) -> list[int]:
+    """The inverse of `index_ranges`."""
+    return [i for lo, hi in ranges for i in range(int(lo), int(hi))]
+
+
+def read_training_info(proxy) -> dict[str, Any] | None:
+    """The `bayeskd_training.json` of a proxy (a directory path, or a model loaded from one), or None when it has
+    none (a base model, a hub id)."""
+    path = proxy if isinstance(proxy, (str, os.PathLike)) else getattr(proxy, "name_or_path", None)
+    if not path or not (Path(path) / TRAINING_INFO).is_file():
+        return None
+    info = json.loads((Path(path) / TRAINING_INFO).read_text())
+    if info.get("format") != TRAINING_INFO_FORMAT:
+        raise ValueError(f"{path}/{TRAINING_INFO}: unknown format {info.get('format')!r} "
+                         f"(this version reads {TRAINING_INFO_FORMAT!r})")
+    return info
+
+
+def calibration_indices(proxy, fingerprint: str, n_records: int, n: int, *,
+                        force: bool = False) -> tuple[list[int], dict[str, Any]]:
+    """(record indices, why): the records calibration may score for `proxy` (a path, or a model loaded from one)
+    on data of `n_records` records with `records_fingerprint` `fingerprint` (of all the records loaded, before any
+    --max-records cut), at most `n` of them.
+
+    - the proxy's `bayeskd_training.json` names these records and holds some out: the held-out ones ("heldout");
+    - it names no held-out record here, or other data: ValueError saying why and what to do, unless `force`,
+      then the first `n` records ("forced");
+    - the proxy has no training info: the first `n` records ("no_training_info").
+    `why` is {"rule", "reason", "scored": [start, stop) ranges}, for the summary."""
+    info = read_training_info(proxy)
+    first = list(range(min(n, n_records)))
+    if info is None:
+        return first, {"rule": "no_training_info", "scored": index_ranges(first),
+                       "reason": f"the proxy carries no {TRAINING_INFO}: taken as not trained on these records"}
+    name = getattr(proxy, "name_or_path", proxy)
+    if info.get("records_fingerprint") == fingerprint and info.get("records") == n_records:
+        heldout = expand_ranges(info.get("heldout", []))[:n]
+        if heldout:
+            return heldout, {"rule": "heldout", "scored": index_ranges(heldout),
+                             "reason": f"the proxy's held-out records ({len(heldout)} scored), never trained on"}
+        problem = f"it was trained on all {n_records} records of this data ({info.get('data')})"
+    else:
+        problem = (f"it was trained on other records ({info.get('records')} records of {info.get('data')}, "
+                   f"fingerprint {str(info.get('records_fingerprint'))[:12]}…), which may overlap these")
+    if not force:
+        raise ValueError(f"{name}: calibration would score the proxy on records it may have been trained on: "
+                         f"{problem}. Re-align it with a holdout (align-proxy --holdout-records N), pass "
+                         f"--no-calibrate (with --mode/--a/--b/--c/--w), or --calibrate-on-training-records to "
+                         f"calibrate on them anyway (biased towards the proxy)")
+    return first, {"rule": "forced", "scored": index_ranges(first),
+                   "reason": f"--calibrate-on-training-records: {problem}; the choice is biased towards the proxy"}

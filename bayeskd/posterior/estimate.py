@@ -1,5 +1,6 @@
-"""The job behind `bayeskd estimate-posterior`: load teacher records, the prior and the proxy, optionally
-calibrate the combination, and write posterior shards (`ProxyPosterior.estimate`).
+"""The job behind `bayeskd estimate-posterior`: load teacher records, the prior and the proxy, calibrate the
+combination (by default, on records the proxy was not trained on), and write posterior shards
+(`ProxyPosterior.estimate`).
 """
 from __future__ import annotations
 
@@ -8,18 +9,19 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bayeskd.posterior.calibrate import calibrate_on_records
+from bayeskd.posterior.calibrate import calibrate_on_records, calibration_indices, index_ranges, records_fingerprint
 from bayeskd.posterior.proxy import ProxyPosterior
 from bayeskd.posterior.shards import rank_world
 from bayeskd.sparse import MANIFEST, CacheMismatchError, atomic_write_json, read_manifest
 
 
-def _calibrate(post: ProxyPosterior, prior, tokenized, n_records: int) -> dict[str, Any]:
-    """Set `post`'s combination to the one that best explains the teacher tokens of the first `n_records`
-    records (prior queried with leave-one-out); returns the scores."""
-    if n_records < 1:
-        raise ValueError(f"calibration_records must be >= 1, got {n_records}")
-    result = calibrate_on_records(prior, post, tokenized, range(min(n_records, len(tokenized))), post.top_k)
+COMBINATION_DEFAULTS: dict[str, Any] = {"mode": "log_linear", "a": 1.0, "b": 1.0, "c": 1.0, "w": 0.5}
+
+
+def _calibrate(post: ProxyPosterior, prior, tokenized, indices: list[int]) -> dict[str, Any]:
+    """Set `post`'s combination to the one that best explains the teacher tokens of the records `indices` (prior
+    queried with leave-one-out); returns the scores."""
+    result = calibrate_on_records(prior, post, tokenized, indices, post.top_k)
     post.mode = result["best"]["mode"]
     for key in ("a", "b", "c", "w"):
         if key in result["best"]:
@@ -29,13 +31,15 @@ def _calibrate(post: ProxyPosterior, prior, tokenized, n_records: int) -> dict[s
 
 def estimate_posterior(data: str | None = None, prior_dir: str | None = None, proxy=None, out: str | None = None,
                        *, tokenizer: str | None = None, top_k: int = 64, proxy_top_k: int | None = None,
-                       mode: str = "log_linear", a: float = 1.0, b: float = 1.0, c: float = 1.0, w: float = 0.5,
+                       mode: str | None = None, a: float | None = None, b: float | None = None,
+                       c: float | None = None, w: float | None = None,
                        evidence: float = 0.0, batch_size: int = 8, dtype: str = "float32",
                        device: str | None = None, leave_one_out: bool = True, shard_records: int = 256,
                        skip_bad: bool = False, split: str = "train", max_records: int | None = None,
                        max_shards: int | None = None, teacher_logprob: bool | None = None,
-                       reuse_prior_topk: bool = True, calibrate: bool = False,
-                       calibration_records: int = 256, no_evidence: bool = False, evidence_top_k: int | None = None,
+                       reuse_prior_topk: bool = True, calibrate: bool | None = None,
+                       calibration_records: int = 256, calibrate_on_training_records: bool = False,
+                       no_evidence: bool = False, evidence_top_k: int | None = None,
                        evidence_mode: str = "condition") -> dict[str, Any]:
     """The job behind `bayeskd estimate-posterior`: load the teacher records and the prior saved by
     `estimate_prior` (`prior_dir/prior`, or `prior_dir` itself), tokenize with `tokenizer` (default: the one
@@ -46,9 +50,18 @@ def estimate_posterior(data: str | None = None, prior_dir: str | None = None, pr
     "proxy_teacher_logprob" (default: True without a prior). With `reuse_prior_topk`, the prior's top-K rows
     are read from `prior_dir/topk` (`estimate-prior --write-topk`) when it was made with the same K,
     leave-one-out setting and records, instead of being recomputed (the shards are the same).
-    `calibrate`: choose mode and a/b/c/w (replacing the given ones) by the likelihood of the teacher's own tokens
-    on the first `calibration_records` records (`bayeskd.posterior.calibrate`); the choice is in the summary and
-    manifest.
+    The combination: `mode` and its weights `a`, `b` (log-linear), `c` (Dirichlet), `w` (mixture); unset ones take
+    `COMBINATION_DEFAULTS` (log-linear, a = b = 1). `calibrate` chooses them instead, by the likelihood of the
+    teacher's own tokens on up to `calibration_records` records (`bayeskd.posterior.calibrate`):
+    - None (default): calibrate when there is a prior and none of mode/a/b/c/w is given; given settings are used
+      as they are (the user chose them);
+    - True: calibrate; giving mode/a/b/c/w as well is refused (which one to use would be a guess);
+    - False: use the given settings (or the defaults).
+    Calibration never scores the proxy on records it was trained on (cross-fitting, `calibration_indices`): an
+    aligned proxy is scored on its held-out records, one trained on all of these records (or on other data) is
+    refused with a ValueError unless `calibrate_on_training_records`, and a proxy without training info (a base
+    model) on the first records. The summary's "calibration" says whether and why it ran, which records were
+    scored and why, and the choice (also in the manifest's config).
 
     Records that carry the teacher's top-k log-probabilities (`bayeskd generate --top-logprobs k`) condition the
     posterior at the positions they cover (`bayeskd.posterior.condition`; the combination chosen for the other
@@ -85,21 +98,40 @@ def estimate_posterior(data: str | None = None, prior_dir: str | None = None, pr
                 raise DataError("proxy-only targets with an in-memory proxy need --tokenizer")
             tokenizer = str(proxy)  # the proxy shares the student tokenizer; its checkpoint usually carries it
     tok = load_tokenizer(tokenizer)
-    records, report = load_teacher_records(data, split=split, skip_bad=skip_bad)
-    if max_records is not None:
-        records = records[:max_records]
+    all_records, report = load_teacher_records(data, split=split, skip_bad=skip_bad)
+    records = all_records if max_records is None else all_records[:max_records]
     tokenized = tokenize_records(records, tok)
     want = pconfig.get("tokenizer_fingerprint")
     if want is not None and want != tokenized.fingerprint:
         raise CacheMismatchError(f"{prior_dir}: the prior was estimated with another tokenizer (fingerprint "
                                  f"{want[:12]}…, {tokenizer} has {tokenized.fingerprint[:12]}…)")
-    post = ProxyPosterior(proxy, dtype=dtype, device=device, batch_size=batch_size, mode=mode, a=a, b=b, c=c, w=w,
-                          evidence=evidence, top_k=top_k, proxy_top_k=proxy_top_k)
-    calibration = None
+    given = {k: v for k, v in {"mode": mode, "a": a, "b": b, "c": c, "w": w}.items() if v is not None}
+    if calibrate and prior is None:
+        raise ValueError("calibrate chooses how to combine prior and proxy: it needs a prior")
+    if calibrate and given:
+        raise ValueError(f"calibrate chooses the combination itself; drop {', '.join('--' + k for k in given)} "
+                         "or pass --no-calibrate to use them")
+    if calibration_records < 1:
+        raise ValueError(f"calibration_records must be >= 1, got {calibration_records}")
+    auto = calibrate is None
+    if auto:
+        calibrate = prior is not None and not given
+    if calibrate:  # the scored records are settled before the proxy is loaded: a refusal costs nothing
+        scored, why = calibration_indices(proxy, records_fingerprint(all_records), len(all_records),
+                                          calibration_records, force=calibrate_on_training_records)
+        if not [i for i in scored if i < len(tokenized)]:
+            raise ValueError(f"the records calibration may score ({why['scored']}) lie beyond --max-records "
+                             f"{max_records}; raise it or pass --no-calibrate")
+        scored = [i for i in scored if i < len(tokenized)]
+        why["scored"] = index_ranges(scored)
+    post = ProxyPosterior(proxy, dtype=dtype, device=device, batch_size=batch_size, evidence=evidence, top_k=top_k,
+                          proxy_top_k=proxy_top_k, **{**COMBINATION_DEFAULTS, **given})
     if calibrate:
-        if prior is None:
-            raise ValueError("calibrate chooses how to combine prior and proxy: it needs a prior")
-        calibration = _calibrate(post, prior, tokenized, calibration_records)
+        calibration = {"calibrated": True, **why, "calibrate_on_training_records": calibrate_on_training_records,
+                       **_calibrate(post, prior, tokenized, scored)}
+    else:
+        calibration = {"calibrated": False, "reason": "no prior" if prior is None
+                       else "the combination was given" if auto else "calibrate off"}
     prior_topk = None
     if prior is not None and reuse_prior_topk and (pdir / "topk" / MANIFEST).exists():
         topk_manifest = read_manifest(pdir / "topk")
@@ -116,8 +148,7 @@ def estimate_posterior(data: str | None = None, prior_dir: str | None = None, pr
                             max_shards=max_shards, teacher_logprob=teacher_logprob, prior_topk=prior_topk,
                             evidence=evidence, evidence_mode=evidence_mode, evidence_top_k=evidence_top_k)
     summary["evidence"] = evidence_report
-    if calibration is not None:
-        summary["calibration"] = calibration
+    summary["calibration"] = calibration
     summary.update({"data": str(data), "tokenizer": str(tokenizer),
                     "prior_dir": None if prior_dir is None else str(prior_dir),
                     "skipped_records": int(report.skipped)})

@@ -36,7 +36,7 @@ def _narrow(rev, sa, lo, hi, d, c):
 
 @nb.njit(cache=True, nogil=True)
 def _query_range(rev, sa, hist, pos, rec_start, b_idx, b_lp, b_tail, b_cc, V, order, max_levels, max_support,
-                 loo, out_idx, out_lp, out_tail, out_cc, out_ml, lo_q, hi_q):
+                 beta, loo, out_idx, out_lp, out_tail, out_cc, out_ml, lo_q, hi_q):
     n = len(rev)
     sep = V
     K = out_idx.shape[1]
@@ -119,7 +119,7 @@ def _query_range(rev, sa, hist, pos, rec_start, b_idx, b_lp, b_tail, b_cc, V, or
                 if cnt_w[w] > 0.0:
                     types += 1
             if total > 0.0:
-                alpha = total / (total + types)
+                alpha = total / (total + beta * types)
                 for i in range(first_t, nt):
                     w = touched[i]
                     acc[w] += rest * alpha * cnt_w[w] / total
@@ -176,19 +176,19 @@ def _query_range(rev, sa, hist, pos, rec_start, b_idx, b_lp, b_tail, b_cc, V, or
 
 @nb.njit(cache=True, parallel=True)
 def _query_parallel(rev, sa, hist, pos, rec_start, b_idx, b_lp, b_tail, b_cc, V, order, max_levels, max_support,
-                    loo, out_idx, out_lp, out_tail, out_cc, out_ml, parts):
+                    beta, loo, out_idx, out_lp, out_tail, out_cc, out_ml, parts):
     n = len(pos)
     for t in nb.prange(parts):
         lo = n * t // parts
         hi = n * (t + 1) // parts
         _query_range(rev, sa, hist, pos, rec_start, b_idx, b_lp, b_tail, b_cc, V, order, max_levels, max_support,
-                     loo, out_idx, out_lp, out_tail, out_cc, out_ml, lo, hi)
+                     beta, loo, out_idx, out_lp, out_tail, out_cc, out_ml, lo, hi)
 
 
-def query_rows(rev, sa, hist, pos, rec_start, b_idx, b_lp, b_tail, b_cc, V, order, max_levels, max_support, loo,
-               out_idx, out_lp, out_tail, out_cc, out_ml) -> None:
+def query_rows(rev, sa, hist, pos, rec_start, b_idx, b_lp, b_tail, b_cc, V, order, max_levels, max_support, beta,
+               loo, out_idx, out_lp, out_tail, out_cc, out_ml) -> None:
     """Fill the output rows of the query positions `pos` (indices into `hist`, records starting at `rec_start`)."""
     parts = max(1, min(nb.get_num_threads(), len(pos) // 1024 or 1))
     _query_parallel(rev, sa, hist, np.ascontiguousarray(pos), np.ascontiguousarray(rec_start), b_idx, b_lp,
-                    b_tail, b_cc, int(V), int(order), int(max_levels), int(max_support), bool(loo), out_idx, out_lp,
+                    b_tail, b_cc, int(V), int(order), int(max_levels), int(max_support), float(beta), bool(loo), out_idx, out_lp,
                     out_tail, out_cc, out_ml, parts)

@@ -53,22 +53,24 @@ class SuffixPrior:
     (`topk(..., contexts=prompts)`); without them the context starts at the response."""
 
     def __init__(self, order: int = 4, smoothing: str = "kneser_ney", vocab_size: int | None = None,
-                 alpha: float = 1.0, max_levels: int = 4, max_support: int = 1024):
+                 alpha: float = 1.0, max_levels: int = 4, max_support: int = 1024, beta: float = 1.0):
         if vocab_size is None or int(vocab_size) < 1:
             raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
         if int(max_levels) < 1 or int(max_support) < 1:
             raise ValueError(f"max_levels and max_support must be >= 1, got {max_levels}, {max_support}")
+        if not beta > 0:
+            raise ValueError(f"beta must be > 0, got {beta}")
         if int(vocab_size) >= 2**31 - 1:
             raise ValueError(f"vocab_size {vocab_size} does not fit the int32 corpus")
         self.order, self.smoothing, self.vocab_size, self.alpha = int(order), smoothing, int(vocab_size), float(alpha)
-        self.max_levels, self.max_support = int(max_levels), int(max_support)
+        self.max_levels, self.max_support, self.beta = int(max_levels), int(max_support), float(beta)
         self.base = NGramPrior(order=order, smoothing=smoothing, vocab_size=vocab_size, alpha=alpha)
         self.rev: np.ndarray | None = None  # the reversed corpus, int32
         self.sa: np.ndarray | None = None  # its suffix array, int32
 
     def config(self) -> dict[str, Any]:
         return {"kind": "suffix", "order": self.order, "smoothing": self.smoothing, "vocab_size": self.vocab_size,
-                "alpha": self.alpha, "max_levels": self.max_levels, "max_support": self.max_support}
+                "alpha": self.alpha, "max_levels": self.max_levels, "max_support": self.max_support, "beta": self.beta}
 
     @property
     def num_tokens(self) -> int:
@@ -157,7 +159,7 @@ class SuffixPrior:
         for lo in range(0, n, CHUNK):
             sl = slice(lo, min(lo + CHUNK, n))
             query_rows(self.rev, self.sa, hist32, pos[sl], rec_start[sl], b_idx[sl], b_lp[sl], b_tail[sl],
-                       b_cc[sl], V, self.order, self.max_levels, self.max_support, bool(leave_one_out),
+                       b_cc[sl], V, self.order, self.max_levels, self.max_support, self.beta, bool(leave_one_out),
                        idx[sl], lp[sl], tail[sl], cc[sl], ml[sl])
         return SparseDist(torch.from_numpy(idx), torch.from_numpy(lp), torch.from_numpy(tail), V,
                           extras={"context_count": torch.from_numpy(cc), "match_length": torch.from_numpy(ml)})
