@@ -165,6 +165,9 @@ def serve_teacher_cmd(model, fail_rate, drop_rate, fault_seed, max_n, api_key_en
               help="--kind suffix: context levels (distinct occurrence counts) interpolated above the n-gram.")
 @click.option("--max-support", default=1024, show_default=True, type=click.IntRange(1),
               help="--kind suffix: occurrences read per level (more: evenly spaced ones, as infini-gram does).")
+@click.option("--beta", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="--kind suffix: trust in a level's count against its variety (Witten-Bell: 1). Default: chosen "
+              "by the leave-one-out likelihood of the teacher's own tokens.")
 @click.option("--smoothing", default="kneser_ney", show_default=True,
               type=click.Choice(["kneser_ney", "witten_bell", "dirichlet", "mle"]))
 @click.option("--alpha", default=1.0, show_default=True, type=float, help="Dirichlet concentration.")

@@ -166,3 +166,18 @@ def test_estimate_prior_kind_suffix_job(tmp_path, tiny_tokenizer_dir):
     # an n-gram prior never reads a suffix prior's rows as its own
     with pytest.raises(CacheMismatchError, match="suffix prior"):
         PriorTopK(prior.base, 8, True, tokenized, out / "topk")
+
+
+def test_choose_beta_picks_the_best_leave_one_out_likelihood():
+    rng = np.random.default_rng(9)
+    print("seed", 9)
+    V = 8
+    responses = [rng.integers(0, V, 40) for _ in range(30)]  # pure noise: long contexts predict nothing
+    prior = SuffixPrior(order=2, vocab_size=V).fit(responses)
+    beta, table = prior.choose_beta(responses, grid=(0.5, 1.0, 32.0), k=V)
+    assert prior.beta == beta == min(table, key=lambda r: r["nll"])["beta"]
+    assert beta == 32.0  # noise: trust the long contexts least
+    span = rng.integers(0, V, 30)  # now every record repeats one long span: trust them
+    rep = [np.concatenate((rng.integers(0, V, 3), span)) for _ in range(30)]
+    beta2, _ = SuffixPrior(order=2, vocab_size=V).fit(rep).choose_beta(rep, grid=(0.5, 1.0, 32.0), k=V)
+    assert beta2 < 32.0

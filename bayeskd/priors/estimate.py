@@ -47,11 +47,14 @@ def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out
                    smoothing: str = "kneser_ney", alpha: float = 1.0, top_k: int = 64, write_topk: bool = False,
                    leave_one_out: bool = True, num_proc: int = 1, skip_bad: bool = False,
                    max_records: int | None = None, split: str = "train", max_levels: int = 4,
-                   max_support: int = 1024) -> dict[str, Any]:
+                   max_support: int = 1024, beta: float | None = None,
+                   beta_records: int = 2000) -> dict[str, Any]:
     """Fit a prior on the teacher responses in `data` (tokenized with `tokenizer`) and save it in `out`.
 
     kind "ngram": an NGramPrior of `order`; "suffix": a SuffixPrior (prompt + response of every record in a
-    suffix array, Witten-Bell over its `max_levels` deepest context levels, backing off to that n-gram).
+    suffix array, Witten-Bell over its `max_levels` deepest context levels, backing off to that n-gram); its
+    `beta` (None: chosen by the leave-one-out likelihood of the teacher's tokens in the first `beta_records`
+    records, `SuffixPrior.choose_beta`) is saved with it.
 
     Writes `out/prior/` (the model), optionally `out/topk/` (per-position top-K prior shards, leave-one-out by
     default) and `out/summary.json`. A finished model with the same config is reused, and finished shards are
@@ -85,7 +88,7 @@ def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out
               "smoothing": smoothing, "alpha": alpha, "vocab_size": vocab, "records": len(records),
               "tokens": n_tokens}
     if kind == "suffix":  # (n-gram configs keep their old form, so finished n-gram runs still resume)
-        config.update(kind=kind, max_levels=max_levels, max_support=max_support)
+        config.update(kind=kind, max_levels=max_levels, max_support=max_support, beta=beta)
 
     model_dir = out_dir / "prior"
     cfg_path = out_dir / "prior_config.json"
@@ -97,6 +100,7 @@ def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out
         raise CacheMismatchError(f"{out_dir} already holds a prior made with another config (differs in: "
                                  f"{', '.join(diff)}); use a new --out directory")
     model_cls = SuffixPrior if kind == "suffix" else NGramPrior
+    beta_table = None
     if model_dir.exists() and old_config == config:
         prior = model_cls.load(model_dir)
         reused = True
@@ -105,6 +109,11 @@ def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out
             prior = SuffixPrior(order=order, smoothing=smoothing, vocab_size=vocab, alpha=alpha,
                                 max_levels=max_levels, max_support=max_support)
             prior.fit(sequences, prompts, num_proc=num_proc)
+            if beta is None:
+                n = min(beta_records, len(sequences))
+                _, beta_table = prior.choose_beta(sequences[:n], prompts[:n], k=min(top_k, vocab))
+            else:
+                prior.beta = float(beta)
         else:
             prior = NGramPrior(order=order, smoothing=smoothing, vocab_size=vocab, alpha=alpha)
             prior.fit(sequences, num_proc=num_proc)
@@ -118,7 +127,8 @@ def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out
     if write_topk:
         t_q = time.perf_counter()
         writer = ShardWriter(out_dir / "topk", vocab, top_k, tokenized.fingerprint,
-                             {**config, "top_k": top_k, "leave_one_out": leave_one_out})
+                             {**config, "top_k": top_k, "leave_one_out": leave_one_out,
+                              **({"beta": prior.beta} if kind == "suffix" else {})})  # the beta chosen
         # Shards hold whole sequences so a row range maps back to (record, response position).
         lengths = np.array([len(s) for s in sequences], dtype=np.int64)
         bounds = _shard_bounds(lengths, SHARD_ROWS)
@@ -139,6 +149,7 @@ def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out
         "tokens": n_tokens, "vocab_size": vocab, "kind": kind, "order": order, "smoothing": smoothing,
         "ngrams_per_order": (prior.base if kind == "suffix" else prior).ngram_counts(),
         "corpus_tokens": prior.num_tokens if kind == "suffix" else n_tokens,
+        **({"beta": prior.beta, "beta_table": beta_table} if kind == "suffix" else {}),
         "count_seconds": round(count_seconds, 4), "reused_model": reused,
         "count_tokens_per_second": round(n_tokens / count_seconds) if count_seconds > 0 and not reused else None,
         "topk_shards": shards if write_topk else 0, "topk_seconds": round(topk_seconds, 4),

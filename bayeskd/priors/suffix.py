@@ -34,6 +34,17 @@ from bayeskd.sparse import SparseDist
 FORMAT = "bayeskd.suffix_prior"
 FORMAT_VERSION = 1
 CHUNK = 1 << 16  # query positions per chunk: bounds the [chunk, K] temporaries
+BETA_GRID = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+
+
+def observed_logprob(dist: SparseDist, tokens: np.ndarray) -> np.ndarray:
+    """log p_t(y_t) per row (float64): the listed log-probability, or the row's uniform tail share."""
+    ind, lp = dist.indices.numpy(), dist.logprobs.double().numpy()
+    hit = ind == tokens[:, None]
+    n_unlisted = np.maximum(dist.vocab_size - (ind >= 0).sum(1), 1)
+    with np.errstate(divide="ignore"):
+        tail = np.log(dist.tail.double().numpy()) - np.log(n_unlisted)
+    return np.where(hit.any(1), np.where(hit, lp, -np.inf).max(1), tail)
 
 
 def _as_seqs(sequences: Any, what: str) -> list[np.ndarray]:
@@ -163,6 +174,22 @@ class SuffixPrior:
                        idx[sl], lp[sl], tail[sl], cc[sl], ml[sl])
         return SparseDist(torch.from_numpy(idx), torch.from_numpy(lp), torch.from_numpy(tail), V,
                           extras={"context_count": torch.from_numpy(cc), "match_length": torch.from_numpy(ml)})
+
+    def choose_beta(self, responses: Any, prompts: Any = None, grid: Sequence[float] = BETA_GRID,
+                    k: int = 64) -> tuple[float, list[dict[str, float]]]:
+        """Set `beta` (how much a level's count is trusted against its variety) to the value of `grid` whose
+        leave-one-out prior gives the observed tokens of `responses` (in the corpus) the highest likelihood: the
+        mean -log p(y) ranks priors as their KL to the teacher does, no truth needed. Returns (beta, table)."""
+        seqs = _as_seqs(responses, "choose_beta")
+        y = np.concatenate(seqs) if seqs else np.zeros(0, np.int64)
+        table = []
+        for b in grid:
+            self.beta = float(b)
+            rows = self.topk(seqs, min(k, self.vocab_size), leave_one_out=True, contexts=prompts)
+            table.append({"beta": float(b), "nll": float(-observed_logprob(rows, y).mean())})
+        best = min(table, key=lambda r: r["nll"])
+        self.beta = best["beta"]
+        return self.beta, table
 
     def prob(self, context: Sequence[int], prompt: Sequence[int] | None = None) -> np.ndarray:
         """The full next-token distribution [V] after `prompt` + `context` (float64; not leave-one-out)."""
