@@ -268,3 +268,20 @@ def test_proxy_posterior_carries_the_settings():
     got = post._combine(prior, proxy, [])
     want = combine(prior, proxy, mode="adaptive", theta=fit, top_k=8)
     assert torch.equal(got.indices, want.indices) and torch.equal(got.logprobs, want.logprobs)
+
+
+def test_calibration_picks_adaptive_when_it_wins_cross_fitted():
+    from bayeskd.posterior.calibrate import calibrate_combination
+
+    seed = 77
+    print(f"seed {seed}")
+    prior, q, y, _ = gating_case(3000, seed)
+    best, table = calibrate_combination(prior, sparse_from_probs(q, 12), y, top_k=12)
+    assert best["mode"] == "adaptive" and set(best["theta"]) >= {"theta", "mean", "std"}
+    scores = {r["mode"]: r["nll"] for r in table}
+    fixed = min(r["nll"] for r in table if r["mode"] != "adaptive")
+    assert scores["adaptive"] < fixed - 0.05  # held-out halves: not the fit's own rows (dirichlet gates too)
+    json.dumps(best)  # saved with the targets
+    # without context counts there is nothing to gate on: no adaptive candidate
+    plain = SparseDist(prior.indices, prior.logprobs, prior.tail, prior.vocab_size)
+    assert all(r["mode"] != "adaptive" for r in calibrate_combination(plain, sparse_from_probs(q, 12), y)[1])

@@ -54,13 +54,15 @@ def token_logprob(dist: SparseDist, tokens: torch.Tensor) -> torch.Tensor:
 
 def calibrate_combination(prior: SparseDist, proxy: SparseDist | torch.Tensor, teacher_tokens: torch.Tensor, *,
                           candidates: Sequence[dict[str, Any]] = DEFAULT_CANDIDATES, top_k: int | None = None,
-                          valid: torch.Tensor | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                          valid: torch.Tensor | None = None,
+                          adaptive: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(best settings, table): the `combine` settings among `candidates` whose posterior gives the observed teacher
     tokens the lowest mean negative log-likelihood (nats/token), and every candidate's score, best first.
 
     `prior`: the prior's rows at the teacher positions, queried with leave-one-out; `proxy`: the proxy's rows (or
     dense logits) at the same positions; `valid`: rows to score (default all). Dirichlet candidates are skipped
-    when the prior rows carry no `context_count`. A score of -log 0 (a token the posterior excludes) is +inf."""
+    when the prior rows carry no `context_count`. A score of -log 0 (a token the posterior excludes) is +inf.
+    `adaptive`: also the "adaptive" mixture (`fit_adaptive`), scored cross-fitted (`adaptive_candidate`)."""
     tokens = torch.as_tensor(teacher_tokens, dtype=torch.long)
     if tokens.shape != (prior.num_rows,):
         raise ValueError(f"calibrate_combination: {tuple(tokens.shape)} teacher tokens for {prior.num_rows} rows")
@@ -77,9 +79,30 @@ def calibrate_combination(prior: SparseDist, proxy: SparseDist | torch.Tensor, t
         table.append({**cand, "nll": float(-lp.mean()) if lp.numel() else math.nan})
     if not table:
         raise ValueError("calibrate_combination: every candidate needs context counts the prior rows lack")
+    if adaptive and CONTEXT_COUNT in prior.extras:
+        table.append(adaptive_candidate(prior, proxy, tokens, valid))
     table.sort(key=lambda r: (math.isnan(r["nll"]), r["nll"]))
     best = {k: v for k, v in table[0].items() if k != "nll"}
     return best, table
+
+
+def adaptive_candidate(prior: SparseDist, proxy: SparseDist | torch.Tensor, tokens: torch.Tensor,
+                       valid: torch.Tensor | None = None) -> dict[str, Any]:
+    """The adaptive mixture as a calibration candidate: its weights are fitted, so its score is cross-fitted (fit
+    on the first half of the rows, score the second, and the other way round; the halves are contiguous, so
+    records rarely straddle them), and the settings are then fitted on all rows."""
+    from bayeskd.posterior.adaptive import adaptive_settings, fit_adaptive
+
+    n = prior.num_rows
+    valid = torch.ones(n, dtype=torch.bool) if valid is None else torch.as_tensor(valid, dtype=torch.bool)
+    halves = torch.arange(n) < n // 2
+    lp = torch.zeros(n, dtype=torch.float64)
+    for fit_on in (halves, ~halves):
+        part = fit_adaptive(prior, proxy, tokens, valid=valid & fit_on)
+        post = combine(prior, proxy, mode="adaptive", theta=part)
+        lp = torch.where(~fit_on, token_logprob(post, tokens), lp)
+    settings = adaptive_settings(fit_adaptive(prior, proxy, tokens, valid=valid))
+    return {"mode": "adaptive", "theta": settings, "nll": float(-lp[valid].mean()) if valid.any() else math.nan}
 
 
 def calibrate_on_records(prior, proxy, tokenized, indices: Sequence[int], top_k: int, *,
@@ -90,8 +113,9 @@ def calibrate_on_records(prior, proxy, tokenized, indices: Sequence[int], top_k:
     indices = [int(i) for i in indices]
     if not indices:
         raise ValueError("calibration needs at least one record")
-    seqs = [tokenized.response_sequences()[i] for i in indices]
-    prior_rows = prior.topk(seqs, top_k, leave_one_out=True)
+    all_seqs, all_prompts = tokenized.response_sequences(), tokenized.prompt_sequences()
+    seqs = [all_seqs[i] for i in indices]
+    prior_rows = prior.topk(seqs, top_k, leave_one_out=True, contexts=[all_prompts[i] for i in indices])
     proxy_rows = proxy.proxy_topk(tokenized, indices, prior.vocab_size)
     tokens = torch.from_numpy(np.concatenate(seqs).astype(np.int64))
     best, table = calibrate_combination(prior_rows, proxy_rows, tokens, candidates=candidates, top_k=top_k)

@@ -23,6 +23,7 @@ def _calibrate(post: ProxyPosterior, prior, tokenized, indices: list[int]) -> di
     queried with leave-one-out); returns the scores."""
     result = calibrate_on_records(prior, post, tokenized, indices, post.top_k)
     post.mode = result["best"]["mode"]
+    post.theta = result["best"].get("theta")
     for key in ("a", "b", "c", "w"):
         if key in result["best"]:
             setattr(post, key, float(result["best"][key]))
@@ -32,7 +33,7 @@ def _calibrate(post: ProxyPosterior, prior, tokenized, indices: list[int]) -> di
 def estimate_posterior(data: str | None = None, prior_dir: str | None = None, proxy=None, out: str | None = None,
                        *, tokenizer: str | None = None, top_k: int = 64, proxy_top_k: int | None = None,
                        mode: str | None = None, a: float | None = None, b: float | None = None,
-                       c: float | None = None, w: float | None = None,
+                       c: float | None = None, w: float | None = None, theta: dict[str, Any] | None = None,
                        evidence: float = 0.0, batch_size: int = 8, dtype: str = "float32",
                        device: str | None = None, leave_one_out: bool = True, shard_records: int = 256,
                        skip_bad: bool = False, split: str = "train", max_records: int | None = None,
@@ -50,7 +51,8 @@ def estimate_posterior(data: str | None = None, prior_dir: str | None = None, pr
     "proxy_teacher_logprob" (default: True without a prior). With `reuse_prior_topk`, the prior's top-K rows
     are read from `prior_dir/topk` (`estimate-prior --write-topk`) when it was made with the same K,
     leave-one-out setting and records, instead of being recomputed (the shards are the same).
-    The combination: `mode` and its weights `a`, `b` (log-linear), `c` (Dirichlet), `w` (mixture); unset ones take
+    The combination: `mode` and its weights `a`, `b` (log-linear), `c` (Dirichlet), `w` (mixture), `theta` (adaptive:
+    `fit_adaptive` settings, which calibration fits); unset ones take
     `COMBINATION_DEFAULTS` (log-linear, a = b = 1). `calibrate` chooses them instead, by the likelihood of the
     teacher's own tokens on up to `calibration_records` records (`bayeskd.posterior.calibrate`):
     - None (default): calibrate when there is a prior and none of mode/a/b/c/w is given; given settings are used
@@ -105,7 +107,8 @@ def estimate_posterior(data: str | None = None, prior_dir: str | None = None, pr
     if want is not None and want != tokenized.fingerprint:
         raise CacheMismatchError(f"{prior_dir}: the prior was estimated with another tokenizer (fingerprint "
                                  f"{want[:12]}…, {tokenizer} has {tokenized.fingerprint[:12]}…)")
-    given = {k: v for k, v in {"mode": mode, "a": a, "b": b, "c": c, "w": w}.items() if v is not None}
+    given = {k: v for k, v in {"mode": mode, "a": a, "b": b, "c": c, "w": w, "theta": theta}.items()
+             if v is not None}
     if calibrate and prior is None:
         raise ValueError("calibrate chooses how to combine prior and proxy: it needs a prior")
     if calibrate and given:
