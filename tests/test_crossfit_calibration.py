@@ -172,3 +172,12 @@ def test_given_combination_is_kept(lab, tmp_path, monkeypatch):
     # asking for both is contradictory: refused
     res = CliRunner().invoke(main, base + ["--calibrate", "--mode", "mixture", "--out", str(tmp_path / "d")])
     assert res.exit_code != 0 and "--no-calibrate" in res.output and "--mode" in res.output
+
+
+def test_explicit_holdout_indices(lab, tmp_path):
+    s = align_proxy(lab["data"], lab["base"], str(tmp_path / "ex"), sft_epochs=1, rounds=0,
+                    holdout_records=[4, 0, 1, 2], **ALIGN)
+    assert s["training"]["heldout"] == [[0, 3], [4, 5]] and s["holdout_records"] == 4
+    with pytest.raises(ValueError, match="indices must lie"):
+        align_proxy(lab["data"], lab["base"], str(tmp_path / "bad"), sft_epochs=1, rounds=0,
+                    holdout_records=[N + 3], **ALIGN)

@@ -355,7 +355,8 @@ def align_proxy(data: str, proxy: str, out: str, *, tokenizer: str | None = None
                 max_new_tokens: int = 64, sft_learning_rate: float = 2e-5, learning_rate: float = 1e-6,
                 dpo_epochs: float = 1.0, batch_size: int = 8, max_length: int | None = None, seed: int = 0,
                 logging_steps: int = 10, diagnostic_records: int | None = 256, split: str = "train",
-                skip_bad: bool = False, device: str | None = None, holdout_records: int | None = None,
+                skip_bad: bool = False, device: str | None = None,
+                holdout_records: int | Sequence[int] | None = None,
                 training_args: dict[str, Any] | None = None) -> dict[str, Any]:
     """Align `proxy` (a from_pretrained path) to the teacher responses in `data`; returns out/summary.json.
 
@@ -369,7 +370,8 @@ def align_proxy(data: str, proxy: str, out: str, *, tokenizer: str | None = None
     sampling, scoring and both trainers on `device` (default: cuda when available).
 
     `holdout_records` (default `default_holdout`: 10% of the records, at most 256; 0: none): a seeded random sample
-    of records that neither SFT nor the preference rounds see (diagnostics are on the training records). Every
+    of records that neither SFT nor the preference rounds see (diagnostics are on the training records); a sequence
+    of indices: exactly those records. Every
     model directory gets `bayeskd_training.json` (data, records fingerprint, training and held-out indices), so
     `estimate-posterior --calibrate` scores the aligned proxy only on records it was not trained on.
     """
@@ -390,8 +392,15 @@ def align_proxy(data: str, proxy: str, out: str, *, tokenizer: str | None = None
     tok = load_tokenizer(tokenizer or proxy)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     records, report = load_teacher_records(data, split=split, skip_bad=skip_bad)
-    n_holdout = default_holdout(len(records)) if holdout_records is None else int(holdout_records)
-    heldout = holdout_indices(len(records), n_holdout, seed)
+    if holdout_records is not None and not isinstance(holdout_records, (int, np.integer)):
+        heldout = sorted({int(i) for i in holdout_records})  # these records (the lab scores exactly them)
+        if heldout and not 0 <= heldout[0] <= heldout[-1] < len(records) or len(heldout) >= len(records):
+            raise ValueError(f"holdout_records: indices must lie in [0, {len(records)}) and leave a record to "
+                             f"train on")
+        n_holdout = len(heldout)
+    else:
+        n_holdout = default_holdout(len(records)) if holdout_records is None else int(holdout_records)
+        heldout = holdout_indices(len(records), n_holdout, seed)
     train_idx = sorted(set(range(len(records))) - set(heldout))
     # every stage below sees only the training records
     tokenized = _subset(tokenize_records(records, tok, max_length=max_length), train_idx)
