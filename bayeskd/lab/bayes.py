@@ -1,0 +1,129 @@
+"""Does the Bayesian part earn its place? The lab's table of the posterior against its own components.
+
+For the n-gram prior and the suffix prior (`bayeskd.priors.suffix`), each combined with the pipeline's proxy by the
+best fixed combination and by the adaptive mixture (`bayeskd.posterior.adaptive`): KL(teacher‖estimate) at the
+scored training positions and on held-out teacher text, beside each component alone, and the ratio of the
+posterior the pipeline would choose (the lowest teacher-token NLL on the calibration records, not the truth) to
+the best single component (picked by the truth: the hardest comparison). Honest by construction: the priors are queried leave-one-out on their
+own corpus (and plainly on held-out text, which they never counted); the aligned proxy never trained on the
+scored or the calibration records (`align_proxy(holdout_records=...)`, checked here); the combination, the
+adaptive weights and the suffix prior's beta are chosen on the calibration records only, never on scored ones.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+
+def _kl(t_lp: torch.Tensor, est, valid: torch.Tensor) -> float:
+    from bayeskd.evaluation.metrics import kl_teacher_to_estimate
+
+    return float(kl_teacher_to_estimate(t_lp, est)[valid].mean())
+
+
+def _check_heldout(proxy_dir: str, records: list, needed: list[int]) -> str:
+    """The records the lab scores the proxy on must be ones it never trained on."""
+    from bayeskd.posterior.calibrate import expand_ranges, read_training_info, records_fingerprint
+
+    info = read_training_info(proxy_dir)
+    if info is None:
+        return "base proxy (not trained on the teacher's text)"
+    if info.get("records_fingerprint") != records_fingerprint(records):
+        raise RuntimeError(f"{proxy_dir} was aligned on other records than the lab's teacher corpus")
+    missing = sorted(set(needed) - set(expand_ranges(info.get("heldout", []))))
+    if missing:
+        raise RuntimeError(f"{proxy_dir} was trained on {len(missing)} of the records the lab scores it on "
+                           f"(e.g. record {missing[0]}): the comparison would favour the proxy")
+    return f"aligned proxy, held out {len(needed)} scored + calibration records"
+
+
+def bayes_table(paths: dict[str, str], run: Path, cfg, tok, pipeline_proxy: str,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The table (see the module docstring) for the lab run in `run`."""
+    from transformers import AutoModelForCausalLM
+
+    from bayeskd.data import load_teacher_records, tokenize_records
+    from bayeskd.evaluation.evaluate import response_logprobs
+    from bayeskd.posterior.calibrate import calibrate_combination
+    from bayeskd.posterior.combine import combine
+    from bayeskd.posterior.proxy import ProxyPosterior
+    from bayeskd.priors.ngram import NGramPrior
+    from bayeskd.priors.suffix import SuffixPrior
+
+    records, _ = load_teacher_records(str(run / "teacher_train.jsonl"))
+    train = tokenize_records(records, tok)
+    held = tokenize_records(load_teacher_records(str(run / "teacher_heldout.jsonl"))[0], tok)
+    V, K = train.vocab_size, cfg.top_k
+    n_eval = min(cfg.eval_records, len(train))
+    ev = list(range(n_eval))
+    cal = list(range(n_eval, min(n_eval + cfg.calibration_records, len(train))))
+    proxy_note = _check_heldout(pipeline_proxy, records, ev + cal)
+    resp, prm = train.response_sequences(), train.prompt_sequences()
+    ngram = NGramPrior.load(run / "prior" / "prior")
+    suffix = SuffixPrior(order=ngram.order, vocab_size=V).fit(resp, prm)
+    beta, beta_table = suffix.choose_beta([resp[i] for i in cal], [prm[i] for i in cal], k=K)
+    proxy = ProxyPosterior(pipeline_proxy, top_k=K)
+    teacher = AutoModelForCausalLM.from_pretrained(paths["teacher"])
+    y_cal = torch.from_numpy(np.concatenate([resp[i] for i in cal]).astype(np.int64))
+    q_cal = proxy.proxy_topk(train, cal, V)
+    where = {"training positions": (train, ev, True), "held-out teacher text": (held, list(range(len(held))), False)}
+    truth = {name: response_logprobs(teacher, t, idx) for name, (t, idx, _) in where.items()}
+    q_rows = {name: proxy.proxy_topk(t, idx, V) for name, (t, idx, _) in where.items()}
+    priors = {"n-gram": ngram, "suffix": suffix}
+    settings = {}  # per prior: the best fixed combination and the adaptive one, chosen on the calibration records
+    for pname, prior in priors.items():
+        p_cal = prior.topk([resp[i] for i in cal], K, leave_one_out=True, contexts=[prm[i] for i in cal])
+        _, table = calibrate_combination(p_cal, q_cal, y_cal, top_k=K)
+        for label in ("fixed", "adaptive"):
+            r = next(r for r in table if (r["mode"] == "adaptive") == (label == "adaptive"))
+            kw = {k: v for k, v in r.items() if k != "nll"}
+            settings[f"{pname} prior x proxy, {label} ({_describe(kw)})"] = (pname, kw, r["nll"])
+    # the pipeline's choice among them: the lowest teacher-token NLL on the calibration records (not the truth)
+    chosen = min(settings, key=lambda k: settings[k][2])
+    out: dict[str, Any] = {"proxy": proxy_note, "suffix_beta": beta, "suffix_beta_table": beta_table,
+                           "calibration_records": len(cal), "chosen": chosen,
+                           "calibration_nll": {k: v[2] for k, v in settings.items()}, "where": {}}
+    for name, (t, idx, loo) in where.items():
+        t_lp, valid = truth[name]
+        seqs = [t.response_sequences()[i] for i in idx]
+        ctxs = [t.prompt_sequences()[i] for i in idx]
+        rows = {"proxy": _kl(t_lp, q_rows[name], valid)}
+        p_rows = {pname: prior.topk(seqs, K, leave_one_out=loo, contexts=ctxs) for pname, prior in priors.items()}
+        for pname, r in p_rows.items():
+            rows[f"{pname} prior"] = _kl(t_lp, r, valid)
+        ml = p_rows["suffix"].extras["match_length"][valid]
+        rows["(share of positions whose context matches > order-1 tokens elsewhere)"] = float(
+            (ml >= suffix.order).float().mean())
+        posts = {label: _kl(t_lp, combine(p_rows[pname], q_rows[name], top_k=K, **kw), valid)
+                 for label, (pname, kw, _) in settings.items()}
+        rows.update(posts)
+        best_component = min(rows["proxy"], rows["n-gram prior"], rows["suffix prior"])
+        post = posts[chosen]
+        out["where"][name] = {"positions": int(valid.sum()), "kl": rows, "best_component": best_component,
+                              "posterior": post, "ratio": post / best_component}
+        log(f"[lab] Bayesian part, {name}: posterior ({chosen}) {post:.4f} / best component {best_component:.4f} "
+            f"= {post / best_component:.3f}")
+    return out
+
+
+def _describe(kw: dict[str, Any]) -> str:
+    if kw["mode"] == "adaptive":
+        return "adaptive mixture"
+    return kw["mode"] + " " + ", ".join(f"{k}={v:g}" for k, v in kw.items() if k != "mode")
+
+
+def format_bayes(b: dict[str, Any]) -> str:
+    """Markdown: one column per place scored, a row per estimate, then the ratio."""
+    names = list(b["where"])
+    keys = list(b["where"][names[0]]["kl"])
+    lines = [f"Does the Bayesian part pay? KL(teacher‖estimate); proxy: {b['proxy']}; combination chosen on "
+             f"{b['calibration_records']} calibration records; suffix prior beta = {b['suffix_beta']:g} (chosen the "
+             f"same way):", "", "| estimate | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for k in keys:
+        lines.append(f"| {k} | " + " | ".join(f"{b['where'][n]['kl'][k]:.4f}" for n in names) + " |")
+    lines.append(f"| **chosen posterior ({b['chosen']}) / best component** | " + " | ".join(
+        f"**{b['where'][n]['ratio']:.3f}**" for n in names) + " |")
+    return "\n".join(lines)
