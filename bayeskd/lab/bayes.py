@@ -106,7 +106,45 @@ def bayes_table(paths: dict[str, str], run: Path, cfg, tok, pipeline_proxy: str,
                               "posterior": post, "ratio": post / best_component}
         log(f"[lab] Bayesian part, {name}: posterior ({chosen}) {post:.4f} / best component {best_component:.4f} "
             f"= {post / best_component:.3f}")
+    out["budget"] = _budget(records, train, held, truth["held-out teacher text"], q_rows["held-out teacher text"],
+                            settings, ngram.order, K, beta)
+    log(f"[lab] equal budget: {out['budget']}")
     return out
+
+
+def _budget(records, train, held, truth, q_held, settings, order: int, K: int, beta: float) -> list[dict[str, Any]]:
+    """More prompts or more samples per prompt, at an equal number of samples: priors counted on one sample of
+    every prompt against all samples of half the prompts, scored on held-out teacher text (alone and with the
+    proxy, in the combinations chosen above)."""
+    from bayeskd.posterior.combine import combine
+    from bayeskd.priors.ngram import NGramPrior
+    from bayeskd.priors.suffix import SuffixPrior
+
+    t_lp, valid = truth
+    by_prompt: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_prompt.setdefault(str(r.get("prompt", r.get("messages"))), []).append(i)
+    groups = list(by_prompt.values())
+    per = max(len(g) for g in groups)
+    if per < 2:
+        return []
+    subsets = {"every prompt, 1 sample": [g[0] for g in groups],
+               f"1/{per} of the prompts, {per} samples": [i for g in groups[::per] for i in g]}
+    resp, prm = train.response_sequences(), train.prompt_sequences()
+    seqs, ctxs = held.response_sequences(), held.prompt_sequences()
+    rows = []
+    for name, idx in subsets.items():
+        r_s, p_s = [resp[i] for i in idx], [prm[i] for i in idx]
+        priors = {"n-gram": NGramPrior(order=order, vocab_size=train.vocab_size).fit(r_s),
+                  "suffix": SuffixPrior(order=order, vocab_size=train.vocab_size, beta=beta).fit(r_s, p_s)}
+        row: dict[str, Any] = {"subset": name, "samples": len(idx), "tokens": int(sum(len(x) for x in r_s))}
+        p_rows = {k: p.topk(seqs, K, contexts=ctxs) for k, p in priors.items()}
+        for k, p in p_rows.items():
+            row[f"{k} prior"] = _kl(t_lp, p, valid)
+        for label, (pname, kw, _) in settings.items():
+            row[label] = _kl(t_lp, combine(p_rows[pname], q_held, top_k=K, **kw), valid)
+        rows.append(row)
+    return rows
 
 
 def _describe(kw: dict[str, Any]) -> str:
@@ -126,4 +164,13 @@ def format_bayes(b: dict[str, Any]) -> str:
         lines.append(f"| {k} | " + " | ".join(f"{b['where'][n]['kl'][k]:.4f}" for n in names) + " |")
     lines.append(f"| **chosen posterior ({b['chosen']}) / best component** | " + " | ".join(
         f"**{b['where'][n]['ratio']:.3f}**" for n in names) + " |")
+    if b.get("budget"):
+        cols = [k for k in b["budget"][0] if k not in ("subset", "samples", "tokens")]
+        lines += ["", "More prompts or more samples per prompt, at an equal number of teacher samples (KL on held-out "
+                  "teacher text; combinations as above):", "",
+                  "| priors counted on | samples | tokens | " + " | ".join(cols) + " |",
+                  "|---|---:|---:|" + "---:|" * len(cols)]
+        for r in b["budget"]:
+            lines.append(f"| {r['subset']} | {r['samples']} | {r['tokens']} | "
+                         + " | ".join(f"{r[c]:.4f}" for c in cols) + " |")
     return "\n".join(lines)
