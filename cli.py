@@ -352,7 +352,7 @@ def lab_group() -> None:
 @click.option("--preset", default="tiny", show_default=True,
               type=click.Choice(["micro", "tiny", "small", "micro-sharp", "tiny-sharp", "small-sharp"]),
               help="micro: seconds (smoke test); tiny: minutes on a laptop CPU; small: the benchmark preset; "
-              "NAME-sharp: that lab with its teacher at a temperature < 1 (mean entropy <= 1.4 nats/token).")
+              "NAME-sharp: that lab's models, its teacher at a temperature < 1 (about 1.4 nats/token).")
 @click.option("--root", default="runs/lab", show_default=True, type=click.Path(file_okay=False),
               help="Where the lab models and the run live (reused by later runs).")
 @click.option("--seeds", default=None, type=click.IntRange(1), help="Students per method (default: the preset's).")

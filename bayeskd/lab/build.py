@@ -11,6 +11,10 @@ causal-LM loop, and saves an untrained smaller student initialisation:
     root/<preset>/prompts.jsonl  held-out {"prompt", "response"} (the reference text, not teacher samples)
     root/<preset>/lab.json     manifest: the preset config, split sizes, first/last training losses
 
+A sharp preset (`SharpLabPreset`, e.g. `tiny-sharp`) builds (or reuses) its base lab (`tiny`), copies its
+tokenizer, proxy, student and prompts, and saves as its teacher the base teacher at a temperature τ < 1
+(`bayeskd.lab.teacher`): the same layout, with τ and the measured entropy in lab.json under "sharpen".
+
 The pipeline sees the teacher only through `bayeskd.teachers.local.BlackBoxTeacher` (text in, text out); the
 evaluation reads its true distributions through `WhiteBoxTeacher`.
 """
@@ -20,7 +24,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -76,6 +80,35 @@ class LabPreset:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def base_preset(self) -> "LabPreset":
+        """The lab whose models this one uses: itself (a sharp preset: its base lab's preset)."""
+        return self
+
+
+@dataclass(frozen=True)
+class SharpLabPreset(LabPreset):
+    """The `base` lab with a sharper teacher: the base teacher at the temperature τ whose mean entropy at the
+    teacher-forced positions of the first `entropy_docs` teacher training documents (the first `entropy_len` tokens
+    of each) is at most `teacher_entropy_target` nats/token. The other fields must be the base preset's."""
+
+    base: str = "tiny"
+    teacher_entropy_target: float = 1.3
+    entropy_docs: int = 64
+    entropy_len: int = 128
+
+    def __post_init__(self):
+        if self.base == self.name:
+            raise LabError(f"a sharp lab preset needs a base lab of another name than its own ({self.name!r})")
+
+    def base_preset(self) -> LabPreset:
+        return LabPreset(**{**{f.name: getattr(self, f.name) for f in fields(LabPreset)}, "name": self.base})
+
+
+def sharp_preset(base: LabPreset, target: float = 1.3) -> SharpLabPreset:
+    """`base` with its teacher sharpened to a mean entropy of at most `target` nats/token, named `<base>-sharp`."""
+    return SharpLabPreset(**{**{f.name: getattr(base, f.name) for f in fields(LabPreset)},
+                             "name": f"{base.name}-sharp"}, base=base.name, teacher_entropy_target=target)
+
 
 PRESETS: dict[str, LabPreset] = {
     # Seconds: for tests and smoke runs. The teacher barely learns, but its loss does drop.
@@ -91,6 +124,8 @@ PRESETS: dict[str, LabPreset] = {
                        student=ModelSize(128, 344, 2, 4), steps=4000, batch_size=32, lr=6e-4, seq_len=256,
                        n_prompts=256, warmup_steps=200),
 }
+# The same labs with a sharp teacher (real instruction-tuned teachers are far sharper than the lab's ~3.5 nats).
+PRESETS.update({f"{name}-sharp": sharp_preset(p) for name, p in list(PRESETS.items())})
 
 
 def get_preset(preset: str | LabPreset) -> LabPreset:
@@ -233,6 +268,8 @@ def build_lab(root: str | os.PathLike, preset: str | LabPreset = "tiny", force: 
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     cfg = get_preset(preset)
+    if isinstance(cfg, SharpLabPreset):
+        return _build_sharp_lab(root, cfg, force, progress)
     paths = lab_paths(root, cfg.name)
     base, manifest_path = Path(paths["root"]), Path(paths["manifest"])
     want = {"version": LAB_VERSION, "preset": cfg.to_dict()}
@@ -269,6 +306,53 @@ def build_lab(root: str | os.PathLike, preset: str | LabPreset = "tiny", force: 
     atomic_write_bytes(Path(paths["prompts"]),
                        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in prompts).encode())
     manifest = {**want, "stats": stats, "n_prompts": len(prompts), "corpus_docs": len(docs)}
+    atomic_write_bytes(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())  # written last
+    return paths
+
+
+def _weights_sha256(model_dir: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _build_sharp_lab(root: str | os.PathLike, cfg: SharpLabPreset, force: bool, progress: bool) -> dict[str, str]:
+    """A sharp lab under `root/<name>`: its base lab's tokenizer, proxy, student and prompts (copied; the base lab
+    is built or reused, never retrained here) and the base teacher sharpened (`bayeskd.lab.teacher`). Reused when
+    its manifest records the same preset and the same base teacher weights; otherwise an error unless `force`."""
+    from bayeskd.lab.teacher import sharpen_teacher
+
+    base_paths = build_lab(root, cfg.base_preset(), progress=progress)
+    paths = lab_paths(root, cfg.name)
+    base, manifest_path = Path(paths["root"]), Path(paths["manifest"])
+    want = {"version": LAB_VERSION, "preset": cfg.to_dict(),
+            "base_teacher_sha256": _weights_sha256(base_paths["teacher"])}
+    if manifest_path.exists():
+        have = read_manifest(manifest_path)
+        if {k: have.get(k) for k in want} == want and not force:
+            return paths
+        if not force:
+            raise LabError(f"{base} holds a sharp lab made with another config or from another {cfg.base!r} teacher; "
+                           "pass force=True to remake it, or delete it")
+        manifest_path.unlink()
+    for key in ("tokenizer", "teacher", "proxy", "student"):
+        shutil.rmtree(paths[key], ignore_errors=True)
+    base.mkdir(parents=True, exist_ok=True)
+    for key in ("tokenizer", "proxy", "student"):
+        shutil.copytree(base_paths[key], paths[key])
+    shutil.copyfile(base_paths["prompts"], paths["prompts"])
+    teacher_docs, _, _ = split_corpus(embedded_corpus(), cfg.n_prompts, cfg.seed)  # training text, not held out
+    try:
+        sharpen = sharpen_teacher(base_paths["teacher"], paths["teacher"], teacher_docs[:cfg.entropy_docs],
+                                  cfg.teacher_entropy_target, max_len=cfg.entropy_len)
+    except (ValueError, RuntimeError) as e:
+        raise LabError(f"sharpening the {cfg.base!r} teacher for {cfg.name!r}: {e}") from e
+    have = read_manifest(base_paths["manifest"])
+    manifest = {**want, "sharpen": sharpen, "base_lab": base_paths["root"],
+                **{k: have.get(k) for k in ("stats", "n_prompts", "corpus_docs")}}
     atomic_write_bytes(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())  # written last
     return paths
 

@@ -9,6 +9,8 @@ There is no truth over the student's tokens here: B's distribution lives over B'
 next-token marginal would need every continuation of every B token. So the comparison is at the sequence level:
 each student's NLL per byte of held-out B text. B's entropy is common to all students, so differences of NLL per
 byte are differences of KL(B ‖ student) per byte, exactly, whatever the tokenizers.
+
+A sharp lab (`tiny-sharp`) does not sharpen B: it uses its base lab's teacher B as it is (built or reused there).
 """
 from __future__ import annotations
 
@@ -80,7 +82,8 @@ def run_cross(paths: dict[str, str], run: Path, cfg, prompts: Sequence[str], hel
     from bayeskd.priors.estimate import estimate_prior
     from bayeskd.token_bytes import token_bytes_table
 
-    teacher_b = build_teacher_b(paths["root"], preset, progress)
+    base = preset.base_preset()  # a sharp lab: its base lab's teacher B, not sharpened
+    teacher_b = build_teacher_b(str(Path(paths["root"]).parent / base.name), base, progress)
     d = run / "cross"
     d.mkdir(parents=True, exist_ok=True)
     train, held = d / "teacher_train.jsonl", d / "teacher_heldout.jsonl"

@@ -53,6 +53,19 @@ def check_targets(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def format_teacher(t: dict[str, Any]) -> str:
+    """The teacher's mean entropy (nats/token) under the truth the evaluation uses, and how it was sharpened."""
+    e, n = t["entropy"], t["positions"]
+    line = (f"Teacher: mean entropy {e['estimation']:.3f} nats/token at the {n['estimation']} estimation positions, "
+            f"{e['heldout']:.3f} at the {n['heldout']} held-out positions")
+    s = t.get("sharpen")
+    if not s:
+        return line + " (the lab teacher as trained, temperature 1)."
+    return line + (f" (sharpened: the base teacher at temperature τ = {s['tau']:.4f}, its logits / τ; τ was chosen "
+                   f"for a mean entropy ≤ {s['target']} on {s['positions']} positions of {s['docs']} of its training "
+                   f"documents: {s['entropy_before']:.3f} → {s['entropy']:.3f} nats/token).")
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The report's tables as markdown."""
     lines = [f"# bayeskd lab report — preset `{report['preset']}`", ""]
@@ -60,6 +73,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines += [f"Teacher corpus: {d.get('train_records')} black-box samples ({d.get('train_tokens')} response "
               f"tokens); held-out: {d.get('heldout_records')} samples. K = {report['config']['top_k']}, "
               f"prior order {report['config']['order']}.", ""]
+    if report.get("teacher"):
+        lines += [format_teacher(report["teacher"]), ""]
     if "estimation" in report:
         e = report["estimation"]
         lines += [f"## Estimation quality ({e['positions']} training positions, lower KL is better)", "",
@@ -116,6 +131,8 @@ def format_report(report: dict[str, Any]) -> str:
                   f"positions with evidence ({share}). Students' NLL per byte of {c['heldout_records']} held-out B "
                   "samples (differences are differences of KL(B‖student) per byte; mean ± std over seeds):", "",
                   "| student | seeds | NLL / byte |", "|---|---:|---:|"]
+        if (report.get("teacher") or {}).get("sharpen"):  # after the paragraph above the table
+            lines.insert(-3, "Teacher B is not sharpened: it is the base lab's teacher B, at temperature 1.")
         lines += [f"| {m} | {v['n']} | {v['mean']:.4f} ± {v['std']:.4f} |" for m, v in c["nll_per_byte"].items()]
         lines.append("")
     if report.get("targets"):

@@ -26,9 +26,10 @@ import torch
 from bayeskd.evaluation.evaluate import (estimation_table, format_estimation, one_hot_estimate, read_target_rows,
                                          response_logprobs, sample_own, student_metrics)
 from bayeskd.evaluation.metrics import kl_teacher_to_estimate, observed_token_check
-from bayeskd.lab.build import LabError, build_lab, get_preset, load_lab_prompts, split_corpus
+from bayeskd.lab.build import LabError, build_lab, get_preset, load_lab_prompts, read_manifest, split_corpus
 from bayeskd.lab.report import check_targets, format_report
 from bayeskd.lab.sampling import sample_teacher
+from bayeskd.lab.teacher import mean_entropy
 from bayeskd.resume import check_stamp, read_stamp, settings_diff
 from bayeskd.sparse import atomic_write_bytes, atomic_write_json
 
@@ -246,7 +247,8 @@ def _estimation(paths, run: Path, cfg: LabRunConfig, tok, log, pipeline_proxy: s
         text_only = combine(prior_loo, pipe.proxy_topk(tokenized, idx, V), top_k=cfg.top_k, **combo)
         evidence = _evidence_curve(records, tokenized, tok, idx, cfg, t_lp, valid, text_only)
     return {"positions": int(valid.sum()), "records": len(idx), "table": table, "k_curve": k_curve,
-            "evidence": evidence, "observed_tokens": observed, "tokenize": tokenized.report.to_dict()}
+            "teacher_entropy": mean_entropy(t_lp, valid), "evidence": evidence, "observed_tokens": observed,
+            "tokenize": tokenized.report.to_dict()}
 
 
 def _evidence_curve(records, tokenized, tok, idx, cfg: LabRunConfig, t_lp, valid, text_only) -> dict[str, Any]:
@@ -343,7 +345,8 @@ def _students(paths, run: Path, cfg: LabRunConfig, tok, progress: bool, log) -> 
     summary = {method: {metric: _mean_std([r[metric] for r in runs if metric in r]) for metric in runs[0]}
                for method, runs in per_seed.items()}
     return {"heldout_records": len(held_tok), "per_seed": per_seed, "summary": summary,
-            "gad_d_acc": d_acc_curves}
+            "gad_d_acc": d_acc_curves, "teacher_entropy": mean_entropy(*t_rows),
+            "teacher_positions": int(t_rows[1].sum())}
 
 
 DATA_SETTINGS = ("samples_per_prompt", "max_prompts", "max_new_tokens", "temperature", "order", "top_k",
@@ -379,7 +382,8 @@ def run_lab(root: str = "runs/lab", preset: str = "tiny", *, seeds: int | None =
     from bayeskd.posterior.estimate import estimate_posterior
 
     lab_preset = get_preset(preset)
-    cfg = config or RUN_DEFAULTS.get(lab_preset.name, LabRunConfig())
+    base_name = lab_preset.base_preset().name  # a sharp preset (`tiny-sharp`) runs with its base lab's settings
+    cfg = config or RUN_DEFAULTS.get(lab_preset.name) or RUN_DEFAULTS.get(base_name, LabRunConfig())
     if seeds is not None:
         cfg = replace(cfg, seeds=int(seeds))
     if methods is not None:
@@ -461,6 +465,10 @@ def run_lab(root: str = "runs/lab", preset: str = "tiny", *, seeds: int | None =
         with _stage("teacher B, another tokenizer: sample, estimate, distill, evaluate", log, timings):
             report["cross_tokenizer"] = run_cross(paths, run, cfg, prompts, held_prompts, pipeline_proxy,
                                                   calibration["best"], lab_preset, progress, log)
+    est, stu = report["estimation"], report["students"]  # the truth's mean entropy (nats/token) where it scores
+    report["teacher"] = {"entropy": {"estimation": est.pop("teacher_entropy"), "heldout": stu.pop("teacher_entropy")},
+                         "positions": {"estimation": est["positions"], "heldout": stu.pop("teacher_positions")},
+                         "sharpen": read_manifest(paths["manifest"]).get("sharpen")}  # None: the teacher as trained
     report["calibration"] = calibration
     if align_summary is not None:
         report["alignment"] = {k: align_summary.get(k) for k in ("alignment", "diagnostics_before",
