@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bayeskd.posterior.combine import combine
-from bayeskd.posterior.condition import MASS_TOL, condition, evidence_only
+from bayeskd.posterior.condition import MASS_TOL, UNREVEALED_MIN, condition, evidence_only
 from bayeskd.sparse import SparseDist
 
 EPS = 1e-18
@@ -123,7 +123,8 @@ def reference(post: SparseDist, ei, ep, el):
     L[rows[valid], ei[valid].long()] = el[valid]
     E = X | L
     A = val.sum(1)
-    val = torch.where((A > 1)[:, None], val / A[:, None], val)
+    room = torch.where(E.sum(1) < v, 1 - UNREVEALED_MIN, 1.0).double()  # some token unrevealed: keep it possible
+    val = torch.where((A > room)[:, None], val * (room / A)[:, None], val)
     M = (1 - val.sum(1)).clamp(min=0)
     m = torch.where(E, val, torch.full_like(val, float("inf"))).amin(1)
     rr = torch.where(~X, r + EPS, torch.zeros_like(r))
@@ -193,7 +194,8 @@ def test_properties(rng):
         at = d[rows[valid], ei[valid].long()]
         p = ep[valid].double()
         a = torch.where(valid, ep.double(), torch.zeros(())).sum(1)
-        p = p / a.clamp(min=1)[:, None].expand_as(ei)[valid]  # rounding above 1: renormalized
+        room = torch.where(valid.sum(1) < d.shape[1], 1 - UNREVEALED_MIN, 1.0).double()
+        p = p * (room / a.clamp(min=room))[:, None].expand_as(ei)[valid]  # rounding to 1: some mass kept for the rest
         exact = ~el[valid]
         assert torch.allclose(at[exact], p[exact], rtol=1e-6, atol=1e-12), "exact entries changed"
         assert (at[~exact] >= p[~exact] * (1 - 1e-6) - 1e-12).all(), "a lower bound lost mass"
@@ -308,7 +310,7 @@ def test_errors_and_edges():
     with pytest.raises(ValueError, match="row 1.*sum to more than 1"):
         condition(post, ei, torch.tensor([[0.5, 0.0], [0.6, 0.4002]]))
     ok = condition(post, ei, torch.tensor([[0.5, 0.0], [0.6, 0.40004]]))  # within MASS_TOL: renormalized
-    assert abs(_dense(ok)[1, 1] - 0.6 / 1.00004) < 1e-7 and abs(_dense(ok)[1].sum() - 1) < 1e-6
+    assert abs(_dense(ok)[1, 1] - 0.6 * (1 - UNREVEALED_MIN) / 1.00004) < 1e-7 and abs(_dense(ok)[1].sum() - 1) < 1e-6
     with pytest.raises(ValueError, match="row 1.*twice"):
         condition(post, torch.tensor([[0, -1], [4, 4]]), torch.tensor([[0.5, 0.0], [0.2, 0.2]]))
     with pytest.raises(ValueError, match="row 0.*outside"):
@@ -353,7 +355,7 @@ def test_on_combine_output_with_extras(rng):
 
 def test_evidence_only(rng):
     _, ei, ep, el, _ = make_rows(rng, 300, 37, 4)
-    ep = ep / (ep.sum(1, keepdim=True).clamp(min=1))  # keep A <= 1 (rounding cases aside)
+    ep = ep / (ep.sum(1, keepdim=True).clamp(min=1 - UNREVEALED_MIN)) * (1 - UNREVEALED_MIN)  # A < 1: no rounding
     got = evidence_only(ei, ep, 37)
     got.validate("evidence_only")
     d = _dense(got)
@@ -372,3 +374,18 @@ def test_evidence_only(rng):
     with pytest.raises(ValueError, match="row 0"):
         evidence_only(torch.tensor([[1, 2]]), torch.tensor([[0.7, 0.3 + 2 * MASS_TOL]]), 37)
     assert evidence_only(torch.tensor([[0, 1]]), torch.tensor([[0.7, 0.3]]), 2).tail.item() == 0.0
+
+
+def test_revealed_mass_rounding_to_one_leaves_the_rest_possible():
+    # a sharp teacher's top-3 that rounds to 1: the unrevealed tokens must keep some mass (else KL = inf)
+    v = 10
+    ei = torch.tensor([[0, 1, 2]])
+    ep = torch.tensor([[0.9999995, 4e-7, 2e-7]], dtype=torch.float64)
+    post = SparseDist(torch.tensor([[3, 4]], dtype=torch.int32), torch.tensor([[-1.0, -2.0]]), torch.tensor([0.2]), v)
+    for out in (condition(post, ei, ep), evidence_only(ei, ep, v)):
+        dense = out.to_dense(torch.float64)[0]
+        assert (dense > 0).all() and float(dense[3:].sum()) == pytest.approx(UNREVEALED_MIN, rel=0.05)  # float32 out
+        assert float(dense.sum()) == pytest.approx(1.0, abs=1e-6)
+    # every token revealed: nothing to keep
+    full = evidence_only(torch.arange(v)[None], torch.full((1, v), 0.1, dtype=torch.float64), v)
+    assert float(full.tail[0]) == 0.0

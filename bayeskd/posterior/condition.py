@@ -16,6 +16,7 @@ from bayeskd.sparse import SparseDist
 
 __all__ = ["condition", "evidence_only", "apply_evidence", "MASS_TOL"]
 
+UNREVEALED_MIN = 1e-6  # the least mass left to unrevealed tokens (see _check_evidence)
 MASS_TOL = 1e-4  # revealed probabilities may sum to 1 + MASS_TOL (API rounding); they are renormalized. Beyond: error
 _F64 = torch.float64
 
@@ -67,9 +68,13 @@ def _check_evidence(ev_indices: torch.Tensor, ev_probs: torch.Tensor, ev_lower: 
     a = p.sum(dim=1)
     fail(a > 1 + MASS_TOL, "the revealed probabilities sum to more than 1 "
                            f"(max over rows {a.max().item():.6f}; tolerance {MASS_TOL})")
-    over = a > 1  # rounding: renormalize so that the evidence is a (sub-)distribution
-    p = torch.where(over[:, None], p / a.clamp(min=1)[:, None], p)
-    return idx, p, low, valid, torch.where(over, torch.ones_like(a), a)
+    # rounding: renormalize so that the evidence is a (sub-)distribution, and while some token is not revealed keep
+    # UNREVEALED_MIN for the rest (a sharp teacher's top-20 rounds to 1, yet the others are not impossible: with
+    # nothing left for them every target would give them zero and the KL to the teacher would be infinite)
+    room = torch.where(valid.sum(dim=1) < vocab_size, 1 - UNREVEALED_MIN, 1.0).to(_F64)
+    over = a > room
+    p = torch.where(over[:, None], p * (room / a.clamp(min=1e-300))[:, None], p)
+    return idx, p, low, valid, torch.where(over, room, a)
 
 
 def _check_top_k(top_k: int | None, vocab_size: int) -> None:
