@@ -38,7 +38,16 @@ def check_targets(report: dict[str, Any]) -> dict[str, Any]:
         for m in ("posterior-kd-k5", "posterior-kd"):
             if m in c:
                 out[f"cross_{m}_below_text_only"] = bool(c[m]["mean"] < c["posterior-kd-text"]["mean"])
+    b = (report.get("bayes") or {}).get("where", {})
+    sharp = bool((report.get("teacher") or {}).get("sharpen"))
+    for place, key in (("training positions", "train"), ("held-out teacher text", "heldout")):
+        if place in b:  # issue 14: the posterior beats its best component (0.92x; sharp teacher 0.8x)
+            limit = 0.8 if sharp else 0.92
+            out[f"bayes_{key}_posterior_over_best_component"] = b[place]["ratio"]
+            out[f"bayes_{key}_ratio_le_{limit}"] = bool(b[place]["ratio"] <= limit)
     s = report.get("students", {}).get("summary", {})
+    if "posterior-kd-text" in s:  # issue 14: text-only posterior-KD (the Bayesian targets) at most 0.86
+        out["posterior_kd_text_kl_tf_le_0.86"] = bool(s["posterior-kd-text"]["kl_tf"]["mean"] <= 0.86)
     if all(m in s for m in ("sft", "posterior-kd", "white-box")):
         sft, post_s, wb = (s[m]["kl_tf"]["mean"] for m in ("sft", "posterior-kd", "white-box"))
         gap = sft - wb
@@ -75,6 +84,10 @@ def format_report(report: dict[str, Any]) -> str:
               f"prior order {report['config']['order']}.", ""]
     if report.get("teacher"):
         lines += [format_teacher(report["teacher"]), ""]
+    if report.get("bayes"):
+        from bayeskd.lab.bayes import format_bayes
+
+        lines += ["## Does the Bayesian part pay?", "", format_bayes(report["bayes"]), ""]
     if "estimation" in report:
         e = report["estimation"]
         lines += [f"## Estimation quality ({e['positions']} training positions, lower KL is better)", "",

@@ -96,7 +96,7 @@ class LabRunConfig:
 
 RUN_DEFAULTS: dict[str, LabRunConfig] = {
     "micro": LabRunConfig(samples_per_prompt=1, max_prompts=48, max_new_tokens=16, order=3, top_k=16,
-                          eval_records=24, calibration_records=24, corpus_fractions=(0.5, 1.0), k_values=(4, 16),
+                          eval_records=16, calibration_records=16, corpus_fractions=(0.5, 1.0), k_values=(4, 16),
                           epochs=1.0, batch_size=8, gad_d_warmup=2, gad_steps=2, gad_group=4, gad_batch_prompts=4),
     "tiny": LabRunConfig(),
     "small": LabRunConfig(samples_per_prompt=4, max_new_tokens=64, eval_records=800, seeds=3, epochs=3.0, lr=1e-3),
@@ -411,7 +411,8 @@ def run_lab(root: str = "runs/lab", preset: str = "tiny", *, seeds: int | None =
                                        order=cfg.order, top_k=cfg.top_k, write_topk=True)
     with _stage("estimate-posterior", log, timings):
         estimate_posterior(str(run / "teacher_train.jsonl"), str(run / "prior"), paths["proxy"],
-                           str(run / "posterior"), top_k=cfg.top_k, batch_size=16, no_evidence=True)
+                           str(run / "posterior"), top_k=cfg.top_k, batch_size=16, no_evidence=True,
+                           calibrate=False)  # the fixed log-linear a = b = 1 row
     train_jsonl = str(run / "teacher_train.jsonl")
     align_summary = calibration = None
     if cfg.align:
@@ -422,11 +423,14 @@ def run_lab(root: str = "runs/lab", preset: str = "tiny", *, seeds: int | None =
                                         sft_epochs=cfg.align_sft_epochs, rounds=cfg.align_rounds,
                                         max_new_tokens=cfg.max_new_tokens, sft_learning_rate=cfg.align_lr,
                                         learning_rate=cfg.dpo_lr, batch_size=cfg.batch_size, seed=lab_preset.seed,
+                                        # never trained on what the lab scores or calibrates on (cross-fitting)
+                                        holdout_records=range(cfg.eval_records + cfg.calibration_records),
                                         training_args={"disable_tqdm": not progress})
     pipeline_proxy = align_summary["final"] if cfg.align else paths["proxy"]
     with _stage("calibrate the combination", log, timings):
         calibration = _calibrate(run, cfg, pipeline_proxy, load_tokenizer(paths["tokenizer"]))
-        log(f"[lab] calibrated combination: {calibration['best']} (teacher-token NLL "
+        shown = {k: v for k, v in calibration["best"].items() if k != "theta"}  # (adaptive: its weights in the report)
+        log(f"[lab] calibrated combination: {shown} (teacher-token NLL "
             f"{calibration['table'][0]['nll']:.4f}; a=b=1 log-linear: "
             f"{next(r['nll'] for r in calibration['table'] if r.get('a') == 1.0 and r.get('b') == 1.0):.4f})")
     with _stage("estimate-posterior (calibrated; conditioned on the revealed log-probabilities)", log, timings):
@@ -457,6 +461,11 @@ def run_lab(root: str = "runs/lab", preset: str = "tiny", *, seeds: int | None =
     with _stage("evaluate estimates", log, timings):
         report["estimation"] = _estimation(paths, run, cfg, tok, log, pipeline_proxy, calibration["best"])
         report["corpus_curve"] = _corpus_curve(paths, run, cfg, tok, pipeline_proxy, calibration["best"])
+    with _stage("the Bayesian part against its components (n-gram and suffix prior, fixed and adaptive)", log,
+                timings):
+        from bayeskd.lab.bayes import bayes_table
+
+        report["bayes"] = bayes_table(paths, run, cfg, tok, pipeline_proxy, log)
     with _stage("distill and evaluate students", log, timings):
         report["students"] = _students(paths, run, cfg, tok, progress, log)
     if cfg.cross_tokenizer and cfg.top_logprobs:
