@@ -15,6 +15,7 @@ import platform
 import shutil
 from pathlib import Path
 
+from bayeskd.lab.build import PRESETS
 from bayeskd.lab.run import format_report, run_lab
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -91,7 +92,7 @@ def plot(report: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny", choices=["micro", "tiny", "small"])
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     ap.add_argument("--root", default="runs/lab")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--methods", default=None, help="comma-separated (default: all)")

@@ -79,6 +79,16 @@ def test_lab_run_writes_every_table(lab_run):
     assert "## Across tokenizers" in (run / "report.md").read_text()
     assert "## Student quality" in (run / "report.md").read_text()
     assert "Estimation quality" in output  # the tables are printed
+    # the Bayesian part against its components: the aligned proxy never trained on what is scored or calibrated on
+    b = report["bayes"]
+    assert "held out 32" in b["proxy"] and b["calibration_records"] == 16
+    for place in ("training positions", "held-out teacher text"):
+        kl = b["where"][place]["kl"]
+        assert all(math.isfinite(v) for v in kl.values()) and b["chosen"] in kl
+        assert b["where"][place]["ratio"] == pytest.approx(kl[b["chosen"]] / min(
+            kl["proxy"], kl["n-gram prior"], kl["suffix prior"]))
+    assert b["budget"] == []  # micro samples each prompt once: no "more samples per prompt" row to compare
+    assert "## Does the Bayesian part pay?" in (run / "report.md").read_text()
 
 
 def test_lab_run_resumes_and_refuses_other_settings(lab_run):
@@ -168,3 +178,18 @@ def test_evaluate_rejects_bad_input(tmp_path, tiny_tokenizer):
     with pytest.raises(ValueError, match="not the same positions"):
         estimate_metrics(lp, SparseDist(torch.zeros(4, 1, dtype=torch.int32), torch.zeros(4, 1), torch.zeros(4),
                                         tok.vocab_size))
+
+
+def test_bayes_table_refuses_a_proxy_trained_on_the_scored_records(lab_run):
+    from bayeskd.data import load_teacher_records
+    from bayeskd.lab.bayes import _check_heldout
+    from bayeskd.posterior.calibrate import expand_ranges, read_training_info
+
+    root, _ = lab_run
+    run = root / "micro" / "run"
+    records, _ = load_teacher_records(str(run / "teacher_train.jsonl"))
+    proxy = str(run / "aligned_proxy" / "final")
+    held = expand_ranges(read_training_info(proxy)["heldout"])
+    assert held == list(range(32)) and "held out" in _check_heldout(proxy, records, held)
+    with pytest.raises(RuntimeError, match="trained on 1 of the records"):
+        _check_heldout(proxy, records, held + [40])
