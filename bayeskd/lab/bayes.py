@@ -157,7 +157,7 @@ def format_bayes(b: dict[str, Any]) -> str:
     """Markdown: one column per place scored, a row per estimate, then the ratio."""
     names = list(b["where"])
     keys = list(b["where"][names[0]]["kl"])
-    lines = [f"Does the Bayesian part pay? KL(teacher‖estimate); proxy: {b['proxy']}; combination chosen on "
+    lines = [f"KL(teacher‖estimate), text only; proxy: {b['proxy']}; combinations chosen on "
              f"{b['calibration_records']} calibration records; suffix prior beta = {b['suffix_beta']:g} (chosen the "
              f"same way):", "", "| estimate | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for k in keys:
