@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -95,6 +96,16 @@ class SparseDist:
         rows = torch.arange(n)[:, None].expand_as(self.indices)
         dense[rows[listed], self.indices[listed].long()] = probs[listed]
         return dense
+
+    def token_logprob(self, tokens: torch.Tensor) -> torch.Tensor:
+        """log p_t(y_t) per row, float64 [N]: the listed log-probability, or the row's uniform tail share."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.indices.device)
+        if tokens.shape != (self.num_rows,):
+            raise ValueError(f"token_logprob: {tuple(tokens.shape)} tokens for {self.num_rows} rows")
+        hit = self.indices.long() == tokens[:, None]
+        listed = torch.where(hit, self.logprobs.double(), torch.full((), -math.inf, dtype=torch.float64)).amax(dim=1)
+        unlisted = (self.vocab_size - (self.indices >= 0).sum(dim=1)).clamp(min=1).double()
+        return torch.where(hit.any(dim=1), listed, self.tail.double().clamp(min=0).log() - unlisted.log())
 
     def validate(self, name: str = "SparseDist", atol: float = 1e-4) -> "SparseDist":
         """Raise ValueError naming the first problem found; returns self so it can be chained."""

@@ -47,15 +47,6 @@ def sparse_entropy(d: SparseDist) -> torch.Tensor:
     return h + torch.where((t > 0) & (unlisted > 0), -t * log_tau, torch.zeros_like(t))
 
 
-def sparse_token_logprob(d: SparseDist, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(y) per row, float64 [N]: the listed log-probability or the row's uniform tail share (as
-    `calibrate.token_logprob`, which this module cannot import: calibrate imports `combine`, which imports this)."""
-    hit = d.indices.long() == tokens[:, None]
-    listed = torch.where(hit, d.logprobs.double(), torch.full((), -math.inf, dtype=torch.float64)).amax(dim=1)
-    unlisted = (d.vocab_size - (d.indices >= 0).sum(dim=1)).clamp(min=1).double()
-    return torch.where(hit.any(dim=1), listed, d.tail.double().clamp(min=0).log() - unlisted.log())
-
-
 def dense_stats(logits: torch.Tensor, tokens: torch.Tensor | None = None):
     """(entropy, log q(y) or None) of q = softmax(logits) per row, float64 [N], in chunks of rows so no float64
     copy of all [N, V] logits is ever held."""
@@ -207,11 +198,11 @@ def fit_adaptive(prior: SparseDist, proxy: SparseDist | torch.Tensor, teacher_to
         raise ValueError(f"fit_adaptive: a teacher token is outside [0, V={v}); mask such rows with valid")
 
     feats = adaptive_features(prior, proxy).cpu()
-    lp0 = sparse_token_logprob(prior.to("cpu"), y)
+    lp0 = prior.to("cpu").token_logprob(y)
     if isinstance(proxy, torch.Tensor):
         lq = dense_stats(proxy, y.to(proxy.device))[1].cpu()
     else:
-        lq = sparse_token_logprob(proxy.to("cpu"), y)
+        lq = proxy.to("cpu").token_logprob(y)
     possible = torch.isfinite(lp0) | torch.isfinite(lq)
     excluded = int((keep & ~possible).sum())
     keep = keep & possible

@@ -41,15 +41,7 @@ DEFAULT_CANDIDATES: tuple[dict[str, Any], ...] = (
 
 def token_logprob(dist: SparseDist, tokens: torch.Tensor) -> torch.Tensor:
     """log q_t(y_t) per row, float64 [N]: the listed log-probability, or the row's uniform tail share."""
-    tokens = torch.as_tensor(tokens, dtype=torch.long)
-    if tokens.shape != (dist.num_rows,):
-        raise ValueError(f"token_logprob: {tuple(tokens.shape)} tokens for {dist.num_rows} rows")
-    hit = dist.indices.long() == tokens[:, None]
-    listed_lp = torch.where(hit, dist.logprobs.double(), torch.full((), -math.inf, dtype=torch.float64))
-    listed_lp = listed_lp.max(dim=1).values
-    n_unlisted = (dist.vocab_size - (dist.indices >= 0).sum(dim=1)).clamp(min=1).double()
-    tail_lp = dist.tail.double().log() - n_unlisted.log()
-    return torch.where(hit.any(dim=1), listed_lp, tail_lp)
+    return dist.token_logprob(tokens)
 
 
 def calibrate_combination(prior: SparseDist, proxy: SparseDist | torch.Tensor, teacher_tokens: torch.Tensor, *,

@@ -37,16 +37,6 @@ CHUNK = 1 << 16  # query positions per chunk: bounds the [chunk, K] temporaries
 BETA_GRID = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
 
-def observed_logprob(dist: SparseDist, tokens: np.ndarray) -> np.ndarray:
-    """log p_t(y_t) per row (float64): the listed log-probability, or the row's uniform tail share."""
-    ind, lp = dist.indices.numpy(), dist.logprobs.double().numpy()
-    hit = ind == tokens[:, None]
-    n_unlisted = np.maximum(dist.vocab_size - (ind >= 0).sum(1), 1)
-    with np.errstate(divide="ignore"):
-        tail = np.log(dist.tail.double().numpy()) - np.log(n_unlisted)
-    return np.where(hit.any(1), np.where(hit, lp, -np.inf).max(1), tail)
-
-
 def _as_seqs(sequences: Any, what: str) -> list[np.ndarray]:
     if sequences is None:
         raise ValueError(f"{what}: got None instead of token sequences")
@@ -186,7 +176,7 @@ class SuffixPrior:
         for b in grid:
             self.beta = float(b)
             rows = self.topk(seqs, min(k, self.vocab_size), leave_one_out=True, contexts=prompts)
-            table.append({"beta": float(b), "nll": float(-observed_logprob(rows, y).mean())})
+            table.append({"beta": float(b), "nll": float(-rows.token_logprob(torch.from_numpy(y)).mean())})
         best = min(table, key=lambda r: r["nll"])
         self.beta = best["beta"]
         return self.beta, table
