@@ -1,7 +1,8 @@
 """Conditioning on revealed probabilities (`bayeskd.posterior.condition`) against a dense float64 reference.
 
 The reference builds the full [N, V] posterior and applies docs/MATH.md's rule by brute force: the ε -> 0 limit
-is taken literally (r + ε on every token outside the exact entries, ε = 1e-18) and c is found by bisection on
+is taken literally (r + ε on every token outside the exact entries, ε at most 1e-18 and 1e-12 of the row's
+smallest positive r) and c is found by bisection on
 log c, over dense vectors; the relaxation is applied where no c exists. Random rows cover odd V, K in {1, 4, 16},
 0..6 evidence entries (exact and lower-bound, listed or not by the posterior) and the regimes of the rule (the cap
 binding on the tail group, zero-weight spreading, relaxation, tail-0 posteriors, rounding above 1). The seed is
@@ -127,13 +128,17 @@ def reference(post: SparseDist, ei, ep, el):
     val = torch.where((A > room)[:, None], val * (room / A)[:, None], val)
     M = (1 - val.sum(1)).clamp(min=0)
     m = torch.where(E, val, torch.full_like(val, float("inf"))).amin(1)
-    rr = torch.where(~X, r + EPS, torch.zeros_like(r))
+    # ε per row, far below its smallest positive r: a lower bound with a tiny r may take c ~ M / r, and c·ε must
+    # stay negligible there (a fixed 1e-18 gave zero-weight tokens 1e-6 each beside an r of 7e-13)
+    r_min = torch.where(~X & (r > 0), r, torch.full_like(r, float("inf"))).amin(1)
+    eps = (1e-12 * r_min).clamp(min=1e-60, max=EPS)[:, None]
+    rr = torch.where(~X, r + eps, torch.zeros_like(r))
     out = ~E
 
     def f(c):
         return (torch.minimum(c[:, None] * rr, m[:, None]) * out).sum(1) + (c[:, None] * rr * L).sum(1)
 
-    lo, hi = torch.full((n,), -80.0, dtype=torch.float64), torch.full((n,), 120.0, dtype=torch.float64)
+    lo, hi = torch.full((n,), -80.0, dtype=torch.float64), torch.full((n,), 160.0, dtype=torch.float64)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 200 rounds of tiny ops: threads only add synchronisation (20x slower on a busy box)
     try:
@@ -156,7 +161,7 @@ def reference(post: SparseDist, ei, ep, el):
     listed = post.indices >= 0
     unlisted[torch.arange(n)[:, None].expand_as(post.indices)[listed], post.indices[listed].long()] = False
     binds = (unlisted & out & (r > 0) & (c[:, None] * rr > m[:, None] * (1 + 1e-9))).any(1) & ~relaxed & E.any(1)
-    zero_spread = (c * EPS > 1e-9) & ~relaxed & E.any(1)
+    zero_spread = (c * eps[:, 0] > 1e-9) & ~relaxed & E.any(1)
     return q, relaxed, binds, zero_spread
 
 
