@@ -341,3 +341,16 @@ def test_topk_independent_of_chunking(monkeypatch, loo):
     for a, b in ((ref.indices, got.indices), (ref.logprobs, got.logprobs), (ref.tail, got.tail),
                  (ref.extras["context_count"], got.extras["context_count"])):
         assert torch.equal(a, b)
+
+
+def test_leave_one_out_on_other_data_is_refused():
+    # issue 15: leave-one-out on sequences the prior was not fitted on used to subtract other occurrences' counts
+    rng = np.random.default_rng(15)
+    print("seed", 15)
+    fitted = [rng.integers(0, 30, 50) for _ in range(20)]
+    prior = NGramPrior(order=3, vocab_size=30).fit(fitted)
+    prior.topk(fitted[3:7], 5, leave_one_out=True)  # any part of the fitted data is fine
+    other = [rng.integers(0, 30, 50) for _ in range(3)]
+    with pytest.raises(ValueError, match="not the data it was fitted on.*leave_one_out=False"):
+        prior.topk(other, 5, leave_one_out=True)
+    assert prior.topk(other, 5).num_rows == 150  # without leave-one-out: the plain prior

@@ -61,6 +61,14 @@ class TopKMixin:
             ents.append(_find(o.keys, hkey * B + w_t) if loo else None)
         deltas = []
         if loo:
+            # a position of the fitted corpus has its own n-gram counted at every order; one that was never counted
+            # proves these sequences are other data, where leave-one-out would remove other occurrences' counts
+            unseen = int((ents[N - 1] < 0).sum())
+            if unseen:
+                raise ValueError(f"leave_one_out: {unseen} of {len(p)} positions have an order-{N} n-gram this prior "
+                                 "never counted, so these sequences are not the data it was fitted on (leave-one-out "
+                                 "would remove counts that belong to other occurrences); query them with "
+                                 "leave_one_out=False (estimate-posterior --no-leave-one-out) or fit the prior on them")
             for n in range(1, N + 1):
                 e = ents[n - 1]
                 d = e >= 0
