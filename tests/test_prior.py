@@ -354,3 +354,26 @@ def test_leave_one_out_on_other_data_is_refused():
     with pytest.raises(ValueError, match="not the data it was fitted on.*leave_one_out=False"):
         prior.topk(other, 5, leave_one_out=True)
     assert prior.topk(other, 5).num_rows == 150  # without leave-one-out: the plain prior
+
+
+def test_estimate_posterior_refuses_leave_one_out_on_records_the_prior_did_not_count(tmp_path, tiny_tokenizer_dir):
+    import json
+
+    from bayeskd.data import load_teacher_records
+    from bayeskd.posterior.estimate import _check_counted_on, estimate_posterior
+    from bayeskd.priors.estimate import estimate_prior
+
+    def write(path, words):
+        path.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"{w} and {w}"}) + "\n"
+                                for i, w in enumerate(words)))
+        return str(path)
+
+    a = write(tmp_path / "a.jsonl", [f"alpha{i}" for i in range(12)])
+    b = write(tmp_path / "b.jsonl", [f"beta{i}" for i in range(12)])
+    estimate_prior(a, tiny_tokenizer_dir, out=str(tmp_path / "prior"), order=2, top_k=4, max_records=8)
+    counted = load_teacher_records(a)[0]
+    _check_counted_on(tmp_path / "prior", counted[:8])  # the counted records, or some of them in any order: fine
+    _check_counted_on(tmp_path / "prior", counted[5:1:-1])
+    for data, kw in ((b, {}), (a, {"max_records": 10})):  # other records; more records than were counted
+        with pytest.raises(ValueError, match="are not among those the prior was counted on.*--no-leave-one-out"):
+            estimate_posterior(data, str(tmp_path / "prior"), "no-proxy-needed", str(tmp_path / "post"), **kw)

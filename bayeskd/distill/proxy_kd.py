@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from bayeskd.data import TokenizedData, load_teacher_records, load_tokenizer, tokenize_records
-from bayeskd.posterior.calibrate import TRAINING_INFO, TRAINING_INFO_FORMAT, index_ranges, records_fingerprint
+from bayeskd.data import records_fingerprint
+from bayeskd.posterior.calibrate import TRAINING_INFO, TRAINING_INFO_FORMAT, index_ranges
 from bayeskd.resume import check_stamp
 from bayeskd.sparse import atomic_write_json
 from bayeskd.teacher_forcing import pad_batch, response_rows, select_rows

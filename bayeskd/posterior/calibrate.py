@@ -16,7 +16,6 @@ training record (several samples per prompt): its response is still an independe
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -118,22 +117,6 @@ def calibrate_on_records(prior, proxy, tokenized, indices: Sequence[int], top_k:
 
 TRAINING_INFO = "bayeskd_training.json"  # in a model directory: the teacher records it was trained on
 TRAINING_INFO_FORMAT = "bayeskd-training/1"
-
-
-def _record_content(rec: dict[str, Any]) -> list[Any]:
-    """What identifies a record: its chat messages, or its prompt and response (not keys, logprobs...)."""
-    return ["messages", rec["messages"]] if "messages" in rec else ["prompt", rec.get("prompt", ""), rec["response"]]
-
-
-def records_fingerprint(records: Sequence[dict[str, Any]]) -> str:
-    """sha256 (hex) over the records' prompt + response (or messages), in order: the same record set gives the same
-    value in every process and Python version (unlike `hash()`), whatever the tokenizer."""
-    h = hashlib.sha256()
-    for rec in records:
-        # canonical JSON escapes newlines, so one newline per record separates them unambiguously
-        h.update(json.dumps(_record_content(rec), ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
-        h.update(b"\n")
-    return h.hexdigest()
 
 
 def index_ranges(indices: Sequence[int]) -> list[list[int]]:

@@ -9,7 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bayeskd.posterior.calibrate import calibrate_on_records, calibration_indices, index_ranges, records_fingerprint
+from bayeskd.data import records_fingerprint
+from bayeskd.posterior.calibrate import calibrate_on_records, calibration_indices, index_ranges
 from bayeskd.posterior.proxy import ProxyPosterior
 from bayeskd.posterior.shards import rank_world
 from bayeskd.sparse import MANIFEST, CacheMismatchError, atomic_write_json, read_manifest
@@ -28,6 +29,25 @@ def _calibrate(post: ProxyPosterior, prior, tokenized, indices: list[int]) -> di
         if key in result["best"]:
             setattr(post, key, float(result["best"][key]))
     return result
+
+
+def _check_counted_on(pdir: Path, records: list) -> None:
+    """Leave-one-out subtracts each position's own occurrence from the prior's counts: every record must be one it
+    counted, or it removes counts that belong to other occurrences."""
+    import numpy as np
+
+    from bayeskd.data import record_digests
+    from bayeskd.priors.estimate import COUNTED_ON
+
+    path = pdir / COUNTED_ON
+    if not path.exists():  # a prior made before this file existed (or saved by hand): the top-K check remains
+        return
+    missing = ~np.isin(record_digests(records), np.load(path))
+    if missing.any():
+        raise ValueError(f"{pdir}: {int(missing.sum())} of the {len(records)} records given (e.g. record "
+                         f"{int(np.flatnonzero(missing)[0])}) are not among those the prior was counted on (other "
+                         "data, split or --max-records), so leave-one-out would remove counts that belong to other "
+                         "occurrences; pass --no-leave-one-out, or estimate the prior on this data")
 
 
 def estimate_posterior(data: str | None = None, prior_dir: str | None = None, proxy=None, out: str | None = None,
@@ -102,6 +122,8 @@ def estimate_posterior(data: str | None = None, prior_dir: str | None = None, pr
     tok = load_tokenizer(tokenizer)
     all_records, report = load_teacher_records(data, split=split, skip_bad=skip_bad)
     records = all_records if max_records is None else all_records[:max_records]
+    if prior is not None and leave_one_out:
+        _check_counted_on(pdir, records)
     tokenized = tokenize_records(records, tok)
     want = pconfig.get("tokenizer_fingerprint")
     if want is not None and want != tokenized.fingerprint:

@@ -1,6 +1,7 @@
 """The jobs behind the CLI commands, as plain functions a test (or a notebook) can call."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bayeskd.sparse import CacheMismatchError, ShardWriter, SparseDist, atomic_write_json, dir_bytes
+from bayeskd.sparse import CacheMismatchError, ShardWriter, SparseDist, atomic_write_bytes, atomic_write_json, dir_bytes
 
 DEFAULT_CACHE = Path(os.environ.get("BAYESKD_CACHE", Path.home() / ".cache" / "bayeskd"))
 SHARD_ROWS = 1 << 18  # rows per prior shard: ~70 MB at K=64
@@ -40,6 +41,7 @@ def _vocab_size(tokenizer) -> int:
 
 
 PRIOR_KINDS = ("ngram", "suffix")
+COUNTED_ON = "counted_records.npy"  # beside the model: a digest of every record it counted (`record_digests`)
 
 
 def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out: str, kind: str = "ngram",
@@ -60,7 +62,7 @@ def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out
     default) and `out/summary.json`. A finished model with the same config is reused, and finished shards are
     kept, so an interrupted run resumes.
     """
-    from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
+    from bayeskd.data import load_teacher_records, load_tokenizer, record_digests, tokenize_records
     from bayeskd.priors.ngram import NGramPrior
     from bayeskd.priors.suffix import SuffixPrior
 
@@ -121,6 +123,10 @@ def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out
         atomic_write_json(cfg_path, config)
         reused = False
     count_seconds = time.perf_counter() - t_count
+    # what the counts came from, so leave-one-out is never applied to other records (estimate-posterior checks it)
+    buf = io.BytesIO()
+    np.save(buf, record_digests(records))
+    atomic_write_bytes(out_dir / COUNTED_ON, buf.getvalue())
 
     topk_seconds = 0.0
     shards = 0
