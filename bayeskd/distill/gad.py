@@ -42,6 +42,7 @@ from bayeskd.distill.gad_parts import (Discriminator, bradley_terry_loss, discri
 from bayeskd.resume import check_settings, read_stamp
 from bayeskd.sparse import atomic_write_json
 from bayeskd.teacher_forcing import pad_prompt_response, token_logprobs
+from bayeskd.locks import locks_output
 
 logger = logging.getLogger(__name__)
 
@@ -302,6 +303,7 @@ def _prepare_data(data: str, tok, cfg: GADConfig, split: str, skip_bad: bool) ->
     return prompts, responses
 
 
+@locks_output()
 def gad(data: str, student: str, out: str, *, discriminator: str | None = None, tokenizer: str | None = None,
         config: GADConfig | None = None, split: str = "train", skip_bad: bool = False, device: str | None = None,
         progress: bool = True, on_step: Callable[[dict[str, Any]], None] | None = None,

@@ -47,6 +47,7 @@ from bayeskd.posterior.calibrate import TRAINING_INFO, TRAINING_INFO_FORMAT, ind
 from bayeskd.resume import check_stamp
 from bayeskd.sparse import atomic_write_json
 from bayeskd.teacher_forcing import pad_batch, response_rows, select_rows
+from bayeskd.locks import locks_output
 
 logger = logging.getLogger(__name__)
 
@@ -351,6 +352,7 @@ def _dpo_round(policy_dir: Path, stage_tmp: Path, tok, tokenized: TokenizedData,
             "log_history": trainer.state.log_history, "policy": str(policy_dir)}, policy
 
 
+@locks_output()
 def align_proxy(data: str, proxy: str, out: str, *, tokenizer: str | None = None, sft_epochs: float = 1.0,
                 rounds: int = 2, beta: float = 0.1, nll_weight: float = 1.0, temperature: float = 1.0,
                 max_new_tokens: int = 64, sft_learning_rate: float = 2e-5, learning_rate: float = 1e-6,

@@ -38,6 +38,7 @@ from bayeskd.distill.targets import (CONTEXT_COUNT_KEY, WEIGHT_KEY, WEIGHT_NORMA
 from bayeskd.losses import fused_linear_posterior_kd, fused_posterior_kd
 from bayeskd.sparse import CONTEXT_COUNT, MODES, TEACHER_LOGPROB, SparseDist, atomic_write_json
 from bayeskd.teacher_forcing import model_logits, select_rows
+from bayeskd.locks import locks_output
 
 logger = logging.getLogger(__name__)
 
@@ -305,6 +306,7 @@ class BayesKDTrainer(transformers.Trainer):
 
 # ---------------------------------------------------------------------------------------------------- distill
 
+@locks_output()
 def distill(data: str, student: str, out: str, *, targets: str | None = None, teacher: str | None = None,
             proxy: str | None = None, tokenizer: str | None = None, split: str = "train", skip_bad: bool = False,
             **training_args: Any) -> dict[str, Any]:

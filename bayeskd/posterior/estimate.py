@@ -14,6 +14,7 @@ from bayeskd.posterior.calibrate import calibrate_on_records, calibration_indice
 from bayeskd.posterior.proxy import ProxyPosterior
 from bayeskd.posterior.shards import rank_world
 from bayeskd.sparse import MANIFEST, CacheMismatchError, atomic_write_json, read_manifest
+from bayeskd.locks import locks_output
 
 
 COMBINATION_DEFAULTS: dict[str, Any] = {"mode": "log_linear", "a": 1.0, "b": 1.0, "c": 1.0, "w": 0.5}
@@ -50,6 +51,7 @@ def _check_counted_on(pdir: Path, records: list) -> None:
                          "occurrences; pass --no-leave-one-out, or estimate the prior on this data")
 
 
+@locks_output()
 def estimate_posterior(data: str | None = None, prior_dir: str | None = None, proxy=None, out: str | None = None,
                        *, tokenizer: str | None = None, top_k: int = 64, proxy_top_k: int | None = None,
                        mode: str | None = None, a: float | None = None, b: float | None = None,

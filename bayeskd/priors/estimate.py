@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bayeskd.sparse import CacheMismatchError, ShardWriter, SparseDist, atomic_write_bytes, atomic_write_json, dir_bytes
+from bayeskd.locks import locks_output
 
 DEFAULT_CACHE = Path(os.environ.get("BAYESKD_CACHE", Path.home() / ".cache" / "bayeskd"))
 SHARD_ROWS = 1 << 18  # rows per prior shard: ~70 MB at K=64
@@ -44,6 +45,7 @@ PRIOR_KINDS = ("ngram", "suffix")
 COUNTED_ON = "counted_records.npy"  # beside the model: a digest of every record it counted (`record_digests`)
 
 
+@locks_output()
 def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out: str, kind: str = "ngram",
                    order: int = 4,
                    smoothing: str = "kneser_ney", alpha: float = 1.0, top_k: int = 64, write_topk: bool = False,

@@ -32,6 +32,7 @@ from bayeskd.data import NATURAL_END, DataError, load_prompts
 from bayeskd.sparse import atomic_write_bytes, atomic_write_json
 from bayeskd.teachers.clients import (FATAL, UNREACHABLE, Answer, HFBackend, OpenAIBackend, RateLimiter,
                                      chat_messages, completion_prompt)
+from bayeskd.locks import locks_output
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +176,7 @@ def _record(prompt: dict[str, Any], p: int, i: int, key: str, answer: Answer, s:
     return rec
 
 
+@locks_output(file=True)
 def generate(prompts: str, out: str, *, model: str, base_url: str | None = None, backend: str = "openai",
              endpoint: str = "chat", n: int = 1, temperature: float = 1.0, top_p: float = 1.0, max_tokens: int = 256,
              seed: int | None = 0, stop: list[str] | tuple[str, ...] | None = None, system: str | None = None,
