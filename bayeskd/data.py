@@ -6,7 +6,6 @@ last message is the assistant's (the response; everything before it is the promp
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -494,25 +493,3 @@ def tokenize_records(records: list[dict[str, Any]], tokenizer, max_length: int |
                        report.response_truncated, max_length, report.response_tokens_dropped)
     return TokenizedData(input_ids, masks, plens, fingerprint, len(tokenizer),
                          tokenizer.eos_token_id, report)
-
-
-def _record_bytes(rec: dict[str, Any]) -> bytes:
-    """What identifies a record, canonically: its chat messages, or its prompt and response (not keys, logprobs)."""
-    content = ["messages", rec["messages"]] if "messages" in rec else ["prompt", rec.get("prompt", ""), rec["response"]]
-    return json.dumps(content, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-
-
-def records_fingerprint(records: Iterable[dict[str, Any]]) -> str:
-    """sha256 (hex) over the records' prompt + response (or messages), in order: the same record set gives the same
-    value in every process and Python version (unlike `hash()`), whatever the tokenizer."""
-    h = hashlib.sha256()
-    for rec in records:  # canonical JSON escapes newlines, so one newline per record separates them unambiguously
-        h.update(_record_bytes(rec) + b"\n")
-    return h.hexdigest()
-
-
-def record_digests(records: Iterable[dict[str, Any]]) -> np.ndarray:
-    """One uint64 per record (8 bytes of its sha256): which records a job used, so a later one can check that its
-    records are among them, in any order (`records_fingerprint` checks the exact sequence)."""
-    return np.array([int.from_bytes(hashlib.sha256(_record_bytes(r)).digest()[:8], "little") for r in records],
-                    dtype=np.uint64)

@@ -11,7 +11,7 @@ import bayeskd.posterior.estimate as estimate_module
 from bayeskd.cli import main
 from bayeskd.data import load_teacher_records, tokenize_records
 from bayeskd.distill.proxy_kd import TRAIN_RECORDS, align_proxy, holdout_indices
-from bayeskd.data import records_fingerprint
+from bayeskd.records import records_fingerprint
 from bayeskd.posterior.calibrate import TRAINING_INFO, expand_ranges, index_ranges
 from bayeskd.posterior.estimate import estimate_posterior
 from bayeskd.priors.estimate import estimate_prior

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from bayeskd.data import TokenizedData, load_teacher_records, load_tokenizer, tokenize_records
-from bayeskd.data import records_fingerprint
+from bayeskd.records import records_fingerprint
 from bayeskd.posterior.calibrate import TRAINING_INFO, TRAINING_INFO_FORMAT, index_ranges
 from bayeskd.resume import check_stamp
 from bayeskd.sparse import atomic_write_json

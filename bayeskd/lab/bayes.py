@@ -26,7 +26,7 @@ def _kl(t_lp: torch.Tensor, est, valid: torch.Tensor) -> float:
 
 def _check_heldout(proxy_dir: str, records: list, needed: list[int]) -> str:
     """The records the lab scores the proxy on must be ones it never trained on."""
-    from bayeskd.data import records_fingerprint
+    from bayeskd.records import records_fingerprint
     from bayeskd.posterior.calibrate import expand_ranges, read_training_info
 
     info = read_training_info(proxy_dir)

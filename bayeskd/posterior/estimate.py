@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bayeskd.data import records_fingerprint
+from bayeskd.records import records_fingerprint
 from bayeskd.posterior.calibrate import calibrate_on_records, calibration_indices, index_ranges
 from bayeskd.posterior.proxy import ProxyPosterior
 from bayeskd.posterior.shards import rank_world
@@ -37,7 +37,7 @@ def _check_counted_on(pdir: Path, records: list) -> None:
     counted, or it removes counts that belong to other occurrences."""
     import numpy as np
 
-    from bayeskd.data import record_digests
+    from bayeskd.records import record_digests
     from bayeskd.priors.estimate import COUNTED_ON
 
     path = pdir / COUNTED_ON

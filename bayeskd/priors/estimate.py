@@ -64,7 +64,8 @@ def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out
     default) and `out/summary.json`. A finished model with the same config is reused, and finished shards are
     kept, so an interrupted run resumes.
     """
-    from bayeskd.data import load_teacher_records, load_tokenizer, record_digests, tokenize_records
+    from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
+    from bayeskd.records import record_digests
     from bayeskd.priors.ngram import NGramPrior
     from bayeskd.priors.suffix import SuffixPrior
 
