@@ -47,10 +47,11 @@ max_records_option = click.option("--max-records", default=None, type=click.IntR
 def _run_job(job, drop: tuple[str, ...] = (), **kwargs) -> None:
     """Call the library function behind a command; bad input becomes a one-line error, the summary is printed."""
     from bayeskd.data import DataError
+    from bayeskd.locks import OutputLockedError
 
     try:
         summary = job(**kwargs)
-    except (DataError, FileNotFoundError, ValueError) as e:
+    except (DataError, FileNotFoundError, ValueError, OutputLockedError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(json.dumps({k: v for k, v in summary.items() if k not in drop}, indent=2))
 
@@ -429,6 +430,19 @@ def gad_cmd(**kwargs) -> None:
     from bayeskd.distill.gad import gad
 
     _run_job(gad, drop=("history",), **kwargs)
+
+
+@main.command("verify")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+def verify_cmd(directory: str) -> None:
+    """Check an output directory (shards against their manifest, safetensors, JSON, priors) and say what is
+    intact; exit 1 when something is damaged or missing."""
+    from bayeskd.verify import format_findings, verify_dir
+
+    findings = verify_dir(directory)
+    click.echo(format_findings(findings, directory))
+    if not all(f.ok for f in findings):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
