@@ -373,10 +373,19 @@ def _check_stamps(run: Path, cfg: LabRunConfig, force: bool) -> None:
     atomic_write_json(train_stamp, settings)
 
 
-def run_lab(root: str = "runs/lab", preset: str = "tiny", *, seeds: int | None = None,
-            methods: Sequence[str] | None = None, config: LabRunConfig | None = None, force: bool = False,
-            progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the whole lab (see the module docstring) and return the report (also in run/report.json, .md)."""
+def run_lab(root: str = "runs/lab", preset: str = "tiny", **kwargs: Any) -> dict[str, Any]:
+    """Run the whole lab (see the module docstring) and return the report (also in run/report.json, .md); one run
+    per run directory at a time (`bayeskd.locks`). Keywords: `_run_lab`'s."""
+    from bayeskd.locks import output_lock
+
+    # the lock beside run/ (run.lock), since force may remove run/ itself
+    with output_lock(Path(root) / get_preset(preset).name / "run", "lab run", file=True):
+        return _run_lab(root, preset, **kwargs)
+
+
+def _run_lab(root: str, preset: str, *, seeds: int | None = None, methods: Sequence[str] | None = None,
+             config: LabRunConfig | None = None, force: bool = False, progress: bool = True,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
     from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
     from bayeskd.priors.estimate import estimate_prior
     from bayeskd.posterior.estimate import estimate_posterior
