@@ -2,12 +2,13 @@
 
 For the n-gram prior and the suffix prior (`bayeskd.priors.suffix`), each combined with the pipeline's proxy by the
 best fixed combination and by the adaptive mixture (`bayeskd.posterior.adaptive`): KL(teacher‖estimate) at the
-scored training positions and on held-out teacher text, beside each component alone, and the ratio of the
-posterior the pipeline would choose (the lowest teacher-token NLL on the calibration records, not the truth) to
-the best single component (picked by the truth: the hardest comparison). Honest by construction: the priors are queried leave-one-out on their
-own corpus (and plainly on held-out text, which they never counted); the aligned proxy never trained on the
-scored or the calibration records (`align_proxy(holdout_records=...)`, checked here); the combination, the
-adaptive weights and the suffix prior's beta are chosen on the calibration records only, never on scored ones.
+scored training positions and on held-out teacher text, beside each component alone, and the ratio of the posterior
+the pipeline would choose (the lowest teacher-token NLL on the calibration records, not the truth) to the best
+single component (picked by the truth: the hardest comparison). Honest by construction: the priors are queried
+leave-one-out on their own corpus (and plainly on held-out text, which they never counted); the aligned proxy never
+trained on the scored or the calibration records (`align_proxy(holdout_records=...)`, checked here); the
+combination, the adaptive weights and the suffix prior's beta are chosen on the calibration records only, never on
+scored ones.
 """
 from __future__ import annotations
 

@@ -374,8 +374,7 @@ def _check_stamps(run: Path, cfg: LabRunConfig, force: bool) -> None:
 
 
 def run_lab(root: str = "runs/lab", preset: str = "tiny", **kwargs: Any) -> dict[str, Any]:
-    """Run the whole lab (see the module docstring) and return the report (also in run/report.json, .md); one run
-    per run directory at a time (`bayeskd.locks`). Keywords: `_run_lab`'s."""
+    """Run the whole lab (module docstring; keywords: `_run_lab`'s), one run per run directory at a time."""
     from bayeskd.locks import output_lock
 
     # the lock beside run/ (run.lock), since force may remove run/ itself

@@ -190,5 +190,5 @@ def query_rows(rev, sa, hist, pos, rec_start, b_idx, b_lp, b_tail, b_cc, V, orde
     """Fill the output rows of the query positions `pos` (indices into `hist`, records starting at `rec_start`)."""
     parts = max(1, min(nb.get_num_threads(), len(pos) // 1024 or 1))
     _query_parallel(rev, sa, hist, np.ascontiguousarray(pos), np.ascontiguousarray(rec_start), b_idx, b_lp,
-                    b_tail, b_cc, int(V), int(order), int(max_levels), int(max_support), float(beta), bool(loo), out_idx, out_lp,
-                    out_tail, out_cc, out_ml, parts)
+                    b_tail, b_cc, int(V), int(order), int(max_levels), int(max_support), float(beta), bool(loo),
+                    out_idx, out_lp, out_tail, out_cc, out_ml, parts)
