@@ -150,7 +150,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -230,7 +230,7 @@ class ShardWriter:
         fname = f"{name}.safetensors"
         path = self.dir / fname
         atomic_save_safetensors(tensors, path, metadata={"temperature": str(dist.temperature)})
-        self.manifest["shards"][fname] = {"rows": dist.num_rows, "sha256": _sha256(path)}
+        self.manifest["shards"][fname] = {"rows": dist.num_rows, "sha256": file_sha256(path)}
         atomic_write_json(self.dir / self.manifest_name, self.manifest)
         return path
 
@@ -285,7 +285,7 @@ class ShardReader:
         path = self.dir / fname
         if not path.exists():
             raise FileNotFoundError(f"{path}: listed in the manifest but missing")
-        if self.verify and _sha256(path) != self.manifest["shards"][fname]["sha256"]:
+        if self.verify and file_sha256(path) != self.manifest["shards"][fname]["sha256"]:
             raise ValueError(f"{path}: checksum does not match the manifest (file changed or corrupted)")
         t = load_file(str(path))
         from safetensors import safe_open

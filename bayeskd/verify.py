@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from bayeskd.locks import LOCK_NAME
-from bayeskd.sparse import MANIFEST, _sha256
+from bayeskd.sparse import MANIFEST, file_sha256
 
 
 @dataclass
@@ -49,7 +49,7 @@ def _shard_dir(d: Path, seen: set[Path]) -> list[Finding]:
         seen.add(p)
         if not p.exists():
             out.append(Finding(str(p), "shard", False, "missing (listed in the manifest)"))
-        elif _sha256(p) != info.get("sha256"):
+        elif file_sha256(p) != info.get("sha256"):
             out.append(Finding(str(p), "shard", False, f"checksum mismatch ({p.stat().st_size} bytes): damaged"))
         else:
             out.append(Finding(str(p), "shard", True, f"{info.get('rows')} rows, sha256 as written"))

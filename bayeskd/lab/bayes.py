@@ -43,8 +43,9 @@ def _check_heldout(proxy_dir: str, records: list, needed: list[int]) -> str:
 
 
 def bayes_table(paths: dict[str, str], run: Path, cfg, tok, pipeline_proxy: str,
-                log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The table (see the module docstring) for the lab run in `run`."""
+                log: Callable[[str], None] = print, ngram_calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The table (see the module docstring) for the lab run in `run`. `ngram_calibration`: the run's calibration
+    of the n-gram prior with this proxy (its "table" and "records" range), reused when it scored the same records."""
     from transformers import AutoModelForCausalLM
 
     from bayeskd.data import load_teacher_records, tokenize_records
@@ -77,8 +78,11 @@ def bayes_table(paths: dict[str, str], run: Path, cfg, tok, pipeline_proxy: str,
     priors = {"n-gram": ngram, "suffix": suffix}
     settings = {}  # per prior: the best fixed combination and the adaptive one, chosen on the calibration records
     for pname, prior in priors.items():
-        p_cal = prior.topk([resp[i] for i in cal], K, leave_one_out=True, contexts=[prm[i] for i in cal])
-        _, table = calibrate_combination(p_cal, q_cal, y_cal, top_k=K)
+        if pname == "n-gram" and ngram_calibration and ngram_calibration.get("records") == [cal[0], cal[-1] + 1]:
+            table = ngram_calibration["table"]  # the run's own calibration: the same records, prior and proxy
+        else:
+            p_cal = prior.topk([resp[i] for i in cal], K, leave_one_out=True, contexts=[prm[i] for i in cal])
+            _, table = calibrate_combination(p_cal, q_cal, y_cal, top_k=K)
         for label in ("fixed", "adaptive"):
             r = next(r for r in table if (r["mode"] == "adaptive") == (label == "adaptive"))
             kw = {k: v for k, v in r.items() if k != "nll"}

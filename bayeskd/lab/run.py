@@ -473,7 +473,7 @@ def _run_lab(root: str, preset: str, *, seeds: int | None = None, methods: Seque
                 timings):
         from bayeskd.lab.bayes import bayes_table
 
-        report["bayes"] = bayes_table(paths, run, cfg, tok, pipeline_proxy, log)
+        report["bayes"] = bayes_table(paths, run, cfg, tok, pipeline_proxy, log, ngram_calibration=calibration)
     with _stage("distill and evaluate students", log, timings):
         report["students"] = _students(paths, run, cfg, tok, progress, log)
     if cfg.cross_tokenizer and cfg.top_logprobs:

@@ -185,3 +185,11 @@ def count_parallel(arrs: list[np.ndarray], num_proc: int, order: int, base: int,
     with mp.get_context("spawn").Pool(len(shards)) as pool:
         tables = pool.starmap(count_ngrams, [(s, order, base, bos, eos_id) for s in shards])
     return _merge_tables(tables)
+
+
+def check_k(k: Any, vocab_size: int) -> None:
+    """A prior's top-K is 1 <= K <= V."""
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if k > vocab_size:
+        raise ValueError(f"k={k} is larger than the vocabulary size V={vocab_size}")

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bayeskd.priors.counting import (_as_array, _find, _is_single_sequence, _merge_tables, _mkn_discounts, _Order,
-                                     _runs, count_ngrams, count_parallel, layout)
+                                     _runs, check_k, count_ngrams, count_parallel, layout)
 from bayeskd.priors.topk import TopKMixin
 from bayeskd.sparse import SparseDist
 
@@ -257,10 +257,7 @@ class NGramPrior(TopKMixin):
         """
         self._check_fitted()
         V = self.vocab_size
-        if not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
-        if k > V:
-            raise ValueError(f"k={k} is larger than the vocabulary size V={V}")
+        check_k(k, V)
         arrs = self._arrays(sequences, "topk")
         flat, pred = self._layout(arrs, eos=False)
         idx = np.empty((len(pred), k), dtype=np.int32)

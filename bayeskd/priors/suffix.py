@@ -28,6 +28,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from bayeskd.priors._suffix_query import query_rows
+from bayeskd.priors.counting import check_k
 from bayeskd.priors.ngram import NGramPrior
 from bayeskd.sparse import SparseDist
 
@@ -130,10 +131,7 @@ class SuffixPrior:
         leave_one_out: the sequences are in the corpus (with these contexts) and their own occurrence is removed."""
         self._check_fitted()
         V = self.vocab_size
-        if not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
-        if k > V:
-            raise ValueError(f"k={k} is larger than the vocabulary size V={V}")
+        check_k(k, V)
         seqs = _as_seqs(sequences, "topk")
         ctxs = [np.zeros(0, np.int64)] * len(seqs) if contexts is None else _as_seqs(contexts, "topk: contexts")
         if len(ctxs) != len(seqs):
