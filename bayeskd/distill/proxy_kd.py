@@ -45,7 +45,7 @@ from bayeskd.data import TokenizedData, load_teacher_records, load_tokenizer, to
 from bayeskd.records import records_fingerprint
 from bayeskd.posterior.calibrate import TRAINING_INFO, TRAINING_INFO_FORMAT, index_ranges
 from bayeskd.resume import check_stamp
-from bayeskd.sparse import atomic_write_json
+from bayeskd.sparse import atomic_write_bytes, atomic_write_json
 from bayeskd.teacher_forcing import pad_batch, response_rows, select_rows
 from bayeskd.locks import locks_output
 
@@ -441,10 +441,8 @@ def align_proxy(data: str, proxy: str, out: str, *, tokenizer: str | None = None
             sft_data, sft_read = data, {"split": split, "skip_bad": skip_bad}
             if heldout:  # SFT reads a file: give it the training records only (kept in out/ for inspection)
                 sft_data, sft_read = str(out_dir / TRAIN_RECORDS), {}
-                with open(out_dir / f".{TRAIN_RECORDS}.tmp", "w", encoding="utf-8") as f:
-                    for i in train_idx:
-                        f.write(json.dumps(records[i], ensure_ascii=False) + "\n")
-                os.replace(out_dir / f".{TRAIN_RECORDS}.tmp", sft_data)
+                atomic_write_bytes(out_dir / TRAIN_RECORDS, "".join(
+                    json.dumps(records[i], ensure_ascii=False) + "\n" for i in train_idx).encode("utf-8"))
             s = distill(sft_data, str(proxy), str(tmp), tokenizer=tokenizer, **sft_read,
                         **{**sft_args, **training_args})
             s = {"stage": "sft", **{k: s[k] for k in ("steps", "train_loss", "first_loss", "final_loss",
