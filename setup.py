@@ -33,7 +33,7 @@ setup(
         "numba>=0.60",  # the suffix prior's per-position query
     ],
     extras_require={
-        "dev": ["pytest>=7", "nltk>=3.8", "matplotlib>=3.7", "psutil>=5.9", "pyarrow>=14"],
+        "dev": ["pytest>=7", "nltk>=3.8", "matplotlib>=3.7", "psutil>=5.9", "pyarrow>=14", "hypothesis>=6.100"],
     },
     entry_points={"console_scripts": ["bayeskd = bayeskd.cli:main"]},
 )

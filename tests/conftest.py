@@ -51,3 +51,8 @@ def save_tiny_llama(path, tokenizer, seed: int, layers: int = 1) -> str:
     LlamaForCausalLM(cfg).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def pytest_configure(config):
+    # Drills run jobs in subprocesses and kill them; CI runs them in a small configuration (tests/test_drill.py).
+    config.addinivalue_line("markers", "drill: kills, corrupts or starves a real job and checks nothing is lost")
