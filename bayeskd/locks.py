@@ -70,8 +70,12 @@ def output_lock(out: str | os.PathLike, job: str, file: bool = False) -> Iterato
                 f"{out} is being written by {holder.get('job', 'another job')} (pid {pid} on {host}); wait for it "
                 f"to finish or stop it, or write elsewhere (if that process is gone on another host, remove "
                 f"{path})") from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+        except BaseException:  # e.g. a full disk: an empty lock would block every later run as "another job"
+            path.unlink(missing_ok=True)
+            raise
         break
     try:
         yield path

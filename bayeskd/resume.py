@@ -43,8 +43,8 @@ def read_stamp(path: str | Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # a flipped byte can make it invalid UTF-8 too
         raise ValueError(f"{path}: not valid JSON ({e}); remove {path.parent} to start over") from e
 
 

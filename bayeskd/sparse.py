@@ -9,13 +9,14 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
+
+# the atomic writers and the file checksum live with the other integrity tools; every stage imports them from here
+from bayeskd.integrity import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, file_sha256  # noqa: F401
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -150,48 +151,9 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same directory, then rename: a reader never sees half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def dir_bytes(path: Path) -> int:
     """Bytes of every file below `path` (0 when it does not exist): the size a job reports it wrote."""
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).exists() else 0
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class ShardWriter:
@@ -215,7 +177,21 @@ class ShardWriter:
             old = read_manifest(self.dir)
             check_manifest(old, self.dir, vocab_size=vocab_size, k=k,
                            tokenizer_fingerprint=tokenizer_fingerprint, config=config or {})
-            self.manifest["shards"] = {n: s for n, s in old["shards"].items() if (self.dir / n).exists()}
+            self.manifest["shards"] = self.intact(old["shards"])
+
+    def intact(self, shards: dict[str, Any]) -> dict[str, Any]:
+        """The finished shards of a resumed run that are still as written (present, size and sha256 as listed);
+        a damaged one is named in a warning and left out, so it is written again rather than trusted."""
+        from bayeskd.integrity import file_problem, warn_damaged
+
+        kept = {}
+        for n, info in shards.items():
+            problem = file_problem(self.dir / n, info) if (self.dir / n).exists() else "missing"
+            if problem is None:
+                kept[n] = info
+            elif problem != "missing":  # a missing shard was never finished (or removed on purpose): no warning
+                warn_damaged(self.dir / n, problem, "it will be written again")
+        return kept
 
     def has_shard(self, name: str) -> bool:
         return f"{name}.safetensors" in self.manifest["shards"]
@@ -230,21 +206,38 @@ class ShardWriter:
         fname = f"{name}.safetensors"
         path = self.dir / fname
         atomic_save_safetensors(tensors, path, metadata={"temperature": str(dist.temperature)})
-        self.manifest["shards"][fname] = {"rows": dist.num_rows, "sha256": file_sha256(path)}
-        atomic_write_json(self.dir / self.manifest_name, self.manifest)
+        self.manifest["shards"][fname] = {"rows": dist.num_rows, "sha256": file_sha256(path),
+                                          "bytes": path.stat().st_size}
+        write_manifest(self.dir / self.manifest_name, self.manifest)
         return path
 
 
+def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Write a manifest with the sha256 of its own content, so a flipped digit (in V, K or a checksum) that still
+    parses as JSON is caught on reading."""
+    from bayeskd.integrity import json_sha256
+
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    atomic_write_json(path, {**body, "manifest_sha256": json_sha256(body)})
+
+
 def read_manifest(shard_dir: str | os.PathLike) -> dict[str, Any]:
+    from bayeskd.integrity import CorruptOutputError, json_sha256
+
     path = Path(shard_dir) / MANIFEST
     if not path.exists():
-        raise FileNotFoundError(f"{shard_dir}: no {MANIFEST}; not a bayeskd shard directory")
+        raise FileNotFoundError(f"{shard_dir}: no {MANIFEST}; not a bayeskd shard directory (or its manifest "
+                                "was deleted: missing)")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: manifest is not valid JSON ({e})") from e
-    if manifest.get("format") != "bayeskd.sparse":
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptOutputError(path, f"manifest is not valid JSON ({e}): truncated or damaged") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != "bayeskd.sparse":
         raise ValueError(f"{path}: not a bayeskd sparse-shard manifest")
+    want = manifest.get("manifest_sha256")  # absent in manifests written before it existed
+    if want is not None and want != json_sha256({k: v for k, v in manifest.items() if k != "manifest_sha256"}):
+        raise CorruptOutputError(path, "checksum mismatch: the manifest's content differs from its recorded "
+                                 "sha256 (damaged)")
     return manifest
 
 
@@ -282,15 +275,22 @@ class ShardReader:
         return sorted(self.manifest["shards"])  # writers zero-pad shard numbers, so this is write order
 
     def read(self, fname: str) -> tuple[SparseDist, dict[str, torch.Tensor]]:
+        from bayeskd.integrity import CorruptOutputError, MissingOutputError, load_safetensors_bytes
+
         path = self.dir / fname
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: listed in the manifest but missing")
-        if self.verify and file_sha256(path) != self.manifest["shards"][fname]["sha256"]:
-            raise ValueError(f"{path}: checksum does not match the manifest (file changed or corrupted)")
-        t = load_file(str(path))
-        from safetensors import safe_open
-        with safe_open(str(path), "pt") as f:
-            temperature = float((f.metadata() or {}).get("temperature", 1.0))
+        info = self.manifest["shards"][fname]
+        try:
+            data = path.read_bytes()  # read once: the checksum and the tensors come from the same bytes
+        except FileNotFoundError:
+            raise MissingOutputError(path, "listed in the manifest but missing (deleted?)") from None
+        if info.get("bytes") is not None and len(data) != info["bytes"]:  # absent in older manifests
+            raise CorruptOutputError(path, f"size is {len(data)} bytes, the manifest says {info['bytes']} "
+                                     "(truncated or damaged)")
+        if self.verify and hashlib.sha256(data).hexdigest() != info["sha256"]:
+            raise CorruptOutputError(path, "checksum mismatch: checksum does not match the manifest (file changed "
+                                     "or corrupted)")
+        t = load_safetensors_bytes(data, path)
+        temperature = float(t.pop("__metadata__").get("temperature", 1.0))
         extras = {k[len("extras."):]: v for k, v in t.items() if k.startswith("extras.")}
         extra = {k[len("extra."):]: v for k, v in t.items() if k.startswith("extra.")}
         dist = SparseDist(t["indices"], t["logprobs"], t["tail"], self.manifest["vocab_size"], temperature, extras)

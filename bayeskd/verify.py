@@ -2,20 +2,27 @@
 
 Every file is checked by what it is: shard directories against their manifest (each shard present, its sha256 as
 written), safetensors files (a readable header, every tensor readable: a truncated or damaged file fails), JSON
-files (they parse), a prior (it loads), `counted_records.npy` (it loads). Lock files and temporaries are reported
-as such. Nothing is modified.
+files (they parse), a prior (it loads), `counted_records.npy` (it loads). Folders with a checksum record
+(`checksums.json`: priors, trainer `checkpoint-N` folders, align-proxy stages, an estimate-prior output) have every
+file checked against it (present, size, sha256); a `checkpoint-N` without one is reported as incomplete; a GAD
+stage's state.json is checked with the files it records. Lock files and temporaries are reported as such. Nothing
+is modified.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from bayeskd.locks import LOCK_NAME
-from bayeskd.sparse import MANIFEST, file_sha256
+from bayeskd.integrity import RECORD, checksum_findings, file_problem
+from bayeskd.sparse import MANIFEST, read_manifest
+
+_CHECKPOINT = re.compile(r"^checkpoint-\d+$")
 
 
 @dataclass
@@ -38,7 +45,7 @@ def _safetensors(path: Path) -> str:
 def _shard_dir(d: Path, seen: set[Path]) -> list[Finding]:
     out = []
     try:
-        manifest = json.loads((d / MANIFEST).read_text())
+        manifest = read_manifest(d)  # its own sha256 too: a flipped digit that still parses is caught
         shards = manifest["shards"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return [Finding(str(d / MANIFEST), "shard manifest", False, f"unreadable ({e})")]
@@ -47,13 +54,51 @@ def _shard_dir(d: Path, seen: set[Path]) -> list[Finding]:
     for name, info in sorted(shards.items()):
         p = d / name
         seen.add(p)
-        if not p.exists():
+        problem = file_problem(p, info) if p.exists() else "missing"
+        if problem == "missing":
             out.append(Finding(str(p), "shard", False, "missing (listed in the manifest)"))
-        elif file_sha256(p) != info.get("sha256"):
-            out.append(Finding(str(p), "shard", False, f"checksum mismatch ({p.stat().st_size} bytes): damaged"))
+        elif problem is not None:
+            out.append(Finding(str(p), "shard", False, problem.replace("checksum mismatch", "checksum mismatch "
+                                                                       f"({p.stat().st_size} bytes)")))
         else:
             out.append(Finding(str(p), "shard", True, f"{info.get('rows')} rows, sha256 as written"))
     return out
+
+
+def _kind(folder: Path) -> str:
+    return "checkpoint" if _CHECKPOINT.match(folder.name) else "prior" if (folder / "config.json").exists() and \
+        "_prior" in (folder / "config.json").read_text(errors="replace") else "recorded"
+
+
+def _recorded(folder: Path, seen: set[Path]) -> list[Finding]:
+    """Every file of a folder with a checksum record (a prior, a trainer checkpoint, an align-proxy stage, an
+    estimate-prior output) against its record."""
+    kind = _kind(folder)
+    found = checksum_findings(folder)
+    seen.update(p for p, _ in found)
+    return [Finding(str(p), kind, problem is None, problem or ("record intact" if p.name == RECORD else
+                                                               "size and sha256 as written")) for p, problem in found]
+
+
+def _gad_state(path: Path, seen: set[Path]) -> list[Finding]:
+    """A GAD stage: state.json records its checkpoint's files (and a sha256 of itself)."""
+    from bayeskd.distill.checkpoints import verify_file_record
+    from bayeskd.integrity import CorruptOutputError
+
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError:
+        return []  # reported as unreadable JSON below
+    if not isinstance(state, dict) or "files" not in state:
+        return []
+    seen.add(path)
+    seen.update(path.parent / n for n in state["files"])
+    try:
+        verify_file_record(path.parent, state, path.name)
+    except CorruptOutputError as e:
+        return [Finding(str(e.path), "GAD checkpoint", False, e.problem)]
+    return [Finding(str(path.parent), "GAD checkpoint", True, f"step {state.get('step')}, "
+                    f"{len(state['files'])} files as written")]
 
 
 def verify_dir(root: str | os.PathLike) -> list[Finding]:
@@ -65,6 +110,15 @@ def verify_dir(root: str | os.PathLike) -> list[Finding]:
     seen: set[Path] = set()
     for m in sorted(root.rglob(MANIFEST)):
         findings += _shard_dir(m.parent, seen)
+    for rec in sorted(root.rglob(RECORD)):
+        findings += _recorded(rec.parent, seen)
+    for state in sorted(root.rglob("state.json")):
+        findings += _gad_state(state, seen)
+    for ckpt in sorted(p for p in root.rglob("checkpoint-*") if p.is_dir() and _CHECKPOINT.match(p.name)):
+        if not (ckpt / RECORD).exists():  # a save cut short (or made before records): resume skips it
+            findings.append(Finding(str(ckpt / RECORD), "checkpoint", False, "missing: no checksum record, the "
+                                    "checkpoint is incomplete or unverifiable; a resume falls back to the previous "
+                                    "intact checkpoint"))
     for p in sorted(root.rglob("*")):
         if not p.is_file() or p in seen:
             continue

@@ -33,8 +33,9 @@ def test_verify_names_what_is_damaged(tmp_path, tiny_tokenizer_dir):
     (out / "summary.json").write_text("{not json")
     bad = {f.path: f.detail for f in verify_dir(out) if not f.ok}
     assert "checksum mismatch" in bad[str(shard)]
-    assert "unreadable" in bad[str(tables)] and str(out / "prior") in bad  # the prior does not load either
-    assert "unreadable" in bad[str(out / "summary.json")]
+    # checked against the prior's checksum record: named with the size; the prior does not load either
+    assert "truncated" in bad[str(tables)] and str(out / "prior") in bad
+    assert "size is" in bad[str(out / "summary.json")]  # in estimate-prior's record
     shard.unlink()
     assert "missing" in {f.path: f.detail for f in verify_dir(out)}[str(shard)]
     res = CliRunner().invoke(main, ["verify", str(out)])

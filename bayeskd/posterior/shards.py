@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from bayeskd.sparse import (LENGTHS, MANIFEST, RECORD_INDEX, CacheMismatchError, ShardReader, ShardWriter,
-                            SparseDist, atomic_write_json, check_manifest, read_manifest)
+                            SparseDist, check_manifest, read_manifest, write_manifest)
 
 
 def record_shard_bounds(num_records: int, shard_records: int) -> list[tuple[int, int]]:
@@ -91,7 +91,7 @@ class RankShardWriter(ShardWriter):
                 continue
             check_manifest(old, path, vocab_size=vocab_size, k=k, tokenizer_fingerprint=tokenizer_fingerprint,
                            config=config)
-            self.manifest["shards"].update({n: s for n, s in old["shards"].items() if (self.dir / n).exists()})
+            self.manifest["shards"].update(self.intact(old["shards"]))
 
     def merge_manifests(self) -> dict[str, Any]:
         """Fold `manifest.json` and every per-rank manifest into `manifest.json` (schema as ShardWriter writes
@@ -110,7 +110,7 @@ class RankShardWriter(ShardWriter):
             if part.get("format") == "bayeskd.sparse":
                 shards.update(part["shards"])
         merged["shards"] = {n: shards[n] for n in sorted(shards) if (self.dir / n).exists()}
-        atomic_write_json(main, merged)
+        write_manifest(main, merged)
         for path in ranks:
             path.unlink(missing_ok=True)
         self.manifest = merged
@@ -146,7 +146,13 @@ class PriorTopK:
                 raise CacheMismatchError(f"{topk_dir}: prior top-K rows made with {key}={cfg[key]!r}, the prior "
                                          f"has {val!r}")
         names, starts, lengths = [], [], []
+        from bayeskd.integrity import CorruptOutputError, file_problem
+
         for name in reader.shard_names:
+            # size only here (the checksum is checked when the shard is read): safetensors' own error names no file
+            problem = file_problem(topk_dir / name, reader.manifest["shards"][name], checksum=False)
+            if problem is not None:
+                raise CorruptOutputError(topk_dir / name, problem)
             with safe_open(str(topk_dir / name), "pt") as f:
                 starts.append(int(f.get_slice(f"extra.{RECORD_INDEX}")[0:1][0]))
                 lengths.append(f.get_tensor(f"extra.{LENGTHS}"))

@@ -49,6 +49,11 @@ def load_prior(path: str | os.PathLike) -> Prior:
     if (d / "prior").is_dir():
         d = d / "prior"
     config = d / "config.json"
+    from bayeskd.integrity import RECORD, verify_checksums
+
+    # first: a damaged or deleted config.json is named as such, not as an unknown format or "not a prior"
+    if (d / RECORD).exists():
+        verify_checksums(d, hint=f"the prior is damaged; count it again (remove {d} and rerun estimate-prior)")
     if not config.exists():
         raise FileNotFoundError(f"{d}: no config.json; not a saved prior")
     try:

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bayeskd.sparse import CacheMismatchError, ShardWriter, SparseDist, atomic_write_bytes, atomic_write_json, dir_bytes
+from bayeskd.integrity import read_json, write_checksums
 from bayeskd.locks import locks_output
 
 DEFAULT_CACHE = Path(os.environ.get("BAYESKD_CACHE", Path.home() / ".cache" / "bayeskd"))
@@ -98,7 +99,7 @@ def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out
     model_dir = out_dir / "prior"
     cfg_path = out_dir / "prior_config.json"
     t_count = time.perf_counter()
-    old_config = json.loads(cfg_path.read_text()) if cfg_path.exists() else None
+    old_config = read_json(cfg_path) if cfg_path.exists() else None  # damaged: an error naming the file
     if old_config is not None and old_config != config:
         # Never overwrite a finished model made with other settings: the user may still need it.
         diff = sorted(k for k in set(config) | set(old_config) if config.get(k) != old_config.get(k))
@@ -106,8 +107,10 @@ def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out
                                  f"{', '.join(diff)}); use a new --out directory")
     model_cls = SuffixPrior if kind == "suffix" else NGramPrior
     beta_table = None
+    beta_path = out_dir / "beta_table.json"  # the suffix prior's chosen-beta table, kept for a resumed run's summary
     if model_dir.exists() and old_config == config:
         prior = model_cls.load(model_dir)
+        beta_table = read_json(beta_path) if beta_path.exists() else None
         reused = True
     else:
         if kind == "suffix":
@@ -117,6 +120,7 @@ def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out
             if beta is None:
                 n = min(beta_records, len(sequences))
                 _, beta_table = prior.choose_beta(sequences[:n], prompts[:n], k=min(top_k, vocab))
+                atomic_write_json(beta_path, beta_table)  # before the config that marks the model finished
             else:
                 prior.beta = float(beta)
         else:
@@ -167,6 +171,8 @@ def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out
         "seconds": round(time.perf_counter() - t0, 4), "out": str(out_dir),
     }
     atomic_write_json(out_dir / "summary.json", summary)
+    # what estimate-posterior reads from here, recorded last: a damaged file is named there, never used
+    write_checksums(out_dir, [COUNTED_ON, cfg_path.name, "summary.json"])
     return summary
 
 

@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 from bayeskd.priors.counting import (_as_array, _find, _is_single_sequence, _merge_tables, _mkn_discounts, _Order,
                                      _runs, check_k, count_ngrams, count_parallel, layout)
 from bayeskd.priors.topk import TopKMixin
-from bayeskd.sparse import SparseDist
+from bayeskd.integrity import atomic_path, verify_checksums, write_checksums
+from bayeskd.sparse import SparseDist, atomic_write_bytes
 
 SMOOTHINGS = ("kneser_ney", "witten_bell", "dirichlet", "mle")
 FORMAT_VERSION = 1
@@ -221,15 +222,20 @@ class NGramPrior(TopKMixin):
         for n, (k, c) in enumerate(zip(self.keys, self.counts), start=1):
             tensors[f"keys.{n}"] = torch.from_numpy(np.ascontiguousarray(k))
             tensors[f"counts.{n}"] = torch.from_numpy(np.ascontiguousarray(c))
-        save_file(tensors, str(d / "tables.safetensors"))
-        (d / "config.json").write_text(json.dumps({"format": "bayeskd.ngram_prior", "version": FORMAT_VERSION,
-                                                   **self.config()}, indent=2) + "\n")
+        # each file renamed into place whole, then their checksum record: `load` trusts only a recorded prior
+        with atomic_path(d / "tables.safetensors") as tmp:
+            save_file(tensors, str(tmp))
+        atomic_write_bytes(d / "config.json", (json.dumps({"format": "bayeskd.ngram_prior",
+                                                           "version": FORMAT_VERSION, **self.config()},
+                                                          indent=2) + "\n").encode())
+        write_checksums(d, ["tables.safetensors", "config.json"])
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "NGramPrior":
         d = Path(path)
         if not (d / "config.json").exists():
             raise FileNotFoundError(f"{d}: no config.json; not a saved NGramPrior")
+        verify_checksums(d, hint=f"the prior is damaged; count it again (remove {d} and rerun estimate-prior)")
         cfg = json.loads((d / "config.json").read_text())
         if cfg.pop("format", None) != "bayeskd.ngram_prior":
             raise ValueError(f"{d}/config.json is not an NGramPrior config")

@@ -30,7 +30,8 @@ from safetensors.numpy import load_file, save_file
 from bayeskd.priors._suffix_query import query_rows
 from bayeskd.priors.counting import check_k
 from bayeskd.priors.ngram import NGramPrior
-from bayeskd.sparse import SparseDist
+from bayeskd.integrity import atomic_path, verify_checksums, write_checksums
+from bayeskd.sparse import SparseDist, atomic_write_bytes
 
 FORMAT = "bayeskd.suffix_prior"
 FORMAT_VERSION = 1
@@ -194,14 +195,17 @@ class SuffixPrior:
         self._check_fitted()
         d = Path(path)
         d.mkdir(parents=True, exist_ok=True)
-        self.base.save(d / "ngram")
-        save_file({"reversed_corpus": self.rev, "suffix_array": self.sa}, str(d / "suffix.safetensors"))
-        (d / "config.json").write_text(json.dumps({"format": FORMAT, "version": FORMAT_VERSION, **self.config()},
-                                                  indent=2) + "\n")
+        self.base.save(d / "ngram")  # with its own checksum record
+        with atomic_path(d / "suffix.safetensors") as tmp:  # whole files only, then the record (as NGramPrior)
+            save_file({"reversed_corpus": self.rev, "suffix_array": self.sa}, str(tmp))
+        atomic_write_bytes(d / "config.json", (json.dumps({"format": FORMAT, "version": FORMAT_VERSION,
+                                                           **self.config()}, indent=2) + "\n").encode())
+        write_checksums(d, ["suffix.safetensors", "config.json"])
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SuffixPrior":
         d = Path(path)
+        verify_checksums(d, hint=f"the prior is damaged; build it again (remove {d} and rerun estimate-prior)")
         cfg = json.loads((d / "config.json").read_text())
         if cfg.pop("format", None) != FORMAT:
             raise ValueError(f"{d}/config.json is not a SuffixPrior config")
