@@ -253,17 +253,23 @@ def _chunk_loss_and_grad(work: torch.Tensor, rows: torch.Tensor, args: _Args) ->
     flat = (torch.arange(n, device=U.device)[:, None] * v + U.clamp(min=0))[valid]  # U's slots in work
     if T != 1.0:
         work.mul_(1.0 / T)
-    mx = work.amax(dim=1)  # NaN/inf were rejected up front (_prepare), so this shift is finite
-    x_u = (work.gather(1, U.clamp(min=0)) - mx[:, None]).masked_fill(~valid, NEG_INF)  # shifted z/T on U
+    x_u = work.gather(1, U.clamp(min=0)).masked_fill(~valid, NEG_INF)  # z/T on U (NaN/inf rejected in _prepare)
     log_pu, log_pb = _tempered_target(lp, log_tail, R, T, args.tail)
 
     if args.tail == "bucket":
-        work.sub_(mx[:, None]).exp_()  # exp(z/T - max): softmax * total
-        work.view(-1)[flat] = 0.0
-        sum_out = work.sum(dim=1)  # the bucket's share, summed directly (no 1 - Σ cancellation)
-        total = sum_out + x_u.exp().sum(dim=1)
-        log_su = x_u - total.log()[:, None]
-        log_sb = torch.where(R > 0, sum_out.log() - total.log(), NEG_INF)
+        # shift the outside tokens by their own max, so the bucket's share cannot underflow to 0 (an inf forward
+        # KL) when U holds the row's max by a wide margin (e.g. fp16 logits near ±65504)
+        work.view(-1)[flat] = NEG_INF
+        mo = work.amax(dim=1)
+        mo = torch.where(R > 0, mo, torch.zeros_like(mo))  # no outside token: avoid -inf - -inf
+        work.sub_(mo[:, None]).exp_()  # exp(z/T - max outside U), 0 on U
+        # logs relative to the row's max keep them small, as accurate as fp32 allows
+        mx = torch.maximum(mo, x_u.amax(dim=1))
+        x_u = x_u - mx[:, None]
+        log_out = torch.where(R > 0, work.sum(dim=1).log() + (mo - mx), NEG_INF)  # summed directly, no 1 - Σ
+        log_total = torch.logaddexp(log_out, torch.logsumexp(x_u, dim=1))
+        log_su = x_u - log_total[:, None]
+        log_sb = log_out - log_total
         log_p, log_s = torch.cat([log_pu, log_pb[:, None]], 1), torch.cat([log_su, log_sb[:, None]], 1)
     else:  # categories U only, the student renormalised over U: nothing outside U matters
         log_su = x_u - torch.logsumexp(x_u, dim=1, keepdim=True)
@@ -272,8 +278,8 @@ def _chunk_loss_and_grad(work: torch.Tensor, rows: torch.Tensor, args: _Args) ->
     loss = _divergence(log_p, log_s, args.divergence, args.beta)
     h, g = _divergence_grads(log_p, log_s, args.divergence, args.beta)
     g_bar = h.sum(dim=1)
-    if args.tail == "bucket":  # outside U: (1/T) s(v) (g_B - g_bar), s(v) = work / total
-        work.mul_(((g[:, -1] - g_bar) / (T * total))[:, None])
+    if args.tail == "bucket":  # outside U: (1/T) s(v) (g_B - g_bar), s(v) = work * exp(mo - mx - log_total)
+        work.mul_(((g[:, -1] - g_bar) * (mo - mx - log_total).exp() / T)[:, None])
     else:
         work.zero_()
     grad_u = (h[:, : U.shape[1]] - log_su.exp() * g_bar[:, None]) / T
@@ -409,6 +415,8 @@ def torch_chunk_loss(logits: torch.Tensor, targets: tuple, kwargs: dict, need_gr
     by their gradient (when `need_grad`; otherwise they are scratch). `targets` and `kwargs` are the validated,
     resolved arguments the kernel's chunk loop slices per chunk (per-row mixture weights included)."""
     p_idx, p_lp, p_tail, q_idx, q_lp, q_tail, q_logits = targets
+    if kwargs.get("check_finite", True):  # NaN/inf in hidden or lm_head would otherwise give a silent NaN loss
+        _check_logits(logits, "student logits (hidden @ weight.T)")
     args = _Args(logits.shape[1], p_idx, p_lp, p_tail, q_idx, q_lp, q_tail, q_logits, kwargs["mode"],
                  kwargs["a"], kwargs["b"], kwargs["w_rows"], kwargs["teacher_tokens"], kwargs["evidence"],
                  kwargs["divergence"], kwargs["beta"], kwargs["temperature"], kwargs["mask"], kwargs["tail"],

@@ -1,8 +1,16 @@
 """Shared fixtures. No network: tokenizers (and models, elsewhere) are built locally and saved to a temp dir,
 then loaded through `from_pretrained` like users do."""
-import pytest
+import os
 
-from bayeskd.corpus import embedded_corpus, train_bpe_tokenizer
+# Triton kernels run in the interpreter on CPU; set before any test module imports triton (a module that
+# imported the kernels compiled would leave later ones calling @triton.jit helpers outside the interpreter).
+# benchmarks/gpu_check.py sets BAYESKD_KERNELS_COMPILED=1 to keep the compiled kernels.
+if os.environ.get("BAYESKD_KERNELS_COMPILED") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from bayeskd.corpus import embedded_corpus, train_bpe_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,9 @@ def test_token_logprob_hand_case():
 
 
 def test_calibration_ranks_like_the_kl_it_cannot_see():
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    seed = int(torch.randint(0, 2**31, (1,)))
+    print(f"seed {seed}")  # a failure can be replayed with it
+    g = torch.Generator().manual_seed(seed)
     n, v, k = 4000, 50, 50
     teacher = torch.log_softmax(2.0 * torch.randn(n, v, generator=g), -1)
     # two noisy views of the teacher: the best combination is a real mixture of both

@@ -28,6 +28,21 @@ def _write_jsonl(path, n=24, seed=0):
     return path
 
 
+def _write_unequal_jsonl(path, lengths=(2, 3, 14, 21), seed=0):
+    """Teacher records whose responses have very different lengths: however the global batch is split over the
+    ranks, the ranks hold different numbers of response tokens, so a per-rank mean averaged over ranks weighs the
+    tokens differently from the global token mean."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    words = ["module", "returns", "a", "list", "of", "strings", "when", "called", "with", "an", "object"]
+    with open(path, "w") as f:
+        for i, n in enumerate(lengths):
+            resp = " ".join(rng.choice(words, size=n))
+            f.write(json.dumps({"prompt": f"Question {i}: what does it do?", "response": resp}) + "\n")
+    return path
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -102,7 +117,8 @@ def test_estimate_posterior_two_ranks_resumes_from_rank_manifests(tiny_setup):
     ref = {n: _sha(out / n) for n in ShardReader(out).shard_names}
     # simulate a crash before the merge: rank 0 finished shard 0, rank 1 shard 1, and a finished shard 2 is
     # listed in an old merged manifest
-    manifest = json.loads((out / "manifest.json").read_text())
+    # edited by hand below, so without the manifest's sha256 of itself (a stale one would read as damage)
+    manifest = {k: v for k, v in json.loads((out / "manifest.json").read_text()).items() if k != "manifest_sha256"}
     for rank, keep in ((0, ["shard-00000.safetensors"]), (1, ["shard-00001.safetensors"])):
         part = {**manifest, "shards": {n: manifest["shards"][n] for n in keep}}
         (out / f"manifest.rank{rank}.json").write_text(json.dumps(part))
@@ -120,9 +136,11 @@ _DISTILL = """
 import json, os, sys
 from bayeskd.distill.trainer import distill
 data, student, targets, out, bs, fused = sys.argv[1:7]
+# plain SGD (no momentum, constant lr): the update is proportional to the loss scale, so a wrong weighting of the
+# ranks' tokens changes the weights (Adam would normalise much of it away)
 s = distill(data, student, out, targets=targets, max_steps=3, per_device_train_batch_size=int(bs),
-            logging_steps=1, seed=0, learning_rate=1e-3,  # the config picks gloo + use_cpu under torchrun
-            fused_linear=fused == "fused", fused_backend="torch")
+            logging_steps=1, seed=0, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant",
+            warmup_steps=0, fused_linear=fused == "fused", fused_backend="torch")  # gloo + use_cpu under torchrun
 import torch.distributed as dist
 if dist.is_initialized():  # as the CLI does: gloo's threads can abort the process when left to shutdown
     dist.destroy_process_group()
@@ -130,15 +148,19 @@ if dist.is_initialized():  # as the CLI does: gloo's threads can abort the proce
 
 
 def test_distill_two_ranks_ddp(tiny_setup):
-    """Per-device batch 2 on 2 ranks vs batch 4 on 1: the 4 records are one global batch either way, all with
-    responses of the same length, so the trained weights must agree."""
+    """Per-device batch 2 on 2 ranks vs batch 4 on 1: the 4 records are one global batch either way, with
+    responses of very different lengths, and plain SGD: the trained weights agree only when every rank weighs
+    its tokens by the global token count (the loss is the mean over the global batch's response tokens)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    tmp, data, paths = tiny_setup
-    targets = tmp / "single"
-    if not (targets / "manifest.json").exists():
-        _run(_posterior_args(tmp, data, paths, targets))
+    tmp, _, paths = tiny_setup
+    data = _write_unequal_jsonl(tmp / "teacher_unequal.jsonl")
+    _run(["-m", "bayeskd.cli", "estimate-prior", "--data", str(data), "--tokenizer", str(Path(paths["student"])),
+          "--order", "3", "--out", str(tmp / "prior_unequal")])
+    targets = tmp / "targets_unequal"
+    _run(["-m", "bayeskd.cli", "estimate-posterior", "--data", str(data), "--prior", str(tmp / "prior_unequal"),
+          "--proxy", paths["proxy"], "--top-k", "16", "--out", str(targets)])
     script = tmp / "distill_script.py"
     script.write_text(_DISTILL)
     _run([str(script), str(data), paths["student"], str(targets), str(tmp / "d1"), "4", "plain"])
@@ -155,11 +177,11 @@ def test_distill_two_ranks_ddp(tiny_setup):
     # batch (equal token counts per rank), hence the same weights after every step.
     w1 = AutoModelForCausalLM.from_pretrained(tmp / "d1").state_dict()
     w2 = AutoModelForCausalLM.from_pretrained(tmp / "d2").state_dict()
+    before = AutoModelForCausalLM.from_pretrained(paths["student"]).state_dict()
+    moved = max((w1[k].float() - before[k].float()).abs().max().item() for k in w1)
     worst = max((w1[k].float() - w2[k].float()).abs().max().item() for k in w1)
-    assert worst < 1e-4, worst  # 3 Adam steps at lr 1e-3 move weights by ~3e-3
+    # tolerance well below the move: a per-rank mean averaged over the ranks is off by a good fraction of it
+    assert worst < 1e-3 * moved, (worst, moved)
     w3 = AutoModelForCausalLM.from_pretrained(tmp / "d3").state_dict()
     worst = max((w1[k].float() - w3[k].float()).abs().max().item() for k in w1)
-    assert worst < 1e-4, worst
-    before = AutoModelForCausalLM.from_pretrained(paths["student"]).state_dict()
-    after = AutoModelForCausalLM.from_pretrained(tmp / "d2").state_dict()
-    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert worst < 1e-3 * moved, (worst, moved)

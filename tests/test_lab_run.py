@@ -45,6 +45,15 @@ def test_lab_run_writes_every_table(lab_run):
         assert 0.0 <= m["top1"] <= 1.0 and 0.0 <= m["coverage@8"] <= 1.0 + 1e-9
     # the smoothed one-hot is far from a (nearly flat) micro teacher; any real estimate is closer
     assert table["proxy alone (before alignment)"]["kl"] < table["smoothed one-hot (eps=0.1)"]["kl"]
+    # the pipeline's posterior targets beat it by a margin (README's target: <= 30% of its KL; runs seen: ~12%)
+    one_hot = table["smoothed one-hot (eps=0.1)"]["kl"]
+    assert table["posterior, aligned proxy, calibrated (shards)"]["kl"] < 0.3 * one_hot, table
+    assert table["posterior log-linear (shards)"]["kl"] < 0.5 * one_hot, table
+    # every stage left its output: teacher samples, prior (model and top-K shards), posterior shards, report
+    for stage in ("teacher_train.jsonl", "teacher_heldout.jsonl", "prior/prior/config.json", "prior/topk/manifest.json",
+                  "posterior/manifest.json", "posterior_calibrated/manifest.json", "proxy_targets/manifest.json",
+                  "report.md"):
+        assert (run / stage).exists() and (run / stage).stat().st_size > 0, stage
     assert [r["k"] for r in report["estimation"]["k_curve"]] == [4, 16]
     ev = report["estimation"]["evidence"]  # the teacher server revealed its top-20: conditioning is scored
     assert [r["k"] for r in ev["rows"]] == [1, 5, 20] and ev["report"]["rows_with_evidence"] > 0
@@ -174,7 +183,7 @@ def test_evaluate_rejects_bad_input(tmp_path, tiny_tokenizer):
                                         "--targets", f"x={tmp_path / 'nope'}"])
     assert missing.exit_code != 0 and "does not exist" in missing.output
     tok = tokenize_records(RECORDS, tiny_tokenizer)
-    lp = torch.log_softmax(torch.randn(5, tok.vocab_size), -1)
+    lp = torch.log_softmax(torch.randn(5, tok.vocab_size, generator=torch.Generator().manual_seed(0)), -1)
     with pytest.raises(ValueError, match="not the same positions"):
         estimate_metrics(lp, SparseDist(torch.zeros(4, 1, dtype=torch.int32), torch.zeros(4, 1), torch.zeros(4),
                                         tok.vocab_size))

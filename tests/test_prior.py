@@ -1,5 +1,6 @@
-"""NGramPrior: normalisation, hand-computed Kneser-Ney, recovery of a Markov source, merge, leave-one-out,
-top-K against the dense distribution, save/load and input errors."""
+"""NGramPrior: normalisation, hand-computed Kneser-Ney, merge, leave-one-out, top-K against the dense
+distribution, save/load and input errors (every order against a brute-force reference, and the Markov source the
+smoothings recover: tests/test_ngram_reference.py)."""
 from collections import Counter
 
 import numpy as np
@@ -39,8 +40,7 @@ def _check_topk_matches_prob(prior, seqs, k, atol=2e-6):
 
 
 @pytest.mark.parametrize("smoothing", SMOOTHINGS)
-def test_distributions_sum_to_one_seen_and_unseen(smoothing):
-    rng = np.random.default_rng()
+def test_distributions_sum_to_one_seen_and_unseen(smoothing, rng):
     V = 40
     prior = NGramPrior(order=3, smoothing=smoothing, vocab_size=V).fit(_corpus(rng, V))
     seen = prior.keys[2][0]  # a seen trigram: its context was seen
@@ -98,27 +98,8 @@ def test_kneser_ney_matches_hand_computation():
         np.testing.assert_allclose(prior.prob(ctx), [p2(v, w) for w in range(V)], rtol=1e-12)
 
 
-def test_recovers_markov_source():
-    rng = np.random.default_rng()
-    V = 20
-    trans = rng.dirichlet(np.ones(V), size=V)
-    cum = np.cumsum(trans, axis=1)
-    seqs = []
-    for _ in range(10):  # 10 sequences x 5000 tokens
-        u = rng.random(5000)
-        s = np.empty(5000, np.int64)
-        s[0] = rng.integers(V)
-        for t in range(1, 5000):
-            s[t] = min(np.searchsorted(cum[s[t - 1]], u[t]), V - 1)
-        seqs.append(s)
-    prior = NGramPrior(order=2, smoothing="kneser_ney", vocab_size=V).fit(seqs)
-    kl = [np.sum(trans[a] * np.log(trans[a] / prior.prob([a]))) for a in range(V)]
-    assert np.mean(kl) < 0.02, np.mean(kl)
-
-
 @pytest.mark.parametrize("smoothing", SMOOTHINGS)
-def test_merge_equals_fit_on_union(smoothing):
-    rng = np.random.default_rng()
+def test_merge_equals_fit_on_union(smoothing, rng):
     V = 30
     a, b = _corpus(rng, V, 40), _corpus(rng, V, 30)
     cfg = dict(order=4, smoothing=smoothing, vocab_size=V)
@@ -134,8 +115,7 @@ def test_merge_equals_fit_on_union(smoothing):
     assert torch.equal(d1.indices, d2.indices) and torch.equal(d1.logprobs, d2.logprobs)
 
 
-def test_parallel_fit_equals_serial():
-    rng = np.random.default_rng()
+def test_parallel_fit_equals_serial(rng):
     V = 50
     seqs = _corpus(rng, V, 80)
     serial = NGramPrior(order=3, vocab_size=V).fit(seqs)
@@ -165,8 +145,7 @@ def _without_occurrence(prior, seq, t):
 
 
 @pytest.mark.parametrize("smoothing", SMOOTHINGS)
-def test_leave_one_out_equals_refit_without_that_occurrence(smoothing):
-    rng = np.random.default_rng()
+def test_leave_one_out_equals_refit_without_that_occurrence(smoothing, rng):
     V = 25
     seqs = _corpus(rng, V, 50, 20)
     prior = NGramPrior(order=3, smoothing=smoothing, vocab_size=V).fit(seqs)
@@ -215,8 +194,7 @@ def test_leave_one_out_one_sentence_falls_back_to_lower_orders():
 
 
 @pytest.mark.parametrize("smoothing", SMOOTHINGS)
-def test_topk_agrees_with_prob(smoothing):
-    rng = np.random.default_rng()
+def test_topk_agrees_with_prob(smoothing, rng):
     V = 50
     seqs = _corpus(rng, V, 80)
     prior = NGramPrior(order=3, smoothing=smoothing, vocab_size=V).fit(seqs)
@@ -225,9 +203,8 @@ def test_topk_agrees_with_prob(smoothing):
 
 
 @pytest.mark.parametrize("smoothing", ["kneser_ney", "witten_bell"])
-def test_topk_contexts_with_many_continuations(smoothing):
+def test_topk_contexts_with_many_continuations(smoothing, rng):
     # contexts followed by more distinct tokens than the seen-candidate cap take the certified path
-    rng = np.random.default_rng()
     V = 400
     seqs = [rng.integers(0, V, 2000) for _ in range(40)]
     prior = NGramPrior(order=2, smoothing=smoothing, vocab_size=V).fit(seqs)
@@ -249,8 +226,7 @@ def test_eos_and_bos_ids():
     assert prior.topk([[1, 2]], 2).num_rows == 2  # one row per token, no EOS row
 
 
-def test_save_load_round_trip(tmp_path):
-    rng = np.random.default_rng()
+def test_save_load_round_trip(tmp_path, rng):
     V = 60
     seqs = _corpus(rng, V)
     prior = NGramPrior(order=4, smoothing="dirichlet", alpha=0.5, vocab_size=V, bos_id=0).fit(seqs)
@@ -325,11 +301,10 @@ def test_merge_sorted_matches_stable_sort(m):
 
 
 @pytest.mark.parametrize("loo", [False, True])
-def test_topk_independent_of_chunking(monkeypatch, loo):
+def test_topk_independent_of_chunking(monkeypatch, loo, rng):
     # small position and row chunks, contexts seen and unseen: the same rows as one pass
     import bayeskd.priors.ngram as prior_mod
     import bayeskd.priors.topk as topk_mod
-    rng = np.random.default_rng()
     V = 200
     seqs = [rng.integers(0, V, 300) for _ in range(10)]
     prior = NGramPrior(order=3, vocab_size=V).fit(seqs)

@@ -38,6 +38,8 @@ from bayeskd.distill.targets import (CONTEXT_COUNT_KEY, WEIGHT_KEY, WEIGHT_NORMA
 from bayeskd.losses import fused_linear_posterior_kd, fused_posterior_kd
 from bayeskd.sparse import CONTEXT_COUNT, MODES, TEACHER_LOGPROB, SparseDist, atomic_write_json
 from bayeskd.teacher_forcing import model_logits, select_rows
+from bayeskd.distill.checkpoints import ChecksumCallback, resume_point
+from bayeskd.integrity import staged_dir
 from bayeskd.locks import locks_output
 
 logger = logging.getLogger(__name__)
@@ -185,8 +187,11 @@ class BayesKDTrainer(transformers.Trainer):
         if teacher_model is not None and proxy_model is not None:
             raise ValueError("give either teacher_model (white-box) or proxy_model (online posterior), not both")
         super().__init__(*args, **kwargs)
-        # compute_loss returns a per-micro-batch mean: let the Trainer divide by the accumulation steps.
+        # The loss is the mean over the response tokens of the whole optimizer step (every micro-batch of every
+        # rank): compute_loss weights its micro-batch mean by its share of them (`_get_num_items_in_batch`), so
+        # unequal response lengths across ranks or accumulation steps weigh every token alike.
         self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = True
         self.teacher_model = teacher_model
         if teacher_model is not None:
             teacher_model.eval()
@@ -199,6 +204,11 @@ class BayesKDTrainer(transformers.Trainer):
             self.proxy_model = proxy_model.to(self.args.device)
         self._acc = {"ce_loss": 0.0, "kd_loss": 0.0, "n": 0, "kd_n": 0}
         self.train_tokens = 0
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
+        """Response tokens (loss rows) in the step's micro-batches, summed over the ranks."""
+        n = torch.tensor(sum(int(b["response_mask"][:, 1:].sum()) for b in batch_samples), device=device)
+        return self.accelerator.gather(n).sum() if self.args.world_size > 1 else n
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cfg = self.args
@@ -271,6 +281,8 @@ class BayesKDTrainer(transformers.Trainer):
         loss = ce * ce_w if ce_w else ce * 0.0
         if kd is not None and kd_w:
             loss = loss + kd * kd_w
+        if num_items_in_batch is not None:  # this micro-batch's share of the step's tokens; DDP averages ranks
+            loss = loss * (rows.shape[0] * self.args.world_size / float(num_items_in_batch))
 
         if model.training:
             self._acc["ce_loss"] += float(ce.detach())
@@ -368,11 +380,14 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
 
     trainer = BayesKDTrainer(model=model, args=cfg, data_collator=BayesKDCollator(pad), train_dataset=dataset,
                              processing_class=tok, teacher_model=teacher_model,
-                             proxy_model=proxy_model)
+                             proxy_model=proxy_model, callbacks=[ChecksumCallback()])
     t0 = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume_point(cfg.resume_from_checkpoint, out_dir))
     seconds = time.perf_counter() - t0
-    trainer.save_model(str(out_dir))  # the Trainer saves from the main process only
+    # saved aside, then renamed into place: a full disk leaves no partial model in out (the Trainer saves from
+    # the main process only, which also moves the files)
+    with staged_dir(out_dir, main=trainer.is_world_process_zero()) as staging:
+        trainer.save_model(str(staging))
     main_process = trainer.is_world_process_zero()
     train_tokens = trainer.train_tokens
     if torch.distributed.is_available() and torch.distributed.is_initialized():  # every rank's tokens count
@@ -380,7 +395,8 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
         torch.distributed.all_reduce(t)
         train_tokens = int(t.item())
     if main_process:
-        tok.save_pretrained(str(out_dir))
+        with staged_dir(out_dir, ".saving-tokenizer") as staging:  # as the model: no partial file on a full disk
+            tok.save_pretrained(str(staging))
 
     history = [h for h in trainer.state.log_history if "loss" in h]
     last = history[-1] if history else {}

@@ -48,10 +48,15 @@ def _check_dist(d: SparseDist, name: str, vocab_size: int | None = None, rows: i
                          f"{tuple(d.tail.shape)} must be [N, K], [N, K] and [N]")
     if d.indices.dtype.is_floating_point:
         raise ValueError(f"{name}: indices must be integers, got {d.indices.dtype}")
+    if d.k > d.vocab_size:  # as SparseDist.validate and the Triton kernel: a row lists at most V distinct tokens
+        raise ValueError(f"{name}: K={d.k} is larger than the vocabulary size V={d.vocab_size}")
     if not values:
         return
     if ((d.indices < -1) | (d.indices >= d.vocab_size)).any():
         raise ValueError(f"{name}: a token index is outside [0, V={d.vocab_size})")
+    srt = d.indices.sort(dim=1).values  # a token listed twice would be counted twice (silently wrong mass)
+    if ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any():
+        raise ValueError(f"{name}: a row lists the same token index twice")
     listed = d.indices >= 0
     lp = d.logprobs
     if torch.isnan(lp).any() or (lp[listed] == float("inf")).any() or not torch.isfinite(d.tail).all():
@@ -293,7 +298,7 @@ def combine(prior: SparseDist, proxy: SparseDist | torch.Tensor | None = None, m
     order = (-lp).masked_fill(U < 0, float("nan")).sort(dim=1, stable=True).indices
     U, lp = U.gather(1, order), lp.gather(1, order)
     tail = log_tail.exp()
-    k = top_k if top_k is not None else max(int((U >= 0).sum(dim=1).max()), 1)
+    k = top_k if top_k is not None else max(int((U >= 0).sum(dim=1).max()) if U.shape[0] else 0, 1)  # N may be 0
     if k < U.shape[1]:
         tail = tail + lp[:, k:].exp().sum(dim=1)  # dropped entries join the tail
         U, lp = U[:, :k], lp[:, :k]
