@@ -15,6 +15,8 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from bayeskd.record_checks import (NATURAL_END, SURROGATE_ESCAPE, _BadRecord, check_encodable,  # noqa: F401
+                                   normalize_prompt, normalize_record)  # re-exported: their home was here
 from bayeskd.sparse import tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -25,15 +27,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 MAX_REASONS = 5  # how many skip reasons a report keeps
 
 
-NATURAL_END = (None, "stop", "eos", "eos_token", "end_turn")  # finish reasons of a response that ended itself
-
-
 class DataError(ValueError):
     """Malformed or unusable input data; the message names the file, line/row and field."""
-
-
-class _BadRecord(Exception):
-    """Internal: one record is malformed (the reason, without its location)."""
 
 
 @dataclass
@@ -55,108 +50,76 @@ class LoadReport:
         return self.to_dict().get(key, default)
 
 
-# ----------------------------------------------------------------------------------------------- validation
-
-def _type_name(v: Any) -> str:
-    return "null" if v is None else type(v).__name__
-
-
-def _check_string(rec: dict, key: str, allow_empty: bool) -> str:
-    v = rec[key]
-    if not isinstance(v, str):
-        raise _BadRecord(f"field '{key}' must be a string, got {_type_name(v)}")
-    if not allow_empty and not v.strip():
-        raise _BadRecord(f"field '{key}' is empty")
-    return v
-
-
-def _check_messages(messages: Any) -> list[dict[str, str]]:
-    if not isinstance(messages, (list, tuple)):
-        raise _BadRecord(f"field 'messages' must be a non-empty list of {{role, content}}, got {_type_name(messages)}")
-    if not messages:
-        raise _BadRecord("field 'messages' is empty")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise _BadRecord(f"field 'messages[{i}]' must be {{'role': str, 'content': str}}, got {m!r:.80}")
-        out.append({"role": m["role"], "content": m["content"]})
-    if out[-1]["role"] != "assistant":
-        raise _BadRecord(f"field 'messages' must end with the assistant's message (the response), "
-                         f"last role is '{out[-1]['role']}'")
-    return out
-
-
-def _check_response(text: str, finish: Any, what: str) -> None:
-    """A blank response is data only when a teacher gave it (the record carries its `finish_reason`): the teacher
-    answering nothing but whitespace, or ending at once, is one of its samples (`generate --keep-empty`); in
-    hand-made data it is a mistake. A response that is empty and did not end itself has nothing in it at all."""
-    if text.strip():
-        return
-    if finish is None:
-        raise _BadRecord(f"{what} is empty")
-    if not text and finish not in NATURAL_END:
-        raise _BadRecord(f"{what} is empty and the teacher did not end it (finish_reason "
-                         f"{finish!r}): nothing was generated")
-
-
-def normalize_record(rec: Any) -> dict[str, Any]:
-    """Check one record and return it normalized (raises `_BadRecord` with the reason).
-
-    Chat records keep only role/content per message; other top-level fields (e.g. an id) are kept, except
-    null ones, which tabular formats use for absent columns.
-    """
-    if not isinstance(rec, dict):
-        raise _BadRecord(f"record must be an object, got {_type_name(rec)}")
-    out = {k: v for k, v in rec.items() if v is not None}
-    if out.get("messages") is not None:
-        out["messages"] = _check_messages(out["messages"])
-        _check_response(out["messages"][-1]["content"], out.get("finish_reason"),
-                        f"field 'messages[{len(out['messages']) - 1}].content' (the assistant response)")
-        for k in ("prompt", "response"):  # a record is one or the other; mixing them would be ambiguous
-            if k in out:
-                raise _BadRecord(f"record has both 'messages' and '{k}'; use one format per record")
-        return out
-    if "response" not in rec:
-        raise _BadRecord("missing field 'response' (need 'prompt'+'response' or 'messages')")
-    if "prompt" not in rec:
-        raise _BadRecord("missing field 'prompt' (need 'prompt'+'response' or 'messages')")
-    out["response"] = _check_string(rec, "response", allow_empty=True)
-    _check_response(out["response"], out.get("finish_reason"), "field 'response'")
-    out["prompt"] = _check_string(rec, "prompt", allow_empty=True)  # an empty prompt = unconditional text
-    return out
-
-
 # ----------------------------------------------------------------------------------------------- readers
+
+def _parse_json(text: str, check_unicode: bool = True) -> Any:
+    """json.loads, or a `_BadRecord` for anything that is not one valid JSON value (of valid Unicode, with
+    `check_unicode`)."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return _BadRecord(f"invalid JSON ({e.msg} at column {e.colno})")
+    except (ValueError, RecursionError) as e:  # an integer of > 4300 digits; nesting deeper than the parser's stack
+        return _BadRecord(f"unreadable JSON ({'nested too deeply' if isinstance(e, RecursionError) else e})")
+    if check_unicode and SURROGATE_ESCAPE.search(text):
+        try:
+            check_encodable(obj)
+        except _BadRecord as e:
+            return e
+    return obj
+
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     """(location, parsed object or _BadRecord) per non-blank line; read line by line to name the line."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
+            try:  # a byte-order mark (some Windows editors write one) is not part of the first record
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 yield f"{path}:{lineno}", _BadRecord(f"not valid UTF-8 ({e.reason} at byte {e.start})")
                 continue
             if not line.strip():
                 continue
-            try:
-                yield f"{path}:{lineno}", json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"{path}:{lineno}", _BadRecord(f"invalid JSON ({e.msg} at column {e.colno})")
+            yield f"{path}:{lineno}", _parse_json(line)
 
 
 def _iter_json_array(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: invalid JSON ({e})") from e
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    data = _parse_json(text, check_unicode=False)
+    if isinstance(data, _BadRecord):
+        raise DataError(f"{path}: {data}")
+    surrogates = SURROGATE_ESCAPE.search(text) is not None
     for i, rec in enumerate(data):
+        if surrogates:  # checked per record, so one bad record is named (and can be skipped)
+            try:
+                check_encodable(rec)
+            except _BadRecord as e:
+                rec = e
         yield f"{path}: record {i}", rec
 
 
+def _one_line(e: BaseException) -> str:
+    """A library's error message on one line (pyarrow's and datasets' may span several)."""
+    return " ".join(str(e).split())
+
+
 def _iter_rows(rows: Iterable[Any], where: str) -> Iterator[tuple[str, Any]]:
-    for i, rec in enumerate(rows):
+    it, i = iter(rows), 0
+    while True:
+        try:
+            rec = next(it)
+        except StopIteration:
+            return
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged Parquet page / arrow file: pyarrow raises several types
+            raise DataError(f"{where}: row {i}: cannot read the file from here on "
+                            f"({type(e).__name__}: {_one_line(e)})") from e
         yield f"{where}: row {i}", rec
+        i += 1
 
 
 def _parquet_rows(path: Path) -> Iterable[dict]:
@@ -165,7 +128,7 @@ def _parquet_rows(path: Path) -> Iterable[dict]:
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
-        raise DataError(f"{path}: cannot read as Parquet ({e})") from e
+        raise DataError(f"{path}: cannot read as Parquet ({_one_line(e)})") from e
     for batch in pf.iter_batches(batch_size=4096):  # stream, so a large file is never held as one list
         yield from batch.to_pylist()
 
@@ -176,7 +139,8 @@ def _dataset_rows(path: Path, split: str) -> tuple[Iterable[dict], str]:
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:  # noqa: BLE001
-        raise DataError(f"{path}: a directory, but not a dataset saved with datasets.save_to_disk ({e})") from e
+        raise DataError(f"{path}: a directory, but not a dataset saved with datasets.save_to_disk "
+                        f"({_one_line(e)})") from e
     where = str(path)
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
@@ -192,7 +156,7 @@ def _hub_rows(name: str, split: str) -> Iterable[dict]:
         return datasets.load_dataset(name, split=split)
     except Exception as e:  # noqa: BLE001
         raise DataError(f"{name}: no such file or directory, and loading it as a Hugging Face dataset "
-                        f"(split '{split}') failed: {e}") from e
+                        f"(split '{split}') failed: {_one_line(e)}") from e
 
 
 def _input_items(path_or_name: str | os.PathLike, split: str) -> tuple[Iterator[tuple[str, Any]], str]:
@@ -256,33 +220,6 @@ def load_teacher_records(path_or_name: str | os.PathLike, split: str = "train",
     with no records, or with every record bad, is always an error.
     """
     return _load(path_or_name, split, skip_bad, normalize_record, "records")
-
-
-def normalize_prompt(rec: Any) -> dict[str, Any]:
-    """Check one prompt record: {"prompt": str} or chat {"messages": [...]} (ending with the user's turn), plus
-    an optional "id"; other fields are kept (raises `_BadRecord` with the reason)."""
-    if not isinstance(rec, dict):
-        raise _BadRecord(f"record must be an object, got {_type_name(rec)}")
-    out = {k: v for k, v in rec.items() if v is not None}
-    if "messages" in out:
-        if "prompt" in out:
-            raise _BadRecord("record has both 'messages' and 'prompt'; use one format per record")
-        msgs = out["messages"]
-        if not isinstance(msgs, (list, tuple)) or not msgs:
-            raise _BadRecord(f"field 'messages' must be a non-empty list of {{role, content}}, got {msgs!r:.80}")
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise _BadRecord(f"field 'messages[{i}]' must be {{'role': str, 'content': str}}, got {m!r:.80}")
-        out["messages"] = [{"role": m["role"], "content": m["content"]} for m in msgs]
-        if out["messages"][-1]["role"] == "assistant":
-            raise _BadRecord("field 'messages' ends with an assistant message: a prompt ends with the user's turn")
-    elif "prompt" in out:
-        out["prompt"] = _check_string(out, "prompt", allow_empty=False)
-    else:
-        raise _BadRecord("missing field 'prompt' (need 'prompt' or 'messages')")
-    if "id" in out and not isinstance(out["id"], (str, int)):
-        raise _BadRecord(f"field 'id' must be a string or an integer, got {_type_name(out['id'])}")
-    return out
 
 
 def load_prompts(path_or_name: str | os.PathLike, split: str = "train",
@@ -368,6 +305,21 @@ class TokenizedData:
         return [ids[:int(p)] for ids, p in zip(self.input_ids, self.prompt_lengths)]
 
 
+def truncation_window(prompt_len: int, response_len: int, max_length: int | None) -> tuple[int, int]:
+    """THE truncation policy of bayeskd, for every stage that fits a record into `max_length` tokens
+    (`tokenize_records`, `TeacherTargetsDataset`, hence distill, align-proxy and the lab): (prompt tokens kept,
+    response tokens kept). A record that fits is kept whole. Otherwise the response (+ EOS) keeps its first
+    `max_length - 1` tokens (all of `max_length` when there is no prompt), cut from the right, so its kept
+    tokens still follow the teacher's context; the prompt fills what is left, cut from the left (the text nearest
+    the response stays). Kept prompt tokens are the last `prompt kept`, kept response tokens the first
+    `response kept`. GAD budgets prompt and response separately (`max_prompt_tokens`, `max_new_tokens`) and cuts
+    in the same directions; estimate-prior/-posterior never truncate (their rows cover every response token)."""
+    if max_length is None or prompt_len + response_len <= max_length:
+        return prompt_len, response_len
+    keep_r = min(response_len, max_length - min(1, prompt_len))  # one prompt token gives the response a context
+    return min(prompt_len, max_length - keep_r), keep_r
+
+
 def _batch_encode(tokenizer, texts: list[str], add_special_tokens: bool, desc: str,
                   batch_size: int = 1024) -> list[list[int]]:
     """The tokenizer's batch call in chunks (fast tokenizers parallelize each chunk), with a progress bar
@@ -429,8 +381,8 @@ def tokenize_records(records: list[dict[str, Any]], tokenizer, max_length: int |
     - `messages` records: the prompt is `apply_chat_template(messages[:-1], add_generation_prompt=True,
       tokenize=False)`, tokenized without special tokens (templates write their own BOS); the response is the
       assistant content. The template's own end-of-turn text is not added; EOS is (with `add_eos`).
-    - `max_length`: the prompt is truncated from the left. A response that does not fit alone is truncated
-      from the right, keeping one prompt token for context when there is one; this is counted in the report.
+    - `max_length`: `truncation_window` (the prompt cut from the left; a response that does not fit alone cut
+      from the right, keeping one prompt token for context when there is one); counted in the report.
     """
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length must be positive, got {max_length}")
@@ -472,16 +424,14 @@ def tokenize_records(records: list[dict[str, Any]], tokenizer, max_length: int |
         report.no_eos += not ended
         r = np.asarray(r + ([eos] if eos is not None and ended else []), dtype=np.int32)
         p = np.asarray(p, dtype=np.int32)
-        if max_length is not None and len(p) + len(r) > max_length:
-            keep_r = max_length - min(1, len(p))  # one prompt token gives the first response token a context
-            if len(r) > keep_r:
-                report.response_truncated += 1
-                report.response_tokens_dropped += len(r) - keep_r
-                r = r[:keep_r]
-            keep_p = max_length - len(r)
-            if len(p) > keep_p:
-                report.prompt_truncated += 1
-                p = p[len(p) - keep_p:]
+        keep_p, keep_r = truncation_window(len(p), len(r), max_length)
+        if keep_r < len(r):
+            report.response_truncated += 1
+            report.response_tokens_dropped += len(r) - keep_r
+            r = r[:keep_r]
+        if keep_p < len(p):
+            report.prompt_truncated += 1
+            p = p[len(p) - keep_p:]
         ids = np.concatenate([p, r])
         input_ids.append(ids)
         masks.append(np.arange(len(ids)) >= len(p))

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from bayeskd.data import TokenizedData
+from bayeskd.data import TokenizedData, truncation_window
 from bayeskd.sparse import (CONTEXT_COUNT, LENGTHS, RECORD_INDEX, TEACHER_LOGPROB, CacheMismatchError, ShardReader,
                             SparseDist)
 from bayeskd.teacher_forcing import pad_batch
@@ -174,12 +174,10 @@ class TeacherTargetsDataset(torch.utils.data.Dataset):
         ids = np.asarray(tok.input_ids[i], dtype=np.int64)
         p = int(tok.prompt_lengths[i])
         r_lo, r_hi = 0, len(ids) - p  # target rows kept [r_lo, r_hi) of this record's response
-        if self.max_length is not None and len(ids) > self.max_length:
-            keep_r = self.max_length - min(1, p)
-            r_hi = min(r_hi, keep_r)
-            keep_p = self.max_length - r_hi
-            ids = np.concatenate([ids[max(0, p - keep_p):p], ids[p:p + r_hi]])
-            p = min(p, keep_p)
+        keep_p, r_hi = truncation_window(p, r_hi, self.max_length)  # the one policy, as tokenize_records
+        if keep_p < p or r_hi < len(ids) - p:
+            ids = np.concatenate([ids[p - keep_p:p], ids[p:p + r_hi]])
+            p = keep_p
         mask = np.arange(len(ids)) >= p
         if p == 0:
             r_lo = 1  # a response token at position 0 is predicted from nothing: no row for it

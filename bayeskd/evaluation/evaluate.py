@@ -116,7 +116,7 @@ def _named_paths(items: Sequence[str], what: str) -> dict[str, str]:
 def evaluate(teacher: str, data: str, *, tokenizer: str | None = None, targets: Sequence[str] = (),
              students: Sequence[str] = (), prompts: str | None = None, one_hot_eps: float = 0.1,
              max_records: int | None = None, max_new_tokens: int = 48, seed: int = 0, batch_size: int = 16,
-             out: str | None = None) -> dict[str, Any]:
+             out: str | None = None, skip_bad: bool = False) -> dict[str, Any]:
     """The job behind `bayeskd evaluate`: score target shards (`targets`: "name=DIR") and students (`students`:
     "name=PATH") against a readable `teacher` (a causal LM path) on teacher text `data`.
 
@@ -124,7 +124,8 @@ def evaluate(teacher: str, data: str, *, tokenizer: str | None = None, targets: 
     target shards were estimated, with the smoothed one-hot of the teacher token as the baseline row. Student
     quality is measured on `data` too (pass held-out teacher text); with `prompts` (JSONL with "prompt") every
     student also samples its own responses, scored by KL(teacher‖student) at its own positions.
-    Writes `out` (JSON) when given; returns the report."""
+    `skip_bad`: skip malformed records of `data` (counted in the report's "skipped_records"), as the job that
+    made the targets did. Writes `out` (JSON) when given; returns the report."""
     from transformers import AutoModelForCausalLM
 
     from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
@@ -134,11 +135,13 @@ def evaluate(teacher: str, data: str, *, tokenizer: str | None = None, targets: 
     if not target_dirs and not student_dirs:
         raise ValueError("nothing to evaluate: give --targets NAME=DIR and/or --student NAME=PATH")
     tok = load_tokenizer(tokenizer or teacher)
-    records, _ = load_teacher_records(data)
+    records, load_report = load_teacher_records(data, skip_bad=skip_bad)
     tokenized = tokenize_records(records, tok)  # all records: the target shards cover all of them
     idx = list(range(len(tokenized) if max_records is None else min(max_records, len(tokenized))))
     teacher_model = AutoModelForCausalLM.from_pretrained(teacher)
     report: dict[str, Any] = {"teacher": teacher, "data": data, "records": len(idx)}
+    if skip_bad:  # (without it nothing is skipped; the report stays as it was, its numbers pinned by a test)
+        report["skipped_records"] = int(load_report.skipped)
     if target_dirs:
         t_lp, valid = response_logprobs(teacher_model, tokenized, idx, batch_size=batch_size)
         ests: dict[str, SparseDist | torch.Tensor] = {
