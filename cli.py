@@ -2,34 +2,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from contextlib import contextmanager
+from typing import Iterator
 
 import click
 
+from bayeskd.cli_config import _load_config
 from bayeskd.sparse import EVIDENCE_MODES, MODES
-
-
-def _load_config(ctx: click.Context, _param: click.Parameter, path: str | None) -> str | None:
-    """`--config cfg.yaml|cfg.json` fills the command's defaults; options given on the command line win."""
-    if not path:
-        return path
-    text = Path(path).read_text()
-    try:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-            cfg = yaml.safe_load(text) or {}
-        else:
-            cfg = json.loads(text)
-    except Exception as e:  # noqa: BLE001 - any parse error becomes a usage error naming the file
-        raise click.BadParameter(f"{path}: cannot parse config ({e})") from e
-    if not isinstance(cfg, dict):
-        raise click.BadParameter(f"{path}: a config must be a mapping of option names to values")
-    known = {p.name for p in ctx.command.params}
-    unknown = sorted(k for k in (key.replace("-", "_") for key in cfg) if k not in known)
-    if unknown:
-        raise click.BadParameter(f"{path}: unknown option(s) {', '.join(unknown)}")
-    ctx.default_map = {**(ctx.default_map or {}), **{k.replace("-", "_"): v for k, v in cfg.items()}}
-    return path
 
 
 config_option = click.option(
@@ -44,6 +23,50 @@ max_records_option = click.option("--max-records", default=None, type=click.IntR
                                   help="Use only the first N records.")
 
 
+RESUME_HINT = "interrupted: stopped before finishing; rerun the same command to resume"
+
+
+@contextmanager
+def _stop_cleanly() -> Iterator[None]:
+    """SIGTERM (`kill`, a scheduler's stop) stops a job like Ctrl-C: KeyboardInterrupt unwinds through every
+    `finally` (atomic writes drop their temporaries, the output lock is released), then exit 130 saying how to
+    resume. Installed only around a job, so an in-process caller's own SIGTERM handling is left as it was."""
+    import os
+    import signal
+    import threading
+
+    def _interrupt(signum, frame):
+        # Raised inside a finalizer (__del__, e.g. an event loop's), the exception would be printed and dropped and
+        # the job would go on (the drill saw it): deliver the signal again a moment later instead.
+        while frame is not None:
+            if frame.f_code.co_name == "__del__":
+                again = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+                again.daemon = True
+                again.start()
+                return
+            frame = frame.f_back
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    main_thread = threading.current_thread() is threading.main_thread()  # signal() works there only
+    old = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+    try:
+        yield
+    except KeyboardInterrupt:
+        click.echo(RESUME_HINT, err=True)
+        raise SystemExit(130) from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)
+
+
+class _Job(click.Command):
+    """A long job: SIGTERM/Ctrl-C from its start (the library's imports included) stop it cleanly (`_stop_cleanly`)."""
+
+    def invoke(self, ctx: click.Context):
+        with _stop_cleanly():
+            return super().invoke(ctx)
+
+
 def _run_job(job, drop: tuple[str, ...] = (), **kwargs) -> None:
     """Call the library function behind a command; bad input becomes a one-line error, the summary is printed."""
     from bayeskd.data import DataError
@@ -53,7 +76,20 @@ def _run_job(job, drop: tuple[str, ...] = (), **kwargs) -> None:
         summary = job(**kwargs)
     except (DataError, FileNotFoundError, ValueError, OutputLockedError) as e:
         raise click.ClickException(str(e)) from e
+    except Exception as e:  # a full disk: one line, whichever library's write failed (others: the traceback)
+        _raise_if_disk_full(e, kwargs.get("out"))
+        raise
     click.echo(json.dumps({k: v for k, v in summary.items() if k not in drop}, indent=2))
+
+
+def _raise_if_disk_full(e: BaseException, out: str | None) -> None:
+    """ENOSPC/EFBIG (or a library's word for it) as a one-line error saying how to resume; the job's atomic
+    writes have already dropped their temporaries and its lock is released by then."""
+    from bayeskd.integrity import disk_full_message
+
+    message = disk_full_message(e, out)
+    if message is not None:
+        raise click.ClickException(message) from e
 
 
 def _end_distributed() -> None:
@@ -71,7 +107,7 @@ def main() -> None:
     """Estimate a black-box teacher's token distributions and distill students from them."""
 
 
-@main.command("generate")
+@main.command("generate", cls=_Job)
 @config_option
 @click.option("--prompts", required=True, help="Prompts: JSONL, Parquet or a saved HF dataset with 'prompt' or chat "
               "'messages' (and an optional 'id').")
@@ -152,7 +188,7 @@ def serve_teacher_cmd(model, fail_rate, drop_rate, fault_seed, max_n, api_key_en
                   api_key=api_key, **kwargs)
 
 
-@main.command("estimate-prior")
+@main.command("estimate-prior", cls=_Job)
 @config_option
 @click.option("--data", default=None, help="Teacher generations: JSONL, Parquet or a saved HF dataset. "
               "Default: the embedded corpus (Python's own documentation).")
@@ -188,7 +224,7 @@ def estimate_prior_cmd(**kwargs) -> None:
     _run_job(estimate_prior, **kwargs)
 
 
-@main.command("estimate-posterior")
+@main.command("estimate-posterior", cls=_Job)
 @config_option
 @click.option("--data", default=None, help="Teacher generations (default: the data named in the prior's summary.json).")
 @click.option("--prior", "prior_dir", default=None, type=click.Path(file_okay=False),
@@ -246,7 +282,7 @@ def estimate_posterior_cmd(**kwargs) -> None:
     _run_job(estimate_posterior, **kwargs)
 
 
-@main.command("distill")
+@main.command("distill", cls=_Job)
 @config_option
 @click.option("--data", required=True, help="Teacher generations (JSONL, Parquet or a saved HF dataset).")
 @click.option("--student", required=True, help="Student model (path or hub id) to start from.")
@@ -281,6 +317,9 @@ def estimate_posterior_cmd(**kwargs) -> None:
 @click.option("--gradient-accumulation-steps", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=42, show_default=True, type=int)
 @click.option("--logging-steps", default=10, show_default=True, type=click.IntRange(1))
+@click.option("--save-steps", default=500, show_default=True, type=click.IntRange(0),
+              help="Save a checkpoint every N steps (0: none); a rerun of the same command resumes from the newest "
+              "intact one (damaged ones are skipped with a warning).")
 @click.option("--method", default="bayeskd", show_default=True, type=click.Choice(["bayeskd", "proxy-kd"]),
               help="proxy-kd: weight each record's KD term by the proxy's likelihood of the teacher response "
               "(--targets must carry the proxy's teacher-token log-probabilities).")
@@ -296,6 +335,9 @@ def distill_cmd(data, student, targets, teacher, proxy, tokenizer, out, skip_bad
 
     if targets is not None and targets.lower() == "none":
         targets = None
+    save_steps = training_args.pop("save_steps")
+    if save_steps:  # checkpoints, and a rerun resumes from the newest intact one
+        training_args.update(save_strategy="steps", save_steps=save_steps, resume_from_checkpoint="latest")
     try:
         _run_job(distill, drop=("log_history",), data=data, student=student, out=out, targets=targets,
                  teacher=teacher, proxy=proxy, tokenizer=tokenizer, skip_bad=skip_bad, **training_args)
@@ -303,7 +345,7 @@ def distill_cmd(data, student, targets, teacher, proxy, tokenizer, out, skip_bad
         _end_distributed()
 
 
-@main.command("align-proxy")
+@main.command("align-proxy", cls=_Job)
 @config_option
 @click.option("--data", required=True, help="Teacher generations (JSONL, Parquet or a saved HF dataset).")
 @click.option("--proxy", required=True, help="Proxy causal LM (path or hub id) to align.")
@@ -348,7 +390,7 @@ def lab_group() -> None:
     """The lab: a teacher whose true distributions are readable, built from Python's own documentation."""
 
 
-@lab_group.command("run")
+@lab_group.command("run", cls=_Job)
 @config_option
 @click.option("--preset", default="tiny", show_default=True,
               type=click.Choice(["micro", "tiny", "small", "micro-sharp", "tiny-sharp", "small-sharp"]),
@@ -364,17 +406,22 @@ def lab_group() -> None:
 def lab_run_cmd(preset, root, seeds, methods, force, quiet) -> None:
     """Build the lab, sample the teacher as a black box, estimate prior and posterior, distill students and
     score everything against the teacher's true distributions (tables in ROOT/PRESET/run/report.md)."""
+    from bayeskd.integrity import CorruptOutputError
     from bayeskd.lab.build import LabError
     from bayeskd.lab.run import run_lab
+    from bayeskd.locks import OutputLockedError
 
     try:
         run_lab(root, preset, seeds=seeds, methods=methods.split(",") if methods else None, force=force,
                 progress=not quiet, log=click.echo)
-    except LabError as e:
+    except (LabError, OutputLockedError, CorruptOutputError) as e:  # e.g. another live lab run in ROOT: one line
         raise click.ClickException(str(e)) from e
+    except Exception as e:
+        _raise_if_disk_full(e, root)
+        raise
 
 
-@main.command("evaluate")
+@main.command("evaluate", cls=_Job)
 @config_option
 @click.option("--teacher", required=True, help="A readable teacher (causal LM path), e.g. the lab's.")
 @click.option("--data", required=True, help="Teacher text: training data to score target shards at its "
@@ -387,6 +434,7 @@ def lab_run_cmd(preset, root, seeds, methods, force, quiet) -> None:
 @click.option("--max-records", default=None, type=click.IntRange(1), help="Score only the first N records.")
 @click.option("--max-new-tokens", default=48, show_default=True, type=click.IntRange(1))
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the report as JSON here.")
+@skip_bad_option
 def evaluate_cmd(**kwargs) -> None:
     """Score target estimates and students against a teacher whose logits can be read."""
     from bayeskd.evaluation.evaluate import evaluate
@@ -394,7 +442,7 @@ def evaluate_cmd(**kwargs) -> None:
     _run_job(evaluate, **kwargs)
 
 
-@main.command("gad")
+@main.command("gad", cls=_Job)
 @config_option
 @click.option("--data", required=True, help="Teacher generations (JSONL, Parquet or a saved HF dataset).")
 @click.option("--student", required=True, help="Student model (path or hub id): the generator.")

@@ -111,15 +111,18 @@ def test_resume_after_partial_run(setup, tmp_path):
     tokenized, prior = setup["tokenized"], setup["prior"]
     post = ProxyPosterior(setup["proxy"], batch_size=4, top_k=16)
     full = tmp_path / "full"
-    post.estimate(tokenized, prior, full, shard_records=5, progress=False)
+    s_full = post.estimate(tokenized, prior, full, shard_records=5, progress=False)
     part = tmp_path / "part"
     s1 = post.estimate(tokenized, prior, part, shard_records=5, max_shards=2, progress=False)
     assert s1["shards_done"] == 2 and not s1["complete"]
     assert sorted(json.loads((part / "manifest.json").read_text())["shards"]) == \
         ["shard-00000.safetensors", "shard-00001.safetensors"]
     mtimes = {f: os.stat(part / f).st_mtime_ns for f in ("shard-00000.safetensors", "shard-00001.safetensors")}
+    (part / ".bayeskd.lock").write_text('{"pid": 123456789}')  # a job's lock, present while it writes
     s2 = post.estimate(tokenized, prior, part, shard_records=5, progress=False)
     assert s2["complete"] and s2["shards_skipped"] == 2 and s2["shards_written"] == 2
+    # the drill found the size counting the lock and the first run's summary.json: it is the shards' and manifest's
+    assert s2["bytes"] == s_full["bytes"]
     for f, m in mtimes.items():
         assert os.stat(part / f).st_mtime_ns == m
     for i in range(4):

@@ -154,6 +154,14 @@ def test_estimate_prior_kind_suffix_job(tmp_path, tiny_tokenizer_dir):
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["kind"] == "suffix" and summary["corpus_tokens"] > summary["tokens"]  # prompts indexed too
+    # a run killed after the model was saved resumes with the same summary: the chosen-beta table is kept (the
+    # drill found it null after a resume)
+    (out / "summary.json").unlink()
+    res = CliRunner().invoke(main, ["estimate-prior", "--data", str(data), "--tokenizer", tiny_tokenizer_dir,
+                                    "--kind", "suffix", "--order", "2", "--top-k", "8", "--write-topk",
+                                    "--out", str(out)], catch_exceptions=False)
+    again = json.loads((out / "summary.json").read_text())
+    assert again["reused_model"] and summary["beta_table"] and again["beta_table"] == summary["beta_table"]
     prior = load_prior(out)
     assert isinstance(prior, SuffixPrior)
     tokenized = tokenize_records(load_teacher_records(str(data))[0], load_tokenizer(tiny_tokenizer_dir))

@@ -26,12 +26,28 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 class ChecksumCallback(TrainerCallback):
     """After each save, record the checkpoint's files (on the main process, which writes the checkpoint)."""
 
+    def on_step_end(self, args, state, control, **kwargs):
+        # No checkpoint at the last step: the final model is saved anyway, and the Trainer resumed from a checkpoint
+        # at max_steps trains one step more (the drill saw checkpoint-31 of a 30-step run).
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            control.should_save = False
+        return control
+
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
                 write_checksums(folder)
         return control
+
+
+def remove_unrecorded(out: str | os.PathLike, before: list[Path]) -> None:
+    """Remove the checkpoints a failed run (e.g. a full disk) began and never recorded: not in `before`, no record."""
+    import shutil
+
+    for folder in checkpoints(out):
+        if folder not in before and not (folder / RECORD).exists():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def checkpoints(out: str | os.PathLike) -> list[Path]:

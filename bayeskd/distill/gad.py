@@ -39,6 +39,7 @@ from bayeskd.data import DataError, load_teacher_records, load_tokenizer, tokeni
 # The losses and the discriminator live in gad_parts; importing them from here (their old home) keeps working.
 from bayeskd.distill.gad_parts import (Discriminator, bradley_terry_loss, discriminator_accuracy, group_advantages,
                                        grpo_loss)
+from bayeskd.distill.checkpoints import verify_file_record, with_file_record
 from bayeskd.resume import check_settings, read_stamp
 from bayeskd.sparse import atomic_write_json
 from bayeskd.teacher_forcing import pad_prompt_response, token_logprobs
@@ -227,11 +228,15 @@ def _save_checkpoint(stage_dir: Path, G, tok, D, opt_g, opt_d, state: dict[str, 
     tmp = stage_dir / f".saving-{state['step']}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    G.save_pretrained(str(tmp / "student"))
-    tok.save_pretrained(str(tmp / "student"))
-    D.save_pretrained(tmp / "discriminator")
-    torch.save({"student": opt_g.state_dict(), "discriminator": opt_d.state_dict()}, tmp / "optimizers.pt")
-    atomic_write_json(tmp / STATE, state)
+    try:
+        G.save_pretrained(str(tmp / "student"))
+        tok.save_pretrained(str(tmp / "student"))
+        D.save_pretrained(tmp / "discriminator")
+        torch.save({"student": opt_g.state_dict(), "discriminator": opt_d.state_dict()}, tmp / "optimizers.pt")
+        atomic_write_json(tmp / STATE, with_file_record(tmp, state))  # checked on resume (verify_file_record)
+    except BaseException:  # e.g. a full disk: no half-written checkpoint is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _commit(stage_dir, tmp)
 
 
@@ -289,8 +294,9 @@ def _batch_indices(n_records: int, batch_prompts: int, seed: int, stage: str, st
 
 
 def _prepare_data(data: str, tok, cfg: GADConfig, split: str, skip_bad: bool) -> tuple[list[list[int]],
-                                                                                        list[list[int]]]:
-    records, _ = load_teacher_records(data, split=split, skip_bad=skip_bad)
+                                                                                        list[list[int]], int]:
+    """(prompt ids, teacher response ids, records skipped as malformed)."""
+    records, report = load_teacher_records(data, split=split, skip_bad=skip_bad)
     tokd = tokenize_records(records, tok)
     prompts, responses = [], []
     for i, (ids, p) in enumerate(zip(tokd.input_ids, tokd.prompt_lengths)):
@@ -300,7 +306,7 @@ def _prepare_data(data: str, tok, cfg: GADConfig, split: str, skip_bad: bool) ->
                             "student from the prompt, so it needs at least one prompt token")
         prompts.append(ids[max(0, p - cfg.max_prompt_tokens):p].tolist())
         responses.append(ids[p:p + cfg.max_new_tokens].tolist())
-    return prompts, responses
+    return prompts, responses, int(report.skipped)
 
 
 @locks_output()
@@ -338,7 +344,7 @@ def gad(data: str, student: str, out: str, *, discriminator: str | None = None, 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if pad is None:
         raise ValueError(f"{tokenizer or student}: the tokenizer has neither a pad nor an EOS token to pad with")
-    prompts, teacher = _prepare_data(data, tok, cfg, split, skip_bad)
+    prompts, teacher, skipped = _prepare_data(data, tok, cfg, split, skip_bad)
     run_key = {**asdict(cfg), "data": _path_key(data), "student": _path_key(student),
                "discriminator": _path_key(discriminator), "tokenizer": _path_key(tokenizer), "split": split}
 
@@ -358,7 +364,10 @@ def gad(data: str, student: str, out: str, *, discriminator: str | None = None, 
     def run_stage(stage: str, stage_dir: Path, n_steps: int, start: tuple[str, str], ref_path: str | None):
         stage_dir.mkdir(parents=True, exist_ok=True)
         state = _load_state(stage_dir)
+        if state is None and (stage_dir / "student").exists():
+            logger.warning("%s: no %s beside the checkpoint (deleted?); starting this stage again", stage_dir, STATE)
         if state is not None:
+            verify_file_record(stage_dir, state, STATE)  # a damaged checkpoint is named, never loaded
             _check_resume(stage_dir, state, run_key)
             if int(state["step"]) >= n_steps:  # finished already: nothing to load
                 return list(state["history"])
@@ -420,6 +429,7 @@ def gad(data: str, student: str, out: str, *, discriminator: str | None = None, 
     summary = {
         "method": "gad", "data": str(data), "student": str(student), "discriminator": discriminator,
         "out": str(out_dir), "config": asdict(cfg), "records": len(prompts),
+        "skipped_records": skipped,
         "warmup_steps_done": sum(h["stage"] == "warmup" for h in history), "steps_done": len(gad_rows),
         "final": gad_rows[-1] if gad_rows else None,
         "student_out": str(out_dir / "student"), "discriminator_out": str(out_dir / "discriminator"),

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from bayeskd.data import TokenizedData, load_teacher_records, load_tokenizer, tokenize_records
 from bayeskd.records import records_fingerprint
 from bayeskd.posterior.calibrate import TRAINING_INFO, TRAINING_INFO_FORMAT, index_ranges
+from bayeskd.distill.checkpoints import final_is_current, read_stage, record_stage
 from bayeskd.resume import check_stamp
 from bayeskd.sparse import atomic_write_bytes, atomic_write_json
 from bayeskd.teacher_forcing import pad_batch, response_rows, select_rows
@@ -255,6 +256,7 @@ def _finished(stage: Path) -> bool:
 
 def _publish(tmp: Path, final: Path) -> None:
     """Replace `final` by the complete directory `tmp` (a stage is visible only once fully written)."""
+    record_stage(tmp)  # sizes and checksums, checked when a rerun skips the stage (read_stage)
     old = final.with_name(f".{final.name}.old")
     if old.exists():
         shutil.rmtree(old)
@@ -451,7 +453,7 @@ def align_proxy(data: str, proxy: str, out: str, *, tokenizer: str | None = None
             atomic_write_json(tmp / "summary.json", json.loads(json.dumps(s, default=str)))
             atomic_write_json(tmp / TRAINING_INFO, training)
             _publish(tmp, stage)
-        stages.append(json.loads((stage / "summary.json").read_text()))
+        stages.append(read_stage(stage))  # its files checked against their record first
         current = stage
     for i in range(1, rounds + 1):
         stage = out_dir / f"round_{i}"
@@ -466,13 +468,12 @@ def align_proxy(data: str, proxy: str, out: str, *, tokenizer: str | None = None
             atomic_write_json(tmp / "summary.json", json.loads(json.dumps(s, default=str)))
             atomic_write_json(tmp / TRAINING_INFO, training)
             _publish(tmp, stage)
-        stages.append(json.loads((stage / "summary.json").read_text()))
+        stages.append(read_stage(stage))  # its files checked against their record first
         current = stage
 
     # out/final: the last stage. Rebuilt when the stage list changed (e.g. more rounds on a rerun).
     final = out_dir / "final"
-    marker = final / "source.json"
-    if not (marker.exists() and json.loads(marker.read_text()).get("stage") == current.name):
+    if not final_is_current(final, current.name):
         tmp = _fresh(out_dir / ".final.tmp")
         _copy_model_dir(current, tmp)
         for extra in ("summary.json", "pairs.jsonl"):

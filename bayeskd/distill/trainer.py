@@ -38,9 +38,10 @@ from bayeskd.distill.targets import (CONTEXT_COUNT_KEY, WEIGHT_KEY, WEIGHT_NORMA
 from bayeskd.losses import fused_linear_posterior_kd, fused_posterior_kd
 from bayeskd.sparse import CONTEXT_COUNT, MODES, TEACHER_LOGPROB, SparseDist, atomic_write_json
 from bayeskd.teacher_forcing import model_logits, select_rows
-from bayeskd.distill.checkpoints import ChecksumCallback, resume_point
+from bayeskd.distill.checkpoints import ChecksumCallback, checkpoints, remove_unrecorded, resume_point
 from bayeskd.integrity import staged_dir
 from bayeskd.locks import locks_output
+from bayeskd.resume import as_json, check_settings, read_stamp
 
 logger = logging.getLogger(__name__)
 
@@ -318,6 +319,11 @@ class BayesKDTrainer(transformers.Trainer):
 
 # ---------------------------------------------------------------------------------------------------- distill
 
+SETTINGS = "distill_settings.json"
+# training arguments that do not change what is trained (how often to log or save, where, whether to resume)
+_RUN_ONLY_ARGS = ("output_dir", "logging_steps", "save_steps", "save_strategy", "resume_from_checkpoint",
+                  "logging_dir", "report_to", "disable_tqdm")
+
 @locks_output()
 def distill(data: str, student: str, out: str, *, targets: str | None = None, teacher: str | None = None,
             proxy: str | None = None, tokenizer: str | None = None, split: str = "train", skip_bad: bool = False,
@@ -378,11 +384,27 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
                              "target shards (extras 'context_count', written by the n-gram prior)")
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
+    # what a checkpoint in out was trained with; resuming is refused when it differs
+    settings = as_json({"data": str(data), "student": str(student), "targets": targets, "teacher": teacher,
+                        "proxy": proxy, "tokenizer": tokenizer, "split": split, "skip_bad": skip_bad,
+                        **{k: v for k, v in training_args.items() if k not in _RUN_ONLY_ARGS}})
     trainer = BayesKDTrainer(model=model, args=cfg, data_collator=BayesKDCollator(pad), train_dataset=dataset,
                              processing_class=tok, teacher_model=teacher_model,
                              proxy_model=proxy_model, callbacks=[ChecksumCallback()])
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_point(cfg.resume_from_checkpoint, out_dir))
+    start = resume_point(cfg.resume_from_checkpoint, out_dir)
+    if start is not None:  # a checkpoint of other settings would silently mix two runs: refuse it
+        check_settings(read_stamp(out_dir / SETTINGS) or {}, settings, where=out_dir, what="a distill run",
+                       hint="use another --out, or remove its checkpoint-* folders to start again")
+    if trainer.is_world_process_zero():
+        atomic_write_json(out_dir / SETTINGS, settings)
+    before = checkpoints(out_dir)
+    try:
+        result = trainer.train(resume_from_checkpoint=start)
+    except BaseException:  # a save cut short (full disk, interrupt) leaves a checkpoint without a record: drop it
+        if trainer.is_world_process_zero():
+            remove_unrecorded(out_dir, before)
+        raise
     seconds = time.perf_counter() - t0
     # saved aside, then renamed into place: a full disk leaves no partial model in out (the Trainer saves from
     # the main process only, which also moves the files)

@@ -32,18 +32,45 @@ def _calibrate(post: ProxyPosterior, prior, tokenized, indices: list[int]) -> di
     return result
 
 
+def _check_fits_proxy(proxy, tokenized, data) -> None:
+    """Targets cover every response token, so a record longer than the proxy's context cannot be truncated (see
+    `bayeskd.data.truncation_window`): refuse it by name before any work, not an index error deep in the model
+    (or positions past the ones it was trained on, silently)."""
+    from bayeskd.data import DataError
+
+    try:
+        if isinstance(proxy, (str, os.PathLike)):
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(str(proxy))
+        else:
+            config = getattr(proxy, "config", None)
+        limit = getattr(config, "max_position_embeddings", None)
+    except Exception:  # noqa: BLE001 - no readable config: the model load reports it
+        return
+    if not isinstance(limit, int) or len(tokenized) == 0:
+        return
+    lengths = tokenized.lengths
+    i = int(lengths.argmax())
+    if lengths[i] > limit:
+        raise DataError(f"{data}: record {i} (counting kept records from 0) has {int(lengths[i])} tokens, more than "
+                        f"the proxy's context ({limit}), and {int((lengths > limit).sum())} records in all; "
+                        "targets cover whole responses, so shorten or drop these records")
+
+
 def _check_counted_on(pdir: Path, records: list) -> None:
     """Leave-one-out subtracts each position's own occurrence from the prior's counts: every record must be one it
     counted, or it removes counts that belong to other occurrences."""
     import numpy as np
 
+    from bayeskd.integrity import load_npy
     from bayeskd.records import record_digests
     from bayeskd.priors.estimate import COUNTED_ON
 
     path = pdir / COUNTED_ON
     if not path.exists():  # a prior made before this file existed (or saved by hand): the top-K check remains
         return
-    missing = ~np.isin(record_digests(records), np.load(path))
+    missing = ~np.isin(record_digests(records), load_npy(path))
     if missing.any():
         raise ValueError(f"{pdir}: {int(missing.sum())} of the {len(records)} records given (e.g. record "
                          f"{int(np.flatnonzero(missing)[0])}) are not among those the prior was counted on (other "
@@ -104,9 +131,13 @@ def estimate_posterior(data: str | None = None, prior_dir: str | None = None, pr
         pdir = Path(prior_dir)
         if not pdir.exists():
             raise FileNotFoundError(f"{prior_dir}: prior directory does not exist")
-        psummary = json.loads((pdir / "summary.json").read_text()) if (pdir / "summary.json").exists() else {}
+        from bayeskd.integrity import RECORD, read_json, verify_checksums
+
+        if (pdir / RECORD).exists():  # written by estimate-prior (or a saved prior): every file as written
+            verify_checksums(pdir, hint=f"rerun estimate-prior --out {pdir} to write it again")
+        psummary = read_json(pdir / "summary.json") if (pdir / "summary.json").exists() else {}
         if (pdir / "prior_config.json").exists():
-            pconfig = json.loads((pdir / "prior_config.json").read_text())
+            pconfig = read_json(pdir / "prior_config.json")
         tokenizer = tokenizer or psummary.get("tokenizer")
         if tokenizer is None:
             raise DataError(f"{prior_dir}: no summary.json naming the tokenizer; pass --tokenizer")
@@ -127,6 +158,7 @@ def estimate_posterior(data: str | None = None, prior_dir: str | None = None, pr
     if prior is not None and leave_one_out:
         _check_counted_on(pdir, records)
     tokenized = tokenize_records(records, tok)
+    _check_fits_proxy(proxy, tokenized, data)
     want = pconfig.get("tokenizer_fingerprint")
     if want is not None and want != tokenized.fingerprint:
         raise CacheMismatchError(f"{prior_dir}: the prior was estimated with another tokenizer (fingerprint "

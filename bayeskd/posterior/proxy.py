@@ -29,7 +29,7 @@ from bayeskd.posterior.condition import apply_evidence
 from bayeskd.posterior.shards import (PriorTopK, RankShardWriter, barrier, gather, init_distributed,
                                       rank_manifest_name, record_shard_bounds)
 from bayeskd.sparse import (EVIDENCE_MODES, LENGTHS, MANIFEST, MODES, RECORD_INDEX, TEACHER_LOGPROB,
-                            CacheMismatchError, SparseDist, atomic_write_json, dir_bytes, read_manifest)
+                            CacheMismatchError, SparseDist, atomic_write_json, read_manifest)
 from bayeskd.teacher_forcing import RecordBatch, model_logits, record_batches, target_row_layout
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -345,7 +345,10 @@ class ProxyPosterior:
         rows_written = sum(s["rows_written"] for s in stats)
         rows = int(lengths.sum())
         done = sum(1 for i in range(len(bounds)) if writer.has_shard(f"shard-{i:05d}"))
-        total_bytes = dir_bytes(out)
+        # the shards and manifest only: not the output lock (its size varies with pid and time) nor a summary an
+        # earlier run left, so a resumed run reports the bytes an undisturbed one does
+        total_bytes = sum(f.stat().st_size for f in [*Path(out).glob("shard-*.safetensors"), Path(out) / MANIFEST]
+                          if f.is_file())
         seconds = time.perf_counter() - t0
         summary = {
             "out": str(out), "records": len(seqs), "rows": rows, "shards": len(bounds), "shards_done": done,
