@@ -79,7 +79,8 @@ def made(tmp_path_factory, tiny_tokenizer_dir, tiny_tokenizer):
     data.write_text("".join(json.dumps(r) + "\n" for r in _records(8)))
     student = save_tiny_llama(d / "student", tiny_tokenizer, seed=0)
     estimate_prior(str(data), tiny_tokenizer_dir, out=str(d / "prior"), order=2, top_k=8, write_topk=True)
-    common = dict(max_steps=2, per_device_train_batch_size=4, save_strategy="steps", save_steps=1, seed=0,
+    # 3 steps: checkpoints 1 and 2 (none at the last step)
+    common = dict(max_steps=3, per_device_train_batch_size=4, save_strategy="steps", save_steps=1, seed=0,
                   logging_steps=1, learning_rate=1e-3)
     distill(str(data), student, str(d / "distill"), **common)
     gad(str(data), student, str(d / "gad"), steps=1, progress=False, group_size=2, batch_prompts=2,
@@ -227,7 +228,7 @@ def test_distill_resumes_past_a_damaged_checkpoint_to_the_same_weights(made, tmp
         distill(made["data"], made["student"], str(out), resume_from_checkpoint="latest", **made["common"])
     want = load_file(str(made["dir"] / "distill" / "model.safetensors"))
     got = load_file(str(out / "model.safetensors"))
-    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)  # resumed from checkpoint-1, step 2 redone
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)  # from checkpoint-1: steps 2-3 redone
 
 
 @pytest.mark.parametrize("name", ["student/model.safetensors", "discriminator/model.safetensors", "optimizers.pt",

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from bayeskd.priors.counting import (_as_array, _find, _is_single_sequence, _merge_tables, _mkn_discounts, _Order,
                                      _runs, check_k, count_ngrams, count_parallel, layout)
 from bayeskd.priors.topk import TopKMixin
-from bayeskd.integrity import atomic_path, verify_checksums, write_checksums
+from bayeskd.integrity import RECORD, atomic_path, verify_checksums, write_checksums
 from bayeskd.sparse import SparseDist, atomic_write_bytes
 
 SMOOTHINGS = ("kneser_ney", "witten_bell", "dirichlet", "mle")
@@ -233,7 +233,8 @@ class NGramPrior(TopKMixin):
     @classmethod
     def load(cls, path: str | os.PathLike) -> "NGramPrior":
         d = Path(path)
-        if not (d / "config.json").exists():
+        # the checksum record first: a deleted config.json of a saved prior is named as missing, not "not a prior"
+        if not (d / "config.json").exists() and not (d / RECORD).exists():
             raise FileNotFoundError(f"{d}: no config.json; not a saved NGramPrior")
         verify_checksums(d, hint=f"the prior is damaged; count it again (remove {d} and rerun estimate-prior)")
         cfg = json.loads((d / "config.json").read_text())
