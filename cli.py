@@ -7,20 +7,11 @@ from typing import Iterator
 
 import click
 
-from bayeskd.cli_config import _load_config
+from bayeskd.cli_config import codec_option, config_option, max_records_option, skip_bad_option
 from bayeskd.sparse import EVIDENCE_MODES, MODES
 
 
-config_option = click.option(
-    "--config", type=click.Path(exists=True, dir_okay=False), callback=_load_config, is_eager=True,
-    expose_value=False, help="YAML or JSON file of option values (command-line options override it).")
 
-
-# Options several commands share, spelled once.
-skip_bad_option = click.option("--skip-bad", is_flag=True,
-                               help="Skip malformed records (counted in the summary) instead of failing.")
-max_records_option = click.option("--max-records", default=None, type=click.IntRange(1),
-                                  help="Use only the first N records.")
 
 
 RESUME_HINT = "interrupted: stopped before finishing; rerun the same command to resume"
@@ -213,6 +204,7 @@ def serve_teacher_cmd(model, fail_rate, drop_rate, fault_seed, max_n, api_key_en
 @click.option("--write-topk/--no-write-topk", default=False, show_default=True,
               help="Also write the per-position top-K prior (leave-one-out) as SparseDist shards.")
 @click.option("--leave-one-out/--no-leave-one-out", default=True, show_default=True)
+@codec_option
 @click.option("--num-proc", default=1, show_default=True, type=click.IntRange(1), help="Parallel counting processes.")
 @skip_bad_option
 @max_records_option
@@ -272,6 +264,14 @@ def estimate_prior_cmd(**kwargs) -> None:
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option("--shard-records", "shard_records", default=256, show_default=True, type=click.IntRange(1),
               help="Whole records per output shard.")
+@codec_option
+@click.option("--samples", default=None, type=click.IntRange(1),
+              help="Sampled targets: per position, the --keep-top largest entries exactly plus this many draws from "
+              "the rest of the top-K posterior and its tail (unbiased for the full forward-KL gradient; "
+              "docs/MATH.md). Default: top-K targets.")
+@click.option("--keep-top", default=0, show_default=True, type=click.IntRange(0),
+              help="With --samples: entries kept exactly before sampling the rest.")
+@click.option("--sample-seed", default=0, show_default=True, type=int, help="With --samples: the draws' seed.")
 @skip_bad_option
 @max_records_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")

@@ -55,3 +55,20 @@ def _config_value(ctx: click.Context, param: click.Parameter, v: Any, where: str
         return param.type_cast_value(ctx, v)
     except click.BadParameter as e:
         raise click.BadParameter(f"{where}: {e.message}") from None
+
+
+# Options several commands share, spelled once.
+config_option = click.option(
+    "--config", type=click.Path(exists=True, dir_okay=False), callback=_load_config, is_eager=True,
+    expose_value=False, help="YAML or JSON file of option values (command-line options override it).")
+
+
+skip_bad_option = click.option("--skip-bad", is_flag=True,
+                               help="Skip malformed records (counted in the summary) instead of failing.")
+max_records_option = click.option("--max-records", default=None, type=click.IntRange(1),
+                                  help="Use only the first N records.")
+
+codec_option = click.option(
+    "--codec", default="raw", show_default=True, type=click.Choice(["raw", "compact"]),
+    help="Target shard format: raw (int32 id + float32 log-prob, 8 bytes an entry) or compact (ids bit-packed, "
+    "the sorted log-prob curve coded in steps, tail exact: <= 3 bytes an entry; KL to raw <= 1e-3 per position).")

@@ -19,7 +19,8 @@ import torch
 from bayeskd.integrity import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, file_sha256  # noqa: F401
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # raw shards (int32 ids, float log-probs); compact shards (bayeskd.codec) are version 2
+CODECS = ("raw", "compact")
 
 # Names every stage shares, defined once: how prior and proxy combine, and the keys of a shard's extras.
 MODES = ("log_linear", "dirichlet", "mixture", "adaptive")  # prior x proxy combinations (docs/MATH.md)
@@ -164,19 +165,27 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir: str | os.PathLike, vocab_size: int, k: int, tokenizer_fingerprint: str,
-                 config: dict[str, Any] | None = None, manifest_name: str = MANIFEST):
+                 config: dict[str, Any] | None = None, manifest_name: str = MANIFEST, codec: str = "raw"):
+        if codec not in CODECS:
+            raise ValueError(f"codec must be one of {CODECS}, got {codec!r}")
         self.dir = Path(out_dir)
         self.manifest_name = manifest_name  # data-parallel writers each keep their own, merged afterwards
+        self.codec = codec
         self.dir.mkdir(parents=True, exist_ok=True)
         self.manifest = {
             "format": "bayeskd.sparse", "version": FORMAT_VERSION, "vocab_size": int(vocab_size), "k": int(k),
             "tokenizer_fingerprint": tokenizer_fingerprint, "config": config or {}, "shards": {},
         }
+        if codec != "raw":  # raw manifests stay as version 1 wrote them
+            self.manifest.update(version=2, codec=codec)
         path = self.dir / MANIFEST
         if path.exists():
             old = read_manifest(self.dir)
             check_manifest(old, self.dir, vocab_size=vocab_size, k=k,
                            tokenizer_fingerprint=tokenizer_fingerprint, config=config or {})
+            if old.get("codec", "raw") != codec:
+                raise CacheMismatchError(f"{self.dir}: shards written with codec {old.get('codec', 'raw')!r}, asked "
+                                         f"for {codec!r}; use the same --codec or a new output directory")
             self.manifest["shards"] = self.intact(old["shards"])
 
     def intact(self, shards: dict[str, Any]) -> dict[str, Any]:
@@ -200,14 +209,22 @@ class ShardWriter:
         if dist.vocab_size != self.manifest["vocab_size"] or dist.k != self.manifest["k"]:
             raise ValueError(f"shard {name}: V={dist.vocab_size}, K={dist.k} does not match the manifest's "
                              f"V={self.manifest['vocab_size']}, K={self.manifest['k']}")
-        tensors = {"indices": dist.indices, "logprobs": dist.logprobs, "tail": dist.tail}
+        params = None
+        if self.codec == "compact":
+            from bayeskd.codec import encode
+
+            # the codec stores each row's curve in descending order: sort (padding, at -inf, goes last)
+            lp, order = torch.sort(dist.logprobs.float(), dim=1, descending=True, stable=True)
+            tensors, params = encode(torch.gather(dist.indices, 1, order), lp, dist.tail, dist.vocab_size)
+        else:
+            tensors = {"indices": dist.indices, "logprobs": dist.logprobs, "tail": dist.tail}
         tensors.update({f"extras.{k}": v for k, v in dist.extras.items()})
         tensors.update({f"extra.{k}": v for k, v in (extra or {}).items()})
         fname = f"{name}.safetensors"
         path = self.dir / fname
         atomic_save_safetensors(tensors, path, metadata={"temperature": str(dist.temperature)})
         self.manifest["shards"][fname] = {"rows": dist.num_rows, "sha256": file_sha256(path),
-                                          "bytes": path.stat().st_size}
+                                          "bytes": path.stat().st_size, **({"codec": params} if params else {})}
         write_manifest(self.dir / self.manifest_name, self.manifest)
         return path
 
@@ -293,7 +310,16 @@ class ShardReader:
         temperature = float(t.pop("__metadata__").get("temperature", 1.0))
         extras = {k[len("extras."):]: v for k, v in t.items() if k.startswith("extras.")}
         extra = {k[len("extra."):]: v for k, v in t.items() if k.startswith("extra.")}
-        dist = SparseDist(t["indices"], t["logprobs"], t["tail"], self.manifest["vocab_size"], temperature, extras)
+        if "codec" in info:  # a compact shard (bayeskd.codec); raw shards hold the tensors themselves
+            from bayeskd.codec import decode
+
+            try:
+                indices, logprobs, tail = decode(t, info["codec"])
+            except (ValueError, KeyError) as e:
+                raise CorruptOutputError(path, f"compact shard cannot be decoded ({e}): damaged") from None
+        else:
+            indices, logprobs, tail = t["indices"], t["logprobs"], t["tail"]
+        dist = SparseDist(indices, logprobs, tail, self.manifest["vocab_size"], temperature, extras)
         return dist, extra
 
     def __iter__(self) -> Iterator[tuple[SparseDist, dict[str, torch.Tensor]]]:

@@ -92,3 +92,51 @@ def test_bad_rows_and_bad_streams_are_refused(rng):
         decode(short, params)
     with pytest.raises(ValueError, match="codec"):
         decode(tensors, {**params, "codec_version": 99})
+
+
+# ---------------------------------------------------------------------------------------------------- shards
+
+def _dist(rng, n=40, k=12, v=3001):
+    from bayeskd.sparse import SparseDist
+
+    idx, lp, tail = _rows(rng, n, k, v, 3.0, pad_rows=5)
+    perm = torch.from_numpy(rng.permutation(k))  # unsorted columns: the writer sorts each row for the codec
+    return SparseDist(idx[:, perm], lp[:, perm], tail, v, extras={"context_count": torch.arange(n).float()})
+
+
+def test_compact_shards_round_trip_and_raw_shards_are_unchanged(rng, tmp_path):
+    from bayeskd.sparse import CacheMismatchError, ShardReader, ShardWriter
+
+    d = _dist(rng)
+    raw = ShardWriter(tmp_path / "raw", d.vocab_size, d.k, "fp")
+    raw.write("s0", d, extra={"lengths": torch.tensor([3, 4])})
+    comp = ShardWriter(tmp_path / "comp", d.vocab_size, d.k, "fp", codec="compact")
+    comp.write("s0", d, extra={"lengths": torch.tensor([3, 4])})
+    assert raw.manifest["version"] == 1 and "codec" not in raw.manifest  # what older readers expect
+    assert comp.manifest["version"] == 2 and comp.manifest["codec"] == "compact"
+    assert (tmp_path / "comp" / "s0.safetensors").stat().st_size < (tmp_path / "raw" / "s0.safetensors").stat().st_size
+    a, ea = ShardReader(tmp_path / "raw").read("s0.safetensors")
+    b, eb = ShardReader(tmp_path / "comp").read("s0.safetensors")
+    assert torch.equal(eb["lengths"], ea["lengths"]) and torch.equal(b.extras["context_count"], a.extras["context_count"])
+    assert torch.equal(b.tail, a.tail)
+    dense_a, dense_b = a.to_dense(torch.float64), b.to_dense(torch.float64)  # same distribution, entries re-sorted
+    kl = (dense_a * (dense_a.clamp(min=1e-300).log() - dense_b.clamp(min=1e-300).log())).sum(1)
+    assert kl.max() <= 1e-3
+    with pytest.raises(CacheMismatchError, match="codec"):  # a resume must not mix formats
+        ShardWriter(tmp_path / "comp", d.vocab_size, d.k, "fp")
+
+
+def test_a_damaged_compact_shard_is_named(rng, tmp_path):
+    from bayeskd.integrity import CorruptOutputError
+    from bayeskd.sparse import ShardReader, ShardWriter
+
+    d = _dist(rng)
+    ShardWriter(tmp_path, d.vocab_size, d.k, "fp", codec="compact").write("s0", d)
+    path = tmp_path / "s0.safetensors"
+    data = bytearray(path.read_bytes())
+    at = int(rng.integers(len(data) // 2, len(data)))
+    print(f"flipping byte {at}")
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptOutputError, match="s0.safetensors: checksum mismatch"):
+        ShardReader(tmp_path).read("s0.safetensors")

@@ -135,6 +135,31 @@ def test_resume_after_partial_run(setup, tmp_path):
                                                                          progress=False)
 
 
+
+def test_compact_and_sampled_targets_resume_to_the_same_shards(setup, tmp_path):
+    """--codec compact and --samples: the rows decode to the raw posterior (within the codec's bound), sampled rows
+    keep the head exactly and draw the same after a resume (seeded per shard)."""
+    tokenized, prior = setup["tokenized"], setup["prior"]
+    post = ProxyPosterior(setup["proxy"], batch_size=4, top_k=16)
+    post.estimate(tokenized, prior, tmp_path / "raw", shard_records=5, progress=False)
+    post.estimate(tokenized, prior, tmp_path / "compact", shard_records=5, progress=False, codec="compact")
+    for (_, a, _), (_, b, _) in zip(_read_all(tmp_path / "raw"), _read_all(tmp_path / "compact")):
+        da, db = a.to_dense(torch.float64), b.to_dense(torch.float64)
+        assert (da * (da.clamp(min=1e-300).log() - db.clamp(min=1e-300).log())).sum(1).max() <= 1e-3
+    kw = dict(shard_records=5, progress=False, samples=6, keep_top=2, sample_seed=3, codec="compact")
+    full = post.estimate(tokenized, prior, tmp_path / "sampled", **kw)
+    assert full["complete"]
+    post.estimate(tokenized, prior, tmp_path / "part", max_shards=1, **kw)
+    post.estimate(tokenized, prior, tmp_path / "part", **kw)
+    for (name, a, _), (_, b, _) in zip(_read_all(tmp_path / "sampled"), _read_all(tmp_path / "part")):
+        assert _sha(tmp_path / "sampled" / name) == _sha(tmp_path / "part" / name)
+    raw_rows = [d for _, d, _ in _read_all(tmp_path / "raw")]
+    for (_, s, _), r in zip(_read_all(tmp_path / "sampled"), raw_rows):
+        assert s.k == 8 and torch.equal(s.tail, torch.zeros(s.num_rows))
+        kept = (s.indices[:, :, None] == r.indices[:, None, :2]).any(1)  # the two largest entries are kept
+        assert kept[r.indices[:, :2] >= 0].all()
+
+
 def test_proxy_vocab_smaller_than_tokenizer_is_refused(setup, tmp_path):
     small = str(tmp_path / "small")
     _save_llama(small, len(setup["tok"]) - 10)

@@ -4,7 +4,6 @@ combination (by default, on records the proxy was not trained on), and write pos
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -90,7 +89,8 @@ def estimate_posterior(data: str | None = None, prior_dir: str | None = None, pr
                        reuse_prior_topk: bool = True, calibrate: bool | None = None,
                        calibration_records: int = 256, calibrate_on_training_records: bool = False,
                        no_evidence: bool = False, evidence_top_k: int | None = None,
-                       evidence_mode: str = "condition") -> dict[str, Any]:
+                       evidence_mode: str = "condition", codec: str = "raw", samples: int | None = None,
+                       keep_top: int = 0, sample_seed: int = 0) -> dict[str, Any]:
     """The job behind `bayeskd estimate-posterior`: load the teacher records and the prior saved by
     `estimate_prior` (`prior_dir/prior`, or `prior_dir` itself), tokenize with `tokenizer` (default: the one
     named in `prior_dir/summary.json`), and write posterior shards with the proxy into `out`.
@@ -205,7 +205,8 @@ def estimate_posterior(data: str | None = None, prior_dir: str | None = None, pr
         evidence, evidence_report = evidence_rows(records, tokenized, tok, top_k=evidence_top_k)
     summary = post.estimate(tokenized, prior, out, leave_one_out=leave_one_out, shard_records=shard_records,
                             max_shards=max_shards, teacher_logprob=teacher_logprob, prior_topk=prior_topk,
-                            evidence=evidence, evidence_mode=evidence_mode, evidence_top_k=evidence_top_k)
+                            evidence=evidence, evidence_mode=evidence_mode, evidence_top_k=evidence_top_k,
+                            codec=codec, samples=samples, keep_top=keep_top, sample_seed=sample_seed)
     summary["evidence"] = evidence_report
     summary["calibration"] = calibration
     summary.update({"data": str(data), "tokenizer": str(tokenizer),

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from bayeskd.posterior.adaptive import Theta, adaptive_settings
 from bayeskd.posterior.combine import combine
 from bayeskd.posterior.condition import apply_evidence
+from bayeskd.posterior.sampled import sample_targets
 from bayeskd.posterior.shards import (PriorTopK, RankShardWriter, barrier, gather, init_distributed,
                                       rank_manifest_name, record_shard_bounds)
 from bayeskd.sparse import (EVIDENCE_MODES, LENGTHS, MANIFEST, MODES, RECORD_INDEX, TEACHER_LOGPROB,
@@ -200,7 +201,8 @@ class ProxyPosterior:
                  tokenizer_fingerprint: str | None = None, max_shards: int | None = None, progress: bool = True,
                  teacher_logprob: bool | None = None, prior_topk: str | os.PathLike | None = None,
                  overlap: bool = True, evidence=None, evidence_mode: str = "condition",
-                 evidence_top_k: int | None = None) -> dict[str, Any]:
+                 evidence_top_k: int | None = None, codec: str = "raw", samples: int | None = None,
+                 keep_top: int = 0, sample_seed: int = 0) -> dict[str, Any]:
         """Write the target rows of every response position of `tokenized` into `out_dir` as SparseDist shards of
         `shard_records` whole records (extras `record_index`, `lengths`), skipping shards already finished
         (resume). `max_shards` stops after writing that many new shards (for tests/partial runs). Returns (and
@@ -215,7 +217,10 @@ class ProxyPosterior:
         evidence: `bayeskd.posterior.evidence.Evidence` rows (target-row order, all records) of what the teacher
         revealed; at rows that have some, the combination is conditioned on it (`evidence_mode` "condition", or
         the baselines "evidence_only": the revealed entries and a uniform tail). `evidence_top_k` is recorded in
-        the config (the rows given must already be cut to it)."""
+        the config (the rows given must already be cut to it).
+        codec: "raw" or "compact" shards (`bayeskd.codec`). samples: write sampled targets instead of the top-K
+        (`bayeskd.posterior.sampled`: `keep_top` largest entries exactly plus `samples` draws from the rest of the
+        top_k posterior and its tail; seeded per shard by `sample_seed`, so a resumed run draws the same)."""
         t0 = time.perf_counter()
         if out_dir is None:
             raise ValueError("estimate needs out_dir")
@@ -240,6 +245,12 @@ class ProxyPosterior:
         else:
             config = {**self.config(), "prior": prior.config(), "leave_one_out": bool(leave_one_out)}
         config.update({"shard_records": int(shard_records), "teacher_logprob": tlp})
+        if samples is not None:
+            if samples < 1 or not 0 <= keep_top <= self.top_k:
+                raise ValueError(f"sampled targets need samples >= 1 and 0 <= keep_top <= top_k, got {samples}, "
+                                 f"{keep_top}")
+            config["target"] = {"kind": "sampled", "samples": int(samples), "keep_top": int(keep_top),
+                                "seed": int(sample_seed)}
         if evidence is not None:
             if evidence_mode not in EVIDENCE_MODES:
                 raise ValueError(f"evidence_mode must be one of {EVIDENCE_MODES}, got {evidence_mode!r}")
@@ -250,6 +261,7 @@ class ProxyPosterior:
         source = None
         if prior is not None:
             source = PriorTopK(prior, self.top_k, bool(leave_one_out), tokenized, prior_topk)
+        self.codec = codec
         rank, world, created = init_distributed()
         try:
             return self._estimate(tokenized, source, out, config, V, fp, shard_records, max_shards, progress, rank,
@@ -266,8 +278,9 @@ class ProxyPosterior:
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
         barrier(world)
-        writer = RankShardWriter(out, V, self.top_k, fp, config,
-                                  MANIFEST if world == 1 else rank_manifest_name(rank))
+        target = config.get("target")
+        writer = RankShardWriter(out, V, self.top_k if target is None else target["keep_top"] + target["samples"],
+                                 fp, config, MANIFEST if world == 1 else rank_manifest_name(rank), codec=self.codec)
         seqs = tokenized.response_sequences()
         lengths = np.array([len(s) for s in seqs], dtype=np.int64)
         row_at = np.concatenate([[0], np.cumsum(lengths)])  # first target row of each record
@@ -301,6 +314,9 @@ class ProxyPosterior:
             if evidence is not None:
                 post = timed("comb", apply_evidence, post, evidence[int(row_at[lo]):int(row_at[hi])], evidence_mode,
                              self.top_k)
+            if target is not None:  # seeded per shard: a resumed run draws what an undisturbed one does
+                gen = torch.Generator().manual_seed(target["seed"] * 1_000_003 + i)
+                post = timed("comb", sample_targets, post, target["samples"], target["keep_top"], gen)
             timed("write", writer.write, f"shard-{i:05d}", post,
                   extra={RECORD_INDEX: torch.arange(lo, hi, dtype=torch.int64),
                          LENGTHS: torch.from_numpy(lengths[lo:hi])})

@@ -65,4 +65,4 @@ def sample_targets(dist: SparseDist, samples: int, keep_top: int = 0,
     order = torch.argsort(all_lp, dim=1, descending=True, stable=True)
     out_ids = torch.gather(all_ids, 1, order).to(torch.int32)
     out_lp = torch.gather(all_lp, 1, order).float()
-    return SparseDist(out_ids, out_lp, torch.zeros(n, dtype=torch.float32), v, dist.temperature, {})
+    return SparseDist(out_ids, out_lp, torch.zeros(n, dtype=torch.float32), v, dist.temperature, dict(dist.extras))

@@ -79,9 +79,10 @@ class RankShardWriter(ShardWriter):
     """
 
     def __init__(self, out_dir, vocab_size: int, k: int, tokenizer_fingerprint: str, config: dict[str, Any],
-                 manifest_name: str = MANIFEST):
+                 manifest_name: str = MANIFEST, codec: str = "raw"):
         # reads and checks the merged manifest.json; writes go to `manifest_name`
-        super().__init__(out_dir, vocab_size, k, tokenizer_fingerprint, config, manifest_name=manifest_name)
+        super().__init__(out_dir, vocab_size, k, tokenizer_fingerprint, config, manifest_name=manifest_name,
+                         codec=codec)
         for path in _rank_manifests(self.dir):
             try:
                 old = json.loads(path.read_text())

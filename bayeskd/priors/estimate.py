@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import time
 from pathlib import Path
@@ -53,7 +52,7 @@ def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out
                    leave_one_out: bool = True, num_proc: int = 1, skip_bad: bool = False,
                    max_records: int | None = None, split: str = "train", max_levels: int = 4,
                    max_support: int = 1024, beta: float | None = None,
-                   beta_records: int = 2000) -> dict[str, Any]:
+                   beta_records: int = 2000, codec: str = "raw") -> dict[str, Any]:
     """Fit a prior on the teacher responses in `data` (tokenized with `tokenizer`) and save it in `out`.
 
     kind "ngram": an NGramPrior of `order`; "suffix": a SuffixPrior (prompt + response of every record in a
@@ -141,7 +140,8 @@ def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out
         t_q = time.perf_counter()
         writer = ShardWriter(out_dir / "topk", vocab, top_k, tokenized.fingerprint,
                              {**config, "top_k": top_k, "leave_one_out": leave_one_out,
-                              **({"beta": prior.beta} if kind == "suffix" else {})})  # the beta chosen
+                              **({"beta": prior.beta} if kind == "suffix" else {})},  # the beta chosen
+                             codec=codec)
         # Shards hold whole sequences so a row range maps back to (record, response position).
         lengths = np.array([len(s) for s in sequences], dtype=np.int64)
         bounds = _shard_bounds(lengths, SHARD_ROWS)
