@@ -7,6 +7,7 @@ from bayeskd.posterior.combine import combine
 from bayeskd.priors import NGramPrior, Prior, load_prior
 from bayeskd.priors.estimate import estimate_prior
 from bayeskd.teachers.base import Teacher
+from bayeskd.integrity import CorruptOutputError
 from bayeskd.sparse import CacheMismatchError, ShardReader, ShardWriter, SparseDist, tokenizer_fingerprint
 
 __all__ = [
@@ -22,7 +23,7 @@ __all__ = [
     "GADConfig", "gad", "Discriminator", "bradley_terry_loss", "discriminator_accuracy", "group_advantages",
     "grpo_loss",
     "align_proxy", "proxy_preference_loss", "proxy_kd_weights", "alignment_diagnostics", "top1_match_ratio",
-    "topk_mass_share", "calibrate_combination", "fit_adaptive",
+    "topk_mass_share", "calibrate_combination", "fit_adaptive", "sample_targets", "CorruptOutputError",
 ]
 __version__ = "0.1.0"
 
@@ -42,6 +43,7 @@ _LAZY.update({name: "bayeskd.distill.proxy_kd" for name in ("align_proxy", "prox
                                                             "topk_mass_share")})
 _LAZY.update({name: "bayeskd.posterior.calibrate" for name in ("calibrate_combination",)})
 _LAZY.update({name: "bayeskd.posterior.adaptive" for name in ("fit_adaptive",)})
+_LAZY.update({name: "bayeskd.posterior.sampled" for name in ("sample_targets",)})
 _LAZY.update({name: "bayeskd.distill.trainer" for name in ("BayesKDConfig", "BayesKDTrainer", "distill")})
 _LAZY.update({name: "bayeskd.distill.targets" for name in ("BayesKDCollator", "TeacherTargetsDataset",
                                                            "proxy_kd_weights")})
