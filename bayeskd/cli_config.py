@@ -69,6 +69,6 @@ max_records_option = click.option("--max-records", default=None, type=click.IntR
                                   help="Use only the first N records.")
 
 codec_option = click.option(
-    "--codec", default="raw", show_default=True, type=click.Choice(["raw", "compact"]),
+    "--codec", default="compact", show_default=True, type=click.Choice(["raw", "compact"]),
     help="Target shard format: raw (int32 id + float32 log-prob, 8 bytes an entry) or compact (ids bit-packed, "
     "the sorted log-prob curve coded in steps, tail exact: <= 3 bytes an entry; KL to raw <= 1e-3 per position).")
