@@ -18,7 +18,6 @@ from pathlib import Path
 
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")  # one core, as the target says
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bayeskd.codec import decode, encode  # noqa: E402

@@ -151,7 +151,6 @@ def test_distill_two_ranks_ddp(tiny_setup):
     """Per-device batch 2 on 2 ranks vs batch 4 on 1: the 4 records are one global batch either way, with
     responses of very different lengths, and plain SGD: the trained weights agree only when every rank weighs
     its tokens by the global token count (the loss is the mean over the global batch's response tokens)."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     tmp, _, paths = tiny_setup

@@ -6,7 +6,6 @@ from collections import Counter, defaultdict
 from itertools import product
 
 import numpy as np
-import pytest
 
 from bayeskd.priors.ngram import NGramPrior
 
