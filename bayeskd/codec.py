@@ -220,8 +220,3 @@ def decode(tensors: dict[str, torch.Tensor], params: dict) -> tuple[torch.Tensor
             offsets.numpy() if offsets is not None else np.zeros(n_rows, np.float32), offsets is not None,
             id_nbits, lp_nbits, id_buf, lp_buf, out_idx, out_lp)
     return torch.from_numpy(out_idx), torch.from_numpy(out_lp), tail
-
-
-def bytes_per_entry(tensors: dict[str, torch.Tensor], entries: int) -> float:
-    """Payload bytes of an encoded block per listed entry (ids, codes and the per-row fields)."""
-    return sum(t.numel() * t.element_size() for t in tensors.values()) / max(entries, 1)

@@ -16,7 +16,9 @@ from typing import Any, Iterator
 import torch
 
 # the atomic writers and the file checksum live with the other integrity tools; every stage imports them from here
-from bayeskd.integrity import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, file_sha256  # noqa: F401
+from bayeskd.integrity import (CorruptOutputError, MissingOutputError, atomic_save_safetensors,  # noqa: F401
+                               atomic_write_bytes, atomic_write_json, file_problem, file_sha256, json_sha256,
+                               load_safetensors_bytes, warn_damaged)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1  # raw shards (int32 ids, float log-probs); compact shards (bayeskd.codec) are version 2
@@ -191,7 +193,6 @@ class ShardWriter:
     def intact(self, shards: dict[str, Any]) -> dict[str, Any]:
         """The finished shards of a resumed run that are still as written (present, size and sha256 as listed);
         a damaged one is named in a warning and left out, so it is written again rather than trusted."""
-        from bayeskd.integrity import file_problem, warn_damaged
 
         kept = {}
         for n, info in shards.items():
@@ -232,14 +233,12 @@ class ShardWriter:
 def write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     """Write a manifest with the sha256 of its own content, so a flipped digit (in V, K or a checksum) that still
     parses as JSON is caught on reading."""
-    from bayeskd.integrity import json_sha256
 
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     atomic_write_json(path, {**body, "manifest_sha256": json_sha256(body)})
 
 
 def read_manifest(shard_dir: str | os.PathLike) -> dict[str, Any]:
-    from bayeskd.integrity import CorruptOutputError, json_sha256
 
     path = Path(shard_dir) / MANIFEST
     if not path.exists():
@@ -292,7 +291,6 @@ class ShardReader:
         return sorted(self.manifest["shards"])  # writers zero-pad shard numbers, so this is write order
 
     def read(self, fname: str) -> tuple[SparseDist, dict[str, torch.Tensor]]:
-        from bayeskd.integrity import CorruptOutputError, MissingOutputError, load_safetensors_bytes
 
         path = self.dir / fname
         info = self.manifest["shards"][fname]
