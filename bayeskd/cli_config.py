@@ -72,3 +72,18 @@ codec_option = click.option(
     "--codec", default="compact", show_default=True, type=click.Choice(["raw", "compact"]),
     help="Target shard format: raw (int32 id + float32 log-prob, 8 bytes an entry) or compact (ids bit-packed, "
     "the sorted log-prob curve coded in steps, tail exact: <= 3 bytes an entry; KL to raw <= 1e-3 per position).")
+
+
+GAD_DEFAULTS = {"sft_coef": 0.0, "baseline": "group", "scale_rewards": True}
+
+
+def gad_advantage_options(f):
+    """`gad`'s options for the generator's objective beyond plain GRPO. The defaults are `GADConfig`'s (spelled
+    here so the CLI starts without importing torch; a test holds them equal)."""
+    f = click.option("--sft-coef", default=GAD_DEFAULTS["sft_coef"], show_default=True, type=click.FloatRange(0),
+                     help="Weight of a cross-entropy term on the batch's teacher responses in each GRPO step.")(f)
+    f = click.option("--baseline", default=GAD_DEFAULTS["baseline"], show_default=True, type=click.Choice(["group", "teacher"]),
+                     help="Advantage baseline: the group's mean reward, or D's score of the prompt's teacher "
+                     "response.")(f)
+    return click.option("--scale-rewards/--no-scale-rewards", default=GAD_DEFAULTS["scale_rewards"], show_default=True,
+                        help="Divide advantages by the group's reward std (GRPO) or not (Dr. GRPO).")(f)

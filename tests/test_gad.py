@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from bayeskd.distill.gad import (Discriminator, GADConfig, bradley_terry_loss, discriminator_accuracy, gad,
                          group_advantages, grpo_loss)
+from bayeskd.cli_config import GAD_DEFAULTS
 from conftest import save_tiny_llama
 
 WORDS = ["the", "module", "returns", "a", "list", "of", "strings", "when", "called", "with", "an", "object"]
@@ -70,6 +71,56 @@ def test_group_advantages_hand_case():
         group_advantages(torch.ones(3, 1))
 
 
+def test_group_advantages_without_std_and_with_teacher_baseline_hand_case():
+    r = torch.tensor([[1.0, 2.0, 3.0], [0.0, 4.0, 8.0]])
+    # Dr. GRPO: only the group mean is subtracted
+    torch.testing.assert_close(group_advantages(r, scale=False), torch.tensor([[-1.0, 0.0, 1.0], [-4.0, 0.0, 4.0]]))
+    # baseline D(teacher) = 3 and 2: r - b, divided by the group's std (1 and 4) + eps
+    t = torch.tensor([3.0, 2.0])
+    want = torch.tensor([[-2 / 1.5, -1 / 1.5, 0.0], [-2 / 4.5, 2 / 4.5, 6 / 4.5]])
+    torch.testing.assert_close(group_advantages(r, eps=0.5, baseline=t), want)
+    torch.testing.assert_close(group_advantages(r, baseline=t, scale=False), torch.tensor([[-2.0, -1, 0], [-2, 2, 6]]))
+    with pytest.raises(ValueError, match=r"baseline \[P\]"):
+        group_advantages(r, baseline=torch.zeros(3))
+
+
+def test_sft_term_in_the_grpo_step_is_the_teacher_cross_entropy(setup):
+    """With zero advantages and no KL the GRPO step's only gradient is sft_coef x the teacher responses' token-mean
+    cross-entropy: the same update as a plain SFT step, and its logged value is the cross-entropy by hand."""
+    from transformers import AutoModelForCausalLM
+
+    from bayeskd.distill.gad import _update_generator_grpo, _update_generator_sft
+
+    prompts, teacher = [[5, 6, 7], [8, 9]], [[10, 11, 12, 13], [14, 15]]
+    samples = [[20, 21], [22], [23, 24, 25], [26]]  # 2 per prompt
+    cfg = GADConfig(group_size=2, sft_coef=1.0, kl_coef=0.0, lr=1e-3)
+    models = [AutoModelForCausalLM.from_pretrained(setup["student"]).eval() for _ in range(3)]
+    with torch.no_grad():  # the cross-entropy by hand: one prompt + response at a time, no padding
+        nll = 0.0
+        for p, r in zip(prompts, teacher):
+            logits = models[2](torch.tensor([p + r])).logits[0].log_softmax(-1)
+            nll -= sum(float(logits[len(p) - 1 + j, tok]) for j, tok in enumerate(r))
+        want = nll / sum(map(len, teacher))
+    opts = [torch.optim.AdamW(m.parameters(), lr=cfg.lr) for m in models[:2]]
+    pad = 0
+    st = _update_generator_grpo(models[0], None, opts[0], prompts, samples, torch.zeros(2, 2), cfg, pad, "cpu",
+                                teacher)
+    sft = _update_generator_sft(models[1], opts[1], prompts, teacher, cfg, pad, "cpu")
+    assert st["sft_loss"] == pytest.approx(want, rel=1e-5) and sft["sft_loss"] == pytest.approx(want, rel=1e-5)
+    a, b = dict(models[0].named_parameters()), dict(models[1].named_parameters())
+    assert all(torch.allclose(a[k], b[k], atol=1e-7, rtol=0) for k in a)
+    assert any(not torch.equal(a[k], p) for k, p in models[2].named_parameters())  # the step did move the model
+    half = GADConfig(group_size=2, sft_coef=0.5, kl_coef=0.0)
+    none = GADConfig(group_size=2, kl_coef=0.0)
+    m = AutoModelForCausalLM.from_pretrained(setup["student"]).eval()
+    grads = []
+    for c in (half, none):
+        opt = torch.optim.SGD(m.parameters(), lr=0.0)  # lr 0: read the gradient, keep the weights
+        _update_generator_grpo(m, None, opt, prompts, samples, torch.zeros(2, 2), c, pad, "cpu", teacher)
+        grads.append(torch.cat([q.grad.flatten() for q in m.parameters() if q.grad is not None] or [torch.zeros(1)]))
+    assert grads[0].abs().max() > 0 and grads[1].abs().max() == 0  # the term is the only gradient, and it is scaled
+
+
 def test_grpo_loss_clip_hand_case():
     # four one-token sequences, old log-prob 0: ratios 1.5, 0.5, 0.5, 1.5 with advantages +1, +1, -1, -1
     lp = torch.log(torch.tensor([[1.5], [0.5], [0.5], [1.5]])).requires_grad_(True)
@@ -98,6 +149,18 @@ def test_grpo_loss_kl_and_mask_hand_case():
     torch.testing.assert_close(lp.grad, torch.tensor([[(-2.0 - 0.1) / 2, -2.0 / 2, 0.0]]))
 
 
+def test_checkpoint_older_than_a_setting_resumes_with_its_default(tmp_path):
+    from dataclasses import asdict
+
+    from bayeskd.distill.gad import ADDED_LATER, STATE_VERSION, _check_resume
+
+    want = asdict(GADConfig())
+    old = {k: v for k, v in want.items() if k not in ADDED_LATER}  # saved before these settings existed
+    _check_resume(tmp_path, {"version": STATE_VERSION, "config": old}, want)
+    with pytest.raises(ValueError, match="sft_coef: 0.0 there, 0.5 now"):
+        _check_resume(tmp_path, {"version": STATE_VERSION, "config": old}, {**want, "sft_coef": 0.5})
+
+
 def test_config_rejects_bad_settings():
     with pytest.raises(ValueError, match="group_size"):
         GADConfig(group_size=1)
@@ -105,6 +168,10 @@ def test_config_rejects_bad_settings():
         GADConfig(warmup_steps=1, warmup_d_only_steps=2)
     with pytest.raises(ValueError, match="clip"):
         GADConfig(clip=1.5)
+    with pytest.raises(ValueError, match="baseline"):
+        GADConfig(baseline="median")
+    with pytest.raises(ValueError, match="sft_coef"):
+        GADConfig(sft_coef=-1)
 
 
 # ---------------------------------------------------------------------------------------------------- discriminator
@@ -173,8 +240,10 @@ def test_discriminator_learns_a_separable_toy_case(setup, tmp_path, stage):
     assert loss[-1] < 0.5 * loss[0], loss
 
 
-def test_warmup_then_gad_resumes_to_the_same_result(setup, tmp_path):
-    settings = dict(warmup_steps=2, warmup_d_only_steps=1, steps=2, progress=False, **TINY)
+@pytest.mark.parametrize("options", [{}, {"sft_coef": 0.5, "baseline": "teacher", "scale_rewards": False}],
+                         ids=["grpo", "sft-term+teacher-baseline+no-std"])
+def test_warmup_then_gad_resumes_to_the_same_result(setup, tmp_path, options):
+    settings = dict(warmup_steps=2, warmup_d_only_steps=1, steps=2, progress=False, **TINY, **options)
     full = gad(setup["data"], setup["student"], str(tmp_path / "full"), **settings)
     assert [h["stage"] for h in full["history"]] == ["warmup"] * 2 + ["gad"] * 2
     assert "sft_loss" not in full["history"][0] and "sft_loss" in full["history"][1]
@@ -228,6 +297,15 @@ def test_cli_gad(setup, tmp_path):
     assert (out / "student" / "model.safetensors").exists()
     bad = CliRunner().invoke(main, args[:-2] + ["--group-size", "1"])
     assert bad.exit_code != 0 and "--group-size" in bad.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert {k: summary["config"][k] for k in GAD_DEFAULTS} == GAD_DEFAULTS  # the CLI's defaults are the library's
+    assert GAD_DEFAULTS == {k: getattr(GADConfig(), k) for k in GAD_DEFAULTS}
+    opts = ["--sft-coef", "0.5", "--baseline", "teacher", "--no-scale-rewards", "--out", str(tmp_path / "cli2")]
+    res = CliRunner().invoke(main, args + opts, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "cli2" / "summary.json").read_text())["config"]
+    assert (cfg["sft_coef"], cfg["baseline"], cfg["scale_rewards"]) == (0.5, "teacher", False)
+    assert json.loads(res.output[res.output.index("{"):])["final"]["sft_loss"] > 0
 
 
 def test_prompt_batches_visit_every_record_once_per_epoch():

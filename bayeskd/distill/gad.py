@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 STATE = "state.json"
 STATE_VERSION = 1
 RESUMABLE = ("steps", "save_every", "micro_batch")  # settings a rerun may change without refusing the checkpoint
+ADDED_LATER = {"scale_rewards": True, "baseline": "group", "sft_coef": 0.0}  # settings newer than STATE_VERSION 1
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -71,6 +72,10 @@ class GADConfig:
     kl_coef: float = 0.001         # weight of the k3 KL to the reference (0: no reference model is loaded)
     ppo_epochs: int = 1            # G updates per rollout batch (>1 makes the clip bite)
     adv_eps: float = 1e-4
+    scale_rewards: bool = True     # divide advantages by the group's reward std (GRPO); False: Dr. GRPO
+    baseline: str = "group"        # advantage baseline: "group" (mean of the samples) or "teacher" (D of the teacher
+                                   # response of the prompt, scored in the same D call)
+    sft_coef: float = 0.0          # + sft_coef * cross-entropy on the batch's teacher responses in each GRPO step
     max_new_tokens: int = 128      # sample length; teacher responses are cut to it too (no length cue for D)
     max_prompt_tokens: int = 512   # prompts are cut from the left
     micro_batch: int | None = None  # prompts per forward/backward (gradient accumulation); None: the whole batch
@@ -91,8 +96,11 @@ class GADConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 < self.clip < 1:
             raise ValueError(f"clip must be in (0, 1), got {self.clip}")
-        if self.kl_coef < 0 or self.weight_decay < 0:
-            raise ValueError(f"kl_coef and weight_decay must be >= 0, got {self.kl_coef}, {self.weight_decay}")
+        if self.kl_coef < 0 or self.weight_decay < 0 or self.sft_coef < 0:
+            raise ValueError(f"kl_coef, weight_decay and sft_coef must be >= 0, got {self.kl_coef}, "
+                             f"{self.weight_decay}, {self.sft_coef}")
+        if self.baseline not in ("group", "teacher"):
+            raise ValueError(f"baseline must be 'group' or 'teacher', got {self.baseline!r}")
         if self.micro_batch is not None and self.micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1 or None, got {self.micro_batch}")
 
@@ -142,8 +150,9 @@ def _chunks(n_prompts: int, micro: int | None) -> list[range]:
 # ---------------------------------------------------------------------------------------------------- updates
 
 def _update_discriminator(D, opt, prompts, teacher, samples, cfg: GADConfig, pad: int, device) -> tuple[
-        torch.Tensor, dict[str, float]]:
-    """One Bradley-Terry step of D. Returns the rewards [P, n] (the student samples' scores before the step)."""
+        torch.Tensor, torch.Tensor, dict[str, float]]:
+    """One Bradley-Terry step of D. Returns the rewards [P, n] (the student samples' scores before the step), the
+    teacher responses' scores [P] (same call) and the step's statistics."""
     P, n = len(prompts), cfg.group_size
     opt.zero_grad(set_to_none=True)
     t_all, s_all, loss_sum = [], [], 0.0
@@ -158,7 +167,7 @@ def _update_discriminator(D, opt, prompts, teacher, samples, cfg: GADConfig, pad
     grad_norm = torch.nn.utils.clip_grad_norm_(D.parameters(), cfg.max_grad_norm)
     opt.step()
     t, s = torch.cat(t_all), torch.cat(s_all)
-    return s, {"d_loss": loss_sum, "d_acc": discriminator_accuracy(t, s), "teacher_score": float(t.mean()),
+    return s, t, {"d_loss": loss_sum, "d_acc": discriminator_accuracy(t, s), "teacher_score": float(t.mean()),
                "reward_mean": float(s.mean()), "reward_std": float(s.std()), "d_grad_norm": float(grad_norm)}
 
 
@@ -169,9 +178,11 @@ def _d_inputs(prompts, responses, ch: range, per_prompt: int, pad: int, device) 
 
 
 def _update_generator_grpo(G, ref, opt, prompts, samples, advantages, cfg: GADConfig, pad: int,
-                           device) -> dict[str, float]:
-    """`ppo_epochs` PPO-clip passes of G over the rollout batch (old log-probs: G before the first pass)."""
+                           device, teacher: list[list[int]] | None = None) -> dict[str, float]:
+    """`ppo_epochs` PPO-clip passes of G over the rollout batch (old log-probs: G before the first pass); with
+    `cfg.sft_coef`, each pass adds sft_coef times the cross-entropy on the prompts' `teacher` responses."""
     P, n = len(prompts), cfg.group_size
+    n_teacher = sum(len(r) for r in teacher) if cfg.sft_coef and teacher is not None else 0
     batches = []
     for ch in _chunks(P, cfg.micro_batch):
         rows = [i * n + j for i in ch for j in range(n)]
@@ -183,7 +194,7 @@ def _update_generator_grpo(G, ref, opt, prompts, samples, advantages, cfg: GADCo
     stats: dict[str, float] = {}
     for epoch in range(cfg.ppo_epochs):
         opt.zero_grad(set_to_none=True)
-        acc = {"g_loss": 0.0, "kl_ref": 0.0, "clip_frac": 0.0}
+        acc = {"g_loss": 0.0, "kl_ref": 0.0, "clip_frac": 0.0, **({"sft_loss": 0.0} if n_teacher else {})}
         for ch, s, old, ref_lp, adv in batches:
             lp = _token_logprobs(G, s, cfg.temperature)
             # One pass per rollout: the sampling policy is G itself, ratio 1 with the policy gradient.
@@ -194,6 +205,10 @@ def _update_generator_grpo(G, ref, opt, prompts, samples, advantages, cfg: GADCo
             acc["g_loss"] += float(loss.detach()) * w
             acc["kl_ref"] += st["kl"] * w
             acc["clip_frac"] += st["clip_frac"] * w
+            if n_teacher:
+                sft = _teacher_nll(G, prompts, teacher, ch, n_teacher, pad, device)
+                (cfg.sft_coef * sft).backward()
+                acc["sft_loss"] += float(sft.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(G.parameters(), cfg.max_grad_norm)
         opt.step()
         if epoch == 0:  # the first pass measures the policy that sampled the batch
@@ -205,19 +220,23 @@ def _update_generator_grpo(G, ref, opt, prompts, samples, advantages, cfg: GADCo
 
 def _update_generator_sft(G, opt, prompts, teacher, cfg: GADConfig, pad: int, device) -> dict[str, float]:
     """One SFT step of G: cross-entropy on the teacher's response tokens, mean over the batch's tokens."""
-    P = len(prompts)
     total = sum(len(r) for r in teacher)
     opt.zero_grad(set_to_none=True)
     loss_sum = 0.0
-    for ch in _chunks(P, cfg.micro_batch):
-        s = _pack([prompts[i] for i in ch], [teacher[i] for i in ch], pad, device)
-        lp = _token_logprobs(G, s)
-        loss = -(lp * s["response_mask"][:, 1:]).sum() / total
+    for ch in _chunks(len(prompts), cfg.micro_batch):
+        loss = _teacher_nll(G, prompts, teacher, ch, total, pad, device)
         loss.backward()
         loss_sum += float(loss.detach())
     grad_norm = torch.nn.utils.clip_grad_norm_(G.parameters(), cfg.max_grad_norm)
     opt.step()
     return {"sft_loss": loss_sum, "g_grad_norm": float(grad_norm)}
+
+
+def _teacher_nll(G, prompts, teacher, ch: range, total: int, pad: int, device) -> torch.Tensor:
+    """The summed negative log-likelihood of the teacher responses of prompts `ch` under G, divided by `total`
+    (the batch's teacher tokens, so the chunks add up to the batch's token mean)."""
+    s = _pack([prompts[i] for i in ch], [teacher[i] for i in ch], pad, device)
+    return -(_token_logprobs(G, s) * s["response_mask"][:, 1:]).sum() / total
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
@@ -267,7 +286,8 @@ def _load_state(stage_dir: Path) -> dict[str, Any] | None:
 def _check_resume(stage_dir: Path, state: dict[str, Any], want: dict[str, Any]) -> None:
     """Refuse a checkpoint made with other settings (`RESUMABLE` aside) or in another format."""
     # The format version sits beside the config in state.json: compared with it, so a change of either is named.
-    check_settings({"version": state.get("version"), **state.get("config", {})}, {"version": STATE_VERSION, **want},
+    have = {**ADDED_LATER, **state.get("config", {})}  # a checkpoint older than a setting ran with its default
+    check_settings({"version": state.get("version"), **have}, {"version": STATE_VERSION, **want},
                    where=stage_dir, what="GAD", hint="rerun with the same settings to resume, or use another --out",
                    ignore=RESUMABLE)
 
@@ -397,10 +417,11 @@ def gad(data: str, student: str, out: str, *, discriminator: str | None = None, 
             idx = _batch_indices(len(prompts), cfg.batch_prompts, cfg.seed, stage, step)
             ps, ts = [prompts[i] for i in idx], [teacher[i] for i in idx]
             samples = _rollout(G, ps, cfg, pad, tok.eos_token_id, device)
-            rewards, rec = _update_discriminator(D, opt_d, ps, ts, samples, cfg, pad, device)
+            rewards, t_scores, rec = _update_discriminator(D, opt_d, ps, ts, samples, cfg, pad, device)
             if stage == "gad":
-                adv = group_advantages(rewards, cfg.adv_eps)
-                rec.update(_update_generator_grpo(G, ref, opt_g, ps, samples, adv, cfg, pad, device))
+                adv = group_advantages(rewards, cfg.adv_eps, scale=cfg.scale_rewards,
+                                       baseline=t_scores if cfg.baseline == "teacher" else None)
+                rec.update(_update_generator_grpo(G, ref, opt_g, ps, samples, adv, cfg, pad, device, ts))
             elif step >= cfg.warmup_d_only_steps:
                 rec.update(_update_generator_sft(G, opt_g, ps, ts, cfg, pad, device))
             step += 1

@@ -29,12 +29,22 @@ def discriminator_accuracy(teacher_scores: torch.Tensor, student_scores: torch.T
     return float((teacher_scores[:, None] > student_scores).float().mean())
 
 
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """(r - mean_group) / (std_group + eps) for rewards [P, n]; std is the unbiased one (as TRL's GRPO). A group
-    whose rewards are all equal gets advantage 0."""
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4, *, scale: bool = True,
+                     baseline: torch.Tensor | None = None) -> torch.Tensor:
+    """(r - b) / (std_group + eps) for rewards [P, n]: b is the group's mean (GRPO), or `baseline` [P] when given
+    (e.g. D's score of the prompt's teacher response); std is the group's unbiased one (as TRL's GRPO). With
+    `scale=False` the division is skipped (Dr. GRPO): the step then shrinks with D's confidence instead of being
+    renormalised to unit size. A group whose rewards are all equal gets advantage 0 with the group mean."""
     if rewards.dim() != 2 or rewards.shape[1] < 2:
         raise ValueError(f"need rewards [P, n] with n >= 2 samples per prompt, got {tuple(rewards.shape)}")
-    return (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + eps)
+    if baseline is None:
+        b = rewards.mean(1, keepdim=True)
+    elif baseline.shape != rewards.shape[:1]:
+        raise ValueError(f"need a baseline [P] for rewards [P, n], got {tuple(baseline.shape)}")
+    else:
+        b = baseline[:, None].to(rewards.dtype)
+    centred = rewards - b
+    return centred / (rewards.std(1, keepdim=True) + eps) if scale else centred
 
 
 def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,

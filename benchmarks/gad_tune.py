@@ -1,0 +1,190 @@
+"""Issue 17, items 2-3: which GAD settings keep (or make) the student better than its SFT start?
+
+    python benchmarks/gad_tune.py --preset tiny --seeds 0,1,2 --variants lab,no_std,sft0.5
+    python benchmarks/gad_tune.py --list                      # the variants and what each changes
+
+Tuning never sees the lab's evaluation prompts. The teacher's TRAINING records (run/teacher_train.jsonl) are split
+by prompt (seeded, --val-frac) into a tuning part and a validation part; per seed, an SFT student is trained on the
+tuning part only (the lab's SFT recipe), GAD runs from it on the same part, and both are scored on the validation
+part: kl_tf (KL(teacher || student) at the teacher's positions of the validation records) and kl_own (the same at
+the student's own samples of the validation prompts, temperature 1, as the lab scores students). Every variant is
+the lab's GAD settings plus the overrides listed in VARIANTS. Reported: mean ± std over seeds and the paired
+difference to the SFT start (negative = better than SFT).
+
+Results are cached per (seed, variant) under --work, so adding variants reruns only the new ones.
+Writes benchmarks/results/gad_tune_<preset>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gad_reward import seed_all, split_records  # benchmarks/ is on sys.path when run as a script
+
+from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
+from bayeskd.distill.gad import gad
+from bayeskd.distill.trainer import distill
+from bayeskd.evaluation.evaluate import sample_own, student_metrics
+from bayeskd.evaluation.metrics import kl_teacher_to_estimate, summarize
+from bayeskd.lab.run import RUN_DEFAULTS
+from bayeskd.teacher_forcing import target_logprobs as response_logprobs
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METRICS_VERSION = 2  # raise when Scorer changes: cached metrics are recomputed (a finished GAD run is reused)
+
+# name -> (GADConfig overrides on top of the lab's GAD settings, what it tests)
+VARIANTS: dict[str, tuple[dict, str]] = {
+    "lab": ({}, "the lab's GAD: D warm-up 10 steps, 30 GRPO steps, lr 1e-4, T 0.8, kl 0.001, std-normalised"),
+    "no_std": ({"scale_rewards": False}, "Dr. GRPO: advantages not divided by the group's std"),
+    "teacher_base": ({"baseline": "teacher"}, "advantage baseline D(teacher response) instead of the group mean"),
+    "kl0.1": ({"kl_coef": 0.1}, "KL to the SFT start x100"),
+    "kl1": ({"kl_coef": 1.0}, "KL to the SFT start x1000"),
+    "sft0.5": ({"sft_coef": 0.5}, "+0.5 x cross-entropy on the batch's teacher responses"),
+    "sft1": ({"sft_coef": 1.0}, "+1 x cross-entropy on the batch's teacher responses"),
+    "sft_only": ({"sft_coef": 1.0, "lr_adv_off": True}, "control: the SFT term alone (the GRPO term weighted 0)"),
+    "t1": ({"temperature": 1.0}, "sampling temperature 1 (the temperature students are scored at)"),
+    "dwarm75": ({"warmup_steps": 75, "warmup_d_only_steps": 75}, "D warm-up of one epoch of the tuning prompts"),
+    "lr3e-5": ({"lr": 3e-5, "d_lr": 3e-5}, "learning rates / 3"),
+}
+
+
+def lab_settings(preset: str) -> dict:
+    rc = RUN_DEFAULTS[preset]
+    return dict(warmup_steps=rc.gad_d_warmup, warmup_d_only_steps=rc.gad_d_warmup, steps=rc.gad_steps,
+                group_size=rc.gad_group, batch_prompts=rc.gad_batch_prompts, lr=rc.gad_lr, d_lr=rc.gad_lr,
+                max_new_tokens=rc.max_new_tokens)
+
+
+def variant_settings(preset: str, name: str) -> dict:
+    over = dict(VARIANTS[name][0])
+    if over.pop("lr_adv_off", False):  # GRPO term off: advantages scaled to ~0 through a huge eps, no std scaling
+        over.update(scale_rewards=True, adv_eps=1e9)
+    return {**lab_settings(preset), **over}
+
+
+class Scorer:
+    """The teacher's rows on one seed's validation records, computed once; scores any student on them."""
+
+    def __init__(self, teacher, val_path: Path, tok, max_new_tokens: int, seed: int):
+        self.records, _ = load_teacher_records(str(val_path))
+        self.tok, self.teacher, self.seed, self.max_new = tok, teacher, seed, max_new_tokens
+        self.tokd = tokenize_records(self.records, tok)
+        self.rows = response_logprobs(teacher, self.tokd)
+
+    def __call__(self, student_dir: Path) -> dict[str, float]:
+        from transformers import AutoModelForCausalLM
+
+        own = sample_own(str(student_dir), self.records, self.tok, max_new_tokens=self.max_new, seed=1000 + self.seed)
+        model = AutoModelForCausalLM.from_pretrained(str(student_dir))
+        m = student_metrics(self.teacher, model, self.tokd, own_samples=own, teacher_rows=self.rows)
+        # The other direction on the same own samples (what on-policy distillation minimises; mode-seeking RL can
+        # lower it while raising kl_own) and the student's entropy there (RL tends to sharpen a policy).
+        V = int(self.tokd.vocab_size)
+        t_lp, valid = response_logprobs(self.teacher, own, vocab_size=V)
+        s_lp, _ = response_logprobs(model, own, vocab_size=V)
+        m.update(summarize({"rkl_own": kl_teacher_to_estimate(s_lp, t_lp),
+                            "ent_own": -(s_lp.exp() * s_lp).sum(-1).double()}, valid))
+        resp = own.response_sequences()
+        m["own_len"] = float(np.mean([len(r) for r in resp]))
+        return {k: float(v) for k, v in m.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny", choices=sorted(RUN_DEFAULTS))
+    ap.add_argument("--root", default=None, help="lab root (default runs/lab/<preset>)")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--variants", default="lab", help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    ap.add_argument("--val-frac", type=float, default=0.15)
+    ap.add_argument("--work", default=None, help="scratch dir (default /tmp/gad_tune_<preset>)")
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args()
+    if args.list:
+        for k, (o, d) in VARIANTS.items():
+            print(f"{k:<14} {d}  {o}")
+        return
+    names = args.variants.split(",")
+    bad = [n for n in names if n not in VARIANTS]
+    if bad:
+        raise SystemExit(f"unknown variant(s) {bad}; --list shows them")
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(2)
+    rc = RUN_DEFAULTS[args.preset]
+    root = Path(args.root or f"runs/lab/{args.preset}")
+    run = root / "run"
+    work = Path(args.work or f"/tmp/gad_tune_{args.preset}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(str(root / "teacher")).eval()
+    results: dict[str, dict[str, dict]] = {}
+    for seed in seeds:
+        seed_all(seed)
+        sdir = work / f"s{seed}"
+        tune, val, n_tune, n_val = split_records(run / "teacher_train.jsonl", args.val_frac, seed, sdir)
+        sft = sdir / "sft"
+        if not (sft / "summary.json").exists():
+            distill(str(tune), str(root / "student"), str(sft), **rc.train_kwargs(seed, progress=False))
+        tok = load_tokenizer(str(sft))
+        scorer = None
+        for name in ["sft"] + names:
+            cache = sdir / f"{name}.metrics.json"
+            if cache.exists() and json.loads(cache.read_text()).get("metrics_version") == METRICS_VERSION:
+                m = json.loads(cache.read_text())
+            else:
+                scorer = scorer or Scorer(teacher, val, tok, rc.max_new_tokens, seed)
+                t1 = time.perf_counter()
+                if name == "sft":
+                    m = scorer(sft)
+                else:
+                    summary = gad(str(tune), str(sft), str(sdir / name), seed=seed, progress=False,
+                                  **variant_settings(args.preset, name))
+                    m = scorer(sdir / name / "student")
+                    last = [h for h in summary["history"] if h["stage"] == "gad"][-5:]
+                    m["d_acc_last5"] = float(np.mean([h["d_acc"] for h in last]))
+                    m["kl_ref_last5"] = float(np.mean([h["kl_ref"] for h in last]))
+                m["seconds"] = round(time.perf_counter() - t1, 1)
+                m["metrics_version"] = METRICS_VERSION
+                cache.write_text(json.dumps(m))
+            results.setdefault(name, {})[str(seed)] = m
+            print(f"seed {seed} {name:<13} " + " ".join(f"{k}={v:.4f}" for k, v in m.items()
+                                                       if k != "metrics_version"), flush=True)
+
+    print(f"\n{args.preset}, seeds {seeds}, validation = {args.val_frac:.0%} of the training prompts; "
+          "Δ = variant - SFT start, paired by seed (negative is better)")
+    print(f"{'variant':<14} {'kl_tf':>15} {'Δkl_tf':>16} {'kl_own':>15} {'Δkl_own':>16} {'Δrkl_own':>16} "
+          f"{'Δent_own':>16} {'own len':>8} {'D acc':>6}")
+    table = {}
+    for name in ["sft"] + names:
+        per = results[name]
+        row = {}
+        for k in ("kl_tf", "kl_own", "rkl_own", "ent_own"):
+            v = np.array([per[str(s)][k] for s in seeds])
+            d = v - np.array([results["sft"][str(s)][k] for s in seeds])
+            row[k], row["d_" + k] = [float(v.mean()), float(v.std())], [float(d.mean()), float(d.std())]
+        row["own_len"] = float(np.mean([per[str(s)]["own_len"] for s in seeds]))
+        row["d_acc_last5"] = float(np.mean([per[str(s)].get("d_acc_last5", np.nan) for s in seeds]))
+        table[name] = row
+        print(f"{name:<14} {row['kl_tf'][0]:.4f}±{row['kl_tf'][1]:.4f} {row['d_kl_tf'][0]:+.4f}±{row['d_kl_tf'][1]:.4f}"
+              f" {row['kl_own'][0]:.4f}±{row['kl_own'][1]:.4f} {row['d_kl_own'][0]:+.4f}±{row['d_kl_own'][1]:.4f}"
+              f" {row['d_rkl_own'][0]:+.4f}±{row['d_rkl_own'][1]:.4f} {row['d_ent_own'][0]:+.4f}±{row['d_ent_own'][1]:.4f}"
+              f" {row['own_len']:>8.1f} {row['d_acc_last5']:>6.2f}")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"gad_tune_{args.preset}.json"
+    old = json.loads(out.read_text()) if out.exists() else {}
+    variants = {**old.get("variants", {}), **{n: {"settings": variant_settings(args.preset, n) if n != "sft" else None,
+                                                  "what": VARIANTS[n][1] if n != "sft" else "SFT start (tuning part)",
+                                                  "summary": table[n], "per_seed": results[n]} for n in table}}
+    out.write_text(json.dumps({"preset": args.preset, "seeds": seeds, "val_frac": args.val_frac,
+                               "variants": variants}, indent=1))
+    print(f"wrote {out}; {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
