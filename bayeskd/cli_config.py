@@ -74,14 +74,15 @@ codec_option = click.option(
     "the sorted log-prob curve coded in steps, tail exact: <= 3 bytes an entry; KL to raw <= 1e-3 per position).")
 
 
-GAD_DEFAULTS = {"sft_coef": 0.0, "baseline": "group", "scale_rewards": True}
+GAD_DEFAULTS = {"sft_coef": 1.0, "baseline": "group", "scale_rewards": True}
 
 
 def gad_advantage_options(f):
     """`gad`'s options for the generator's objective beyond plain GRPO. The defaults are `GADConfig`'s (spelled
     here so the CLI starts without importing torch; a test holds them equal)."""
     f = click.option("--sft-coef", default=GAD_DEFAULTS["sft_coef"], show_default=True, type=click.FloatRange(0),
-                     help="Weight of a cross-entropy term on the batch's teacher responses in each GRPO step.")(f)
+                     help="Weight of a cross-entropy term on the batch's teacher responses in each GRPO step (0: the "
+                     "paper's GAD).")(f)
     f = click.option("--baseline", default=GAD_DEFAULTS["baseline"], show_default=True, type=click.Choice(["group", "teacher"]),
                      help="Advantage baseline: the group's mean reward, or D's score of the prompt's teacher "
                      "response.")(f)

@@ -46,25 +46,59 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "kl1": ({"kl_coef": 1.0}, "KL to the SFT start x1000"),
     "sft0.5": ({"sft_coef": 0.5}, "+0.5 x cross-entropy on the batch's teacher responses"),
     "sft1": ({"sft_coef": 1.0}, "+1 x cross-entropy on the batch's teacher responses"),
-    "sft_only": ({"sft_coef": 1.0, "lr_adv_off": True}, "control: the SFT term alone (the GRPO term weighted 0)"),
+    "sft_only": ({"sft_coef": 1.0, "grpo_off": True}, "control: the SFT term alone (the GRPO term weighted 0)"),
     "t1": ({"temperature": 1.0}, "sampling temperature 1 (the temperature students are scored at)"),
     "dwarm75": ({"warmup_steps": 75, "warmup_d_only_steps": 75}, "D warm-up of one epoch of the tuning prompts"),
     "lr3e-5": ({"lr": 3e-5, "d_lr": 3e-5}, "learning rates / 3"),
+    "d_proxy": ({"discriminator": "proxy"}, "D from the lab's open proxy (2 layers, width 128; the student: 1, 64)"),
+    "d_proxy_w75": ({"discriminator": "proxy", "warmup_steps": 75, "warmup_d_only_steps": 75},
+                    "D from the proxy, warmed up one epoch"),
+    # sampling at the teacher data's temperature (1), combined with the other levers
+    "t1_sft0.5": ({"temperature": 1.0, "sft_coef": 0.5}, "T 1 + 0.5 x teacher cross-entropy"),
+    "t1_sft1": ({"temperature": 1.0, "sft_coef": 1.0}, "T 1 + 1 x teacher cross-entropy"),
+    "t1_sft_only": ({"temperature": 1.0, "sft_coef": 1.0, "grpo_off": True}, "control: T 1, the SFT term alone"),
+    "t1_no_std": ({"temperature": 1.0, "scale_rewards": False}, "T 1 + Dr. GRPO"),
+    "t1_kl0.1": ({"temperature": 1.0, "kl_coef": 0.1}, "T 1 + KL x100"),
+    "t1_d_proxy": ({"temperature": 1.0, "discriminator": "proxy"}, "T 1 + D from the proxy"),
+    "t1_60": ({"temperature": 1.0, "steps": 60}, "T 1, 60 GRPO steps"),
+    "t1_sft1_60": ({"temperature": 1.0, "sft_coef": 1.0, "steps": 60}, "T 1 + teacher cross-entropy, 60 steps"),
+    "t1_sft0.5_60": ({"temperature": 1.0, "sft_coef": 0.5, "steps": 60}, "T 1 + 0.5 x teacher cross-entropy, 60 steps"),
+    "t1_sft_only_60": ({"temperature": 1.0, "sft_coef": 1.0, "steps": 60, "grpo_off": True},
+                       "control: T 1, the SFT term alone, 60 steps"),
 }
 
 
 def lab_settings(preset: str) -> dict:
+    """The lab's GAD recipe as it was when this investigation began (spelled out, so the "lab" variant stays
+    that recipe whatever the defaults become)."""
     rc = RUN_DEFAULTS[preset]
-    return dict(warmup_steps=rc.gad_d_warmup, warmup_d_only_steps=rc.gad_d_warmup, steps=rc.gad_steps,
-                group_size=rc.gad_group, batch_prompts=rc.gad_batch_prompts, lr=rc.gad_lr, d_lr=rc.gad_lr,
-                max_new_tokens=rc.max_new_tokens)
+    return dict(warmup_steps=10, warmup_d_only_steps=10, steps=30, group_size=rc.gad_group,
+                batch_prompts=rc.gad_batch_prompts, lr=rc.gad_lr, d_lr=rc.gad_lr, max_new_tokens=rc.max_new_tokens,
+                temperature=0.8, sft_coef=0.0, scale_rewards=True, baseline="group", kl_coef=0.001)
 
 
 def variant_settings(preset: str, name: str) -> dict:
     over = dict(VARIANTS[name][0])
-    if over.pop("lr_adv_off", False):  # GRPO term off: advantages scaled to ~0 through a huge eps, no std scaling
+    if over.pop("grpo_off", False):  # GRPO term off: advantages scaled to ~0 through a huge eps, no std scaling
         over.update(scale_rewards=True, adv_eps=1e9)
     return {**lab_settings(preset), **over}
+
+
+def teacher_sized_init(preset: str, root: Path, work: Path) -> Path:
+    """A fresh (seeded) student initialisation with the lab teacher's size: 2x the width and layers of the lab's."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from bayeskd.lab.build import PRESETS
+
+    path = work / "student_init"
+    if not (path / "config.json").exists():
+        tok = AutoTokenizer.from_pretrained(str(root / "student"))
+        p = PRESETS[preset]
+        torch.manual_seed(p.seed + 2000)
+        model = LlamaForCausalLM(p.teacher.llama_config(tok, max(512, 4 * p.seq_len)))
+        model.save_pretrained(str(path))
+        tok.save_pretrained(str(path))
+    return path
 
 
 class Scorer:
@@ -102,6 +136,8 @@ def main() -> None:
     ap.add_argument("--variants", default="lab", help=f"comma-separated, from: {', '.join(VARIANTS)}")
     ap.add_argument("--val-frac", type=float, default=0.15)
     ap.add_argument("--work", default=None, help="scratch dir (default /tmp/gad_tune_<preset>)")
+    ap.add_argument("--student-size", default="lab", choices=["lab", "teacher"],
+                    help="the student (and so D) at the lab's size, or a fresh init at the teacher's size (scale)")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args()
     if args.list:
@@ -115,10 +151,16 @@ def main() -> None:
 
     t0 = time.perf_counter()
     torch.set_num_threads(2)
+    import transformers
+
+    transformers.logging.disable_progress_bar()  # a load / save bar per model would bury the table
     rc = RUN_DEFAULTS[args.preset]
     root = Path(args.root or f"runs/lab/{args.preset}")
     run = root / "run"
-    work = Path(args.work or f"/tmp/gad_tune_{args.preset}")
+    suffix = ("" if root.name == args.preset else f"_{root.name}") + \
+        ("" if args.student_size == "lab" else f"_{args.student_size}")
+    work = Path(args.work or f"/tmp/gad_tune_{args.preset}{suffix}")
+    student_init = root / "student" if args.student_size == "lab" else teacher_sized_init(args.preset, root, work)
     seeds = [int(s) for s in args.seeds.split(",")]
     from transformers import AutoModelForCausalLM
 
@@ -130,7 +172,7 @@ def main() -> None:
         tune, val, n_tune, n_val = split_records(run / "teacher_train.jsonl", args.val_frac, seed, sdir)
         sft = sdir / "sft"
         if not (sft / "summary.json").exists():
-            distill(str(tune), str(root / "student"), str(sft), **rc.train_kwargs(seed, progress=False))
+            distill(str(tune), str(student_init), str(sft), **rc.train_kwargs(seed, progress=False))
         tok = load_tokenizer(str(sft))
         scorer = None
         for name in ["sft"] + names:
@@ -143,8 +185,10 @@ def main() -> None:
                 if name == "sft":
                     m = scorer(sft)
                 else:
-                    summary = gad(str(tune), str(sft), str(sdir / name), seed=seed, progress=False,
-                                  **variant_settings(args.preset, name))
+                    settings = variant_settings(args.preset, name)
+                    if settings.get("discriminator") == "proxy":
+                        settings["discriminator"] = str(root / "proxy")
+                    summary = gad(str(tune), str(sft), str(sdir / name), seed=seed, progress=False, **settings)
                     m = scorer(sdir / name / "student")
                     last = [h for h in summary["history"] if h["stage"] == "gad"][-5:]
                     m["d_acc_last5"] = float(np.mean([h["d_acc"] for h in last]))
@@ -176,12 +220,13 @@ def main() -> None:
               f" {row['d_rkl_own'][0]:+.4f}±{row['d_rkl_own'][1]:.4f} {row['d_ent_own'][0]:+.4f}±{row['d_ent_own'][1]:.4f}"
               f" {row['own_len']:>8.1f} {row['d_acc_last5']:>6.2f}")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"gad_tune_{args.preset}.json"
+    out = RESULTS / f"gad_tune_{args.preset}{suffix}.json"
     old = json.loads(out.read_text()) if out.exists() else {}
     variants = {**old.get("variants", {}), **{n: {"settings": variant_settings(args.preset, n) if n != "sft" else None,
                                                   "what": VARIANTS[n][1] if n != "sft" else "SFT start (tuning part)",
                                                   "summary": table[n], "per_seed": results[n]} for n in table}}
-    out.write_text(json.dumps({"preset": args.preset, "seeds": seeds, "val_frac": args.val_frac,
+    out.write_text(json.dumps({"preset": args.preset, "lab": str(root), "student_size": args.student_size, "seeds": seeds,
+                               "val_frac": args.val_frac,
                                "variants": variants}, indent=1))
     print(f"wrote {out}; {time.perf_counter() - t0:.0f} s")
 

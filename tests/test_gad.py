@@ -111,7 +111,7 @@ def test_sft_term_in_the_grpo_step_is_the_teacher_cross_entropy(setup):
     assert all(torch.allclose(a[k], b[k], atol=1e-7, rtol=0) for k in a)
     assert any(not torch.equal(a[k], p) for k, p in models[2].named_parameters())  # the step did move the model
     half = GADConfig(group_size=2, sft_coef=0.5, kl_coef=0.0)
-    none = GADConfig(group_size=2, kl_coef=0.0)
+    none = GADConfig(group_size=2, kl_coef=0.0, sft_coef=0.0)
     m = AutoModelForCausalLM.from_pretrained(setup["student"]).eval()
     grads = []
     for c in (half, none):
@@ -154,11 +154,11 @@ def test_checkpoint_older_than_a_setting_resumes_with_its_default(tmp_path):
 
     from bayeskd.distill.gad import ADDED_LATER, STATE_VERSION, _check_resume
 
-    want = asdict(GADConfig())
+    want = {**asdict(GADConfig()), **ADDED_LATER}  # what such a checkpoint ran with
     old = {k: v for k, v in want.items() if k not in ADDED_LATER}  # saved before these settings existed
     _check_resume(tmp_path, {"version": STATE_VERSION, "config": old}, want)
-    with pytest.raises(ValueError, match="sft_coef: 0.0 there, 0.5 now"):
-        _check_resume(tmp_path, {"version": STATE_VERSION, "config": old}, {**want, "sft_coef": 0.5})
+    with pytest.raises(ValueError, match="sft_coef: 0.0 there, 1.0 now"):  # today's default is not what it ran
+        _check_resume(tmp_path, {"version": STATE_VERSION, "config": old}, {**want, "sft_coef": 1.0})
 
 
 def test_config_rejects_bad_settings():
@@ -232,7 +232,7 @@ def test_discriminator_learns_a_separable_toy_case(setup, tmp_path, stage):
     data = _write_data(tmp_path / "toy.jsonl", response=" ".join(["the"] * 6))
     steps = {"warmup_steps": 6, "warmup_d_only_steps": 6, "steps": 0} if stage == "warmup" else {"steps": 6}
     summary = gad(data, setup["student"], str(tmp_path / "toy"), progress=False,
-                  **{**TINY, "d_lr": 1e-2, "save_every": 6, **steps})
+                  **{**TINY, "d_lr": 1e-2, "save_every": 6, "sft_coef": 0.0, **steps})  # G stays random
     acc = [h["d_acc"] for h in summary["history"]]
     loss = [h["d_loss"] for h in summary["history"]]
     assert len(acc) == 6 and all(h["stage"] == stage and "sft_loss" not in h for h in summary["history"])
@@ -240,8 +240,9 @@ def test_discriminator_learns_a_separable_toy_case(setup, tmp_path, stage):
     assert loss[-1] < 0.5 * loss[0], loss
 
 
-@pytest.mark.parametrize("options", [{}, {"sft_coef": 0.5, "baseline": "teacher", "scale_rewards": False}],
-                         ids=["grpo", "sft-term+teacher-baseline+no-std"])
+@pytest.mark.parametrize("options", [{"sft_coef": 0.0}, {"sft_coef": 0.5, "baseline": "teacher",
+                                                        "scale_rewards": False}],
+                         ids=["paper-grpo", "sft-term+teacher-baseline+no-std"])
 def test_warmup_then_gad_resumes_to_the_same_result(setup, tmp_path, options):
     settings = dict(warmup_steps=2, warmup_d_only_steps=1, steps=2, progress=False, **TINY, **options)
     full = gad(setup["data"], setup["student"], str(tmp_path / "full"), **settings)

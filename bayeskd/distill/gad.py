@@ -6,9 +6,11 @@ with D's score as the reward.
 One step, on a batch of `batch_prompts` prompts:
   roll out `group_size` samples per prompt from G (temperature sampling, left-padded prompts)
   -> score them with D (the rewards come from D before its update)
-  -> group advantages (r - mean_group) / (std_group + eps), the same on every token of a sample
+  -> group advantages (r - mean_group) / (std_group + eps), the same on every token of a sample (`baseline`:
+     D(teacher response) instead of the group mean; `scale_rewards=False`: no division, Dr. GRPO)
   -> update D: Bradley-Terry -log sigma(D(x, y_teacher) - D(x, y_student)), mean over the group, then prompts
-  -> update G: PPO-clip token loss + kl_coef * k3-KL to the reference model (GRPO), `ppo_epochs` passes.
+  -> update G: PPO-clip token loss + kl_coef * k3-KL to the reference model (GRPO), `ppo_epochs` passes, plus
+     sft_coef * cross-entropy on the batch's teacher responses (0: the paper's GAD).
 Stages: warm-up in out/warmup/ (SFT of G on the teacher responses while D trains on G's samples; the first
 `warmup_d_only_steps` steps update D only), then the adversarial stage in out/, starting from the warm-up
 checkpoints with fresh optimizers; the warm-up student is the KL reference.
@@ -62,7 +64,10 @@ class GADConfig:
     warmup_d_only_steps: int = 0   # the first warm-up steps update D only
     steps: int = 100               # adversarial (GRPO) steps
     group_size: int = 8            # student samples per prompt
-    temperature: float = 0.8       # sampling temperature (also the policy's temperature in the PPO ratio)
+    # Sampling temperature (also the policy's in the PPO ratio): the one the teacher's responses were sampled at
+    # (generate's default, 1). At 0.8 against a teacher sampled at 1, D tells the two apart by sharpness and GRPO
+    # flattens the student (lab: entropy +0.12 nats, KL on own samples +0.035; benchmarks/gad_tune.py).
+    temperature: float = 1.0
     batch_prompts: int = 4
     lr: float = 1e-5               # student (generator) AdamW learning rate, warm-up SFT included
     d_lr: float = 1e-5             # discriminator AdamW learning rate
@@ -75,7 +80,9 @@ class GADConfig:
     scale_rewards: bool = True     # divide advantages by the group's reward std (GRPO); False: Dr. GRPO
     baseline: str = "group"        # advantage baseline: "group" (mean of the samples) or "teacher" (D of the teacher
                                    # response of the prompt, scored in the same D call)
-    sft_coef: float = 0.0          # + sft_coef * cross-entropy on the batch's teacher responses in each GRPO step
+    # + sft_coef * cross-entropy on the batch's teacher responses in each GRPO step (0: the paper's GAD). The lab
+    # measured 1 as the best GAD (it keeps teacher-forced KL below the SFT start; benchmarks/gad_tune.py).
+    sft_coef: float = 1.0
     max_new_tokens: int = 128      # sample length; teacher responses are cut to it too (no length cue for D)
     max_prompt_tokens: int = 512   # prompts are cut from the left
     micro_batch: int | None = None  # prompts per forward/backward (gradient accumulation); None: the whole batch

@@ -6,9 +6,8 @@
     → evaluate: estimation quality at the training positions, curves against corpus size and K,
       student quality on held-out teacher text, per distillation method and seed.
 
-Everything lands under `root/<preset>/run/`; `report.json` and `report.md` hold the tables. Every stage is
-skipped when its output exists (rerun = resume); a run directory made with other settings is refused unless
-`force`.
+Everything lands under `root/<preset>/run/`; `report.json` and `report.md` hold the tables. Every stage is skipped
+when its output exists (rerun = resume); a run directory made with other settings is refused unless `force`.
 """
 from __future__ import annotations
 
@@ -79,7 +78,9 @@ class LabRunConfig:
     align_lr: float = 1e-3          # SFT learning rate of the alignment (tiny models learn fast)
     dpo_lr: float = 1e-4
     gad_d_warmup: int = 10          # discriminator-only steps before the adversarial ones
-    gad_steps: int = 30             # adversarial (GRPO) steps, starting from the seed's SFT student
+    gad_steps: int = 60             # adversarial (GRPO) steps, starting from the seed's SFT student
+    gad_temperature: float = 1.0    # the teacher's sampling temperature (0.8 made GAD worse: benchmarks/gad_tune.py)
+    gad_sft_coef: float = 1.0       # teacher cross-entropy in each GRPO step (0: the paper's GAD)
     gad_group: int = 8
     gad_batch_prompts: int = 8
     gad_lr: float = 1e-4
@@ -124,8 +125,7 @@ def _stage(name: str, log: Callable[[str], None], timings: dict[str, float]):
 
 
 def _gad_student(seed: int, paths: dict[str, str], run: Path, cfg: LabRunConfig, progress: bool) -> Path:
-    """GAD from the seed's SFT student (the SFT warm-up of the paper), a discriminator initialised from it and
-    trained alone for `gad_d_warmup` steps, then `gad_steps` adversarial steps."""
+    """GAD from the seed's SFT student (the paper's SFT warm-up); D, initialised from it, trains alone first."""
     from bayeskd.distill.gad import gad
 
     out = run / "students" / f"gad-s{seed}"
@@ -134,7 +134,7 @@ def _gad_student(seed: int, paths: dict[str, str], run: Path, cfg: LabRunConfig,
         gad(str(run / "teacher_train.jsonl"), str(sft), str(out), warmup_steps=cfg.gad_d_warmup,
             warmup_d_only_steps=cfg.gad_d_warmup, steps=cfg.gad_steps, group_size=cfg.gad_group,
             batch_prompts=cfg.gad_batch_prompts, lr=cfg.gad_lr, d_lr=cfg.gad_lr, max_new_tokens=cfg.max_new_tokens,
-            seed=seed, progress=progress)
+            temperature=cfg.gad_temperature, sft_coef=cfg.gad_sft_coef, seed=seed, progress=progress)
     return out / "student"
 
 
