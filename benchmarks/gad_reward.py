@@ -2,6 +2,7 @@
 
     python benchmarks/gad_reward.py --preset tiny            # the finished tiny lab in runs/lab/tiny (~2 min CPU)
     python benchmarks/gad_reward.py --preset micro           # builds a micro lab in /tmp/gadlab if missing
+    python benchmarks/gad_reward.py --preset tiny --first-recipe   # the recipe before issue 17 (T 0.8, no SFT term)
 
 The teacher's TRAINING records (run/teacher_train.jsonl) are split by prompt into a tuning part (GAD trains on
 it) and a validation part (never seen by D or by the GRPO stage; the lab's evaluation prompts are never used).
@@ -191,6 +192,8 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=3, help="adversarial checkpoints scored after the warm-up")
     ap.add_argument("--steps", type=int, default=None, help="override the lab's gad_steps (default: the lab's)")
     ap.add_argument("--work", default=None, help="scratch dir (default /tmp/gad_reward_<preset>)")
+    ap.add_argument("--first-recipe", action="store_true",
+                    help="the lab's first GAD recipe (T 0.8, no SFT term, 30 steps; writes gad_reward_<preset>_first.*)")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -203,13 +206,16 @@ def main() -> None:
         subprocess.run([str(Path(sys.executable).parent / "bayeskd"), "lab", "run", "--preset", args.preset,
                         "--root", str(lab_root)], check=True)
     run = root / "run"
-    work = Path(args.work or f"/tmp/gad_reward_{args.preset}")
+    tag = args.preset + ("_first" if args.first_recipe else "")
+    work = Path(args.work or f"/tmp/gad_reward_{tag}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    gad_steps = args.steps or rc.gad_steps
+    gad_steps = args.steps or (30 if args.first_recipe else rc.gad_steps)
     points = sorted({max(1, round(gad_steps * i / args.points)) for i in range(1, args.points + 1)})
     settings = dict(warmup_steps=rc.gad_d_warmup, warmup_d_only_steps=rc.gad_d_warmup, group_size=rc.gad_group,
                     batch_prompts=rc.gad_batch_prompts, lr=rc.gad_lr, d_lr=rc.gad_lr,
-                    max_new_tokens=rc.max_new_tokens)
+                    max_new_tokens=rc.max_new_tokens, temperature=rc.gad_temperature, sft_coef=rc.gad_sft_coef)
+    if args.first_recipe:  # the recipe this diagnostic was first run on (issue 17): T 0.8, no SFT term
+        settings.update(temperature=0.8, sft_coef=0.0)
     print(f"preset={args.preset} lab={root} seeds={seeds} gad settings={settings} steps={gad_steps} points={points}",
           flush=True)
 
@@ -296,9 +302,9 @@ def main() -> None:
     res = {"preset": args.preset, "lab": str(root), "seeds": seeds, "gad_settings": {**settings, "steps": gad_steps},
            "points": names, "splits": splits, "val_frac": args.val_frac, "aggregate": agg, "rows": rows,
            "seconds": round(time.perf_counter() - t0, 1), "scatter": scatters}
-    jpath = RESULTS / f"gad_reward_{args.preset}.json"
+    jpath = RESULTS / f"gad_reward_{tag}.json"
     jpath.write_text(json.dumps(res, indent=1))
-    plot(scatters, names, seeds, RESULTS / f"gad_reward_{args.preset}.png", rows)
+    plot(scatters, names, seeds, RESULTS / f"gad_reward_{tag}.png", rows)
     print(f"\nwrote {jpath} and {jpath.with_suffix('.png')}; {res['seconds']:.0f} s")
 
 

@@ -35,7 +35,7 @@ from bayeskd.lab.run import RUN_DEFAULTS
 from bayeskd.teacher_forcing import target_logprobs as response_logprobs
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METRICS_VERSION = 2  # raise when Scorer changes: cached metrics are recomputed (a finished GAD run is reused)
+METRICS_VERSION = 3  # raise when Scorer changes: cached metrics are recomputed (a finished GAD run is reused)
 
 # name -> (GADConfig overrides on top of the lab's GAD settings, what it tests)
 VARIANTS: dict[str, tuple[dict, str]] = {
@@ -65,6 +65,9 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "t1_sft0.5_60": ({"temperature": 1.0, "sft_coef": 0.5, "steps": 60}, "T 1 + 0.5 x teacher cross-entropy, 60 steps"),
     "t1_sft_only_60": ({"temperature": 1.0, "sft_coef": 1.0, "steps": 60, "grpo_off": True},
                        "control: T 1, the SFT term alone, 60 steps"),
+    "t1_dlr1e-3": ({"temperature": 1.0, "d_lr": 1e-3}, "T 1, D learning rate x10 (D stays near chance at 1e-4)"),
+    "t1_sft1_60_dlr1e-3": ({"temperature": 1.0, "sft_coef": 1.0, "steps": 60, "d_lr": 1e-3},
+                           "T 1 + teacher cross-entropy, 60 steps, D learning rate x10"),
 }
 
 
@@ -104,8 +107,9 @@ def teacher_sized_init(preset: str, root: Path, work: Path) -> Path:
 class Scorer:
     """The teacher's rows on one seed's validation records, computed once; scores any student on them."""
 
-    def __init__(self, teacher, val_path: Path, tok, max_new_tokens: int, seed: int):
+    def __init__(self, teacher, val_path: Path, tok, max_new_tokens: int, seed: int, own_samples: int):
         self.records, _ = load_teacher_records(str(val_path))
+        self.own_samples = own_samples
         self.tok, self.teacher, self.seed, self.max_new = tok, teacher, seed, max_new_tokens
         self.tokd = tokenize_records(self.records, tok)
         self.rows = response_logprobs(teacher, self.tokd)
@@ -113,7 +117,10 @@ class Scorer:
     def __call__(self, student_dir: Path) -> dict[str, float]:
         from transformers import AutoModelForCausalLM
 
-        own = sample_own(str(student_dir), self.records, self.tok, max_new_tokens=self.max_new, seed=1000 + self.seed)
+        # own_samples draws per validation record (each batch has its own seed): kl_own's noise between variants
+        # is otherwise as large as their differences
+        own = sample_own(str(student_dir), list(self.records) * self.own_samples, self.tok,
+                         max_new_tokens=self.max_new, seed=1000 + self.seed)
         model = AutoModelForCausalLM.from_pretrained(str(student_dir))
         m = student_metrics(self.teacher, model, self.tokd, own_samples=own, teacher_rows=self.rows)
         # The other direction on the same own samples (what on-policy distillation minimises; mode-seeking RL can
@@ -135,6 +142,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--variants", default="lab", help=f"comma-separated, from: {', '.join(VARIANTS)}")
     ap.add_argument("--val-frac", type=float, default=0.15)
+    ap.add_argument("--own-samples", type=int, default=4, help="student samples per validation record for kl_own")
     ap.add_argument("--work", default=None, help="scratch dir (default /tmp/gad_tune_<preset>)")
     ap.add_argument("--student-size", default="lab", choices=["lab", "teacher"],
                     help="the student (and so D) at the lab's size, or a fresh init at the teacher's size (scale)")
@@ -180,7 +188,7 @@ def main() -> None:
             if cache.exists() and json.loads(cache.read_text()).get("metrics_version") == METRICS_VERSION:
                 m = json.loads(cache.read_text())
             else:
-                scorer = scorer or Scorer(teacher, val, tok, rc.max_new_tokens, seed)
+                scorer = scorer or Scorer(teacher, val, tok, rc.max_new_tokens, seed, args.own_samples)
                 t1 = time.perf_counter()
                 if name == "sft":
                     m = scorer(sft)
@@ -226,7 +234,7 @@ def main() -> None:
                                                   "what": VARIANTS[n][1] if n != "sft" else "SFT start (tuning part)",
                                                   "summary": table[n], "per_seed": results[n]} for n in table}}
     out.write_text(json.dumps({"preset": args.preset, "lab": str(root), "student_size": args.student_size, "seeds": seeds,
-                               "val_frac": args.val_frac,
+                               "val_frac": args.val_frac, "own_samples": args.own_samples,
                                "variants": variants}, indent=1))
     print(f"wrote {out}; {time.perf_counter() - t0:.0f} s")
 
