@@ -344,7 +344,7 @@ def gad(data: str, student: str, out: str, *, discriminator: str | None = None, 
     """Distill `student` (a `from_pretrained` path) from the teacher responses in `data` by GAD; see the module
     docstring. `discriminator`: where D starts (default: the student's backbone with a new head). `settings`
     are `GADConfig` fields (or pass `config`): warmup_steps, warmup_d_only_steps, steps, group_size=8,
-    temperature=0.8, batch_prompts, lr, d_lr, clip=0.2, kl_coef=0.001, max_new_tokens, seed, ...
+    temperature=1, sft_coef=1, batch_prompts, lr, d_lr, clip=0.2, kl_coef=0.001, max_new_tokens, seed, ...
 
     Writes out/warmup/{student,discriminator,optimizers.pt,state.json} (warm-up), the same under out/ (the
     adversarial stage; out/student is the distilled student with its tokenizer) and out/summary.json. A rerun
