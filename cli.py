@@ -7,7 +7,8 @@ from typing import Iterator
 
 import click
 
-from bayeskd.cli_config import codec_option, config_option, max_records_option, skip_bad_option
+from bayeskd.cli_config import (codec_option, config_option, gad_advantage_options, max_records_option,
+                                skip_bad_option)
 from bayeskd.sparse import EVIDENCE_MODES, MODES
 
 
@@ -457,7 +458,8 @@ def evaluate_cmd(**kwargs) -> None:
               help="The first warm-up steps update the discriminator only.")
 @click.option("--steps", default=100, show_default=True, type=click.IntRange(0), help="Adversarial (GRPO) steps.")
 @click.option("--group-size", default=8, show_default=True, type=click.IntRange(2), help="Samples per prompt.")
-@click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Student sampling temperature: the one the teacher's responses were sampled at.")
 @click.option("--batch-prompts", default=4, show_default=True, type=click.IntRange(1), help="Prompts per step.")
 @click.option("--lr", default=1e-5, show_default=True, type=float, help="Student learning rate (AdamW).")
 @click.option("--d-lr", default=1e-5, show_default=True, type=float, help="Discriminator learning rate (AdamW).")
@@ -465,6 +467,7 @@ def evaluate_cmd(**kwargs) -> None:
 @click.option("--kl-coef", default=0.001, show_default=True, type=click.FloatRange(0),
               help="Weight of the KL to the reference (the warm-up student); 0: none.")
 @click.option("--ppo-epochs", default=1, show_default=True, type=click.IntRange(1))
+@gad_advantage_options
 @click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1))
 @click.option("--max-prompt-tokens", default=512, show_default=True, type=click.IntRange(1))
 @click.option("--micro-batch", default=None, type=click.IntRange(1), help="Prompts per forward/backward.")
