@@ -83,8 +83,10 @@ def gad_advantage_options(f):
     f = click.option("--sft-coef", default=GAD_DEFAULTS["sft_coef"], show_default=True, type=click.FloatRange(0),
                      help="Weight of a cross-entropy term on the batch's teacher responses in each GRPO step (0: the "
                      "paper's GAD).")(f)
-    f = click.option("--baseline", default=GAD_DEFAULTS["baseline"], show_default=True, type=click.Choice(["group", "teacher"]),
+    f = click.option("--baseline", default=GAD_DEFAULTS["baseline"], show_default=True,
+                     type=click.Choice(["group", "teacher"]),
                      help="Advantage baseline: the group's mean reward, or D's score of the prompt's teacher "
                      "response.")(f)
-    return click.option("--scale-rewards/--no-scale-rewards", default=GAD_DEFAULTS["scale_rewards"], show_default=True,
+    return click.option("--scale-rewards/--no-scale-rewards", default=GAD_DEFAULTS["scale_rewards"],
+                        show_default=True,
                         help="Divide advantages by the group's reward std (GRPO) or not (Dr. GRPO).")(f)

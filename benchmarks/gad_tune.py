@@ -223,19 +223,18 @@ def main() -> None:
         row["own_len"] = float(np.mean([per[str(s)]["own_len"] for s in seeds]))
         row["d_acc_last5"] = float(np.mean([per[str(s)].get("d_acc_last5", np.nan) for s in seeds]))
         table[name] = row
-        print(f"{name:<14} {row['kl_tf'][0]:.4f}±{row['kl_tf'][1]:.4f} {row['d_kl_tf'][0]:+.4f}±{row['d_kl_tf'][1]:.4f}"
-              f" {row['kl_own'][0]:.4f}±{row['kl_own'][1]:.4f} {row['d_kl_own'][0]:+.4f}±{row['d_kl_own'][1]:.4f}"
-              f" {row['d_rkl_own'][0]:+.4f}±{row['d_rkl_own'][1]:.4f} {row['d_ent_own'][0]:+.4f}±{row['d_ent_own'][1]:.4f}"
-              f" {row['own_len']:>8.1f} {row['d_acc_last5']:>6.2f}")
+        cells = [f"{row[k][0]:{'+' if k.startswith('d_') else ''}.4f}±{row[k][1]:.4f}"
+                 for k in ("kl_tf", "d_kl_tf", "kl_own", "d_kl_own", "d_rkl_own", "d_ent_own")]
+        print(f"{name:<14} " + " ".join(cells) + f" {row['own_len']:>8.1f} {row['d_acc_last5']:>6.2f}")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"gad_tune_{args.preset}{suffix}.json"
     old = json.loads(out.read_text()) if out.exists() else {}
-    variants = {**old.get("variants", {}), **{n: {"settings": variant_settings(args.preset, n) if n != "sft" else None,
-                                                  "what": VARIANTS[n][1] if n != "sft" else "SFT start (tuning part)",
-                                                  "summary": table[n], "per_seed": results[n]} for n in table}}
-    out.write_text(json.dumps({"preset": args.preset, "lab": str(root), "student_size": args.student_size, "seeds": seeds,
-                               "val_frac": args.val_frac, "own_samples": args.own_samples,
-                               "variants": variants}, indent=1))
+    new = {n: {"settings": variant_settings(args.preset, n) if n != "sft" else None,
+               "what": VARIANTS[n][1] if n != "sft" else "SFT start (tuning part)",
+               "summary": table[n], "per_seed": results[n]} for n in table}
+    out.write_text(json.dumps({"preset": args.preset, "lab": str(root), "student_size": args.student_size,
+                               "seeds": seeds, "val_frac": args.val_frac, "own_samples": args.own_samples,
+                               "variants": {**old.get("variants", {}), **new}}, indent=1))
     print(f"wrote {out}; {time.perf_counter() - t0:.0f} s")
 
 
