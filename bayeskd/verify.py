@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from bayeskd.locks import LOCK_NAME
-from bayeskd.integrity import RECORD, checksum_findings, file_problem
+from bayeskd.integrity import RECORD, CorruptOutputError, checksum_findings, file_problem
 from bayeskd.sparse import MANIFEST, read_manifest
 
 _CHECKPOINT = re.compile(r"^checkpoint-\d+$")
@@ -83,7 +83,6 @@ def _recorded(folder: Path, seen: set[Path]) -> list[Finding]:
 def _gad_state(path: Path, seen: set[Path]) -> list[Finding]:
     """A GAD stage: state.json records its checkpoint's files (and a sha256 of itself)."""
     from bayeskd.distill.checkpoints import verify_file_record
-    from bayeskd.integrity import CorruptOutputError
 
     try:
         state = json.loads(path.read_bytes().decode("utf-8"))

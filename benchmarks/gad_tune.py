@@ -122,13 +122,14 @@ class Scorer:
         own = sample_own(str(student_dir), list(self.records) * self.own_samples, self.tok,
                          max_new_tokens=self.max_new, seed=1000 + self.seed)
         model = AutoModelForCausalLM.from_pretrained(str(student_dir))
-        m = student_metrics(self.teacher, model, self.tokd, own_samples=own, teacher_rows=self.rows)
-        # The other direction on the same own samples (what on-policy distillation minimises; mode-seeking RL can
-        # lower it while raising kl_own) and the student's entropy there (RL tends to sharpen a policy).
+        m = student_metrics(self.teacher, model, self.tokd, teacher_rows=self.rows)  # nll, kl_tf
+        # On the own samples, from one pass of each model: kl_own (as student_metrics computes it), the other
+        # direction (what on-policy distillation minimises; mode-seeking RL can lower it while raising kl_own) and
+        # the student's entropy (RL tends to sharpen a policy).
         V = int(self.tokd.vocab_size)
         t_lp, valid = response_logprobs(self.teacher, own, vocab_size=V)
         s_lp, _ = response_logprobs(model, own, vocab_size=V)
-        m.update(summarize({"rkl_own": kl_teacher_to_estimate(s_lp, t_lp),
+        m.update(summarize({"kl_own": kl_teacher_to_estimate(t_lp, s_lp), "rkl_own": kl_teacher_to_estimate(s_lp, t_lp),
                             "ent_own": -(s_lp.exp() * s_lp).sum(-1).double()}, valid))
         resp = own.response_sequences()
         m["own_len"] = float(np.mean([len(r) for r in resp]))

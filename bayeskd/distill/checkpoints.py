@@ -18,7 +18,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from bayeskd.integrity import RECORD, CorruptOutputError, verify_checksums, write_checksums
+from bayeskd.integrity import (RECORD, CorruptOutputError, MissingOutputError, file_entry, file_problem, json_sha256,
+                               read_json, verify_checksums, write_checksums)
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -104,8 +105,6 @@ def resume_point(asked: str | bool | None, out: str | os.PathLike) -> str | None
 def with_file_record(folder: str | os.PathLike, state: dict) -> dict:
     """`state` plus the size and sha256 of every file below `folder` and a sha256 of itself (a flipped digit in
     state.json still parses)."""
-    from bayeskd.integrity import file_entry, json_sha256
-
     d = Path(folder)
     files = {str(p.relative_to(d)): file_entry(p) for p in sorted(d.rglob("*")) if p.is_file()}
     body = {**state, "files": files}
@@ -115,8 +114,6 @@ def with_file_record(folder: str | os.PathLike, state: dict) -> dict:
 def verify_file_record(folder: str | os.PathLike, state: dict, state_name: str) -> None:
     """Raise CorruptOutputError naming the damaged state file or the first damaged, resized or missing file of
     the checkpoint in `folder` (states written before records existed carry none and are trusted)."""
-    from bayeskd.integrity import MissingOutputError, file_problem, json_sha256
-
     d = Path(folder)
     hint = f"the GAD checkpoint in {d} is damaged; remove {d} to redo this stage"
     body = {k: v for k, v in state.items() if k != "state_sha256"}
@@ -142,8 +139,6 @@ def record_stage(folder: str | os.PathLike) -> None:
 def read_stage(stage: str | os.PathLike) -> dict:
     """A finished stage's summary.json, after checking its files against their record (stages published before
     records existed carry none and are trusted)."""
-    from bayeskd.integrity import read_json
-
     stage = Path(stage)
     hint = f"the align-proxy stage {stage} is damaged; remove {stage} and rerun to redo it"
     if (stage / RECORD).exists():
@@ -153,8 +148,6 @@ def read_stage(stage: str | os.PathLike) -> dict:
 
 def final_is_current(final: str | os.PathLike, stage_name: str) -> bool:
     """Whether final/ is an intact copy of `stage_name`; a damaged one is named in a warning (it is rebuilt)."""
-    from bayeskd.integrity import read_json
-
     final = Path(final)
     try:
         if (final / RECORD).exists():

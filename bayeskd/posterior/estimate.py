@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bayeskd.integrity import RECORD, load_npy, read_json, verify_checksums
 from bayeskd.records import records_fingerprint
 from bayeskd.posterior.calibrate import calibrate_on_records, calibration_indices, index_ranges
 from bayeskd.posterior.proxy import ProxyPosterior
@@ -62,7 +63,6 @@ def _check_counted_on(pdir: Path, records: list) -> None:
     counted, or it removes counts that belong to other occurrences."""
     import numpy as np
 
-    from bayeskd.integrity import load_npy
     from bayeskd.records import record_digests
     from bayeskd.priors.estimate import COUNTED_ON
 
@@ -131,8 +131,6 @@ def estimate_posterior(data: str | None = None, prior_dir: str | None = None, pr
         pdir = Path(prior_dir)
         if not pdir.exists():
             raise FileNotFoundError(f"{prior_dir}: prior directory does not exist")
-        from bayeskd.integrity import RECORD, read_json, verify_checksums
-
         if (pdir / RECORD).exists():  # written by estimate-prior (or a saved prior): every file as written
             verify_checksums(pdir, hint=f"rerun estimate-prior --out {pdir} to write it again")
         psummary = read_json(pdir / "summary.json") if (pdir / "summary.json").exists() else {}

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from bayeskd.integrity import CorruptOutputError, file_problem
 from bayeskd.sparse import (LENGTHS, MANIFEST, RECORD_INDEX, CacheMismatchError, ShardReader, ShardWriter,
                             SparseDist, check_manifest, read_manifest, write_manifest)
 
@@ -147,8 +148,6 @@ class PriorTopK:
                 raise CacheMismatchError(f"{topk_dir}: prior top-K rows made with {key}={cfg[key]!r}, the prior "
                                          f"has {val!r}")
         names, starts, lengths = [], [], []
-        from bayeskd.integrity import CorruptOutputError, file_problem
-
         for name in reader.shard_names:
             # size only here (the checksum is checked when the shard is read): safetensors' own error names no file
             problem = file_problem(topk_dir / name, reader.manifest["shards"][name], checksum=False)

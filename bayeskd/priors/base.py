@@ -14,6 +14,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from bayeskd.integrity import RECORD, verify_checksums
 from bayeskd.sparse import SparseDist
 
 
@@ -49,8 +50,6 @@ def load_prior(path: str | os.PathLike) -> Prior:
     if (d / "prior").is_dir():
         d = d / "prior"
     config = d / "config.json"
-    from bayeskd.integrity import RECORD, verify_checksums
-
     # first: a damaged or deleted config.json is named as such, not as an unknown format or "not a prior"
     if (d / RECORD).exists():
         verify_checksums(d, hint=f"the prior is damaged; count it again (remove {d} and rerun estimate-prior)")
