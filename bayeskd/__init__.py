@@ -2,7 +2,8 @@
 from bayeskd.corpus import embedded_corpus, embedded_teacher_jsonl, train_bpe_tokenizer
 from bayeskd.data import DataError, TokenizedData, load_teacher_records, load_tokenizer, tokenize_records
 from bayeskd.evaluation.metrics import kl_teacher_to_estimate, smoothed_one_hot, top1_match, topk_mass_coverage
-from bayeskd.losses import TARGET_FLOOR, fused_linear_posterior_kd, fused_posterior_kd, sparse_kd_loss
+from bayeskd.linear_losses import fused_linear_posterior_kd
+from bayeskd.losses import TARGET_FLOOR, fused_posterior_kd, sparse_kd_loss
 from bayeskd.posterior.combine import combine
 from bayeskd.priors import NGramPrior, Prior, load_prior
 from bayeskd.priors.estimate import estimate_prior

@@ -7,9 +7,8 @@ Three implementations compute the same numbers:
   the posterior formed on the union support only (never an [N, V] target) and the gradient written in closed
   form, optionally into the logits buffer itself (`inplace=True`, like Liger's cross entropy).
 - the Triton kernels (`bayeskd.kernels.sparse_kd`), used on CUDA.
-`fused_posterior_kd` picks between the last two (`pick_backend`); `fused_linear_posterior_kd` does the same for
-the lm_head-fused op of `bayeskd.kernels.fused_linear_sparse_kd`, whose PyTorch chunk loss lives here so that
-`kernels/` holds Triton only.
+`fused_posterior_kd` picks between the last two (`pick_backend`). The lm_head-fused ops (loss from the hidden
+states, no [N, V] logits) live in `bayeskd.linear_losses`.
 """
 from __future__ import annotations
 
@@ -405,50 +404,3 @@ def fused_posterior_kd(student_logits: torch.Tensor, prior: SparseDist,
         args.proxy_tail, args.proxy_logits, mode=args.mode, a=args.a, b=args.b, w_rows=args.w_rows,
         teacher_tokens=args.teacher_tokens, evidence=args.evidence, divergence=args.divergence, beta=args.beta,
         temperature=args.temperature, mask=args.mask, tail=args.tail, inplace=args.inplace)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# lm_head + loss without the [N, V] logits (kernels/fused_linear_sparse_kd.py holds the chunk loop)
-
-def torch_chunk_loss(logits: torch.Tensor, targets: tuple, kwargs: dict, need_grad: bool) -> torch.Tensor:
-    """The PyTorch chunk loss of the fused-linear op: loss [c] of one chunk of logits, whose values are replaced
-    by their gradient (when `need_grad`; otherwise they are scratch). `targets` and `kwargs` are the validated,
-    resolved arguments the kernel's chunk loop slices per chunk (per-row mixture weights included)."""
-    p_idx, p_lp, p_tail, q_idx, q_lp, q_tail, q_logits = targets
-    if kwargs.get("check_finite", True):  # NaN/inf in hidden or lm_head would otherwise give a silent NaN loss
-        _check_logits(logits, "student logits (hidden @ weight.T)")
-    args = _Args(logits.shape[1], p_idx, p_lp, p_tail, q_idx, q_lp, q_tail, q_logits, kwargs["mode"],
-                 kwargs["a"], kwargs["b"], kwargs["w_rows"], kwargs["teacher_tokens"], kwargs["evidence"],
-                 kwargs["divergence"], kwargs["beta"], kwargs["temperature"], kwargs["mask"], kwargs["tail"],
-                 inplace=True)
-    z = logits.detach()
-    return _fused_forward(z, z, args)
-
-
-def fused_linear_posterior_kd(hidden: torch.Tensor, weight: torch.Tensor, prior: SparseDist,
-                              proxy: SparseDist | torch.Tensor | None = None, *, mode: str = "log_linear",
-                              a: float = 1.0, b: float = 1.0, c: float = 1.0, w: float = 0.5,
-                              theta: Theta | None = None,
-                              teacher_tokens: torch.Tensor | None = None, evidence: float = 0.0,
-                              divergence: str = "forward_kl", beta: float | None = None, temperature: float = 1.0,
-                              mask: torch.Tensor | None = None, tail: str = "bucket", chunk_size: int | None = None,
-                              backend: str = "auto") -> torch.Tensor:
-    """`fused_posterior_kd` of the logits hidden @ weight.T (hidden [N, H], weight [V, H]: the lm_head), without
-    ever holding the [N, V] logits: rows in chunks, each chunk's logits turned into their gradient at once.
-    Differentiable w.r.t. hidden and weight."""
-    from bayeskd.kernels.fused_linear_sparse_kd import fused_linear_sparse_kd
-
-    if hidden.dim() != 2 or weight.dim() != 2:
-        raise ValueError(f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)} and "
-                         f"{tuple(weight.shape)}")
-    chosen = pick_backend(backend, hidden.device)
-    shape_only = hidden.new_empty(()).expand(hidden.shape[0], weight.shape[0])  # no memory: shapes are checked
-    args = _prepare(shape_only, prior, proxy, mode, a, b, c, w, teacher_tokens, evidence, divergence, beta,
-                    temperature, mask, tail, False, check_values=chosen == "torch", student_values=False,
-                    theta=theta)
-    return fused_linear_sparse_kd(
-        hidden, weight, args.prior_idx, args.prior_lp, args.prior_tail, args.proxy_idx, args.proxy_lp,
-        args.proxy_tail, args.proxy_logits, mode=args.mode, a=args.a, b=args.b, w_rows=args.w_rows,
-        teacher_tokens=args.teacher_tokens, evidence=args.evidence, divergence=args.divergence, beta=args.beta,
-        temperature=args.temperature, mask=args.mask, tail=args.tail, chunk_size=chunk_size,
-        chunk_loss=torch_chunk_loss if chosen == "torch" else None)

@@ -289,7 +289,7 @@ def bench_fused_linear(device, quick):
     tail = torch.rand(n, generator=g) * 0.5 + 0.05
     lp = torch.log_softmax(torch.randn(n, k, generator=g), 1) + torch.log1p(-tail)[:, None]
     prior = (idx.to(device), lp.to(device), tail.to(device))
-    from bayeskd.losses import torch_chunk_loss
+    from bayeskd.linear_losses import torch_chunk_loss
 
     chunk_loss = None if device == "cuda" else torch_chunk_loss  # None: the Triton kernel
 

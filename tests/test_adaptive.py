@@ -17,6 +17,7 @@ if INTERPRET:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from bayeskd import linear_losses as LL  # noqa: E402
 from bayeskd import losses as L  # noqa: E402
 from bayeskd.posterior.adaptive import (FEATURES, adaptive_features, adaptive_settings, adaptive_weights,  # noqa: E402
                                         fit_adaptive, prior_weights)
@@ -220,7 +221,7 @@ def test_fused_linear_torch_path_matches_reference():
     kw = dict(mode="adaptive", theta=settings, teacher_tokens=y, evidence=0.5)
     want, _ = reference(hidden @ weight.T, prior, proxy, kw, "forward_kl", 1.3, None)
     x = hidden.clone().requires_grad_(True)
-    got = L.fused_linear_posterior_kd(x, weight, prior, proxy, temperature=1.3, chunk_size=4, backend="torch", **kw)
+    got = LL.fused_linear_posterior_kd(x, weight, prior, proxy, temperature=1.3, chunk_size=4, backend="torch", **kw)
     got.sum().backward()
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=2e-6)
     xr = hidden.double().requires_grad_(True)

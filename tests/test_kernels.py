@@ -487,6 +487,7 @@ def test_fused_linear_default_chunk_and_no_weight_grad():
 def test_fused_linear_torch_backend_and_losses_reference():
     """The CPU path of bayeskd.losses inside the fused-linear op, and the kernel against losses' reference."""
     losses = pytest.importorskip("bayeskd.losses")
+    linear_losses = pytest.importorskip("bayeskd.linear_losses")
     if not hasattr(losses, "fused_posterior_kd") or not hasattr(losses, "sparse_kd_loss"):
         pytest.skip("bayeskd.losses has no fused_posterior_kd / sparse_kd_loss yet")
     gen = seeded(32)
@@ -500,9 +501,9 @@ def test_fused_linear_torch_backend_and_losses_reference():
         if entry == "kernel":
             loss = fused_linear_sparse_kd(x, w, prior.indices, prior.logprobs, prior.tail, proxy.indices,
                                           proxy.logprobs, proxy.tail, chunk_size=4, temperature=1.5,
-                                          chunk_loss=losses.torch_chunk_loss, **kw)
+                                          chunk_loss=linear_losses.torch_chunk_loss, **kw)
         else:
-            loss = losses.fused_linear_posterior_kd(x, w, prior, proxy, chunk_size=4, temperature=1.5,
+            loss = linear_losses.fused_linear_posterior_kd(x, w, prior, proxy, chunk_size=4, temperature=1.5,
                                                     backend="torch", **kw)
         loss.sum().backward()
         assert float((loss.detach().double() - ref_loss).abs().max()) < 1e-4, entry

@@ -19,6 +19,7 @@ if os.environ["TRITON_INTERPRET"] == "1" and "bayeskd.kernels.sparse_kd" in sys.
     if "bayeskd.kernels.fused_linear_sparse_kd" in sys.modules:
         importlib.reload(sys.modules["bayeskd.kernels.fused_linear_sparse_kd"])
 
+import bayeskd.linear_losses as LL  # noqa: E402
 import bayeskd.losses as L  # noqa: E402
 from bayeskd.posterior.combine import combine  # noqa: E402
 from bayeskd.sparse import ShardReader, ShardWriter, SparseDist  # noqa: E402
@@ -62,9 +63,9 @@ def test_non_finite_student_logits_are_a_clear_error(rng, bad):
     hidden, weight = _logits(rng, N, 8), _logits(rng, V, 8, scale=0.3)
     hidden[int(rng.integers(N)), int(rng.integers(8))] = bad
     with pytest.raises(ValueError, match="NaN or infinite"):
-        L.fused_linear_posterior_kd(hidden, weight, prior, backend="torch")
+        LL.fused_linear_posterior_kd(hidden, weight, prior, backend="torch")
     with pytest.raises(ValueError, match="NaN or infinite"):
-        L.fused_linear_posterior_kd(hidden, weight, prior, backend="triton")
+        LL.fused_linear_posterior_kd(hidden, weight, prior, backend="triton")
 
 
 def test_non_finite_targets_are_a_clear_error(rng):
@@ -129,7 +130,7 @@ def test_all_masked_batch_is_zero_loss_and_zero_gradient(rng, backend):
     if backend == "linear":
         hidden = _logits(rng, N, 8).requires_grad_(True)
         weight = _logits(rng, V, 8, 0.3).requires_grad_(True)
-        loss = L.fused_linear_posterior_kd(hidden, weight, prior, mask=mask, backend="torch")
+        loss = LL.fused_linear_posterior_kd(hidden, weight, prior, mask=mask, backend="torch")
         leaves = (hidden, weight)
     else:
         loss = (L.sparse_kd_loss(z, prior, mask=mask) if backend == "reference"

@@ -35,7 +35,8 @@ import transformers
 from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
 from bayeskd.distill.targets import (CONTEXT_COUNT_KEY, WEIGHT_KEY, WEIGHT_NORMALIZATIONS, BayesKDCollator,
                                      TeacherTargetsDataset)
-from bayeskd.losses import fused_linear_posterior_kd, fused_posterior_kd
+from bayeskd.linear_losses import fused_linear_posterior_kd
+from bayeskd.losses import fused_posterior_kd
 from bayeskd.sparse import CONTEXT_COUNT, MODES, TEACHER_LOGPROB, SparseDist, atomic_write_json
 from bayeskd.teacher_forcing import model_logits, select_rows
 from bayeskd.distill.checkpoints import ChecksumCallback, checkpoints, remove_unrecorded, resume_point
@@ -63,7 +64,7 @@ class BayesKDConfig(transformers.TrainingArguments):
     fused_backend: str = field(default="auto", metadata={"help": "fused KD backend: auto, torch or triton"})
     fused_linear: bool = field(default=False, metadata={
         "help": "hand the student's last hidden states and lm_head weight to the loss (CE and KD), so the [N, V] "
-                "logits are never built (bayeskd.losses.fused_linear_posterior_kd); DDP-safe, not for FSDP"})
+                "logits are never built (bayeskd.linear_losses.fused_linear_posterior_kd); DDP-safe, not for FSDP"})
     whitebox_top_k: int = field(default=64, metadata={"help": "top-k of the teacher's logits in white-box mode"})
     posterior_mode: str = field(default="log_linear", metadata={
         "help": "online-posterior mode: log_linear (p ∝ p0^a q^b), dirichlet (c) or mixture (w)"})

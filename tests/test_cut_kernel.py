@@ -1,0 +1,199 @@
+"""The cut-logits kernel (kernels/cut_sparse_kd.py, Triton interpreter on CPU) against the float64 dense reference
+of test_kernels.py: z = hidden @ weight.T (+ bias) built in float64, the posterior and divergence formed densely,
+gradients for hidden, weight and bias by autograd. Seeds are fixed per test (printed on failure via the case id).
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are decorated (test_kernels does the same)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from test_kernels import DIVS, reference, rel_err, seeded, targets  # noqa: E402 (sets up the interpreter)
+
+from bayeskd.kernels.cut_sparse_kd import cut_sparse_kd, gather_logits, row_stats  # noqa: E402
+from bayeskd.linear_losses import cut_head, fused_linear_posterior_kd  # noqa: E402
+from bayeskd.losses import _prepare  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+
+N, H, V = 13, 24, 101  # odd everywhere: tail tiles in rows, hidden size and vocabulary (blocks 16 x 32 x 16)
+SMALL = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16)
+
+
+def inputs(gen, n=N, h=H, v=V, dtype=torch.float32, bias=False):
+    hidden = torch.randn(n, h, generator=gen).to(dtype)
+    weight = (torch.randn(v, h, generator=gen) * 0.6).to(dtype)
+    b = (torch.randn(v, generator=gen) * 0.5).to(dtype) if bias else None
+    return hidden, weight, b
+
+
+def dense_reference(hidden, weight, bias, prior, proxy, proxy_logits, grad_output, **kw):
+    """float64: loss [N] and the gradients w.r.t. hidden, weight, bias (through the dense logits' gradient)."""
+    z = hidden.double() @ weight.double().t()
+    if bias is not None:
+        z = z + bias.double()
+    loss, gz = reference(z, prior, proxy, proxy_logits, grad_output=grad_output, **kw)
+    return loss, gz @ weight.double(), gz.t() @ hidden.double(), gz.sum(0)
+
+
+def run_cut(hidden, weight, bias, prior, proxy, proxy_logits, grad_output, needs=(True, True, True), **kw):
+    """Loss and gradients through the library entry, as a user calls it (or, with launcher overrides, through
+    the kernel with the library's head)."""
+    x = hidden.clone().requires_grad_(needs[0])
+    w = weight.clone().requires_grad_(needs[1])
+    b = bias.clone().requires_grad_(needs[2]) if bias is not None else None
+    opts = {k: kw.pop(k) for k in ("blocks", "splits", "slab_rows") if k in kw}
+    mode, w_rows = kw.pop("mode"), kw.pop("w_rows", None)
+    lib = dict(kw, mode="log_linear" if mode == "none" else mode)  # the library's prior-alone is proxy=None
+    if w_rows is not None:  # the library takes one mixture weight; per-row weights are the kernel's own input
+        lib["w"] = float(w_rows[0])
+    target_proxy = proxy if proxy is not None else proxy_logits
+    if opts:
+        args = _prepare(hidden.new_empty(()).expand(len(hidden), len(weight)), prior, target_proxy, lib["mode"], 1.0,
+                        1.0, 1.0, lib.get("w", 0.5), kw.get("teacher_tokens"), kw.get("evidence", 0.0),
+                        kw.get("divergence", "forward_kl"), kw.get("beta"), kw.get("temperature", 1.0),
+                        kw.get("mask"), kw.get("tail", "bucket"), False, student_values=False)
+        args.w_rows = w_rows
+        loss = cut_sparse_kd(x, w, cut_head(args), bias=b, temperature=kw.get("temperature", 1.0), **opts)
+    else:
+        loss = fused_linear_posterior_kd(x, w, prior, target_proxy, bias=b, cut=True, backend="triton", **lib)
+    loss.backward(grad_output)
+    return loss.detach(), x.grad, w.grad, b.grad if b is not None else None
+
+
+def check(gen, mode="log_linear", k=16, dtype=torch.float32, bias=False, tol=2e-5, grad_tol=1e-4, n=N, v=V,
+          needs=(True, True, True), **kw):
+    hidden, weight, b = inputs(gen, n=n, v=v, dtype=dtype, bias=bias)
+    prior, proxy, ql, extra = targets(mode, n, v, k, gen)
+    kw = {**extra, **kw}
+    if "w_rows" in kw and not {"blocks", "splits", "slab_rows"} & set(kw):  # noqa
+        kw["w_rows"] = torch.full((n,), float(kw["w_rows"][0]))  # the library entry takes one mixture weight
+    go = torch.rand(n, generator=gen) + 0.5  # per-row weights: the coefficients scale by them in backward
+    launcher = {"blocks", "splits", "slab_rows"}
+    ref = dense_reference(hidden, weight, b, prior, proxy, ql, go,
+                          **{k: x for k, x in kw.items() if k not in launcher})
+    got = run_cut(hidden, weight, b, prior, proxy, ql, go, needs=needs, **kw)
+    assert torch.isfinite(got[0]).all()
+    err = float((got[0].double() - ref[0]).abs().max())
+    assert err <= tol * max(1.0, float(ref[0].abs().max())), (err, got[0], ref[0])
+    for name, g, r, need in zip(("hidden", "weight", "bias"), got[1:], ref[1:], needs):
+        if name == "bias" and b is None:
+            continue
+        if not need:
+            assert g is None, name
+            continue
+        assert g.dtype == dtype and torch.isfinite(g).all(), name
+        assert rel_err(g, r) <= grad_tol, (name, rel_err(g, r))
+    return got, ref
+
+
+@pytest.mark.parametrize("mode", ["none", "log_linear", "mixture", "online"])
+@pytest.mark.parametrize("divergence,beta", DIVS)
+def test_every_mode_and_divergence(mode, divergence, beta):
+    check(seeded(100), mode, divergence=divergence, beta=beta, temperature=1.3)
+
+
+@pytest.mark.parametrize("k", [1, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_k_dtype_bias(k, dtype, bias):
+    fp16 = dtype == torch.float16  # gradients are stored in fp16: ~1e-3 relative
+    check(seeded(101 + k), "log_linear", k=k, dtype=dtype, bias=bias, tol=1e-4 if fp16 else 2e-5,
+          grad_tol=3e-3 if fp16 else 1e-4, divergence="jsd", beta=0.5)
+
+
+def test_masked_rows_teacher_tokens_evidence():
+    gen = seeded(102)
+    mask = torch.rand(N, generator=gen) > 0.3
+    mask[:2] = torch.tensor([False, True])
+    got, _ = check(gen, "mixture", mask=mask, teacher_tokens=torch.randint(0, V, (N,), generator=gen),
+                   evidence=0.5, divergence="reverse_kl")
+    assert (got[0][~mask] == 0).all()
+
+
+def test_masked_rows_give_no_gradient():
+    gen = seeded(103)
+    hidden, weight, _ = inputs(gen)
+    prior, _, _, _ = targets("none", N, V, 16, gen)
+    mask = torch.zeros(N, dtype=torch.bool)
+    mask[5] = True
+    x = hidden.clone().requires_grad_()
+    loss = fused_linear_posterior_kd(x, weight, prior, mask=mask, cut=True, backend="triton")
+    loss.sum().backward()
+    assert (x.grad[~mask] == 0).all() and (x.grad[5] != 0).any()
+
+
+@pytest.mark.parametrize("divergence,beta", [("forward_kl", 0.5), ("tvd", 0.5)])
+def test_tail_ignore(divergence, beta):
+    check(seeded(104), "log_linear", tail="ignore", divergence=divergence, beta=beta, temperature=0.8)
+
+
+def test_tiles_splits_and_slabs():
+    """Several forward splits, several fp32-accumulator slabs of grad_weight (fp16 weight), blocks with tails."""
+    for splits, slab in ((3, 32), (1, 64), (4, 96)):
+        check(seeded(105 + splits), "online", dtype=torch.float16, bias=True, tol=1e-4, grad_tol=3e-3,
+              blocks=SMALL, splits=splits, slab_rows=slab, divergence="forward_kl")
+
+
+def test_only_some_gradients():
+    check(seeded(108), "log_linear", needs=(False, True, True), bias=True)
+    check(seeded(109), "log_linear", needs=(True, False, False), bias=True)
+
+
+def test_full_support_rows_have_no_bucket():
+    """K = V: U covers the vocabulary (R = 0), the bucket is empty."""
+    check(seeded(110), "none", k=37, v=37, n=5, divergence="forward_kl")
+
+
+def test_no_grad_gives_loss_only():
+    gen = seeded(111)
+    hidden, weight, _ = inputs(gen)
+    prior, proxy, _, kw = targets("log_linear", N, V, 16, gen)
+    with torch.no_grad():
+        loss = fused_linear_posterior_kd(hidden, weight, prior, proxy, cut=True, backend="triton", **kw)
+    ref = dense_reference(hidden, weight, None, prior, proxy, None, None, **kw)[0]
+    assert float((loss.double() - ref).abs().max()) < 2e-5
+
+
+def test_row_stats_and_gather_match_torch():
+    gen = seeded(112)
+    hidden, weight, b = inputs(gen, bias=True)
+    z = (hidden.double() @ weight.double().t() + b.double()) / 0.7
+    for splits in (1, 2, 4):
+        mx, total = row_stats(hidden, weight, b, 0.7, blocks=SMALL, splits=splits)
+        assert torch.allclose(mx.double() + total.double().log(), torch.logsumexp(z, 1), atol=1e-5)
+    idx = torch.randint(-1, V, (N, 7), generator=gen)
+    got = gather_logits(hidden, weight, b, idx)
+    want = torch.where(idx >= 0, (z * 0.7).gather(1, idx.clamp(min=0)), 0.0)
+    assert torch.allclose(got.double(), want, atol=1e-5)
+
+
+def test_bad_inputs_rejected():
+    gen = seeded(113)
+    hidden, weight, _ = inputs(gen)
+    prior, _, _, _ = targets("none", N, V, 16, gen)
+    bad = hidden.clone()
+    bad[4, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or infinite values in the student logits .*row 4"):
+        fused_linear_posterior_kd(bad, weight, prior, cut=True, backend="triton")
+    with pytest.raises(ValueError, match="bias must have shape"):
+        fused_linear_posterior_kd(hidden, weight, prior, cut=True, backend="triton",
+                                  bias=torch.zeros(V + 1))
+    with pytest.raises(ValueError, match="bias is supported by the cut-logits kernel only"):
+        fused_linear_posterior_kd(hidden, weight, prior, backend="torch", bias=torch.zeros(V))
+    with pytest.raises(ValueError, match="same dtype"):
+        fused_linear_posterior_kd(hidden.half(), weight, prior, cut=True, backend="triton")
+    nan_prior = targets("none", N, V, 16, gen)[0]
+    nan_prior.logprobs[2, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        fused_linear_posterior_kd(hidden, weight, nan_prior, cut=True, backend="triton")
+
+
+def test_torch_backend_runs_the_chunked_op():
+    """cut=True on the PyTorch backend (no cut kernel there) gives the same numbers through the chunked op."""
+    gen = seeded(114)
+    hidden, weight, _ = inputs(gen)
+    prior, proxy, _, kw = targets("log_linear", N, V, 16, gen)
+    a = fused_linear_posterior_kd(hidden, weight, prior, proxy, cut=True, backend="torch", **kw)
+    b = fused_linear_posterior_kd(hidden, weight, prior, proxy, cut=True, backend="triton", **kw)
+    assert float((a - b).abs().max()) < 2e-5
