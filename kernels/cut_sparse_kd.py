@@ -112,8 +112,8 @@ def _gather_kernel(h_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, H, J, stride_h, stride
 @triton.jit
 def _dense_bwd_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, gb_ptr, cap_ptr, gbar_ptr, gh_ptr, gw_ptr, gbias_ptr,
                       N, H, v0, v1, stride_h, stride_w, inv_t,
-                      HAS_BIAS: tl.constexpr, DO_H: tl.constexpr, DO_W: tl.constexpr, DOT_FP32: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, DO_H: tl.constexpr, DO_W: tl.constexpr, DO_B: tl.constexpr,
+                      DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     cols = (v0 + tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     rok = rows < N
@@ -127,7 +127,7 @@ def _dense_bwd_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, gb_ptr, cap_ptr, gbar_ptr, g
         lse = tl.load(lse_ptr + rows, mask=rok, other=0.0)
         s = tl.where(rok[:, None] & cok[None, :], tl.exp(z * inv_t - lse[:, None]), 0.0)
         d = tl.minimum(tl.maximum(s * gB[:, None], -cap[:, None]), cap[:, None]) - s * gbar[:, None]
-        if HAS_BIAS:
+        if DO_B:
             tl.atomic_add(gbias_ptr + cols, tl.sum(d, axis=0), mask=cok)
         if not DOT_FP32:
             d = d.to(h_ptr.dtype.element_ty)  # tensor-core operands, as the logits' own gradient would be
@@ -148,7 +148,7 @@ def _dense_bwd_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, gb_ptr, cap_ptr, gbar_ptr, g
 
 @triton.jit
 def _sparse_bwd_kernel(h_ptr, w_ptr, idx_ptr, e_ptr, gh_ptr, gw_ptr, gbias_ptr, H, J, v0, v1, stride_h, stride_w,
-                       HAS_BIAS: tl.constexpr, DO_H: tl.constexpr, DO_W: tl.constexpr,
+                       DO_B: tl.constexpr, DO_H: tl.constexpr, DO_W: tl.constexpr,
                        JP: tl.constexpr, BLOCK_H: tl.constexpr):
     """The listed entries' corrections: grad_hidden[r] += Σ_j e_rj weight[idx_rj] (DO_H: one program per row
     owns its row, no atomics) and grad_weight[idx_rj] += e_rj hidden[r] for idx in the slab [v0, v1)."""
@@ -158,7 +158,7 @@ def _sparse_bwd_kernel(h_ptr, w_ptr, idx_ptr, e_ptr, gh_ptr, gw_ptr, gbias_ptr, 
     e = tl.load(e_ptr + row * J + o, mask=o < J, other=0.0)
     ok = idx >= 0
     in_slab = ok & (idx >= v0) & (idx < v1)
-    if HAS_BIAS:  # the bias gradient is a full-V fp32 buffer: the launcher sets this in the first slab only
+    if DO_B:  # the bias gradient is a full-V fp32 buffer: the launcher sets this in the first slab only
         tl.atomic_add(gbias_ptr + idx, e, mask=ok)
     for k in range(0, H, BLOCK_H):
         ks = k + tl.arange(0, BLOCK_H)
@@ -279,12 +279,13 @@ def cut_backward(saved: dict, go: torch.Tensor, need_h: bool, need_w: bool, need
                 hidden, weight, bias if bias is not None else dummy, saved["lse"], gB, cap, gbar,
                 gh if gh is not None else dummy, acc if acc is not None else dummy,
                 gbias if gbias is not None else dummy, n, h, v0, v1, hidden.stride(0), weight.stride(0),
-                1.0 / saved["temperature"], HAS_BIAS=gbias is not None, DO_H=need_h, DO_W=need_w, DOT_FP32=dot32, **bs)
+                1.0 / saved["temperature"], HAS_BIAS=bias is not None, DO_H=need_h, DO_W=need_w,
+                DO_B=gbias is not None, DOT_FP32=dot32, **bs)
         if n and j and (need_w or (first and (need_h or need_b))):
             _sparse_bwd_kernel[(n,)](
                 hidden, weight, idx, e, gh if gh is not None else dummy, acc if acc is not None else dummy,
                 gbias if gbias is not None else dummy, h, j, v0, v1, hidden.stride(0), weight.stride(0),
-                HAS_BIAS=gbias is not None and first, DO_H=need_h and first, DO_W=need_w,
+                DO_B=gbias is not None and first, DO_H=need_h and first, DO_W=need_w,
                 JP=max(16, _next_pow2(j)), BLOCK_H=bs["BLOCK_H"])
         if need_w and acc is not gw:
             gw[v0:v1].copy_(acc)

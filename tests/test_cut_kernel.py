@@ -14,7 +14,8 @@ from bayeskd.kernels.cut_sparse_kd import cut_sparse_kd, gather_logits, row_stat
 from bayeskd.linear_losses import cut_head, fused_linear_posterior_kd  # noqa: E402
 from bayeskd.losses import _prepare  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")]  # the NaN-input case
 
 N, H, V = 13, 24, 101  # odd everywhere: tail tiles in rows, hidden size and vocabulary (blocks 16 x 32 x 16)
 SMALL = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16)
@@ -62,9 +63,9 @@ def run_cut(hidden, weight, bias, prior, proxy, proxy_logits, grad_output, needs
 
 
 def check(gen, mode="log_linear", k=16, dtype=torch.float32, bias=False, tol=2e-5, grad_tol=1e-4, n=N, v=V,
-          needs=(True, True, True), **kw):
+          needs=(True, True, True), sparse_kw=None, **kw):
     hidden, weight, b = inputs(gen, n=n, v=v, dtype=dtype, bias=bias)
-    prior, proxy, ql, extra = targets(mode, n, v, k, gen)
+    prior, proxy, ql, extra = targets(mode, n, v, k, gen, **(sparse_kw or {}))
     kw = {**extra, **kw}
     if "w_rows" in kw and not {"blocks", "splits", "slab_rows"} & set(kw):  # noqa
         kw["w_rows"] = torch.full((n,), float(kw["w_rows"][0]))  # the library entry takes one mixture weight
@@ -142,7 +143,9 @@ def test_only_some_gradients():
 
 def test_full_support_rows_have_no_bucket():
     """K = V: U covers the vocabulary (R = 0), the bucket is empty."""
-    check(seeded(110), "none", k=37, v=37, n=5, divergence="forward_kl")
+    for divergence in ("forward_kl", "reverse_kl"):
+        check(seeded(110), "none", k=37, v=37, n=5, divergence=divergence, temperature=1.7,
+              sparse_kw=dict(tail=0.0, pad=False))
 
 
 def test_no_grad_gives_loss_only():
