@@ -138,8 +138,7 @@ def main() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @skip_bad_option
 def generate_cmd(stop, quiet, **kwargs) -> None:
-    """Sample a teacher (an OpenAI-compatible API or a local model) into teacher records, resumably and exactly
-    once."""
+    """Sample a teacher (an OpenAI-compatible API or a local model) into teacher records, resumably, once each."""
     from bayeskd.teachers.generate import GenerateError, generate
 
     try:
@@ -308,8 +307,9 @@ def estimate_posterior_cmd(**kwargs) -> None:
 @click.option("--beta", default=None, type=float, help="JSD β (default 0.5) or skew-KL α (default 0.1).")
 @click.option("--kd-temperature", default=1.0, show_default=True, type=float)
 @click.option("--fused-linear/--no-fused-linear", default=False, show_default=True,
-              help="Give the student's last hidden states and lm_head to the loss: the [N, V] logits are never "
-              "built (CE and KD in row chunks).")
+              help="Hidden states and lm_head to the loss: the [N, V] logits are never built (row chunks).")
+@click.option("--cut-logits/--no-cut-logits", default=False, show_default=True,
+              help="As --fused-linear, through the cut-logits Triton kernel (logits only as on-chip tiles; CUDA).")
 @click.option("--max-length", default=None, type=click.IntRange(2))
 @click.option("--num-train-epochs", default=1.0, show_default=True, type=float)
 @click.option("--max-steps", default=-1, show_default=True, type=int)

@@ -65,6 +65,10 @@ class BayesKDConfig(transformers.TrainingArguments):
     fused_linear: bool = field(default=False, metadata={
         "help": "hand the student's last hidden states and lm_head weight to the loss (CE and KD), so the [N, V] "
                 "logits are never built (bayeskd.linear_losses.fused_linear_posterior_kd); DDP-safe, not for FSDP"})
+    cut_logits: bool = field(default=False, metadata={
+        "help": "fused_linear with the cut-logits Triton kernel (logits only as on-chip tiles, recomputed in "
+                "backward) instead of row chunks; implies fused_linear. The PyTorch backend has no cut kernel: "
+                "there the chunked op runs"})
     whitebox_top_k: int = field(default=64, metadata={"help": "top-k of the teacher's logits in white-box mode"})
     posterior_mode: str = field(default="log_linear", metadata={
         "help": "online-posterior mode: log_linear (p ∝ p0^a q^b), dirichlet (c) or mixture (w)"})
@@ -177,7 +181,7 @@ class BayesKDTrainer(transformers.Trainer):
     With `fused_linear` (a `BayesKDConfig` field) the student's last hidden states and lm_head weight go to the
     loss: CE (as the KL from the teacher token's one-hot) and KD run through `fused_linear_posterior_kd`, and the
     student's [N, V] logits are never built. The outputs returned with `return_outputs` then carry the hidden
-    states as `logits`.
+    states as `logits`. `cut_logits` does the same through the cut-logits kernel (Triton backend).
 
     `proxy_model` (online-posterior mode): the batch's targets are the PRIOR's top-K rows; the proxy runs on the
     same batch (eval, no gradient) and its logits at the response positions (sliced to the student's V) are the
@@ -217,7 +221,8 @@ class BayesKDTrainer(transformers.Trainer):
         input_ids, attention = inputs["input_ids"], inputs["attention_mask"]
         rmask = inputs["response_mask"]
         lm_head = None
-        if getattr(cfg, "fused_linear", False):
+        cut = getattr(cfg, "cut_logits", False)
+        if getattr(cfg, "fused_linear", False) or cut:
             # rows are the student's last hidden states [M, H]; the loss multiplies them by lm_head in chunks
             with _hidden_states_out(model) as lm_head:
                 out = model(input_ids=input_ids, attention_mask=attention)
@@ -235,7 +240,7 @@ class BayesKDTrainer(transformers.Trainer):
         else:  # CE = KL(one-hot of the teacher token ‖ student), through the same fused op
             one_hot = SparseDist(tokens[:, None].to(torch.int32), torch.zeros(len(tokens), 1, device=rows.device),
                                  torch.zeros(len(tokens), device=rows.device), V)
-            ce = fused_linear_posterior_kd(rows, lm_head.weight, one_hot, backend=backend).mean()
+            ce = fused_linear_posterior_kd(rows, lm_head.weight, one_hot, cut=cut, backend=backend).mean()
 
         target = None
         if self.teacher_model is not None:
@@ -271,7 +276,8 @@ class BayesKDTrainer(transformers.Trainer):
             if lm_head is None:
                 per_row = fused_posterior_kd(rows, target, proxy_rows, **posterior, **loss_kw, inplace=False)
             else:
-                per_row = fused_linear_posterior_kd(rows, lm_head.weight, target, proxy_rows, **posterior, **loss_kw)
+                per_row = fused_linear_posterior_kd(rows, lm_head.weight, target, proxy_rows, **posterior, **loss_kw,
+                                                    cut=cut)
             if proxy_kd:
                 if WEIGHT_KEY not in inputs:
                     raise ValueError("method='proxy-kd' needs per-row weights in the batch (a TeacherTargetsDataset "
