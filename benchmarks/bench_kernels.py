@@ -13,6 +13,7 @@ logits-then-loss.
 
     python benchmarks/bench_kernels.py --device cuda --plot
     python benchmarks/bench_kernels.py --device cpu --quick
+    python benchmarks/bench_kernels.py --cut [bench_cut.py's options]
 """
 from __future__ import annotations
 
@@ -371,7 +372,15 @@ def plot(rows, path: Path) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--cut" in argv:  # lm_head + loss without logits: benchmarks/bench_cut.py with the other arguments
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_cut
+
+        return bench_cut.main([a for a in argv if a != "--cut"])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cut", action="store_true",
+                    help="run benchmarks/bench_cut.py (cut-logits kernel vs logits + loss) with the other arguments")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--sizes", default=None,
                     help="N,V,K triples separated by ';' (default: N∈{1k,4k,16k} × V∈{32000,151936} × K∈{16,64,128})")

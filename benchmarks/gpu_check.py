@@ -1,7 +1,8 @@
 """Correctness of the compiled Triton kernels on CUDA against the float64 dense reference of tests/test_kernels.py.
 
 Every case prints the loss error and the gradient's max error relative to the largest reference gradient, and
-PASS/FAIL. Gradient buffers are pre-filled with NaN, so an element the kernel forgets to write fails the case.
+PASS/FAIL. Gradient buffers are pre-filled with NaN, so an element the kernel forgets to write fails the case
+(the fused-linear and cut-logits cases, whose gradients the ops allocate, fail on any non-finite gradient).
 Exits 1 if any case fails (2 without CUDA).
 
     python benchmarks/gpu_check.py [--quick]
@@ -30,6 +31,47 @@ def load_reference():
 
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}  # gradient is stored in the input dtype
+# cut-logits kernel: (loss, gradient) tolerances; low precision: tensor-core tiles and the gradients' own rounding
+CUT_TOL = {torch.float32: (1e-4, 1e-3), torch.float16: (5e-3, 2e-2), torch.bfloat16: (2e-2, 5e-2)}
+
+
+def cut_cases(T, report, dev, n=97, h=1024, v=32003, ks=(16, 64), dtypes=(torch.float32, torch.bfloat16,
+                                                                         torch.float16)):
+    """The cut-logits kernel through `fused_linear_posterior_kd(..., cut=True)` against the float64 dense
+    reference: loss and the gradients of hidden, weight and (K=64 cases) bias. K=16: the prior alone, forward KL;
+    K=64: log-linear prior x proxy, JSD, T=1.3, with a bias. N, V not multiples of the tiles."""
+    from bayeskd.linear_losses import fused_linear_posterior_kd
+
+    for dtype in dtypes:
+        for k in ks:
+            gen = torch.Generator().manual_seed(2000 + k)
+            with_bias = k == max(ks)
+            mode = "log_linear" if with_bias else "none"
+            prior, proxy, _, kw = T.targets(mode, n, v, k, gen)
+            kw.update(divergence="jsd" if with_bias else "forward_kl", beta=0.5,
+                      temperature=1.3 if with_bias else 1.0)
+            hidden = torch.randn(n, h, generator=gen).to(dtype)
+            weight = (torch.randn(v, h, generator=gen) * h ** -0.5).to(dtype)
+            bias = (torch.randn(v, generator=gen) * 0.5).to(dtype) if with_bias else None
+            z = hidden.double() @ weight.double().t() + (bias.double() if with_bias else 0.0)
+            ref_loss, gz = T.reference(z, prior, proxy, None, **kw)
+            refs = (gz @ weight.double(), gz.t() @ hidden.double(), gz.sum(0))
+            x, w = hidden.to(dev).requires_grad_(), weight.to(dev).requires_grad_()
+            b = bias.to(dev).requires_grad_() if with_bias else None
+            lib = dict(kw, mode="log_linear")  # the library's prior alone is proxy=None
+            loss = fused_linear_posterior_kd(x, w, prior.to(dev), proxy.to(dev) if proxy is not None else None,
+                                             cut=True, backend="triton", bias=b, **lib)
+            loss.sum().backward()
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            loss_err = float((loss.detach().cpu().double() - ref_loss).abs().max()
+                             / max(1.0, float(ref_loss.abs().max())))
+            grads = [g for g in (x.grad, w.grad, b.grad if b is not None else None) if g is not None]
+            ok = len(grads) == (3 if with_bias else 2) and all(bool(torch.isfinite(g).all()) for g in grads)
+            gerr = max(T.rel_err(g.cpu(), r) for g, r in zip(grads, refs)) if ok else float("inf")
+            loss_tol, grad_tol = CUT_TOL[dtype]
+            report(f"cut N={n} H={h} V={v} K={k} {str(dtype)[6:]} {mode} {kw['divergence']} T={kw['temperature']}"
+                   + (" bias" if with_bias else ""), loss_err, gerr, grad_tol, loss_tol=loss_tol)
 
 
 def main(argv=None) -> int:
@@ -123,6 +165,9 @@ def main(argv=None) -> int:
         # bf16 matmuls (logits and both gradient products) dominate the error here
         report(f"fused_linear N={n} H={h} V={v} {str(dtype)[6:]}", loss_err, gerr,
                1e-3 if dtype == torch.float32 else 5e-2, loss_tol=1e-4 if dtype == torch.float32 else 2e-2)
+
+    # cut logits: lm_head + loss with the logits only as on-chip tiles (kernels/cut_sparse_kd.py)
+    cut_cases(T, report, dev, dtypes=dtypes if not args.quick else (torch.float32, torch.bfloat16))
     print(f"{'ALL PASS' if not failures else f'{failures} FAILED'}")
     return 1 if failures else 0
 

@@ -36,8 +36,10 @@ SLAB_BYTES = 128 << 20  # fp32 grad_weight accumulator per slab of the vocabular
 def _dot(a, b, DOT_FP32: tl.constexpr):
     # fp32 inputs (and the interpreter, which cannot do bf16 math): exact fp32 products, no TF32
     if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b)
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
 
 
 @triton.jit
@@ -289,6 +291,7 @@ def cut_backward(saved: dict, go: torch.Tensor, need_h: bool, need_w: bool, need
                 JP=max(16, _next_pow2(j)), BLOCK_H=bs["BLOCK_H"])
         if need_w and acc is not gw:
             gw[v0:v1].copy_(acc)
+        del acc  # the last slab must not stay alive while grad_hidden is cast below
     if gh is not None and gh.dtype != hidden.dtype:
         gh = gh.to(hidden.dtype)
     if gbias is not None and bias is not None and gbias.dtype != bias.dtype:
