@@ -38,7 +38,7 @@ def torch_chunk_loss(logits: torch.Tensor, targets: tuple, kwargs: dict, need_gr
     return _fused_forward(z, z, args)
 
 
-def cut_head(args: _Args) -> Callable:
+def cut_head(args: _Args, ce_tokens: torch.Tensor | None = None) -> Callable:
     """The target side of the cut op for validated arguments `args` (see `cut_sparse_kd`'s `head`).
 
     Per kept row: the posterior on U (`_combine_rows`), the student's log-probabilities on U and on the bucket
@@ -46,8 +46,12 @@ def cut_head(args: _Args) -> Callable:
     fused kernel's form: d_v = (clamp(s_v gB, ±|h_B|) - s_v ḡ) / T outside U (bucket; 0 with tail="ignore") and
     (h_u - s_u ḡ) / T on U, stored as its difference e_u to the outside formula so backward adds the dense part
     everywhere and e on U.
+    With `ce_tokens` (int [N], temperature 1 only) the head also returns each kept row's cross-entropy
+    logsumexp(z) - z_y, the second output, whose gradient s - onehot(y) joins the same backward pass.
     """
     T = args.temperature
+    if ce_tokens is not None and T != 1.0:
+        raise ValueError("the joint CE + KD of the cut op needs temperature 1 (CE is at temperature 1)")
 
     def head(row_max: torch.Tensor, row_sum: torch.Tensor, gather: Callable, need_grad: bool):
         n, dev = row_max.shape[0], row_max.device
@@ -60,9 +64,13 @@ def cut_head(args: _Args) -> Callable:
         valid = U >= 0
         if args.tail == "ignore" and not valid.any(dim=1).all():
             raise ValueError('tail="ignore" needs at least one listed target entry in every unmasked row')
-        idx = torch.full((n, U.shape[1]), -1, dtype=torch.int32, device=dev)
-        idx[keep] = U.to(torch.int32)
-        x_u = (gather(idx)[keep] / T).masked_fill(~valid, NEG_INF)  # z/T on U
+        J = U.shape[1]
+        idx = torch.full((n, J + (ce_tokens is not None)), -1, dtype=torch.int32, device=dev)
+        idx[keep, :J] = U.to(torch.int32)
+        if ce_tokens is not None:  # one more column: the CE token (it may repeat an entry of U)
+            idx[keep, J] = ce_tokens[keep].to(torch.int32)
+        z = gather(idx)[keep]
+        x_u = (z[:, :J] / T).masked_fill(~valid, NEG_INF)  # z/T on U
         log_pu, log_pb = _tempered_target(lp, log_tail, R, T, args.tail)
         if args.tail == "bucket":
             mx, total = row_max[keep], row_sum[keep]
@@ -78,6 +86,10 @@ def cut_head(args: _Args) -> Callable:
             log_p, log_s = log_pu, log_su
         loss = torch.zeros(n, dtype=torch.float32, device=dev)
         loss[keep] = _divergence(log_p, log_s, args.divergence, args.beta).float()
+        if ce_tokens is not None:
+            ce = torch.zeros(n, dtype=torch.float32, device=dev)
+            ce[keep] = (row_max[keep] + row_sum[keep].log() - z[:, J]).float()
+            loss = (loss, ce)
         if not need_grad:
             return loss, None
         h, g = _divergence_grads(log_p, log_s, args.divergence, args.beta)
@@ -91,9 +103,14 @@ def cut_head(args: _Args) -> Callable:
             e = h - s_u * h.sum(dim=1, keepdim=True)
             zero = torch.zeros(n, dtype=torch.float32, device=dev)
             dense = dict(gB=zero, cap=zero, gbar=zero, dense=False)
-        e_full = torch.zeros(n, U.shape[1], dtype=torch.float32, device=dev)
-        e_full[keep] = (e / T).masked_fill(~valid, 0.0).float()
-        return loss, dict(idx=idx, e=e_full, **dense)
+        e_full = torch.zeros(n, idx.shape[1], dtype=torch.float32, device=dev)
+        e_full[keep, :J] = (e / T).masked_fill(~valid, 0.0).float()
+        coef = dict(idx=idx, e=e_full, **dense)
+        if ce_tokens is not None:  # CE's gradient s - onehot(y): -1 at y, and -s·(-1) everywhere
+            e_ce = torch.zeros_like(e_full)
+            e_ce[keep, J] = -1.0
+            coef.update(extra=[(e_ce, e_ce.sum(dim=1))], dense=True)
+        return loss, coef
 
     return head
 
@@ -114,6 +131,39 @@ def fused_linear_posterior_kd(hidden: torch.Tensor, weight: torch.Tensor, prior:
     kernel (no logits beyond on-chip tiles; `bias` supported); the PyTorch backend has no cut kernel and runs the
     chunked op. backend: see `bayeskd.losses.pick_backend`.
     """
+    posterior = dict(mode=mode, a=a, b=b, c=c, w=w, theta=theta, teacher_tokens=teacher_tokens, evidence=evidence)
+    return _linear_op(hidden, weight, prior, proxy, posterior, divergence, beta, temperature, mask, tail,
+                      chunk_size, cut, bias, backend)
+
+
+def fused_linear_kd_and_ce(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, prior: SparseDist,
+                           proxy: SparseDist | torch.Tensor | None = None, *, divergence: str = "forward_kl",
+                           beta: float | None = None, temperature: float = 1.0, mask: torch.Tensor | None = None,
+                           tail: str = "bucket", chunk_size: int | None = None, cut: bool = False,
+                           bias: torch.Tensor | None = None, backend: str = "auto",
+                           **posterior) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KD per row, as `fused_linear_posterior_kd`; CE per row on `tokens` at temperature 1), rows with mask False
+    0 in both. With the cut kernel at temperature 1 both come from one pass over the logits (CE's gradient
+    s - onehot(y) joins the KD's in the same backward); otherwise two ops, CE as the KL from the one-hot of
+    `tokens` (the same number). `posterior`: mode, a, b, c, w, theta, teacher_tokens, evidence."""
+    if tokens.shape != (hidden.shape[0],):
+        raise ValueError(f"tokens must have shape ({hidden.shape[0]},), got {tuple(tokens.shape)}")
+    if tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < weight.shape[0]):
+        raise ValueError(f"tokens must lie in [0, {weight.shape[0]})")
+    joint = cut and temperature == 1.0 and pick_backend(backend, hidden.device) == "triton"
+    kd = _linear_op(hidden, weight, prior, proxy, posterior, divergence, beta, temperature, mask, tail, chunk_size,
+                    cut, bias, backend, ce_tokens=tokens if joint else None)
+    if joint:
+        return kd
+    zeros = torch.zeros(len(tokens), device=tokens.device)
+    one_hot = SparseDist(tokens[:, None].to(torch.int32), zeros[:, None], zeros, weight.shape[0])
+    ce = _linear_op(hidden, weight, one_hot, None, {}, "forward_kl", None, 1.0, mask, "bucket", chunk_size, cut,
+                    bias, backend)
+    return kd, ce
+
+
+def _linear_op(hidden, weight, prior, proxy, posterior: dict, divergence, beta, temperature, mask, tail, chunk_size,
+               cut, bias, backend, ce_tokens=None):
     from bayeskd.kernels.fused_linear_sparse_kd import fused_linear_sparse_kd
 
     if hidden.dim() != 2 or weight.dim() != 2:
@@ -124,13 +174,15 @@ def fused_linear_posterior_kd(hidden: torch.Tensor, weight: torch.Tensor, prior:
     if bias is not None and not use_cut:
         raise ValueError("bias is supported by the cut-logits kernel only (cut=True with the Triton backend)")
     shape_only = hidden.new_empty(()).expand(hidden.shape[0], weight.shape[0])  # no memory: shapes are checked
+    p = dict(dict(mode="log_linear", a=1.0, b=1.0, c=1.0, w=0.5, theta=None, teacher_tokens=None, evidence=0.0),
+             **posterior)
     # the cut op's target side is PyTorch: its inputs are checked here (the chunked Triton kernel checks its own)
-    args = _prepare(shape_only, prior, proxy, mode, a, b, c, w, teacher_tokens, evidence, divergence, beta,
-                    temperature, mask, tail, False, check_values=chosen == "torch" or use_cut,
-                    student_values=False, theta=theta)
+    args = _prepare(shape_only, prior, proxy, p["mode"], p["a"], p["b"], p["c"], p["w"], p["teacher_tokens"],
+                    p["evidence"], divergence, beta, temperature, mask, tail, False,
+                    check_values=chosen == "torch" or use_cut, student_values=False, theta=p["theta"])
     if use_cut:
         from bayeskd.kernels.cut_sparse_kd import cut_sparse_kd
-        return cut_sparse_kd(hidden, weight, cut_head(args), bias=bias, temperature=args.temperature)
+        return cut_sparse_kd(hidden, weight, cut_head(args, ce_tokens), bias=bias, temperature=args.temperature)
     return fused_linear_sparse_kd(
         hidden, weight, args.prior_idx, args.prior_lp, args.prior_tail, args.proxy_idx, args.proxy_lp,
         args.proxy_tail, args.proxy_logits, mode=args.mode, a=args.a, b=args.b, w_rows=args.w_rows,

@@ -250,17 +250,22 @@ def _slab_rows(v: int, h: int, weight: torch.Tensor, slab_rows: int | None, bloc
     return min(v, rows)
 
 
-def cut_backward(saved: dict, go: torch.Tensor, need_h: bool, need_w: bool, need_b: bool, blocks=None,
+def cut_backward(saved: dict, gos: tuple, need_h: bool, need_w: bool, need_b: bool, blocks=None,
                  slab_rows: int | None = None):
-    """grad_hidden, grad_weight, grad_bias from the head's coefficients scaled by the upstream gradient `go`."""
+    """grad_hidden, grad_weight, grad_bias from the head's coefficients scaled by the upstream gradients `gos`
+    (one [N] tensor per output: the first scales the main loss's coefficients, the others their `extra` pairs)."""
     hidden, weight, bias = saved["hidden"], saved["weight"], saved["bias"]
     n, h = hidden.shape
     v = weight.shape[0]
     dev = hidden.device
-    go = go.float()
+    go = gos[0].float()
     gB, gbar = saved["gB"] * go, saved["gbar"] * go
     cap = saved["cap"] * go.abs()  # clamp to ±cap commutes with a per-row scale of either sign
-    e = (saved["e"] * go[:, None]).contiguous()
+    e = saved["e"] * go[:, None]
+    for (e_i, gbar_i), go_i in zip(saved.get("extra", ()), gos[1:]):  # outputs whose gradient is linear in s
+        e = e + e_i * go_i.float()[:, None]
+        gbar = gbar + gbar_i * go_i.float()
+    e = e.contiguous()
     idx = saved["idx"]
     bs = blocks or pick_blocks(n, v, h)
     dot32 = _dot_fp32(hidden)
@@ -310,6 +315,7 @@ class CutSparseKDFunction(torch.autograd.Function):
                               splits=cfg["splits"])
         gather = lambda idx: gather_logits(hidden, weight, bias, idx, (cfg["blocks"] or {}).get("BLOCK_H"))  # noqa
         loss, coef = cfg["head"](mx, total, gather, need_grad)
+        ctx.n_out = len(loss) if isinstance(loss, tuple) else 1
         if need_grad:
             ctx.saved = dict(hidden=hidden.detach(), weight=weight.detach(),
                              bias=bias.detach() if bias is not None else None,
@@ -318,16 +324,16 @@ class CutSparseKDFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, *grad_outputs):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        gh, gw, gb = cut_backward(ctx.saved, grad_output.contiguous(), need_h, need_w, need_b,
-                                  blocks=ctx.cfg["blocks"], slab_rows=ctx.cfg["slab_rows"])
+        gh, gw, gb = cut_backward(ctx.saved, grad_outputs, need_h, need_w, need_b, blocks=ctx.cfg["blocks"],
+                                  slab_rows=ctx.cfg["slab_rows"])
         return gh, gw, gb, None
 
 
 def cut_sparse_kd(hidden: torch.Tensor, weight: torch.Tensor, head: Callable, *, bias: torch.Tensor | None = None,
                   temperature: float = 1.0, check_finite: bool = True, blocks: dict[str, int] | None = None,
-                  splits: int | None = None, slab_rows: int | None = None) -> torch.Tensor:
+                  splits: int | None = None, slab_rows: int | None = None) -> torch.Tensor | tuple:
     """Per-row loss (float32 [N]) of softmax((hidden @ weight.T + bias) / T) against a sparse target, never
     writing the [N, V] logits. Differentiable w.r.t. hidden, weight and bias.
 
@@ -335,7 +341,9 @@ def cut_sparse_kd(hidden: torch.Tensor, weight: torch.Tensor, head: Callable, *,
     row's max and sum of exp(z/T - max) and `gather(idx [N, J]) -> z [N, J]` (fp32, 0 where idx < 0).
     The coefficients are a dict of idx (int32 [N, J]), e (fp32 [N, J]: each listed entry's gradient minus the
     dense formula's value there), gB, cap, gbar (fp32 [N]: the dense gradient clamp(s gB, ±cap) - s ḡ) and dense
-    (False when that part is zero everywhere), all including 1/T. Users call
+    (False when that part is zero everywhere), all including 1/T. A head may return a tuple of losses: the first
+    has the coefficients above, each further one a pair (e_i, gbar_i) in the list `extra` (its gradient is
+    e_i on idx minus s·gbar_i everywhere: CE's s - onehot(y) is e = -1 at y, gbar = -1). Users call
     `bayeskd.linear_losses.fused_linear_posterior_kd(..., cut=True)`, which validates and supplies the head.
     `blocks`, `splits`, `slab_rows` override the launcher's choices (tests walk tails and slabs with them).
     """

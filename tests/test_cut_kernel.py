@@ -200,3 +200,46 @@ def test_torch_backend_runs_the_chunked_op():
     a = fused_linear_posterior_kd(hidden, weight, prior, proxy, cut=True, backend="torch", **kw)
     b = fused_linear_posterior_kd(hidden, weight, prior, proxy, cut=True, backend="triton", **kw)
     assert float((a - b).abs().max()) < 2e-5
+
+
+@pytest.mark.parametrize("path", ["joint", "cut-two-ops", "torch"])
+def test_kd_and_ce_together(path, monkeypatch):
+    """fused_linear_kd_and_ce: KD and CE per row with gradients of go_kd·KD + go_ce·CE against float64 autograd;
+    the cut kernel at temperature 1 does both in one pass over the logits (one row_stats call)."""
+    import bayeskd.kernels.cut_sparse_kd as cut_mod
+    from bayeskd.linear_losses import fused_linear_kd_and_ce
+
+    calls = []
+    real = cut_mod.row_stats
+    monkeypatch.setattr(cut_mod, "row_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    gen = seeded(115)
+    hidden, weight, b = inputs(gen, bias=path != "torch")
+    prior, proxy, _, kw = targets("log_linear", N, V, 16, gen)
+    tokens = torch.randint(0, V, (N,), generator=gen)
+    tokens[3] = prior.indices[3][prior.indices[3] >= 0][0]  # one CE token that is also a listed entry
+    mask = torch.rand(N, generator=gen) > 0.25
+    go_kd, go_ce = torch.rand(N, generator=gen) + 0.5, torch.rand(N, generator=gen) + 0.5
+    T = 1.3 if path == "cut-two-ops" else 1.0
+    opts = dict(divergence="jsd", beta=0.3, temperature=T, mask=mask, **kw)
+
+    x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    bb = b.clone().requires_grad_() if b is not None else None
+    kd, ce = fused_linear_kd_and_ce(x, w, tokens, prior, proxy, cut=path != "torch", bias=bb,
+                                    backend="torch" if path == "torch" else "triton", **opts)
+    ((kd * go_kd).sum() + (ce * go_ce).sum()).backward()
+    if path != "torch":
+        assert len(calls) == (1 if path == "joint" else 2)
+
+    z64 = hidden.double() @ weight.double().t() + (b.double() if b is not None else 0.0)
+    kd_ref, gz = reference(z64, prior, proxy, grad_output=go_kd, **{k: v for k, v in opts.items() if k != "mode"},
+                           mode="log_linear")
+    ce_ref = torch.where(mask, torch.logsumexp(z64, 1) - z64.gather(1, tokens[:, None])[:, 0], 0.0)
+    onehot = torch.nn.functional.one_hot(tokens, V).double()
+    gz = gz + ((torch.softmax(z64, 1) - onehot) * (go_ce * mask).double()[:, None])
+    assert float((kd.detach().double() - kd_ref).abs().max()) < 2e-5
+    assert float((ce.detach().double() - ce_ref).abs().max()) < 2e-5
+    assert (ce[~mask] == 0).all() and (kd[~mask] == 0).all()
+    assert rel_err(x.grad, gz @ weight.double()) < 1e-4
+    assert rel_err(w.grad, gz.t() @ hidden.double()) < 1e-4
+    if bb is not None:
+        assert rel_err(bb.grad, gz.sum(0)) < 1e-4

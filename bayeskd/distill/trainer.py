@@ -35,7 +35,7 @@ import transformers
 from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
 from bayeskd.distill.targets import (CONTEXT_COUNT_KEY, WEIGHT_KEY, WEIGHT_NORMALIZATIONS, BayesKDCollator,
                                      TeacherTargetsDataset)
-from bayeskd.linear_losses import fused_linear_posterior_kd
+from bayeskd.linear_losses import fused_linear_kd_and_ce, fused_linear_posterior_kd
 from bayeskd.losses import fused_posterior_kd
 from bayeskd.sparse import CONTEXT_COUNT, MODES, TEACHER_LOGPROB, SparseDist, atomic_write_json
 from bayeskd.teacher_forcing import model_logits, select_rows
@@ -223,7 +223,7 @@ class BayesKDTrainer(transformers.Trainer):
         lm_head = None
         cut = getattr(cfg, "cut_logits", False)
         if getattr(cfg, "fused_linear", False) or cut:
-            # rows are the student's last hidden states [M, H]; the loss multiplies them by lm_head in chunks
+            # rows are the student's last hidden states [M, H]; the loss applies lm_head (row chunks or tiles)
             with _hidden_states_out(model) as lm_head:
                 out = model(input_ids=input_ids, attention_mask=attention)
         else:
@@ -235,12 +235,7 @@ class BayesKDTrainer(transformers.Trainer):
             return (zero, out) if return_outputs else zero
         V = rows.shape[-1] if lm_head is None else lm_head.weight.shape[0]
         backend = getattr(cfg, "fused_backend", "auto")
-        if lm_head is None:
-            ce = F.cross_entropy(rows.float(), tokens)
-        else:  # CE = KL(one-hot of the teacher token ‖ student), through the same fused op
-            one_hot = SparseDist(tokens[:, None].to(torch.int32), torch.zeros(len(tokens), 1, device=rows.device),
-                                 torch.zeros(len(tokens), device=rows.device), V)
-            ce = fused_linear_posterior_kd(rows, lm_head.weight, one_hot, cut=cut, backend=backend).mean()
+        ce = F.cross_entropy(rows.float(), tokens) if lm_head is None else None  # hidden states: with the KD below
 
         target = None
         if self.teacher_model is not None:
@@ -275,15 +270,20 @@ class BayesKDTrainer(transformers.Trainer):
                            backend=backend)
             if lm_head is None:
                 per_row = fused_posterior_kd(rows, target, proxy_rows, **posterior, **loss_kw, inplace=False)
-            else:
-                per_row = fused_linear_posterior_kd(rows, lm_head.weight, target, proxy_rows, **posterior, **loss_kw,
-                                                    cut=cut)
+            else:  # CE and KD from the hidden states: one pass over the logits with the cut kernel at T = 1
+                per_row, ce_rows = fused_linear_kd_and_ce(rows, lm_head.weight, tokens, target, proxy_rows,
+                                                          **posterior, **loss_kw, cut=cut)
+                ce = ce_rows.mean()
             if proxy_kd:
                 if WEIGHT_KEY not in inputs:
                     raise ValueError("method='proxy-kd' needs per-row weights in the batch (a TeacherTargetsDataset "
                                      "made with weight_normalization)")
                 per_row = per_row * inputs[WEIGHT_KEY].to(per_row.device)
             kd = per_row.mean()
+        if ce is None:  # hidden states, no targets: CE = KL(one-hot of the teacher token ‖ student)
+            zeros = torch.zeros(len(tokens), device=rows.device)
+            one_hot = SparseDist(tokens[:, None].to(torch.int32), zeros[:, None], zeros, V)
+            ce = fused_linear_posterior_kd(rows, lm_head.weight, one_hot, cut=cut, backend=backend).mean()
         ce_w = getattr(cfg, "ce_weight", 1.0)
         kd_w = getattr(cfg, "proxy_kd_alpha", 1.0) if proxy_kd else getattr(cfg, "kd_weight", 1.0)
         loss = ce * ce_w if ce_w else ce * 0.0
