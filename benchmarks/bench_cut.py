@@ -9,6 +9,8 @@ indices per row, tail mass 0.05-0.5) and forward KL: forward + backward time and
                its size is `posterior_mib`),
   cce      (c) cut-cross-entropy's linear_cross_entropy (plain CE on one token per row: the lower bound of this
                design; default gradient filtering), and cce_nofilter (filter_eps=None: every tile, as cut does).
+  cut_ce / fused_ce  a training step's loss: CE on a token + KD, through fused_linear_kd_and_ce (one pass of the
+               cut kernel) against logits + fp32 cross-entropy + our fused kernel (the trainer's plain path).
 Extra memory = peak allocated during fwd+bwd - allocated before the call - the bytes of grad_hidden and
 grad_weight (outputs every method must hold). Issue targets: at N=16384, V=151936 cut's extra memory is at most
 1/10 of fused's; everywhere cut's time is within 1.2x of CCE's and no slower than fused.
@@ -101,6 +103,33 @@ def cut_method(hidden, weight, prior):
         loss = fused_linear_posterior_kd(x, w, prior, cut=True, backend="triton", divergence="forward_kl")
         loss.sum().backward()
         return loss.detach(), x.grad, w.grad
+    return run
+
+
+def cut_ce_method(hidden, weight, prior, tokens):
+    """What the trainer's cut_logits path runs at temperature 1: KD and CE in one pass of the kernel."""
+    from bayeskd.linear_losses import fused_linear_kd_and_ce
+
+    def run():
+        x, w = _leaves(hidden, weight)
+        kd, ce = fused_linear_kd_and_ce(x, w, tokens, prior, cut=True, backend="triton", divergence="forward_kl")
+        (kd.sum() + ce.sum()).backward()
+        return kd.detach(), x.grad, w.grad
+    return run
+
+
+def fused_ce_method(hidden, weight, prior, tokens):
+    """What the trainer's plain path runs: logits, CE in fp32 (as the trainer computes it), our fused kernel."""
+    from bayeskd.kernels.sparse_kd import triton_fused_posterior_kd
+
+    def run():
+        x, w = _leaves(hidden, weight)
+        z = x @ w.t()
+        ce = F.cross_entropy(z.float(), tokens, reduction="sum")  # its own fp32 copy: z may be overwritten below
+        kd = triton_fused_posterior_kd(z, prior.indices, prior.logprobs, prior.tail, mode="none",
+                                       divergence="forward_kl", inplace=True)
+        (kd.sum() + ce).backward()
+        return kd.detach(), x.grad, w.grad
     return run
 
 
@@ -204,6 +233,10 @@ def bench_case(n, h, v, k, args, liger, lce) -> dict:
     b = measure(row, "fused", fused, grads_mib, args.reps)
     if a is not None and b is not None:  # the same loss, up to the bf16 rounding of the materialized logits
         row["cut_vs_fused_loss_rel"] = rel_err(a, b)
+    tokens = prior.indices[:, 0].long()  # a training step: CE on the teacher token + KD
+    measure(row, "cut_ce", cut_ce_method(hidden, weight, prior, tokens), grads_mib, args.reps)
+    measure(row, "fused_ce", fused_ce_method(hidden, weight, prior, tokens), grads_mib, args.reps)
+    del tokens
     if lce is None:
         row["cce_ms"] = row["cce_nofilter_ms"] = "not installed"
     else:
@@ -251,6 +284,8 @@ def ratios(row: dict) -> None:
         row["meets_time_cce"] = c / e <= CCE_TARGET
     if c and num("cce_nofilter_ms"):
         row["cut_over_cce_nofilter"] = c / row["cce_nofilter_ms"]
+    if num("cut_ce_ms") and num("fused_ce_ms"):
+        row["cut_ce_over_fused_ce"] = row["cut_ce_ms"] / row["fused_ce_ms"]
     ce, fe = num("cut_extra_mib"), num("fused_extra_mib")
     if ce is not None and fe:
         row["cut_extra_over_fused_extra"] = ce / fe
@@ -277,7 +312,12 @@ def smoke_case(n, h, v, k) -> dict:
     cut, fused = cut_method(hidden, weight, prior), fused_method(hidden, weight, prior)
     got, ref = cut(), fused()
     errs = {f"{nm}_rel_err": rel_err(a, b) for nm, a, b in zip(("loss", "grad_hidden", "grad_weight"), got, ref)}
-    ok = all(e <= SMOKE_TOL for e in errs.values()) and all(bool(torch.isfinite(t).all()) for t in got)
+    tokens = prior.indices[:, 0].long()  # and the training-step pair (CE + KD) the CUDA run times
+    got_ce = cut_ce_method(hidden, weight, prior, tokens)()
+    ref_ce = fused_ce_method(hidden, weight, prior, tokens)()
+    errs.update({f"ce_step_{nm}_rel_err": rel_err(a, b)
+                 for nm, a, b in zip(("loss", "grad_hidden", "grad_weight"), got_ce, ref_ce)})
+    ok = all(e <= SMOKE_TOL for e in errs.values()) and all(bool(torch.isfinite(t).all()) for t in got + got_ce)
     row["check"] = {"against": "logits + fused kernel (triton_fused_posterior_kd)", "tol": SMOKE_TOL, **errs,
                     "passed": ok}
     row["interpreter_ms"] = {"cut": time_cpu(cut, reps=1), "fused": time_cpu(fused, reps=1),
@@ -381,7 +421,8 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(result, indent=2) + "\n")
     cols = ["N", "H", "V", "K", "cut_ms", "fused_ms", "liger_kl_ms", "liger_jsd_ms", "cce_ms", "cce_nofilter_ms",
             "cut_over_fused", "cut_over_cce", "cut_extra_mib", "fused_extra_mib", "liger_kl_extra_mib",
-            "cce_extra_mib", "cut_extra_over_fused_extra", "logits_mib"]
+            "cce_extra_mib", "cut_extra_over_fused_extra", "cut_ce_ms", "fused_ce_ms", "cut_ce_over_fused_ce",
+            "logits_mib"]
     short = lambda x: "error" if isinstance(x, str) and x.startswith("error") else x  # noqa: E731 (JSON: all)
     print_table([{c: short(x) for c, x in r.items()} for r in result["cases"]], cols)
     for key, s in result["summary"].items():
