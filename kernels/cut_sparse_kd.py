@@ -186,11 +186,21 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def pick_blocks(n: int, v: int, h: int) -> dict[str, int]:
-    """Tile sizes: tensor-core friendly on a GPU; small under the interpreter (its cost is per element)."""
+def pick_blocks(dtype: torch.dtype) -> dict[str, int]:
+    """Tiles of the matmul kernels; small under the interpreter (its cost is per element). On a GPU: the largest
+    tiles that sm_90 compiles without register spills (ptxas counts, tests/test_kernels_compile.py; not timed
+    yet): fp32 runs full-precision dots on CUDA cores and needs smaller ones."""
     if _interpreting():
-        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16)
-    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64)
+        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=4)
+    if dtype == torch.float32:
+        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_warps=8)
+    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, num_warps=8)
+
+
+def row_blocks(j: int) -> dict[str, int]:
+    """The per-row kernels (gather, sparse backward): J slots padded to JP, [JP, BLOCK_H] tiles of ≤ 2048."""
+    jp = max(16, _next_pow2(j))
+    return dict(JP=jp, BLOCK_H=16 if _interpreting() else max(16, min(128, 2048 // jp)), num_warps=4)
 
 
 def _splits(n_row_blocks: int, v_blocks: int, device: torch.device) -> int:
@@ -205,7 +215,7 @@ def row_stats(hidden, weight, bias, temperature: float, *, check_finite: bool = 
     """(max, sum) per row of z/T, z = hidden @ weight.T + bias: logsumexp(z/T) = max + log(sum)."""
     n, h = hidden.shape
     v = weight.shape[0]
-    bs = blocks or pick_blocks(n, v, h)
+    bs = blocks or pick_blocks(hidden.dtype)
     nb, vb = triton.cdiv(n, bs["BLOCK_N"]), triton.cdiv(v, bs["BLOCK_V"])
     sp = splits or _splits(nb, vb, hidden.device)
     per = triton.cdiv(vb, sp) * bs["BLOCK_V"]
@@ -230,7 +240,7 @@ def _dot_fp32(hidden: torch.Tensor) -> bool:
     return hidden.dtype == torch.float32 or _interpreting()
 
 
-def gather_logits(hidden, weight, bias, idx: torch.Tensor, block_h: int | None = None) -> torch.Tensor:
+def gather_logits(hidden, weight, bias, idx: torch.Tensor) -> torch.Tensor:
     """fp32 [N, J]: hidden[r] · weight[idx[r, j]] (+ bias[idx]), 0 where idx < 0."""
     n, h = hidden.shape
     idx = idx.to(torch.int32).contiguous()
@@ -238,8 +248,7 @@ def gather_logits(hidden, weight, bias, idx: torch.Tensor, block_h: int | None =
     out = torch.empty(n, j, dtype=torch.float32, device=hidden.device)
     if n and j:
         _gather_kernel[(n,)](hidden, weight, bias if bias is not None else out, idx, out, h, j, hidden.stride(0),
-                             weight.stride(0), HAS_BIAS=bias is not None, JP=max(16, _next_pow2(j)),
-                             BLOCK_H=block_h or pick_blocks(n, weight.shape[0], h)["BLOCK_H"])
+                             weight.stride(0), HAS_BIAS=bias is not None, **row_blocks(j))
     return out
 
 
@@ -267,7 +276,7 @@ def cut_backward(saved: dict, gos: tuple, need_h: bool, need_w: bool, need_b: bo
         gbar = gbar + gbar_i * go_i.float()
     e = e.contiguous()
     idx = saved["idx"]
-    bs = blocks or pick_blocks(n, v, h)
+    bs = blocks or pick_blocks(hidden.dtype)
     dot32 = _dot_fp32(hidden)
     j = idx.shape[1]
     gh = torch.zeros(n, h, dtype=torch.float32, device=dev) if need_h else None
@@ -293,7 +302,7 @@ def cut_backward(saved: dict, gos: tuple, need_h: bool, need_w: bool, need_b: bo
                 hidden, weight, idx, e, gh if gh is not None else dummy, acc if acc is not None else dummy,
                 gbias if gbias is not None else dummy, h, j, v0, v1, hidden.stride(0), weight.stride(0),
                 DO_B=gbias is not None and first, DO_H=need_h and first, DO_W=need_w,
-                JP=max(16, _next_pow2(j)), BLOCK_H=bs["BLOCK_H"])
+                **row_blocks(j))
         if need_w and acc is not gw:
             gw[v0:v1].copy_(acc)
         del acc  # the last slab must not stay alive while grad_hidden is cast below
@@ -313,7 +322,7 @@ class CutSparseKDFunction(torch.autograd.Function):
         T = cfg["temperature"]
         mx, total = row_stats(hidden, weight, bias, T, check_finite=cfg["check_finite"], blocks=cfg["blocks"],
                               splits=cfg["splits"])
-        gather = lambda idx: gather_logits(hidden, weight, bias, idx, (cfg["blocks"] or {}).get("BLOCK_H"))  # noqa
+        gather = lambda idx: gather_logits(hidden, weight, bias, idx)  # noqa: E731
         loss, coef = cfg["head"](mx, total, gather, need_grad)
         ctx.n_out = len(loss) if isinstance(loss, tuple) else 1
         if need_grad:

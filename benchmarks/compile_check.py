@@ -1,0 +1,118 @@
+"""Compile the cut-logits Triton kernels for a GPU without one: register use and spills of the launcher's tiles.
+
+Triton compiles ahead of time for a target (here sm_90, an H100/H200) on any machine: Python -> TTIR -> TTGIR ->
+LLVM IR -> PTX -> cubin, with the ptxas and cuobjdump its wheel carries. That catches what the interpreter cannot
+(code that does not compile for a real GPU) and shows whether a tile configuration spills registers to local
+memory, which would make it slow. It measures no speed. For each kernel of kernels/cut_sparse_kd.py, each input
+dtype and the tiles the launchers pick (`pick_blocks`, `row_blocks`), prints registers per thread and the stack
+(spill) bytes, writes JSON, and exits 1 if a kernel fails to compile or spills.
+
+    python benchmarks/compile_check.py [--arch 90] [--out benchmarks/results/compile_sm90.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter's
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import bayeskd.kernels.cut_sparse_kd as cut  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+INT_PTRS = {"idx_ptr": "*i32", "bad_ptr": "*i32"}
+INPUT_PTRS = ("h_ptr", "w_ptr", "b_ptr")  # the hidden states, the lm_head and its bias share the input dtype
+FLOAT_SCALARS = ("inv_t",)
+
+
+def signature(fn, dtype: str, constexprs: dict) -> dict[str, str]:
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = f"*{dtype}" if name in INPUT_PTRS else INT_PTRS.get(name, "*fp32")
+        else:
+            sig[name] = "fp32" if name in FLOAT_SCALARS else "i32"
+    return sig
+
+
+def resources(cubin: bytes) -> dict[str, int]:
+    """Registers per thread and stack bytes (spills) of a cubin, from the cuobjdump Triton ships."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    if m is None:
+        raise RuntimeError(f"cuobjdump printed no resource usage:\n{out}")
+    return {"registers": int(m.group(1)), "stack_bytes": int(m.group(2))}
+
+
+def cases():
+    """(kernel, dtype, constexprs, num_warps): every flag set the launchers use, at the launchers' tiles."""
+    for dtype, name in DTYPES.items():
+        tiles = dict(cut.pick_blocks(dtype))
+        warps = tiles.pop("num_warps")
+        dot32 = dtype == torch.float32
+        yield cut._lse_kernel, name, dict(HAS_BIAS=True, DOT_FP32=dot32, CHECK=True, **tiles), warps
+        yield cut._dense_bwd_kernel, name, dict(HAS_BIAS=True, DO_H=True, DO_W=True, DO_B=True, DOT_FP32=dot32,
+                                                **tiles), warps
+        yield cut._dense_bwd_kernel, name, dict(HAS_BIAS=False, DO_H=True, DO_W=False, DO_B=False,
+                                                DOT_FP32=dot32, **tiles), warps
+        for j in (2, 33, 129):  # |U| (+ the CE column) for K = 1, 16, 64 with a sparse proxy
+            rb = dict(cut.row_blocks(j))
+            rwarps = rb.pop("num_warps")
+            yield cut._gather_kernel, name, dict(HAS_BIAS=True, **rb), rwarps
+            yield cut._sparse_bwd_kernel, name, dict(DO_B=True, DO_H=True, DO_W=True, **rb), rwarps
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability to compile for (90: H100/H200)")
+    ap.add_argument("--out", default=None, help="JSON output (default benchmarks/results/compile_sm<arch>.json)")
+    args = ap.parse_args(argv)
+    target = GPUTarget("cuda", args.arch, 32)
+    rows, failed = [], 0
+    for fn, dtype, constexprs, warps in cases():
+        row = {"kernel": fn.__name__, "dtype": dtype, "num_warps": warps,
+               "config": {k: v for k, v in constexprs.items() if k.startswith(("BLOCK", "JP", "DO_", "HAS_"))}}
+        t = time.perf_counter()
+        try:
+            src = ASTSource(fn=fn, signature=signature(fn, dtype, constexprs), constexprs=constexprs)
+            compiled = triton.compile(src, target=target, options={"num_warps": warps})
+            row.update(resources(compiled.asm["cubin"]))
+            row["ok"] = row["stack_bytes"] == 0
+        except Exception as e:  # noqa: BLE001 - report every kernel, then fail
+            row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+        row["compile_s"] = round(time.perf_counter() - t, 2)
+        failed += not row["ok"]
+        rows.append(row)
+        cfg = " ".join(f"{k}={v}" for k, v in row["config"].items())
+        print(f"{row['kernel']:<20} {dtype:<5} warps={warps:<2} {cfg:<70} "
+              + (f"regs={row['registers']:<3} stack={row['stack_bytes']:<5}" if "registers" in row
+                 else row.get("error", "")) + ("" if row["ok"] else "  FAIL"), flush=True)
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"compile_sm{args.arch}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"target": f"cuda sm_{args.arch}", "triton": triton.__version__, "cases": rows,
+                               "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}, indent=2)
+                   + "\n")
+    print(f"{'ALL COMPILED, NO SPILLS' if not failed else f'{failed} FAILED'}; wrote {out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
