@@ -5,7 +5,9 @@ LLVM IR -> PTX -> cubin, with the ptxas and cuobjdump its wheel carries. That ca
 (code that does not compile for a real GPU) and shows whether a tile configuration spills registers to local
 memory, which would make it slow. It measures no speed. For each kernel of kernels/cut_sparse_kd.py, each input
 dtype and the tiles the launchers pick (`pick_blocks`, `row_blocks`), prints registers per thread and the stack
-(spill) bytes, writes JSON, and exits 1 if a kernel fails to compile or spills.
+(spill) bytes, shared memory, tensor-core dots and pipelined loads, writes JSON, and exits 1 if a kernel fails to
+compile, spills or needs more shared memory than an sm_90 block has. Pointers, the hidden size and the
+row strides are taken as multiples of 16, as the JIT specialises them for real models.
 
     python benchmarks/compile_check.py [--arch 90] [--out benchmarks/results/compile_sm90.json]
 """
@@ -35,6 +37,10 @@ DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 INT_PTRS = {"idx_ptr": "*i32", "bad_ptr": "*i32"}
 INPUT_PTRS = ("h_ptr", "w_ptr", "b_ptr")  # the hidden states, the lm_head and its bias share the input dtype
 FLOAT_SCALARS = ("inv_t",)
+# The JIT specialises pointers and integers that are multiples of 16 (tt.divisibility), which enables vectorised,
+# pipelined (cp.async) loads; real hidden sizes and row strides are, so the check compiles with those hints
+ALIGNED_INTS = ("H", "stride_h", "stride_w")
+SHARED_LIMIT = 227 * 1024  # shared memory per block on sm_90
 
 
 def signature(fn, dtype: str, constexprs: dict) -> dict[str, str]:
@@ -92,10 +98,16 @@ def main(argv=None) -> int:
                "config": {k: v for k, v in constexprs.items() if k.startswith(("BLOCK", "JP", "DO_", "HAS_"))}}
         t = time.perf_counter()
         try:
-            src = ASTSource(fn=fn, signature=signature(fn, dtype, constexprs), constexprs=constexprs)
+            attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+                     if a.endswith("_ptr") or a in ALIGNED_INTS}
+            src = ASTSource(fn=fn, signature=signature(fn, dtype, constexprs), constexprs=constexprs, attrs=attrs)
             compiled = triton.compile(src, target=target, options={"num_warps": warps})
             row.update(resources(compiled.asm["cubin"]))
-            row["ok"] = row["stack_bytes"] == 0
+            ptx = compiled.asm["ptx"]
+            # tensor-core dots (Hopper wgmma) and pipelined loads (cp.async) are what make the tiles fast
+            row.update(shared_bytes=compiled.metadata.shared, wgmma=ptx.count("wgmma.mma_async"),
+                       cp_async=ptx.count("cp.async"))
+            row["ok"] = row["stack_bytes"] == 0 and row["shared_bytes"] <= SHARED_LIMIT
         except Exception as e:  # noqa: BLE001 - report every kernel, then fail
             row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
         row["compile_s"] = round(time.perf_counter() - t, 2)
@@ -103,7 +115,8 @@ def main(argv=None) -> int:
         rows.append(row)
         cfg = " ".join(f"{k}={v}" for k, v in row["config"].items())
         print(f"{row['kernel']:<20} {dtype:<5} warps={warps:<2} {cfg:<70} "
-              + (f"regs={row['registers']:<3} stack={row['stack_bytes']:<5}" if "registers" in row
+              + (f"regs={row['registers']:<3} stack={row['stack_bytes']:<5} smem={row['shared_bytes']:<6} "
+                 f"wgmma={row['wgmma']:<3} cp.async={row['cp_async']}" if "shared_bytes" in row
                  else row.get("error", "")) + ("" if row["ok"] else "  FAIL"), flush=True)
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"compile_sm{args.arch}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

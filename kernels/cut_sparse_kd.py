@@ -33,12 +33,12 @@ SLAB_BYTES = 128 << 20  # fp32 grad_weight accumulator per slab of the vocabular
 
 
 @triton.jit
-def _dot(a, b, DOT_FP32: tl.constexpr):
-    # fp32 inputs (and the interpreter, which cannot do bf16 math): exact fp32 products, no TF32
+def _dot(a, b, acc, DOT_FP32: tl.constexpr):
+    # acc + a @ b. fp32 inputs (and the interpreter, which cannot do bf16 math): exact fp32 products, no TF32
     if DOT_FP32:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
-        out = tl.dot(a, b)
+        out = tl.dot(a, b, acc)
     return out
 
 
@@ -53,7 +53,7 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rok, cok, H, stride_h, stride_
         kok = ks < H
         hb = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :], mask=rok[:, None] & kok[None, :], other=0.0)
         wb = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=cok[:, None] & kok[None, :], other=0.0)
-        acc += _dot(hb, tl.trans(wb), DOT_FP32)
+        acc = _dot(hb, tl.trans(wb), acc, DOT_FP32)  # the accumulating form lets Triton pipeline the loads
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cok, other=0.0).to(tl.float32)[None, :]
     return acc
@@ -139,12 +139,12 @@ def _dense_bwd_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, gb_ptr, cap_ptr, gbar_ptr, g
             if DO_H:
                 wb = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=cok[:, None] & kok[None, :],
                              other=0.0)
-                tl.atomic_add(gh_ptr + rows[:, None] * H + ks[None, :], _dot(d, wb, DOT_FP32),
+                tl.atomic_add(gh_ptr + rows[:, None] * H + ks[None, :], _dot(d, wb, None, DOT_FP32),
                               mask=rok[:, None] & kok[None, :])
             if DO_W:
                 hb = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :], mask=rok[:, None] & kok[None, :],
                              other=0.0)
-                tl.atomic_add(gw_ptr + (cols - v0)[:, None] * H + ks[None, :], _dot(tl.trans(d), hb, DOT_FP32),
+                tl.atomic_add(gw_ptr + (cols - v0)[:, None] * H + ks[None, :], _dot(tl.trans(d), hb, None, DOT_FP32),
                               mask=cok[:, None] & kok[None, :])
 
 
@@ -187,20 +187,21 @@ def _interpreting() -> bool:
 
 
 def pick_blocks(dtype: torch.dtype) -> dict[str, int]:
-    """Tiles of the matmul kernels; small under the interpreter (its cost is per element). On a GPU: the largest
-    tiles that sm_90 compiles without register spills (ptxas counts, tests/test_kernels_compile.py; not timed
-    yet): fp32 runs full-precision dots on CUDA cores and needs smaller ones."""
+    """Tiles of the matmul kernels; small under the interpreter (its cost is per element). On a GPU (not timed
+    yet): 128 x 128 x 64 with 8 warps, a usual Hopper bf16 GEMM tile, which sm_90 compiles without register spills
+    (benchmarks/compile_check.py); 128 rows halve grad_weight's atomic adds against 64. fp32 runs full-precision
+    dots on CUDA cores and needs smaller tiles."""
     if _interpreting():
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=4)
     if dtype == torch.float32:
         return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_warps=8)
-    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, num_warps=8)
+    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8)
 
 
 def row_blocks(j: int) -> dict[str, int]:
-    """The per-row kernels (gather, sparse backward): J slots padded to JP, [JP, BLOCK_H] tiles of ≤ 2048."""
+    """The per-row kernels (gather, sparse backward): J slots padded to JP, [JP, BLOCK_H] tiles of ≤ 8192."""
     jp = max(16, _next_pow2(j))
-    return dict(JP=jp, BLOCK_H=16 if _interpreting() else max(16, min(128, 2048 // jp)), num_warps=4)
+    return dict(JP=jp, BLOCK_H=16 if _interpreting() else max(16, min(128, 8192 // jp)), num_warps=4)
 
 
 def _splits(n_row_blocks: int, v_blocks: int, device: torch.device) -> int:
