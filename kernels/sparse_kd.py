@@ -468,29 +468,13 @@ class SparseKDFunction(torch.autograd.Function):
 
 
 def triton_fused_posterior_kd(
-    student_logits: torch.Tensor,
-    prior_idx: torch.Tensor,
-    prior_logp: torch.Tensor,
-    prior_tail: torch.Tensor,
-    proxy_idx: torch.Tensor | None = None,
-    proxy_logp: torch.Tensor | None = None,
-    proxy_tail: torch.Tensor | None = None,
-    proxy_logits: torch.Tensor | None = None,
-    *,
-    mode: str = "log_linear",
-    a: float = 1.0,
-    b: float = 1.0,
-    w_rows: torch.Tensor | None = None,
-    teacher_tokens: torch.Tensor | None = None,
-    evidence: float = 0.0,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    mask: torch.Tensor | None = None,
-    tail: str = "bucket",
-    inplace: bool = False,
-    check_finite: bool = True,
-    _block_v: int | None = None,
+    student_logits: torch.Tensor, prior_idx: torch.Tensor, prior_logp: torch.Tensor, prior_tail: torch.Tensor,
+    proxy_idx: torch.Tensor | None = None, proxy_logp: torch.Tensor | None = None,
+    proxy_tail: torch.Tensor | None = None, proxy_logits: torch.Tensor | None = None, *,
+    mode: str = "log_linear", a: float = 1.0, b: float = 1.0, w_rows: torch.Tensor | None = None,
+    teacher_tokens: torch.Tensor | None = None, evidence: float = 0.0, divergence: str = "forward_kl",
+    beta: float = 0.5, temperature: float = 1.0, mask: torch.Tensor | None = None, tail: str = "bucket",
+    inplace: bool = False, check_finite: bool = True, _block_v: int | None = None,
 ) -> torch.Tensor:
     """Per-row loss (float32 [N]) of the posterior target (docs/MATH.md) against softmax(student_logits / T).
 
