@@ -69,21 +69,24 @@ def resources(cubin: bytes) -> dict[str, int]:
 
 
 def cases():
-    """(kernel, dtype, constexprs, num_warps): every flag set the launchers use, at the launchers' tiles."""
+    """(kernel, dtype, constexprs, num_warps, aligned): every flag set the launchers use, at the launchers' tiles;
+    the matmul kernels also unaligned (a hidden size that is not a multiple of 16), with the tiles picked for it."""
     for dtype, name in DTYPES.items():
-        tiles = dict(cut.pick_blocks(dtype))
-        warps = tiles.pop("num_warps")
         dot32 = dtype == torch.float32
-        yield cut._lse_kernel, name, dict(HAS_BIAS=True, DOT_FP32=dot32, CHECK=True, **tiles), warps
-        yield cut._dense_bwd_kernel, name, dict(HAS_BIAS=True, DO_H=True, DO_W=True, DO_B=True, DOT_FP32=dot32,
-                                                **tiles), warps
-        yield cut._dense_bwd_kernel, name, dict(HAS_BIAS=False, DO_H=True, DO_W=False, DO_B=False,
-                                                DOT_FP32=dot32, **tiles), warps
+        for aligned in (True, False):
+            tiles = dict(cut.pick_blocks(dtype, aligned))
+            warps = tiles.pop("num_warps")
+            yield cut._lse_kernel, name, dict(HAS_BIAS=True, DOT_FP32=dot32, CHECK=True, **tiles), warps, aligned
+            yield (cut._dense_bwd_kernel, name, dict(HAS_BIAS=True, DO_H=True, DO_W=True, DO_B=True, DOT_FP32=dot32,
+                                                     **tiles), warps, aligned)
+            yield (cut._dense_bwd_kernel, name, dict(HAS_BIAS=False, DO_H=True, DO_W=False, DO_B=False,
+                                                     DOT_FP32=dot32, **tiles), warps, aligned)
         for j in (2, 33, 129):  # |U| (+ the CE column) for K = 1, 16, 64 with a sparse proxy
-            rb = dict(cut.row_blocks(j))
-            rwarps = rb.pop("num_warps")
-            yield cut._gather_kernel, name, dict(HAS_BIAS=True, **rb), rwarps
-            yield cut._sparse_bwd_kernel, name, dict(DO_B=True, DO_H=True, DO_W=True, **rb), rwarps
+            for aligned in (True, False):
+                rb = dict(cut.row_blocks(j, aligned))
+                rwarps = rb.pop("num_warps")
+                yield cut._gather_kernel, name, dict(HAS_BIAS=True, **rb), rwarps, aligned
+                yield cut._sparse_bwd_kernel, name, dict(DO_B=True, DO_H=True, DO_W=True, **rb), rwarps, aligned
 
 
 def main(argv=None) -> int:
@@ -93,13 +96,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     target = GPUTarget("cuda", args.arch, 32)
     rows, failed = [], 0
-    for fn, dtype, constexprs, warps in cases():
-        row = {"kernel": fn.__name__, "dtype": dtype, "num_warps": warps,
+    for fn, dtype, constexprs, warps, aligned in cases():
+        row = {"kernel": fn.__name__, "dtype": dtype, "num_warps": warps, "aligned": aligned,
                "config": {k: v for k, v in constexprs.items() if k.startswith(("BLOCK", "JP", "DO_", "HAS_"))}}
         t = time.perf_counter()
         try:
             attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
-                     if a.endswith("_ptr") or a in ALIGNED_INTS}
+                     if aligned and (a.endswith("_ptr") or a in ALIGNED_INTS)}
             src = ASTSource(fn=fn, signature=signature(fn, dtype, constexprs), constexprs=constexprs, attrs=attrs)
             compiled = triton.compile(src, target=target, options={"num_warps": warps})
             row.update(resources(compiled.asm["cubin"]))
@@ -114,7 +117,7 @@ def main(argv=None) -> int:
         failed += not row["ok"]
         rows.append(row)
         cfg = " ".join(f"{k}={v}" for k, v in row["config"].items())
-        print(f"{row['kernel']:<20} {dtype:<5} warps={warps:<2} {cfg:<70} "
+        print(f"{row['kernel']:<20} {dtype:<5} {'aligned' if aligned else 'unaligned':<9} warps={warps:<2} {cfg:<70} "
               + (f"regs={row['registers']:<3} stack={row['stack_bytes']:<5} smem={row['shared_bytes']:<6} "
                  f"wgmma={row['wgmma']:<3} cp.async={row['cp_async']}" if "shared_bytes" in row
                  else row.get("error", "")) + ("" if row["ok"] else "  FAIL"), flush=True)

@@ -186,22 +186,34 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def pick_blocks(dtype: torch.dtype) -> dict[str, int]:
+def pick_blocks(dtype: torch.dtype, aligned: bool = True) -> dict[str, int]:
     """Tiles of the matmul kernels; small under the interpreter (its cost is per element). On a GPU (not timed
     yet): 128 x 128 x 64 with 8 warps, a usual Hopper bf16 GEMM tile, which sm_90 compiles without register spills
-    (benchmarks/compile_check.py); 128 rows halve grad_weight's atomic adds against 64. fp32 runs full-precision
-    dots on CUDA cores and needs smaller tiles."""
+    (benchmarks/compile_check.py); 128 rows halve grad_weight's atomic adds against 64. `aligned`: the hidden size,
+    the row strides and the pointers are multiples of 16, which the JIT specialises for (pipelined, vectorised
+    loads); otherwise 128 x 128 x 64 spills and 64 x 128 x 32 does not. fp32 runs full-precision dots on CUDA
+    cores and needs smaller tiles."""
     if _interpreting():
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=4)
     if dtype == torch.float32:
         return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_warps=8)
+    if not aligned:
+        return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, num_warps=8)
     return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8)
 
 
-def row_blocks(j: int) -> dict[str, int]:
-    """The per-row kernels (gather, sparse backward): J slots padded to JP, [JP, BLOCK_H] tiles of ≤ 8192."""
+def _aligned(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the JIT will see 16-divisible hidden size, strides and pointers (see `pick_blocks`)."""
+    vals = (hidden.shape[1], hidden.stride(0), weight.stride(0), hidden.data_ptr(), weight.data_ptr())
+    return all(x % 16 == 0 for x in vals)
+
+
+def row_blocks(j: int, aligned: bool = True) -> dict[str, int]:
+    """The per-row kernels (gather, sparse backward): J slots padded to JP, [JP, BLOCK_H] tiles of at most 8192
+    elements (2048 unaligned: without vectorised loads the same tiles spill)."""
     jp = max(16, _next_pow2(j))
-    return dict(JP=jp, BLOCK_H=16 if _interpreting() else max(16, min(128, 8192 // jp)), num_warps=4)
+    return dict(JP=jp, BLOCK_H=16 if _interpreting() else max(16, min(128, (8192 if aligned else 2048) // jp)),
+                num_warps=4)
 
 
 def _splits(n_row_blocks: int, v_blocks: int, device: torch.device) -> int:
@@ -216,7 +228,7 @@ def row_stats(hidden, weight, bias, temperature: float, *, check_finite: bool = 
     """(max, sum) per row of z/T, z = hidden @ weight.T + bias: logsumexp(z/T) = max + log(sum)."""
     n, h = hidden.shape
     v = weight.shape[0]
-    bs = blocks or pick_blocks(hidden.dtype)
+    bs = blocks or pick_blocks(hidden.dtype, _aligned(hidden, weight))
     nb, vb = triton.cdiv(n, bs["BLOCK_N"]), triton.cdiv(v, bs["BLOCK_V"])
     sp = splits or _splits(nb, vb, hidden.device)
     per = triton.cdiv(vb, sp) * bs["BLOCK_V"]
@@ -249,7 +261,7 @@ def gather_logits(hidden, weight, bias, idx: torch.Tensor) -> torch.Tensor:
     out = torch.empty(n, j, dtype=torch.float32, device=hidden.device)
     if n and j:
         _gather_kernel[(n,)](hidden, weight, bias if bias is not None else out, idx, out, h, j, hidden.stride(0),
-                             weight.stride(0), HAS_BIAS=bias is not None, **row_blocks(j))
+                             weight.stride(0), HAS_BIAS=bias is not None, **row_blocks(j, _aligned(hidden, weight)))
     return out
 
 
@@ -277,7 +289,7 @@ def cut_backward(saved: dict, gos: tuple, need_h: bool, need_w: bool, need_b: bo
         gbar = gbar + gbar_i * go_i.float()
     e = e.contiguous()
     idx = saved["idx"]
-    bs = blocks or pick_blocks(hidden.dtype)
+    bs = blocks or pick_blocks(hidden.dtype, _aligned(hidden, weight))
     dot32 = _dot_fp32(hidden)
     j = idx.shape[1]
     gh = torch.zeros(n, h, dtype=torch.float32, device=dev) if need_h else None
@@ -303,7 +315,7 @@ def cut_backward(saved: dict, gos: tuple, need_h: bool, need_w: bool, need_b: bo
                 hidden, weight, idx, e, gh if gh is not None else dummy, acc if acc is not None else dummy,
                 gbias if gbias is not None else dummy, h, j, v0, v1, hidden.stride(0), weight.stride(0),
                 DO_B=gbias is not None and first, DO_H=need_h and first, DO_W=need_w,
-                **row_blocks(j))
+                **row_blocks(j, _aligned(hidden, weight)))
         if need_w and acc is not gw:
             gw[v0:v1].copy_(acc)
         del acc  # the last slab must not stay alive while grad_hidden is cast below
