@@ -150,6 +150,7 @@ def fused_linear_kd_and_ce(hidden: torch.Tensor, weight: torch.Tensor, tokens: t
         raise ValueError(f"tokens must have shape ({hidden.shape[0]},), got {tuple(tokens.shape)}")
     if tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < weight.shape[0]):
         raise ValueError(f"tokens must lie in [0, {weight.shape[0]})")
+    tokens = tokens.to(hidden.device)
     joint = cut and temperature == 1.0 and pick_backend(backend, hidden.device) == "triton"
     kd = _linear_op(hidden, weight, prior, proxy, posterior, divergence, beta, temperature, mask, tail, chunk_size,
                     cut, bias, backend, ce_tokens=tokens if joint else None)
@@ -160,6 +161,16 @@ def fused_linear_kd_and_ce(hidden: torch.Tensor, weight: torch.Tensor, tokens: t
     ce = _linear_op(hidden, weight, one_hot, None, {}, "forward_kl", None, 1.0, mask, "bucket", chunk_size, cut,
                     bias, backend)
     return kd, ce
+
+
+def _matmul_dtype(hidden, weight, bias):
+    """hidden, weight, bias in the dtype lm_head(hidden) would run in: autocast's when it is on (mixed-precision
+    training keeps an fp32 lm_head and multiplies in bf16), else the promoted dtype. The casts are ordinary
+    autograd ops, so the gradients reach the tensors given, in their dtypes."""
+    dev = hidden.device.type
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(hidden.dtype,
+                                                                                                  weight.dtype)
+    return tuple(t if t is None or t.dtype == dt else t.to(dt) for t in (hidden, weight, bias))
 
 
 def _linear_op(hidden, weight, prior, proxy, posterior: dict, divergence, beta, temperature, mask, tail, chunk_size,
@@ -180,6 +191,7 @@ def _linear_op(hidden, weight, prior, proxy, posterior: dict, divergence, beta, 
     args = _prepare(shape_only, prior, proxy, p["mode"], p["a"], p["b"], p["c"], p["w"], p["teacher_tokens"],
                     p["evidence"], divergence, beta, temperature, mask, tail, False,
                     check_values=chosen == "torch" or use_cut, student_values=False, theta=p["theta"])
+    hidden, weight, bias = _matmul_dtype(hidden, weight, bias)  # both ops multiply in one dtype
     if use_cut:
         from bayeskd.kernels.cut_sparse_kd import cut_sparse_kd
         return cut_sparse_kd(hidden, weight, cut_head(args, ce_tokens), bias=bias, temperature=args.temperature)

@@ -376,6 +376,7 @@ def cut_sparse_kd(hidden: torch.Tensor, weight: torch.Tensor, head: Callable, *,
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     if hidden.dtype != weight.dtype:
         raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
+    bias = bias.contiguous() if bias is not None else None
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     cfg = dict(head=head, temperature=float(temperature), check_finite=check_finite, blocks=blocks, splits=splits,
