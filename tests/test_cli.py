@@ -155,3 +155,24 @@ def test_prior_posterior_distill_pipeline_through_the_cli(tmp_path, tiny_tokeniz
                                     "--teacher", paths["proxy"], "--student", paths["student"],
                                     "--out", str(tmp_path / "x")])
     assert res.exit_code != 0 and "not both" in res.output
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_distill_cut_logits_flag(tmp_path, tiny_tokenizer_dir, monkeypatch, backend):
+    """--cut-logits reaches the trainer: the cut kernel with the Triton backend (the interpreter here), the chunked
+    op on the PyTorch backend; the summary says which ran."""
+    from transformers import AutoTokenizer
+
+    from conftest import save_tiny_llama
+
+    monkeypatch.setenv("BAYESKD_BACKEND", backend)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    student = save_tiny_llama(tmp_path / "student", AutoTokenizer.from_pretrained(tiny_tokenizer_dir), 2)
+    data = _write_jsonl(tmp_path / "teacher.jsonl", n=8)
+    assert _run(["estimate-prior", "--data", str(data), "--tokenizer", tiny_tokenizer_dir, "--order", "2",
+                 "--write-topk", "--top-k", "4", "--out", str(tmp_path / "prior")]).exit_code == 0
+    res = _run(["distill", "--data", str(data), "--targets", str(tmp_path / "prior" / "topk"), "--student", student,
+                "--max-steps", "1", "--per-device-train-batch-size", "4", "--cut-logits", "--out", str(tmp_path / "d")])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert summary["lm_head_loss"] == ("cut" if backend == "triton" else "chunked") and summary["steps"] == 1

@@ -394,6 +394,7 @@ def test_cut_logits_trains_the_same_weights(setup, tmp_path, monkeypatch, mode):
     cut = distill(setup["data"], setup["student"], str(tmp_path / "cut"), fused_backend="triton", cut_logits=True,
                   **kw)
     assert cut["steps"] == plain["steps"] == 2
+    assert (cut["lm_head_loss"], plain["lm_head_loss"]) == ("cut", "logits")
     for key in ("first_ce_loss", "first_kd_loss"):
         assert cut[key] == pytest.approx(plain[key], rel=1e-5)
     wp, wc = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("plain", "cut"))
@@ -417,6 +418,7 @@ def test_lm_head_paths_under_bf16_autocast(setup, tmp_path, monkeypatch, path):
     plain = distill(setup["data"], setup["student"], str(tmp_path / "plain"), fused_backend="torch", **kw)
     other = distill(setup["data"], setup["student"], str(tmp_path / path), **opts, **kw)
     assert other["steps"] == plain["steps"] == 2
+    assert other["lm_head_loss"] == ("chunked" if path == "fused_linear" else "cut")
     for key in ("first_ce_loss", "first_kd_loss"):
         assert other[key] == pytest.approx(plain[key], rel=1e-4)
     wp, wo = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("plain", path))

@@ -36,7 +36,7 @@ from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
 from bayeskd.distill.targets import (CONTEXT_COUNT_KEY, WEIGHT_KEY, WEIGHT_NORMALIZATIONS, BayesKDCollator,
                                      TeacherTargetsDataset)
 from bayeskd.linear_losses import fused_linear_kd_and_ce, fused_linear_posterior_kd
-from bayeskd.losses import fused_posterior_kd
+from bayeskd.losses import fused_posterior_kd, pick_backend
 from bayeskd.sparse import CONTEXT_COUNT, MODES, TEACHER_LOGPROB, SparseDist, atomic_write_json
 from bayeskd.teacher_forcing import model_logits, select_rows
 from bayeskd.distill.checkpoints import ChecksumCallback, checkpoints, remove_unrecorded, resume_point
@@ -122,6 +122,14 @@ class BayesKDConfig(transformers.TrainingArguments):
         if not self.posterior_c > 0 or self.posterior_evidence < 0:
             raise ValueError(f"posterior_c must be > 0 and posterior_evidence >= 0, got {self.posterior_c}, "
                              f"{self.posterior_evidence}")
+
+
+def _lm_head_loss(cfg: BayesKDConfig, device: torch.device) -> str:
+    """How the loss met the lm_head: "logits" (the model's), "chunked" or "cut" (the cut-logits kernel; without
+    the Triton backend cut_logits runs the chunked op, and the summary says so)."""
+    if cfg.cut_logits and pick_backend(cfg.fused_backend, device) == "triton":
+        return "cut"
+    return "chunked" if cfg.fused_linear or cfg.cut_logits else "logits"
 
 
 # ---------------------------------------------------------------------------------------------------- trainer
@@ -433,6 +441,7 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
     summary = {
         "mode": mode, "data": str(data), "student": str(student), "targets": targets, "teacher": teacher,
         "proxy": proxy, "posterior_mode": cfg.posterior_mode if proxy is not None else None, "method": cfg.method,
+        "lm_head_loss": _lm_head_loss(cfg, trainer.args.device),
         "records": len(records), "skipped_records": int(report.skipped),
         "steps": int(trainer.state.global_step), "epochs": float(trainer.state.epoch or 0.0),
         "train_loss": float(result.training_loss),
