@@ -7,8 +7,8 @@ from typing import Iterator
 
 import click
 
-from bayeskd.cli_config import (codec_option, config_option, gad_advantage_options, max_records_option,
-                                skip_bad_option)
+from bayeskd.cli_config import (codec_option, config_option, gad_advantage_options, lm_head_options,
+                                max_records_option, skip_bad_option)
 from bayeskd.sparse import EVIDENCE_MODES, MODES
 
 
@@ -306,10 +306,7 @@ def estimate_posterior_cmd(**kwargs) -> None:
               type=click.Choice(["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"]))
 @click.option("--beta", default=None, type=float, help="JSD β (default 0.5) or skew-KL α (default 0.1).")
 @click.option("--kd-temperature", default=1.0, show_default=True, type=float)
-@click.option("--fused-linear/--no-fused-linear", default=False, show_default=True,
-              help="Hidden states and lm_head to the loss: the [N, V] logits are never built (row chunks).")
-@click.option("--cut-logits/--no-cut-logits", default=False, show_default=True,
-              help="As --fused-linear, through the cut-logits Triton kernel (logits only as on-chip tiles; CUDA).")
+@lm_head_options
 @click.option("--max-length", default=None, type=click.IntRange(2))
 @click.option("--num-train-epochs", default=1.0, show_default=True, type=float)
 @click.option("--max-steps", default=-1, show_default=True, type=int)

@@ -77,6 +77,18 @@ codec_option = click.option(
 GAD_DEFAULTS = {"sft_coef": 1.0, "baseline": "group", "scale_rewards": True}
 
 
+def lm_head_options(f):
+    """`distill`'s ways for the loss to meet the student's lm_head, and mixed precision."""
+    f = click.option("--bf16/--no-bf16", default=False, show_default=True,
+                     help="bf16 mixed precision (autocast; a GPU with bf16).")(f)
+    f = click.option("--cut-logits/--no-cut-logits", default=False, show_default=True,
+                     help="As --fused-linear, through the cut-logits Triton kernel (logits only as on-chip tiles; "
+                     "CUDA).")(f)
+    return click.option("--fused-linear/--no-fused-linear", default=False, show_default=True,
+                        help="Hidden states and lm_head to the loss: the [N, V] logits are never built (row "
+                        "chunks).")(f)
+
+
 def gad_advantage_options(f):
     """`gad`'s options for the generator's objective beyond plain GRPO. The defaults are `GADConfig`'s (spelled
     here so the CLI starts without importing torch; a test holds them equal)."""

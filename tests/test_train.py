@@ -412,7 +412,7 @@ def test_lm_head_paths_under_bf16_autocast(setup, tmp_path, monkeypatch, path):
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     kw = dict(max_steps=2, per_device_train_batch_size=4, learning_rate=5e-3, seed=7, logging_steps=1, bf16=True,
-              use_cpu=True, targets=_prior_shards(setup, tmp_path))
+              targets=_prior_shards(setup, tmp_path))  # no GPU: BayesKDConfig sets use_cpu for bf16 itself
     opts = dict(fused_linear=True, fused_backend="torch") if path == "fused_linear" else dict(cut_logits=True,
                                                                                               fused_backend="triton")
     plain = distill(setup["data"], setup["student"], str(tmp_path / "plain"), fused_backend="torch", **kw)

@@ -94,6 +94,8 @@ class BayesKDConfig(transformers.TrainingArguments):
             # trains alone on its share of the data (no gradient all-reduce). gloo is the CPU backend.
             self.use_cpu = True
             self.ddp_backend = self.ddp_backend or "gloo"
+        if self.bf16 and not torch.cuda.is_available():  # bf16 autocast on the CPU instead of a refusal
+            self.use_cpu = True
         super().__post_init__()
         if self.ce_weight < 0 or self.kd_weight < 0:
             raise ValueError(f"ce_weight and kd_weight must be >= 0, got {self.ce_weight}, {self.kd_weight}")
