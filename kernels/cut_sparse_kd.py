@@ -339,16 +339,19 @@ class CutSparseKDFunction(torch.autograd.Function):
         loss, coef = cfg["head"](mx, total, gather, need_grad)
         ctx.n_out = len(loss) if isinstance(loss, tuple) else 1
         if need_grad:
-            ctx.saved = dict(hidden=hidden.detach(), weight=weight.detach(),
-                             bias=bias.detach() if bias is not None else None,
-                             lse=(mx + total.log()).contiguous(), temperature=T, **coef)
+            # the inputs through save_for_backward: autograd then refuses a backward after they changed in place
+            ctx.save_for_backward(hidden, weight, bias)
+            ctx.saved = dict(lse=(mx + total.log()).contiguous(), temperature=T, **coef)
             ctx.cfg = cfg
         return loss
 
     @staticmethod
     def backward(ctx, *grad_outputs):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        gh, gw, gb = cut_backward(ctx.saved, grad_outputs, need_h, need_w, need_b, blocks=ctx.cfg["blocks"],
+        hidden, weight, bias = ctx.saved_tensors
+        saved = dict(ctx.saved, hidden=hidden.detach(), weight=weight.detach(),
+                     bias=bias.detach() if bias is not None else None)
+        gh, gw, gb = cut_backward(saved, grad_outputs, need_h, need_w, need_b, blocks=ctx.cfg["blocks"],
                                   slab_rows=ctx.cfg["slab_rows"])
         return gh, gw, gb, None
 

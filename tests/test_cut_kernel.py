@@ -269,3 +269,17 @@ def test_mixed_precision_like_the_plain_path(path):
     ref = dense_reference(hidden.half(), weight, None, prior, proxy, None, None, **kw)[0]
     # fp16 hidden, fp32 weight: promoted to fp32 (tolerance relative to the loss, as in check())
     assert float((loss.detach().double() - ref).abs().max()) < 2e-5 * max(1.0, float(ref.abs().max()))
+
+
+def test_inputs_changed_in_place_before_backward_are_refused():
+    """Backward recomputes the logits from hidden and weight: had they changed after the forward pass, the
+    gradient would be silently wrong, so autograd's version check must refuse it."""
+    gen = seeded(117)
+    hidden, weight, _ = inputs(gen)
+    prior, proxy, _, kw = targets("log_linear", N, V, 16, gen)
+    x = hidden.clone().requires_grad_()
+    w = weight.clone()
+    loss = fused_linear_posterior_kd(x, w, prior, proxy, cut=True, backend="triton", **kw)
+    w.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.sum().backward()
