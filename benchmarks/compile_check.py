@@ -1,10 +1,10 @@
-"""Compile the cut-logits Triton kernels for a GPU without one: register use and spills of the launcher's tiles.
+"""Compile the Triton kernels for a GPU without one: register use and spills at the launchers' tiles.
 
 Triton compiles ahead of time for a target (here sm_90, an H100/H200) on any machine: Python -> TTIR -> TTGIR ->
 LLVM IR -> PTX -> cubin, with the ptxas and cuobjdump its wheel carries. That catches what the interpreter cannot
 (code that does not compile for a real GPU) and shows whether a tile configuration spills registers to local
-memory, which would make it slow. It measures no speed. For each kernel of kernels/cut_sparse_kd.py, each input
-dtype and the tiles the launchers pick (`pick_blocks`, `row_blocks`), prints registers per thread and the stack
+memory, which would make it slow. It measures no speed. For each kernel of kernels/cut_sparse_kd.py (and the
+fused kernel of kernels/sparse_kd.py in four flag sets), each input dtype and the tiles the launchers pick (`pick_blocks`, `row_blocks`), prints registers per thread and the stack
 (spill) bytes, shared memory, tensor-core dots and pipelined loads, writes JSON, and exits 1 if a kernel fails to
 compile, spills or needs more shared memory than an sm_90 block has. Pointers, the hidden size and the
 row strides are taken as multiples of 16, as the JIT specialises them for real models.
@@ -31,15 +31,18 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import bayeskd.kernels.cut_sparse_kd as cut  # noqa: E402
+import bayeskd.kernels.sparse_kd as fused  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-INT_PTRS = {"idx_ptr": "*i32", "bad_ptr": "*i32"}
-INPUT_PTRS = ("h_ptr", "w_ptr", "b_ptr")  # the hidden states, the lm_head and its bias share the input dtype
-FLOAT_SCALARS = ("inv_t",)
+INT_PTRS = {"idx_ptr": "*i32", "bad_ptr": "*i32", "i0_ptr": "*i32", "iq_ptr": "*i32", "y_ptr": "*i32",
+            "mask_ptr": "*i8"}
+# the input dtype: the hidden states, the lm_head and its bias (cut); the logits and their gradient (fused)
+INPUT_PTRS = ("h_ptr", "w_ptr", "b_ptr", "z_ptr", "g_ptr")
+FLOAT_SCALARS = ("inv_t", "a", "b", "evidence", "beta")
 # The JIT specialises pointers and integers that are multiples of 16 (tt.divisibility), which enables vectorised,
 # pipelined (cp.async) loads; real hidden sizes and row strides are, so the check compiles with those hints
-ALIGNED_INTS = ("H", "stride_h", "stride_w")
+ALIGNED_INTS = ("H", "stride_h", "stride_w", "z_stride", "g_stride")
 SHARED_LIMIT = 227 * 1024  # shared memory per block on sm_90
 
 
@@ -87,6 +90,15 @@ def cases():
                 rwarps = rb.pop("num_warps")
                 yield cut._gather_kernel, name, dict(HAS_BIAS=True, **rb), rwarps, aligned
                 yield cut._sparse_bwd_kernel, name, dict(DO_B=True, DO_H=True, DO_W=True, **rb), rwarps, aligned
+    # the fused sparse-KD kernel (logits in), at its launcher's blocks for a large and a small vocabulary
+    base = dict(MODE=fused.MODES["log_linear"], ONLINE=False, DIV=fused.DIVERGENCES["forward_kl"], BUCKET=True,
+                HAS_Y=False, HAS_MASK=False, TEMPERED=False, COMPUTE_GRAD=True, CHECK=True, K0P=64, KQP=64)
+    variants = [("bf16", 16384, 16, {}), ("bf16", 4096, 8, dict(ONLINE=True, DIV=fused.DIVERGENCES["jsd"],
+                                                                   TEMPERED=True, HAS_Y=True, HAS_MASK=True)),
+                ("fp16", 4096, 8, dict(MODE=fused.MODES["mixture"], DIV=fused.DIVERGENCES["tvd"], BUCKET=False)),
+                ("fp32", 16384, 16, dict(DIV=fused.DIVERGENCES["reverse_kl"], K0P=16, KQP=16))]
+    for name, block_v, warps, extra in variants:
+        yield fused._sparse_kd_kernel, name, dict(base, BLOCK_V=block_v, **extra), warps, True
 
 
 def main(argv=None) -> int:
@@ -98,7 +110,8 @@ def main(argv=None) -> int:
     rows, failed = [], 0
     for fn, dtype, constexprs, warps, aligned in cases():
         row = {"kernel": fn.__name__, "dtype": dtype, "num_warps": warps, "aligned": aligned,
-               "config": {k: v for k, v in constexprs.items() if k.startswith(("BLOCK", "JP", "DO_", "HAS_"))}}
+               "config": {k: v for k, v in constexprs.items()
+                          if k.startswith(("BLOCK", "JP", "DO_", "HAS_", "MODE", "DIV", "ONLINE", "BUCKET"))}}
         t = time.perf_counter()
         try:
             attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
