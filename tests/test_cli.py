@@ -177,3 +177,19 @@ def test_distill_cut_logits_flag(tmp_path, tiny_tokenizer_dir, monkeypatch, back
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "d" / "summary.json").read_text())
     assert summary["lm_head_loss"] == ("cut" if backend == "triton" else "chunked") and summary["steps"] == 1
+
+
+def test_cli_defaults_are_the_librarys():
+    """Every option of `distill` and `gad` that names a field of BayesKDConfig / GADConfig defaults to what the
+    library uses when it is not given (distill's run defaults included), so the CLI and the library train alike."""
+    import dataclasses
+
+    from bayeskd.distill.gad import GADConfig
+    from bayeskd.distill.trainer import RUN_DEFAULTS, BayesKDConfig
+
+    for cmd, config in (("gad", GADConfig()), ("distill", BayesKDConfig(output_dir="unused", **RUN_DEFAULTS))):
+        fields = {f.name for f in dataclasses.fields(config)}
+        checked = [p for p in main.commands[cmd].params if p.name in fields]
+        assert len(checked) >= 15, cmd
+        for p in checked:
+            assert p.default == getattr(config, p.name), (cmd, p.name, p.default, getattr(config, p.name))

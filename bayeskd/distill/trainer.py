@@ -338,6 +338,9 @@ class BayesKDTrainer(transformers.Trainer):
 
 SETTINGS = "distill_settings.json"
 # training arguments that do not change what is trained (how often to log or save, where, whether to resume)
+# `distill`'s defaults where they differ from transformers' (the CLI's too): one epoch (not 3), no checkpoints,
+# a log line every 10 steps
+RUN_DEFAULTS = {"num_train_epochs": 1.0, "save_strategy": "no", "logging_steps": 10}
 _RUN_ONLY_ARGS = ("output_dir", "logging_steps", "save_steps", "save_strategy", "resume_from_checkpoint",
                   "logging_dir", "report_to", "disable_tqdm")
 
@@ -350,8 +353,8 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
     Mode: "sparse-targets" with `targets` (a shard directory), "online-posterior" with `targets` holding the
     prior's top-K rows and `proxy` (a model path sharing the tokenizer; posterior settings in `posterior_*`),
     "white-box" with `teacher` (a model path with the same vocabulary), else "sft". `tokenizer` defaults to the
-    student's directory. `training_args` go to `BayesKDConfig` (defaults for small runs: save_strategy="no",
-    logging_steps=10). Writes `out/summary.json` and returns it.
+    student's directory. `training_args` go to `BayesKDConfig` (the CLI's defaults where they differ from
+    transformers': one epoch, save_strategy="no", logging_steps=10). Writes `out/summary.json` and returns it.
 
     `method="proxy-kd"` (a `BayesKDConfig` field): `targets` must carry the per-row extras `proxy_teacher_logprob`;
     the KD term is weighted per record (`proxy_kd_normalization`) and scaled by `proxy_kd_alpha`.
@@ -366,8 +369,8 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
     mode = ("online-posterior" if proxy is not None else "sparse-targets" if targets is not None
             else "white-box" if teacher is not None else "sft")
     out_dir = Path(out)
-    training_args.setdefault("save_strategy", "no")
-    training_args.setdefault("logging_steps", 10)
+    for key, value in RUN_DEFAULTS.items():
+        training_args.setdefault(key, value)
     training_args.setdefault("output_dir", str(out_dir))
     cfg = BayesKDConfig(**training_args)
     proxy_kd = cfg.method == "proxy-kd"
