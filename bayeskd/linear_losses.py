@@ -46,14 +46,13 @@ def cut_head(args: _Args, ce_tokens: torch.Tensor | None = None) -> Callable:
     fused kernel's form: d_v = (clamp(s_v gB, ±|h_B|) - s_v ḡ) / T outside U (bucket; 0 with tail="ignore") and
     (h_u - s_u ḡ) / T on U, stored as its difference e_u to the outside formula so backward adds the dense part
     everywhere and e on U.
-    With `ce_tokens` (int [N], temperature 1 only) the head also returns each kept row's cross-entropy
-    logsumexp(z) - z_y, the second output, whose gradient s - onehot(y) joins the same backward pass.
+    With `ce_tokens` (int [N]) the head also returns each kept row's cross-entropy logsumexp(z) - z_y (at
+    temperature 1 whatever the KD's), the second output, whose gradient softmax(z) - onehot(y) joins the same
+    backward pass; at T != 1 the kernel supplies z's own (max, sum) as `t1` (cut_sparse_kd's with_t1).
     """
     T = args.temperature
-    if ce_tokens is not None and T != 1.0:
-        raise ValueError("the joint CE + KD of the cut op needs temperature 1 (CE is at temperature 1)")
 
-    def head(row_max: torch.Tensor, row_sum: torch.Tensor, gather: Callable, need_grad: bool):
+    def head(row_max: torch.Tensor, row_sum: torch.Tensor, gather: Callable, need_grad: bool, t1=None):
         n, dev = row_max.shape[0], row_max.device
         keep = torch.arange(n, device=dev) if args.mask is None else args.mask.nonzero()[:, 0]
         sel = lambda t: None if t is None else t[keep]  # noqa: E731
@@ -87,8 +86,9 @@ def cut_head(args: _Args, ce_tokens: torch.Tensor | None = None) -> Callable:
         loss = torch.zeros(n, dtype=torch.float32, device=dev)
         loss[keep] = _divergence(log_p, log_s, args.divergence, args.beta).float()
         if ce_tokens is not None:
+            mx1, total1 = (row_max, row_sum) if T == 1.0 else t1  # logsumexp(z) at temperature 1
             ce = torch.zeros(n, dtype=torch.float32, device=dev)
-            ce[keep] = (row_max[keep] + row_sum[keep].log() - z[:, J]).float()
+            ce[keep] = (mx1[keep] + total1[keep].log() - z[:, J]).float()
             loss = (loss, ce)
         if not need_grad:
             return loss, None
@@ -106,10 +106,13 @@ def cut_head(args: _Args, ce_tokens: torch.Tensor | None = None) -> Callable:
         e_full = torch.zeros(n, idx.shape[1], dtype=torch.float32, device=dev)
         e_full[keep, :J] = (e / T).masked_fill(~valid, 0.0).float()
         coef = dict(idx=idx, e=e_full, **dense)
-        if ce_tokens is not None:  # CE's gradient s - onehot(y): -1 at y, and -s·(-1) everywhere
+        if ce_tokens is not None:  # CE's gradient s1 - onehot(y): -1 at y, and +s1 everywhere
             e_ce = torch.zeros_like(e_full)
             e_ce[keep, J] = -1.0
-            coef.update(extra=[(e_ce, e_ce.sum(dim=1))], dense=True)
+            if T == 1.0:  # s1 is the KD's own softmax: its dense part is -s·gbar with gbar = -1
+                coef.update(extra=[(e_ce, e_ce.sum(dim=1))], dense=True)
+            else:  # a second softmax, at temperature 1, in the same tiles
+                coef.update(extra_t1=[(e_ce, -e_ce.sum(dim=1))], dense=True)
         return loss, coef
 
     return head
@@ -143,15 +146,15 @@ def fused_linear_kd_and_ce(hidden: torch.Tensor, weight: torch.Tensor, tokens: t
                            bias: torch.Tensor | None = None, backend: str = "auto",
                            **posterior) -> tuple[torch.Tensor, torch.Tensor]:
     """(KD per row, as `fused_linear_posterior_kd`; CE per row on `tokens` at temperature 1), rows with mask False
-    0 in both. With the cut kernel at temperature 1 both come from one pass over the logits (CE's gradient
-    s - onehot(y) joins the KD's in the same backward); otherwise two ops, CE as the KL from the one-hot of
-    `tokens` (the same number). `posterior`: mode, a, b, c, w, theta, teacher_tokens, evidence."""
+    0 in both. With the cut kernel both come from one pass over the logits, at any KD temperature (CE's gradient
+    softmax(z) - onehot(y) joins the KD's in the same backward); otherwise two ops, CE as the KL from the one-hot
+    of `tokens` (the same number). `posterior`: mode, a, b, c, w, theta, teacher_tokens, evidence."""
     if tokens.shape != (hidden.shape[0],):
         raise ValueError(f"tokens must have shape ({hidden.shape[0]},), got {tuple(tokens.shape)}")
     if tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < weight.shape[0]):
         raise ValueError(f"tokens must lie in [0, {weight.shape[0]})")
     tokens = tokens.to(hidden.device)
-    joint = cut and temperature == 1.0 and pick_backend(backend, hidden.device) == "triton"
+    joint = cut and pick_backend(backend, hidden.device) == "triton"
     kd = _linear_op(hidden, weight, prior, proxy, posterior, divergence, beta, temperature, mask, tail, chunk_size,
                     cut, bias, backend, ce_tokens=tokens if joint else None)
     if joint:
@@ -194,7 +197,8 @@ def _linear_op(hidden, weight, prior, proxy, posterior: dict, divergence, beta, 
     hidden, weight, bias = _matmul_dtype(hidden, weight, bias)  # both ops multiply in one dtype
     if use_cut:
         from bayeskd.kernels.cut_sparse_kd import cut_sparse_kd
-        return cut_sparse_kd(hidden, weight, cut_head(args, ce_tokens), bias=bias, temperature=args.temperature)
+        return cut_sparse_kd(hidden, weight, cut_head(args, ce_tokens), bias=bias, temperature=args.temperature,
+                             with_t1=ce_tokens is not None and args.temperature != 1.0)
     return fused_linear_sparse_kd(
         hidden, weight, args.prior_idx, args.prior_lp, args.prior_tail, args.proxy_idx, args.proxy_lp,
         args.proxy_tail, args.proxy_logits, mode=args.mode, a=args.a, b=args.b, w_rows=args.w_rows,

@@ -79,10 +79,14 @@ def cases():
         for aligned in (True, False):
             tiles = dict(cut.pick_blocks(dtype, aligned))
             warps = tiles.pop("num_warps")
-            yield cut._lse_kernel, name, dict(HAS_BIAS=True, DOT_FP32=dot32, CHECK=True, **tiles), warps, aligned
-            yield (cut._dense_bwd_kernel, name, dict(HAS_BIAS=True, DO_H=True, DO_W=True, DO_B=True, DOT_FP32=dot32,
-                                                     **tiles), warps, aligned)
-            yield (cut._dense_bwd_kernel, name, dict(HAS_BIAS=False, DO_H=True, DO_W=False, DO_B=False,
+            for two in (False, True):  # TWO: a CE at temperature 1 beside a KD at T != 1 (its own tiles)
+                lse_tiles = dict(cut.pick_blocks(dtype, aligned, two=two))
+                lse_warps = lse_tiles.pop("num_warps")
+                yield (cut._lse_kernel, name, dict(HAS_BIAS=True, DOT_FP32=dot32, CHECK=True, TWO=two, **lse_tiles),
+                       lse_warps, aligned)
+            yield (cut._dense_bwd_kernel, name, dict(HAS_BIAS=True, DO_H=True, DO_W=True, DO_B=True, TWO=True,
+                                                     DOT_FP32=dot32, **tiles), warps, aligned)
+            yield (cut._dense_bwd_kernel, name, dict(HAS_BIAS=False, DO_H=True, DO_W=False, DO_B=False, TWO=False,
                                                      DOT_FP32=dot32, **tiles), warps, aligned)
         for j in (2, 33, 129):  # |U| (+ the CE column) for K = 1, 16, 64 with a sparse proxy
             for aligned in (True, False):
@@ -111,7 +115,7 @@ def main(argv=None) -> int:
     for fn, dtype, constexprs, warps, aligned in cases():
         row = {"kernel": fn.__name__, "dtype": dtype, "num_warps": warps, "aligned": aligned,
                "config": {k: v for k, v in constexprs.items()
-                          if k.startswith(("BLOCK", "JP", "DO_", "HAS_", "MODE", "DIV", "ONLINE", "BUCKET"))}}
+                          if k.startswith(("BLOCK", "JP", "DO_", "HAS_", "MODE", "DIV", "ONLINE", "BUCKET", "TWO"))}}
         t = time.perf_counter()
         try:
             attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)

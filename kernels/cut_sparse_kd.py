@@ -60,14 +60,17 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rok, cok, H, stride_h, stride_
 
 
 @triton.jit
-def _lse_kernel(h_ptr, w_ptr, b_ptr, m_ptr, s_ptr, bad_ptr, N, V, H, stride_h, stride_w, v_per_split, splits,
-                inv_t, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, CHECK: tl.constexpr,
+def _lse_kernel(h_ptr, w_ptr, b_ptr, m_ptr, s_ptr, m1_ptr, s1_ptr, bad_ptr, N, V, H, stride_h, stride_w, v_per_split,
+                splits, inv_t, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, CHECK: tl.constexpr, TWO: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Per row and split: max and sum of exp(z/T - max); with TWO also of z itself (temperature 1, for a CE)."""
     pid_s = tl.program_id(1)
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     rok = rows < N
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     S = tl.zeros([BLOCK_N], dtype=tl.float32)
+    m1 = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    S1 = tl.zeros([BLOCK_N], dtype=tl.float32)
     n_bad = tl.zeros([BLOCK_N], dtype=tl.int32)
     start = pid_s * v_per_split
     end = tl.minimum(start + v_per_split, V)
@@ -83,9 +86,18 @@ def _lse_kernel(h_ptr, w_ptr, b_ptr, m_ptr, s_ptr, bad_ptr, N, V, H, stride_h, s
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         S = S * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
         m = m_new
+        if TWO:
+            x1 = tl.where(cok[None, :], z, float("-inf"))
+            m1_new = tl.maximum(m1, tl.max(x1, axis=1))
+            m1_safe = tl.where(m1_new == float("-inf"), 0.0, m1_new)
+            S1 = S1 * tl.exp(m1 - m1_safe) + tl.sum(tl.exp(x1 - m1_safe[:, None]), axis=1)
+            m1 = m1_new
     out = rows * splits + pid_s
     tl.store(m_ptr + out, m, mask=rok)
     tl.store(s_ptr + out, S, mask=rok)
+    if TWO:
+        tl.store(m1_ptr + out, m1, mask=rok)
+        tl.store(s1_ptr + out, S1, mask=rok)
     if CHECK:
         tl.store(bad_ptr + out, n_bad, mask=rok)
 
@@ -112,10 +124,11 @@ def _gather_kernel(h_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, H, J, stride_h, stride
 
 
 @triton.jit
-def _dense_bwd_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, gb_ptr, cap_ptr, gbar_ptr, gh_ptr, gw_ptr, gbias_ptr,
-                      N, H, v0, v1, stride_h, stride_w, inv_t,
+def _dense_bwd_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, gb_ptr, cap_ptr, gbar_ptr, lse1_ptr, c1_ptr, gh_ptr, gw_ptr,
+                      gbias_ptr, N, H, v0, v1, stride_h, stride_w, inv_t,
                       HAS_BIAS: tl.constexpr, DO_H: tl.constexpr, DO_W: tl.constexpr, DO_B: tl.constexpr,
-                      DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+                      TWO: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                      BLOCK_H: tl.constexpr):
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     cols = (v0 + tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     rok = rows < N
@@ -123,12 +136,19 @@ def _dense_bwd_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, gb_ptr, cap_ptr, gbar_ptr, g
     gB = tl.load(gb_ptr + rows, mask=rok, other=0.0)
     cap = tl.load(cap_ptr + rows, mask=rok, other=0.0)
     gbar = tl.load(gbar_ptr + rows, mask=rok, other=0.0)
-    if tl.max(tl.abs(gB) + tl.abs(gbar), axis=0) > 0:  # a tile of masked rows has no gradient: skip its matmuls
+    if TWO:
+        c1 = tl.load(c1_ptr + rows, mask=rok, other=0.0)
+    else:
+        c1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if tl.max(tl.abs(gB) + tl.abs(gbar) + tl.abs(c1), axis=0) > 0:  # tiles of masked rows have no gradient
         z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rok, cok, H, stride_h, stride_w, HAS_BIAS, DOT_FP32,
                          BLOCK_N, BLOCK_V, BLOCK_H)
         lse = tl.load(lse_ptr + rows, mask=rok, other=0.0)
         s = tl.where(rok[:, None] & cok[None, :], tl.exp(z * inv_t - lse[:, None]), 0.0)
         d = tl.minimum(tl.maximum(s * gB[:, None], -cap[:, None]), cap[:, None]) - s * gbar[:, None]
+        if TWO:  # a second loss at temperature 1 (CE when the KD's T is not 1): + c1 softmax(z)
+            lse1 = tl.load(lse1_ptr + rows, mask=rok, other=0.0)
+            d += tl.where(rok[:, None] & cok[None, :], tl.exp(z - lse1[:, None]), 0.0) * c1[:, None]
         if DO_B:
             tl.atomic_add(gbias_ptr + cols, tl.sum(d, axis=0), mask=cok)
         if not DOT_FP32:
@@ -186,20 +206,21 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def pick_blocks(dtype: torch.dtype, aligned: bool = True) -> dict[str, int]:
+def pick_blocks(dtype: torch.dtype, aligned: bool = True, two: bool = False) -> dict[str, int]:
     """Tiles of the matmul kernels; small under the interpreter (its cost is per element). On a GPU (not timed
     yet): 128 x 128 x 64 with 8 warps, a usual Hopper bf16 GEMM tile, which sm_90 compiles without register spills
     (benchmarks/compile_check.py); 128 rows halve grad_weight's atomic adds against 64. `aligned`: the hidden size,
     the row strides and the pointers are multiples of 16, which the JIT specialises for (pipelined, vectorised
-    loads); otherwise 128 x 128 x 64 spills and 64 x 128 x 32 does not. fp32 runs full-precision dots on CUDA
-    cores and needs smaller tiles."""
+    loads); otherwise 128 x 128 x 64 spills and 64 x 128 x 32 does not. `two`: the forward kernel keeping a second
+    (max, sum) at temperature 1, which spills at 128 rows (64 do not). fp32 runs full-precision dots on CUDA cores
+    and needs smaller tiles."""
     if _interpreting():
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, num_warps=4)
     if dtype == torch.float32:
         return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=16, num_warps=8)
     if not aligned:
         return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=32, num_warps=8)
-    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8)
+    return dict(BLOCK_N=64 if two else 128, BLOCK_V=128, BLOCK_H=64, num_warps=8)
 
 
 def _aligned(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -224,29 +245,39 @@ def _splits(n_row_blocks: int, v_blocks: int, device: torch.device) -> int:
     return max(1, min(v_blocks, math.ceil(4 * sms / max(1, n_row_blocks))))
 
 
-def row_stats(hidden, weight, bias, temperature: float, *, check_finite: bool = True, blocks=None, splits=None):
-    """(max, sum) per row of z/T, z = hidden @ weight.T + bias: logsumexp(z/T) = max + log(sum)."""
+def row_stats(hidden, weight, bias, temperature: float, *, check_finite: bool = True, blocks=None, splits=None,
+              with_t1: bool = False):
+    """(max, sum) per row of z/T, z = hidden @ weight.T + bias: logsumexp(z/T) = max + log(sum). `with_t1`: also
+    (max, sum) of z itself, from the same tiles: (max, sum, max1, sum1)."""
     n, h = hidden.shape
     v = weight.shape[0]
-    bs = blocks or pick_blocks(hidden.dtype, _aligned(hidden, weight))
+    bs = blocks or pick_blocks(hidden.dtype, _aligned(hidden, weight), two=with_t1)
     nb, vb = triton.cdiv(n, bs["BLOCK_N"]), triton.cdiv(v, bs["BLOCK_V"])
     sp = splits or _splits(nb, vb, hidden.device)
     per = triton.cdiv(vb, sp) * bs["BLOCK_V"]
     sp = triton.cdiv(v, per)  # no empty split
     m = torch.empty(n, sp, dtype=torch.float32, device=hidden.device)
     s = torch.empty_like(m)
+    m1, s1 = (torch.empty_like(m), torch.empty_like(m)) if with_t1 else (m, s)
     bad = torch.zeros(n, sp, dtype=torch.int32, device=hidden.device) if check_finite else m
-    _lse_kernel[(nb, sp)](hidden, weight, bias if bias is not None else m, m, s, bad, n, v, h, hidden.stride(0),
-                          weight.stride(0), per, sp, 1.0 / temperature, HAS_BIAS=bias is not None,
-                          DOT_FP32=_dot_fp32(hidden), CHECK=check_finite, **bs)
+    _lse_kernel[(nb, sp)](hidden, weight, bias if bias is not None else m, m, s, m1, s1, bad, n, v, h,
+                          hidden.stride(0), weight.stride(0), per, sp, 1.0 / temperature, HAS_BIAS=bias is not None,
+                          DOT_FP32=_dot_fp32(hidden), CHECK=check_finite, TWO=with_t1, **bs)
     if check_finite and n:
         rows = (bad.sum(1) > 0).nonzero()
         if len(rows):
             raise ValueError(f"cut_sparse_kd: NaN or infinite values in the student logits (hidden @ weight.T"
                              f"{' + bias' if bias is not None else ''}), row {int(rows[0, 0])}")
-    mx = m.max(dim=1).values if sp > 1 else m[:, 0]
-    total = (s * torch.exp(m - mx[:, None])).sum(dim=1) if sp > 1 else s[:, 0]
-    return mx, total
+    mx, total = _merge_splits(m, s)
+    return (mx, total, *_merge_splits(m1, s1)) if with_t1 else (mx, total)
+
+
+def _merge_splits(m: torch.Tensor, s: torch.Tensor):
+    """The splits' (max, sum) pairs [N, splits] into one per row."""
+    if m.shape[1] == 1:
+        return m[:, 0], s[:, 0]
+    mx = m.max(dim=1).values
+    return mx, (s * torch.exp(m - mx[:, None])).sum(dim=1)
 
 
 def _dot_fp32(hidden: torch.Tensor) -> bool:
@@ -284,9 +315,14 @@ def cut_backward(saved: dict, gos: tuple, need_h: bool, need_w: bool, need_b: bo
     gB, gbar = saved["gB"] * go, saved["gbar"] * go
     cap = saved["cap"] * go.abs()  # clamp to ±cap commutes with a per-row scale of either sign
     e = saved["e"] * go[:, None]
-    for (e_i, gbar_i), go_i in zip(saved.get("extra", ()), gos[1:]):  # outputs whose gradient is linear in s
+    extra, extra_t1 = list(saved.get("extra", ())), list(saved.get("extra_t1", ()))
+    for (e_i, gbar_i), go_i in zip(extra, gos[1:]):  # outputs whose gradient is linear in s
         e = e + e_i * go_i.float()[:, None]
         gbar = gbar + gbar_i * go_i.float()
+    c1 = None  # outputs at temperature 1 (s1 = softmax(z)): e_i on idx plus s1·c_i everywhere
+    for (e_i, c_i), go_i in zip(extra_t1, gos[1 + len(extra):]):
+        e = e + e_i * go_i.float()[:, None]
+        c1 = c_i * go_i.float() if c1 is None else c1 + c_i * go_i.float()
     e = e.contiguous()
     idx = saved["idx"]
     bs = blocks or pick_blocks(hidden.dtype, _aligned(hidden, weight))
@@ -306,10 +342,11 @@ def cut_backward(saved: dict, gos: tuple, need_h: bool, need_w: bool, need_b: bo
         if saved["dense"] and n:
             _dense_bwd_kernel[(triton.cdiv(n, bs["BLOCK_N"]), triton.cdiv(v1 - v0, bs["BLOCK_V"]))](
                 hidden, weight, bias if bias is not None else dummy, saved["lse"], gB, cap, gbar,
+                saved["lse1"] if c1 is not None else dummy, c1 if c1 is not None else dummy,
                 gh if gh is not None else dummy, acc if acc is not None else dummy,
                 gbias if gbias is not None else dummy, n, h, v0, v1, hidden.stride(0), weight.stride(0),
                 1.0 / saved["temperature"], HAS_BIAS=bias is not None, DO_H=need_h, DO_W=need_w,
-                DO_B=gbias is not None, DOT_FP32=dot32, **bs)
+                DO_B=gbias is not None, TWO=c1 is not None, DOT_FP32=dot32, **bs)
         if n and j and (need_w or (first and (need_h or need_b))):
             _sparse_bwd_kernel[(n,)](
                 hidden, weight, idx, e, gh if gh is not None else dummy, acc if acc is not None else dummy,
@@ -333,15 +370,21 @@ class CutSparseKDFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, cfg):
         need_grad = any(ctx.needs_input_grad[:3])
         T = cfg["temperature"]
-        mx, total = row_stats(hidden, weight, bias, T, check_finite=cfg["check_finite"], blocks=cfg["blocks"],
-                              splits=cfg["splits"])
+        stats = row_stats(hidden, weight, bias, T, check_finite=cfg["check_finite"], blocks=cfg["blocks"],
+                          splits=cfg["splits"], with_t1=cfg["with_t1"])
+        mx, total = stats[:2]
         gather = lambda idx: gather_logits(hidden, weight, bias, idx)  # noqa: E731
-        loss, coef = cfg["head"](mx, total, gather, need_grad)
+        if cfg["with_t1"]:
+            loss, coef = cfg["head"](mx, total, gather, need_grad, t1=stats[2:])
+        else:
+            loss, coef = cfg["head"](mx, total, gather, need_grad)
         ctx.n_out = len(loss) if isinstance(loss, tuple) else 1
         if need_grad:
             # the inputs through save_for_backward: autograd then refuses a backward after they changed in place
             ctx.save_for_backward(hidden, weight, bias)
             ctx.saved = dict(lse=(mx + total.log()).contiguous(), temperature=T, **coef)
+            if cfg["with_t1"]:
+                ctx.saved["lse1"] = (stats[2] + stats[3].log()).contiguous()
             ctx.cfg = cfg
         return loss
 
@@ -358,7 +401,8 @@ class CutSparseKDFunction(torch.autograd.Function):
 
 def cut_sparse_kd(hidden: torch.Tensor, weight: torch.Tensor, head: Callable, *, bias: torch.Tensor | None = None,
                   temperature: float = 1.0, check_finite: bool = True, blocks: dict[str, int] | None = None,
-                  splits: int | None = None, slab_rows: int | None = None) -> torch.Tensor | tuple:
+                  splits: int | None = None, slab_rows: int | None = None,
+                  with_t1: bool = False) -> torch.Tensor | tuple:
     """Per-row loss (float32 [N]) of softmax((hidden @ weight.T + bias) / T) against a sparse target, never
     writing the [N, V] logits. Differentiable w.r.t. hidden, weight and bias.
 
@@ -368,7 +412,9 @@ def cut_sparse_kd(hidden: torch.Tensor, weight: torch.Tensor, head: Callable, *,
     dense formula's value there), gB, cap, gbar (fp32 [N]: the dense gradient clamp(s gB, ±cap) - s ḡ) and dense
     (False when that part is zero everywhere), all including 1/T. A head may return a tuple of losses: the first
     has the coefficients above, each further one a pair (e_i, gbar_i) in the list `extra` (its gradient is
-    e_i on idx minus s·gbar_i everywhere: CE's s - onehot(y) is e = -1 at y, gbar = -1). Users call
+    e_i on idx minus s·gbar_i everywhere: CE's s - onehot(y) is e = -1 at y, gbar = -1), then each pair (e_i, c_i)
+    of `extra_t1`, a loss at temperature 1 whose gradient is e_i on idx plus c_i·softmax(z): with `with_t1` the
+    head is also given t1=(max, sum) of z itself, from the same pass (CE next to a KD at T != 1). Users call
     `bayeskd.linear_losses.fused_linear_posterior_kd(..., cut=True)`, which validates and supplies the head.
     `blocks`, `splits`, `slab_rows` override the launcher's choices (tests walk tails and slabs with them).
     """
@@ -383,5 +429,5 @@ def cut_sparse_kd(hidden: torch.Tensor, weight: torch.Tensor, head: Callable, *,
     hidden = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     cfg = dict(head=head, temperature=float(temperature), check_finite=check_finite, blocks=blocks, splits=splits,
-               slab_rows=slab_rows)
+               slab_rows=slab_rows, with_t1=with_t1)
     return CutSparseKDFunction.apply(hidden, weight, bias, cfg)

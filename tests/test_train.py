@@ -384,7 +384,7 @@ def test_cut_logits_trains_the_same_weights(setup, tmp_path, monkeypatch, mode):
     from safetensors.torch import load_file
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # before the kernel module is imported (lazily, by the loss)
-    # temperature 1: CE and KD in one pass of the kernel (fused_linear_kd_and_ce); 1.5: two passes
+    # CE and KD in one pass of the kernel (fused_linear_kd_and_ce): at temperature 1 one softmax, at 1.5 two
     kw = dict(max_steps=2, per_device_train_batch_size=4, learning_rate=5e-3, seed=7, logging_steps=1,
               divergence="forward_kl", kd_temperature=1.0 if mode == "targets" else 1.5,
               targets=_prior_shards(setup, tmp_path))
