@@ -95,54 +95,36 @@ def _leaves(hidden, weight):
     return hidden.detach().requires_grad_(), weight.detach().requires_grad_()
 
 
-def cut_method(hidden, weight, prior):
-    from bayeskd.linear_losses import fused_linear_posterior_kd
+def cut_method(hidden, weight, prior, tokens=None):
+    """The cut kernel; with `tokens`, a training step's loss as the trainer's cut_logits path runs it: KD and CE on
+    `tokens` in one pass of the kernel (fused_linear_kd_and_ce)."""
+    from bayeskd.linear_losses import fused_linear_kd_and_ce, fused_linear_posterior_kd
 
     def run():
         x, w = _leaves(hidden, weight)
-        loss = fused_linear_posterior_kd(x, w, prior, cut=True, backend="triton", divergence="forward_kl")
-        loss.sum().backward()
-        return loss.detach(), x.grad, w.grad
-    return run
-
-
-def cut_ce_method(hidden, weight, prior, tokens):
-    """What the trainer's cut_logits path runs at temperature 1: KD and CE in one pass of the kernel."""
-    from bayeskd.linear_losses import fused_linear_kd_and_ce
-
-    def run():
-        x, w = _leaves(hidden, weight)
-        kd, ce = fused_linear_kd_and_ce(x, w, tokens, prior, cut=True, backend="triton", divergence="forward_kl")
-        (kd.sum() + ce.sum()).backward()
+        if tokens is None:
+            kd = fused_linear_posterior_kd(x, w, prior, cut=True, backend="triton", divergence="forward_kl")
+            kd.sum().backward()
+        else:
+            kd, ce = fused_linear_kd_and_ce(x, w, tokens, prior, cut=True, backend="triton", divergence="forward_kl")
+            (kd.sum() + ce.sum()).backward()
         return kd.detach(), x.grad, w.grad
     return run
 
 
-def fused_ce_method(hidden, weight, prior, tokens):
-    """What the trainer's plain path runs: logits, CE in fp32 (as the trainer computes it), our fused kernel."""
+def fused_method(hidden, weight, prior, tokens=None):
+    """Logits, then our fused kernel in place; with `tokens`, as the trainer's plain path: CE on them in fp32 first
+    (its own fp32 copy of the logits, which the kernel then overwrites)."""
     from bayeskd.kernels.sparse_kd import triton_fused_posterior_kd
 
     def run():
         x, w = _leaves(hidden, weight)
         z = x @ w.t()
-        ce = F.cross_entropy(z.float(), tokens, reduction="sum")  # its own fp32 copy: z may be overwritten below
+        ce = F.cross_entropy(z.float(), tokens, reduction="sum") if tokens is not None else 0.0
         kd = triton_fused_posterior_kd(z, prior.indices, prior.logprobs, prior.tail, mode="none",
                                        divergence="forward_kl", inplace=True)
         (kd.sum() + ce).backward()
         return kd.detach(), x.grad, w.grad
-    return run
-
-
-def fused_method(hidden, weight, prior):
-    from bayeskd.kernels.sparse_kd import triton_fused_posterior_kd
-
-    def run():
-        x, w = _leaves(hidden, weight)
-        z = x @ w.t()
-        loss = triton_fused_posterior_kd(z, prior.indices, prior.logprobs, prior.tail, mode="none",
-                                         divergence="forward_kl", inplace=True)
-        loss.sum().backward()
-        return loss.detach(), x.grad, w.grad
     return run
 
 
@@ -234,8 +216,8 @@ def bench_case(n, h, v, k, args, liger, lce) -> dict:
     if a is not None and b is not None:  # the same loss, up to the bf16 rounding of the materialized logits
         row["cut_vs_fused_loss_rel"] = rel_err(a, b)
     tokens = prior.indices[:, 0].long()  # a training step: CE on the teacher token + KD
-    measure(row, "cut_ce", cut_ce_method(hidden, weight, prior, tokens), grads_mib, args.reps)
-    measure(row, "fused_ce", fused_ce_method(hidden, weight, prior, tokens), grads_mib, args.reps)
+    measure(row, "cut_ce", cut_method(hidden, weight, prior, tokens), grads_mib, args.reps)
+    measure(row, "fused_ce", fused_method(hidden, weight, prior, tokens), grads_mib, args.reps)
     del tokens
     if lce is None:
         row["cce_ms"] = row["cce_nofilter_ms"] = "not installed"
@@ -313,8 +295,8 @@ def smoke_case(n, h, v, k) -> dict:
     got, ref = cut(), fused()
     errs = {f"{nm}_rel_err": rel_err(a, b) for nm, a, b in zip(("loss", "grad_hidden", "grad_weight"), got, ref)}
     tokens = prior.indices[:, 0].long()  # and the training-step pair (CE + KD) the CUDA run times
-    got_ce = cut_ce_method(hidden, weight, prior, tokens)()
-    ref_ce = fused_ce_method(hidden, weight, prior, tokens)()
+    got_ce = cut_method(hidden, weight, prior, tokens)()
+    ref_ce = fused_method(hidden, weight, prior, tokens)()
     errs.update({f"ce_step_{nm}_rel_err": rel_err(a, b)
                  for nm, a, b in zip(("loss", "grad_hidden", "grad_weight"), got_ce, ref_ce)})
     ok = all(e <= SMOKE_TOL for e in errs.values()) and all(bool(torch.isfinite(t).all()) for t in got + got_ce)
