@@ -2,7 +2,7 @@
 from bayeskd.corpus import embedded_corpus, embedded_teacher_jsonl, train_bpe_tokenizer
 from bayeskd.data import DataError, TokenizedData, load_teacher_records, load_tokenizer, tokenize_records
 from bayeskd.evaluation.metrics import kl_teacher_to_estimate, smoothed_one_hot, top1_match, topk_mass_coverage
-from bayeskd.linear_losses import fused_linear_kd_and_ce, fused_linear_posterior_kd
+from bayeskd.linear_losses import fused_linear_ce, fused_linear_kd_and_ce, fused_linear_posterior_kd
 from bayeskd.losses import TARGET_FLOOR, fused_posterior_kd, sparse_kd_loss
 from bayeskd.posterior.combine import combine
 from bayeskd.priors import NGramPrior, Prior, load_prior
@@ -20,7 +20,7 @@ __all__ = [
     "kl_teacher_to_estimate", "top1_match", "topk_mass_coverage", "smoothed_one_hot",
     "build_lab", "BlackBoxTeacher", "WhiteBoxTeacher", "sample_teacher_jsonl",
     "TARGET_FLOOR", "combine", "sparse_kd_loss", "fused_posterior_kd", "fused_linear_posterior_kd",
-    "fused_linear_kd_and_ce",
+    "fused_linear_kd_and_ce", "fused_linear_ce",
     "run_lab", "LabRunConfig", "evaluate", "response_logprobs", "student_metrics",
     "GADConfig", "gad", "Discriminator", "bradley_terry_loss", "discriminator_accuracy", "group_advantages",
     "grpo_loss",

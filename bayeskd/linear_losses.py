@@ -151,19 +151,33 @@ def fused_linear_kd_and_ce(hidden: torch.Tensor, weight: torch.Tensor, tokens: t
     of `tokens` (the same number). `posterior`: mode, a, b, c, w, theta, teacher_tokens, evidence."""
     if tokens.shape != (hidden.shape[0],):
         raise ValueError(f"tokens must have shape ({hidden.shape[0]},), got {tuple(tokens.shape)}")
-    if tokens.numel() and not (0 <= int(tokens.min()) and int(tokens.max()) < weight.shape[0]):
+    if bool(((tokens < 0) | (tokens >= weight.shape[0])).any()):  # one host sync
         raise ValueError(f"tokens must lie in [0, {weight.shape[0]})")
     tokens = tokens.to(hidden.device)
-    joint = cut and pick_backend(backend, hidden.device) == "triton"
+    joint = uses_cut_kernel(cut, backend, hidden.device)
     kd = _linear_op(hidden, weight, prior, proxy, posterior, divergence, beta, temperature, mask, tail, chunk_size,
                     cut, bias, backend, ce_tokens=tokens if joint else None)
     if joint:
         return kd
-    zeros = torch.zeros(len(tokens), device=tokens.device)
-    one_hot = SparseDist(tokens[:, None].to(torch.int32), zeros[:, None], zeros, weight.shape[0])
-    ce = _linear_op(hidden, weight, one_hot, None, {}, "forward_kl", None, 1.0, mask, "bucket", chunk_size, cut,
-                    bias, backend)
-    return kd, ce
+    return kd, fused_linear_ce(hidden, weight, tokens, mask=mask, chunk_size=chunk_size, cut=cut, bias=bias,
+                               backend=backend)
+
+
+def fused_linear_ce(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, *,
+                    mask: torch.Tensor | None = None, chunk_size: int | None = None, cut: bool = False,
+                    bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """Cross-entropy per row on `tokens` from the hidden states: the KL from the tokens' one-hot (the same
+    number), through the same lm_head ops."""
+    zeros = torch.zeros(len(tokens), device=hidden.device)
+    one_hot = SparseDist(tokens[:, None].to(device=hidden.device, dtype=torch.int32), zeros[:, None], zeros,
+                         weight.shape[0])
+    return _linear_op(hidden, weight, one_hot, None, {}, "forward_kl", None, 1.0, mask, "bucket", chunk_size, cut,
+                      bias, backend)
+
+
+def uses_cut_kernel(cut: bool, backend: str, device: torch.device) -> bool:
+    """Whether cut=True runs the cut-logits kernel: it needs the Triton backend (else the chunked op runs)."""
+    return bool(cut) and pick_backend(backend, device) == "triton"
 
 
 def _matmul_dtype(hidden, weight, bias):
@@ -184,7 +198,7 @@ def _linear_op(hidden, weight, prior, proxy, posterior: dict, divergence, beta, 
         raise ValueError(f"hidden [N, H] and weight [V, H] expected, got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}")
     chosen = pick_backend(backend, hidden.device)
-    use_cut = cut and chosen == "triton"
+    use_cut = uses_cut_kernel(cut, backend, hidden.device)
     if bias is not None and not use_cut:
         raise ValueError("bias is supported by the cut-logits kernel only (cut=True with the Triton backend)")
     shape_only = hidden.new_empty(()).expand(hidden.shape[0], weight.shape[0])  # no memory: shapes are checked

@@ -35,8 +35,8 @@ import transformers
 from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
 from bayeskd.distill.targets import (CONTEXT_COUNT_KEY, WEIGHT_KEY, WEIGHT_NORMALIZATIONS, BayesKDCollator,
                                      TeacherTargetsDataset)
-from bayeskd.linear_losses import fused_linear_kd_and_ce, fused_linear_posterior_kd
-from bayeskd.losses import fused_posterior_kd, pick_backend
+from bayeskd.linear_losses import fused_linear_ce, fused_linear_kd_and_ce, uses_cut_kernel
+from bayeskd.losses import fused_posterior_kd
 from bayeskd.sparse import CONTEXT_COUNT, MODES, TEACHER_LOGPROB, SparseDist, atomic_write_json
 from bayeskd.teacher_forcing import model_logits, select_rows
 from bayeskd.distill.checkpoints import ChecksumCallback, checkpoints, remove_unrecorded, resume_point
@@ -129,7 +129,7 @@ class BayesKDConfig(transformers.TrainingArguments):
 def _lm_head_loss(cfg: BayesKDConfig, device: torch.device) -> str:
     """How the loss met the lm_head: "logits" (the model's), "chunked" or "cut" (the cut-logits kernel; without
     the Triton backend cut_logits runs the chunked op, and the summary says so)."""
-    if cfg.cut_logits and pick_backend(cfg.fused_backend, device) == "triton":
+    if uses_cut_kernel(cfg.cut_logits, cfg.fused_backend, device):
         return "cut"
     return "chunked" if cfg.fused_linear or cfg.cut_logits else "logits"
 
@@ -280,7 +280,7 @@ class BayesKDTrainer(transformers.Trainer):
                            backend=backend)
             if lm_head is None:
                 per_row = fused_posterior_kd(rows, target, proxy_rows, **posterior, **loss_kw, inplace=False)
-            else:  # CE and KD from the hidden states: one pass over the logits with the cut kernel at T = 1
+            else:  # CE and KD from the hidden states: one pass over the logits with the cut kernel
                 per_row, ce_rows = fused_linear_kd_and_ce(rows, lm_head.weight, tokens, target, proxy_rows,
                                                           **posterior, **loss_kw, cut=cut)
                 ce = ce_rows.mean()
@@ -290,10 +290,8 @@ class BayesKDTrainer(transformers.Trainer):
                                      "made with weight_normalization)")
                 per_row = per_row * inputs[WEIGHT_KEY].to(per_row.device)
             kd = per_row.mean()
-        if ce is None:  # hidden states, no targets: CE = KL(one-hot of the teacher token ‖ student)
-            zeros = torch.zeros(len(tokens), device=rows.device)
-            one_hot = SparseDist(tokens[:, None].to(torch.int32), zeros[:, None], zeros, V)
-            ce = fused_linear_posterior_kd(rows, lm_head.weight, one_hot, cut=cut, backend=backend).mean()
+        if ce is None:  # hidden states, no targets
+            ce = fused_linear_ce(rows, lm_head.weight, tokens, cut=cut, backend=backend).mean()
         ce_w = getattr(cfg, "ce_weight", 1.0)
         kd_w = getattr(cfg, "proxy_kd_alpha", 1.0) if proxy_kd else getattr(cfg, "kd_weight", 1.0)
         loss = ce * ce_w if ce_w else ce * 0.0
