@@ -325,7 +325,8 @@ def cut_backward(saved: dict, gos: tuple, need_h: bool, need_w: bool, need_b: bo
         c1 = c_i * go_i.float() if c1 is None else c1 + c_i * go_i.float()
     e = e.contiguous()
     idx = saved["idx"]
-    bs = blocks or pick_blocks(hidden.dtype, _aligned(hidden, weight))
+    aligned = _aligned(hidden, weight)
+    bs = blocks or pick_blocks(hidden.dtype, aligned)
     dot32 = _dot_fp32(hidden)
     j = idx.shape[1]
     gh = torch.zeros(n, h, dtype=torch.float32, device=dev) if need_h else None
@@ -333,12 +334,13 @@ def cut_backward(saved: dict, gos: tuple, need_h: bool, need_w: bool, need_b: bo
     gbias = torch.zeros(v, dtype=torch.float32, device=dev) if need_b else None
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
     slab = _slab_rows(v, h, weight, slab_rows, bs["BLOCK_V"]) if need_w else v
+    slab_buf = torch.empty(slab, h, dtype=torch.float32, device=dev) if need_w and gw.dtype != torch.float32 else None
+    acc = None
     for v0 in range(0, v, slab):
         v1 = min(v, v0 + slab)
         first = v0 == 0
-        acc = None
-        if need_w:
-            acc = gw if weight.dtype == torch.float32 else torch.zeros(v1 - v0, h, dtype=torch.float32, device=dev)
+        if need_w:  # an fp32 weight accumulates in its gradient; others in one fp32 slab buffer, reused
+            acc = gw if slab_buf is None else slab_buf[: v1 - v0].zero_()
         if saved["dense"] and n:
             _dense_bwd_kernel[(triton.cdiv(n, bs["BLOCK_N"]), triton.cdiv(v1 - v0, bs["BLOCK_V"]))](
                 hidden, weight, bias if bias is not None else dummy, saved["lse"], gB, cap, gbar,
@@ -352,10 +354,10 @@ def cut_backward(saved: dict, gos: tuple, need_h: bool, need_w: bool, need_b: bo
                 hidden, weight, idx, e, gh if gh is not None else dummy, acc if acc is not None else dummy,
                 gbias if gbias is not None else dummy, h, j, v0, v1, hidden.stride(0), weight.stride(0),
                 DO_B=gbias is not None and first, DO_H=need_h and first, DO_W=need_w,
-                **row_blocks(j, _aligned(hidden, weight)))
+                **row_blocks(j, aligned))
         if need_w and acc is not gw:
             gw[v0:v1].copy_(acc)
-        del acc  # the last slab must not stay alive while grad_hidden is cast below
+    del acc, slab_buf  # the slab must not stay alive while grad_hidden is cast below
     if gh is not None and gh.dtype != hidden.dtype:
         gh = gh.to(hidden.dtype)
     if gbias is not None and bias is not None and gbias.dtype != bias.dtype:
@@ -378,7 +380,6 @@ class CutSparseKDFunction(torch.autograd.Function):
             loss, coef = cfg["head"](mx, total, gather, need_grad, t1=stats[2:])
         else:
             loss, coef = cfg["head"](mx, total, gather, need_grad)
-        ctx.n_out = len(loss) if isinstance(loss, tuple) else 1
         if need_grad:
             # the inputs through save_for_backward: autograd then refuses a backward after they changed in place
             ctx.save_for_backward(hidden, weight, bias)
