@@ -1,16 +1,15 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
-# `kernels/` and `cli.py` live at the top of the repository (the product card's layout) but install inside
-# the `bayeskd` package, so `bayeskd` is the only new top-level import name.  bayeskd/cli.py is a symlink to
-# ../cli.py, which works for wheels and editable installs alike.
+# `bayeskd` is the only import name the repository root and an install add: the kernels and the CLI live inside
+# the package (bayeskd/kernels/, bayeskd/cli.py), since a top-level `kernels` shadows Hugging Face's `kernels`
+# package, which transformers imports (docs/ARCHITECTURE.md).  The versions CI and the README's install were
+# tested with are pinned in constraints.txt; the ranges below stay open for library users.
 setup(
     name="bayeskd",
     version="0.1.0",
     description="Bayesian estimation of a black-box LLM teacher's token distributions, and distillation from them",
     python_requires=">=3.10",
-    packages=["bayeskd", "bayeskd.kernels", "bayeskd.teachers", "bayeskd.priors", "bayeskd.posterior",
-              "bayeskd.distill", "bayeskd.evaluation", "bayeskd.lab"],
-    package_dir={"bayeskd": "bayeskd", "bayeskd.kernels": "kernels"},
+    packages=find_packages(include=["bayeskd", "bayeskd.*"]),
     install_requires=[
         "torch>=2.4",
         "transformers>=4.45",

@@ -3,8 +3,8 @@
 Triton compiles ahead of time for a target (here sm_90, an H100/H200) on any machine: Python -> TTIR -> TTGIR ->
 LLVM IR -> PTX -> cubin, with the ptxas and cuobjdump its wheel carries. That catches what the interpreter cannot
 (code that does not compile for a real GPU) and shows whether a tile configuration spills registers to local
-memory, which would make it slow. It measures no speed. For each kernel of kernels/cut_sparse_kd.py (and the
-fused kernel of kernels/sparse_kd.py in four flag sets), each input dtype and the tiles the launchers pick (`pick_blocks`, `row_blocks`), prints registers per thread and the stack
+memory, which would make it slow. It measures no speed. For each kernel of bayeskd/kernels/cut_sparse_kd.py (and the
+fused kernel of bayeskd/kernels/sparse_kd.py in four flag sets), each input dtype and the tiles the launchers pick (`pick_blocks`, `row_blocks`), prints registers per thread and the stack
 (spill) bytes, shared memory, tensor-core dots and pipelined loads, writes JSON, and exits 1 if a kernel fails to
 compile, spills or needs more shared memory than an sm_90 block has. Pointers, the hidden size and the
 row strides are taken as multiples of 16, as the JIT specialises them for real models.

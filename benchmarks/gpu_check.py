@@ -166,7 +166,7 @@ def main(argv=None) -> int:
         report(f"fused_linear N={n} H={h} V={v} {str(dtype)[6:]}", loss_err, gerr,
                1e-3 if dtype == torch.float32 else 5e-2, loss_tol=1e-4 if dtype == torch.float32 else 2e-2)
 
-    # cut logits: lm_head + loss with the logits only as on-chip tiles (kernels/cut_sparse_kd.py)
+    # cut logits: lm_head + loss with the logits only as on-chip tiles (bayeskd/kernels/cut_sparse_kd.py)
     cut_cases(T, report, dev, dtypes=dtypes if not args.quick else (torch.float32, torch.bfloat16))
     print(f"{'ALL PASS' if not failures else f'{failures} FAILED'}")
     return 1 if failures else 0

@@ -9,17 +9,13 @@
 #       --platform manylinux2014_x86_64 -d .whl liger-kernel==0.8.5 cut-cross-entropy==25.1.1
 # The call (tool `run`): command "bash benchmarks/gpu_session.sh", carry [".whl"], timeout_s 600.
 #
-# The machine's python3 has torch and triton but not this package's other dependencies, and kernels/ installs as
-# bayeskd.kernels only through setup.py: so a copy of the package is assembled under /tmp and put on PYTHONPATH
-# (importing bayeskd needs only torch, numpy, safetensors and tqdm).
+# The machine's python3 has torch and triton but not this package's other dependencies, so the package is put on
+# PYTHONPATH as it is (importing bayeskd needs only torch, numpy, safetensors and tqdm).
 set -u
 PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
-SRC=/tmp/bayeskd_src
-rm -rf "$SRC" && mkdir -p "$SRC"
-cp -rL bayeskd "$SRC/" && rm -rf "$SRC/bayeskd/kernels" && cp -r kernels "$SRC/bayeskd/kernels" || exit 1
-export PYTHONPATH="$SRC"
+export PYTHONPATH="$PWD"
 if ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"

@@ -1,4 +1,4 @@
-"""The cut-logits kernel (kernels/cut_sparse_kd.py, Triton interpreter on CPU) against the float64 dense reference
+"""The cut-logits kernel (bayeskd/kernels/cut_sparse_kd.py, Triton interpreter on CPU) against the float64 dense reference
 of test_kernels.py: z = hidden @ weight.T (+ bias) built in float64, the posterior and divergence formed densely,
 gradients for hidden, weight and bias by autograd. Seeds are fixed per test (printed on failure via the case id).
 """

@@ -1,4 +1,4 @@
-"""The package's shape: no import circle between its modules, kernels/ stand alone (Triton and torch only), no
+"""The package's shape: no import circle between its modules, bayeskd/kernels/ stand alone (Triton and torch only), no
 source file over the length limit, every public name imports, and the old module paths still work (with a
 warning) until the next release.
 
@@ -42,16 +42,11 @@ OLD_NAMES = {
 # ---------------------------------------------------------------------------------------------------- import graph
 
 def project_modules() -> dict[str, Path]:
-    """Module name -> file: bayeskd/**.py, kernels/*.py as bayeskd.kernels.*, bayeskd/cli.py (a symlink) as
-    ../cli.py. The deprecated alias modules are left out."""
+    """Module name -> file: bayeskd/**.py. The deprecated alias modules are left out."""
     files: dict[str, Path] = {}
-    for base, pkg in (("bayeskd", "bayeskd"), ("kernels", "bayeskd.kernels")):
-        for p in sorted((ROOT / base).rglob("*.py")):
-            if p.is_symlink():
-                continue
-            parts = [x for x in p.relative_to(ROOT / base).with_suffix("").parts if x != "__init__"]
-            files[".".join([pkg] + parts)] = p
-    files["bayeskd.cli"] = ROOT / "cli.py"
+    for p in sorted((ROOT / "bayeskd").rglob("*.py")):
+        parts = [x for x in p.relative_to(ROOT / "bayeskd").with_suffix("").parts if x != "__init__"]
+        files[".".join(["bayeskd"] + parts)] = p
     for old in ALIASES:
         files.pop(f"bayeskd.{old}")
     return files
@@ -127,7 +122,6 @@ def find_cycle(graph: dict[str, dict[str, int]]) -> list[str] | None:
 
 
 def test_no_import_circle():
-    assert (ROOT / "bayeskd" / "cli.py").is_symlink() and (ROOT / "bayeskd" / "cli.py").resolve() == ROOT / "cli.py"
     files = project_modules()
     graph, uses_alias = import_graph(files)
     assert sum(len(v) for v in graph.values()) > 20, "the import graph is suspiciously small"
@@ -158,7 +152,7 @@ def test_import_checker_finds_a_circle(tmp_path):
 
 
 def test_kernels_import_no_bayeskd_module():
-    """kernels/ import torch, Triton and each other (relatively), nothing from bayeskd."""
+    """bayeskd/kernels/ import torch, Triton and each other (relatively), nothing from bayeskd."""
     bad = []
     for m, path in project_modules().items():
         if not m.startswith("bayeskd.kernels"):
@@ -167,12 +161,11 @@ def test_kernels_import_no_bayeskd_module():
             within = mod == "bayeskd.kernels" or mod.startswith("bayeskd.kernels.")
             if (level == 0 and mod.split(".")[0] == "bayeskd") or (level > 0 and not within):
                 bad.append(f"{path.relative_to(ROOT)}:{line}: imports {mod}" + (" (relative)" if level else ""))
-    assert not bad, "kernels/ must import nothing from bayeskd:\n  " + "\n  ".join(bad)
+    assert not bad, "bayeskd/kernels/ must import nothing from bayeskd:\n  " + "\n  ".join(bad)
 
 
 def test_no_file_over_the_line_limit():
-    paths = [p for d in ("bayeskd", "kernels", "benchmarks") for p in sorted((ROOT / d).rglob("*.py"))
-             if not p.is_symlink()] + [ROOT / "cli.py"]
+    paths = [p for d in ("bayeskd", "benchmarks") for p in sorted((ROOT / d).rglob("*.py"))]
     sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in paths}
     over = sorted(f"{f} ({n} lines)" for f, n in sizes.items() if n > MAX_LINES)
     print(f"{len(sizes)} files; longest: {max(sizes.items(), key=lambda kv: kv[1])}")

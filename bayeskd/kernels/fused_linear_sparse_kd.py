@@ -1,7 +1,7 @@
 """Fused lm_head + posterior sparse-KD: the loss from the student's last hidden states without ever holding the
 full [N, V] logits.
 
-Rows are processed in chunks: logits_chunk = hidden_chunk @ weight.T, the fused kernel (kernels/sparse_kd.py)
+Rows are processed in chunks: logits_chunk = hidden_chunk @ weight.T, the fused kernel (sparse_kd.py)
 turns that chunk into its gradient in place, and the chunk's contribution to grad_hidden and grad_weight is
 taken right away. Peak extra memory is one chunk of logits (≤ ~1/8 of the full logits) plus grad_hidden and
 grad_weight, which the backward pass needs anyway.
