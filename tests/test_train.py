@@ -385,7 +385,9 @@ def test_cut_logits_trains_the_same_weights(setup, tmp_path, monkeypatch, mode):
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # before the kernel module is imported (lazily, by the loss)
     # CE and KD in one pass of the kernel (fused_linear_kd_and_ce): at temperature 1 one softmax, at 1.5 two
-    kw = dict(max_steps=2, per_device_train_batch_size=4, learning_rate=5e-3, seed=7, logging_steps=1,
+    # plain SGD: a weight's difference is then lr x its gradient's difference. Under Adam an entry whose gradient
+    # is ~0 moves by up to lr from summation order alone (1/sqrt(v)), which made the comparison depend on the CPU
+    kw = dict(max_steps=2, per_device_train_batch_size=4, learning_rate=0.5, optim="sgd", seed=7, logging_steps=1,
               divergence="forward_kl", kd_temperature=1.0 if mode == "targets" else 1.5,
               targets=_prior_shards(setup, tmp_path))
     if mode == "online-dirichlet":
@@ -399,9 +401,12 @@ def test_cut_logits_trains_the_same_weights(setup, tmp_path, monkeypatch, mode):
         assert cut[key] == pytest.approx(plain[key], rel=1e-5)
     wp, wc = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("plain", "cut"))
     w0 = load_file(setup["student"] + "/model.safetensors")
-    assert max(float((wp[k] - w0[k]).abs().max()) for k in wp) > 1e-3  # training moved the weights
-    for k in wp:  # tolerance as in the fused_linear test above (Adam's 1/sqrt(v) on near-zero gradients)
-        torch.testing.assert_close(wc[k], wp[k], rtol=1e-4, atol=1e-4, msg=lambda m: f"{k}: {m}")
+    moved = max(float((wp[k] - w0[k]).abs().max()) for k in wp)
+    diff = max(float((wc[k] - wp[k]).abs().max()) for k in wp)
+    print(f"{mode}: weights moved up to {moved:.3g}, cut and plain differ by up to {diff:.3g}")
+    assert moved > 1e-2  # training moved the weights, so equality below means something
+    for k in wp:
+        torch.testing.assert_close(wc[k], wp[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("path", ["fused_linear", "cut_logits"])
