@@ -214,9 +214,13 @@ class ShardWriter:
         if self.codec == "compact":
             from bayeskd.codec import encode
 
-            # the codec stores each row's curve in descending order: sort (padding, at -inf, goes last)
-            lp, order = torch.sort(dist.logprobs.float(), dim=1, descending=True, stable=True)
-            tensors, params = encode(torch.gather(dist.indices, 1, order), lp, dist.tail, dist.vocab_size)
+            # the codec stores each row's curve in descending order, padding last: a listed entry at -inf (a
+            # revealed probability of 0) ties with padding in value, so the padding flag is the outer sort key
+            _, order = torch.sort(dist.logprobs.float(), dim=1, descending=True, stable=True)
+            pad_last = torch.sort((torch.gather(dist.indices, 1, order) < 0).to(torch.int8), dim=1, stable=True)[1]
+            order = torch.gather(order, 1, pad_last)
+            tensors, params = encode(torch.gather(dist.indices, 1, order), torch.gather(dist.logprobs.float(), 1, order),
+                                     dist.tail, dist.vocab_size)
         else:
             tensors = {"indices": dist.indices, "logprobs": dist.logprobs, "tail": dist.tail}
         tensors.update({f"extras.{k}": v for k, v in dist.extras.items()})

@@ -124,7 +124,7 @@ def reference(post: SparseDist, ei, ep, el):
     L[rows[valid], ei[valid].long()] = el[valid]
     E = X | L
     A = val.sum(1)
-    room = torch.where(E.sum(1) < v, 1 - UNREVEALED_MIN, 1.0).double()  # some token unrevealed: keep it possible
+    room = 1 - UNREVEALED_MIN * (E.sum(1) < v).double()  # some token unrevealed: keep it possible
     val = torch.where((A > room)[:, None], val * (room / A)[:, None], val)
     M = (1 - val.sum(1)).clamp(min=0)
     m = torch.where(E, val, torch.full_like(val, float("inf"))).amin(1)
@@ -394,3 +394,25 @@ def test_revealed_mass_rounding_to_one_leaves_the_rest_possible():
     # every token revealed: nothing to keep
     full = evidence_only(torch.arange(v)[None], torch.full((1, v), 0.1, dtype=torch.float64), v)
     assert float(full.tail[0]) == 0.0
+
+
+def test_revealed_mass_just_below_one_is_scaled_to_leave_the_floor():
+    """docs/MATH.md, Rounding: at A = 1 - 1e-7 > 1 - UNREVEALED_MIN the revealed values are multiplied by
+    (1 - UNREVEALED_MIN) / A (about 1 - 9e-7, not kept exactly) and the unrevealed tokens share UNREVEALED_MIN in
+    proportion to the posterior (the cap, .4, does not bind). float64 throughout, so the factor is visible."""
+    v, a, f64 = 10, 1 - 1e-7, torch.float64
+    ep = torch.tensor([[0.6, a - 0.6]], dtype=f64)
+    post = SparseDist(torch.tensor([[0, 3, 4]], dtype=torch.int32), torch.tensor([[0.5, 0.3, 0.1]], dtype=f64).log(),
+                      torch.tensor([0.1], dtype=f64), v)
+    factor = (1 - UNREVEALED_MIN) / float(ep.sum())
+    assert factor - 1 == pytest.approx(-9e-7, rel=1e-6)
+    d = _dense(condition(post, torch.tensor([[0, 1]]), ep))[0]
+    assert torch.allclose(d[:2], ep[0] * factor, rtol=1e-12, atol=0)
+    r = _dense(post)[0, 2:]  # the posterior on the unrevealed tokens 2..9
+    assert torch.allclose(d[2:], UNREVEALED_MIN * r / r.sum(), rtol=1e-9, atol=0)
+    assert float(d[2:].sum()) == pytest.approx(UNREVEALED_MIN, rel=1e-9)
+    base = evidence_only(torch.tensor([[0, 1]]), ep, v)  # the baselines round the same way (float32 out)
+    assert float(base.tail[0]) == pytest.approx(UNREVEALED_MIN, rel=1e-6)
+    # every token revealed: no floor (nobody to keep mass for); within MASS_TOL the values are renormalized to 1
+    small = condition(_post([[0]], [[1.0]], [0.0], 2), torch.tensor([[0, 1]]), ep)
+    assert torch.allclose(_dense(small)[0], ep[0] / float(ep.sum()), rtol=1e-6, atol=0)

@@ -65,3 +65,19 @@ def test_sampled_rows_are_valid_sparse_dists_with_the_head_kept_exactly():
             assert row[int(target.indices[r, j])] == pytest.approx(float(target.logprobs[r, j]), abs=1e-6)
     with pytest.raises(ValueError, match="samples"):
         sample_targets(target, 0)
+
+
+def test_unsorted_rows_keep_their_largest_entries_as_the_head():
+    """SparseDist rows need not be sorted: the head is the row's largest entries wherever they sit, and the draws
+    are those of the same rows sorted (same generator seed, same result)."""
+    g = torch.Generator().manual_seed(11)
+    target = _target(g, 6, 30, 6)
+    # reversed columns put the padding first and the smallest entries where a sorted row has its head
+    flipped = SparseDist(target.indices.flip(1), target.logprobs.flip(1), target.tail, target.vocab_size)
+    got = sample_targets(flipped, 4, keep_top=2, generator=torch.Generator().manual_seed(5))
+    want = sample_targets(target, 4, keep_top=2, generator=torch.Generator().manual_seed(5))
+    for r in range(6):
+        row = dict(zip(got.indices[r].tolist(), got.logprobs[r].tolist()))
+        for j in range(2):
+            assert row[int(target.indices[r, j])] == float(target.logprobs[r, j])
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.logprobs, want.logprobs)

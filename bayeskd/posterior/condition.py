@@ -27,9 +27,10 @@ _F64 = torch.float64
 def _check_evidence(ev_indices: torch.Tensor, ev_probs: torch.Tensor, ev_lower: torch.Tensor | None, rows: int,
                     vocab_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                     torch.Tensor, torch.Tensor]:
-    """(indices int64, probs float64 renormalized where they sum to (1, 1 + MASS_TOL], lower bool, valid bool,
-    A = the row's evidence mass after that), all [N, E'] with E' >= 1 (a padding column is added when E = 0 so
-    that per-row minima exist). Raises ValueError naming the row for anything a probability cannot come from."""
+    """(indices int64, probs float64 scaled to sum 1 - UNREVEALED_MIN where they sum to more (to 1 where the row
+    lists every token), lower bool, valid bool, A = the row's evidence mass after that), all [N, E'] with E' >= 1
+    (a padding column is added when E = 0 so that per-row minima exist). Raises ValueError naming the row for
+    anything a probability cannot come from."""
     if not isinstance(ev_indices, torch.Tensor) or ev_indices.dim() != 2 or ev_indices.shape[0] != rows:
         raise ValueError(f"evidence indices must be a [N={rows}, E] tensor, got "
                          f"{tuple(getattr(ev_indices, 'shape', ()))}")
@@ -70,8 +71,9 @@ def _check_evidence(ev_indices: torch.Tensor, ev_probs: torch.Tensor, ev_lower: 
                            f"(max over rows {a.max().item():.6f}; tolerance {MASS_TOL})")
     # rounding: renormalize so that the evidence is a (sub-)distribution, and while some token is not revealed keep
     # UNREVEALED_MIN for the rest (a sharp teacher's top-20 rounds to 1, yet the others are not impossible: with
-    # nothing left for them every target would give them zero and the KL to the teacher would be infinite)
-    room = torch.where(valid.sum(dim=1) < vocab_size, 1 - UNREVEALED_MIN, 1.0).to(_F64)
+    # nothing left for them every target would give them zero and the KL to the teacher would be infinite). Built
+    # in float64: torch.where on Python numbers gives float32, whose 1 - 1e-6 left them 1.0133e-6
+    room = 1 - UNREVEALED_MIN * (valid.sum(dim=1) < vocab_size).to(_F64)
     over = a > room
     p = torch.where(over[:, None], p * (room / a.clamp(min=1e-300))[:, None], p)
     return idx, p, low, valid, torch.where(over, room, a)

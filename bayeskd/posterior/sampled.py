@@ -33,10 +33,13 @@ def sample_targets(dist: SparseDist, samples: int, keep_top: int = 0,
         raise ValueError(f"sampled targets need samples >= 1 and keep_top >= 0, got {samples}, {keep_top}")
     n, k, v = dist.num_rows, dist.k, dist.vocab_size
     keep_top = min(keep_top, k)
-    lp = dist.logprobs.double()
-    listed = dist.indices >= 0
+    # the kept head is the first keep_top columns once each row is sorted by descending probability (padding
+    # last): SparseDist rows need not come sorted, and sorting costs little next to the draws
+    lp = dist.logprobs.double().masked_fill(dist.indices < 0, float("-inf"))
+    by_p = torch.argsort(lp, dim=1, descending=True, stable=True)
+    indices, lp = torch.gather(dist.indices, 1, by_p), torch.gather(lp, 1, by_p)
+    listed = indices >= 0
     probs = torch.where(listed, lp.exp(), torch.zeros((), dtype=torch.float64))
-    # the rows are sorted by descending probability, so the kept head is the first keep_top columns
     head_p = probs[:, :keep_top]
     rest = torch.cat([probs[:, keep_top:], dist.tail.double().clamp(min=0)[:, None]], 1)  # last: the tail bucket
     rest_mass = rest.sum(1)
@@ -45,11 +48,11 @@ def sample_targets(dist: SparseDist, samples: int, keep_top: int = 0,
                              generator=generator)
     from_tail = draw == rest.shape[1] - 1
     cols = (draw + keep_top).clamp(max=k - 1)
-    ids = torch.gather(dist.indices.long(), 1, cols)
+    ids = torch.gather(indices.long(), 1, cols)
     unlisted = v - listed.sum(1, keepdim=True)
     if from_tail.any():
         u = (torch.rand(n, samples, generator=generator, dtype=torch.float64) * unlisted).long()
-        ids = torch.where(from_tail, _unlisted(dist.indices, u.clamp(max=(unlisted - 1).clamp(min=0))), ids)
+        ids = torch.where(from_tail, _unlisted(indices, u.clamp(max=(unlisted - 1).clamp(min=0))), ids)
     # merge repeated draws: sort the ids of each row, count runs
     ids, _ = torch.sort(ids, dim=1)
     first = torch.ones_like(ids, dtype=torch.bool)
@@ -59,7 +62,7 @@ def sample_targets(dist: SparseDist, samples: int, keep_top: int = 0,
     run_ids = torch.full((n, samples), -1, dtype=torch.long).scatter_(1, run, ids)
     weights = counts * (rest_mass / samples)[:, None]
     weights = torch.where(has_rest[:, None] & (counts > 0), weights, torch.zeros((), dtype=torch.float64))
-    all_ids = torch.cat([dist.indices[:, :keep_top].long(), torch.where(weights > 0, run_ids, -1)], 1)
+    all_ids = torch.cat([indices[:, :keep_top].long(), torch.where(weights > 0, run_ids, -1)], 1)
     all_w = torch.cat([head_p, weights], 1)
     all_lp = torch.where(all_ids >= 0, all_w.log(), torch.full((), float("-inf"), dtype=torch.float64))
     order = torch.argsort(all_lp, dim=1, descending=True, stable=True)
