@@ -309,6 +309,70 @@ def test_malformed_json_timeouts_and_empty_answers(tmp_path):
     assert sorted(r["messages"][-1]["content"] for r in records)[0] == " \n"
 
 
+def test_repeated_prompts_are_asked_once_and_the_summary_adds_up(tmp_path, caplog):
+    """Issue 27: lines with distinct ids but the same prompt text share their record keys, so each was asked and
+    its answers thrown away. A stub server counts what it is asked: every distinct prompt once, the repeats named
+    in the summary, and `complete` only when every expected record is there."""
+    import logging
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    from bayeskd.teachers.generate import generate
+    from bayeskd.teachers.server import running_app
+
+    seen: dict[str, int] = {}
+    broken: set[str] = set()
+    app = FastAPI()
+
+    @app.get("/health")
+    def health():
+        return {"ok": True}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: Request):
+        body = await req.json()
+        text = body["messages"][-1]["content"]
+        seen[text] = seen.get(text, 0) + 1
+        if text in broken:
+            return JSONResponse({"error": {"message": "down for this one"}}, status_code=500)
+        choices = [{"index": i, "message": {"role": "assistant", "content": f"answer {i} to {text}"},
+                    "finish_reason": "stop"} for i in range(body["n"])]
+        return JSONResponse({"id": "x", "object": "chat.completion", "created": 0, "model": "stub",
+                             "choices": choices,
+                             "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
+
+    texts = [f"question {j}" for j in range(8)] + ["question 0", "question 3", "question 3", "question 5"]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": t, "id": f"p{i}"}) + "\n" for i, t in enumerate(texts)))
+    out = tmp_path / "t.jsonl"
+    kw = dict(model="stub", n=2, backoff=0.01, progress=False, max_retries=0, concurrency=4)
+    broken.add("question 6")  # one distinct prompt fails: the run is not complete, and says by how much
+    with running_app(app) as url, caplog.at_level(logging.WARNING, logger="bayeskd.teachers.generate"):
+        s = generate(str(prompts), str(out), base_url=f"{url}/v1", **kw)
+        warnings = [r.getMessage() for r in caplog.records if "repeat an earlier one" in r.getMessage()]
+        assert len(warnings) == 1 and "4 prompt(s)" in warnings[0] and "'p8'" in warnings[0]
+        assert sorted(seen) == sorted(set(texts)) and set(seen.values()) == {1}  # no prompt asked twice
+        assert s["requests"] == 8 and s["requests_failed"] == 1
+        assert (s["prompts"], s["distinct_prompts"], s["duplicate_prompts"]) == (12, 8, 4)
+        assert s["duplicates"] == [{"prompt_index": 8, "id": "p8", "same_as": 0},
+                                   {"prompt_index": 9, "id": "p9", "same_as": 3},
+                                   {"prompt_index": 10, "id": "p10", "same_as": 3},
+                                   {"prompt_index": 11, "id": "p11", "same_as": 5}]
+        assert (s["records_expected"], s["records_total"], s["records_missing"]) == (16, 14, 2)
+        assert not s["complete"]
+        broken.clear()
+        again = generate(str(prompts), str(out), base_url=f"{url}/v1", **kw)
+    assert again["requests"] == 1 and seen["question 6"] == 2 and sum(seen.values()) == 9  # only the failed one
+    assert again["complete"] and again["records_total"] == again["records_expected"] == 16
+    assert again["records_missing"] == 0 and again["duplicate_prompts"] == 4
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(recs) == 16 and len({r["key"] for r in recs}) == 16
+    # a repeated prompt's records are its first line's
+    assert {(r["id"], r["prompt_index"]) for r in recs if r["messages"][0]["content"] == "question 3"} == {("p3", 3)}
+    assert json.loads((tmp_path / "t.summary.json").read_text()) == again
+
+
 def test_failures_after_all_retries_are_listed_and_asked_again(teacher_dir, tmp_path):
     from bayeskd.teachers.server import running_server
 

@@ -9,7 +9,8 @@ from bayeskd.priors.suffix import SuffixPrior
 
 
 def _brute_dense(prompts, responses, i, t, V, order, max_levels, loo, base_row):
-    """The suffix prior's distribution at response position t of record i, by scanning the corpus."""
+    """The suffix prior's distribution at response position t of record i, by scanning the corpus; also the deepest
+    level's count (None without levels) and the match length (the largest d whose context occurs elsewhere)."""
     SEP = V
     corpus = [SEP]
     for p, r in zip(prompts, responses):
@@ -17,7 +18,7 @@ def _brute_dense(prompts, responses, i, t, V, order, max_levels, loo, base_row):
     ctx = list(prompts[i]) + list(responses[i][:t])
     y = int(responses[i][t])
 
-    def continuations(s):  # tokens that follow the occurrences of s (real tokens only)
+    def continuations(s):  # tokens that follow the occurrences of s (real tokens only: the final SEP has none)
         out = {}
         for j in range(len(corpus) - len(s)):
             if corpus[j:j + len(s)] == s and corpus[j + len(s)] != SEP:
@@ -27,11 +28,13 @@ def _brute_dense(prompts, responses, i, t, V, order, max_levels, loo, base_row):
         return {w: c for w, c in out.items() if c > 0}
 
     levels = []  # (d, counts), shallow to deep, distinct totals
+    match = 0
     for d in range(1, len(ctx) + 2):
         s = [SEP] + ctx if d == len(ctx) + 1 else ctx[len(ctx) - d:]
         cont = continuations(s)
         if not cont:
             break
+        match = d
         if d >= order:
             if levels and sum(levels[-1].values()) == sum(cont.values()):
                 levels[-1] = cont
@@ -48,18 +51,11 @@ def _brute_dense(prompts, responses, i, t, V, order, max_levels, loo, base_row):
         for w, c in cont.items():
             q[w] = c / total
         p = (total * q + types * p) / (total + types)
-    return p, (sum(levels[-1].values()) if levels else None)
+    return p, (sum(levels[-1].values()) if levels else None), match
 
 
-@pytest.mark.parametrize("seed,loo,with_prompts", [(0, True, True), (1, False, True), (2, True, False)])
-def test_suffix_prior_matches_brute_force(seed, loo, with_prompts):
-    print("seed", seed)
-    rng = np.random.default_rng(seed)
-    V, order, K = 7, 2, 7
-    # a small alphabet and repeated prompts give long matches
-    base_prompts = [rng.integers(0, V, 4) for _ in range(3)]
-    prompts = [base_prompts[int(rng.integers(3))] for _ in range(8)] if with_prompts else None
-    responses = [rng.integers(0, V, int(rng.integers(2, 9))) for _ in range(8)]
+def _assert_matches_brute_force(prompts, responses, V, order, loo):
+    K = V
     prior = SuffixPrior(order=order, vocab_size=V, max_levels=3).fit(responses, prompts)
     rows = prior.topk(responses, K, leave_one_out=loo, contexts=prompts)
     base = prior.base.topk(responses, K, leave_one_out=loo)
@@ -68,7 +64,8 @@ def test_suffix_prior_matches_brute_force(seed, loo, with_prompts):
     for i, resp in enumerate(responses):
         for t in range(len(resp)):
             b = (base.indices[r].numpy(), base.logprobs[r].numpy(), base.tail[r].numpy())
-            dense, count = _brute_dense(prompts or [[]] * len(responses), responses, i, t, V, order, 3, loo, b)
+            dense, count, match = _brute_dense(prompts or [[]] * len(responses), responses, i, t, V, order, 3, loo,
+                                               b)
             assert dense.sum() == pytest.approx(1.0, abs=1e-6)
             ind = rows.indices[r].numpy()
             got = np.exp(rows.logprobs[r].double().numpy()[ind >= 0])
@@ -77,7 +74,56 @@ def test_suffix_prior_matches_brute_force(seed, loo, with_prompts):
             assert float(rows.tail[r]) == pytest.approx(1 - got.sum(), abs=1e-5)
             if count is not None:
                 assert float(rows.extras["context_count"][r]) == count
+            assert float(rows.extras["match_length"][r]) == match
             r += 1
+
+
+def _random_corpus(seed, V, with_prompts):
+    rng = np.random.default_rng(seed)
+    # a small alphabet and repeated prompts give long matches
+    base_prompts = [rng.integers(0, V, 4) for _ in range(3)]
+    prompts = [base_prompts[int(rng.integers(3))] for _ in range(8)] if with_prompts else None
+    responses = [rng.integers(0, V, int(rng.integers(2, 9))) for _ in range(8)]
+    return prompts, responses
+
+
+@pytest.mark.parametrize("seed,loo,with_prompts", [(0, True, True), (1, False, True), (2, True, False)])
+def test_suffix_prior_matches_brute_force(seed, loo, with_prompts):
+    print("seed", seed)
+    V = 7
+    prompts, responses = _random_corpus(seed, V, with_prompts)
+    _assert_matches_brute_force(prompts, responses, V, 2, loo)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("loo", [True, False])
+@pytest.mark.parametrize("with_prompts", [False, True])
+def test_suffix_prior_matches_brute_force_at_each_order(order, loo, with_prompts):
+    # order 1 makes the record start (context `SEP` alone) a level: the audit (issue 27) found the corpus-final
+    # SEP, followed by nothing, counted there as an occurrence
+    seed = 20 + order
+    print("seed", seed)
+    V = 5
+    prompts, responses = _random_corpus(seed, V, with_prompts)
+    _assert_matches_brute_force(prompts, responses, V, order, loo)
+
+
+def test_order_1_record_start_does_not_count_the_final_separator():
+    # the audit's example (issue 27): row 0 is predicted after `SEP` alone, seen 3 times followed by 0, 0, 1
+    responses = [np.array([0, 1, 2]), np.array([0, 2, 1]), np.array([1, 1, 1])]
+    prior = SuffixPrior(order=1, vocab_size=3).fit(responses)
+    loo = prior.topk(responses, 3, leave_one_out=True)
+    ind = loo.indices[0].numpy()
+    p = np.zeros(3)
+    p[ind] = np.exp(loo.logprobs[0].double().numpy())
+    # counts {0: 1, 1: 1} (own 0 removed), n-gram row [.25, .5625, .1875]: (2 q + 2 p0) / 4
+    np.testing.assert_allclose(p, [0.375, 0.53125, 0.09375], rtol=1e-6)
+    assert float(loo.extras["context_count"][0]) == 2
+    full = prior.topk(responses, 3)
+    assert float(full.extras["context_count"][0]) == 3
+    # a single record with leave-one-out: no other record start, so no match at all (not 1 from the final SEP)
+    one = SuffixPrior(order=2, vocab_size=3).fit([responses[0]]).topk([responses[0]], 3, leave_one_out=True)
+    assert float(one.extras["match_length"][0]) == 0
 
 
 def test_long_repeated_span_is_predicted_where_a_4gram_cannot():

@@ -48,6 +48,14 @@ def _query_range(rev, sa, hist, pos, rec_start, b_idx, b_lp, b_tail, b_cc, V, or
     lv_hi = np.empty(max_levels, np.int64)
     lv_cnt = np.empty(max_levels, np.int64)
     sep_lo, sep_hi = _narrow(rev, sa, 0, n, 0, sep)
+    # the rank of the corpus-final SEP (reversed: suffix 0, among the SEP-led ones): an occurrence followed by
+    # nothing, never a continuation. Only the context `SEP` alone (a record start without prompt) holds it: its
+    # level at order 1 and its match length. A scan of the record starts, once per call.
+    end_rank = -1
+    for i in range(sep_lo, sep_hi):
+        if sa[i] == 0:
+            end_rank = i
+            break
     for q in range(lo_q, hi_q):
         p = pos[q]
         rs = rec_start[q]
@@ -60,8 +68,8 @@ def _query_range(rev, sa, hist, pos, rec_start, b_idx, b_lp, b_tail, b_cc, V, or
             c = hist[p - d] if d <= p - rs else sep
             lo2, hi2 = _narrow(rev, sa, lo, hi, d - 1, c)
             slo2, shi2 = _narrow(rev, sa, slo, shi, d, c)
-            # occurrences followed by a real token (not by a record end), less this position's own one
-            cnt = (hi2 - lo2) - (shi2 - slo2) - (1 if loo else 0)
+            # occurrences followed by a real token (not by a record end nor the corpus end), less this position's own
+            cnt = (hi2 - lo2) - (shi2 - slo2) - (1 if lo2 <= end_rank < hi2 else 0) - (1 if loo else 0)
             if cnt <= 0:
                 break
             lo, hi, slo, shi = lo2, hi2, slo2, shi2

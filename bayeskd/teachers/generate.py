@@ -1,14 +1,16 @@
 """The job behind `bayeskd generate`: prompts in, teacher records out, from an OpenAI-compatible API or a local
 model, resumable and exactly once.
 
-Every prompt is one request for `n` samples; sample i of a prompt gets the record key
-sha256(prompt, generation settings) + "/i", and the request a seed derived from (seed, that hash), so a rerun,
-a retry or a resumed run asks for exactly the same thing. Records are appended to the output and flushed as they
-complete; a rerun reads the keys already there and asks only for the rest. A torn last line (a crash mid-write) is
-cut off. Requests that fail after all retries go to `<out>.failed.jsonl` beside the output (and are asked again by
-the next run); empty (or whitespace-only) responses go to `<out>.empty.jsonl` (the teacher's answer, but rarely
-wanted for training); with `keep_empty` they stay in the output, as they are samples of the teacher too (leaving
-them out biases the first tokens of every estimate; `load_teacher_records` takes them since they carry their
+Every prompt is one request for `n` samples; sample i of a prompt gets the record key sha256(prompt, generation
+settings) + "/i", and the request a seed derived from (seed, that hash), so a rerun, a retry or a resumed run asks
+for exactly the same thing. Lines with the same prompt (text or messages; the settings are the run's) are one
+prompt: they share their keys, so it is asked once (its records carry the first line's `prompt_index` and `id`) and
+the summary counts and names the repeats. Records are appended to the output and flushed as they complete; a rerun
+reads the keys already there and asks only for the rest. A torn last line (a crash mid-write) is cut off. Requests
+that fail after all retries go to `<out>.failed.jsonl` beside the output (and are asked again by the next run);
+empty (or whitespace-only) responses go to `<out>.empty.jsonl` (the teacher's answer, but rarely wanted for
+training); with `keep_empty` they stay in the output, as they are samples of the teacher too (leaving them out
+biases the first tokens of every estimate; `load_teacher_records` takes them since they carry their
 `finish_reason`); an answer with no text that did not end itself (nothing generated) is always set apart.
 
 Records: `prompt` + `response` (completions endpoint) or chat `messages` ending with the assistant's answer
@@ -216,7 +218,15 @@ def generate(prompts: str, out: str, *, model: str, base_url: str | None = None,
     failed_path, empty_path, summary_path = side_files(out_path)
     done = {r["key"] for r in read_done(out_path)} | {r["key"] for r in read_done(empty_path, "empty list")}
     keys = [request_key(rec, settings) for rec in records_in]
-    todo = [p for p, k in enumerate(keys) if any(f"{k}/{i}" not in done for i in range(n))]
+    # a repeated prompt has the same keys as its first line: its answers would be paid for, then dropped as done
+    first: dict[str, int] = {}
+    duplicates = [p for p, k in enumerate(keys) if first.setdefault(k, p) != p]
+    if duplicates:
+        p = duplicates[0]
+        logger.warning("%s: %d prompt(s) repeat an earlier one (e.g. prompt %d%s is prompt %d); each distinct prompt "
+                       "is asked once", prompts, len(duplicates), p,
+                       f" (id {records_in[p]['id']!r})" if "id" in records_in[p] else "", first[keys[p]])
+    todo = [p for p, k in enumerate(keys) if first[k] == p and any(f"{k}/{i}" not in done for i in range(n))]
     counts = _Counts(requests=len(todo))
     t0 = time.perf_counter()
     client = OpenAIBackend(base_url, api_key_env, timeout) if backend == "openai" else HFBackend(model, device)
@@ -231,17 +241,25 @@ def generate(prompts: str, out: str, *, model: str, base_url: str | None = None,
     written = read_done(out_path)
     if ordered:
         _order_file(out_path, written)
+    # complete: every expected record is in the output or set aside as blank; else records_missing says how many
+    expected = {f"{k}/{i}" for k in first for i in range(n)}
+    set_aside = expected & {r["key"] for r in read_done(empty_path, "empty list")}
+    missing = len(expected - set_aside - {r["key"] for r in written})
     seconds = time.perf_counter() - t0
     summary = {
         "out": str(out_path), "prompts": len(records_in), "skipped_prompts": int(report.skipped),
+        "distinct_prompts": len(first), "duplicate_prompts": len(duplicates),
+        "duplicates": [{"prompt_index": p, **({"id": records_in[p]["id"]} if "id" in records_in[p] else {}),
+                        "same_as": first[keys[p]]} for p in duplicates[:10]],
         "requests": counts.requests, "requests_done": counts.done, "requests_failed": counts.failed,
         "retries": counts.retries, "records_written": counts.records, "records_total": len(written),
-        "records_expected": len(records_in) * n, "empty": counts.empty, "empty_kept": counts.empty_kept,
+        "records_expected": len(expected), "records_missing": missing, "empty": counts.empty,
+        "empty_total": len(set_aside), "empty_kept": counts.empty_kept,
         "errors": counts.errors,
         "prompt_tokens": counts.prompt_tokens, "completion_tokens": counts.completion_tokens,
         "seconds": round(seconds, 3),
         "completion_tokens_per_second": round(counts.completion_tokens / seconds, 1) if seconds > 0 else None,
-        "complete": counts.failed == 0, "backend": backend, "base_url": client.base_url,
+        "complete": missing == 0, "backend": backend, "base_url": client.base_url,
         "api_key_env": api_key_env if backend == "openai" else None, "ordered": bool(ordered),
         "settings": asdict(settings), "failed_file": str(failed_path) if failures else None,
     }
