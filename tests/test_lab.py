@@ -100,6 +100,27 @@ def test_split_is_deterministic_and_disjoint():
     assert not any(d.split(". ")[0] + "." in held for d in teacher + proxy)
 
 
+def test_heldout_prompts_share_no_text_with_training_documents():
+    """The corpus repeats first sentences across documents; a held-out prompt's text must not open any document
+    the teacher or the proxy trains on, nor any training prompt, and held-out prompts are distinct."""
+    from bayeskd.corpus import embedded_corpus, split_prompt_response
+
+    docs = [f"Shared opening {i % 7}. Body of document {i}." for i in range(60)]  # 7 prompt texts, each 8-9 times
+    teacher, proxy, records = split_corpus(docs, 4, seed=0)
+    held = [r["prompt"] for r in records]
+    assert len(set(held)) == 4
+    train = [split_prompt_response(d)[0] for d in teacher + proxy]
+    assert not set(held) & set(train)
+    assert len(teacher) + len(proxy) == 60 - sum(1 for d in docs if split_prompt_response(d)[0] in held)
+    # the real corpus, at the tiny preset's split
+    preset = PRESETS["tiny"]
+    teacher, proxy, records = split_corpus(embedded_corpus(), preset.n_prompts, preset.seed)
+    held = {r["prompt"] for r in records}
+    assert len(held) == len(records) == preset.n_prompts
+    train = {pair[0] for d in teacher + proxy if (pair := split_prompt_response(d)) is not None}
+    assert not held & train, sorted(held & train)[:5]
+
+
 def test_black_box_exposes_text_only(black_box):
     out = black_box.generate(["The if statement is used for"], max_new_tokens=8, temperature=1.0, seed=0)
     assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], str)

@@ -33,7 +33,7 @@ import numpy as np
 from bayeskd.corpus import embedded_corpus, split_prompt_response, train_bpe_tokenizer
 from bayeskd.sparse import atomic_write_bytes
 
-LAB_VERSION = 1
+LAB_VERSION = 2  # 2: held-out prompts share no text with training documents
 MANIFEST = "lab.json"
 
 
@@ -141,24 +141,29 @@ def split_corpus(docs: Sequence[str], n_prompts: int, seed: int) -> tuple[list[s
     """(teacher docs, proxy docs, held-out prompt records), deterministic in `seed`.
 
     The held-out documents are `n_prompts` documents (in a seeded random order) that split into a prompt and a
-    response. The rest, in corpus order (topics sorted by name, so neighbours are related), alternate between
-    the teacher and the proxy: the two parts are disjoint but cover the same topics.
+    response, with distinct prompt texts. Held-out prompts share no text with training ones: every other document
+    that opens with a held-out prompt's text (the corpus repeats many first sentences, e.g. "*Names* refer to
+    objects.") is left out of both parts, since the teacher is trained on its part and answers the first
+    sentences of both. The rest, in corpus order (topics sorted by name, so neighbours are related), alternate
+    between the teacher and the proxy: the two parts are disjoint but cover the same topics.
     """
+    pairs = [split_prompt_response(d) for d in docs]
     order = np.random.default_rng(seed).permutation(len(docs))
-    held: list[int] = []
+    held: set[int] = set()
     records: list[dict] = []
     for i in order:
         if len(held) >= n_prompts:
             break
-        pair = split_prompt_response(docs[i])
-        if pair is not None:
-            held.append(int(i))
+        pair = pairs[i]
+        if pair is not None and pair[0] not in {r["prompt"] for r in records}:
+            held.add(int(i))
             records.append({"prompt": pair[0], "response": pair[1]})
     if len(held) < n_prompts:
-        raise LabError(f"the corpus has only {len(held)} documents that split into prompt/response, "
-                       f"{n_prompts} asked")
-    held_set = set(held)
-    rest = [d for i, d in enumerate(docs) if i not in held_set]
+        raise LabError(f"the corpus has only {len(held)} documents with distinct prompts that split into "
+                       f"prompt/response, {n_prompts} asked")
+    held_prompts = {r["prompt"] for r in records}
+    rest = [d for i, d in enumerate(docs)
+            if i not in held and (pairs[i] is None or pairs[i][0] not in held_prompts)]
     return rest[0::2], rest[1::2], records
 
 

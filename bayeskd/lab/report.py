@@ -10,15 +10,17 @@ def check_targets(report: dict[str, Any]) -> dict[str, Any]:
     """The issue's targets, computed from the report (reported whatever they say)."""
     out: dict[str, Any] = {}
     t = report.get("estimation", {}).get("table", {})
-    # the pipeline's posterior: with the aligned proxy when the lab aligned one
-    post = next((v["kl"] for k, v in t.items() if k.endswith("calibrated (shards)")), None)
     proxy = t.get("proxy alone (before alignment)", {}).get("kl")
     onehot = t.get("smoothed one-hot (eps=0.1)", {}).get("kl")
-    if post is not None and proxy and onehot:
-        out["posterior_kl_over_proxy"] = post / proxy
-        out["posterior_kl_over_one_hot"] = post / onehot
-        out["posterior_le_50pct_proxy"] = bool(post <= 0.5 * proxy)
-        out["posterior_le_30pct_one_hot"] = bool(post <= 0.3 * onehot)
+    # the pipeline's posterior (with the aligned proxy when the lab aligned one), text only and, where the teacher
+    # revealed its top-k, conditioned on it: each target says which it measures
+    for key, evidence in (("text_only", "text only (shards)"), ("conditioned", "conditioned on the top-")):
+        post = next((v["kl"] for k, v in t.items() if k.startswith("posterior,") and evidence in k), None)
+        if post is not None and proxy and onehot:
+            out[f"posterior_{key}_kl_over_proxy"] = post / proxy
+            out[f"posterior_{key}_kl_over_one_hot"] = post / onehot
+            out[f"posterior_{key}_le_50pct_proxy"] = bool(post <= 0.5 * proxy)
+            out[f"posterior_{key}_le_30pct_one_hot"] = bool(post <= 0.3 * onehot)
     ev = (report.get("estimation", {}).get("evidence") or {}).get("rows", [])
     for r in ev:  # issue 13: conditioned / text-only <= 0.55 at k=5, <= 0.35 at k=20, below the baseline at every k
         out[f"evidence_k{r['k']}_condition_over_text"] = r["condition_ratio"]
@@ -62,6 +64,16 @@ def check_targets(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def method_evidence(method: str, top_logprobs: int) -> str:
+    """What a lab student learned from: the teacher's text only, its revealed top-k, or its logits."""
+    if method == "white-box":
+        return "the teacher's logits"
+    if method == "student init":
+        return "none"
+    k = {"posterior-kd": top_logprobs, "posterior-kd-k5": min(5, top_logprobs), "bucket-kd": top_logprobs}.get(method)
+    return f"text + top-{k}" if k else "text only"
+
+
 def format_teacher(t: dict[str, Any]) -> str:
     """The teacher's mean entropy (nats/token) under the truth the evaluation uses, and how it was sharpened."""
     e, n = t["entropy"], t["positions"]
@@ -80,8 +92,9 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"# bayeskd lab report — preset `{report['preset']}`", ""]
     d = report.get("data", {})
     lines += [f"Teacher corpus: {d.get('train_records')} black-box samples ({d.get('train_tokens')} response "
-              f"tokens); held-out: {d.get('heldout_records')} samples. K = {report['config']['top_k']}, "
-              f"prior order {report['config']['order']}.", ""]
+              f"tokens) of {d.get('train_prompts_distinct')} distinct prompts; held-out: {d.get('heldout_records')} "
+              f"samples of {d.get('heldout_prompts_distinct')} distinct prompts, {d.get('prompts_shared')} of them "
+              f"also training prompts. K = {report['config']['top_k']}, prior order {report['config']['order']}.", ""]
     if report.get("teacher"):
         lines += [format_teacher(report["teacher"]), ""]
     if report.get("bayes"):
@@ -130,11 +143,14 @@ def format_report(report: dict[str, Any]) -> str:
     if "students" in report:
         s = report["students"]["summary"]
         metrics = [m for m in ("nll", "kl_tf", "kl_own") if any(m in v for v in s.values())]
+        k = report["config"].get("top_logprobs") or 0
         lines += ["## Student quality (held-out teacher text; mean ± std over seeds)", "",
-                  "| student | seeds | " + " | ".join(metrics) + " |", "|---|---:|" + "---:|" * len(metrics)]
+                  "| student | teacher evidence | seeds | " + " | ".join(metrics) + " |",
+                  "|---|---|---:|" + "---:|" * len(metrics)]
         for method, v in s.items():
             cells = [f"{v[m]['mean']:.4f} ± {v[m]['std']:.4f}" if m in v else "–" for m in metrics]
-            lines.append(f"| {method} | {v[metrics[0]]['n']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {method} | {method_evidence(method, k)} | {v[metrics[0]]['n']} | " + " | ".join(cells)
+                         + " |")
         lines.append("")
     c = report.get("cross_tokenizer")
     if c:

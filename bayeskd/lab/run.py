@@ -38,12 +38,13 @@ POSTERIOR_DIR = "posterior_calibrated"
 METHODS = ("sft", "prior-kd", "posterior-kd", "posterior-kd-k5", "posterior-kd-text", "bucket-kd", "proxy-kd", "gad",
            "white-box")
 EVIDENCE_METHODS = ("posterior-kd-k5", "posterior-kd-text", "bucket-kd")  # need the teacher's revealed log-probs
+IN_SAMPLE_PRIOR = "n-gram prior, in-sample (no leave-one-out: scored on its own counts)"
 TEXT_DIR, BUCKET_DIR = "posterior_text", "evidence_only"  # the text-only posterior; the revealed top-k + a bucket
 K5_DIR = "posterior_k5"  # conditioned on the top-5 only (an API that reveals less)
 POSTERIOR_VARIANTS = {  # name -> combine() settings, evaluated in memory beside the shards' log-linear one
-    "posterior dirichlet (c=1)": dict(mode="dirichlet", c=1.0),
-    "posterior mixture (w=0.5)": dict(mode="mixture", w=0.5),
-    "posterior log-linear + evidence 1": dict(mode="log_linear", evidence=1.0),
+    "posterior dirichlet (c=1), text only": dict(mode="dirichlet", c=1.0),
+    "posterior mixture (w=0.5), text only": dict(mode="mixture", w=0.5),
+    "posterior log-linear + the observed token, text only": dict(mode="log_linear", evidence=1.0),
 }
 
 
@@ -218,10 +219,10 @@ def _estimation(paths, run: Path, cfg: LabRunConfig, tok, log, pipeline_proxy: s
     tokens = torch.from_numpy(np.concatenate(seqs).astype(np.int64))
     ests = {
         "smoothed one-hot (eps=0.1)": one_hot_estimate(tokenized, idx, V, 0.1),
-        "n-gram prior, no leave-one-out": prior.topk(seqs, cfg.top_k, leave_one_out=False),
+        IN_SAMPLE_PRIOR: prior.topk(seqs, cfg.top_k, leave_one_out=False),
         "n-gram prior (leave-one-out)": read_target_rows(run / "prior" / "topk", tokenized, idx),
         "proxy alone (before alignment)": proxy_rows,
-        "posterior log-linear (shards)": read_target_rows(run / "posterior", tokenized, idx),
+        "posterior log-linear, text only (shards)": read_target_rows(run / "posterior", tokenized, idx),
     }
     for name, kw in POSTERIOR_VARIANTS.items():
         extra = {"teacher_tokens": tokens} if kw.get("evidence") else {}
@@ -229,7 +230,9 @@ def _estimation(paths, run: Path, cfg: LabRunConfig, tok, log, pipeline_proxy: s
     pipe = ProxyPosterior(pipeline_proxy, top_k=cfg.top_k)
     if cfg.align:
         ests["proxy after alignment"] = pipe.proxy_topk(tokenized, idx, V)
-    ests[_pipeline_name(cfg)] = read_target_rows(run / POSTERIOR_DIR, tokenized, idx)
+    ests[pipeline_name(cfg)] = read_target_rows(run / POSTERIOR_DIR, tokenized, idx)
+    if cfg.top_logprobs:  # the same pipeline without the revealed log-probabilities: what text alone achieves
+        ests[pipeline_name(cfg, text_only=True)] = read_target_rows(run / TEXT_DIR, tokenized, idx)
     table = estimation_table(t_lp, ests, valid)
     observed = observed_token_check(t_lp, seqs, tokenized.eos_token_id, valid)
     k_curve = []
@@ -270,8 +273,10 @@ def _evidence_curve(records, tokenized, tok, idx, cfg: LabRunConfig, t_lp, valid
     return {"report": report, "rows": rows}
 
 
-def _pipeline_name(cfg: LabRunConfig) -> str:
-    return f"posterior, {'aligned ' if cfg.align else ''}proxy, calibrated (shards)"
+def pipeline_name(cfg: LabRunConfig, text_only: bool = False) -> str:
+    """The estimation table's name of the pipeline's posterior, saying what evidence it used."""
+    evidence = "text only" if text_only or not cfg.top_logprobs else f"conditioned on the top-{cfg.top_logprobs}"
+    return f"posterior, {'aligned ' if cfg.align else ''}proxy, calibrated, {evidence} (shards)"
 
 
 def _corpus_curve(paths, run: Path, cfg: LabRunConfig, tok, pipeline_proxy: str,
@@ -463,7 +468,9 @@ def _run_lab(root: str, preset: str, *, seeds: int | None = None, methods: Seque
         "preset": lab_preset.name, "config": cfg.to_dict(), "lab": paths["root"],
         "data": {"train_records": len(train_tok), "heldout_records": s_held.get("written"),
                  "train_tokens": int(sum(len(s) for s in train_tok.response_sequences())),
-                 "train_prompts": len(prompts), "empty_samples": s_train.get("empty", 0),
+                 "train_prompts": len(prompts), "train_prompts_distinct": len(set(prompts)),
+                 "heldout_prompts_distinct": len(set(held_prompts)),
+                 "prompts_shared": len(set(prompts) & set(held_prompts)), "empty_samples": s_train.get("empty", 0),
                  "blank_samples_kept": s_train.get("empty_kept", 0)},
     }
     with _stage("evaluate estimates", log, timings):
