@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,6 +65,20 @@ def test_other_config_without_force_raises(lab):
         build_lab(os.path.dirname(lab["root"]), other, progress=False)
     with pytest.raises(LabError, match="unknown lab preset"):
         build_lab(os.path.dirname(lab["root"]), "nope")
+
+
+def test_a_lab_built_by_an_older_version_is_rebuilt(tmp_path):
+    """The same preset built by an older bayeskd (another corpus split) is a stale cache: rebuilt without force."""
+    from bayeskd.lab.build import LAB_VERSION
+
+    cfg = dataclasses.replace(PRESETS["micro"], steps=3, n_prompts=2, warmup_steps=1)
+    paths = build_lab(tmp_path, cfg, progress=False)
+    manifest = json.loads(Path(paths["manifest"]).read_text())
+    Path(paths["manifest"]).write_text(json.dumps({**manifest, "version": LAB_VERSION - 1}))
+    before = os.stat(_weights(paths["teacher"])).st_mtime_ns
+    assert build_lab(tmp_path, cfg, progress=False) == paths
+    assert read_manifest(paths["root"])["version"] == LAB_VERSION
+    assert os.stat(_weights(paths["teacher"])).st_mtime_ns != before
 
 
 def test_force_rebuilds_with_new_config(tmp_path):

@@ -282,7 +282,11 @@ def build_lab(root: str | os.PathLike, preset: str | LabPreset = "tiny", force: 
         have = read_manifest(manifest_path)
         if {"version": have.get("version"), "preset": have.get("preset")} == want and not force:
             return paths
-        if not force:
+        older = have.get("preset") == want["preset"] and (have.get("version") or 0) < LAB_VERSION
+        if older:  # the same preset built by an older bayeskd (another corpus split): a cache, rebuilt
+            print(f"[lab] {base} was built by an older bayeskd (lab version {have.get('version')}, now "
+                  f"{LAB_VERSION}); rebuilding it")
+        if not force and not older:
             raise LabError(f"{base} holds a lab built with another config (version {have.get('version')}, "
                            f"preset {have.get('preset')}); pass force=True to rebuild it, or use another root")
     if base.exists():
@@ -339,7 +343,8 @@ def _build_sharp_lab(root: str | os.PathLike, cfg: SharpLabPreset, force: bool, 
         have = read_manifest(manifest_path)
         if {k: have.get(k) for k in want} == want and not force:
             return paths
-        if not force:
+        older = have.get("preset") == want["preset"] and (have.get("version") or 0) < LAB_VERSION
+        if not force and not older:
             raise LabError(f"{base} holds a sharp lab made with another config or from another {cfg.base!r} teacher; "
                            "pass force=True to remake it, or delete it")
         manifest_path.unlink()
