@@ -223,8 +223,11 @@ def test_cross_tokenizer_aligns_by_byte_offsets(records, other_tokenizer):
             pos = rec["logprobs"][t_start[int(s_start[j])]]
             entries = {bytes(a["bytes"]): a["logprob"] for a in pos["top_logprobs"]}
             entries.setdefault(bytes(pos["bytes"]), pos["logprob"])
-            # Every alternative lands on some student token (byte-level: every byte is one), masses summed.
-            assert ev.mass[r] == pytest.approx(sum(math.exp(v) for v in entries.values()), rel=1e-5)
+            # Every alternative lands on some student token (byte-level: every byte is one), masses summed, but
+            # for strict prefixes of the observed student token, which are no bound for any one token (dropped)
+            obs = table[ids[j]]
+            entries = {b: v for b, v in entries.items() if not (b and len(obs) > len(b) and obs.startswith(b))}
+            assert ev.mass[r] == pytest.approx(sum(math.exp(v) for v in entries.values()), rel=1e-5, abs=1e-6)
             got = dict(zip(ev.indices[r][ev.indices[r] >= 0].tolist(), ev.probs[r][ev.indices[r] >= 0].tolist()))
             for b, v in entries.items():
                 if b and is_utf8(b):
@@ -241,9 +244,22 @@ def test_lower_bounds_only_when_asked_and_the_vocabulary_is_reused(records, same
     again, _ = evidence_rows(records, tokenized, tiny_tokenizer, vocab=vocab, allow_exact=False)
     np.testing.assert_array_equal(low.indices, again.indices)
     assert report["rows_exact"] == report["records_same_tokenizer"] == 0
-    np.testing.assert_array_equal(low.has, ev.has)
     assert low.lower[low.indices >= 0].all()
-    np.testing.assert_allclose(low.mass, ev.mass, rtol=1e-5)
+    # the same masses, less the entries that are a strict prefix of the row's observed token (issue 27 item 3: as a
+    # lower bound across tokenizers they would claim mass that the tokens extending them share)
+    table = token_bytes_table(tiny_tokenizer)
+    observed = np.concatenate([np.asarray(tokenized.input_ids[q][tokenized.prompt_lengths[q]:])[:len(_rows(tokenized, q))]
+                               for q in range(len(tokenized))])
+    expect = ev.mass.astype(np.float64).copy()
+    dropped = 0
+    for r in np.nonzero(ev.has)[0]:
+        o = table[observed[r]]
+        for i, pr in zip(ev.indices[r].tolist(), ev.probs[r].tolist()):
+            if i >= 0 and table[i] and len(o) > len(table[i]) and o.startswith(table[i]):
+                expect[r] -= pr
+                dropped += 1
+    assert 0 < dropped == report["cross_entries_dropped"]  # the fixture's text has such rows: the check bites
+    np.testing.assert_allclose(low.mass, expect, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="another tokenizer"):
         evidence_rows(records, tokenized, other_tokenizer)
     with pytest.raises(ValueError, match="another tokenizer"):
@@ -299,6 +315,9 @@ def test_top_k_is_an_api_that_returned_fewer(records, same, tiny_tokenizer, k):
         b = dict(zip(fewer.indices[r].tolist(), fewer.probs[r].tolist()))
         assert a == pytest.approx(b)
         assert cut.indices[r, cut.chosen[r]] == fewer.indices[r, fewer.chosen[r]] == ev.indices[r, ev.chosen[r]]
+        if ev.lower[r].any():  # lower-bound rows: an API that lists fewer may leave the observed token unlisted,
+            assert fewer.cap[r] >= cut.cap[r] - 1e-6  # and then lifts the cap (top(k) does not know that token)
+            continue
         assert cut.cap[r] == pytest.approx(fewer.cap[r])
         assert cut.cap[r] == (1.0 if k == 0 else pytest.approx(np.sort(ev.probs[r])[::-1][k - 1]))
 
@@ -434,3 +453,42 @@ def test_mixed_records(records, same, tiny_tokenizer):
         else:
             assert not got.has[rr.start:rr.stop].any()
     assert report["share_with_evidence"] < report["share_in_logprob_records"]
+
+
+def test_a_teacher_prefix_of_the_observed_student_token_is_no_bound_for_it():
+    """Issue 27 item 3, the audit's case: the teacher reveals {' ': .6, ' s': .2, ' t': .1} where the student's
+    token is ' ☃' (the teacher wrote ' ' then '☃'). ' ' is no lower bound for the student's ' ' (its strings go
+    on, the observed ' ☃' among them), and the cap of .1 must not push the observed token down: it was made nearly
+    impossible (p 0.0003 against 0.70 for ' ')."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    from bayeskd.posterior.condition import apply_evidence
+    from bayeskd.sparse import SparseDist
+
+    pieces = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), " ☃", " ", " s", " t", "Say:"]
+    model = Tokenizer(models.Unigram([(p, -1.0 if len(p) > 1 else -5.0) for p in pieces], unk_id=0,
+                                     byte_fallback=True))
+    model.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=model, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    snow, space, s_, t_ = (tok.convert_tokens_to_ids(p) for p in (" ☃", " ", " s", " t"))
+
+    def entry(b: bytes, p: float) -> dict:
+        return {"token": b.decode(), "bytes": list(b), "logprob": math.log(p)}
+
+    rec = {"prompt": "Say:", "response": " ☃", "finish_reason": "stop", "logprobs": [
+        {**entry(b" ", 0.6), "top_logprobs": [entry(b" ", 0.6), entry(b" s", 0.2), entry(b" t", 0.1)]},
+        {**entry("☃".encode(), 0.9), "top_logprobs": [entry("☃".encode(), 0.9)]}]}
+    tokenized = tokenize_records([rec], tok)
+    assert tokenized.input_ids[0][tokenized.prompt_lengths[0]] == snow  # the student writes ' ☃' as one token
+    ev, report = evidence_rows([rec], tokenized, tok)
+    got = {int(i): float(p) for i, p in zip(ev.indices[0], ev.probs[0]) if i >= 0}
+    assert got == pytest.approx({s_: 0.2, t_: 0.1}) and ev.lower[0, :2].all() and ev.cap[0] == 1.0
+    assert report["cross_entries_dropped"] == 1 and report["cross_rows_cap_lifted"] == 1
+    # a posterior (prior x proxy) that expects the snowman keeps it the most likely token once conditioned
+    V = len(tok)
+    post = SparseDist(indices=torch.tensor([[snow, space, s_, t_]], dtype=torch.int32),
+                      logprobs=torch.tensor([[0.5, 0.3, 0.1, 0.05]]).log(), tail=torch.tensor([0.05]), vocab_size=V)
+    out = apply_evidence(post, ev[:1], "condition", 8).to_dense(torch.float64)[0]
+    assert out[snow] > 0.3 and out[snow] > out[space], (float(out[snow]), float(out[space]))
+    assert out[s_] >= 0.2 - 1e-6 and out[t_] >= 0.1 - 1e-6 and float(out.sum()) == pytest.approx(1.0)

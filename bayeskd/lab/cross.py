@@ -96,8 +96,9 @@ def run_cross(paths: dict[str, str], run: Path, cfg, prompts: Sequence[str], hel
         s = estimate_posterior(str(train), str(d / "prior"), proxy, str(d / name), top_k=cfg.top_k, batch_size=16,
                                **kw, **combo)
         if s.get("evidence"):
-            evidence[method] = {k: s["evidence"][k] for k in ("share_with_evidence", "records_cross_tokenizer",
-                                                               "records_with_logprobs", "mean_mass")}
+            evidence[method] = {k: s["evidence"][k] for k in (
+                "share_with_evidence", "records_cross_tokenizer", "records_with_logprobs", "mean_mass", "rows",
+                "cross_entries", "cross_entries_dropped", "cross_rows_dropped_in", "cross_rows_cap_lifted")}
     tok = load_tokenizer(paths["tokenizer"])
     sizes = np.array([len(b) for b in token_bytes_table(tok)], np.int64)
     held_tok = tokenize_records(load_teacher_records(str(held))[0], tok)

@@ -155,6 +155,12 @@ def format_report(report: dict[str, Any]) -> str:
     c = report.get("cross_tokenizer")
     if c:
         share = ", ".join(f"{m}: {v['share_with_evidence']:.0%}" for m, v in c["evidence"].items())
+        top = c["evidence"].get("posterior-kd", {})
+        if "cross_entries_dropped" in top:  # issue 27 item 3: how often a teacher string bounds no one student token
+            share += (f"; at the top-{report['config']['top_logprobs']}, {top['cross_entries_dropped']} of "
+                      f"{top['cross_entries']} revealed entries were a strict prefix of the student's token there "
+                      f"(dropped, in {top['cross_rows_dropped_in']} of {top['rows']} rows) and "
+                      f"{top['cross_rows_cap_lifted']} rows whose student token was unlisted got no cap")
         lines += [f"## Across tokenizers (teacher B: vocabulary {c['teacher_vocab']}, student {c['student_vocab']})", "",
                   f"{c['train_records']} samples of B with its top-{report['config']['top_logprobs']} log-probabilities; "
                   f"positions with evidence ({share}). Students' NLL per byte of {c['heldout_records']} held-out B "

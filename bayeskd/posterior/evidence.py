@@ -372,13 +372,16 @@ def evidence_rows(records: Sequence[dict[str, Any]], tokenized, tokenizer, indic
     _, plens, offsets = target_row_layout(tokenized, indices)
     n_rows = int(offsets[-1])
     teacher, pairs, rows_with_logprobs = _Teacher(vocab), [], 0
+    observed = np.full(n_rows, -1, np.int64)  # the student's token at each target row
     for q, i in enumerate(indices):
         rec = records[i]
+        response_ids = np.asarray(tokenized.input_ids[i][int(plens[q]):], np.int64)
+        observed[offsets[q]:offsets[q + 1]] = response_ids[:offsets[q + 1] - offsets[q]]
         if rec.get("logprobs") is None:
             continue
         base, name = teacher.n, _name(i, rec)
         t_bytes = teacher.parse(rec["logprobs"], name)
-        s_bytes = [vocab.table[x] for x in tokenized.input_ids[i][int(plens[q]):].tolist()]
+        s_bytes = [vocab.table[x] for x in response_ids.tolist()]
         text = (rec["messages"][-1]["content"] if "messages" in rec else rec["response"]).encode()
         sj, tj, exact = _align(t_bytes, text, rec.get("finish_reason"), s_bytes, name)
         pairs.append((base + tj, offsets[q] + sj, exact & allow_exact))
@@ -388,7 +391,7 @@ def evidence_rows(records: Sequence[dict[str, Any]], tokenized, tokenizer, indic
     if pairs:
         pos = np.concatenate([p for p, _, _ in pairs]).astype(np.int64)
         row_of[pos], exact[pos] = np.concatenate([r for _, r, _ in pairs]), np.concatenate([e for _, _, e in pairs])
-    ev, report = _assemble(teacher, vocab, row_of, exact, n_rows, top_k)
+    ev, report = _assemble(teacher, vocab, row_of, exact, n_rows, top_k, observed)
     has = ev.has
     report.update(rows=n_rows, rows_with_evidence=int(has.sum()), share_with_evidence=has.sum() / max(n_rows, 1),
                   rows_with_logprobs=rows_with_logprobs,
@@ -400,7 +403,7 @@ def evidence_rows(records: Sequence[dict[str, Any]], tokenized, tokenizer, indic
 
 
 def _assemble(t: _Teacher, vocab: StudentVocab, row_of: np.ndarray, exact: np.ndarray, n_rows: int,
-              top_k: int | None) -> tuple[Evidence, dict[str, Any]]:
+              top_k: int | None, observed: np.ndarray) -> tuple[Evidence, dict[str, Any]]:
     """Check every position's values, then map the entries at aligned positions to student ids, in array passes."""
     n_pos, n_keys, at_pos = t.n, max(len(t.keys.raw), 1), np.arange(t.n)
     ck, clp, tk, tlp, tpos, trank = t.arrays()
@@ -464,12 +467,38 @@ def _assemble(t: _Teacher, vocab: StudentVocab, row_of: np.ndarray, exact: np.nd
         lookup[cross] = first
         sid[~e_exact] = lookup[e_key[~e_exact]]
     on = sid >= 0
+    dropped = _prefixes_of_observed(t, vocab, e_key, observed[row_of[e_pos]], on & ~e_exact)
+    on &= ~dropped
     ev = _pack(row_of[e_pos[on]], sid[on], np.exp(e_lp[on]), e_chosen[on], ~e_exact[on], cap[e_pos[on]], n_rows,
                len(vocab.table))
+    # Across tokenizers one student token gathers several teacher strings, so the cap (no unlisted teacher token
+    # above the smallest listed) would push down an unlisted observed token (the teacher's sample): no cap there
+    lift = ev.lower.any(1) & ~(ev.indices == observed[:, None]).any(1) & (ev.cap < 1)
+    ev.cap[lift] = 1.0
     per_rec = [np.bincount(rec_of[m], minlength=len(t.owner)) for m in (aligned, exact)]
     same = int(np.sum((per_rec[0] > 0) & (per_rec[0] == per_rec[1])))
     return ev, {"records_same_tokenizer": same, "records_cross_tokenizer": len(t.owner) - same,
-                "rows_exact": int((ev.has & ~ev.lower.any(1)).sum())}
+                "rows_exact": int((ev.has & ~ev.lower.any(1)).sum()),
+                "cross_entries": int((~e_exact & (sid >= 0)).sum()), "cross_entries_dropped": int(dropped.sum()),
+                "cross_rows_dropped_in": int(len(np.unique(row_of[e_pos[dropped]]))),
+                "cross_rows_cap_lifted": int(lift.sum())}
+
+
+def _prefixes_of_observed(t: _Teacher, vocab: StudentVocab, e_key: np.ndarray, observed: np.ndarray,
+                          cross: np.ndarray) -> np.ndarray:
+    """Cross-tokenizer entries whose teacher string is a strict prefix of the student's observed token at their row:
+    the student tokens extending it (the observed one among them) share its mass in a way the evidence does not
+    tell, so it bounds no one token (the audit's ' ' where the student wrote ' ☃'). Those entries are dropped."""
+    out = np.zeros(len(e_key), bool)
+    if not cross.any():
+        return out
+    base = len(vocab.table) + 1
+    code = e_key.astype(np.int64) * base + (observed + 1)
+    bad = [c for c in np.unique(code[cross]).tolist()
+           if (b := t.keys.raw[c // base]) and (o := c % base - 1) >= 0
+           and len(vocab.table[o]) > len(b) and vocab.table[o].startswith(b)]
+    out[cross] = np.isin(code[cross], np.asarray(bad, np.int64))
+    return out
 
 
 def _pack(row: np.ndarray, sid: np.ndarray, prob: np.ndarray, chosen: np.ndarray, lower: np.ndarray,
