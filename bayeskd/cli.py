@@ -272,6 +272,9 @@ def estimate_prior_cmd(**kwargs) -> None:
 @click.option("--keep-top", default=0, show_default=True, type=click.IntRange(0),
               help="With --samples: entries kept exactly before sampling the rest.")
 @click.option("--sample-seed", default=0, show_default=True, type=int, help="With --samples: the draws' seed.")
+@click.option("--sliding-window", is_flag=True,
+              help="Read records longer than the proxy's context in windows of it, half a window apart (every "
+              "position keeps at least half the context); without it such records are refused by name.")
 @skip_bad_option
 @max_records_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")

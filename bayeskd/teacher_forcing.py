@@ -95,13 +95,13 @@ def token_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1
 @dataclass
 class RecordBatch:
     """A padded batch of tokenized records and where its model rows go in target-row order."""
-    records: np.ndarray  # positions (into the `indices` asked for) of this batch's records
+    records: np.ndarray  # positions (into the `indices` asked for) of this batch's records (or their windows)
     input_ids: torch.Tensor  # [B, L]
     attention_mask: torch.Tensor  # [B, L]
     batch_index: torch.Tensor  # [M]: the logits at (batch_index, position) predict the token at position + 1
     position: torch.Tensor  # [M]
     target_row: torch.Tensor  # [M]: the row in target-row order
-    keep_from: int  # the first position any row needs (the shortest prompt, minus one)
+    keep_from: int  # the first position any row needs (the shortest prompt, minus one; in its window)
 
     def tokens(self) -> torch.Tensor:
         """The response tokens the rows predict [M]."""
@@ -117,33 +117,60 @@ def target_row_layout(tokenized, indices: Sequence[int]) -> tuple[np.ndarray, np
     return lens, plens, np.concatenate([[0], np.cumsum(lens - plens)]).astype(np.int64)
 
 
-def record_batches(tokenized, indices: Sequence[int], batch_size: int) -> Iterator[RecordBatch]:
+def record_batches(tokenized, indices: Sequence[int], batch_size: int,
+                   max_length: int | None = None) -> Iterator[RecordBatch]:
     """Batches of the records `indices`, longest first (stable), right-padded; batches without a row are
-    skipped. Rows: every response token with a context (position >= 1)."""
+    skipped. Rows: every response token with a context (position >= 1).
+
+    `max_length` (a model's context): a longer record is read in windows of `max_length` tokens, each starting
+    half a window after the last (the final one ends with the record), and each row comes from the window that
+    gives it the most context: at least half a window, where a truncated record would have none."""
     indices = np.asarray([int(i) for i in indices], dtype=np.int64)
     lens_all, plens_all, offsets = target_row_layout(tokenized, indices)
-    order = np.argsort(-lens_all, kind="stable")  # similar lengths together: little padding
-    for s in range(0, len(order), batch_size):
-        batch = order[s:s + batch_size]
-        lens, plens = lens_all[batch], plens_all[batch]
-        first = np.maximum(plens, 1)  # the token at p >= max(plen, 1) is predicted by the logits at p - 1
-        n = np.maximum(lens - first, 0)
+    # segments (record q, window start s, window end e, first token predicted a): rows for tokens a..e-1
+    segs = [(q, 0, int(lens_all[q]), max(int(plens_all[q]), 1)) for q in range(len(indices))]
+    if max_length is not None:
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
+        segs = [w for seg in segs for w in _windows(*seg, max_length)]
+    seg_len = np.array([e - s for _, s, e, _ in segs], dtype=np.int64)
+    order = np.argsort(-seg_len, kind="stable")  # similar lengths together: little padding
+    for b in range(0, len(order), batch_size):
+        batch = [segs[j] for j in order[b:b + batch_size]]
+        q, s, e, a = (np.array(x, dtype=np.int64) for x in zip(*batch))
+        n = np.maximum(e - a, 0)
         if n.sum() == 0:
             continue
         starts = np.cumsum(n) - n
         ramp = np.arange(int(n.sum())) - np.repeat(starts, n)
-        L = int(lens.max())
+        L = int((e - s).max())
         ids = torch.zeros((len(batch), L), dtype=torch.long)
         mask = torch.zeros((len(batch), L), dtype=torch.long)
-        for j, q in enumerate(batch):
-            ids[j, :lens[j]] = torch.from_numpy(tokenized.input_ids[indices[q]].astype(np.int64))
-            mask[j, :lens[j]] = 1
+        for j in range(len(batch)):
+            ids[j, :e[j] - s[j]] = torch.from_numpy(tokenized.input_ids[indices[q[j]]][s[j]:e[j]].astype(np.int64))
+            mask[j, :e[j] - s[j]] = 1
         yield RecordBatch(
-            records=batch, input_ids=ids, attention_mask=mask,
+            records=q, input_ids=ids, attention_mask=mask,
             batch_index=torch.from_numpy(np.repeat(np.arange(len(batch)), n)),
-            position=torch.from_numpy(np.repeat(first - 1, n) + ramp),
-            target_row=torch.from_numpy(np.repeat(offsets[batch] + first - plens, n) + ramp),
-            keep_from=max(int(plens.min()) - 1, 0))
+            position=torch.from_numpy(np.repeat(a - 1 - s, n) + ramp),
+            target_row=torch.from_numpy(np.repeat(offsets[q] + a - plens_all[q], n) + ramp),
+            keep_from=max(int((a - 1 - s).min()), 0))
+
+
+def _windows(q: int, s: int, e: int, a: int, size: int) -> list[tuple[int, int, int, int]]:
+    """A record's segment cut into windows of `size` tokens, half a window apart (the last one ending with the
+    record); each token a..e-1 is predicted in exactly one window, with at least size - size // 2 - 1 tokens
+    before it there."""
+    if e - s <= size:
+        return [(q, s, e, a)]
+    stride, out, done = max(size // 2, 1), [], s  # `done`: tokens before it are predicted by earlier windows
+    start = s
+    while done < e:
+        start = min(start, e - size)
+        if max(a, done) < start + size:  # (a window inside a long prompt predicts nothing)
+            out.append((q, start, start + size, max(a, done)))
+        done, start = start + size, start + stride
+    return out
 
 
 def contextless_rows(tokenized, indices: Sequence[int]) -> torch.Tensor:

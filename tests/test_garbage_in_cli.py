@@ -7,6 +7,7 @@ import sys
 
 import click
 import pytest
+import torch
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -135,3 +136,32 @@ def test_posterior_refuses_a_record_longer_than_the_proxy_context(tmp_path, tiny
     res = _invoke(["estimate-posterior", "--data", data, "--proxy", proxy, "--out", tmp_path / "o"])
     assert res.exit_code == 1 and "Traceback" not in res.output, res.output
     assert len(_error_lines(res)) == 1 and "record 1 " in res.output and "proxy's context (256)" in res.output
+    assert "--sliding-window" in res.output  # the refusal names the way on
+    assert not (tmp_path / "o" / "summary.json").exists()
+
+
+def test_posterior_reads_a_long_record_in_sliding_windows(tmp_path, tiny_tokenizer):
+    """Issue 27 item 8: --sliding-window gives the long record its targets (every row, the proxy's context never
+    exceeded) without dropping it, so the rows line up with the data and distill trains on them."""
+    from conftest import save_tiny_llama
+
+    from bayeskd.data import load_teacher_records, tokenize_records
+    from bayeskd.sparse import ShardReader
+
+    proxy = save_tiny_llama(tmp_path / "proxy", tiny_tokenizer, seed=0)
+    data = tmp_path / "teacher.jsonl"
+    data.write_text(json.dumps(GOOD[0]) + "\n" + json.dumps({"prompt": "q", "response": "word " * 400}) + "\n")
+    res = _invoke(["estimate-posterior", "--data", data, "--proxy", proxy, "--top-k", "8", "--sliding-window",
+                   "--out", tmp_path / "o"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["records_in_windows"] == 1
+    tokenized = tokenize_records(load_teacher_records(str(data))[0], tiny_tokenizer)
+    assert tokenized.lengths[1] > 256
+    rows = sum(d.num_rows for d, _ in ShardReader(tmp_path / "o"))
+    assert rows == int((tokenized.lengths - tokenized.prompt_lengths).sum())
+    for d, _ in ShardReader(tmp_path / "o"):
+        assert torch.isfinite(d.logprobs[d.indices >= 0]).all() and (d.indices >= 0).any(1).all()
+    res = _invoke(["distill", "--data", data, "--targets", tmp_path / "o", "--student", proxy, "--max-steps", "1",
+                   "--max-length", "512", "--out", tmp_path / "s"])
+    assert res.exit_code == 0, res.output

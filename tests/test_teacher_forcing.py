@@ -201,3 +201,37 @@ def test_row_order_and_position_zero(tf, caller):
 
     else:
         raise AssertionError(caller)
+
+
+@pytest.mark.parametrize("window", [2, 3, 4, 7, 64])
+def test_sliding_windows_cover_every_row_once_with_half_a_window_of_context(window):
+    """record_batches(max_length=W): each target row exactly once, predicting the right token, from a window no
+    longer than W in which it has min(its position, W - W // 2) tokens or more before it; records no longer than W
+    give the same batches as without windows."""
+    from bayeskd.teacher_forcing import record_batches, target_row_layout
+
+    rng = np.random.default_rng(window)
+    seqs = [rng.integers(3, 50, size=int(n)) for n in rng.integers(1, 30, size=12)]
+    plens = [int(rng.integers(0, len(s))) for s in seqs]
+    data = TokenizedData(input_ids=seqs, response_mask=[np.arange(len(s)) >= p for s, p in zip(seqs, plens)],
+                         prompt_lengths=np.array(plens), tokenizer_fingerprint="t", vocab_size=50)
+    indices = [5, 0, 3, 11, 2, 7]
+    _, plen, offsets = target_row_layout(data, indices)
+    seen = np.zeros(int(offsets[-1]), int)
+    for rb in record_batches(data, indices, batch_size=3, max_length=window):
+        assert rb.input_ids.shape[1] <= window
+        for b, pos, row in zip(rb.batch_index.tolist(), rb.position.tolist(), rb.target_row.tolist()):
+            q = int(np.searchsorted(offsets, row, side="right") - 1)
+            p = int(plen[q]) + row - int(offsets[q])  # the token this row predicts, in its record
+            assert rb.input_ids[b, pos + 1] == seqs[indices[q]][p]
+            assert pos + 1 >= min(p, window - window // 2)  # tokens of context before it in the window
+            seen[row] += 1
+    first = [int(offsets[q]) for q in range(len(indices)) if plen[q] == 0 and offsets[q + 1] > offsets[q]]
+    expect = np.ones_like(seen)
+    expect[first] = 0  # a response token at position 0 has no context: no row
+    np.testing.assert_array_equal(seen, expect)
+    longest = max(len(seqs[i]) for i in indices)
+    a = list(record_batches(data, indices, 3, max_length=longest))
+    b = list(record_batches(data, indices, 3))
+    assert len(a) == len(b) and all(torch.equal(x.input_ids, y.input_ids) and torch.equal(x.target_row, y.target_row)
+                                    and torch.equal(x.position, y.position) for x, y in zip(a, b))

@@ -32,10 +32,11 @@ def _calibrate(post: ProxyPosterior, prior, tokenized, indices: list[int]) -> di
     return result
 
 
-def _check_fits_proxy(proxy, tokenized, data) -> None:
+def _check_fits_proxy(proxy, tokenized, data, sliding_window: bool = False) -> int | None:
     """Targets cover every response token, so a record longer than the proxy's context cannot be truncated (see
     `bayeskd.data.truncation_window`): refuse it by name before any work, not an index error deep in the model
-    (or positions past the ones it was trained on, silently)."""
+    (or positions past the ones it was trained on, silently), unless `sliding_window`. Returns the window for
+    ProxyPosterior: the proxy's context where some record is longer and `sliding_window`, else None."""
     from bayeskd.data import DataError
 
     try:
@@ -47,15 +48,19 @@ def _check_fits_proxy(proxy, tokenized, data) -> None:
             config = getattr(proxy, "config", None)
         limit = getattr(config, "max_position_embeddings", None)
     except Exception:  # noqa: BLE001 - no readable config: the model load reports it
-        return
+        return None
     if not isinstance(limit, int) or len(tokenized) == 0:
-        return
+        return None
     lengths = tokenized.lengths
     i = int(lengths.argmax())
-    if lengths[i] > limit:
+    if lengths[i] <= limit:
+        return None
+    if not sliding_window:
         raise DataError(f"{data}: record {i} (counting kept records from 0) has {int(lengths[i])} tokens, more than "
-                        f"the proxy's context ({limit}), and {int((lengths > limit).sum())} records in all; "
-                        "targets cover whole responses, so shorten or drop these records")
+                        f"the proxy's context ({limit}), and {int((lengths > limit).sum())} records in all; targets "
+                        "cover whole responses: pass --sliding-window to read them in windows of the proxy's context "
+                        "(every position keeps at least half of it; the prior stays valid), or shorten them")
+    return int(limit)
 
 
 def _check_counted_on(pdir: Path, records: list) -> None:
@@ -90,7 +95,7 @@ def estimate_posterior(data: str | None = None, prior_dir: str | None = None, pr
                        calibration_records: int = 256, calibrate_on_training_records: bool = False,
                        no_evidence: bool = False, evidence_top_k: int | None = None,
                        evidence_mode: str = "condition", codec: str = "raw", samples: int | None = None,
-                       keep_top: int = 0, sample_seed: int = 0) -> dict[str, Any]:
+                       keep_top: int = 0, sample_seed: int = 0, sliding_window: bool = False) -> dict[str, Any]:
     """The job behind `bayeskd estimate-posterior`: load the teacher records and the prior saved by
     `estimate_prior` (`prior_dir/prior`, or `prior_dir` itself), tokenize with `tokenizer` (default: the one
     named in `prior_dir/summary.json`), and write posterior shards with the proxy into `out`.
@@ -117,7 +122,12 @@ def estimate_posterior(data: str | None = None, prior_dir: str | None = None, pr
     Records that carry the teacher's top-k log-probabilities (`bayeskd generate --top-logprobs k`) condition the
     posterior at the positions they cover (`bayeskd.posterior.condition`; the combination chosen for the other
     positions is unchanged), unless `no_evidence`. `evidence_top_k`: use only the k most likely revealed entries
-    per position; `evidence_mode` "evidence_only": the baselines' targets (the revealed entries, a uniform tail)."""
+    per position; `evidence_mode` "evidence_only": the baselines' targets (the revealed entries, a uniform tail).
+
+    A record longer than the proxy's context is refused by name, or with `sliding_window` read in windows of the
+    proxy's context half a window apart, each row from the window that gives it the most context (at least half
+    of it). Windows rather than skipping: every record keeps its targets, so the rows still line up with the
+    data for `distill` and a prior counted on all of it stays valid for leave-one-out."""
     from bayeskd.data import DataError, load_teacher_records, load_tokenizer, tokenize_records
     from bayeskd.priors.base import load_prior
 
@@ -156,7 +166,7 @@ def estimate_posterior(data: str | None = None, prior_dir: str | None = None, pr
     if prior is not None and leave_one_out:
         _check_counted_on(pdir, records)
     tokenized = tokenize_records(records, tok)
-    _check_fits_proxy(proxy, tokenized, data)
+    window = _check_fits_proxy(proxy, tokenized, data, sliding_window)
     want = pconfig.get("tokenizer_fingerprint")
     if want is not None and want != tokenized.fingerprint:
         raise CacheMismatchError(f"{prior_dir}: the prior was estimated with another tokenizer (fingerprint "
@@ -182,7 +192,7 @@ def estimate_posterior(data: str | None = None, prior_dir: str | None = None, pr
         scored = [i for i in scored if i < len(tokenized)]
         why["scored"] = index_ranges(scored)
     post = ProxyPosterior(proxy, dtype=dtype, device=device, batch_size=batch_size, evidence=evidence, top_k=top_k,
-                          proxy_top_k=proxy_top_k, **{**COMBINATION_DEFAULTS, **given})
+                          proxy_top_k=proxy_top_k, window=window, **{**COMBINATION_DEFAULTS, **given})
     if calibrate:
         calibration = {"calibrated": True, **why, "calibrate_on_training_records": calibrate_on_training_records,
                        **_calibrate(post, prior, tokenized, scored)}
@@ -209,7 +219,8 @@ def estimate_posterior(data: str | None = None, prior_dir: str | None = None, pr
     summary["calibration"] = calibration
     summary.update({"data": str(data), "tokenizer": str(tokenizer),
                     "prior_dir": None if prior_dir is None else str(prior_dir),
-                    "skipped_records": int(report.skipped)})
+                    "skipped_records": int(report.skipped),
+                    "records_in_windows": 0 if window is None else int((tokenized.lengths > window).sum())})
     if rank_world()[0] == 0:
         atomic_write_json(Path(out) / "summary.json", summary)
     return summary

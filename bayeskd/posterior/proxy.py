@@ -51,7 +51,9 @@ class ProxyPosterior:
     def __init__(self, proxy, *, dtype: str | torch.dtype = "float32", device: str | torch.device | None = None,
                  batch_size: int = 8, mode: str = "log_linear", a: float = 1.0, b: float = 1.0, c: float = 1.0,
                  w: float = 0.5, evidence: float = 0.0, top_k: int = 64, proxy_top_k: int | None = None,
-                 theta: Theta | None = None):
+                 theta: Theta | None = None, window: int | None = None):
+        """`window`: read records longer than this many tokens (the proxy's context) in sliding windows
+        (`teacher_forcing.record_batches`); None: every record whole."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         # mode "adaptive": `theta` = fit_adaptive's settings, kept as plain JSON (they go into the config)
@@ -62,6 +64,7 @@ class ProxyPosterior:
             raise ValueError(f"proxy_top_k must be a positive integer, got {proxy_top_k!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.window = window
         self.dtype = _torch_dtype(dtype)
         if device is None:
             # one GPU per process under torchrun
@@ -99,6 +102,8 @@ class ProxyPosterior:
                "top_k": self.top_k, "proxy_top_k": self.proxy_top_k}
         if self.theta is not None:  # only then: other modes' configs (and resumable directories) stay as they were
             cfg["theta"] = self.theta
+        if self.window is not None:  # (likewise)
+            cfg["window"] = self.window
         return cfg
 
     def logits_width(self) -> int:
@@ -151,7 +156,7 @@ class ProxyPosterior:
         if teacher_logprob:
             out.extras[TEACHER_LOGPROB] = torch.zeros(N)
         futures: list[Future] = []
-        for rb in record_batches(tokenized, indices, self.batch_size):
+        for rb in record_batches(tokenized, indices, self.batch_size, max_length=self.window):
             logits = self._logits_at(rb)
             if logits.shape[-1] < V:
                 raise ValueError(f"proxy {self.name}: logits width {logits.shape[-1]} is smaller than the "
