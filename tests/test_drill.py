@@ -7,7 +7,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +73,7 @@ def test_sigterm_inside_a_finalizer_still_stops_the_job():
 
 @pytest.mark.drill
 def test_drill_small(tmp_path):
-    seed = int(os.environ.get("DRILL_SEED", np.random.SeedSequence().entropy % 2**32))
+    seed = int(os.environ.get("DRILL_SEED", 15))  # fixed (the benchmark's); DRILL_SEED=N draws other moments
     print(f"drill seed {seed} (replay: DRILL_SEED={seed})")
     report = drill.run_drill(tmp_path / "work", kills=1, sigterm=["estimate-posterior", "gad"],
                              concurrent=["align-proxy"], seed=seed, corrupt=["estimate-posterior"],
