@@ -147,6 +147,12 @@ class SparseDist:
         return self
 
 
+def by_probability(indices: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """Each row's column order [N, K]: descending probability, ties (and listed entries at -inf) in their order,
+    padding last. One stable sort of -logprobs with padding as NaN, which sorts after everything."""
+    return (-logprobs).masked_fill(indices < 0, float("nan")).sort(dim=1, stable=True).indices
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """sha256 of the tokenizer's vocabulary (token -> id), so caches made with another tokenizer are refused."""
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else dict(tokenizer)
@@ -214,13 +220,11 @@ class ShardWriter:
         if self.codec == "compact":
             from bayeskd.codec import encode
 
-            # the codec stores each row's curve in descending order, padding last: a listed entry at -inf (a
-            # revealed probability of 0) ties with padding in value, so the padding flag is the outer sort key
-            _, order = torch.sort(dist.logprobs.float(), dim=1, descending=True, stable=True)
-            pad_last = torch.sort((torch.gather(dist.indices, 1, order) < 0).to(torch.int8), dim=1, stable=True)[1]
-            order = torch.gather(order, 1, pad_last)
-            tensors, params = encode(torch.gather(dist.indices, 1, order), torch.gather(dist.logprobs.float(), 1, order),
-                                     dist.tail, dist.vocab_size)
+            # the codec stores each row's curve in descending order, padding last (also after a listed entry at
+            # -inf, a revealed probability of 0, which ties with padding in value)
+            lp = dist.logprobs.float()
+            order = by_probability(dist.indices, lp)
+            tensors, params = encode(dist.indices.gather(1, order), lp.gather(1, order), dist.tail, dist.vocab_size)
         else:
             tensors = {"indices": dist.indices, "logprobs": dist.logprobs, "tail": dist.tail}
         tensors.update({f"extras.{k}": v for k, v in dist.extras.items()})

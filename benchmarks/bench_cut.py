@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_kernels beside this file, however it is loaded
-from bench_kernels import fmt, liger_losses, peak_cuda, print_table, time_cpu, time_cuda  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py beside this file, however it is loaded
+from timing import fmt, liger_losses, peak_cuda, print_table, time_cpu, time_cuda  # noqa: E402
 
 DEFAULT_SIZES = [(n, h, v, k) for n in (4096, 8192, 16384) for h in (2048, 4096) for v in (32000, 151936)
                  for k in (16, 64)]

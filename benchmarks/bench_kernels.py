@@ -23,14 +23,15 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py beside this file, however it is loaded
+from timing import liger_losses, peak_cuda, print_table, time_cpu, time_cuda  # noqa: E402
 
 DEFAULT_SIZES = [(n, v, k) for n in (1024, 4096, 16384) for v in (32000, 151936) for k in (16, 64, 128)]
 QUICK_SIZES = [(256, 32000, 16), (1024, 32000, 64), (1024, 151936, 128)]
@@ -117,14 +118,6 @@ def run_dense_given(logits, P, T=1.0):
     return x.grad
 
 
-def liger_losses():
-    try:
-        from liger_kernel.transformers import LigerJSD, LigerKLDIVLoss
-    except Exception:  # noqa: BLE001 - any import problem means "not installed" for this report
-        return None
-    return {"liger_kl": LigerKLDIVLoss(reduction="sum"), "liger_jsd": LigerJSD(beta=0.5)}
-
-
 def run_liger(loss_fn, name, logits, P):
     x = logits.detach().requires_grad_()
     logq = F.log_softmax(x.float(), dim=1)
@@ -134,35 +127,6 @@ def run_liger(loss_fn, name, logits, P):
         loss = loss_fn(logq, P.clamp(min=1e-30).log())
     loss.backward()
     return x.grad
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# measurement
-def time_cuda(fn) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median"))
-
-
-def time_cpu(fn, reps: int = 3) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
-
-
-def peak_cuda(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    del out
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def copy_bandwidth_gbs() -> float:
@@ -337,16 +301,6 @@ def run_dense_loss_only(z, prior, v):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def fmt(x):
-    return f"{x:.2f}" if isinstance(x, float) else str(x if x is not None else "-")
-
-
-def print_table(rows, cols):
-    print(" | ".join(f"{c:>14}" for c in cols))
-    for r in rows:
-        print(" | ".join(f"{fmt(r.get(c)):>14}" for c in cols))
-
-
 def plot(rows, path: Path) -> None:
     import matplotlib
 
@@ -374,7 +328,6 @@ def plot(rows, path: Path) -> None:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--cut" in argv:  # lm_head + loss without logits: benchmarks/bench_cut.py with the other arguments
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         import bench_cut
 
         return bench_cut.main([a for a in argv if a != "--cut"])

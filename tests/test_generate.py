@@ -258,13 +258,12 @@ def test_clear_errors_for_a_wrong_setup(server, teacher_dir, tmp_path, monkeypat
         _gen(prompts, tmp_path / "e.jsonl", None, top_logprobs=21)
 
 
-def test_malformed_json_timeouts_and_empty_answers(tmp_path):
-    """A stub server: the first answer to each prompt is broken JSON or too slow, and prompt 2 always gets an
-    empty answer; the broken ones are retried, the empty one is listed in t.empty.jsonl, nothing is lost."""
+def _stub_chat_app(answer):
+    """A stub OpenAI-compatible chat server (FastAPI, for `running_app`) and the count of requests per prompt text.
+    `await answer(text, n, times)` (times: this request's count for the text) returns the n answer texts, or a
+    response of its own (a failure)."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response
-
-    from bayeskd.teachers.server import running_app
+    from fastapi.responses import JSONResponse
 
     seen: dict[str, int] = {}
     app = FastAPI()
@@ -278,15 +277,32 @@ def test_malformed_json_timeouts_and_empty_answers(tmp_path):
         body = await req.json()
         text = body["messages"][-1]["content"]
         seen[text] = seen.get(text, 0) + 1
-        if seen[text] == 1 and text.endswith("0"):
-            return Response('{"id": "x", "choices": [', media_type="application/json")  # malformed
-        if seen[text] == 1 and text.endswith("1"):
-            await asyncio.sleep(2.0)  # past the client's timeout
-        answer = " \n" if text.endswith("2") else f"answer to {text}"  # whitespace only: empty
+        out = await answer(text, body.get("n", 1), seen[text])
+        if not isinstance(out, list):
+            return out
+        choices = [{"index": i, "message": {"role": "assistant", "content": a}, "finish_reason": "stop"}
+                   for i, a in enumerate(out)]
         return JSONResponse({"id": "x", "object": "chat.completion", "created": 0, "model": "stub",
-                             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
-                                          "finish_reason": "stop"}],
+                             "choices": choices,
                              "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
+
+    return app, seen
+
+def test_malformed_json_timeouts_and_empty_answers(tmp_path):
+    """A stub server: the first answer to each prompt is broken JSON or too slow, and prompt 2 always gets an
+    empty answer; the broken ones are retried, the empty one is listed in t.empty.jsonl, nothing is lost."""
+    from fastapi.responses import Response
+
+    from bayeskd.teachers.server import running_app
+
+    async def answer(text: str, n: int, times: int):
+        if times == 1 and text.endswith("0"):
+            return Response('{"id": "x", "choices": [', media_type="application/json")  # malformed
+        if times == 1 and text.endswith("1"):
+            await asyncio.sleep(2.0)  # past the client's timeout
+        return [" \n" if text.endswith("2") else f"answer to {text}"]  # whitespace only: empty
+
+    app, seen = _stub_chat_app(answer)
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(4)))
@@ -315,32 +331,19 @@ def test_repeated_prompts_are_asked_once_and_the_summary_adds_up(tmp_path, caplo
     in the summary, and `complete` only when every expected record is there."""
     import logging
 
-    from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
     from bayeskd.teachers.generate import generate
     from bayeskd.teachers.server import running_app
 
-    seen: dict[str, int] = {}
     broken: set[str] = set()
-    app = FastAPI()
 
-    @app.get("/health")
-    def health():
-        return {"ok": True}
-
-    @app.post("/v1/chat/completions")
-    async def chat(req: Request):
-        body = await req.json()
-        text = body["messages"][-1]["content"]
-        seen[text] = seen.get(text, 0) + 1
+    async def answer(text: str, n: int, times: int):
         if text in broken:
             return JSONResponse({"error": {"message": "down for this one"}}, status_code=500)
-        choices = [{"index": i, "message": {"role": "assistant", "content": f"answer {i} to {text}"},
-                    "finish_reason": "stop"} for i in range(body["n"])]
-        return JSONResponse({"id": "x", "object": "chat.completion", "created": 0, "model": "stub",
-                             "choices": choices,
-                             "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
+        return [f"answer {i} to {text}" for i in range(n)]
+
+    app, seen = _stub_chat_app(answer)
 
     texts = [f"question {j}" for j in range(8)] + ["question 0", "question 3", "question 3", "question 5"]
     prompts = tmp_path / "p.jsonl"

@@ -150,18 +150,19 @@ def split_corpus(docs: Sequence[str], n_prompts: int, seed: int) -> tuple[list[s
     pairs = [split_prompt_response(d) for d in docs]
     order = np.random.default_rng(seed).permutation(len(docs))
     held: set[int] = set()
+    held_prompts: set[str] = set()
     records: list[dict] = []
     for i in order:
         if len(held) >= n_prompts:
             break
         pair = pairs[i]
-        if pair is not None and pair[0] not in {r["prompt"] for r in records}:
+        if pair is not None and pair[0] not in held_prompts:
             held.add(int(i))
+            held_prompts.add(pair[0])
             records.append({"prompt": pair[0], "response": pair[1]})
     if len(held) < n_prompts:
         raise LabError(f"the corpus has only {len(held)} documents with distinct prompts that split into "
                        f"prompt/response, {n_prompts} asked")
-    held_prompts = {r["prompt"] for r in records}
     rest = [d for i, d in enumerate(docs)
             if i not in held and (pairs[i] is None or pairs[i][0] not in held_prompts)]
     return rest[0::2], rest[1::2], records
@@ -262,6 +263,15 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def _built_by_older_version(have: dict[str, Any], want: dict[str, Any], base: Path) -> bool:
+    """The same preset built by an older bayeskd (another corpus split): a stale cache, rebuilt with a note."""
+    older = have.get("preset") == want["preset"] and (have.get("version") or 0) < LAB_VERSION
+    if older:
+        print(f"[lab] {base} was built by an older bayeskd (lab version {have.get('version')}, now "
+              f"{LAB_VERSION}); rebuilding it")
+    return older
+
+
 def build_lab(root: str | os.PathLike, preset: str | LabPreset = "tiny", force: bool = False,
               progress: bool = True) -> dict[str, str]:
     """Build (or reuse) the lab for `preset` under `root/<preset name>`; returns its paths.
@@ -282,10 +292,7 @@ def build_lab(root: str | os.PathLike, preset: str | LabPreset = "tiny", force: 
         have = read_manifest(manifest_path)
         if {"version": have.get("version"), "preset": have.get("preset")} == want and not force:
             return paths
-        older = have.get("preset") == want["preset"] and (have.get("version") or 0) < LAB_VERSION
-        if older:  # the same preset built by an older bayeskd (another corpus split): a cache, rebuilt
-            print(f"[lab] {base} was built by an older bayeskd (lab version {have.get('version')}, now "
-                  f"{LAB_VERSION}); rebuilding it")
+        older = _built_by_older_version(have, want, base)
         if not force and not older:
             raise LabError(f"{base} holds a lab built with another config (version {have.get('version')}, "
                            f"preset {have.get('preset')}); pass force=True to rebuild it, or use another root")
@@ -343,7 +350,7 @@ def _build_sharp_lab(root: str | os.PathLike, cfg: SharpLabPreset, force: bool, 
         have = read_manifest(manifest_path)
         if {k: have.get(k) for k in want} == want and not force:
             return paths
-        older = have.get("preset") == want["preset"] and (have.get("version") or 0) < LAB_VERSION
+        older = _built_by_older_version(have, want, base)
         if not force and not older:
             raise LabError(f"{base} holds a sharp lab made with another config or from another {cfg.base!r} teacher; "
                            "pass force=True to remake it, or delete it")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from bayeskd.posterior.combine import NEG_INF, _check_dist
-from bayeskd.sparse import SparseDist
+from bayeskd.sparse import SparseDist, by_probability
 
 __all__ = ["condition", "evidence_only", "apply_evidence", "MASS_TOL"]
 
@@ -101,7 +101,7 @@ def _match(keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
 def _sorted_topk(idx: torch.Tensor, lp: torch.Tensor, tail: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
     """Entries sorted by probability (combine's order: one stable sort, unused slots last), the first `k` kept and
     the rest added to the tail, or padded with -1 / -inf up to `k`."""
-    order = (-lp).masked_fill(idx < 0, float("nan")).sort(dim=1, stable=True).indices
+    order = by_probability(idx, lp)
     idx, lp = idx.gather(1, order), lp.gather(1, order)
     if k < idx.shape[1]:
         tail = tail + lp[:, k:].to(_F64).exp().sum(dim=1).to(tail.dtype)  # dropped entries join the tail

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from bayeskd.sparse import SparseDist
+from bayeskd.sparse import SparseDist, by_probability
 
 
 def _unlisted(indices: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -35,9 +35,8 @@ def sample_targets(dist: SparseDist, samples: int, keep_top: int = 0,
     keep_top = min(keep_top, k)
     # the kept head is the first keep_top columns once each row is sorted by descending probability (padding
     # last): SparseDist rows need not come sorted, and sorting costs little next to the draws
-    lp = dist.logprobs.double().masked_fill(dist.indices < 0, float("-inf"))
-    by_p = torch.argsort(lp, dim=1, descending=True, stable=True)
-    indices, lp = torch.gather(dist.indices, 1, by_p), torch.gather(lp, 1, by_p)
+    by_p = by_probability(dist.indices, dist.logprobs)
+    indices, lp = dist.indices.gather(1, by_p), dist.logprobs.double().gather(1, by_p)
     listed = indices >= 0
     probs = torch.where(listed, lp.exp(), torch.zeros((), dtype=torch.float64))
     head_p = probs[:, :keep_top]
