@@ -121,6 +121,10 @@ def main() -> None:
 @click.option("--system", default=None, help="System message put before each prompt.")
 @click.option("--top-logprobs", default=0, show_default=True, type=click.IntRange(0),
               help="Top-k log-probabilities per generated token (0: text only; OpenAI allows at most 20).")
+@click.option("--teacher-tokenizer", default=None, metavar="PATH_OR_HF_NAME",
+              help="The teacher's tokenizer, for APIs that do not report it: its fingerprint goes into the records, "
+              "so a student with this tokenizer keeps the teacher's tokens and uses its log-probabilities exactly "
+              "(records without one: unknown tokenizer, re-tokenized, lower bounds). serve-teacher reports its own.")
 @click.option("--api-key-env", default="OPENAI_API_KEY", show_default=True,
               help="Environment variable holding the API key (the key is never written anywhere).")
 @click.option("--concurrency", default=8, show_default=True, type=click.IntRange(1))

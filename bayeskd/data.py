@@ -1,7 +1,8 @@
 """Teacher data: load prompt/response records (JSONL, Parquet, saved HF datasets) and tokenize them.
 
 A record is either `{"prompt": str, "response": str}` or chat `{"messages": [{"role", "content"}, ...]}` whose
-last message is the assistant's (the response; everything before it is the prompt). Bad input raises
+last message is the assistant's (the response; everything before it is the prompt); a record with the teacher's
+`logprobs` may say which tokenizer they are in (`teacher_tokenizer`, see `same_tokenizer`). Bad input raises
 `DataError` naming the file and the line (JSONL, 1-based) or row (Parquet / datasets, 0-based) and the field.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+TEACHER_TOKENIZER = "teacher_tokenizer"  # record field: the fingerprint of the tokenizer its `logprobs` are in
 MAX_REASONS = 5  # how many skip reasons a report keeps
 
 
@@ -262,6 +264,8 @@ class TokenizeReport:
     response_tokens_dropped: int = 0
     teacher_tokens: int = 0  # records whose response tokens are the teacher's own (from its logprobs' bytes)
     noncanonical: int = 0  # of those, records the tokenizer would have tokenized otherwise
+    no_fingerprint: int = 0  # records with logprobs that do not say their tokenizer: re-tokenized
+    other_fingerprint: int = 0  # records with logprobs of another tokenizer: re-tokenized
     no_eos: int = 0  # records cut off (finish_reason "length", ...): no EOS appended
 
     def to_dict(self) -> dict[str, int]:
@@ -346,10 +350,19 @@ def render_prompt(record: dict[str, Any], tokenizer) -> str:
     return tokenizer.apply_chat_template(record["messages"][:-1], add_generation_prompt=True, tokenize=False)
 
 
+def same_tokenizer(record: dict[str, Any], fingerprint: str) -> bool:
+    """Whether a record's `logprobs` are tokens of the tokenizer with this fingerprint (its `teacher_tokenizer`
+    field, `bayeskd.sparse.tokenizer_fingerprint`). A record without the field is of an unknown tokenizer, so not
+    this one, whatever its tokens look like: a tokenizer whose vocabulary contains the teacher's pieces may still
+    split text otherwise, so only the fingerprint (the same vocabulary) makes the teacher's splits ones the
+    student would produce."""
+    return record.get(TEACHER_TOKENIZER) == fingerprint
+
+
 def _teacher_ids(rec: dict[str, Any], response: str, id_of: dict[bytes, int]) -> list[int] | None:
     """The teacher's own tokens of a record, as student ids, when its `logprobs` spell the response (exactly, or
-    but for partial characters) and every token is one student token (the same tokenizer); None otherwise (then
-    the text is re-tokenized)."""
+    but for partial characters) and every token is one student token; None otherwise (then the text is
+    re-tokenized). Callers ask only for records of the student's tokenizer (`same_tokenizer`)."""
     lps = rec.get("logprobs")
     if not isinstance(lps, list):
         return None
@@ -371,9 +384,14 @@ def tokenize_records(records: list[dict[str, Any]], tokenizer, max_length: int |
     The observed tokens must be the teacher's own (they are samples of the distribution every stage estimates):
     - Prompt and response are tokenized separately and concatenated, as the teacher saw its prompt and
       generated after it (a merge across the boundary is never formed).
-    - `teacher_tokens`: a record whose `logprobs` (from `generate --top-logprobs`) spell the response exactly in
-      tokens of this tokenizer keeps the teacher's tokens, also where the teacher sampled a split the tokenizer
-      would not make (re-tokenizing would put tokens the teacher never produced in its place).
+    - `teacher_tokens`: a record whose `logprobs` (from `generate --top-logprobs`) are of this tokenizer (its
+      `teacher_tokenizer` fingerprint is this one's, `same_tokenizer`) and spell the response keeps the teacher's
+      tokens, also where the teacher sampled a split the tokenizer would not make (re-tokenizing would put tokens
+      the teacher never produced in its place). A record of another tokenizer, or one that does not say (an
+      unknown tokenizer: `generate --teacher-tokenizer` names it for APIs that do not report it), is
+      re-tokenized, even when its pieces all are tokens of this vocabulary, and its evidence is mapped as lower
+      bounds (`bayeskd.posterior.evidence`); both are counted in the report (`no_fingerprint`,
+      `other_fingerprint`), the first with a warning.
     - EOS (with `add_eos`) only ends a response that ended itself: `finish_reason` absent, "stop" (or "eos",
       "eos_token", "end_turn"); one cut off by the length limit ("length") or otherwise gets none.
     - `prompt`/`response` records: the prompt gets the tokenizer's special tokens (e.g. BOS), as
@@ -408,12 +426,21 @@ def tokenize_records(records: list[dict[str, Any]], tokenizer, max_length: int |
 
     report = TokenizeReport(records=len(records))
     fingerprint = tokenizer_fingerprint(tokenizer)
-    if teacher_tokens and any("logprobs" in r for r in records):
+    with_logprobs = [r for r in records if r.get("logprobs") is not None]
+    report.no_fingerprint = sum(r.get(TEACHER_TOKENIZER) is None for r in with_logprobs)
+    report.other_fingerprint = len(with_logprobs) - report.no_fingerprint - sum(
+        same_tokenizer(r, fingerprint) for r in with_logprobs)
+    if report.no_fingerprint:
+        logger.warning("%d of %d records with logprobs do not say which tokenizer produced them ('%s'): their "
+                       "tokens are re-tokenized and their log-probabilities used as lower bounds. If the teacher's "
+                       "tokenizer is the student's, name it: generate --teacher-tokenizer PATH_OR_NAME",
+                       report.no_fingerprint, len(with_logprobs), TEACHER_TOKENIZER)
+    if teacher_tokens and len(with_logprobs) > report.no_fingerprint + report.other_fingerprint:
         from bayeskd.token_bytes import cached_bytes_to_id
 
         id_of = cached_bytes_to_id(tokenizer, fingerprint)
         for i, rec in enumerate(records):
-            own = _teacher_ids(rec, responses[i], id_of)
+            own = _teacher_ids(rec, responses[i], id_of) if same_tokenizer(rec, fingerprint) else None
             if own is not None:
                 report.teacher_tokens += 1
                 report.noncanonical += own != response_ids[i]

@@ -15,6 +15,7 @@ LOGPROB_TOL = 1e-6  # as bayeskd.posterior.evidence: a log-probability may excee
 # A JSON escape of a UTF-16 surrogate: the only way invalid Unicode gets into a parsed str (a lone one cannot be
 # encoded as UTF-8, so it would fail later, in tokenizers, fingerprints or written outputs).
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+FINGERPRINT = re.compile(r"[0-9a-f]{64}")  # bayeskd.sparse.tokenizer_fingerprint: a sha256 in hex
 
 
 class _BadRecord(Exception):
@@ -133,6 +134,10 @@ def normalize_record(rec: Any) -> dict[str, Any]:
         raise _BadRecord(f"field 'finish_reason' must be a string or null, got {_type_name(finish)}")
     if "logprobs" in out:
         check_logprobs(out["logprobs"])
+    fp = out.get("teacher_tokenizer")
+    if fp is not None and not (isinstance(fp, str) and FINGERPRINT.fullmatch(fp)):  # a name would silently mismatch
+        raise _BadRecord(f"field 'teacher_tokenizer' must be a tokenizer fingerprint (64 hex digits, as bayeskd."
+                         f"tokenizer_fingerprint computes and generate --teacher-tokenizer writes), got {fp!r:.70}")
     if out.get("messages") is not None:
         out["messages"] = _check_messages(out["messages"])
         _check_response(out["messages"][-1]["content"], finish,

@@ -17,6 +17,7 @@ from conftest import is_utf8, save_tiny_llama
 from bayeskd.corpus import embedded_corpus, train_bpe_tokenizer
 from bayeskd.data import DataError, tokenize_records
 from bayeskd.posterior.evidence import Evidence, StudentVocab, evidence_rows
+from bayeskd.sparse import tokenizer_fingerprint
 from bayeskd.teacher_forcing import target_logprobs, target_row_layout
 from bayeskd.teachers.hf import HFTeacher
 from bayeskd.token_bytes import token_bytes_table
@@ -45,21 +46,23 @@ def teacher(tmp_path_factory, tiny_tokenizer) -> HFTeacher:
     return HFTeacher(path, device="cpu")
 
 
-def _record(gen, j: int, **where) -> dict:
-    """A record as `bayeskd generate` writes it."""
-    return {"id": f"r{j}", **where, "finish_reason": gen.finish_reason, "logprobs": [t.to_json() for t in gen.tokens]}
+def _record(gen, j: int, fingerprint: str, **where) -> dict:
+    """A record as `bayeskd generate` writes it (with the teacher's tokenizer fingerprint, as the hf backend and
+    serve-teacher report it)."""
+    return {"id": f"r{j}", **where, "finish_reason": gen.finish_reason, "teacher_tokenizer": fingerprint,
+            "logprobs": [t.to_json() for t in gen.tokens]}
 
 
 @pytest.fixture(scope="module")
 def records(teacher) -> list[dict]:
-    out = []
+    out, fp = [], tokenizer_fingerprint(teacher.tokenizer)
     for s, p in enumerate(PROMPTS):
         for g in teacher.complete(prompt=p, n=2, max_tokens=8, top_logprobs=K, logprobs=True, seed=s):
             if g.text:  # generate puts empty answers aside
-                out.append(_record(g, len(out), prompt=p, response=g.text))
+                out.append(_record(g, len(out), fp, prompt=p, response=g.text))
     chat = [{"role": "user", "content": "What is a path?"}]
     for g in teacher.complete(messages=chat, n=2, max_tokens=8, top_logprobs=K, logprobs=True, seed=99):
-        out.append(_record(g, len(out), messages=chat + [{"role": "assistant", "content": g.text}]))
+        out.append(_record(g, len(out), fp, messages=chat + [{"role": "assistant", "content": g.text}]))
     return out
 
 
@@ -291,7 +294,8 @@ def test_sentencepiece_leading_space():
             "top_logprobs": [{"token": "x", "bytes": list(table[t]), "logprob": math.log(0.5)}] +
                             [{"token": "y", "bytes": list(table[a]), "logprob": math.log(0.1)} for a in alts if a != t]}
            for t in ids]
-    rec = {"prompt": "Say:", "response": text, "finish_reason": "stop", "logprobs": lps}
+    rec = {"prompt": "Say:", "response": text, "finish_reason": "stop", "teacher_tokenizer": tokenizer_fingerprint(tok),
+           "logprobs": lps}
     ev, report = evidence_rows([rec], tokenize_records([rec], tok), tok)
     assert report["records_same_tokenizer"] == 1 and report["rows_exact"] == len(ids)  # every row but EOS
     for j, t in enumerate(ids):
@@ -413,7 +417,8 @@ def test_a_broken_character_ends_the_evidence(tiny_tokenizer):
     lps = [{"token": "t", "bytes": list(b), "logprob": math.log(0.2),
             "top_logprobs": [{"token": "t", "bytes": list(b), "logprob": math.log(0.2)},
                              {"token": "u", "bytes": list(b"zz"), "logprob": math.log(0.1)}]} for b in pieces]
-    rec = {"prompt": "x", "response": "ab\ufffdcdef", "finish_reason": "length", "logprobs": lps}
+    rec = {"prompt": "x", "response": "ab\ufffdcdef", "finish_reason": "length",
+           "teacher_tokenizer": tokenizer_fingerprint(tiny_tokenizer), "logprobs": lps}
     tokenized = tokenize_records([rec], tiny_tokenizer, teacher_tokens=False)  # the text re-tokenized
     ev, report = evidence_rows([rec], tokenized, tiny_tokenizer)
     table = token_bytes_table(tiny_tokenizer)

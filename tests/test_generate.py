@@ -282,6 +282,11 @@ def _stub_chat_app(answer):
             return out
         choices = [{"index": i, "message": {"role": "assistant", "content": a}, "finish_reason": "stop"}
                    for i, a in enumerate(out)]
+        if body.get("logprobs"):  # one token per character, as an API without a tokenizer report sends them
+            for c, a in zip(choices, out):
+                c["logprobs"] = {"content": [{"token": ch, "bytes": list(ch.encode()), "logprob": -0.1,
+                                              "top_logprobs": [{"token": ch, "bytes": list(ch.encode()),
+                                                                "logprob": -0.1}]} for ch in a]}
         return JSONResponse({"id": "x", "object": "chat.completion", "created": 0, "model": "stub",
                              "choices": choices,
                              "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
@@ -403,3 +408,101 @@ def test_cli_generate_names_a_bad_prompt_line(tmp_path):
     res = CliRunner().invoke(main, ["generate", "--prompts", str(bad), "--out", str(tmp_path / "t.jsonl"),
                                     "--model", "m", "--base-url", "http://127.0.0.1:9/v1"])
     assert res.exit_code != 0 and "p.jsonl:2" in res.output and "'prompt' must be a string" in res.output
+
+
+# ---------------------------------------------------------------------------------------------------- teacher tokenizer
+
+def test_serve_teacher_reports_its_tokenizer_and_generate_writes_it(server, teacher_dir, tiny_tokenizer, tmp_path):
+    """Issue 27 item 3: serve-teacher sends its tokenizer's fingerprint (`bayeskd_tokenizer`, beside the OpenAI
+    fields); generate writes it into every record with logprobs (over HTTP and with the local backend), so a
+    student with that tokenizer keeps the teacher's own tokens."""
+    import httpx
+
+    from bayeskd.data import load_teacher_records, tokenize_records
+    from bayeskd.sparse import tokenizer_fingerprint
+    from bayeskd.teachers.generate import generate
+
+    fp = tokenizer_fingerprint(tiny_tokenizer)
+    for path, body in (("chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                       ("completions", {"prompt": "hi"})):
+        r = httpx.post(f"{server}/{path}", json={"model": "teacher", "max_tokens": 2, **body}, timeout=60)
+        assert r.status_code == 200 and r.json()["bayeskd_tokenizer"] == fp
+    prompts = _prompts(tmp_path / "p.jsonl")
+    s = _gen(prompts, tmp_path / "t.jsonl", server, n=2, top_logprobs=2, seed=5)
+    assert s["complete"] and s["teacher_tokenizer"] == fp
+    records, _ = load_teacher_records(tmp_path / "t.jsonl")
+    assert records and all(r["teacher_tokenizer"] == fp for r in records)
+    report = tokenize_records(records, tiny_tokenizer).report
+    assert report.no_fingerprint == report.other_fingerprint == 0 and report.teacher_tokens > 0
+    plain = _prompts(tmp_path / "plain.jsonl", n=2, chat=False)
+    _gen(plain, tmp_path / "c.jsonl", server, endpoint="completions", top_logprobs=1, seed=5)
+    generate(str(plain), str(tmp_path / "hf.jsonl"), model=teacher_dir, backend="hf", endpoint="completions",
+             top_logprobs=1, seed=5, max_tokens=8, progress=False)
+    for out in ("c.jsonl", "hf.jsonl"):  # the completions endpoint, and the local backend without a server
+        assert {json.loads(x).get("teacher_tokenizer") for x in (tmp_path / out).read_text().splitlines()} == {fp}
+    text = _gen(prompts, tmp_path / "text.jsonl", server, seed=5)  # no logprobs: nothing for a tokenizer to name
+    assert text["teacher_tokenizer"] is None
+    assert not any("teacher_tokenizer" in json.loads(x) for x in (tmp_path / "text.jsonl").read_text().splitlines())
+
+
+def test_teacher_tokenizer_names_the_tokenizer_of_an_api_teacher(server, tiny_tokenizer, tiny_tokenizer_dir, tmp_path,
+                                                                 caplog):
+    """An API (a stub here) reports no tokenizer: its records carry none, so their tokenizer is unknown (students
+    re-tokenize them, with a warning), unless `generate --teacher-tokenizer` names it. An output holds the logprobs
+    of one tokenizer: resuming with another (or none) is refused, before any request where the name says it; a
+    name the teacher contradicts is refused too."""
+    import logging
+
+    from click.testing import CliRunner
+    from transformers import AutoTokenizer
+
+    from bayeskd.cli import main
+    from bayeskd.data import load_teacher_records, tokenize_records
+    from bayeskd.sparse import tokenizer_fingerprint
+    from bayeskd.teachers.generate import GenerateError, generate
+    from bayeskd.teachers.server import running_app
+
+    async def answer(text: str, n: int, times: int):
+        return [f"answer {i} to {text}" for i in range(n)]
+
+    app, seen = _stub_chat_app(answer)
+    fp = tokenizer_fingerprint(tiny_tokenizer)
+    bigger = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)  # the student's vocabulary and one token more
+    bigger.add_tokens(["<tool>"])
+    bigger.save_pretrained(tmp_path / "bigger")
+    assert tokenizer_fingerprint(bigger) != fp
+    few, more = _prompts(tmp_path / "few.jsonl", n=2, chat=False), _prompts(tmp_path / "more.jsonl", n=3, chat=False)
+    unnamed, named = tmp_path / "unnamed.jsonl", tmp_path / "named.jsonl"
+    kw = dict(model="stub", top_logprobs=1, progress=False, backoff=0.01)
+    with running_app(app) as url:
+        s = generate(str(few), str(unnamed), base_url=f"{url}/v1", **kw)
+        assert s["complete"] and s["teacher_tokenizer"] is None
+        records, _ = load_teacher_records(unnamed)
+        assert all("logprobs" in r and "teacher_tokenizer" not in r for r in records)
+        with caplog.at_level(logging.WARNING, logger="bayeskd.data"):
+            report = tokenize_records(records, tiny_tokenizer).report
+        assert (report.no_fingerprint, report.teacher_tokens) == (2, 0)
+        assert sum("generate --teacher-tokenizer" in m for m in caplog.messages) == 1
+        res = CliRunner().invoke(main, ["generate", "--prompts", str(few), "--out", str(named), "--model", "stub",
+                                        "--base-url", f"{url}/v1", "--top-logprobs", "1", "--quiet",
+                                        "--teacher-tokenizer", tiny_tokenizer_dir])
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.output)["teacher_tokenizer"] == fp
+        records, _ = load_teacher_records(named)
+        assert len(records) == 2 and all(r["teacher_tokenizer"] == fp for r in records)
+        assert tokenize_records(records, tiny_tokenizer).report.teacher_tokens == 2
+        asked = sum(seen.values())
+        for out, name, why in ((named, str(tmp_path / "bigger"), f"of tokenizer {fp[:12]}"),
+                               (unnamed, tiny_tokenizer_dir, "of an unnamed tokenizer")):
+            with pytest.raises(GenerateError, match=f"holds records whose logprobs are {why}.*another --out"):
+                generate(str(more), str(out), base_url=f"{url}/v1", teacher_tokenizer=name, **kw)
+        assert sum(seen.values()) == asked  # refused before any request
+        before = named.read_bytes()
+        with pytest.raises(GenerateError, match="this run's are of an unnamed tokenizer"):
+            generate(str(more), str(named), base_url=f"{url}/v1", **kw)  # known only from the answer
+        assert named.read_bytes() == before  # nothing of it written
+        again = generate(str(more), str(named), base_url=f"{url}/v1", teacher_tokenizer=tiny_tokenizer_dir, **kw)
+        assert again["complete"] and again["records_written"] == 1 and again["teacher_tokenizer"] == fp
+    with pytest.raises(GenerateError, match="the teacher reports"):  # serve-teacher knows its own tokenizer
+        _gen(few, tmp_path / "served.jsonl", server, top_logprobs=1, teacher_tokenizer=str(tmp_path / "bigger"))
+    assert not (tmp_path / "served.jsonl").exists() or not (tmp_path / "served.jsonl").read_text()

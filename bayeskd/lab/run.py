@@ -356,6 +356,7 @@ def _students(paths, run: Path, cfg: LabRunConfig, tok, progress: bool, log) -> 
 
 DATA_SETTINGS = ("samples_per_prompt", "max_prompts", "max_new_tokens", "temperature", "order", "top_k",
                  "top_logprobs", "keep_empty")
+RECORDS_VERSION = 2  # 2: records name the tokenizer of their log-probabilities (older ones read as another's)
 ALIGN_SETTINGS = ("align", "align_sft_epochs", "align_rounds", "align_lr", "dpo_lr", "batch_size")
 DERIVED = (POSTERIOR_DIR, TEXT_DIR, BUCKET_DIR, K5_DIR, "proxy_targets", "students", "cross")  # depend on every training setting
 
@@ -365,7 +366,8 @@ def _check_stamps(run: Path, cfg: LabRunConfig, force: bool) -> None:
     (or redone with `force`). The aligned proxy depends on ALIGN_SETTINGS, the other trained models on every
     setting (seeds and methods aside): when those change, what depends on them is retrained."""
     settings = {k: v for k, v in cfg.to_dict().items() if k not in ("seeds", "methods", "cross_tokenizer")}
-    check_stamp(run / "run.json", {k: settings[k] for k in DATA_SETTINGS}, what="a lab run",
+    check_stamp(run / "run.json", {**{k: settings[k] for k in DATA_SETTINGS}, "records": RECORDS_VERSION},
+                what="a lab run",
                 hint="pass force to redo it", error_cls=LabError, force=force)
     train_stamp = run / "train.json"
     have = read_stamp(train_stamp)

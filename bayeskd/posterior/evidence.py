@@ -3,12 +3,13 @@ logprob and top-k alternatives) say about each target row, as sparse (student to
 
 Teacher and student tokens are aligned by byte offsets in the response: a row gets evidence only where its token
 starts where a teacher token starts and the text before it is what the teacher saw. Exact entries (`lower`
-False): the earlier teacher tokens are the student's one to one (checked per record and position, not assumed)
-and every token listed at the record's aligned positions is a student token, so both contexts are one token
-sequence; the top list plus the sampled token map by their bytes. Otherwise (another tokenizer, or past a
-sampled non-canonical tokenization) each alternative goes to the first token of the student's own tokenization
-of its bytes, masses landing on one token summed, as lower bounds (`lower` True; the student may split it
-otherwise inside longer text, so this is the issue's approximation, not a theorem). Rows stay empty at EOS (the
+False): the record's `teacher_tokenizer` fingerprint is the student tokenizer's (`data.same_tokenizer`: none is
+an unknown tokenizer, not this one), the earlier teacher tokens are the student's one to one (checked per record
+and position) and every token listed at the aligned positions is a student token, so both contexts are one token
+sequence; the top list plus the sampled token map by their bytes. Otherwise (another or an unknown tokenizer, or
+past a sampled non-canonical tokenization) each alternative goes to the first token of the student's tokenization
+of its bytes, masses on one token summed, as lower bounds (`lower` True; the student may split it otherwise
+inside longer text, so this is the issue's approximation, not a theorem). Rows stay empty at EOS (the
 teacher's stop step is not in its logprobs), in records without logprobs, past the point where the student's
 context stops being the teacher's (U+FFFD in the text for a partial UTF-8 character, a special token), and where
 no start coincides. None or -9999 means "not in the top k", never a probability. Malformed logprobs raise
@@ -21,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bayeskd.data import DataError
+from bayeskd.data import DataError, same_tokenizer
 from bayeskd.sparse import tokenizer_fingerprint
 from bayeskd.teacher_forcing import target_row_layout
 from bayeskd.token_bytes import cached_bytes_to_id, token_bytes_table
@@ -356,11 +357,10 @@ def evidence_rows(records: Sequence[dict[str, Any]], tokenized, tokenizer, indic
     `logprobs`; `tokenized` = `tokenize_records(records, tokenizer, ...)` with the student's `tokenizer`.
     `top_k`: only the first top_k alternatives of each position (plus the sampled token's logprob, which APIs
     always return): an API that revealed fewer. `vocab`: a `StudentVocab(tokenizer)` reused across calls.
-    `allow_exact=False`: every entry a lower bound (a teacher known to tokenize otherwise, whatever a record looks
-    like). Report: rows, rows_with_evidence, rows_exact, share_with_evidence (of all rows), rows_with_logprobs and
-    share_in_logprob_records (rows of records with logprobs), records, records_with_logprobs,
-    records_same_tokenizer (every aligned position exact), records_cross_tokenizer, teacher_tokens,
-    teacher_tokens_used, mean_mass (over rows with evidence)."""
+    `allow_exact=False`: every entry a lower bound, also in records of the student's tokenizer. Report: rows,
+    rows_with_evidence, rows_exact, share_with_evidence (of all rows), rows_with_logprobs, share_in_logprob_records
+    (rows of records with logprobs), records, records_with_logprobs, records_same_tokenizer (every aligned position
+    exact), records_cross_tokenizer, teacher_tokens, teacher_tokens_used, mean_mass (over rows with evidence)."""
     if top_k is not None and top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
     if len(records) != len(tokenized):
@@ -384,7 +384,7 @@ def evidence_rows(records: Sequence[dict[str, Any]], tokenized, tokenizer, indic
         s_bytes = [vocab.table[x] for x in response_ids.tolist()]
         text = (rec["messages"][-1]["content"] if "messages" in rec else rec["response"]).encode()
         sj, tj, exact = _align(t_bytes, text, rec.get("finish_reason"), s_bytes, name)
-        pairs.append((base + tj, offsets[q] + sj, exact & allow_exact))
+        pairs.append((base + tj, offsets[q] + sj, exact & (allow_exact and same_tokenizer(rec, vocab.fingerprint))))
         rows_with_logprobs += int(offsets[q + 1] - offsets[q])
     row_of = np.full(teacher.n, -1, np.int64)  # teacher position -> its target row, -1: not aligned
     exact = np.zeros(teacher.n, bool)

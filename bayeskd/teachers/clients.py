@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bayeskd.data import DataError
+from bayeskd.record_checks import FINGERPRINT
 from bayeskd.token_bytes import token_name_bytes
 
 NOT_IN_TOP = -9999.0  # OpenAI's placeholder log-probability for "not among the top k"
@@ -44,6 +45,16 @@ class Reply:
     answers: list[Answer]
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    tokenizer: str | None = None  # the fingerprint of the teacher's tokenizer, where the teacher reports it
+
+
+def reported_tokenizer(response: Any) -> str | None:
+    """The tokenizer fingerprint an answer reports (`bayeskd_tokenizer`, sent by `bayeskd serve-teacher`; other
+    servers send none). A malformed one is a malformed response (retried), never written into records."""
+    fp = getattr(response, "bayeskd_tokenizer", None)
+    if fp is not None and not (isinstance(fp, str) and FINGERPRINT.fullmatch(fp)):
+        raise ValueError(f"'bayeskd_tokenizer' must be a tokenizer fingerprint (64 hex digits), got {fp!r:.70}")
+    return fp
 
 
 # ---------------------------------------------------------------------------------------------------- logprobs
@@ -126,7 +137,7 @@ class OpenAIBackend:
             raise ValueError(f"asked for n={s.n} samples, the server returned {len(answers)}")
         usage = r.usage
         return Reply(answers, int(getattr(usage, "prompt_tokens", 0) or 0),
-                     int(getattr(usage, "completion_tokens", 0) or 0))
+                     int(getattr(usage, "completion_tokens", 0) or 0), reported_tokenizer(r))
 
     def classify(self, e: BaseException) -> tuple[str, float | None, str]:
         """(retryable or fatal, the server's Retry-After in seconds or None, a message for the user)."""
@@ -154,9 +165,11 @@ class HFBackend:
     """A local transformers model (`bayeskd.teachers.hf.HFTeacher`), one request at a time in a worker thread."""
 
     def __init__(self, model: str, device: str | None = None):
+        from bayeskd.sparse import tokenizer_fingerprint
         from bayeskd.teachers.hf import HFTeacher
 
         self.teacher = HFTeacher(model, device=device)
+        self.fingerprint = tokenizer_fingerprint(self.teacher.tokenizer)
         self.base_url = f"hf:{model}"
         self._lock = asyncio.Lock()
 
@@ -171,7 +184,8 @@ class HFBackend:
             gens = await asyncio.to_thread(self.teacher.complete, **kw)
         answers = [Answer(g.text, g.finish_reason, [t.to_json() for t in g.tokens] if s.top_logprobs else None)
                    for g in gens]
-        return Reply(answers, sum(g.prompt_tokens for g in gens[:1]), sum(g.completion_tokens for g in gens))
+        return Reply(answers, sum(g.prompt_tokens for g in gens[:1]), sum(g.completion_tokens for g in gens),
+                     self.fingerprint)
 
     def classify(self, e: BaseException) -> tuple[str, float | None, str]:
         return FATAL, None, f"{type(e).__name__}: {e}"

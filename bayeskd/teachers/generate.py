@@ -16,7 +16,12 @@ biases the first tokens of every estimate; `load_teacher_records` takes them sin
 Records: `prompt` + `response` (completions endpoint) or chat `messages` ending with the assistant's answer
 (chat endpoint); `finish_reason`; `model`, `settings`, `key`, `prompt_index`, `sample_index`, the prompt's `id`;
 `usage`; with `top_logprobs` k > 0, `logprobs`: per generated token {token, bytes, logprob, top_logprobs: [{token,
-bytes, logprob}]}. OpenAI's -9999 placeholder ("not in the top k") is dropped, never read as a probability.
+bytes, logprob}]}, and `teacher_tokenizer`, the fingerprint of the tokenizer those tokens are of, where it is known:
+reported by the teacher (`bayeskd serve-teacher`, the hf backend) or named by `teacher_tokenizer` (for APIs, which
+report none). Without it a record's tokenizer is unknown, and students re-tokenize its text and use its
+log-probabilities as lower bounds (`bayeskd.data.same_tokenizer`). The records with logprobs of one output are of
+one tokenizer: a resumed run whose teacher tokenizer differs is refused. OpenAI's -9999 placeholder ("not in the
+top k") is dropped, never read as a probability.
 """
 from __future__ import annotations
 
@@ -30,8 +35,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bayeskd.data import NATURAL_END, DataError, load_prompts
-from bayeskd.sparse import atomic_write_bytes, atomic_write_json
+from bayeskd.data import NATURAL_END, TEACHER_TOKENIZER, DataError, load_prompts, load_tokenizer
+from bayeskd.sparse import atomic_write_bytes, atomic_write_json, tokenizer_fingerprint
 from bayeskd.teachers.clients import (FATAL, UNREACHABLE, Answer, HFBackend, OpenAIBackend, RateLimiter,
                                      chat_messages, completion_prompt)
 from bayeskd.locks import locks_output
@@ -162,8 +167,37 @@ class _Counts:
     errors: dict[str, int] = field(default_factory=dict)
 
 
+class _TeacherTokenizer:
+    """The tokenizer of the records' logprobs: the one named (`teacher_tokenizer`) or else the one the teacher
+    reports, which must be the tokenizer of the records with logprobs already in the output (`held`)."""
+
+    def __init__(self, out: Path, named: str | None, held: set[str | None]):
+        self.out, self.named, self.held = out, named, held
+
+    @staticmethod
+    def _which(fp: str | None) -> str:
+        return f"tokenizer {fp[:12]}…" if fp else "an unnamed tokenizer (no --teacher-tokenizer)"
+
+    def check(self, fp: str | None) -> None:
+        if self.held and self.held != {fp}:
+            raise GenerateError(
+                f"{self.out} holds records whose logprobs are of {', '.join(sorted(map(self._which, self.held)))}, "
+                f"but this run's are of {self._which(fp)}; the records of one output must be of one tokenizer. "
+                "Resume with the same teacher and --teacher-tokenizer, or write to another --out")
+
+    def of(self, reported: str | None) -> str | None:
+        """The fingerprint for a reply's records (GenerateError where it contradicts the named one or the output)."""
+        if self.named and reported and reported != self.named:
+            raise GenerateError(f"--teacher-tokenizer names {self._which(self.named)}, but the teacher reports "
+                                f"{self._which(reported)}; drop --teacher-tokenizer (the teacher's report is used)")
+        fp = self.named or reported
+        self.check(fp)
+        self.held = {fp}
+        return fp
+
+
 def _record(prompt: dict[str, Any], p: int, i: int, key: str, answer: Answer, s: GenerateSettings,
-            usage: dict[str, int]) -> dict[str, Any]:
+            usage: dict[str, int], tokenizer: str | None) -> dict[str, Any]:
     rec: dict[str, Any] = {"key": f"{key}/{i}"}
     if "id" in prompt:
         rec["id"] = prompt["id"]
@@ -174,6 +208,8 @@ def _record(prompt: dict[str, Any], p: int, i: int, key: str, answer: Answer, s:
     rec.update(finish_reason=answer.finish_reason, model=s.model, prompt_index=p, sample_index=i,
                settings=asdict(s), usage=usage)
     if answer.logprobs is not None:
+        if tokenizer is not None:
+            rec[TEACHER_TOKENIZER] = tokenizer
         rec["logprobs"] = answer.logprobs
     return rec
 
@@ -186,14 +222,17 @@ def generate(prompts: str, out: str, *, model: str, base_url: str | None = None,
              requests_per_minute: float | None = None, tokens_per_minute: float | None = None,
              max_retries: int = 6, timeout: float = 120.0, ordered: bool = False, split: str = "train",
              skip_bad: bool = False, max_prompts: int | None = None, device: str | None = None,
-             progress: bool = True, backoff: float = 0.5, keep_empty: bool = False) -> dict[str, Any]:
+             progress: bool = True, backoff: float = 0.5, keep_empty: bool = False,
+             teacher_tokenizer: str | None = None) -> dict[str, Any]:
     """Ask the teacher `model` for `n` samples per prompt of `prompts` and append teacher records to `out`.
 
     backend "openai": any OpenAI-compatible server at `base_url` (the API key read from the environment variable
     `api_key_env`, never written anywhere); "hf": `model` is a local transformers checkpoint. Resumable and
-    exactly once (see the module docstring); `ordered` rewrites the output in input order at the end. Writes
-    `<out>.summary.json` beside `out` (teacher.jsonl: teacher.summary.json) and returns it.
-    """
+    exactly once (see the module docstring); `ordered` rewrites the output in input order at the end.
+    `teacher_tokenizer`: the teacher's tokenizer (a local directory or a hub name) for a teacher that does not
+    report it (APIs): its fingerprint goes into every record with logprobs, so a student of that tokenizer keeps
+    the teacher's tokens and uses its log-probabilities exactly; one contradicting the teacher's report is refused.
+    Writes `<out>.summary.json` beside `out` (teacher.jsonl: teacher.summary.json) and returns it."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if top_logprobs > OPENAI_MAX_TOP_LOGPROBS and backend == "openai":
@@ -216,7 +255,15 @@ def generate(prompts: str, out: str, *, model: str, base_url: str | None = None,
                 raise DataError(f"{prompts}: prompt {p} is chat 'messages'; use --endpoint chat")
     out_path = Path(out)
     failed_path, empty_path, summary_path = side_files(out_path)
-    done = {r["key"] for r in read_done(out_path)} | {r["key"] for r in read_done(empty_path, "empty list")}
+    existing = read_done(out_path) + read_done(empty_path, "empty list")
+    done = {r["key"] for r in existing}
+    named = tokenizer_fingerprint(load_tokenizer(teacher_tokenizer)) if teacher_tokenizer is not None else None
+    tokenizers = _TeacherTokenizer(out_path, named, {r.get(TEACHER_TOKENIZER) for r in existing if "logprobs" in r})
+    if named is not None and top_logprobs > 0:
+        tokenizers.check(named)  # before any request: a resumed run with another tokenizer costs nothing
+    elif named is not None:
+        logger.warning("--teacher-tokenizer names the tokenizer of the records' logprobs; without --top-logprobs "
+                       "there are none, and it is not written")
     keys = [request_key(rec, settings) for rec in records_in]
     # a repeated prompt has the same keys as its first line: its answers would be paid for, then dropped as done
     first: dict[str, int] = {}
@@ -234,7 +281,7 @@ def generate(prompts: str, out: str, *, model: str, base_url: str | None = None,
     try:
         asyncio.run(_run(client, records_in, keys, todo, done, settings, counts, failures, out_path, empty_path,
                          concurrency, RateLimiter(requests_per_minute, tokens_per_minute), max_retries, backoff,
-                         progress, seed, keep_empty))
+                         progress, seed, keep_empty, tokenizers))
     finally:
         # what failed this run, for the user and the next run (which asks for them again anyway)
         atomic_write_bytes(failed_path, "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures).encode())
@@ -262,6 +309,7 @@ def generate(prompts: str, out: str, *, model: str, base_url: str | None = None,
         "complete": missing == 0, "backend": backend, "base_url": client.base_url,
         "api_key_env": api_key_env if backend == "openai" else None, "ordered": bool(ordered),
         "settings": asdict(settings), "failed_file": str(failed_path) if failures else None,
+        "teacher_tokenizer": next(iter(tokenizers.held)) if len(tokenizers.held) == 1 else None,
     }
     atomic_write_json(summary_path, summary)
     return summary
@@ -269,7 +317,7 @@ def generate(prompts: str, out: str, *, model: str, base_url: str | None = None,
 
 async def _run(client, prompts, keys, todo, done, s: GenerateSettings, counts: _Counts, failures, out_path: Path,
                empty_path: Path, concurrency: int, limiter: RateLimiter, max_retries: int, backoff: float,
-               progress: bool, seed: int | None, keep_empty: bool) -> None:
+               progress: bool, seed: int | None, keep_empty: bool, tokenizers: _TeacherTokenizer) -> None:
     from tqdm.auto import tqdm
 
     writer, empties = RecordWriter(out_path), RecordWriter(empty_path)
@@ -313,8 +361,13 @@ async def _run(client, prompts, keys, todo, done, s: GenerateSettings, counts: _
                     await asyncio.sleep(min(delay, 60.0))
                     continue
                 usage = {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens}
+                try:  # checked before any record of the reply is written
+                    fp = tokenizers.of(reply.tokenizer) if any(a.logprobs is not None for a in reply.answers) else None
+                except GenerateError as e:
+                    fatal.append(e)
+                    return
                 for i, answer in enumerate(reply.answers):
-                    rec = _record(prompt, p, i, key, answer, s, usage)
+                    rec = _record(prompt, p, i, key, answer, s, usage, fp)
                     if rec["key"] in done:
                         continue  # written by an earlier run (a request is asked again as a whole)
                     blank = not answer.text.strip()

@@ -4,9 +4,11 @@ token bytes (what `transformers serve` refuses), so tests and the lab reach thei
 Endpoints: `/health`, `/v1/models`, `/v1/chat/completions`, `/v1/completions` (no streaming). Answers follow the
 OpenAI formats; completions' legacy `logprobs` also carry `token_bytes` (per token its UTF-8 bytes) and `content`
 (the chat format's lossless entries), since the legacy dict of alternatives keys them by text, where two tokens
-may collide. Errors use OpenAI's JSON error shape. Model work runs in one worker thread, one request at a time,
-and every request's answer depends only on (request, seed) (see `teachers/hf.py`), so faults and retries never
-change the data.
+may collide. Every answer also carries `bayeskd_tokenizer`, the fingerprint of the model's tokenizer
+(`bayeskd.sparse.tokenizer_fingerprint`; an extra top-level field real APIs lack), which `generate` writes into
+its records as `teacher_tokenizer`, so a student with this tokenizer knows the tokens are its own. Errors use
+OpenAI's JSON error shape. Model work runs in one worker thread, one request at a time, and every request's answer
+depends only on (request, seed) (see `teachers/hf.py`), so faults and retries never change the data.
 
 Fault injection for tests and drills: request k (counted per app, from 0, on the two completion endpoints)
 draws its faults from `random.Random(f"{fault_seed}:{k}")`: after `delay` seconds, with probability `fail_rate`
@@ -37,6 +39,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from bayeskd.sparse import tokenizer_fingerprint
 from bayeskd.teachers.hf import Generation, HFTeacher
 
 log = logging.getLogger(__name__)
@@ -148,6 +151,7 @@ class _App:
             raise ValueError(f"need delay >= 0, max_n >= 1, max_top_logprobs >= 0 (got {delay}, {max_n}, "
                              f"{max_top_logprobs})")
         self.teacher, self.name = teacher, model_name
+        self.fingerprint = tokenizer_fingerprint(teacher.tokenizer)
         self.fail_rate, self.drop_rate, self.delay, self.fault_seed = fail_rate, drop_rate, delay, fault_seed
         self.max_n, self.max_top_logprobs = max_n, max_top_logprobs
         self.requests = itertools.count()
@@ -323,7 +327,8 @@ def create_app(teacher: HFTeacher, model_name: str, *, fail_rate: float = 0.0, d
                     "logprobs": {"content": [t.to_json() for t in g.tokens or []]} if req.logprobs else None}
                    for i, g in enumerate(gens[0])]
         return reply({"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                      "model": model_name, "choices": choices, "usage": state.usage(gens)}, drop)
+                      "model": model_name, "choices": choices, "usage": state.usage(gens),
+                      "bayeskd_tokenizer": state.fingerprint}, drop)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest) -> Response:
@@ -344,7 +349,8 @@ def create_app(teacher: HFTeacher, model_name: str, *, fail_rate: float = 0.0, d
                     "logprobs": _completion_logprobs(g) if k is not None else None}
                    for j, per_prompt in enumerate(gens) for i, g in enumerate(per_prompt)]
         return reply({"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                      "model": model_name, "choices": choices, "usage": state.usage(gens)}, drop)
+                      "model": model_name, "choices": choices, "usage": state.usage(gens),
+                      "bayeskd_tokenizer": state.fingerprint}, drop)
 
     return app
 
