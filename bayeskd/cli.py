@@ -307,8 +307,12 @@ def estimate_posterior_cmd(**kwargs) -> None:
 @click.option("--posterior-w", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Mixture weight.")
 @click.option("--tokenizer", default=None, help="Tokenizer (default: the student's).")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-@click.option("--ce-weight", default=1.0, show_default=True, type=float)
+@click.option("--ce-weight", default=None, type=click.FloatRange(0),
+              help="Weight of the CE term on the teacher's tokens. Default: 1 for SFT (no targets); 0 beside KD, "
+              "the lab's measured best (the CE term cost KD students 0.1+ nats of KL).")
 @click.option("--kd-weight", default=1.0, show_default=True, type=float)
+@click.option("--whitebox-top-k", default=0, show_default=True, type=click.IntRange(0),
+              help="White-box mode: KD against the teacher's top-K logits (0: the whole vocabulary, the lab's best).")
 @click.option("--divergence", default="forward_kl", show_default=True,
               type=click.Choice(["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"]))
 @click.option("--beta", default=None, type=float, help="JSD β (default 0.5) or skew-KL α (default 0.1).")

@@ -29,7 +29,8 @@ def plot(report: dict, path: Path) -> None:
 
     curves = report["students"].get("gad_d_acc") or {}
     evidence = (report["estimation"].get("evidence") or {}).get("rows")
-    panels = 3 + bool(curves) + bool(evidence)
+    learning = report["students"].get("curves")
+    panels = 3 + bool(curves) + bool(evidence) + bool(learning)
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2))
     curve = report["corpus_curve"][1:]
     ax = axes[0]
@@ -83,6 +84,18 @@ def plot(report: dict, path: Path) -> None:
         ax.set_xlabel("k (log-probabilities the teacher reveals per token)")
         ax.set_ylabel("KL(teacher ‖ estimate), nats/token")
         ax.set_title("training positions vs revealed k")
+        ax.legend(fontsize=8)
+    if learning:  # kl_tf (solid) and kl_own (dashed) against trained tokens, per method
+        ax = axes[3 + bool(curves)]
+        for i, m in enumerate(dict.fromkeys(r["method"] for r in learning["summary"])):
+            rows = [r for r in learning["summary"] if r["method"] == m]
+            ax.plot([r["tokens"] for r in rows], [r["kl_tf"]["mean"] for r in rows], "o-", color=f"C{i}", label=m)
+            if "kl_own" in rows[0]:
+                ax.plot([r["tokens"] for r in rows], [r["kl_own"]["mean"] for r in rows], "--", color=f"C{i}")
+        ax.set_xscale("log")
+        ax.set_xlabel("trained tokens")
+        ax.set_ylabel("KL(teacher ‖ student) (dashed: on own samples)")
+        ax.set_title("learning curves (test prompts)")
         ax.legend(fontsize=8)
     fig.suptitle(f"bayeskd lab, preset {report['preset']}")
     fig.tight_layout()

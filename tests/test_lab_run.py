@@ -88,6 +88,26 @@ def test_lab_run_writes_every_table(lab_run):
         # training on teacher text lowers the student's NLL of held-out teacher text
         assert students[method]["nll"]["mean"] < students["student init"]["nll"]["mean"], method
     assert "gap_closed_posterior_kd" in report["targets"]
+    # the KD recipe is chosen on the validation half of the held-out prompts, the students scored on the other
+    # (issue 27 item 9): the CE weight of the grid with the lowest validation KL, white-box at the whole vocabulary
+    st = report["students"]
+    held = [json.loads(line) for line in (run / "teacher_heldout.jsonl").read_text().splitlines()]
+    assert st["validation_records"] + st["heldout_records"] == len(held) and st["validation_records"] > 0
+    recipe = st["recipe"]
+    assert {(g["method"], g["ce_weight"]) for g in recipe["grid"]} == {(m, w) for m in ("posterior-kd", "white-box")
+                                                                      for w in (0.0, 1.0)}
+    assert recipe["ce_weight"] == min((0.0, 1.0), key=lambda w: recipe["score"][str(w)])
+    assert report["config"]["ce_weight"] == recipe["ce_weight"] and report["config"]["whitebox_top_k"] == 0
+    wb = json.loads((run / "students" / "white-box-s0" / "summary.json").read_text())
+    assert wb["ce_weight"] == recipe["ce_weight"] and wb["whitebox_top_k"] == report["cross_tokenizer"]["student_vocab"]
+    sft = json.loads((run / "students" / "sft-s0" / "summary.json").read_text())
+    assert sft["ce_weight"] == 1.0 and st["budget"]["steps"] == sft["steps"]
+    curves = st["curves"]  # checkpoints of one run at half an epoch and at one epoch, scored on the test half
+    assert [r["steps"] for r in curves["summary"] if r["method"] == "sft"] == [3, 6]
+    assert {r["method"] for r in curves["summary"]} == {"sft", "posterior-kd", "posterior-kd-text", "white-box"}
+    assert all(0 < r["kl_tf"]["mean"] < 5 and "kl_own" in r for r in curves["summary"])
+    md = (run / "report.md").read_text()
+    assert "## KD recipe (chosen on" in md and "## Learning curves" in md and "held-out test records" in md
     # teacher B (another tokenizer): its revealed log-probabilities reach the student's vocabulary at some positions
     # (lower bounds at the starts both tokenizers share), and every student is scored per byte of B's text
     cross = report["cross_tokenizer"]

@@ -12,6 +12,7 @@ from bayeskd.priors.ngram import NGramPrior
 from bayeskd.sparse import CacheMismatchError, ShardWriter, SparseDist
 from bayeskd.distill.targets import BayesKDCollator, TeacherTargetsDataset
 from bayeskd.distill.trainer import BayesKDConfig, BayesKDTrainer, distill, whitebox_targets
+from bayeskd.teacher_forcing import model_logits, select_rows
 
 WORDS = ["the", "module", "returns", "a", "list", "of", "strings", "when", "called", "with", "an", "object"]
 
@@ -171,6 +172,60 @@ def test_compute_loss_matches_hand_computation(setup, tmp_path):
     assert torch.equal(batch["labels"][:, 1:][batch["labels"][:, 1:] != -100], batch["input_ids"][:, 1:][sel])
 
 
+def test_default_ce_weight_is_one_for_sft_and_the_measured_one_beside_kd(setup, tmp_path):
+    """ce_weight unset: SFT's loss is CE (its only term); beside KD it is KD_CE_WEIGHT (the lab's choice)."""
+    from transformers import AutoModelForCausalLM
+
+    from bayeskd.distill.trainer import KD_CE_WEIGHT, resolve_ce_weight
+
+    assert resolve_ce_weight(None, False) == 1.0 and resolve_ce_weight(None, True) == KD_CE_WEIGHT
+    assert resolve_ce_weight(0.25, False) == 0.25 == resolve_ce_weight(0.25, True)
+    tokenized = setup["tokenized"]
+    ds = TeacherTargetsDataset(tokenized, _write_targets(tmp_path / "t", tokenized, _prior_dists(tokenized)))
+    batch = BayesKDCollator(setup["tok"].pad_token_id)([ds[i] for i in range(5)])
+    model = AutoModelForCausalLM.from_pretrained(setup["student"]).eval()
+
+    def loss(batch, **cfg):
+        args = BayesKDConfig(output_dir=str(tmp_path / "o"), fused_backend="torch", **cfg)
+        return BayesKDTrainer(model=model, args=args, data_collator=BayesKDCollator(0)).compute_loss(model, batch)
+
+    with torch.no_grad():
+        torch.testing.assert_close(loss(batch), loss(batch, ce_weight=KD_CE_WEIGHT))
+        assert not torch.allclose(loss(batch), loss(batch, ce_weight=KD_CE_WEIGHT + 1.0))
+        sft = {k: v for k, v in batch.items() if not k.startswith("target_")}
+        torch.testing.assert_close(loss(sft), loss(sft, ce_weight=1.0))
+        assert float(loss(sft)) > 0
+
+
+def test_whitebox_top_k_zero_is_the_whole_vocabulary(setup, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ds = TeacherTargetsDataset(setup["tokenized"], None)
+    batch = BayesKDCollator(setup["tok"].pad_token_id)([ds[i] for i in range(4)])
+    model = AutoModelForCausalLM.from_pretrained(setup["student"]).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(setup["teacher"])
+    V = model.get_output_embeddings().weight.shape[0]
+
+    def loss(k):
+        args = BayesKDConfig(output_dir=str(tmp_path / "o"), fused_backend="torch", ce_weight=0.0, whitebox_top_k=k)
+        trainer = BayesKDTrainer(model=model, args=args, data_collator=BayesKDCollator(0), teacher_model=teacher)
+        with torch.no_grad():
+            return trainer.compute_loss(model, batch)
+
+    with torch.no_grad():  # the dense KL(teacher ‖ student) over every vocabulary entry
+        t = model_logits(teacher, batch["input_ids"], batch["attention_mask"])
+        s = model_logits(model, batch["input_ids"], batch["attention_mask"])
+        sel = batch["response_mask"]
+        t_lp = torch.log_softmax(select_rows(t, sel).float(), -1)
+        s_lp = torch.log_softmax(select_rows(s, sel).float(), -1)
+        dense = (t_lp.exp() * (t_lp - s_lp)).sum(-1).mean()
+    torch.testing.assert_close(loss(0), dense, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss(V), dense, rtol=1e-5, atol=1e-6)
+    assert abs(float(loss(4)) - float(dense)) > 1e-4  # a top-4 bucket is another loss
+    with pytest.raises(ValueError, match="whitebox_top_k"):
+        BayesKDConfig(output_dir=str(tmp_path / "o"), whitebox_top_k=-1)
+
+
 def test_whitebox_targets_tail_is_exact():
     logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(5))
     t = whitebox_targets(logits, 5)
@@ -209,7 +264,9 @@ def test_distill_sft_mode(setup, tmp_path):
                 per_device_train_batch_size=4)
     assert s["mode"] == "sft" and s["steps"] == 4
     assert s["final_kd_loss"] is None and math.isfinite(s["final_ce_loss"])
-    assert (tmp_path / "o" / "summary.json").exists()
+    assert (tmp_path / "o" / "summary.json").exists() and s["ce_weight"] == 1.0
+    with pytest.raises(ValueError, match="no loss to train on"):  # CE is SFT's only term
+        distill(setup["data"], setup["student"], str(tmp_path / "o0"), max_steps=1, ce_weight=0.0)
 
 
 def test_distill_whitebox_mode(setup, tmp_path):
@@ -417,7 +474,8 @@ def test_lm_head_paths_under_bf16_autocast(setup, tmp_path, monkeypatch, path):
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     kw = dict(max_steps=2, per_device_train_batch_size=4, learning_rate=5e-3, seed=7, logging_steps=1, bf16=True,
-              targets=_prior_shards(setup, tmp_path))  # no GPU: BayesKDConfig sets use_cpu for bf16 itself
+              targets=_prior_shards(setup, tmp_path),  # no GPU: BayesKDConfig sets use_cpu for bf16 itself
+              ce_weight=1.0)  # both terms through the lm_head path (beside KD the default CE weight is 0)
     opts = dict(fused_linear=True, fused_backend="torch") if path == "fused_linear" else dict(cut_logits=True,
                                                                                               fused_backend="triton")
     plain = distill(setup["data"], setup["student"], str(tmp_path / "plain"), fused_backend="torch", **kw)

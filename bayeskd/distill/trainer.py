@@ -4,7 +4,8 @@ Data flow
 - `TeacherTargetsDataset` / `BayesKDCollator` (bayeskd.distill.targets): records and the rows of their targets,
   in the row order of `bayeskd.teacher_forcing`.
 - `BayesKDTrainer.compute_loss`: CE on the teacher tokens (mean over response tokens) x ce_weight + KD
-  (mean over response tokens of `fused_posterior_kd` against the targets) x kd_weight.
+  (mean over response tokens of `fused_posterior_kd` against the targets) x kd_weight. ce_weight defaults to 1
+  for SFT and to KD_CE_WEIGHT beside KD (the lab's measured best: the CE term costs a KD student accuracy).
 
 Modes: "sparse-targets" (a targets directory), "sft" (no targets: CE only, sequence-level KD), "white-box"
 (a teacher model with the same vocabulary: targets are its top-k at the same positions, tail mass exact) and
@@ -47,6 +48,18 @@ from bayeskd.resume import as_json, check_settings, read_stamp
 logger = logging.getLogger(__name__)
 
 METHODS = ("bayeskd", "proxy-kd")
+# The defaults of a KD student, as the lab measured them (`bayeskd lab run`: chosen on validation prompts, reported
+# on held-out ones; benchmarks/results/lab_tiny.md): the CE term on the teacher's tokens beside KD, and the
+# white-box teacher's K (0: the whole vocabulary, the true upper bound).
+KD_CE_WEIGHT = 0.0
+WHITEBOX_TOP_K = 0
+
+
+def resolve_ce_weight(ce_weight: float | None, has_targets: bool) -> float:
+    """The CE weight a run uses: as given, else 1 for SFT (CE is its only loss) and KD_CE_WEIGHT beside KD."""
+    if ce_weight is not None:
+        return float(ce_weight)
+    return KD_CE_WEIGHT if has_targets else 1.0
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -54,7 +67,9 @@ METHODS = ("bayeskd", "proxy-kd")
 @dataclass
 class BayesKDConfig(transformers.TrainingArguments):
     """`TrainingArguments` plus the distillation loss settings."""
-    ce_weight: float = field(default=1.0, metadata={"help": "weight of the CE loss on the teacher tokens"})
+    ce_weight: float | None = field(default=None, metadata={
+        "help": "weight of the CE loss on the teacher tokens (default: 1 without KD targets (SFT), KD_CE_WEIGHT "
+                "with them: the lab's choice on validation prompts)"})
     kd_weight: float = field(default=1.0, metadata={"help": "weight of the KD loss against the targets"})
     divergence: str = field(default="forward_kl", metadata={"help": "forward_kl, reverse_kl, jsd, skew_kl, ..."})
     beta: float | None = field(default=None, metadata={"help": "jsd's beta / skew_kl's alpha"})
@@ -69,7 +84,8 @@ class BayesKDConfig(transformers.TrainingArguments):
         "help": "fused_linear with the cut-logits Triton kernel (logits only as on-chip tiles, recomputed in "
                 "backward) instead of row chunks; implies fused_linear. The PyTorch backend has no cut kernel: "
                 "there the chunked op runs"})
-    whitebox_top_k: int = field(default=64, metadata={"help": "top-k of the teacher's logits in white-box mode"})
+    whitebox_top_k: int = field(default=WHITEBOX_TOP_K, metadata={
+        "help": "top-k of the teacher's logits in white-box mode (0: the whole vocabulary)"})
     posterior_mode: str = field(default="log_linear", metadata={
         "help": "online-posterior mode: log_linear (p ∝ p0^a q^b), dirichlet (c) or mixture (w)"})
     posterior_a: float = field(default=1.0, metadata={"help": "log-linear exponent of the prior"})
@@ -97,7 +113,7 @@ class BayesKDConfig(transformers.TrainingArguments):
         if self.bf16 and not torch.cuda.is_available():  # bf16 autocast on the CPU instead of a refusal
             self.use_cpu = True
         super().__post_init__()
-        if self.ce_weight < 0 or self.kd_weight < 0:
+        if (self.ce_weight is not None and self.ce_weight < 0) or self.kd_weight < 0:
             raise ValueError(f"ce_weight and kd_weight must be >= 0, got {self.ce_weight}, {self.kd_weight}")
         if self.kd_tail not in ("bucket", "ignore"):
             raise ValueError(f"kd_tail must be 'bucket' or 'ignore', got {self.kd_tail!r}")
@@ -105,8 +121,8 @@ class BayesKDConfig(transformers.TrainingArguments):
             raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
-        if self.whitebox_top_k < 1:
-            raise ValueError(f"whitebox_top_k must be >= 1, got {self.whitebox_top_k}")
+        if self.whitebox_top_k < 0:
+            raise ValueError(f"whitebox_top_k must be >= 0 (0: the whole vocabulary), got {self.whitebox_top_k}")
         if self.posterior_mode not in MODES:
             raise ValueError(f"posterior_mode must be one of {MODES}, got {self.posterior_mode!r}")
         if not 0.0 <= self.posterior_w <= 1.0:
@@ -253,7 +269,7 @@ class BayesKDTrainer(transformers.Trainer):
                 t_logits = select_rows(model_logits(self.teacher_model, input_ids, attention), rmask)
             if t_logits.shape[-1] != V:
                 raise ValueError(f"teacher vocabulary {t_logits.shape[-1]} != student vocabulary {V}")
-            target = whitebox_targets(t_logits, getattr(cfg, "whitebox_top_k", 64))
+            target = whitebox_targets(t_logits, getattr(cfg, "whitebox_top_k", WHITEBOX_TOP_K) or V)
         elif "target_indices" in inputs:
             extras = {CONTEXT_COUNT: inputs[CONTEXT_COUNT_KEY]} if CONTEXT_COUNT_KEY in inputs else {}
             target = SparseDist(inputs["target_indices"], inputs["target_logprobs"], inputs["target_tail"], V,
@@ -292,7 +308,7 @@ class BayesKDTrainer(transformers.Trainer):
             kd = per_row.mean()
         if ce is None:  # hidden states, no targets
             ce = fused_linear_ce(rows, lm_head.weight, tokens, cut=cut, backend=backend).mean()
-        ce_w = getattr(cfg, "ce_weight", 1.0)
+        ce_w = resolve_ce_weight(getattr(cfg, "ce_weight", None), target is not None)
         kd_w = getattr(cfg, "proxy_kd_alpha", 1.0) if proxy_kd else getattr(cfg, "kd_weight", 1.0)
         loss = ce * ce_w if ce_w else ce * 0.0
         if kd is not None and kd_w:
@@ -371,6 +387,9 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
         training_args.setdefault(key, value)
     training_args.setdefault("output_dir", str(out_dir))
     cfg = BayesKDConfig(**training_args)
+    if mode == "sft" and cfg.ce_weight == 0:
+        raise ValueError("ce_weight=0 without KD targets or a teacher leaves no loss to train on: SFT's loss is the "
+                         "CE term (give ce_weight > 0, or targets / a teacher for KD)")
     proxy_kd = cfg.method == "proxy-kd"
     if proxy_kd and (targets is None or teacher is not None):
         raise ValueError("method='proxy-kd' needs targets (the proxy's top-K shards with the per-row extras "
@@ -445,6 +464,8 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
         "mode": mode, "data": str(data), "student": str(student), "targets": targets, "teacher": teacher,
         "proxy": proxy, "posterior_mode": cfg.posterior_mode if proxy is not None else None, "method": cfg.method,
         "lm_head_loss": _lm_head_loss(cfg, trainer.args.device),
+        "ce_weight": resolve_ce_weight(cfg.ce_weight, mode != "sft"), "kd_weight": cfg.kd_weight,
+        "whitebox_top_k": (cfg.whitebox_top_k or tokenized.vocab_size) if mode == "white-box" else None,
         "records": len(records), "skipped_records": int(report.skipped),
         "steps": int(trainer.state.global_step), "epochs": float(trainer.state.epoch or 0.0),
         "train_loss": float(result.training_loss),

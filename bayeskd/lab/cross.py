@@ -110,7 +110,7 @@ def run_cross(paths: dict[str, str], run: Path, cfg, prompts: Sequence[str], hel
             out = d / "students" / f"{method}-s{seed}"
             if not (out / "summary.json").exists():
                 targets = str(d / TARGETS[method][0]) if method in TARGETS else None
-                distill(str(train), paths["student"], str(out), targets=targets, **cfg.train_kwargs(seed, progress))
+                distill(str(train), paths["student"], str(out), targets=targets, **cfg.train_kwargs(seed, progress, kd=targets is not None))
             per_seed[method].append(nll_per_byte(AutoModelForCausalLM.from_pretrained(str(out)), held_tok, sizes))
             log(f"[lab] teacher B, student {method} seed {seed}: nll/byte={per_seed[method][-1]:.4f}")
     summary = {m: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}

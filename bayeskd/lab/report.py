@@ -61,6 +61,14 @@ def check_targets(report: dict[str, Any]) -> dict[str, Any]:
         if "posterior-kd-k5" in s and gap > 0:  # issue 13: >= 80% of the gap at k = 5, >= 90% at k = 20
             out["gap_closed_k5_ge_80pct"] = bool(out["gap_closed_posterior-kd-k5"] >= 0.8)
             out["gap_closed_k20_ge_90pct"] = bool(out["gap_closed_posterior_kd"] >= 0.9)
+    curves = (report.get("students") or {}).get("curves") or {}
+    cell = {(r["method"], r["steps"]): r["kl_tf"]["mean"] for r in curves.get("summary", [])}
+    for step in sorted({s_ for _, s_ in cell}):  # the gap closed at every budget of the learning curves
+        if all((m, step) in cell for m in ("sft", "posterior-kd", "white-box")):
+            gap = cell[("sft", step)] - cell[("white-box", step)]
+            for method in ("posterior-kd", "posterior-kd-text"):
+                if (method, step) in cell and gap > 0:
+                    out[f"curve_gap_closed_{method}_{step}_steps"] = (cell[("sft", step)] - cell[(method, step)]) / gap
     return out
 
 
@@ -144,7 +152,18 @@ def format_report(report: dict[str, Any]) -> str:
         s = report["students"]["summary"]
         metrics = [m for m in ("nll", "kl_tf", "kl_own") if any(m in v for v in s.values())]
         k = report["config"].get("top_logprobs") or 0
-        lines += ["## Student quality (held-out teacher text; mean ± std over seeds)", "",
+        st = report["students"]
+        if st.get("recipe"):
+            from bayeskd.lab.recipe import format_recipe
+
+            lines += format_recipe(st["recipe"], st.get("validation_records", 0))
+        b = st.get("budget") or {}
+        cfg = report["config"]
+        budget = (f"{b.get('epochs'):g} epochs, {b.get('steps')} steps, {b.get('train_tokens')} trained tokens"
+                  if b.get("steps") else f"{cfg.get('epochs')} epochs")
+        lines += [f"## Student quality ({st.get('heldout_records')} held-out test records; budget {budget}, "
+                  f"CE weight {cfg.get('ce_weight'):g}, white-box K {cfg.get('whitebox_top_k') or 'all'}; mean ± std "
+                  "over seeds)", "",
                   "| student | teacher evidence | seeds | " + " | ".join(metrics) + " |",
                   "|---|---|---:|" + "---:|" * len(metrics)]
         for method, v in s.items():
@@ -152,6 +171,10 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"| {method} | {method_evidence(method, k)} | {v[metrics[0]]['n']} | " + " | ".join(cells)
                          + " |")
         lines.append("")
+        if st.get("curves"):
+            from bayeskd.lab.recipe import format_curves
+
+            lines += format_curves(st["curves"])
     c = report.get("cross_tokenizer")
     if c:
         share = ", ".join(f"{m}: {v['share_with_evidence']:.0%}" for m, v in c["evidence"].items())

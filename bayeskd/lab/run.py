@@ -4,7 +4,9 @@
     → sample the teacher through its text only (train prompts, held-out prompts) as JSONL
     → estimate-prior → estimate-posterior → distill (the same library functions as the CLI commands)
     → evaluate: estimation quality at the training positions, curves against corpus size and K,
-      student quality on held-out teacher text, per distillation method and seed.
+      student quality on held-out teacher text, per distillation method and seed: the KD recipe (CE weight,
+      white-box K) chosen on the validation half of the held-out prompts, every student scored on the test half,
+      learning curves of the main methods (`bayeskd.lab.students`).
 
 Everything lands under `root/<preset>/run/`; `report.json` and `report.md` hold the tables. Every stage is skipped
 when its output exists (rerun = resume); a run directory made with other settings is refused unless `force`.
@@ -23,24 +25,17 @@ import numpy as np
 import torch
 
 from bayeskd.evaluation.evaluate import (estimation_table, format_estimation, one_hot_estimate, read_target_rows,
-                                         response_logprobs, sample_own, student_metrics)
+                                         response_logprobs)
 from bayeskd.evaluation.metrics import kl_teacher_to_estimate, observed_token_check
 from bayeskd.lab.build import LabError, build_lab, get_preset, load_lab_prompts, read_manifest, split_corpus
 from bayeskd.lab.report import check_targets, format_report
 from bayeskd.lab.sampling import sample_teacher
+from bayeskd.lab.students import BUCKET_DIR, K5_DIR, METHODS, POSTERIOR_DIR, TEXT_DIR, students
 from bayeskd.lab.teacher import mean_entropy
 from bayeskd.resume import check_stamp, read_stamp, settings_diff
 from bayeskd.sparse import atomic_write_bytes, atomic_write_json
 
-# The posterior shards posterior-KD learns from: the pipeline's proxy (aligned when the lab aligns one) combined
-# with the prior as the calibration chose.
-POSTERIOR_DIR = "posterior_calibrated"
-METHODS = ("sft", "prior-kd", "posterior-kd", "posterior-kd-k5", "posterior-kd-text", "bucket-kd", "proxy-kd", "gad",
-           "white-box")
-EVIDENCE_METHODS = ("posterior-kd-k5", "posterior-kd-text", "bucket-kd")  # need the teacher's revealed log-probs
 IN_SAMPLE_PRIOR = "n-gram prior, in-sample (no leave-one-out: scored on its own counts)"
-TEXT_DIR, BUCKET_DIR = "posterior_text", "evidence_only"  # the text-only posterior; the revealed top-k + a bucket
-K5_DIR = "posterior_k5"  # conditioned on the top-5 only (an API that reveals less)
 POSTERIOR_VARIANTS = {  # name -> combine() settings, evaluated in memory beside the shards' log-linear one
     "posterior dirichlet (c=1), text only": dict(mode="dirichlet", c=1.0),
     "posterior mixture (w=0.5), text only": dict(mode="mixture", w=0.5),
@@ -72,7 +67,12 @@ class LabRunConfig:
     batch_size: int = 16
     lr: float = 3e-3
     kd_weight: float = 1.0
-    ce_weight: float = 1.0
+    ce_weight: float | None = None  # CE beside KD (SFT: 1); None: chosen from ce_weights on validation prompts
+    ce_weights: tuple[float, ...] = (0.0, 0.1, 1.0)
+    whitebox_top_k: int | None = None  # the white-box teacher's K (0: all); None: chosen from whitebox_ks
+    whitebox_ks: tuple[int, ...] = (64, 0)
+    curve_epochs: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)  # learning curves: checkpoints of one longer run
+    curve_seeds: int = 2
     align: bool = True              # align the proxy to the teacher's samples (Proxy-KD stage 1 + 2)
     align_sft_epochs: float = 1.0
     align_rounds: int = 1
@@ -89,17 +89,22 @@ class LabRunConfig:
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
 
-    def train_kwargs(self, seed: int, progress: bool) -> dict[str, Any]:
-        """`distill` keyword arguments of a lab student trained with `seed`."""
+    def train_kwargs(self, seed: int, progress: bool, kd: bool = True) -> dict[str, Any]:
+        """`distill` keyword arguments of a lab student trained with `seed`; `kd` False: SFT, whose only loss is CE
+        (weight 1: the KD recipe's CE weight is not SFT's)."""
+        recipe = {k: v for k, v in (("ce_weight", self.ce_weight if kd else 1.0),
+                                    ("whitebox_top_k", self.whitebox_top_k)) if v is not None}
+        # (None until chosen on validation prompts: distill's defaults)
         return dict(num_train_epochs=self.epochs, per_device_train_batch_size=self.batch_size, learning_rate=self.lr,
                     lr_scheduler_type="cosine", warmup_steps=10, seed=seed, data_seed=seed, logging_steps=10,
-                    disable_tqdm=not progress, ce_weight=self.ce_weight, kd_weight=self.kd_weight)
+                    disable_tqdm=not progress, kd_weight=self.kd_weight, **recipe)
 
 
 RUN_DEFAULTS: dict[str, LabRunConfig] = {
     "micro": LabRunConfig(samples_per_prompt=1, max_prompts=48, max_new_tokens=16, order=3, top_k=16,
                           eval_records=16, calibration_records=16, corpus_fractions=(0.5, 1.0), k_values=(4, 16),
-                          epochs=1.0, batch_size=8, gad_d_warmup=2, gad_steps=2, gad_group=4, gad_batch_prompts=4),
+                          epochs=1.0, batch_size=8, ce_weights=(0.0, 1.0), whitebox_ks=(0,), curve_epochs=(0.5, 1.0),
+                          curve_seeds=1, gad_d_warmup=2, gad_steps=2, gad_group=4, gad_batch_prompts=4),
     "tiny": LabRunConfig(),
     "small": LabRunConfig(samples_per_prompt=4, max_new_tokens=64, eval_records=800, seeds=3, epochs=3.0, lr=1e-3),
 }
@@ -123,54 +128,6 @@ def _stage(name: str, log: Callable[[str], None], timings: dict[str, float]):
     yield
     timings[name] = round(time.perf_counter() - t0, 2)
     log(f"[lab] {name}: {timings[name]:.1f} s")
-
-
-def _gad_student(seed: int, paths: dict[str, str], run: Path, cfg: LabRunConfig, progress: bool) -> Path:
-    """GAD from the seed's SFT student (the paper's SFT warm-up); D, initialised from it, trains alone first."""
-    from bayeskd.distill.gad import gad
-
-    out = run / "students" / f"gad-s{seed}"
-    if not (out / "summary.json").exists():
-        sft = _distill_student("sft", seed, paths, run, cfg, progress)
-        gad(str(run / "teacher_train.jsonl"), str(sft), str(out), warmup_steps=cfg.gad_d_warmup,
-            warmup_d_only_steps=cfg.gad_d_warmup, steps=cfg.gad_steps, group_size=cfg.gad_group,
-            batch_prompts=cfg.gad_batch_prompts, lr=cfg.gad_lr, d_lr=cfg.gad_lr, max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.gad_temperature, sft_coef=cfg.gad_sft_coef, seed=seed, progress=progress)
-    return out / "student"
-
-
-def _distill_student(method: str, seed: int, paths: dict[str, str], run: Path, cfg: LabRunConfig,
-                     progress: bool) -> Path:
-    """Train (or reuse) the student of `method` with `seed`; returns its directory."""
-    from bayeskd.distill.trainer import distill
-
-    out = run / "students" / f"{method}-s{seed}"
-    if method != "gad" and (out / "summary.json").exists():
-        return out
-    kwargs = cfg.train_kwargs(seed, progress)
-    data = str(run / "teacher_train.jsonl")
-    if method == "sft":
-        distill(data, paths["student"], str(out), **kwargs)
-    elif method == "prior-kd":
-        distill(data, paths["student"], str(out), targets=str(run / "prior" / "topk"), **kwargs)
-    elif method == "posterior-kd":
-        distill(data, paths["student"], str(out), targets=str(run / POSTERIOR_DIR), **kwargs)
-    elif method == "posterior-kd-k5":  # the same posterior conditioned on the top-5 only
-        distill(data, paths["student"], str(out), targets=str(run / K5_DIR), **kwargs)
-    elif method == "posterior-kd-text":  # the same posterior without the revealed log-probabilities
-        distill(data, paths["student"], str(out), targets=str(run / TEXT_DIR), **kwargs)
-    elif method == "bucket-kd":  # TRL's server KD: the revealed top-k, the rest of the mass in one bucket
-        distill(data, paths["student"], str(out), targets=str(run / BUCKET_DIR), kd_tail="bucket", **kwargs)
-    elif method == "proxy-kd":  # the aligned proxy's own top-K, KD weighted by its likelihood of the response
-        kwargs.pop("kd_weight")
-        distill(data, paths["student"], str(out), targets=str(run / "proxy_targets"), method="proxy-kd", **kwargs)
-    elif method == "gad":
-        return _gad_student(seed, paths, run, cfg, progress)
-    elif method == "white-box":  # the upper bound: reads the real teacher's logits
-        distill(data, paths["student"], str(out), teacher=paths["teacher"], whitebox_top_k=cfg.top_k, **kwargs)
-    else:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    return out
 
 
 def _mean_kl(teacher_lp: torch.Tensor, estimate, valid: torch.Tensor) -> float:
@@ -312,53 +269,12 @@ def _corpus_curve(paths, run: Path, cfg: LabRunConfig, tok, pipeline_proxy: str,
     return curve
 
 
-def _mean_std(values: list[float]) -> dict[str, float]:
-    a = np.asarray(values, dtype=np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": int(len(a))}
-
-
-def _students(paths, run: Path, cfg: LabRunConfig, tok, progress: bool, log) -> dict[str, Any]:
-    from transformers import AutoModelForCausalLM
-
-    from bayeskd.data import load_teacher_records, tokenize_records
-
-    held, _ = load_teacher_records(str(run / "teacher_heldout.jsonl"))
-    held_tok = tokenize_records(held, tok)
-    teacher = AutoModelForCausalLM.from_pretrained(paths["teacher"])
-    t_rows = response_logprobs(teacher, held_tok)  # the teacher on held-out text: once for every student
-    per_seed: dict[str, list[dict[str, float]]] = {}
-    d_acc_curves: dict[int, list[dict[str, Any]]] = {}  # GAD: the discriminator's accuracy, step by step
-    init = AutoModelForCausalLM.from_pretrained(paths["student"])
-    per_seed["student init"] = [student_metrics(teacher, init, held_tok, teacher_rows=t_rows,
-                                                own_samples=sample_own(paths["student"], held, tok,
-                                                                       max_new_tokens=cfg.max_new_tokens))]
-    for method in [m for m in cfg.methods if cfg.top_logprobs or m not in EVIDENCE_METHODS]:
-        per_seed[method] = []
-        for seed in range(cfg.seeds):
-            out = _distill_student(method, seed, paths, run, cfg, progress)
-            own = sample_own(str(out), held, tok, max_new_tokens=cfg.max_new_tokens, seed=1000 + seed)
-            model = AutoModelForCausalLM.from_pretrained(str(out))
-            m = student_metrics(teacher, model, held_tok, own_samples=own, teacher_rows=t_rows)
-            summary = json.loads(((out.parent if method == "gad" else out) / "summary.json").read_text())
-            m["train_seconds"] = summary.get("train_seconds", summary.get("seconds", float("nan")))
-            if method == "gad" and summary.get("history"):
-                m["d_acc_final"] = float(summary["history"][-1].get("d_acc", float("nan")))
-                d_acc_curves[seed] = [{"stage": h.get("stage"), "step": h.get("step"), "d_acc": h.get("d_acc"),
-                                       "reward_mean": h.get("reward_mean")} for h in summary["history"]]
-            per_seed[method].append(m)
-            log(f"[lab] student {method} seed {seed}: " + ", ".join(f"{k}={v:.4f}" for k, v in m.items()))
-    summary = {method: {metric: _mean_std([r[metric] for r in runs if metric in r]) for metric in runs[0]}
-               for method, runs in per_seed.items()}
-    return {"heldout_records": len(held_tok), "per_seed": per_seed, "summary": summary,
-            "gad_d_acc": d_acc_curves, "teacher_entropy": mean_entropy(*t_rows),
-            "teacher_positions": int(t_rows[1].sum())}
-
-
 DATA_SETTINGS = ("samples_per_prompt", "max_prompts", "max_new_tokens", "temperature", "order", "top_k",
                  "top_logprobs", "keep_empty")
 RECORDS_VERSION = 2  # 2: records name the tokenizer of their log-probabilities (older ones read as another's)
 ALIGN_SETTINGS = ("align", "align_sft_epochs", "align_rounds", "align_lr", "dpo_lr", "batch_size")
-DERIVED = (POSTERIOR_DIR, TEXT_DIR, BUCKET_DIR, K5_DIR, "proxy_targets", "students", "cross")  # depend on every training setting
+# what depends on every training setting
+DERIVED = (POSTERIOR_DIR, TEXT_DIR, BUCKET_DIR, K5_DIR, "proxy_targets", "students", "recipe", "curves", "cross")
 
 
 def _check_stamps(run: Path, cfg: LabRunConfig, force: bool) -> None:
@@ -484,7 +400,8 @@ def _run_lab(root: str, preset: str, *, seeds: int | None = None, methods: Seque
 
         report["bayes"] = bayes_table(paths, run, cfg, tok, pipeline_proxy, log, ngram_calibration=calibration)
     with _stage("distill and evaluate students", log, timings):
-        report["students"] = _students(paths, run, cfg, tok, progress, log)
+        report["students"], cfg = students(paths, run, cfg, tok, progress, log)
+        report["config"] = cfg.to_dict()  # with the recipe chosen on validation prompts
     if cfg.cross_tokenizer and cfg.top_logprobs:
         from bayeskd.lab.cross import run_cross
 
