@@ -1,9 +1,17 @@
-"""bayeskd: Bayesian estimation of a black-box LLM teacher's token distributions, and distillation from them."""
+"""bayeskd: Bayesian estimation of a black-box LLM teacher's token distributions, and distillation from them.
+
+`__all__` is the library's API: data in, teachers, priors, the posterior, targets, losses, the trainer, the jobs
+behind the CLI and the lab. Everything else (the parts of a job, its losses and diagnostics) is imported from its
+own module, e.g. `bayeskd.distillation.gad_parts.grpo_loss`.
+"""
+from typing import TYPE_CHECKING
+
+from bayeskd._lazy import lazy_exports
 from bayeskd.corpus import embedded_corpus, embedded_teacher_jsonl, train_bpe_tokenizer
 from bayeskd.data import DataError, TokenizedData, load_teacher_records, load_tokenizer, tokenize_records
-from bayeskd.evaluation.metrics import kl_teacher_to_estimate, smoothed_one_hot, top1_match, topk_mass_coverage
+from bayeskd.evaluation.metrics import kl_teacher_to_estimate, top1_match, topk_mass_coverage
 from bayeskd.linear_losses import fused_linear_ce, fused_linear_kd_and_ce, fused_linear_posterior_kd
-from bayeskd.losses import TARGET_FLOOR, fused_posterior_kd, sparse_kd_loss
+from bayeskd.losses import fused_posterior_kd, sparse_kd_loss
 from bayeskd.posterior.combine import combine
 from bayeskd.priors import NGramPrior, Prior, load_prior
 from bayeskd.priors.estimate import estimate_prior
@@ -11,48 +19,57 @@ from bayeskd.teachers.base import Teacher
 from bayeskd.integrity import CorruptOutputError
 from bayeskd.sparse import CacheMismatchError, ShardReader, ShardWriter, SparseDist, tokenizer_fingerprint
 
+# The posterior, the trainer, the jobs and the lab import transformers and TRL (seconds): loaded on first use, so
+# `import bayeskd` and the CLI's --help stay fast.
+_LAZY = {
+    "bayeskd.teachers.local": ("BlackBoxTeacher", "WhiteBoxTeacher"),
+    "bayeskd.teachers.sampling": ("sample_teacher_jsonl",),
+    "bayeskd.posterior.calibrate": ("calibrate_combination",),
+    "bayeskd.posterior.proxy": ("ProxyPosterior",),
+    "bayeskd.posterior.sampled": ("sample_targets",),
+    "bayeskd.posterior.estimate": ("estimate_posterior",),
+    "bayeskd.distillation.targets": ("TeacherTargetsDataset", "BayesKDCollator"),
+    "bayeskd.distillation.trainer": ("BayesKDConfig", "BayesKDTrainer", "distill"),
+    "bayeskd.distillation.align_proxy": ("align_proxy",),
+    "bayeskd.distillation.gad": ("GADConfig", "gad"),
+    "bayeskd.evaluation.evaluate": ("evaluate",),
+    "bayeskd.lab.build": ("build_lab",),
+    "bayeskd.lab.run": ("run_lab", "LabRunConfig"),
+}
+if TYPE_CHECKING:  # the same names, for type checkers and IDEs
+    from bayeskd.teachers.local import BlackBoxTeacher, WhiteBoxTeacher
+    from bayeskd.teachers.sampling import sample_teacher_jsonl
+    from bayeskd.posterior.calibrate import calibrate_combination
+    from bayeskd.posterior.proxy import ProxyPosterior
+    from bayeskd.posterior.sampled import sample_targets
+    from bayeskd.posterior.estimate import estimate_posterior
+    from bayeskd.distillation.targets import BayesKDCollator, TeacherTargetsDataset
+    from bayeskd.distillation.trainer import BayesKDConfig, BayesKDTrainer, distill
+    from bayeskd.distillation.align_proxy import align_proxy
+    from bayeskd.distillation.gad import GADConfig, gad
+    from bayeskd.evaluation.evaluate import evaluate
+    from bayeskd.lab.build import build_lab
+    from bayeskd.lab.run import LabRunConfig, run_lab
+
 __all__ = [
-    "SparseDist", "ShardWriter", "ShardReader", "CacheMismatchError", "tokenizer_fingerprint",
-    "DataError", "TokenizedData", "load_teacher_records", "load_tokenizer", "tokenize_records",
+    # teacher records in, tokenized; target shards; the errors a job raises
+    "load_teacher_records", "load_tokenizer", "tokenize_records", "TokenizedData", "tokenizer_fingerprint",
     "embedded_corpus", "embedded_teacher_jsonl", "train_bpe_tokenizer",
-    "Prior", "load_prior", "NGramPrior", "estimate_prior", "Teacher", "ProxyPosterior", "estimate_posterior",
-    "BayesKDConfig", "BayesKDTrainer", "BayesKDCollator", "TeacherTargetsDataset", "distill",
-    "kl_teacher_to_estimate", "top1_match", "topk_mass_coverage", "smoothed_one_hot",
-    "build_lab", "BlackBoxTeacher", "WhiteBoxTeacher", "sample_teacher_jsonl",
-    "TARGET_FLOOR", "combine", "sparse_kd_loss", "fused_posterior_kd", "fused_linear_posterior_kd",
-    "fused_linear_kd_and_ce", "fused_linear_ce",
-    "run_lab", "LabRunConfig", "evaluate", "response_logprobs", "student_metrics",
-    "GADConfig", "gad", "Discriminator", "bradley_terry_loss", "discriminator_accuracy", "group_advantages",
-    "grpo_loss",
-    "align_proxy", "proxy_preference_loss", "proxy_kd_weights", "alignment_diagnostics", "top1_match_ratio",
-    "topk_mass_share", "calibrate_combination", "fit_adaptive", "sample_targets", "CorruptOutputError",
+    "SparseDist", "ShardWriter", "ShardReader", "DataError", "CacheMismatchError", "CorruptOutputError",
+    # teachers
+    "Teacher", "BlackBoxTeacher", "WhiteBoxTeacher", "sample_teacher_jsonl",
+    # priors
+    "Prior", "NGramPrior", "load_prior", "estimate_prior",
+    # the posterior
+    "combine", "calibrate_combination", "ProxyPosterior", "sample_targets", "estimate_posterior",
+    # targets, losses, the trainer
+    "TeacherTargetsDataset", "BayesKDCollator", "sparse_kd_loss", "fused_posterior_kd", "fused_linear_posterior_kd",
+    "fused_linear_kd_and_ce", "fused_linear_ce", "BayesKDConfig", "BayesKDTrainer", "distill",
+    # the other jobs: proxy alignment, GAD, evaluation, and its metrics
+    "align_proxy", "GADConfig", "gad", "evaluate", "kl_teacher_to_estimate", "top1_match", "topk_mass_coverage",
+    # the lab
+    "build_lab", "run_lab", "LabRunConfig",
 ]
 __version__ = "0.1.0"
 
-# The trainer and the posterior import transformers' Trainer and model classes (seconds): load them on first use
-# so `import bayeskd` and the CLI's --help stay fast.
-_LAZY = {name: "bayeskd.posterior.proxy" for name in ("ProxyPosterior",)}
-_LAZY.update({name: "bayeskd.posterior.estimate" for name in ("estimate_posterior",)})
-_LAZY.update({name: "bayeskd.lab.build" for name in ("build_lab",)})
-_LAZY.update({name: "bayeskd.teachers.local" for name in ("BlackBoxTeacher", "WhiteBoxTeacher")})
-_LAZY.update({name: "bayeskd.teachers.sampling" for name in ("sample_teacher_jsonl",)})
-_LAZY.update({name: "bayeskd.lab.run" for name in ("run_lab", "LabRunConfig")})
-_LAZY.update({name: "bayeskd.evaluation.evaluate" for name in ("evaluate", "response_logprobs", "student_metrics")})
-_LAZY.update({name: "bayeskd.distill.gad" for name in ("GADConfig", "gad", "Discriminator", "bradley_terry_loss",
-                                                       "discriminator_accuracy", "group_advantages", "grpo_loss")})
-_LAZY.update({name: "bayeskd.distill.proxy_kd" for name in ("align_proxy", "proxy_preference_loss",
-                                                            "alignment_diagnostics", "top1_match_ratio",
-                                                            "topk_mass_share")})
-_LAZY.update({name: "bayeskd.posterior.calibrate" for name in ("calibrate_combination",)})
-_LAZY.update({name: "bayeskd.posterior.adaptive" for name in ("fit_adaptive",)})
-_LAZY.update({name: "bayeskd.posterior.sampled" for name in ("sample_targets",)})
-_LAZY.update({name: "bayeskd.distill.trainer" for name in ("BayesKDConfig", "BayesKDTrainer", "distill")})
-_LAZY.update({name: "bayeskd.distill.targets" for name in ("BayesKDCollator", "TeacherTargetsDataset",
-                                                           "proxy_kd_weights")})
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'bayeskd' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

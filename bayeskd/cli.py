@@ -340,7 +340,7 @@ def estimate_posterior_cmd(**kwargs) -> None:
 @skip_bad_option
 def distill_cmd(data, student, targets, teacher, proxy, tokenizer, out, skip_bad, **training_args) -> None:
     """Train a student on the teacher's text and the estimated (or white-box) token distributions."""
-    from bayeskd.distill.trainer import distill
+    from bayeskd.distillation.trainer import distill
 
     if targets is not None and targets.lower() == "none":
         targets = None
@@ -388,7 +388,7 @@ def distill_cmd(data, student, targets, teacher, proxy, tokenizer, out, skip_bad
 def align_proxy_cmd(**kwargs) -> None:
     """Align a proxy to the black-box teacher: SFT on its responses, then rounds of preference optimisation
     (resumable; Proxy-KD)."""
-    from bayeskd.distill.proxy_kd import align_proxy
+    from bayeskd.distillation.align_proxy import align_proxy
 
     _run_job(align_proxy, drop=("stages", "config", "diagnostics_before", "diagnostics_after", "training"),
              **kwargs)
@@ -486,7 +486,7 @@ def evaluate_cmd(**kwargs) -> None:
 def gad_cmd(**kwargs) -> None:
     """Generative adversarial distillation: the student learns by GRPO from a discriminator's score, the
     discriminator learns to tell the teacher's responses from the student's."""
-    from bayeskd.distill.gad import gad
+    from bayeskd.distillation.gad import gad
 
     _run_job(gad, drop=("history",), **kwargs)
 

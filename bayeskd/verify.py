@@ -82,7 +82,7 @@ def _recorded(folder: Path, seen: set[Path]) -> list[Finding]:
 
 def _gad_state(path: Path, seen: set[Path]) -> list[Finding]:
     """A GAD stage: state.json records its checkpoint's files (and a sha256 of itself)."""
-    from bayeskd.distill.checkpoints import verify_file_record
+    from bayeskd.distillation.checkpoints import verify_file_record
 
     try:
         state = json.loads(path.read_bytes().decode("utf-8"))

@@ -17,7 +17,7 @@ grad_weight (outputs every method must hold). Issue targets: at N=16384, V=15193
 
     python benchmarks/bench_cut.py                  # the full grid on CUDA (~minutes on an H100/H200)
     python benchmarks/bench_cut.py --quick
-    python benchmarks/bench_kernels.py --cut --sizes "16384,4096,151936,64"
+    python benchmarks/bench_cut.py --sizes "16384,4096,151936,64"
     python benchmarks/bench_cut.py --device cpu     # smoke: one tiny case under the Triton interpreter (CI)
 """
 from __future__ import annotations
@@ -37,8 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py beside this file, however it is loaded
-from timing import fmt, liger_losses, peak_cuda, print_table, time_cpu, time_cuda  # noqa: E402
+from common import RESULTS, command, fmt, liger_losses, peak_cuda, print_table, time_cpu, time_cuda, write_json
 
 DEFAULT_SIZES = [(n, h, v, k) for n in (4096, 8192, 16384) for h in (2048, 4096) for v in (32000, 151936)
                  for k in (16, 64)]
@@ -351,11 +350,10 @@ def main(argv=None) -> int:
     sizes = parse_sizes(args.sizes) if args.sizes else (
         SMOKE_SIZES if device == "cpu" else QUICK_SIZES if args.quick else DEFAULT_SIZES)
     name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
-    out = Path(args.out or Path(__file__).parent / "results" / f"cut_{device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.out else RESULTS / f"cut_{device}.json"
     result = {"device": name, **versions(), "dtype": "bfloat16" if device == "cuda" else "float32",
               "divergence": "forward_kl", "target": "prior only (mode none), random distinct top-K, tail 0.05-0.5",
-              "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+              "command": command(),
               "args": sys.argv[1:] if argv is None else list(argv),
               "cases": []}
     if device == "cpu":
@@ -374,7 +372,7 @@ def main(argv=None) -> int:
             print(f"  interpreter ms (meaningless): cut {fmt(row['interpreter_ms']['cut'])}  "
                   f"fused {fmt(row['interpreter_ms']['fused'])}")
         result["passed"] = ok
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(out, result)
         print(f"wrote {out}")
         return 0 if ok else 1
 
@@ -396,11 +394,11 @@ def main(argv=None) -> int:
         print(json.dumps(rows[i]), flush=True)
         result["cases"] = [rows[j] for j in sorted(rows)]
         result["summary"] = summary(result["cases"])
-        out.write_text(json.dumps(result, indent=2) + "\n")  # after every case: a killed run keeps its results
+        write_json(out, result)  # after every case: a killed run keeps its results
     result["cases"] = [rows[j] for j in sorted(rows)]
     result["summary"] = summary(result["cases"])
     result["total_s"] = time.perf_counter() - t0
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     cols = ["N", "H", "V", "K", "cut_ms", "fused_ms", "liger_kl_ms", "liger_jsd_ms", "cce_ms", "cce_nofilter_ms",
             "cut_over_fused", "cut_over_cce", "cut_extra_mib", "fused_extra_mib", "liger_kl_extra_mib",
             "cce_extra_mib", "cut_extra_over_fused_extra", "cut_ce_ms", "fused_ce_ms", "cut_ce_over_fused_ce",

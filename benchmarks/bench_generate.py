@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import RESULTS, write_json
 
 
 def _free_port() -> int:
@@ -140,9 +140,7 @@ def sequential_loop(base_url: str, model: str, prompts: list[str], max_tokens: i
 
 def run_generate(base_url: str, model: str, prompts_path: Path, out: Path, concurrency: int,
                  max_tokens: int) -> dict:
-    from bayeskd.teachers.generate import generate
-
-    from bayeskd.teachers.generate import side_files
+    from bayeskd.teachers.generate import generate, side_files
 
     for f in (out, *side_files(out)):
         f.unlink(missing_ok=True)
@@ -152,6 +150,21 @@ def run_generate(base_url: str, model: str, prompts_path: Path, out: Path, concu
                      max_tokens=max_tokens, progress=True)
     return {"seconds": time.perf_counter() - t, "completion_tokens": s["completion_tokens"],
             "records": s["records_total"]}
+
+
+def tiny_llama(path: Path, tokenizer, seed: int, layers: int = 2) -> str:
+    """A tiny Llama over `tokenizer`'s vocabulary (width 32), saved with its tokenizer like a user's checkpoint."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
 
 
 def _cpu(fn, *args, **kwargs):
@@ -178,8 +191,6 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import save_tiny_llama
     from transformers import AutoTokenizer
 
     from bayeskd.corpus import embedded_corpus, embedded_teacher_records, train_bpe_tokenizer
@@ -189,7 +200,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         tok = AutoTokenizer.from_pretrained(train_bpe_tokenizer(embedded_corpus(), 512, d / "tok"))
-        model = save_tiny_llama(d / "teacher", tok, seed=0, layers=2)
+        model = tiny_llama(d / "teacher", tok, seed=0, layers=2)
         texts = [r["prompt"] for r in embedded_teacher_records(max(args.requests, args.model_requests), seed=0)]
         rows = []
 
@@ -236,8 +247,7 @@ def main() -> None:
         print(f"{r['part']:<15} {r['client']:<30} {r['concurrency']:>4} {r['requests_per_s']:>8.1f} "
               f"{r.get('tokens_per_s', float('nan')):>8.1f} {r.get('cpu_ms_per_request', float('nan')):>10.2f} "
               f"{'' if ratio is None else f'{ratio:.2f}':>6}")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "generate.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_json(RESULTS / "generate.json", result, indent=1)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ logits-then-loss.
 
     python benchmarks/bench_kernels.py --device cuda --plot
     python benchmarks/bench_kernels.py --device cpu --quick
-    python benchmarks/bench_kernels.py --cut [bench_cut.py's options]
+
+lm_head + loss without logits (the cut-logits kernel) has its own benchmark: benchmarks/bench_cut.py.
 """
 from __future__ import annotations
 
@@ -30,8 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing.py beside this file, however it is loaded
-from timing import liger_losses, peak_cuda, print_table, time_cpu, time_cuda  # noqa: E402
+from common import RESULTS, command, liger_losses, peak_cuda, print_table, pyplot, time_cpu, time_cuda, write_json
 
 DEFAULT_SIZES = [(n, v, k) for n in (1024, 4096, 16384) for v in (32000, 151936) for k in (16, 64, 128)]
 QUICK_SIZES = [(256, 32000, 16), (1024, 32000, 64), (1024, 151936, 128)]
@@ -234,7 +234,8 @@ def bench_case(n, v, k, device, dtype, liger, bw_gbs):
             row[f"{name}_over_floor"] = row[f"{name}_ms"] / row["floor_ms"]  # 1 = at the bandwidth floor
     if not liger and device == "cuda":
         row["liger"] = "not installed"
-    del cases, logits
+    del cases
+    logits = None  # (not `del`: the closures above read it) frees the inputs before empty_cache
     if device == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -302,11 +303,7 @@ def run_dense_loss_only(z, prior, v):
 
 # ---------------------------------------------------------------------------------------------------------------
 def plot(rows, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     labels = [f"N={r['N']}\nV={r['V']}\nK={r['K']}" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, len(rows) * 0.9), 4.5))
     for ax, key, title in ((axes[0], "ms", "fwd+bwd time (ms, log)"), (axes[1], "peak_mib", "peak extra memory (MiB, log)")):
@@ -326,14 +323,7 @@ def plot(rows, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "--cut" in argv:  # lm_head + loss without logits: benchmarks/bench_cut.py with the other arguments
-        import bench_cut
-
-        return bench_cut.main([a for a in argv if a != "--cut"])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cut", action="store_true",
-                    help="run benchmarks/bench_cut.py (cut-logits kernel vs logits + loss) with the other arguments")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--sizes", default=None,
                     help="N,V,K triples separated by ';' (default: N∈{1k,4k,16k} × V∈{32000,151936} × K∈{16,64,128})")
@@ -376,7 +366,7 @@ def main(argv=None) -> int:
     print_table(rows, cols)
     result = {"device": name, "torch": torch.__version__, "dtype": str(dtype), "copy_bandwidth_gbs": bw,
               "liger": "installed" if liger else "not installed", "cases": rows,
-              "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
+              "command": command()}
     try:
         import triton
 
@@ -389,9 +379,7 @@ def main(argv=None) -> int:
         fl = bench_fused_linear(device, quick=args.quick or device == "cpu")
         result["fused_linear"] = fl
         print("fused linear:", json.dumps(fl))
-    out = Path(args.out or Path(__file__).parent / "results" / f"kernels_{device}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_json(Path(args.out) if args.out else RESULTS / f"kernels_{device}.json", result)
     print(f"wrote {out}")
     if args.plot and rows:
         plot(rows, out.with_suffix(".png"))

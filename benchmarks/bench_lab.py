@@ -3,7 +3,7 @@
     python benchmarks/bench_lab.py --preset tiny --seeds 3      # CPU, tens of minutes
     python benchmarks/bench_lab.py --preset small --seeds 3     # the benchmark preset (a GPU, or hours of CPU)
 
-Runs `bayeskd.lab_run.run_lab` (the same job as `bayeskd lab run`), then writes into benchmarks/results/:
+Runs `bayeskd.lab.run.run_lab` (the same job as `bayeskd lab run`), then writes into benchmarks/results/:
 lab_<preset>.json (the report), lab_<preset>.md (its tables) and lab_<preset>.png (KL against corpus size, KL
 against K, student KL(teacher‖student) per method with the spread over seeds).
 """

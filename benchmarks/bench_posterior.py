@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -31,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from common import RESULTS, write_json
 
 
 def _machine() -> dict:
@@ -105,7 +106,7 @@ def main() -> None:
                     help="posterior-pass variants to time (comma-separated); the first is the headline ratio")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-online", action="store_true", help="skip timing the online-posterior step")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "posterior.json"))
+    ap.add_argument("--out", default=str(RESULTS / "posterior.json"))
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,8 +118,7 @@ def main() -> None:
     from bayeskd.priors.estimate import embedded_defaults
     from bayeskd.posterior.proxy import ProxyPosterior
     from bayeskd.priors.ngram import NGramPrior
-    from bayeskd.distill.targets import BayesKDCollator, TeacherTargetsDataset
-    from bayeskd.distill.trainer import BayesKDConfig, BayesKDTrainer
+    from bayeskd import BayesKDCollator, BayesKDConfig, BayesKDTrainer, TeacherTargetsDataset
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, tok_dir = embedded_defaults()
@@ -269,9 +269,7 @@ def main() -> None:
     print(f"{'(c) bytes/token (shards)':<44}{c['shard_bytes_per_token']:>14.1f}")
     print(f"{'    bytes/token (dir incl. manifest)':<44}{c['dir_bytes_per_token']:>14.1f}"
           f"{'<= %d' % bound:>12}  {'yes' if c['passes'] else 'NO'}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=float))
+    out = write_json(args.out, result)
     print(f"\nwrote {out}")
 
 

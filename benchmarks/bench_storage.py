@@ -10,7 +10,6 @@ of an LLM's next token). Writes benchmarks/results/storage.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -21,6 +20,7 @@ os.environ.setdefault("NUMBA_NUM_THREADS", "1")  # one core, as the target says
 import torch  # noqa: E402
 
 from bayeskd.codec import decode, encode  # noqa: E402
+from common import RESULTS, write_json  # noqa: E402
 
 DISTILLKIT = {"bytes_per_token": 300, "k": 128, "bytes_per_entry": 300 / 128,
               "source": "DistillKit README (arcee-ai/DistillKit): top-128 logits in ~300 bytes per token"}
@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--targets", default="runs/lab/tiny/run/posterior", help="a target shard directory (lab)")
     ap.add_argument("--rows", type=int, default=20000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="benchmarks/results/storage.json")
+    ap.add_argument("--out", default=str(RESULTS / "storage.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(f"seed {args.seed}")
@@ -118,11 +118,10 @@ def main() -> None:
               f"{r['decode_M_entries_per_s']:>8.1f}")
     print(f"DistillKit (published): {DISTILLKIT['bytes_per_token']} bytes per token at K={DISTILLKIT['k']} "
           f"= {DISTILLKIT['bytes_per_entry']:.2f} bytes per entry")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
+    write_json(args.out, {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.python_version()}",
         "command": "benchmarks/bench_storage.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
-        "distillkit": DISTILLKIT, "results": results}, indent=2) + "\n")
+        "distillkit": DISTILLKIT, "results": results})
     print(f"wrote {args.out}")
 
 

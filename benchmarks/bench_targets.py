@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from common import RESULTS, write_json
+
 RAW_ENTRY, RAW_ROW = 8, 4  # bytes: int32 id + float32 log-prob an entry; float32 tail a row
 KL_FLOOR = 1e-6
 
@@ -171,7 +173,7 @@ class Bench:
         `student_metrics` against the teacher on held-out text."""
         from transformers import AutoModelForCausalLM
 
-        from bayeskd.distill.trainer import distill
+        from bayeskd import distill
         from bayeskd.evaluation.evaluate import student_metrics
 
         out = []
@@ -272,14 +274,13 @@ def main(argv=None) -> None:
     table = markdown(rows, ref)
     print(table)
     wall = time.perf_counter() - t_start
-    out = Path(args.out or f"benchmarks/results/targets_{args.preset}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out) if args.out else RESULTS / f"targets_{args.preset}.json"
     result = {"machine": f"{platform.machine()} {torch.get_num_threads()} threads, {platform.python_version()}",
               "command": "benchmarks/bench_targets.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
               "preset": args.preset, "seeds": args.seeds, "compact_fit": {"a": a, "b": b},
               "combination": {k: v for k, v in bench.combo.items() if k != "theta"}, "rows": rows,
               "lab_posterior_kd": ref, "wall_seconds": round(wall, 1)}
-    out.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    write_json(out, result)
     out.with_suffix(".md").write_text(f"# Targets at equal bytes per token ({args.preset}, {args.seeds} seeds)\n\n"
                                       + table + f"\nwall time {wall:.0f} s\n")
     print(f"wrote {out} and {out.with_suffix('.md')} ({wall:.0f} s)")

@@ -14,7 +14,6 @@ row strides are taken as multiples of 16, as the JIT specialises them for real m
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -32,8 +31,8 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import bayeskd.kernels.cut_sparse_kd as cut  # noqa: E402
 import bayeskd.kernels.sparse_kd as fused  # noqa: E402
+from common import RESULTS, command, write_json  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 INT_PTRS = {"idx_ptr": "*i32", "bad_ptr": "*i32", "i0_ptr": "*i32", "iq_ptr": "*i32", "y_ptr": "*i32",
             "mask_ptr": "*i8"}
@@ -138,11 +137,9 @@ def main(argv=None) -> int:
               + (f"regs={row['registers']:<3} stack={row['stack_bytes']:<5} smem={row['shared_bytes']:<6} "
                  f"wgmma={row['wgmma']:<3} cp.async={row['cp_async']}" if "shared_bytes" in row
                  else row.get("error", "")) + ("" if row["ok"] else "  FAIL"), flush=True)
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"compile_sm{args.arch}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"target": f"cuda sm_{args.arch}", "triton": triton.__version__, "cases": rows,
-                               "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}, indent=2)
-                   + "\n")
+    out = write_json(Path(args.out) if args.out else RESULTS / f"compile_sm{args.arch}.json",
+                     {"target": f"cuda sm_{args.arch}", "triton": triton.__version__, "cases": rows,
+                      "command": command()})
     print(f"{'ALL COMPILED, NO SPILLS' if not failed else f'{failed} FAILED'}; wrote {out}")
     return 1 if failed else 0
 

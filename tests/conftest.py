@@ -4,7 +4,7 @@ import os
 
 # Triton kernels run in the interpreter on CPU; set before any test module imports triton (a module that
 # imported the kernels compiled would leave later ones calling @triton.jit helpers outside the interpreter).
-# benchmarks/gpu_check.py sets BAYESKD_KERNELS_COMPILED=1 to keep the compiled kernels.
+# BAYESKD_KERNELS_COMPILED=1 keeps the compiled kernels (the tests run on a GPU).
 if os.environ.get("BAYESKD_KERNELS_COMPILED") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

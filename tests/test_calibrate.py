@@ -1,4 +1,4 @@
-"""Choosing the prior/proxy combination from the teacher's sampled tokens (bayeskd.calibrate)."""
+"""Choosing the prior/proxy combination from the teacher's sampled tokens (bayeskd.posterior.calibrate)."""
 import math
 
 import pytest

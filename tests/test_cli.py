@@ -175,8 +175,8 @@ def test_cli_defaults_are_the_librarys():
     library uses when it is not given (distill's run defaults included), so the CLI and the library train alike."""
     import dataclasses
 
-    from bayeskd.distill.gad import GADConfig
-    from bayeskd.distill.trainer import RUN_DEFAULTS, BayesKDConfig
+    from bayeskd.distillation.gad import GADConfig
+    from bayeskd.distillation.trainer import RUN_DEFAULTS, BayesKDConfig
 
     for cmd, config in (("gad", GADConfig()), ("distill", BayesKDConfig(output_dir="unused", **RUN_DEFAULTS))):
         fields = {f.name for f in dataclasses.fields(config)}

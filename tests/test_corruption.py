@@ -70,8 +70,8 @@ def _records(n: int, seed: int = 0) -> list[dict]:
 @pytest.fixture(scope="module")
 def made(tmp_path_factory, tiny_tokenizer_dir, tiny_tokenizer):
     """One run of each job whose output is damaged below (copied before each damage)."""
-    from bayeskd.distill.gad import gad
-    from bayeskd.distill.trainer import distill
+    from bayeskd.distillation.gad import gad
+    from bayeskd.distillation.trainer import distill
     from bayeskd.priors.estimate import estimate_prior
 
     d = tmp_path_factory.mktemp("made")
@@ -204,7 +204,7 @@ def test_read_json_and_npy_name_the_file(tmp_path, rng):
 @pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt", "trainer_state.json", "checksums.json"])
 @pytest.mark.parametrize("how", HOWS)
 def test_damaged_trainer_checkpoint_falls_back_to_the_previous_one(made, tmp_path, rng, name, how):
-    from bayeskd.distill.checkpoints import latest_intact_checkpoint, resume_point
+    from bayeskd.distillation.checkpoints import latest_intact_checkpoint, resume_point
 
     out = _copy(made, "distill", tmp_path)
     assert (out / "checkpoint-2" / "checksums.json").exists() and (out / "checkpoint-1" / "checksums.json").exists()
@@ -220,7 +220,7 @@ def test_damaged_trainer_checkpoint_falls_back_to_the_previous_one(made, tmp_pat
 def test_distill_resumes_past_a_damaged_checkpoint_to_the_same_weights(made, tmp_path, rng):
     from safetensors.torch import load_file
 
-    from bayeskd.distill.trainer import distill
+    from bayeskd.distillation.trainer import distill
 
     out = _copy(made, "distill", tmp_path)
     damage(out / "checkpoint-2" / "model.safetensors", "flip", rng)
@@ -235,7 +235,7 @@ def test_distill_resumes_past_a_damaged_checkpoint_to_the_same_weights(made, tmp
                                   "state.json"])
 @pytest.mark.parametrize("how", HOWS)
 def test_damaged_gad_checkpoint_is_named_on_resume(made, tmp_path, rng, name, how):
-    from bayeskd.distill.gad import gad
+    from bayeskd.distillation.gad import gad
 
     out = _copy(made, "gad", tmp_path)
     damage(out / name, how, rng)
@@ -253,7 +253,7 @@ def test_damaged_gad_checkpoint_is_named_on_resume(made, tmp_path, rng, name, ho
 
 @pytest.mark.parametrize("how", HOWS + ("digit",))
 def test_damaged_align_proxy_stage_is_named_and_final_rebuilt(tmp_path, rng, how):
-    from bayeskd.distill.checkpoints import final_is_current, read_stage, record_stage
+    from bayeskd.distillation.checkpoints import final_is_current, read_stage, record_stage
 
     stage = tmp_path / "round_1"
     stage.mkdir()

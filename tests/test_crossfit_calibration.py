@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import bayeskd.distill.trainer as trainer_module
+import bayeskd.distillation.trainer as trainer_module
 import bayeskd.posterior.estimate as estimate_module
 from bayeskd.cli import main
 from bayeskd.data import load_teacher_records, tokenize_records
-from bayeskd.distill.proxy_kd import TRAIN_RECORDS, align_proxy, holdout_indices
+from bayeskd.distillation.align_proxy import TRAIN_RECORDS, align_proxy, holdout_indices
 from bayeskd.records import records_fingerprint
 from bayeskd.posterior.calibrate import TRAINING_INFO, expand_ranges, index_ranges
 from bayeskd.posterior.estimate import estimate_posterior

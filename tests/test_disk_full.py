@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "drill"))  # the fault drill's harness (drill/)
 from drill_faults import can_unshare, disk_full_drill  # noqa: E402
 
 from bayeskd.integrity import disk_full_message  # noqa: E402

@@ -134,7 +134,7 @@ def test_estimate_posterior_two_ranks_resumes_from_rank_manifests(tiny_setup):
 
 _DISTILL = """
 import json, os, sys
-from bayeskd.distill.trainer import distill
+from bayeskd.distillation.trainer import distill
 data, student, targets, out, bs, fused = sys.argv[1:7]
 # plain SGD (no momentum, constant lr): the update is proportional to the loss scale, so a wrong weighting of the
 # ranks' tokens changes the weights (Adam would normalise much of it away)

@@ -1,4 +1,4 @@
-"""The kill/restart drill (benchmarks/drill.py) in the small configuration CI affords: every long job killed once
+"""The kill/restart drill (drill/drill.py) in the small configuration CI affords: every long job killed once
 (SIGKILL to its process group at a seeded random moment) and restarted to the end; SIGTERM and a concurrent
 second run on a few jobs. Outputs must equal an undisturbed run's, nothing may be left behind or lost.
 The seed is printed; replay with DRILL_SEED=<seed>."""
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_drill():
-    spec = importlib.util.spec_from_file_location("drill", ROOT / "benchmarks" / "drill.py")
+    spec = importlib.util.spec_from_file_location("drill", ROOT / "drill" / "drill.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules["drill"] = mod  # dataclasses look their module up by name
     spec.loader.exec_module(mod)

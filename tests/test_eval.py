@@ -1,4 +1,5 @@
-"""bayeskd.eval: hand-computed V=4 cases, a random check against dense float64 via to_dense(), and errors."""
+"""bayeskd.evaluation.metrics: hand-computed V=4 cases, a random check against dense float64 via to_dense(), and
+errors."""
 import math
 
 import pytest

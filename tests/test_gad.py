@@ -9,8 +9,9 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from bayeskd.distill.gad import (Discriminator, GADConfig, bradley_terry_loss, discriminator_accuracy, gad,
-                         group_advantages, grpo_loss)
+from bayeskd.distillation.gad import GADConfig, gad
+from bayeskd.distillation.gad_parts import (Discriminator, bradley_terry_loss, discriminator_accuracy,
+                                            group_advantages, grpo_loss)
 from bayeskd.cli_config import GAD_DEFAULTS
 from conftest import save_tiny_llama
 
@@ -89,7 +90,7 @@ def test_sft_term_in_the_grpo_step_is_the_teacher_cross_entropy(setup):
     cross-entropy: the same update as a plain SFT step, and its logged value is the cross-entropy by hand."""
     from transformers import AutoModelForCausalLM
 
-    from bayeskd.distill.gad import _update_generator_grpo, _update_generator_sft
+    from bayeskd.distillation.gad import _update_generator_grpo, _update_generator_sft
 
     prompts, teacher = [[5, 6, 7], [8, 9]], [[10, 11, 12, 13], [14, 15]]
     samples = [[20, 21], [22], [23, 24, 25], [26]]  # 2 per prompt
@@ -152,7 +153,7 @@ def test_grpo_loss_kl_and_mask_hand_case():
 def test_checkpoint_older_than_a_setting_resumes_with_its_default(tmp_path):
     from dataclasses import asdict
 
-    from bayeskd.distill.gad import ADDED_LATER, STATE_VERSION, _check_resume
+    from bayeskd.distillation.gad import ADDED_LATER, STATE_VERSION, _check_resume
 
     want = {**asdict(GADConfig()), **ADDED_LATER}  # what such a checkpoint ran with
     old = {k: v for k, v in want.items() if k not in ADDED_LATER}  # saved before these settings existed
@@ -310,7 +311,7 @@ def test_cli_gad(setup, tmp_path):
 
 
 def test_prompt_batches_visit_every_record_once_per_epoch():
-    from bayeskd.distill.gad import _batch_indices
+    from bayeskd.distillation.gad import _batch_indices
 
     idx = [i for step in range(6) for i in _batch_indices(5, 2, seed=0, stage="gad", step=step)]
     assert sorted(idx[:5]) == list(range(5)) and sorted(idx[5:10]) == list(range(5))

@@ -264,7 +264,7 @@ def test_truncation_window_is_the_stated_policy(p, r, m):
 def test_tokenize_records_and_targets_dataset_truncate_alike(tiny_tokenizer, recs, max_length):
     """The trainer tokenizes untruncated (its target rows cover whole responses) and truncates per item; Proxy-KD
     tokenizes with max_length: both must give the same tokens and masks."""
-    from bayeskd.distill.targets import TeacherTargetsDataset
+    from bayeskd.distillation.targets import TeacherTargetsDataset
 
     records = [{"prompt": p, "response": r + "!", **({"finish_reason": f} if f else {})} for p, r, f in recs]
     full = tokenize_records(records, tiny_tokenizer)

@@ -9,8 +9,8 @@ import os
 import sys
 import zlib
 
-# benchmarks/gpu_check.py imports this module for its reference and sets BAYESKD_KERNELS_COMPILED=1 to keep
-# the compiled kernels; everywhere else the kernels run in the interpreter (CPU)
+# BAYESKD_KERNELS_COMPILED=1 keeps the compiled kernels (a GPU run); everywhere else the kernels run in the
+# interpreter (CPU)
 INTERPRET = os.environ.get("BAYESKD_KERNELS_COMPILED") != "1"
 if INTERPRET:
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the @triton.jit decoration of the kernels

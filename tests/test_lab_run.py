@@ -15,7 +15,7 @@ from bayeskd.lab.build import LabError
 from bayeskd.lab.run import RUN_DEFAULTS, run_lab
 from bayeskd.evaluation.evaluate import estimate_metrics, read_target_rows, response_logprobs
 from bayeskd.sparse import ShardWriter, SparseDist
-from bayeskd.distill.trainer import whitebox_targets
+from bayeskd.distillation.trainer import whitebox_targets
 from conftest import save_tiny_llama
 
 RECORDS = [{"prompt": "Return the", "response": "absolute value of a number."},
@@ -26,7 +26,8 @@ RECORDS = [{"prompt": "Return the", "response": "absolute value of a number."},
 @pytest.fixture(scope="module")
 def lab_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("labrun")
-    res = CliRunner().invoke(main, ["lab", "run", "--preset", "micro", "--root", str(root), "--quiet"])
+    # as a user runs it (progress bars on: they go to the log file)
+    res = CliRunner().invoke(main, ["lab", "run", "--preset", "micro", "--root", str(root)])
     assert res.exit_code == 0, res.output + repr(res.exception)
     return root, res.output
 
@@ -120,6 +121,11 @@ def test_lab_run_writes_every_table(lab_run):
     assert "## Across tokenizers" in (run / "report.md").read_text()
     assert "## Student quality" in (run / "report.md").read_text()
     assert "Estimation quality" in output  # the tables are printed
+    # ...with one line per stage; what the stages print (the Trainer's per-step logs, bars, warnings) goes to the
+    # log file beside run/ (issue 28 item 7)
+    log = (root / "micro" / "run.log").read_text()
+    assert "train_runtime" in log and "it/s" in log and "train_runtime" not in output and "it/s" not in output
+    assert "[lab] estimate-prior: " in output and "[lab] estimate-prior: " in log and len(output) < 30_000
     # the Bayesian part against its components: the aligned proxy never trained on what is scored or calibrated on
     b = report["bayes"]
     assert "held out 32" in b["proxy"] and b["calibration_records"] == 16

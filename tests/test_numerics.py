@@ -156,7 +156,7 @@ def test_empty_batch_gives_empty_results(rng):
 def test_trainer_loss_all_masked_and_non_finite(rng):
     """compute_loss with no response token in the batch: a zero loss whose gradient is zero; NaN logits with
     targets: the fused loss's clear error."""
-    from bayeskd.distill.trainer import BayesKDTrainer
+    from bayeskd.distillation.trainer import BayesKDTrainer
 
     emb = torch.nn.Embedding(V, V)
 

@@ -9,10 +9,11 @@ import torch
 
 from bayeskd.data import load_teacher_records, tokenize_records
 from bayeskd.losses import sparse_kd_loss
-from bayeskd.distill.proxy_kd import (align_proxy, alignment_diagnostics, pretokenized_dpo_trainer_class,
-                                      proxy_preference_loss, sequence_logprobs, top1_match_ratio, topk_mass_share)
-from bayeskd.distill.targets import BayesKDCollator, TeacherTargetsDataset, proxy_kd_weights
-from bayeskd.distill.trainer import BayesKDConfig, BayesKDTrainer, distill
+from bayeskd.distillation.align_proxy import (align_proxy, alignment_diagnostics, pretokenized_dpo_trainer_class,
+                                             proxy_preference_loss, sequence_logprobs, top1_match_ratio,
+                                             topk_mass_share)
+from bayeskd.distillation.targets import BayesKDCollator, TeacherTargetsDataset, proxy_kd_weights
+from bayeskd.distillation.trainer import BayesKDConfig, BayesKDTrainer, distill
 from bayeskd.sparse import TEACHER_LOGPROB
 from bayeskd.sparse import CacheMismatchError, ShardWriter, SparseDist
 from conftest import save_tiny_llama

@@ -120,8 +120,8 @@ def test_row_order_and_position_zero(tf, caller):
     elif caller in ("trainer", "trainer_targets"):  # what BayesKDTrainer.compute_loss and _proxy_rows select
         from types import SimpleNamespace
 
-        from bayeskd.distill.targets import BayesKDCollator, TeacherTargetsDataset
-        from bayeskd.distill.trainer import BayesKDTrainer
+        from bayeskd.distillation.targets import BayesKDCollator, TeacherTargetsDataset
+        from bayeskd.distillation.trainer import BayesKDTrainer
 
         targets = None
         if caller == "trainer_targets":  # proxy-only target shards written by the posterior stage, read back
@@ -155,7 +155,7 @@ def test_row_order_and_position_zero(tf, caller):
             _close(torch.cat(tgt), exp["ctx_rows"], "trainer target rows")
 
     elif caller == "proxy_kd":
-        from bayeskd.distill.proxy_kd import _response_logprobs, alignment_diagnostics, sequence_logprobs
+        from bayeskd.distillation.align_proxy import _response_logprobs, alignment_diagnostics, sequence_logprobs
 
         seqs = [tok.input_ids[q] for q in ORDER]
         masks = [tok.response_mask[q] for q in ORDER]
@@ -173,7 +173,7 @@ def test_row_order_and_position_zero(tf, caller):
         assert diag["teacher_token_logprob"] == pytest.approx(float(exp["ctx_lp"].double().mean()), abs=ATOL)
 
     elif caller == "gad":
-        from bayeskd.distill.gad import _pack, _token_logprobs
+        from bayeskd.distillation.gad import _pack, _token_logprobs
 
         got = []
         with torch.no_grad():

@@ -10,8 +10,8 @@ from bayeskd.data import load_teacher_records, tokenize_records
 from bayeskd.losses import sparse_kd_loss
 from bayeskd.priors.ngram import NGramPrior
 from bayeskd.sparse import CacheMismatchError, ShardWriter, SparseDist
-from bayeskd.distill.targets import BayesKDCollator, TeacherTargetsDataset
-from bayeskd.distill.trainer import BayesKDConfig, BayesKDTrainer, distill, whitebox_targets
+from bayeskd.distillation.targets import BayesKDCollator, TeacherTargetsDataset
+from bayeskd.distillation.trainer import BayesKDConfig, BayesKDTrainer, distill, whitebox_targets
 from bayeskd.teacher_forcing import model_logits, select_rows
 
 WORDS = ["the", "module", "returns", "a", "list", "of", "strings", "when", "called", "with", "an", "object"]
@@ -176,7 +176,7 @@ def test_default_ce_weight_is_one_for_sft_and_the_measured_one_beside_kd(setup, 
     """ce_weight unset: SFT's loss is CE (its only term); beside KD it is KD_CE_WEIGHT (the lab's choice)."""
     from transformers import AutoModelForCausalLM
 
-    from bayeskd.distill.trainer import KD_CE_WEIGHT, resolve_ce_weight
+    from bayeskd.distillation.trainer import KD_CE_WEIGHT, resolve_ce_weight
 
     assert resolve_ce_weight(None, False) == 1.0 and resolve_ce_weight(None, True) == KD_CE_WEIGHT
     assert resolve_ce_weight(0.25, False) == 0.25 == resolve_ce_weight(0.25, True)

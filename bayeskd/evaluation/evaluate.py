@@ -55,7 +55,7 @@ def estimate_metrics(teacher_lp: torch.Tensor, estimate: SparseDist | torch.Tens
 def read_target_rows(targets_dir: str | Path, tokenized, indices: Sequence[int]) -> SparseDist:
     """The rows of the records `indices` from a target-shard directory made for `tokenized`'s data and tokenizer
     (checked as the trainer checks them), in target-row order."""
-    from bayeskd.distill.targets import TeacherTargetsDataset
+    from bayeskd.distillation.targets import TeacherTargetsDataset
 
     dataset = TeacherTargetsDataset(tokenized, str(targets_dir))
     return SparseDist.cat([dataset.record_rows(int(i)) for i in indices])

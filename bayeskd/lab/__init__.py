@@ -1,17 +1,28 @@
 """The lab: a teacher whose true distributions are readable. build.py (build the lab's models from the
-embedded corpus), teacher.py (a sharper teacher: the lab teacher at a temperature < 1), run.py (the `lab run` job:
-the whole pipeline scored against the truth)."""
-from bayeskd._moved import lazy
+embedded corpus), teacher.py (a sharper teacher: the lab teacher at a temperature < 1), http_sampling.py (the lab
+teacher sampled as an API teacher: serve-teacher and generate over HTTP), run.py (the `lab run` job: the whole
+pipeline scored against the truth) with students.py, recipe.py, bayes.py, cross.py and report.py."""
+from typing import TYPE_CHECKING
 
-_NAMES = {**{n: "bayeskd.lab.build" for n in ("build_lab", "LabError", "LabPreset", "ModelSize", "PRESETS",
-                                               "get_preset", "split_corpus", "load_lab_prompts", "read_manifest",
-                                               "lab_paths", "train_causal_lm", "SharpLabPreset",
-                                               "sharp_preset")},
-          **{n: "bayeskd.lab.teacher" for n in ("sharpen_model", "sharpen_teacher", "search_tau")},
-          **{n: "bayeskd.lab.run" for n in ("run_lab", "LabRunConfig")},
-          "format_report": "bayeskd.lab.report",
-          # the lab's teacher lives in bayeskd.teachers since the stage folders; kept here for old imports
-          **{n: "bayeskd.teachers.local" for n in ("BlackBoxTeacher", "WhiteBoxTeacher")},
-          **{n: "bayeskd.teachers.sampling" for n in ("sample_records", "sample_teacher_jsonl")}}
-__all__ = sorted(_NAMES)
-__getattr__ = lazy(__name__, _NAMES)
+from bayeskd._lazy import lazy_exports
+
+_LAZY = {
+    "bayeskd.lab.build": ("build_lab", "LabError", "LabPreset", "ModelSize", "PRESETS", "get_preset", "split_corpus",
+                          "load_lab_prompts", "read_manifest", "lab_paths", "train_causal_lm", "SharpLabPreset",
+                          "sharp_preset"),
+    "bayeskd.lab.teacher": ("sharpen_model", "sharpen_teacher", "search_tau"),
+    "bayeskd.lab.run": ("run_lab", "LabRunConfig"),
+    "bayeskd.lab.report": ("format_report",),
+}
+if TYPE_CHECKING:
+    from bayeskd.lab.build import (PRESETS, LabError, LabPreset, ModelSize, SharpLabPreset, build_lab, get_preset,
+                                   lab_paths, load_lab_prompts, read_manifest, sharp_preset, split_corpus,
+                                   train_causal_lm)
+    from bayeskd.lab.teacher import search_tau, sharpen_model, sharpen_teacher
+    from bayeskd.lab.run import LabRunConfig, run_lab
+    from bayeskd.lab.report import format_report
+
+__all__ = ["build_lab", "LabError", "LabPreset", "ModelSize", "PRESETS", "get_preset", "split_corpus",
+           "load_lab_prompts", "read_manifest", "lab_paths", "train_causal_lm", "SharpLabPreset", "sharp_preset",
+           "sharpen_model", "sharpen_teacher", "search_tau", "run_lab", "LabRunConfig", "format_report"]
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from bayeskd.lab.build import LabPreset, split_corpus, train_lab_model
-from bayeskd.lab.sampling import sample_teacher
+from bayeskd.lab.http_sampling import sample_teacher
 from bayeskd.sparse import atomic_write_bytes
 
 VOCAB_FACTOR = 1.5
@@ -77,7 +77,7 @@ def run_cross(paths: dict[str, str], run: Path, cfg, prompts: Sequence[str], hel
     from transformers import AutoModelForCausalLM
 
     from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
-    from bayeskd.distill.trainer import distill
+    from bayeskd.distillation.trainer import distill
     from bayeskd.posterior.estimate import estimate_posterior
     from bayeskd.priors.estimate import estimate_prior
     from bayeskd.token_bytes import token_bytes_table

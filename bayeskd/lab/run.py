@@ -29,7 +29,7 @@ from bayeskd.evaluation.evaluate import (estimation_table, format_estimation, on
 from bayeskd.evaluation.metrics import kl_teacher_to_estimate, observed_token_check
 from bayeskd.lab.build import LabError, build_lab, get_preset, load_lab_prompts, read_manifest, split_corpus
 from bayeskd.lab.report import check_targets, format_report
-from bayeskd.lab.sampling import sample_teacher
+from bayeskd.lab.http_sampling import sample_teacher
 from bayeskd.lab.students import BUCKET_DIR, K5_DIR, METHODS, POSTERIOR_DIR, TEXT_DIR, students
 from bayeskd.lab.teacher import mean_entropy
 from bayeskd.resume import check_stamp, read_stamp, settings_diff
@@ -80,7 +80,7 @@ class LabRunConfig:
     dpo_lr: float = 1e-4
     gad_d_warmup: int = 10          # discriminator-only steps before the adversarial ones
     gad_steps: int = 60             # adversarial (GRPO) steps, starting from the seed's SFT student
-    gad_temperature: float = 1.0    # the teacher's sampling temperature (0.8 made GAD worse: benchmarks/gad_tune.py)
+    gad_temperature: float = 1.0    # the teacher's sampling temperature (0.8 made GAD worse: experiments/gad_tune.py)
     gad_sft_coef: float = 1.0       # teacher cross-entropy in each GRPO step (0: the paper's GAD)
     gad_group: int = 8
     gad_batch_prompts: int = 8
@@ -296,13 +296,53 @@ def _check_stamps(run: Path, cfg: LabRunConfig, force: bool) -> None:
     atomic_write_json(train_stamp, settings)
 
 
-def run_lab(root: str = "runs/lab", preset: str = "tiny", **kwargs: Any) -> dict[str, Any]:
-    """Run the whole lab (module docstring; keywords: `_run_lab`'s), one run per run directory at a time."""
+@contextmanager
+def _output_to(path: Path, log: Callable[[str], None]):
+    """Everything the stages print (progress bars, the Trainer's per-step logs, library warnings and logging) goes
+    to the log file `path`; the caller's `log` gets the stage lines and the tables (and the file a copy). Yields
+    that `log`."""
+    import logging
+    import sys
+    import warnings
+    from contextlib import redirect_stderr, redirect_stdout
+
+    import transformers
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    terminal = sys.stdout
+    with open(path, "a", encoding="utf-8", buffering=1) as f:
+        def tee(message: str) -> None:
+            f.write(message + "\n")
+            with redirect_stdout(terminal):
+                log(message)
+
+        handler = logging.StreamHandler(f)
+        logging.getLogger().addHandler(handler)
+        transformers.logging.disable_default_handler()  # it holds the real stderr
+        transformers.logging.add_handler(handler)
+        try:
+            with redirect_stdout(f), redirect_stderr(f), warnings.catch_warnings():
+                warnings.showwarning = lambda msg, cat, file, line, *_: f.write(
+                    warnings.formatwarning(msg, cat, file, line))
+                yield tee
+        finally:
+            transformers.logging.remove_handler(handler)
+            transformers.logging.enable_default_handler()
+            logging.getLogger().removeHandler(handler)
+
+
+def run_lab(root: str = "runs/lab", preset: str = "tiny", log: Callable[[str], None] = print,
+            **kwargs: Any) -> dict[str, Any]:
+    """Run the whole lab (module docstring; keywords: `_run_lab`'s), one run per run directory at a time. `log` gets
+    one line per stage and the tables; everything else the stages print goes to root/<preset>/run.log."""
     from bayeskd.locks import output_lock
 
-    # the lock beside run/ (run.lock), since force may remove run/ itself
-    with output_lock(Path(root) / get_preset(preset).name / "run", "lab run", file=True):
-        return _run_lab(root, preset, **kwargs)
+    base = Path(root) / get_preset(preset).name
+    # the lock and the log beside run/ (run.lock, run.log), since force may remove run/ itself
+    with output_lock(base / "run", "lab run", file=True), _output_to(base / "run.log", log) as tee:
+        tee(f"[lab] {time.strftime('%Y-%m-%d %H:%M:%S')}: preset {preset}, root {root} (the stages' own output: "
+            f"{base / 'run.log'})")
+        return _run_lab(root, preset, log=tee, **kwargs)
 
 
 def _run_lab(root: str, preset: str, *, seeds: int | None = None, methods: Sequence[str] | None = None,
@@ -347,7 +387,7 @@ def _run_lab(root: str, preset: str, *, seeds: int | None = None, methods: Seque
     train_jsonl = str(run / "teacher_train.jsonl")
     align_summary = calibration = None
     if cfg.align:
-        from bayeskd.distill.proxy_kd import align_proxy
+        from bayeskd.distillation.align_proxy import align_proxy
 
         with _stage("align the proxy (SFT + preference rounds)", log, timings):
             align_summary = align_proxy(train_jsonl, paths["proxy"], str(run / "aligned_proxy"),

@@ -27,7 +27,7 @@ EVIDENCE_METHODS = ("posterior-kd-k5", "posterior-kd-text", "bucket-kd")  # need
 
 def _gad_student(seed: int, paths: dict[str, str], run: Path, cfg, progress: bool) -> Path:
     """GAD from the seed's SFT student (the paper's SFT warm-up); D, initialised from it, trains alone first."""
-    from bayeskd.distill.gad import gad
+    from bayeskd.distillation.gad import gad
 
     out = run / "students" / f"gad-s{seed}"
     if not (out / "summary.json").exists():
@@ -43,7 +43,7 @@ def distill_student(method: str, seed: int, paths: dict[str, str], run: Path, cf
                     name: str | None = None, **overrides: Any) -> Path:
     """Train (or reuse) the student of `method` with `seed` into run/students/<method>-s<seed> (or run/<name>),
     with `cfg`'s recipe and `overrides` (distill keywords); returns its directory."""
-    from bayeskd.distill.trainer import distill
+    from bayeskd.distillation.trainer import distill
 
     out = run / (name or f"students/{method}-s{seed}")
     if method != "gad" and (out / "summary.json").exists():

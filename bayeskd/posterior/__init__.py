@@ -1,21 +1,37 @@
 """The posterior: prior x proxy (x revealed log-probabilities) at every response position.
 
-combine.py (the combination math), adaptive.py (mode "adaptive": per-row mixture weights and their fit), proxy.py
-(`ProxyPosterior`: the proxy teacher-forced, the posterior pass), shards.py (prior rows and per-rank shard writing),
-calibrate.py (choosing the combination from the teacher's own tokens), estimate.py (the `estimate-posterior` job).
+combine.py (the combination math), condition.py (conditioning on revealed log-probabilities), evidence.py
+(revealed top-k -> student-token evidence rows), adaptive.py (mode "adaptive": per-row mixture weights and their
+fit), proxy.py (`ProxyPosterior`: the proxy teacher-forced, the posterior pass), shards.py (prior rows and per-rank
+shard writing), sampled.py (sampled targets), calibrate.py (choosing the combination from the teacher's own tokens),
+estimate.py (the `estimate-posterior` job). The function `combine` is `bayeskd.combine`; `bayeskd.posterior.combine`
+is its module. The mode names and shard keys live in `bayeskd.sparse`.
 """
-from bayeskd._moved import lazy
+from typing import TYPE_CHECKING
 
-_NAMES = {"combine": "bayeskd.posterior.combine",
-          "evidence_only": "bayeskd.posterior.condition",
-          "ProxyPosterior": "bayeskd.posterior.proxy", "fast_topk": "bayeskd.posterior.proxy",
-          "PriorTopK": "bayeskd.posterior.shards", "record_shard_bounds": "bayeskd.posterior.shards",
-          "calibrate_combination": "bayeskd.posterior.calibrate", "calibrate_on_records": "bayeskd.posterior.calibrate",
-          "token_logprob": "bayeskd.posterior.calibrate", "DEFAULT_CANDIDATES": "bayeskd.posterior.calibrate",
-          "estimate_posterior": "bayeskd.posterior.estimate",
-          "fit_adaptive": "bayeskd.posterior.adaptive", "adaptive_features": "bayeskd.posterior.adaptive",
-          "adaptive_weights": "bayeskd.posterior.adaptive",
-          "Evidence": "bayeskd.posterior.evidence", "evidence_rows": "bayeskd.posterior.evidence",
-          "MODES": "bayeskd.sparse", "TEACHER_LOGPROB": "bayeskd.sparse"}
-__all__ = sorted(_NAMES)
-__getattr__ = lazy(__name__, _NAMES)
+from bayeskd._lazy import lazy_exports
+
+_LAZY = {
+    "bayeskd.posterior.condition": ("evidence_only",),
+    "bayeskd.posterior.evidence": ("Evidence", "evidence_rows"),
+    "bayeskd.posterior.adaptive": ("fit_adaptive", "adaptive_features", "adaptive_weights"),
+    "bayeskd.posterior.proxy": ("ProxyPosterior", "fast_topk"),
+    "bayeskd.posterior.shards": ("PriorTopK", "record_shard_bounds"),
+    "bayeskd.posterior.calibrate": ("calibrate_combination", "calibrate_on_records", "token_logprob",
+                                    "DEFAULT_CANDIDATES"),
+    "bayeskd.posterior.estimate": ("estimate_posterior",),
+}
+if TYPE_CHECKING:
+    from bayeskd.posterior.condition import evidence_only
+    from bayeskd.posterior.evidence import Evidence, evidence_rows
+    from bayeskd.posterior.adaptive import adaptive_features, adaptive_weights, fit_adaptive
+    from bayeskd.posterior.proxy import ProxyPosterior, fast_topk
+    from bayeskd.posterior.shards import PriorTopK, record_shard_bounds
+    from bayeskd.posterior.calibrate import (DEFAULT_CANDIDATES, calibrate_combination, calibrate_on_records,
+                                           token_logprob)
+    from bayeskd.posterior.estimate import estimate_posterior
+
+__all__ = ["evidence_only", "Evidence", "evidence_rows", "fit_adaptive", "adaptive_features", "adaptive_weights",
+           "ProxyPosterior", "fast_topk", "PriorTopK", "record_shard_bounds", "calibrate_combination",
+           "calibrate_on_records", "token_logprob", "DEFAULT_CANDIDATES", "estimate_posterior"]
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -1,4 +1,5 @@
-"""The jobs behind the CLI commands, as plain functions a test (or a notebook) can call."""
+"""The job behind `bayeskd estimate-prior`: fit a prior on teacher records (or the embedded defaults) and write
+it, with its leave-one-out top-K rows as shards; a plain function a test (or a notebook) can call."""
 from __future__ import annotations
 
 import io

@@ -13,11 +13,11 @@ Every run of a job uses the same output path (`WORK/<job>/out`, moved aside afte
 record their own path compare byte for byte too. Jobs run single-threaded (OMP/MKL threads 1) so that CPU results
 are reproducible run to run; trained weights are then required to be exactly equal (torch.equal), no tolerance.
 
-    python benchmarks/drill.py --kills 3 --seed 1          # all jobs; table + benchmarks/results/drill.json
-    python benchmarks/drill.py --jobs distill,gad --kills 1
+    python drill/drill.py --kills 3 --seed 1          # all jobs; table + drill/results/drill.json
+    python drill/drill.py --jobs distill,gad --kills 1
 
 Reusable: other drills build on `Job`, `job_registry`, `prepare_inputs`, `run_job` and `compare_outputs`
-(benchmarks/drill_compare.py).
+(drill/drill_compare.py).
 """
 from __future__ import annotations
 
@@ -36,12 +36,13 @@ from typing import Any, Callable
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # drill_compare beside this file, however it is loaded
-from drill_compare import IGNORED, TEMP_NAME, compare_outputs, published_ok, temporaries  # noqa: E402
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # drill_compare, drill_faults, drill_inputs beside this file, however it is loaded
+from drill_compare import IGNORED, LOG_NAME, TEMP_NAME, compare_outputs, published_ok, temporaries  # noqa: E402
 from drill_faults import corruption_drill, disk_full_drill  # noqa: E402
 from drill_inputs import bad_input_drill  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = HERE.parent  # the repository: the jobs run there, with it on PYTHONPATH
 PHASES = ("kills", "sigterm", "concurrent", "corruption", "disk_full", "bad_input")
 RESUME_HINT = "rerun the same command to resume"  # what an interrupted job must print (cli.RESUME_HINT)
 LOCK_MESSAGE = "is being written by"              # bayeskd.locks.OutputLockedError
@@ -392,6 +393,7 @@ def run_drill(work: Path, jobs: list[str] | None = None, kills: int = 3, sigterm
     log(f"startup {drill.startup:.2f}s; kills drawn after it")
     report: dict[str, Any] = {"seed": seed, "kills_per_job": kills, "threads": threads, "startup_s": drill.startup,
                               "ignored_fields": IGNORED, "temporary_names": TEMP_NAME.pattern,
+                              "logs_not_compared": LOG_NAME.pattern,
                               "weights_tolerance": 0.0, "jobs": {}}
     for name in names:
         job = registry[name]
@@ -445,7 +447,7 @@ def table(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "drill", help="work directory (inputs, runs)")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "drill.json", help="JSON report")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "drill.json", help="JSON report")
     ap.add_argument("--jobs", default=None, help="comma-separated jobs (default: all)")
     ap.add_argument("--kills", type=int, default=3, help="SIGKILLs per job (default 3)")
     ap.add_argument("--sigterm", default=None, help="jobs that get the SIGTERM check (default: all; 'none')")

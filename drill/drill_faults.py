@@ -1,4 +1,4 @@
-"""Fault drills for issue 15 (items 2 and 3), importable by benchmarks/drill.py for its table.
+"""Fault drills for issue 15 (items 2 and 3), importable by drill/drill.py for its table.
 
 - `corruption_drill(argv, out)`: after a job finished in `out`, damage one file of each kind in a copy (flip a byte,
   truncate, delete), run `bayeskd verify` on it and rerun the job on it; each case is an error naming the file, or

@@ -1,7 +1,8 @@
 """Issue 17, items 2-3: which GAD settings keep (or make) the student better than its SFT start?
 
-    python benchmarks/gad_tune.py --preset tiny --seeds 0,1,2 --variants lab,no_std,sft0.5
-    python benchmarks/gad_tune.py --list                      # the variants and what each changes
+    python experiments/gad_tune.py --preset tiny --seeds 0,1,2 --variants lab,no_std,sft0.5
+    python experiments/gad_tune.py --list                      # the variants and what each changes
+    python experiments/gad_tune.py --check                     # every variant is still a valid GAD config
 
 Tuning never sees the lab's evaluation prompts. The teacher's TRAINING records (run/teacher_train.jsonl) are split
 by prompt (seeded, --val-frac) into a tuning part and a validation part; per seed, an SFT student is trained on the
@@ -12,7 +13,8 @@ the lab's GAD settings plus the overrides listed in VARIANTS. Reported: mean ± 
 difference to the SFT start (negative = better than SFT).
 
 Results are cached per (seed, variant) under --work, so adding variants reruns only the new ones.
-Writes benchmarks/results/gad_tune_<preset>.json.
+Writes experiments/results/gad_tune_<preset>[_<lab root name>][_teacher].json (merged with the variants already
+there).
 """
 from __future__ import annotations
 
@@ -24,17 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gad_reward import seed_all, split_records  # benchmarks/ is on sys.path when run as a script
-
+from bayeskd import GADConfig, distill, gad
 from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
-from bayeskd.distill.gad import gad
-from bayeskd.distill.trainer import distill
 from bayeskd.evaluation.evaluate import sample_own, student_metrics
 from bayeskd.evaluation.metrics import kl_teacher_to_estimate, summarize
 from bayeskd.lab.run import RUN_DEFAULTS
 from bayeskd.teacher_forcing import target_logprobs as response_logprobs
+from common import RESULTS, seed_all, split_records
 
-RESULTS = Path(__file__).resolve().parent / "results"
 METRICS_VERSION = 3  # raise when Scorer changes: cached metrics are recomputed (a finished GAD run is reused)
 
 # name -> (GADConfig overrides on top of the lab's GAD settings, what it tests)
@@ -148,7 +147,13 @@ def main() -> None:
     ap.add_argument("--student-size", default="lab", choices=["lab", "teacher"],
                     help="the student (and so D) at the lab's size, or a fresh init at the teacher's size (scale)")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--check", action="store_true", help="validate every variant's settings as a GADConfig, exit")
     args = ap.parse_args()
+    if args.check:  # `discriminator` is gad()'s argument, not a config field
+        for k in VARIANTS:
+            GADConfig(**{f: v for f, v in variant_settings(args.preset, k).items() if f != "discriminator"})
+        print(f"{len(VARIANTS)} variants: valid GAD configs")
+        return
     if args.list:
         for k, (o, d) in VARIANTS.items():
             print(f"{k:<14} {d}  {o}")

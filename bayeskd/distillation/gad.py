@@ -22,7 +22,7 @@ Every sequence (prompt + response) is laid out right-padded with explicit positi
 reference alike, so the scores and log-probs do not depend on how a batch was padded.
 
 This module is the job (rollouts, updates, checkpoints, the loop); the losses and the discriminator model are in
-`bayeskd.distill.gad_parts`.
+`bayeskd.distillation.gad_parts`.
 """
 from __future__ import annotations
 
@@ -38,10 +38,9 @@ import numpy as np
 import torch
 
 from bayeskd.data import DataError, load_teacher_records, load_tokenizer, tokenize_records
-# The losses and the discriminator live in gad_parts; importing them from here (their old home) keeps working.
-from bayeskd.distill.gad_parts import (Discriminator, bradley_terry_loss, discriminator_accuracy, group_advantages,
-                                       grpo_loss)
-from bayeskd.distill.checkpoints import verify_file_record, with_file_record
+from bayeskd.distillation.gad_parts import (Discriminator, bradley_terry_loss, discriminator_accuracy,
+                                            group_advantages, grpo_loss)
+from bayeskd.distillation.checkpoints import verify_file_record, with_file_record
 from bayeskd.resume import check_settings, read_stamp
 from bayeskd.sparse import atomic_write_json
 from bayeskd.teacher_forcing import pad_prompt_response, token_logprobs
@@ -66,7 +65,7 @@ class GADConfig:
     group_size: int = 8            # student samples per prompt
     # Sampling temperature (also the policy's in the PPO ratio): the one the teacher's responses were sampled at
     # (generate's default, 1). At 0.8 against a teacher sampled at 1, D tells the two apart by sharpness and GRPO
-    # flattens the student (lab: entropy +0.12 nats, KL on own samples +0.035; benchmarks/gad_tune.py).
+    # flattens the student (lab: entropy +0.12 nats, KL on own samples +0.035; experiments/gad_tune.py).
     temperature: float = 1.0
     batch_prompts: int = 4
     lr: float = 1e-5               # student (generator) AdamW learning rate, warm-up SFT included
@@ -81,7 +80,7 @@ class GADConfig:
     baseline: str = "group"        # advantage baseline: "group" (mean of the samples) or "teacher" (D of the teacher
                                    # response of the prompt, scored in the same D call)
     # + sft_coef * cross-entropy on the batch's teacher responses in each GRPO step (0: the paper's GAD). The lab
-    # measured 1 as the best GAD (it keeps teacher-forced KL below the SFT start; benchmarks/gad_tune.py).
+    # measured 1 as the best GAD (it keeps teacher-forced KL below the SFT start; experiments/gad_tune.py).
     sft_coef: float = 1.0
     max_new_tokens: int = 128      # sample length; teacher responses are cut to it too (no length cue for D)
     max_prompt_tokens: int = 512   # prompts are cut from the left

@@ -1,10 +1,11 @@
-"""Comparing a job's output tree with a reference run's (benchmarks/drill.py and the fault drills).
+"""Comparing a job's output tree with a reference run's (drill/drill.py and the fault drills).
 
 Each kind of file is compared as exactly as it allows: SparseDist shards and manifests byte for byte; model files
 and torch pickles as exactly equal tensors (no tolerance: jobs run single-threaded on CPU, so reruns compute the
 same floats); JSON after dropping the keys in `IGNORED` (and a job's own invocation fields); JSONL as records by key
 (order may differ when a resumed run appends the rest later); any other file byte for byte. Temporaries and
-locks are listed apart (none may be left).
+locks are listed apart (none may be left); so are logs (`*.log`: what each invocation printed, appended on resume,
+with timings), which are never compared.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ TIME_KEY = re.compile("|".join(f"(?:{k})" for k in IGNORED))
 # Names our atomic writes and checkpoints use while writing (sparse.atomic_write_*: .NAME.*.tmp; gad: .saving-N;
 # align-proxy: .sft.tmp, .round_i.tmp, .final.tmp, .NAME.old) and the output locks (.bayeskd.lock, FILE.lock).
 TEMP_NAME = re.compile(r"(\.tmp$|^\.tmp|^\.saving-|^\..+\.old$|\.lock$)")
+LOG_NAME = re.compile(r"\.log$")  # e.g. the lab's run.log: listed, not compared (see the module docstring)
 SHARD_OR_MANIFEST = re.compile(r"^(shard-\d+\.safetensors|manifest\.json)$")  # SparseDist outputs: byte-identical
 
 
@@ -120,8 +122,8 @@ def compare_outputs(ref: Path, out: Path, ignore: set[str] = frozenset()) -> dic
     (manifests, shards and other files byte for byte; JSON and JSONL after dropping time-like and `ignore`d keys;
     model files and torch pickles as exactly equal tensors); temporaries and locks listed apart."""
     seen: set[str] = set()
-    fa, fb = ({str(p.relative_to(r)) for p in r.rglob("*") if p.is_file() and not TEMP_NAME.search(p.name)}
-              for r in (ref, out))
+    fa, fb = ({str(p.relative_to(r)) for p in r.rglob("*") if p.is_file() and not TEMP_NAME.search(p.name)
+               and not LOG_NAME.search(p.name)} for r in (ref, out))
     mism, how, lost = {}, {}, 0
     for rel in sorted(fa & fb):
         kind, why, n = _compare_file(ref / rel, out / rel, set(ignore), seen)
@@ -133,7 +135,9 @@ def compare_outputs(ref: Path, out: Path, ignore: set[str] = frozenset()) -> dic
     temps = temporaries(out)
     return {"identical": not mism and not missing and not extra, "files_compared": len(fa & fb),
             "compared_as": how, "mismatches": mism, "missing": missing, "extra": extra,
-            "temporaries_left": temps, "data_lost": lost + len(missing), "ignored_fields_seen": sorted(seen)}
+            "temporaries_left": temps, "data_lost": lost + len(missing), "ignored_fields_seen": sorted(seen),
+            "logs_not_compared": sorted(str(p.relative_to(out)) for p in out.rglob("*")
+                                        if p.is_file() and LOG_NAME.search(p.name))}
 
 
 def published_ok(root: Path) -> list[str]:

@@ -1,4 +1,4 @@
-"""GAD's building blocks, apart from the job that trains with them (`bayeskd.distill.gad`): the losses and
+"""GAD's building blocks, apart from the job that trains with them (`bayeskd.distillation.gad`): the losses and
 advantages (pure functions of tensors) and the discriminator model (a causal-LM backbone with a scalar head)."""
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
-"""Proxy-KD: align a white-box proxy to the black-box teacher, then distill with alignment-weighted soft labels.
+"""The job behind `bayeskd align-proxy`, Proxy-KD's first half: align a white-box proxy to the black-box teacher
+(the second half, distillation with alignment-weighted soft labels, is the trainer's method "proxy-kd").
 
 Alignment (`align_proxy`):
-- stage 1, SFT of the proxy on the teacher responses (`bayeskd.distill.trainer.distill` in SFT mode) -> out/sft/;
+- stage 1, SFT of the proxy on the teacher responses (`bayeskd.distillation.trainer.distill` in SFT mode)
+  -> out/sft/;
 - stage 2, rounds of preference optimisation -> out/round_{i}/: the current proxy samples its own response y_P per
   prompt, the teacher's y_T is preferred, and TRL's `DPOTrainer` minimises
   -log σ(β[(log π(y_T) - log π_ref(y_T)) - (log π(y_P) - log π_ref(y_P))]) + nll_weight · NLL(y_T),
@@ -18,9 +20,10 @@ Alignment (`align_proxy`):
   `bayeskd_training.json` inside every model directory (sft/, round_<i>/, final/), so a later job finds it from the
   proxy's path alone (`bayeskd.posterior.calibrate.read_training_info`).
 
-Weighted distillation (`bayeskd.distill.trainer`, method "proxy-kd"):
+Weighted distillation (`bayeskd.distillation.trainer`, method "proxy-kd"):
 loss = CE(y_T) + α · mean_t[w(x, y_T) · KL_t(p_proxy ‖ p_S)] with w = σ((s - μ)/γ), s the proxy's log p(y_T|x)
-read from the target shards' per-row extras `proxy_teacher_logprob` (`bayeskd.distill.targets.proxy_kd_weights`).
+read from the target shards' per-row extras `proxy_teacher_logprob`
+(`bayeskd.distillation.targets.proxy_kd_weights`).
 
 Diagnostics (as in the Proxy-KD paper's figures): the share of teacher tokens that are the proxy's top-1, and the
 share of positions whose top-K proxy mass exceeds 0.95 for K = 1..64 (`alignment_diagnostics`).
@@ -44,7 +47,7 @@ import torch.nn.functional as F
 from bayeskd.data import TokenizedData, load_teacher_records, load_tokenizer, tokenize_records
 from bayeskd.records import records_fingerprint
 from bayeskd.posterior.calibrate import TRAINING_INFO, TRAINING_INFO_FORMAT, index_ranges
-from bayeskd.distill.checkpoints import final_is_current, read_stage, record_stage
+from bayeskd.distillation.checkpoints import final_is_current, read_stage, record_stage
 from bayeskd.resume import check_stamp
 from bayeskd.sparse import atomic_write_bytes, atomic_write_json
 from bayeskd.teacher_forcing import pad_batch, response_rows, select_rows
@@ -382,7 +385,7 @@ def align_proxy(data: str, proxy: str, out: str, *, tokenizer: str | None = None
     """
     from transformers import AutoModelForCausalLM
 
-    from bayeskd.distill.trainer import distill
+    from bayeskd.distillation.trainer import distill
 
     if rounds < 0 or sft_epochs < 0 or (rounds == 0 and sft_epochs == 0):
         raise ValueError(f"need rounds >= 0 and sft_epochs >= 0, not both 0 (got rounds={rounds}, "

@@ -1,7 +1,7 @@
 """Distillation training through the Hugging Face Trainer: sparse teacher targets, SFT and white-box logit KD.
 
 Data flow
-- `TeacherTargetsDataset` / `BayesKDCollator` (bayeskd.distill.targets): records and the rows of their targets,
+- `TeacherTargetsDataset` / `BayesKDCollator` (bayeskd.distillation.targets): records and the rows of their targets,
   in the row order of `bayeskd.teacher_forcing`.
 - `BayesKDTrainer.compute_loss`: CE on the teacher tokens (mean over response tokens) x ce_weight + KD
   (mean over response tokens of `fused_posterior_kd` against the targets) x kd_weight. ce_weight defaults to 1
@@ -14,9 +14,9 @@ proxy runs on the same batch without gradient and its dense logits at the respon
 `fused_posterior_kd` with the prior rows, so the posterior is formed inside the loss; docs/MATH.md "Online mode").
 
 Method "proxy-kd" (`BayesKDConfig.method`, with targets whose shards carry the per-row extras
-`proxy_teacher_logprob`): each record gets the weight w = σ((s - μ)/γ) of `bayeskd.distill.targets.proxy_kd_weights`
-(s = the proxy's log p(y_T|x)), and the loss is CE x ce_weight + proxy_kd_alpha x mean over response tokens of
-w(record) x KD.
+`proxy_teacher_logprob`): each record gets the weight w = σ((s - μ)/γ) of
+`bayeskd.distillation.targets.proxy_kd_weights` (s = the proxy's log p(y_T|x)), and the loss is CE x ce_weight +
+proxy_kd_alpha x mean over response tokens of w(record) x KD.
 """
 from __future__ import annotations
 
@@ -34,13 +34,13 @@ import torch.nn.functional as F
 import transformers
 
 from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
-from bayeskd.distill.targets import (CONTEXT_COUNT_KEY, WEIGHT_KEY, WEIGHT_NORMALIZATIONS, BayesKDCollator,
-                                     TeacherTargetsDataset)
+from bayeskd.distillation.targets import (CONTEXT_COUNT_KEY, WEIGHT_KEY, WEIGHT_NORMALIZATIONS, BayesKDCollator,
+                                          TeacherTargetsDataset)
 from bayeskd.linear_losses import fused_linear_ce, fused_linear_kd_and_ce, uses_cut_kernel
 from bayeskd.losses import fused_posterior_kd
 from bayeskd.sparse import CONTEXT_COUNT, MODES, TEACHER_LOGPROB, SparseDist, atomic_write_json
 from bayeskd.teacher_forcing import model_logits, select_rows
-from bayeskd.distill.checkpoints import ChecksumCallback, checkpoints, remove_unrecorded, resume_point
+from bayeskd.distillation.checkpoints import ChecksumCallback, checkpoints, remove_unrecorded, resume_point
 from bayeskd.integrity import staged_dir
 from bayeskd.locks import locks_output
 from bayeskd.resume import as_json, check_settings, read_stamp

@@ -1,8 +1,8 @@
 """Issue 17, item 1: does GAD's discriminator reward track closeness to the teacher?
 
-    python benchmarks/gad_reward.py --preset tiny            # the finished tiny lab in runs/lab/tiny (~2 min CPU)
-    python benchmarks/gad_reward.py --preset micro           # builds a micro lab in /tmp/gadlab if missing
-    python benchmarks/gad_reward.py --preset tiny --first-recipe   # the recipe before issue 17 (T 0.8, no SFT term)
+    python experiments/gad_reward.py --preset tiny            # the finished tiny lab in runs/lab/tiny (~2 min CPU)
+    python experiments/gad_reward.py --preset micro           # builds a micro lab in /tmp/gadlab if missing
+    python experiments/gad_reward.py --preset tiny --first-recipe   # the recipe before issue 17 (T 0.8, no SFT term)
 
 The teacher's TRAINING records (run/teacher_train.jsonl) are split by prompt into a tuning part (GAD trains on
 it) and a validation part (never seen by D or by the GRPO stage; the lab's evaluation prompts are never used).
@@ -19,14 +19,14 @@ Spearman of D with teacher log-likelihood (pooled, and within each prompt's grou
 advantages see), with length and with EOS; D on teacher vs student responses (AUC = share of pairs ranked
 teacher > student) next to how well length / EOS / teacher likelihood alone separate them (the shortcut check).
 
-Writes benchmarks/results/gad_reward_<preset>.json and gad_reward_<preset>.png.
+Writes experiments/results/gad_reward_<preset>.json (the table: rows per point and seed, their aggregate) and
+gad_reward_<preset>.png (D against the teacher's likelihood, every response), and the per-response values behind
+the plot to experiments/results/raw/gad_reward_<preset>_scatter.json (~0.7 MB, not in git).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import random
 import subprocess
 import sys
 import time
@@ -37,41 +37,61 @@ import numpy as np
 import torch
 from scipy.stats import mannwhitneyu, spearmanr
 
-from bayeskd.data import load_tokenizer
-from bayeskd.distill.gad import GADConfig, _pack, _prepare_data, _rollout, gad
-from bayeskd.distill.gad_parts import Discriminator
+from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
+from bayeskd import GADConfig, gad
+from bayeskd.distillation.gad_parts import Discriminator
 from bayeskd.lab.run import RUN_DEFAULTS
-from bayeskd.teacher_forcing import token_logprobs
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+from bayeskd.teacher_forcing import pad_prompt_response, token_logprobs
+from common import RAW, RESULTS, seed_all, split_records
 
 
-def split_records(path: Path, val_frac: float, seed: int, out_dir: Path) -> tuple[Path, Path, int, int]:
-    """Split teacher_train.jsonl by prompt into tune / val files (seeded)."""
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    recs = [json.loads(ln) for ln in lines]
-    prompts = sorted({r["prompt"] for r in recs})
-    rng = np.random.default_rng([seed, 17])
-    val = set(rng.choice(len(prompts), size=max(2, int(round(val_frac * len(prompts)))), replace=False).tolist())
-    val_prompts = {prompts[i] for i in val}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tune_p, val_p = out_dir / "tune.jsonl", out_dir / "val.jsonl"
-    tune_p.write_text("".join(ln + "\n" for ln, r in zip(lines, recs) if r["prompt"] not in val_prompts))
-    val_p.write_text("".join(ln + "\n" for ln, r in zip(lines, recs) if r["prompt"] in val_prompts))
-    return tune_p, val_p, len(prompts) - len(val_prompts), len(val_prompts)
+# ---------------------------------------------------------------------------------------------------- GAD's inputs
+# As `bayeskd.distillation.gad` forms them (issue 17): prompts cut from the left, teacher responses and samples cut at
+# max_new_tokens; `group_size` samples per prompt, each cut after its first EOS.
 
+def prompt_response_ids(data: Path, tok, cfg: GADConfig) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, teacher response ids) of the records in `data`, cut as GAD cuts them."""
+    records, _ = load_teacher_records(str(data))
+    tokd = tokenize_records(records, tok)
+    prompts, responses = [], []
+    for ids, p in zip(tokd.input_ids, tokd.prompt_lengths):
+        p = int(p)
+        prompts.append(ids[max(0, p - cfg.max_prompt_tokens):p].tolist())
+        responses.append(ids[p:p + cfg.max_new_tokens].tolist())
+    return prompts, responses
+
+
+@torch.no_grad()
+def rollout(model, prompts: list[list[int]], group_size: int, temperature: float, max_new_tokens: int, pad: int,
+            eos: int | None) -> list[list[int]]:
+    """`group_size` samples per prompt (prompt-major), each cut after its first EOS."""
+    from transformers import GenerationConfig
+
+    L = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), L), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding: generation continues every row from its last column
+        ids[i, L - len(p):] = torch.tensor(p)
+        mask[i, L - len(p):] = 1
+    gen = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                           max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+    out = model.generate(input_ids=ids.repeat_interleave(group_size, 0),
+                         attention_mask=mask.repeat_interleave(group_size, 0), generation_config=gen)
+    samples = []
+    for row in out[:, L:].tolist():
+        if eos is not None and eos in row:
+            row = row[:row.index(eos) + 1]
+        samples.append(row)
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------------- measures
 
 @torch.no_grad()
 def d_scores(D, prompts, responses, pad, bs=64) -> np.ndarray:
     out = []
     for i in range(0, len(prompts), bs):
-        s = _pack(prompts[i:i + bs], responses[i:i + bs], pad, "cpu")
+        s = pad_prompt_response(prompts[i:i + bs], responses[i:i + bs], pad)
         out.append(D(input_ids=s["input_ids"], attention_mask=s["attention_mask"]).numpy())
     return np.concatenate(out)
 
@@ -81,7 +101,7 @@ def teacher_ll(teacher, prompts, responses, pad, bs=64) -> tuple[np.ndarray, np.
     """(sum, per-token) log-likelihood of each response under the teacher at temperature 1."""
     sums = []
     for i in range(0, len(prompts), bs):
-        s = _pack(prompts[i:i + bs], responses[i:i + bs], pad, "cpu")
+        s = pad_prompt_response(prompts[i:i + bs], responses[i:i + bs], pad)
         lp = token_logprobs(teacher, s, 1.0, explicit_positions=True)
         m = s["response_mask"][:, 1:].to(lp.dtype)
         sums.append((lp * m).sum(1).numpy())
@@ -132,7 +152,7 @@ def score_point(name, ckpt: Path, teacher, tok, val_prompts, val_teacher, fresh,
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     eos = tok.eos_token_id
     torch.manual_seed(seed)  # the same sampling seed at every point
-    samples = _rollout(G, val_prompts, cfg, pad, eos, "cpu")
+    samples = rollout(G, val_prompts, cfg.group_size, cfg.temperature, cfg.max_new_tokens, pad, eos)
     n = cfg.group_size
     s_prompts = [val_prompts[i // n] for i in range(len(samples))]
     groups = np.arange(len(samples)) // n
@@ -234,14 +254,13 @@ def main() -> None:
             raise SystemExit(f"{sft} missing: run the lab with --seeds {seed + 1}")
         tok = load_tokenizer(str(sft))
         cfg = GADConfig(seed=seed, steps=gad_steps, **settings)
-        vp, vt, _ = _prepare_data(str(val), tok, cfg, "train", False)
+        vp, vt = prompt_response_ids(val, tok, cfg)
         # one teacher record per prompt for the prompt list; all records as the teacher's responses
         uniq = list(dict.fromkeys(tuple(p) for p in vp))
         val_prompts = [list(p) for p in uniq]
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         torch.manual_seed(seed + 1000)
-        fcfg = dataclasses.replace(cfg, temperature=1.0, group_size=2)
-        fresh_r = _rollout(teacher, val_prompts, fcfg, pad, tok.eos_token_id, "cpu")
+        fresh_r = rollout(teacher, val_prompts, 2, 1.0, cfg.max_new_tokens, pad, tok.eos_token_id)
         fresh = ([val_prompts[i // 2] for i in range(len(fresh_r))], fresh_r)
         out = sdir / "gad"
         ckpts = []
@@ -299,13 +318,16 @@ def main() -> None:
                                                                             "rec_vs_fresh")))
 
     RESULTS.mkdir(exist_ok=True)
+    RAW.mkdir(parents=True, exist_ok=True)
+    raw = RAW / f"gad_reward_{tag}_scatter.json"  # every response's values: large, outside git
+    raw.write_text(json.dumps(scatters))
     res = {"preset": args.preset, "lab": str(root), "seeds": seeds, "gad_settings": {**settings, "steps": gad_steps},
            "points": names, "splits": splits, "val_frac": args.val_frac, "aggregate": agg, "rows": rows,
-           "seconds": round(time.perf_counter() - t0, 1), "scatter": scatters}
+           "seconds": round(time.perf_counter() - t0, 1), "scatter_file": str(raw.relative_to(RESULTS))}
     jpath = RESULTS / f"gad_reward_{tag}.json"
     jpath.write_text(json.dumps(res, indent=1))
     plot(scatters, names, seeds, RESULTS / f"gad_reward_{tag}.png", rows)
-    print(f"\nwrote {jpath} and {jpath.with_suffix('.png')}; {res['seconds']:.0f} s")
+    print(f"\nwrote {jpath}, {jpath.with_suffix('.png')} and {raw}; {res['seconds']:.0f} s")
 
 
 def plot(scatters, names, seeds, path: Path, rows) -> None:

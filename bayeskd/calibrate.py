@@ -1,4 +1,0 @@
-"""Deprecated path: moved to bayeskd.posterior.calibrate."""
-from bayeskd._moved import alias
-
-alias(__name__, "bayeskd.posterior.calibrate")
