@@ -14,6 +14,11 @@ from typing import Any, Iterable, Mapping
 
 from bayeskd.sparse import CacheMismatchError, atomic_write_json
 
+# training arguments that do not change what is trained (how often to log or save, where, whether to resume or
+# show progress): left out of the settings a resumed run must match
+RUN_ONLY_ARGS = ("output_dir", "logging_steps", "save_steps", "save_strategy", "resume_from_checkpoint",
+                  "logging_dir", "report_to", "disable_tqdm")
+
 
 def as_json(settings: Mapping[str, Any]) -> dict[str, Any]:
     """`settings` as they read back from a JSON file (tuples as lists, other non-JSON values as their str)."""

@@ -48,7 +48,7 @@ from bayeskd.data import TokenizedData, load_teacher_records, load_tokenizer, to
 from bayeskd.records import records_fingerprint
 from bayeskd.posterior.calibrate import TRAINING_INFO, TRAINING_INFO_FORMAT, index_ranges
 from bayeskd.distillation.checkpoints import final_is_current, read_stage, record_stage
-from bayeskd.resume import check_stamp
+from bayeskd.resume import RUN_ONLY_ARGS, check_stamp
 from bayeskd.sparse import atomic_write_bytes, atomic_write_json
 from bayeskd.teacher_forcing import pad_batch, response_rows, select_rows
 from bayeskd.locks import locks_output
@@ -419,7 +419,9 @@ def align_proxy(data: str, proxy: str, out: str, *, tokenizer: str | None = None
            "tokenizer_fingerprint": tokenized.fingerprint, "sft_epochs": sft_epochs, "beta": beta,
            "nll_weight": nll_weight, "temperature": temperature, "max_new_tokens": max_new_tokens,
            "sft_learning_rate": sft_learning_rate, "learning_rate": learning_rate, "dpo_epochs": dpo_epochs,
-           "batch_size": batch_size, "max_length": max_length, "seed": seed, "training_args": training_args,
+           "batch_size": batch_size, "max_length": max_length, "seed": seed,
+           # what is trained, not how it is shown (a rerun with or without progress bars resumes)
+           "training_args": {k: v for k, v in training_args.items() if k not in RUN_ONLY_ARGS},
            "diagnostic_records": diagnostic_records,
            # absent (None) without a holdout, so output directories made before holdouts existed still resume
            "holdout": {"records": n_holdout, "indices": hashlib.sha256(json.dumps(heldout).encode()).hexdigest()}

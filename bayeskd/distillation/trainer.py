@@ -43,7 +43,7 @@ from bayeskd.teacher_forcing import model_logits, select_rows
 from bayeskd.distillation.checkpoints import ChecksumCallback, checkpoints, remove_unrecorded, resume_point
 from bayeskd.integrity import staged_dir
 from bayeskd.locks import locks_output
-from bayeskd.resume import as_json, check_settings, read_stamp
+from bayeskd.resume import RUN_ONLY_ARGS, as_json, check_settings, read_stamp
 
 logger = logging.getLogger(__name__)
 
@@ -351,12 +351,9 @@ class BayesKDTrainer(transformers.Trainer):
 # ---------------------------------------------------------------------------------------------------- distill
 
 SETTINGS = "distill_settings.json"
-# training arguments that do not change what is trained (how often to log or save, where, whether to resume)
 # `distill`'s defaults where they differ from transformers' (the CLI's too): one epoch (not 3), no checkpoints,
 # a log line every 10 steps
 RUN_DEFAULTS = {"num_train_epochs": 1.0, "save_strategy": "no", "logging_steps": 10}
-_RUN_ONLY_ARGS = ("output_dir", "logging_steps", "save_steps", "save_strategy", "resume_from_checkpoint",
-                  "logging_dir", "report_to", "disable_tqdm")
 
 @locks_output()
 def distill(data: str, student: str, out: str, *, targets: str | None = None, teacher: str | None = None,
@@ -424,7 +421,7 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
     # what a checkpoint in out was trained with; resuming is refused when it differs
     settings = as_json({"data": str(data), "student": str(student), "targets": targets, "teacher": teacher,
                         "proxy": proxy, "tokenizer": tokenizer, "split": split, "skip_bad": skip_bad,
-                        **{k: v for k, v in training_args.items() if k not in _RUN_ONLY_ARGS}})
+                        **{k: v for k, v in training_args.items() if k not in RUN_ONLY_ARGS}})
     trainer = BayesKDTrainer(model=model, args=cfg, data_collator=BayesKDCollator(pad), train_dataset=dataset,
                              processing_class=tok, teacher_model=teacher_model,
                              proxy_model=proxy_model, callbacks=[ChecksumCallback()])
