@@ -39,6 +39,7 @@ from scipy.stats import mannwhitneyu, spearmanr
 
 from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
 from bayeskd import GADConfig, gad
+from bayeskd.distillation.gad import rollout
 from bayeskd.distillation.gad_parts import Discriminator
 from bayeskd.lab.run import RUN_DEFAULTS
 from bayeskd.teacher_forcing import pad_prompt_response, token_logprobs
@@ -59,30 +60,6 @@ def prompt_response_ids(data: Path, tok, cfg: GADConfig) -> tuple[list[list[int]
         prompts.append(ids[max(0, p - cfg.max_prompt_tokens):p].tolist())
         responses.append(ids[p:p + cfg.max_new_tokens].tolist())
     return prompts, responses
-
-
-@torch.no_grad()
-def rollout(model, prompts: list[list[int]], group_size: int, temperature: float, max_new_tokens: int, pad: int,
-            eos: int | None) -> list[list[int]]:
-    """`group_size` samples per prompt (prompt-major), each cut after its first EOS."""
-    from transformers import GenerationConfig
-
-    L = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), L), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):  # left padding: generation continues every row from its last column
-        ids[i, L - len(p):] = torch.tensor(p)
-        mask[i, L - len(p):] = 1
-    gen = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                           max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos)
-    out = model.generate(input_ids=ids.repeat_interleave(group_size, 0),
-                         attention_mask=mask.repeat_interleave(group_size, 0), generation_config=gen)
-    samples = []
-    for row in out[:, L:].tolist():
-        if eos is not None and eos in row:
-            row = row[:row.index(eos) + 1]
-        samples.append(row)
-    return samples
 
 
 # ---------------------------------------------------------------------------------------------------- measures

@@ -124,22 +124,22 @@ def _token_logprobs(model, s: dict[str, torch.Tensor], temperature: float = 1.0)
 
 
 @torch.no_grad()
-def _rollout(model, prompts: list[list[int]], cfg: GADConfig, pad: int, eos: int | None, device) -> list[list[int]]:
+def rollout(model, prompts: list[list[int]], group_size: int, temperature: float, max_new_tokens: int, pad: int,
+            eos: int | None, device: str | torch.device = "cpu") -> list[list[int]]:
     """`group_size` samples per prompt (prompt-major: samples of prompt i are rows i*n .. i*n+n-1), each cut after
     its first EOS."""
     from transformers import GenerationConfig
 
-    n = cfg.group_size
     L = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), L), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):  # left padding: generation continues every row from its last column
         ids[i, L - len(p):] = torch.tensor(p)
         mask[i, L - len(p):] = 1
-    gen = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
-                           max_new_tokens=cfg.max_new_tokens, pad_token_id=pad, eos_token_id=eos)
-    out = model.generate(input_ids=ids.repeat_interleave(n, 0).to(device),
-                         attention_mask=mask.repeat_interleave(n, 0).to(device), generation_config=gen)
+    gen = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                           max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+    out = model.generate(input_ids=ids.repeat_interleave(group_size, 0).to(device),
+                         attention_mask=mask.repeat_interleave(group_size, 0).to(device), generation_config=gen)
     samples = []
     for row in out[:, L:].tolist():
         if eos is not None and eos in row:
@@ -422,7 +422,7 @@ def gad(data: str, student: str, out: str, *, discriminator: str | None = None, 
             torch.manual_seed(_step_seed(cfg.seed, stage, step))
             idx = _batch_indices(len(prompts), cfg.batch_prompts, cfg.seed, stage, step)
             ps, ts = [prompts[i] for i in idx], [teacher[i] for i in idx]
-            samples = _rollout(G, ps, cfg, pad, tok.eos_token_id, device)
+            samples = rollout(G, ps, cfg.group_size, cfg.temperature, cfg.max_new_tokens, pad, tok.eos_token_id, device)
             rewards, t_scores, rec = _update_discriminator(D, opt_d, ps, ts, samples, cfg, pad, device)
             if stage == "gad":
                 adv = group_advantages(rewards, cfg.adv_eps, scale=cfg.scale_rewards,
