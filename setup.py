@@ -32,7 +32,10 @@ setup(
         "numba>=0.60",  # the suffix prior's per-position query
     ],
     extras_require={
-        "dev": ["pytest>=7", "nltk>=3.8", "matplotlib>=3.7", "psutil>=5.9", "pyarrow>=14", "hypothesis>=6.100"],
+        "dev": ["pytest>=7", "pytest-xdist>=3.5",  # the README's test command runs the tests on 2 workers (-n 2)
+                "nltk>=3.8", "matplotlib>=3.7", "psutil>=5.9", "pyarrow>=14", "hypothesis>=6.100",
+                "peft>=0.17"],  # CI tests the LoRA student
+        "peft": ["peft>=0.17"],  # distill --use-peft: train the student through a LoRA adapter
     },
     entry_points={"console_scripts": ["bayeskd = bayeskd.cli:main"]},
 )

@@ -10,14 +10,15 @@ from bayeskd._lazy import lazy_exports
 from bayeskd.corpus import embedded_corpus, embedded_teacher_jsonl, train_bpe_tokenizer
 from bayeskd.data import DataError, TokenizedData, load_teacher_records, load_tokenizer, tokenize_records
 from bayeskd.evaluation.metrics import kl_teacher_to_estimate, top1_match, topk_mass_coverage
-from bayeskd.linear_losses import fused_linear_ce, fused_linear_kd_and_ce, fused_linear_posterior_kd
-from bayeskd.losses import fused_posterior_kd, sparse_kd_loss
-from bayeskd.posterior.combine import combine
+from bayeskd.losses.linear import fused_linear_ce, fused_linear_kd_and_ce, fused_linear_posterior_kd
+from bayeskd.losses.divergences import sparse_kd_loss
+from bayeskd.losses.fused import fused_posterior_kd
+from bayeskd.core.combine import combine
 from bayeskd.priors import NGramPrior, Prior, load_prior
 from bayeskd.priors.estimate import estimate_prior
 from bayeskd.teachers.base import Teacher
 from bayeskd.integrity import CorruptOutputError
-from bayeskd.sparse import CacheMismatchError, ShardReader, ShardWriter, SparseDist, tokenizer_fingerprint
+from bayeskd.core.sparse import CacheMismatchError, ShardReader, ShardWriter, SparseDist, tokenizer_fingerprint
 
 # The posterior, the trainer, the jobs and the lab import transformers and TRL (seconds): loaded on first use, so
 # `import bayeskd` and the CLI's --help stay fast.

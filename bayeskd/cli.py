@@ -7,9 +7,9 @@ from typing import Iterator
 
 import click
 
-from bayeskd.cli_config import (codec_option, config_option, gad_advantage_options, lm_head_options,
-                                max_records_option, skip_bad_option)
-from bayeskd.sparse import EVIDENCE_MODES, MODES
+from bayeskd.cli_config import (TRAINING_LIMITS, ConfigCommand, codec_option, config_option, config_options,
+                                given, max_records_option, skip_bad_option)
+from bayeskd.core.sparse import EVIDENCE_MODES, MODES
 
 
 
@@ -57,6 +57,10 @@ class _Job(click.Command):
     def invoke(self, ctx: click.Context):
         with _stop_cleanly():
             return super().invoke(ctx)
+
+
+class ConfigJob(_Job, ConfigCommand):
+    """A long job whose options come from its config dataclass."""
 
 
 def _run_job(job, drop: tuple[str, ...] = (), **kwargs) -> None:
@@ -289,7 +293,13 @@ def estimate_posterior_cmd(**kwargs) -> None:
     _run_job(estimate_posterior, **kwargs)
 
 
-@main.command("distill", cls=_Job)
+def _distill_options() -> list[click.Option]:
+    from bayeskd.distillation.trainer import BayesKDConfig
+
+    return config_options(BayesKDConfig, skip=("output_dir",), extra=TRAINING_LIMITS)
+
+
+@main.command("distill", cls=ConfigJob, make_options=_distill_options)
 @config_option
 @click.option("--data", required=True, help="Teacher generations (JSONL, Parquet or a saved HF dataset).")
 @click.option("--student", required=True, help="Student model (path or hub id) to start from.")
@@ -299,57 +309,22 @@ def estimate_posterior_cmd(**kwargs) -> None:
               "ordinary logit KD from its top-K.")
 @click.option("--proxy", default=None, help="Online posterior: a proxy model run inside each training step; "
               "--targets must then hold the prior's top-K shards (estimate-prior --write-topk).")
-@click.option("--posterior-mode", default="log_linear", show_default=True,
-              type=click.Choice(list(MODES)))
-@click.option("--posterior-a", default=1.0, show_default=True, type=float, help="Log-linear prior exponent.")
-@click.option("--posterior-b", default=1.0, show_default=True, type=float, help="Log-linear proxy exponent.")
-@click.option("--posterior-c", default=1.0, show_default=True, type=float, help="Dirichlet concentration.")
-@click.option("--posterior-w", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Mixture weight.")
 @click.option("--tokenizer", default=None, help="Tokenizer (default: the student's).")
-@click.option("--out", required=True, type=click.Path(file_okay=False))
-@click.option("--ce-weight", default=None, type=click.FloatRange(0),
-              help="Weight of the CE term on the teacher's tokens. Default: 1 for SFT (no targets); 0 beside KD, "
-              "the lab's measured best (the CE term cost KD students 0.1+ nats of KL).")
-@click.option("--kd-weight", default=1.0, show_default=True, type=float)
-@click.option("--whitebox-top-k", default=0, show_default=True, type=click.IntRange(0),
-              help="White-box mode: KD against the teacher's top-K logits (0: the whole vocabulary, the lab's best).")
-@click.option("--divergence", default="forward_kl", show_default=True,
-              type=click.Choice(["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"]))
-@click.option("--beta", default=None, type=float, help="JSD β (default 0.5) or skew-KL α (default 0.1).")
-@click.option("--kd-temperature", default=1.0, show_default=True, type=float)
-@lm_head_options
-@click.option("--max-length", default=None, type=click.IntRange(2))
-@click.option("--num-train-epochs", default=1.0, show_default=True, type=float)
-@click.option("--max-steps", default=-1, show_default=True, type=int)
-@click.option("--learning-rate", default=5e-5, show_default=True, type=float)
-@click.option("--per-device-train-batch-size", default=8, show_default=True, type=click.IntRange(1))
-@click.option("--gradient-accumulation-steps", default=1, show_default=True, type=click.IntRange(1))
-@click.option("--seed", default=42, show_default=True, type=int)
-@click.option("--logging-steps", default=10, show_default=True, type=click.IntRange(1))
-@click.option("--save-steps", default=500, show_default=True, type=click.IntRange(0),
-              help="Save a checkpoint every N steps (0: none); a rerun of the same command resumes from the newest "
-              "intact one (damaged ones are skipped with a warning).")
-@click.option("--method", default="bayeskd", show_default=True, type=click.Choice(["bayeskd", "proxy-kd"]),
-              help="proxy-kd: weight each record's KD term by the proxy's likelihood of the teacher response "
-              "(--targets must carry the proxy's teacher-token log-probabilities).")
-@click.option("--proxy-kd-alpha", default=1.0, show_default=True, type=click.FloatRange(0),
-              help="proxy-kd: weight α of the weighted KD term.")
-@click.option("--weight-normalization", "proxy_kd_normalization", default="sequence", show_default=True,
-              type=click.Choice(["sequence", "token"]),
-              help="proxy-kd: the proxy's log-likelihood summed over the response or averaged per token.")
+@click.option("--out", "--output-dir", "out", required=True, type=click.Path(file_okay=False),
+              help="Output directory: the student, its checkpoints, summary.json.")
 @skip_bad_option
-def distill_cmd(data, student, targets, teacher, proxy, tokenizer, out, skip_bad, **training_args) -> None:
-    """Train a student on the teacher's text and the estimated (or white-box) token distributions."""
+@click.pass_context
+def distill_cmd(ctx, data, student, targets, teacher, proxy, tokenizer, out, skip_bad, **training_args) -> None:
+    """Train a student on the teacher's text and the estimated (or white-box) token distributions. Every
+    `BayesKDConfig` field is an option: the loss settings, the LoRA adapter, and every transformers
+    `TrainingArguments` field (bf16, gradient checkpointing, DeepSpeed/FSDP configs, report_to, push_to_hub, the
+    scheduler and warm-up, ...)."""
     from bayeskd.distillation.trainer import distill
 
-    if targets is not None and targets.lower() == "none":
-        targets = None
-    save_steps = training_args.pop("save_steps")
-    if save_steps:  # checkpoints, and a rerun resumes from the newest intact one
-        training_args.update(save_strategy="steps", save_steps=save_steps, resume_from_checkpoint="latest")
     try:
         _run_job(distill, drop=("log_history",), data=data, student=student, out=out, targets=targets,
-                 teacher=teacher, proxy=proxy, tokenizer=tokenizer, skip_bad=skip_bad, **training_args)
+                 teacher=teacher, proxy=proxy, tokenizer=tokenizer, skip_bad=skip_bad,
+                 **given(ctx, training_args))
     finally:
         _end_distributed()
 
@@ -451,7 +426,13 @@ def evaluate_cmd(**kwargs) -> None:
     _run_job(evaluate, **kwargs)
 
 
-@main.command("gad", cls=_Job)
+def _gad_options() -> list[click.Option]:
+    from bayeskd.distillation.gad import GADConfig
+
+    return config_options(GADConfig)
+
+
+@main.command("gad", cls=ConfigJob, make_options=_gad_options)
 @config_option
 @click.option("--data", required=True, help="Teacher generations (JSONL, Parquet or a saved HF dataset).")
 @click.option("--student", required=True, help="Student model (path or hub id): the generator.")
@@ -460,35 +441,17 @@ def evaluate_cmd(**kwargs) -> None:
 @click.option("--discriminator", default=None, help="Where the discriminator starts (default: the student's "
               "backbone with a new scalar head).")
 @click.option("--tokenizer", default=None, help="Tokenizer (default: the student's).")
-@click.option("--warmup-steps", default=0, show_default=True, type=click.IntRange(0),
-              help="Warm-up steps: SFT of the student on the teacher responses while the discriminator trains.")
-@click.option("--warmup-d-only-steps", default=0, show_default=True, type=click.IntRange(0),
-              help="The first warm-up steps update the discriminator only.")
-@click.option("--steps", default=100, show_default=True, type=click.IntRange(0), help="Adversarial (GRPO) steps.")
-@click.option("--group-size", default=8, show_default=True, type=click.IntRange(2), help="Samples per prompt.")
-@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True),
-              help="Student sampling temperature: the one the teacher's responses were sampled at.")
-@click.option("--batch-prompts", default=4, show_default=True, type=click.IntRange(1), help="Prompts per step.")
-@click.option("--lr", default=1e-5, show_default=True, type=float, help="Student learning rate (AdamW).")
-@click.option("--d-lr", default=1e-5, show_default=True, type=float, help="Discriminator learning rate (AdamW).")
-@click.option("--clip", default=0.2, show_default=True, type=float, help="PPO clip range.")
-@click.option("--kl-coef", default=0.001, show_default=True, type=click.FloatRange(0),
-              help="Weight of the KL to the reference (the warm-up student); 0: none.")
-@click.option("--ppo-epochs", default=1, show_default=True, type=click.IntRange(1))
-@gad_advantage_options
-@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(1))
-@click.option("--max-prompt-tokens", default=512, show_default=True, type=click.IntRange(1))
-@click.option("--micro-batch", default=None, type=click.IntRange(1), help="Prompts per forward/backward.")
-@click.option("--save-every", default=50, show_default=True, type=click.IntRange(1))
-@click.option("--seed", default=42, show_default=True, type=int)
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @skip_bad_option
-def gad_cmd(**kwargs) -> None:
+@click.pass_context
+def gad_cmd(ctx, data, student, out, discriminator, tokenizer, device, skip_bad, **settings) -> None:
     """Generative adversarial distillation: the student learns by GRPO from a discriminator's score, the
-    discriminator learns to tell the teacher's responses from the student's."""
+    discriminator learns to tell the teacher's responses from the student's. Every `GADConfig` field is an
+    option."""
     from bayeskd.distillation.gad import gad
 
-    _run_job(gad, drop=("history",), **kwargs)
+    _run_job(gad, drop=("history",), data=data, student=student, out=out, discriminator=discriminator,
+             tokenizer=tokenizer, device=device, skip_bad=skip_bad, **given(ctx, settings))
 
 
 @main.command("verify")

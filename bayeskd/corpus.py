@@ -18,7 +18,7 @@ from typing import Iterable
 
 import numpy as np
 
-from bayeskd.sparse import atomic_write_bytes
+from bayeskd.integrity import atomic_write_bytes
 
 SPECIAL_TOKENS = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from bayeskd.record_checks import (NATURAL_END, SURROGATE_ESCAPE, _BadRecord, check_encodable,  # noqa: F401
                                    normalize_prompt, normalize_record)  # re-exported: their home was here
-from bayeskd.sparse import tokenizer_fingerprint
+from bayeskd.core.sparse import tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -352,7 +352,7 @@ def render_prompt(record: dict[str, Any], tokenizer) -> str:
 
 def same_tokenizer(record: dict[str, Any], fingerprint: str) -> bool:
     """Whether a record's `logprobs` are tokens of the tokenizer with this fingerprint (its `teacher_tokenizer`
-    field, `bayeskd.sparse.tokenizer_fingerprint`). A record without the field is of an unknown tokenizer, so not
+    field, `bayeskd.core.sparse.tokenizer_fingerprint`). A record without the field is of an unknown tokenizer, so not
     this one, whatever its tokens look like: a tokenizer whose vocabulary contains the teacher's pieces may still
     split text otherwise, so only the fingerprint (the same vocabulary) makes the teacher's splits ones the
     student would produce."""

@@ -15,7 +15,7 @@ LOGPROB_TOL = 1e-6  # as bayeskd.posterior.evidence: a log-probability may excee
 # A JSON escape of a UTF-16 surrogate: the only way invalid Unicode gets into a parsed str (a lone one cannot be
 # encoded as UTF-8, so it would fail later, in tokenizers, fingerprints or written outputs).
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-FINGERPRINT = re.compile(r"[0-9a-f]{64}")  # bayeskd.sparse.tokenizer_fingerprint: a sha256 in hex
+FINGERPRINT = re.compile(r"[0-9a-f]{64}")  # bayeskd.core.sparse.tokenizer_fingerprint: a sha256 in hex
 
 
 class _BadRecord(Exception):

@@ -12,7 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from bayeskd.sparse import CacheMismatchError, atomic_write_json
+from bayeskd.core.sparse import CacheMismatchError
+from bayeskd.integrity import atomic_write_json
 
 # training arguments that do not change what is trained (how often to log or save, where, whether to resume or
 # show progress): left out of the settings a resumed run must match

@@ -105,7 +105,7 @@ def cached_bytes_to_id(tokenizer, fingerprint: str | None = None, table: list[by
                        ) -> dict[bytes, int]:
     """`bytes_to_id` built once per tokenizer (by fingerprint) in this process; do not modify the result. Callers
     that already hold the tokenizer's fingerprint or bytes table pass them."""
-    from bayeskd.sparse import tokenizer_fingerprint
+    from bayeskd.core.sparse import tokenizer_fingerprint
 
     fp = fingerprint or tokenizer_fingerprint(tokenizer)
     if fp not in _ID_OF_BYTES:

@@ -20,7 +20,7 @@ import numpy as np
 
 from bayeskd.locks import LOCK_NAME
 from bayeskd.integrity import RECORD, CorruptOutputError, checksum_findings, file_problem
-from bayeskd.sparse import MANIFEST, read_manifest
+from bayeskd.core.sparse import MANIFEST, read_manifest
 
 _CHECKPOINT = re.compile(r"^checkpoint-\d+$")
 

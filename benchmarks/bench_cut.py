@@ -2,7 +2,7 @@
 
 For every (N, H, V, K), bf16 hidden [N, H] and lm_head [V, H], a prior-only sparse top-K target (distinct random
 indices per row, tail mass 0.05-0.5) and forward KL: forward + backward time and peak *extra* memory of
-  cut          bayeskd.linear_losses.fused_linear_posterior_kd(..., cut=True): no [N, V] logits ever,
+  cut          bayeskd.losses.linear.fused_linear_posterior_kd(..., cut=True): no [N, V] logits ever,
   fused    (a) z = hidden @ weight.T, then bayeskd.kernels.sparse_kd.triton_fused_posterior_kd(z, ..., inplace=True),
   liger_kl / liger_jsd  (b) z = hidden @ weight.T, log_softmax, Liger-Kernel's LigerKLDIVLoss / LigerJSD on the
                dense fp32 posterior (built before the call: neither timed nor counted in its extra memory;
@@ -12,7 +12,7 @@ indices per row, tail mass 0.05-0.5) and forward KL: forward + backward time and
   cut_ce / fused_ce  a training step's loss: CE on a token + KD, through fused_linear_kd_and_ce (one pass of the
                cut kernel) against logits + fp32 cross-entropy + our fused kernel (the trainer's plain path).
 Extra memory = peak allocated during fwd+bwd - allocated before the call - the bytes of grad_hidden and
-grad_weight (outputs every method must hold). Issue targets: at N=16384, V=151936 cut's extra memory is at most
+grad_weight (outputs every method must hold). Targets: at N=16384, V=151936 cut's extra memory is at most
 1/10 of fused's; everywhere cut's time is within 1.2x of CCE's and no slower than fused.
 
     python benchmarks/bench_cut.py                  # the full grid on CUDA (~minutes on an H100/H200)
@@ -67,7 +67,7 @@ def use_interpreter() -> None:
 # inputs
 def make_case(n: int, h: int, v: int, k: int, device: str, dtype: torch.dtype, seed: int = 0):
     """hidden [N, H], lm_head weight [V, H] and a prior-only SparseDist (distinct indices, tail 0.05-0.5)."""
-    from bayeskd.sparse import SparseDist
+    from bayeskd.core.sparse import SparseDist
 
     g = torch.Generator(device=device).manual_seed(seed)
     hidden = torch.randn(n, h, generator=g, device=device, dtype=dtype).mul_(0.5)
@@ -97,7 +97,7 @@ def _leaves(hidden, weight):
 def cut_method(hidden, weight, prior, tokens=None):
     """The cut kernel; with `tokens`, a training step's loss as the trainer's cut_logits path runs it: KD and CE on
     `tokens` in one pass of the kernel (fused_linear_kd_and_ce)."""
-    from bayeskd.linear_losses import fused_linear_kd_and_ce, fused_linear_posterior_kd
+    from bayeskd.losses.linear import fused_linear_kd_and_ce, fused_linear_posterior_kd
 
     def run():
         x, w = _leaves(hidden, weight)

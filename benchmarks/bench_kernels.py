@@ -81,7 +81,7 @@ def sparse_path(backend_note: list):
         backend_note.append("bayeskd.losses.fused_posterior_kd")
         if "prior_idx" in params:  # flat tensors, like the kernel
             return lambda z, pr, px: fused_posterior_kd(z, *pr, *px, mode="log_linear", inplace=True)
-        from bayeskd.sparse import SparseDist
+        from bayeskd.core.sparse import SparseDist
 
         def call(z, pr, px):
             v = z.shape[1]
@@ -255,7 +255,7 @@ def bench_fused_linear(device, quick):
     tail = torch.rand(n, generator=g) * 0.5 + 0.05
     lp = torch.log_softmax(torch.randn(n, k, generator=g), 1) + torch.log1p(-tail)[:, None]
     prior = (idx.to(device), lp.to(device), tail.to(device))
-    from bayeskd.linear_losses import torch_chunk_loss
+    from bayeskd.losses.linear import torch_chunk_loss
 
     chunk_loss = None if device == "cuda" else torch_chunk_loss  # None: the Triton kernel
 

@@ -26,7 +26,7 @@ def run_one(variant: str, n: int, v: int, k: int, reps: int) -> dict:
     import torch.nn.functional as F
 
     from bayeskd.losses import fused_posterior_kd
-    from bayeskd.sparse import SparseDist
+    from bayeskd.core.sparse import SparseDist
 
     g = torch.Generator().manual_seed(0)
 

@@ -142,7 +142,7 @@ def main() -> None:
     post = ProxyPosterior(proxy, device=device, batch_size=args.proxy_batch, top_k=args.k)
 
     # ---------------------------------------------------------------- (a) posterior pass vs bare proxy forward
-    from bayeskd.sparse import ShardWriter
+    from bayeskd.core.sparse import ShardWriter
 
     prior_dir = work / "prior_topk"  # prior top-K shards, as `estimate-prior --write-topk` writes them
     t = time.perf_counter()

@@ -76,7 +76,7 @@ def synthetic(rows: int, vocab: int, k: int, sigma: float, seed: int):
 
 
 def lab_rows(targets: Path, max_rows: int):
-    from bayeskd.sparse import ShardReader
+    from bayeskd.core.sparse import ShardReader
 
     reader = ShardReader(targets)
     parts, n = [], 0
@@ -85,7 +85,7 @@ def lab_rows(targets: Path, max_rows: int):
         n += dist.num_rows
         if n >= max_rows:
             break
-    from bayeskd.sparse import SparseDist
+    from bayeskd.core.sparse import SparseDist
 
     d = SparseDist.cat(parts)[:max_rows]
     return d.indices, d.logprobs.float(), d.tail.float(), d.vocab_size

@@ -1,4 +1,4 @@
-"""Lab rows at equal bytes per token (issue 18 item 3): students distilled from (a) uncompressed top-K, (b) compact
+"""Lab rows at equal bytes per token: students distilled from (a) uncompressed top-K, (b) compact
 top-K and (c) sampled targets, all made from the lab's posterior (its prior, aligned proxy and calibrated
 combination, conditioned on the revealed log-probabilities: the posterior-KD student's recipe), at budgets B bytes
 per target token.
@@ -76,7 +76,7 @@ def more_draws(samples: int, keep_top: int, slots: int, entries: float) -> int:
 
 def shard_bytes(d: Path) -> tuple[int, int]:
     """(bytes of the shard files, rows) of a target directory."""
-    from bayeskd.sparse import read_manifest
+    from bayeskd.core.sparse import read_manifest
 
     man = read_manifest(d)
     rows = sum(s["rows"] for s in man["shards"].values())
@@ -95,7 +95,7 @@ class Bench:
         from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
         from bayeskd.evaluation.evaluate import response_logprobs
         from bayeskd.lab.build import build_lab, get_preset
-        from bayeskd.lab.run import RUN_DEFAULTS, LabRunConfig
+        from bayeskd.lab.run import RUN_CONFIGS, LabRunConfig
 
         lab_preset = get_preset(preset)
         self.paths = build_lab(root, lab_preset, progress=False)  # reuses the built lab
@@ -105,7 +105,7 @@ class Bench:
             raise SystemExit(f"{report_path}: no finished lab run; run `bayeskd lab run --preset {preset}` first")
         self.report = json.loads(report_path.read_text())
         base = lab_preset.base_preset().name
-        self.cfg = replace(RUN_DEFAULTS.get(lab_preset.name) or RUN_DEFAULTS.get(base, LabRunConfig()), seeds=seeds)
+        self.cfg = replace(RUN_CONFIGS.get(lab_preset.name) or RUN_CONFIGS.get(base, LabRunConfig()), seeds=seeds)
         if self.report["config"]["top_k"] != self.cfg.top_k:
             raise SystemExit("the lab run was made with another config than the preset's defaults")
         self.combo = self.report["calibration"]["best"]

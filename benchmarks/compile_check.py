@@ -81,27 +81,28 @@ def cases():
             for two in (False, True):  # TWO: a CE at temperature 1 beside a KD at T != 1 (its own tiles)
                 lse_tiles = dict(cut.pick_blocks(dtype, aligned, two=two))
                 lse_warps = lse_tiles.pop("num_warps")
-                yield (cut._lse_kernel, name, dict(HAS_BIAS=True, DOT_FP32=dot32, CHECK=True, TWO=two, **lse_tiles),
+                yield (cut.lse_kernel, name, dict(HAS_BIAS=True, DOT_FP32=dot32, CHECK=True, TWO=two, **lse_tiles),
                        lse_warps, aligned)
-            yield (cut._dense_bwd_kernel, name, dict(HAS_BIAS=True, DO_H=True, DO_W=True, DO_B=True, TWO=True,
+            yield (cut.dense_bwd_kernel, name, dict(HAS_BIAS=True, DO_H=True, DO_W=True, DO_B=True, TWO=True,
                                                      DOT_FP32=dot32, **tiles), warps, aligned)
-            yield (cut._dense_bwd_kernel, name, dict(HAS_BIAS=False, DO_H=True, DO_W=False, DO_B=False, TWO=False,
+            yield (cut.dense_bwd_kernel, name, dict(HAS_BIAS=False, DO_H=True, DO_W=False, DO_B=False, TWO=False,
                                                      DOT_FP32=dot32, **tiles), warps, aligned)
         for j in (2, 33, 129):  # |U| (+ the CE column) for K = 1, 16, 64 with a sparse proxy
             for aligned in (True, False):
                 rb = dict(cut.row_blocks(j, aligned))
                 rwarps = rb.pop("num_warps")
-                yield cut._gather_kernel, name, dict(HAS_BIAS=True, **rb), rwarps, aligned
-                yield cut._sparse_bwd_kernel, name, dict(DO_B=True, DO_H=True, DO_W=True, **rb), rwarps, aligned
+                yield cut.gather_kernel, name, dict(HAS_BIAS=True, **rb), rwarps, aligned
+                yield cut.sparse_bwd_kernel, name, dict(DO_B=True, DO_H=True, DO_W=True, **rb), rwarps, aligned
     # the fused sparse-KD kernel (logits in), at its launcher's blocks for a large and a small vocabulary
-    base = dict(MODE=fused.MODES["log_linear"], ONLINE=False, DIV=fused.DIVERGENCES["forward_kl"], BUCKET=True,
+    mode, div = fused.MODE_CODES, fused.DIVERGENCE_CODES
+    base = dict(MODE=mode["log_linear"], ONLINE=False, DIV=div["forward_kl"], BUCKET=True,
                 HAS_Y=False, HAS_MASK=False, TEMPERED=False, COMPUTE_GRAD=True, CHECK=True, K0P=64, KQP=64)
-    variants = [("bf16", 16384, 16, {}), ("bf16", 4096, 8, dict(ONLINE=True, DIV=fused.DIVERGENCES["jsd"],
+    variants = [("bf16", 16384, 16, {}), ("bf16", 4096, 8, dict(ONLINE=True, DIV=div["jsd"],
                                                                    TEMPERED=True, HAS_Y=True, HAS_MASK=True)),
-                ("fp16", 4096, 8, dict(MODE=fused.MODES["mixture"], DIV=fused.DIVERGENCES["tvd"], BUCKET=False)),
-                ("fp32", 16384, 16, dict(DIV=fused.DIVERGENCES["reverse_kl"], K0P=16, KQP=16))]
+                ("fp16", 4096, 8, dict(MODE=mode["mixture"], DIV=div["tvd"], BUCKET=False)),
+                ("fp32", 16384, 16, dict(DIV=div["reverse_kl"], K0P=16, KQP=16))]
     for name, block_v, warps, extra in variants:
-        yield fused._sparse_kd_kernel, name, dict(base, BLOCK_V=block_v, **extra), warps, True
+        yield fused.sparse_kd_kernel, name, dict(base, BLOCK_V=block_v, **extra), warps, True
 
 
 def main(argv=None) -> int:

@@ -29,7 +29,7 @@ DIRICHLET_C = 4.0  # the "mixture" cases: per-row prior weights n / (c + n) from
 # inputs and the reference
 def make_sparse(n, v, k, gen):
     """Random top-K rows: distinct indices, every third row half padded (padding anywhere in the row)."""
-    from bayeskd.sparse import SparseDist
+    from bayeskd.core.sparse import SparseDist
 
     idx = torch.full((n, k), -1, dtype=torch.int32)
     lp = torch.full((n, k), float("-inf"))
@@ -66,7 +66,7 @@ def targets(mode, n, v, k, gen):
 
 
 def _f64(d):
-    from bayeskd.sparse import SparseDist
+    from bayeskd.core.sparse import SparseDist
 
     return None if d is None else SparseDist(d.indices, d.logprobs.double(), d.tail.double(), d.vocab_size,
                                              extras=dict(d.extras))
@@ -75,7 +75,8 @@ def _f64(d):
 def reference(z, prior, proxy=None, proxy_logits=None, *, mode="log_linear", w_rows=None, teacher_tokens=None,
               evidence=0.0, divergence="forward_kl", beta=0.5, temperature=1.0, mask=None, tail="bucket"):
     """float64 loss [N] and gradient w.r.t. the logits `z`: sparse_kd_loss(z, combine(prior, proxy, ...))."""
-    from bayeskd.losses import combine, sparse_kd_loss
+    from bayeskd.core.combine import combine
+    from bayeskd.losses import sparse_kd_loss
 
     z64 = z.double().detach().requires_grad_()
     other = _f64(proxy) if proxy is not None else None if proxy_logits is None else proxy_logits.double()
@@ -104,7 +105,7 @@ def cut_cases(report, dev, n=97, h=1024, v=32003, ks=(16, 64), dtypes=(torch.flo
     """The cut-logits kernel through `fused_linear_posterior_kd(..., cut=True)` against the float64 dense
     reference: loss and the gradients of hidden, weight and (K=64 cases) bias. K=16: the prior alone, forward KL;
     K=64: log-linear prior x proxy, JSD, T=1.3, with a bias. N, V not multiples of the tiles."""
-    from bayeskd.linear_losses import fused_linear_posterior_kd
+    from bayeskd.losses.linear import fused_linear_posterior_kd
 
     for dtype in dtypes:
         for k in ks:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One call on a lent GPU: what only a GPU can show for the cut-logits kernel (issue 16), most valuable first, each
+# One call on a lent GPU: what only a GPU can show for the cut-logits kernel, most valuable first, each
 # step bounded so that the whole fits one 10-minute device call. Everything lands in $OUT (the device tool fetches
-# it back); copy the JSON into benchmarks/results/ with the device named, and quote it in the README.
+# it back); copy the JSON into benchmarks/results/ with the device named, and quote it in docs/results.md.
 #
 # At no device time, before the call (optional baselines; the machine has no registry):
 #   echo /.whl/ >> .git/info/exclude
@@ -27,7 +27,7 @@ fi
 # 1. compiled correctness of every kernel against float64 (the cut cases included), ~1-2 min
 timeout 180 "$PY" benchmarks/gpu_check.py --quick > "$OUT/gpu_check.log" 2>&1
 echo "gpu_check rc=$?"
-# 2. the cut kernel against logits + fused kernel, Liger and CCE at the issue's target shapes, ~5 min
+# 2. the cut kernel against logits + fused kernel, Liger and CCE at the target shapes, ~5 min
 timeout 330 "$PY" benchmarks/bench_cut.py --quick --budget-s 280 --out "$OUT/cut_cuda.json" > "$OUT/bench_cut.log" 2>&1
 echo "bench_cut rc=$?"
 tail -n 3 "$OUT/gpu_check.log"

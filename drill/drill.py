@@ -1,4 +1,4 @@
-"""Kill/restart drill (issue 15, item 1): every long job, killed and restarted, ends with the outputs of an
+"""Kill/restart drill: every long job, killed and restarted, ends with the outputs of an
 undisturbed run.
 
 For each job of the registry (`job_registry`): run it once undisturbed (the reference; its duration T), then again

@@ -1,4 +1,4 @@
-"""Fault drills for issue 15 (items 2 and 3), importable by drill/drill.py for its table.
+"""Fault drills (corruption and disk full), importable by drill/drill.py for its table.
 
 - `corruption_drill(argv, out)`: after a job finished in `out`, damage one file of each kind in a copy (flip a byte,
   truncate, delete), run `bayeskd verify` on it and rerun the job on it; each case is an error naming the file, or
@@ -185,7 +185,7 @@ def disk_full_drill(argv_builder: Callable[[Path], Sequence[str]], work: Path, l
     """Run the job built by `argv_builder(out)` with `limit_bytes` of space (default: half of what the reference
     run wrote; with RLIMIT_FSIZE: half of its largest file), then with space again; compare with a reference.
     mode: "tmpfs", "rlimit" or "auto" (tmpfs when unshare works). Raises RuntimeError when neither works."""
-    from bayeskd.sparse import dir_bytes
+    from bayeskd.core.sparse import dir_bytes
 
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)

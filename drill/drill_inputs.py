@@ -1,4 +1,4 @@
-"""Bad-input drill (issue 15, item 5, at the job level): each job reading teacher records or prompts is given a file
+"""Bad-input drill (at the job level): each job reading teacher records or prompts is given a file
 with one bad record in the middle; it must stop with a one-line error naming the file and line, write no output,
 and (with --skip-bad) skip exactly that record. The property tests (tests/test_garbage_in*.py) cover the readers in
 depth; this checks the jobs as users run them.

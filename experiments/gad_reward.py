@@ -1,12 +1,12 @@
-"""Issue 17, item 1: does GAD's discriminator reward track closeness to the teacher?
+"""Does GAD's discriminator reward track closeness to the teacher?
 
     python experiments/gad_reward.py --preset tiny            # the finished tiny lab in runs/lab/tiny (~2 min CPU)
     python experiments/gad_reward.py --preset micro           # builds a micro lab in /tmp/gadlab if missing
-    python experiments/gad_reward.py --preset tiny --first-recipe   # the recipe before issue 17 (T 0.8, no SFT term)
+    python experiments/gad_reward.py --preset tiny --first-recipe   # the lab's first GAD recipe (T 0.8, no SFT term)
 
 The teacher's TRAINING records (run/teacher_train.jsonl) are split by prompt into a tuning part (GAD trains on
 it) and a validation part (never seen by D or by the GRPO stage; the lab's evaluation prompts are never used).
-GAD runs with the lab's GAD settings (`bayeskd.lab.run.RUN_DEFAULTS[preset]`) from the lab's SFT student of the
+GAD runs with the lab's GAD settings (`bayeskd.lab.run.RUN_CONFIGS[preset]`) from the lab's SFT student of the
 same seed, in pieces: the adversarial stage is run to a few step counts in turn (each run resumes the last; a
 resumed run is bit-identical to an uninterrupted one), so the checkpoints after warm-up (out/warmup), mid and end
 (out/) are scored without any change to the library.
@@ -41,13 +41,13 @@ from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
 from bayeskd import GADConfig, gad
 from bayeskd.distillation.gad import rollout
 from bayeskd.distillation.gad_parts import Discriminator
-from bayeskd.lab.run import RUN_DEFAULTS
+from bayeskd.lab.run import RUN_CONFIGS
 from bayeskd.teacher_forcing import pad_prompt_response, token_logprobs
 from common import RAW, RESULTS, seed_all, split_records
 
 
 # ---------------------------------------------------------------------------------------------------- GAD's inputs
-# As `bayeskd.distillation.gad` forms them (issue 17): prompts cut from the left, teacher responses and samples cut at
+# As `bayeskd.distillation.gad` forms them: prompts cut from the left, teacher responses and samples cut at
 # max_new_tokens; `group_size` samples per prompt, each cut after its first EOS.
 
 def prompt_response_ids(data: Path, tok, cfg: GADConfig) -> tuple[list[list[int]], list[list[int]]]:
@@ -182,7 +182,7 @@ def score_point(name, ckpt: Path, teacher, tok, val_prompts, val_teacher, fresh,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="micro", choices=sorted(RUN_DEFAULTS))
+    ap.add_argument("--preset", default="micro", choices=sorted(RUN_CONFIGS))
     ap.add_argument("--root", default=None, help="lab root (default: runs/lab/tiny for tiny, /tmp/gadlab/micro for micro)")
     ap.add_argument("--seeds", default="0", help="comma-separated GAD seeds (each uses the lab's sft-s<seed>)")
     ap.add_argument("--val-frac", type=float, default=0.1)
@@ -195,7 +195,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     torch.set_num_threads(2)
-    rc = RUN_DEFAULTS[args.preset]
+    rc = RUN_CONFIGS[args.preset]
     root = Path(args.root or ("runs/lab/tiny" if args.preset == "tiny" else f"/tmp/gadlab/{args.preset}"))
     if not (root / "run" / "teacher_train.jsonl").exists():
         lab_root = root.parent
@@ -211,7 +211,7 @@ def main() -> None:
     settings = dict(warmup_steps=rc.gad_d_warmup, warmup_d_only_steps=rc.gad_d_warmup, group_size=rc.gad_group,
                     batch_prompts=rc.gad_batch_prompts, lr=rc.gad_lr, d_lr=rc.gad_lr,
                     max_new_tokens=rc.max_new_tokens, temperature=rc.gad_temperature, sft_coef=rc.gad_sft_coef)
-    if args.first_recipe:  # the recipe this diagnostic was first run on (issue 17): T 0.8, no SFT term
+    if args.first_recipe:  # the recipe this diagnostic was first run on: T 0.8, no SFT term
         settings.update(temperature=0.8, sft_coef=0.0)
     print(f"preset={args.preset} lab={root} seeds={seeds} gad settings={settings} steps={gad_steps} points={points}",
           flush=True)

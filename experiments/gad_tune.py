@@ -1,4 +1,4 @@
-"""Issue 17, items 2-3: which GAD settings keep (or make) the student better than its SFT start?
+"""Which GAD settings keep (or make) the student better than its SFT start?
 
     python experiments/gad_tune.py --preset tiny --seeds 0,1,2 --variants lab,no_std,sft0.5
     python experiments/gad_tune.py --list                      # the variants and what each changes
@@ -30,7 +30,7 @@ from bayeskd import GADConfig, distill, gad
 from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
 from bayeskd.evaluation.evaluate import sample_own, student_metrics
 from bayeskd.evaluation.metrics import kl_teacher_to_estimate, summarize
-from bayeskd.lab.run import RUN_DEFAULTS
+from bayeskd.lab.run import RUN_CONFIGS
 from bayeskd.teacher_forcing import target_logprobs as response_logprobs
 from common import RESULTS, seed_all, split_records
 
@@ -73,7 +73,7 @@ VARIANTS: dict[str, tuple[dict, str]] = {
 def lab_settings(preset: str) -> dict:
     """The lab's GAD recipe as it was when this investigation began (spelled out, so the "lab" variant stays
     that recipe whatever the defaults become)."""
-    rc = RUN_DEFAULTS[preset]
+    rc = RUN_CONFIGS[preset]
     return dict(warmup_steps=10, warmup_d_only_steps=10, steps=30, group_size=rc.gad_group,
                 batch_prompts=rc.gad_batch_prompts, lr=rc.gad_lr, d_lr=rc.gad_lr, max_new_tokens=rc.max_new_tokens,
                 temperature=0.8, sft_coef=0.0, scale_rewards=True, baseline="group", kl_coef=0.001)
@@ -137,7 +137,7 @@ class Scorer:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny", choices=sorted(RUN_DEFAULTS))
+    ap.add_argument("--preset", default="tiny", choices=sorted(RUN_CONFIGS))
     ap.add_argument("--root", default=None, help="lab root (default runs/lab/<preset>)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--variants", default="lab", help=f"comma-separated, from: {', '.join(VARIANTS)}")
@@ -168,7 +168,7 @@ def main() -> None:
     import transformers
 
     transformers.logging.disable_progress_bar()  # a load / save bar per model would bury the table
-    rc = RUN_DEFAULTS[args.preset]
+    rc = RUN_CONFIGS[args.preset]
     root = Path(args.root or f"runs/lab/{args.preset}")
     run = root / "run"
     suffix = ("" if root.name == args.preset else f"_{root.name}") + \

@@ -1,4 +1,4 @@
-"""Mode "adaptive" (bayeskd.posterior.adaptive): the fit recovers a context-dependent gate, combine equals the mixture
+"""Mode "adaptive" (bayeskd.core.adaptive): the fit recovers a context-dependent gate, combine equals the mixture
 with w = σ(θ·f) computed by hand, and the fused loss paths (PyTorch, Triton under the interpreter) match the
 reference combine + divergence."""
 import importlib
@@ -17,13 +17,13 @@ if INTERPRET:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from bayeskd import linear_losses as LL  # noqa: E402
+from bayeskd.losses import linear as LL  # noqa: E402
 from bayeskd import losses as L  # noqa: E402
-from bayeskd.posterior.adaptive import (FEATURES, adaptive_features, adaptive_settings, adaptive_weights,  # noqa: E402
-                                        fit_adaptive, prior_weights)
+from bayeskd.core.adaptive import (FEATURES, adaptive_features, adaptive_settings, adaptive_weights,  # noqa: E402
+                                   fit_adaptive, prior_weights)
 from bayeskd.posterior.calibrate import token_logprob  # noqa: E402
-from bayeskd.posterior.combine import combine  # noqa: E402
-from bayeskd.sparse import SparseDist  # noqa: E402
+from bayeskd.core.combine import combine  # noqa: E402
+from bayeskd.core.sparse import SparseDist  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # the interpreter's -inf math
 

@@ -6,8 +6,8 @@ import torch
 
 from bayeskd.posterior.calibrate import calibrate_combination, token_logprob
 from bayeskd.evaluation.metrics import kl_teacher_to_estimate
-from bayeskd.posterior.combine import combine
-from bayeskd.sparse import SparseDist
+from bayeskd.core.combine import combine
+from bayeskd.core.sparse import SparseDist
 
 
 def _sparse(lp: torch.Tensor, k: int) -> SparseDist:

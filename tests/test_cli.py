@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from bayeskd.cli import main
-from bayeskd.sparse import CacheMismatchError, ShardReader
+from bayeskd.core.sparse import CacheMismatchError, ShardReader
 
 
 def _write_jsonl(path, n=40, seed=0):
@@ -170,17 +170,66 @@ def test_distill_cut_logits_flag(tmp_path, tiny_tokenizer_dir, monkeypatch, back
     assert summary["lm_head_loss"] == ("cut" if backend == "triton" else "chunked") and summary["steps"] == 1
 
 
-def test_cli_defaults_are_the_librarys():
-    """Every option of `distill` and `gad` that names a field of BayesKDConfig / GADConfig defaults to what the
-    library uses when it is not given (distill's run defaults included), so the CLI and the library train alike."""
+def test_distill_and_gad_options_are_their_configs_fields():
+    """`distill`'s and `gad`'s options are generated from BayesKDConfig / GADConfig: every field (every
+    `TrainingArguments` field included) is an option with the field's default and help, so a default is written
+    once; the older flag names still parse."""
     import dataclasses
 
     from bayeskd.distillation.gad import GADConfig
-    from bayeskd.distillation.trainer import RUN_DEFAULTS, BayesKDConfig
+    from bayeskd.distillation.trainer import BayesKDConfig
 
-    for cmd, config in (("gad", GADConfig()), ("distill", BayesKDConfig(output_dir="unused", **RUN_DEFAULTS))):
-        fields = {f.name for f in dataclasses.fields(config)}
-        checked = [p for p in main.commands[cmd].params if p.name in fields]
-        assert len(checked) >= 15, cmd
-        for p in checked:
-            assert p.default == getattr(config, p.name), (cmd, p.name, p.default, getattr(config, p.name))
+    for cmd, config in (("gad", GADConfig), ("distill", BayesKDConfig)):
+        options = {p.name: p for p in main.commands[cmd].params}
+        no_cli_form = {"output_dir", "parallelism_config"} if cmd == "distill" else set()  # --out; an object
+        for f in dataclasses.fields(config):
+            if f.name in no_cli_form:
+                continue
+            assert f.name in options, (cmd, f.name)
+            p = options[f.name]
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            default = getattr(default, "value", default)  # an Enum member
+            if p.multiple:
+                default = list(default) if isinstance(default, (list, tuple)) else None
+            assert p.default == default, (cmd, f.name, p.default)
+            assert p.help == f.metadata.get("help"), (cmd, f.name)
+    distill = {opt for p in main.commands["distill"].params for opt in p.opts + p.secondary_opts}
+    assert {"--bf16", "--gradient-checkpointing", "--deepspeed", "--fsdp", "--fsdp-config", "--report-to",
+            "--push-to-hub", "--lr-scheduler-type", "--warmup-steps", "--weight-normalization", "--save-steps",
+            "--per-device-train-batch-size", "--use-peft", "--lora-r", "--lora-target-modules", "--out"} <= distill
+
+
+def test_training_arguments_reach_distill_from_the_command_line_and_config(tmp_path, monkeypatch):
+    """Any TrainingArguments field reaches the BayesKDConfig that distill trains with, from the command line or a
+    YAML --config (a mapping for a JSON-valued one); only the options given are passed, the rest are the config's
+    defaults."""
+    import yaml
+
+    import bayeskd.distillation.trainer as trainer
+
+    seen = {}
+
+    def fake_distill(data, student, out, **kw):
+        seen.update(kw)
+        seen["config"] = trainer.BayesKDConfig(output_dir=out, **{k: v for k, v in kw.items() if k not in (
+            "targets", "teacher", "proxy", "tokenizer", "skip_bad")})
+        return {}
+
+    monkeypatch.setattr(trainer, "distill", fake_distill)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"lr_scheduler_type": "cosine", "warmup_steps": 7, "report_to": ["tensorboard"],
+                                   "lr_scheduler_kwargs": {"num_cycles": 0.25}, "gradient_checkpointing": True}))
+    res = CliRunner().invoke(main, ["distill", "--config", str(cfg), "--data", "d", "--student", "s", "--out",
+                                    str(tmp_path / "o"), "--weight-decay", "0.1", "--max-grad-norm", "0.5",
+                                    "--optim", "adamw_torch", "--lora-r", "4", "--lora-target-modules", "q_proj",
+                                    "--lora-target-modules", "v_proj"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    c = seen["config"]
+    assert (c.lr_scheduler_type, c.warmup_steps, c.report_to, c.lr_scheduler_kwargs, c.gradient_checkpointing) == (
+        "cosine", 7, ["tensorboard"], {"num_cycles": 0.25}, True)
+    assert (c.weight_decay, c.max_grad_norm, c.optim, c.lora_r, c.lora_target_modules) == (
+        0.1, 0.5, "adamw_torch", 4, ["q_proj", "v_proj"])
+    assert "learning_rate" not in seen and c.num_train_epochs == 1.0 and c.logging_steps == 10  # defaults: once
+    res = CliRunner().invoke(main, ["distill", "--data", "d", "--student", "s", "--out", "o",
+                                    "--per-device-train-batch-size", "0"])
+    assert res.exit_code == 2 and "--per-device-train-batch-size" in res.output

@@ -192,7 +192,7 @@ def test_logprob_bits_out_of_range_are_named():
 # ---------------------------------------------------------------------------------------------------- shards
 
 def _dist(rng, n=40, k=12, v=3001):
-    from bayeskd.sparse import SparseDist
+    from bayeskd.core.sparse import SparseDist
 
     idx, lp, tail = _rows(rng, n, k, v, 3.0, pad_rows=5)
     perm = torch.from_numpy(rng.permutation(k))  # unsorted columns: the writer sorts each row for the codec
@@ -200,7 +200,7 @@ def _dist(rng, n=40, k=12, v=3001):
 
 
 def test_compact_shards_round_trip_and_raw_shards_are_unchanged(rng, tmp_path):
-    from bayeskd.sparse import CacheMismatchError, ShardReader, ShardWriter
+    from bayeskd.core.sparse import CacheMismatchError, ShardReader, ShardWriter
 
     d = _dist(rng)
     raw = ShardWriter(tmp_path / "raw", d.vocab_size, d.k, "fp")
@@ -223,7 +223,7 @@ def test_compact_shards_round_trip_and_raw_shards_are_unchanged(rng, tmp_path):
 
 def test_a_damaged_compact_shard_is_named(rng, tmp_path):
     from bayeskd.integrity import CorruptOutputError
-    from bayeskd.sparse import ShardReader, ShardWriter
+    from bayeskd.core.sparse import ShardReader, ShardWriter
 
     d = _dist(rng)
     ShardWriter(tmp_path, d.vocab_size, d.k, "fp", codec="compact").write("s0", d)
@@ -240,7 +240,7 @@ def test_a_damaged_compact_shard_is_named(rng, tmp_path):
 def test_compact_shard_with_padding_before_a_zero_probability_entry(tmp_path):
     """A valid row may list a revealed probability of 0 (-inf) after padding; the writer sorts padding last so the
     codec takes it (it refused the row as 'padding must come after every listed entry')."""
-    from bayeskd.sparse import ShardReader, ShardWriter, SparseDist
+    from bayeskd.core.sparse import ShardReader, ShardWriter, SparseDist
 
     ninf = float("-inf")
     d = SparseDist(indices=torch.tensor([[4, -1, 2, 7], [1, 3, -1, -1]], dtype=torch.int32),

@@ -1,4 +1,4 @@
-"""Conditioning on revealed probabilities (`bayeskd.posterior.condition`) against a dense float64 reference.
+"""Conditioning on revealed probabilities (`bayeskd.core.condition`) against a dense float64 reference.
 
 The reference builds the full [N, V] posterior and applies docs/MATH.md's rule by brute force: the ε -> 0 limit
 is taken literally (r + ε on every token outside the exact entries, ε at most 1e-18 and 1e-12 of the row's
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from bayeskd.posterior.combine import combine
-from bayeskd.posterior.condition import MASS_TOL, UNREVEALED_MIN, condition, evidence_only
-from bayeskd.sparse import SparseDist
+from bayeskd.core.combine import combine
+from bayeskd.core.condition import MASS_TOL, UNREVEALED_MIN, condition, evidence_only
+from bayeskd.core.sparse import SparseDist
 
 EPS = 1e-18
 KINDS = ("none", "teacher", "random", "cap_tail", "relax", "relax_lower", "only_evidence", "tail0_partial",

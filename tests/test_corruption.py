@@ -22,7 +22,7 @@ from bayeskd.cli import main
 from bayeskd.integrity import CorruptOutputError, read_json
 from bayeskd.priors.base import load_prior
 from bayeskd.priors.ngram import NGramPrior
-from bayeskd.sparse import ShardReader, ShardWriter, SparseDist
+from bayeskd.core.sparse import ShardReader, ShardWriter, SparseDist
 from bayeskd.verify import verify_dir
 from conftest import save_tiny_llama
 

@@ -11,8 +11,8 @@ import torch  # noqa: E402
 from test_kernels import DIVS, reference, rel_err, seeded, targets  # noqa: E402 (sets up the interpreter)
 
 from bayeskd.kernels.cut_sparse_kd import cut_sparse_kd, gather_logits, row_stats  # noqa: E402
-from bayeskd.linear_losses import cut_head, fused_linear_posterior_kd  # noqa: E402
-from bayeskd.losses import _prepare  # noqa: E402
+from bayeskd.losses.linear import cut_head, fused_linear_posterior_kd  # noqa: E402
+from bayeskd.losses.fused import prepare_args  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")]  # the NaN-input case
@@ -50,10 +50,10 @@ def run_cut(hidden, weight, bias, prior, proxy, proxy_logits, grad_output, needs
         lib["w"] = float(w_rows[0])
     target_proxy = proxy if proxy is not None else proxy_logits
     if opts:
-        args = _prepare(hidden.new_empty(()).expand(len(hidden), len(weight)), prior, target_proxy, lib["mode"], 1.0,
-                        1.0, 1.0, lib.get("w", 0.5), kw.get("teacher_tokens"), kw.get("evidence", 0.0),
-                        kw.get("divergence", "forward_kl"), kw.get("beta"), kw.get("temperature", 1.0),
-                        kw.get("mask"), kw.get("tail", "bucket"), False, student_values=False)
+        args = prepare_args(hidden.new_empty(()).expand(len(hidden), len(weight)), prior, target_proxy, lib["mode"],
+                            1.0, 1.0, 1.0, lib.get("w", 0.5), kw.get("teacher_tokens"), kw.get("evidence", 0.0),
+                            kw.get("divergence", "forward_kl"), kw.get("beta"), kw.get("temperature", 1.0),
+                            kw.get("mask"), kw.get("tail", "bucket"), False, student_values=False)
         args.w_rows = w_rows
         loss = cut_sparse_kd(x, w, cut_head(args), bias=b, temperature=kw.get("temperature", 1.0), **opts)
     else:
@@ -210,7 +210,7 @@ def test_kd_and_ce_together(path, monkeypatch):
     the cut kernel does both in one pass over the logits (one row_stats call), also with the KD at T != 1 (the
     CE's softmax at temperature 1 computed from the same tiles)."""
     import bayeskd.kernels.cut_sparse_kd as cut_mod
-    from bayeskd.linear_losses import fused_linear_kd_and_ce
+    from bayeskd.losses.linear import fused_linear_kd_and_ce
 
     calls = []
     real = cut_mod.row_stats

@@ -7,7 +7,7 @@ import pytest
 
 from bayeskd.corpus import CHAT_TEMPLATE, embedded_corpus, embedded_teacher_jsonl, split_prompt_response
 from bayeskd.data import DataError, load_teacher_records, load_tokenizer, tokenize_records
-from bayeskd.sparse import tokenizer_fingerprint
+from bayeskd.core.sparse import tokenizer_fingerprint
 
 WORDS = ["the", "module", "returns", "a", "list", "of", "strings", "when", "called", "with", "an", "object",
          "café", "naïve", "—", "x = 1", "()", "\n", "def f():", "   ", "'quoted'", "42", "über", "日本"]

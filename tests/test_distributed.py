@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bayeskd.sparse import ShardReader
+from bayeskd.core.sparse import ShardReader
 
 
 def _write_jsonl(path, n=24, seed=0):

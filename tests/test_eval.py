@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bayeskd.evaluation.metrics import kl_teacher_to_estimate, smoothed_one_hot, summarize, top1_match, topk_mass_coverage
-from bayeskd.sparse import SparseDist
+from bayeskd.core.sparse import SparseDist
 
 L = math.log
 TEACHER = torch.tensor([[0.5, 0.25, 0.125, 0.125]]).log()  # one row, V = 4

@@ -17,7 +17,7 @@ from conftest import is_utf8, save_tiny_llama
 from bayeskd.corpus import embedded_corpus, train_bpe_tokenizer
 from bayeskd.data import DataError, tokenize_records
 from bayeskd.posterior.evidence import Evidence, StudentVocab, evidence_rows
-from bayeskd.sparse import tokenizer_fingerprint
+from bayeskd.core.sparse import tokenizer_fingerprint
 from bayeskd.teacher_forcing import target_logprobs, target_row_layout
 from bayeskd.teachers.hf import HFTeacher
 from bayeskd.token_bytes import token_bytes_table
@@ -468,8 +468,8 @@ def test_a_teacher_prefix_of_the_observed_student_token_is_no_bound_for_it():
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
-    from bayeskd.posterior.condition import apply_evidence
-    from bayeskd.sparse import SparseDist
+    from bayeskd.core.condition import apply_evidence
+    from bayeskd.core.sparse import SparseDist
 
     pieces = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), " ☃", " ", " s", " t", "Say:"]
     model = Tokenizer(models.Unigram([(p, -1.0 if len(p) > 1 else -5.0) for p in pieces], unk_id=0,

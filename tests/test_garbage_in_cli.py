@@ -146,7 +146,7 @@ def test_posterior_reads_a_long_record_in_sliding_windows(tmp_path, tiny_tokeniz
     from conftest import save_tiny_llama
 
     from bayeskd.data import load_teacher_records, tokenize_records
-    from bayeskd.sparse import ShardReader
+    from bayeskd.core.sparse import ShardReader
 
     proxy = save_tiny_llama(tmp_path / "proxy", tiny_tokenizer, seed=0)
     data = tmp_path / "teacher.jsonl"

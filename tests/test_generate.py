@@ -419,7 +419,7 @@ def test_serve_teacher_reports_its_tokenizer_and_generate_writes_it(server, teac
     import httpx
 
     from bayeskd.data import load_teacher_records, tokenize_records
-    from bayeskd.sparse import tokenizer_fingerprint
+    from bayeskd.core.sparse import tokenizer_fingerprint
     from bayeskd.teachers.generate import generate
 
     fp = tokenizer_fingerprint(tiny_tokenizer)
@@ -458,7 +458,7 @@ def test_teacher_tokenizer_names_the_tokenizer_of_an_api_teacher(server, tiny_to
 
     from bayeskd.cli import main
     from bayeskd.data import load_teacher_records, tokenize_records
-    from bayeskd.sparse import tokenizer_fingerprint
+    from bayeskd.core.sparse import tokenizer_fingerprint
     from bayeskd.teachers.generate import GenerateError, generate
     from bayeskd.teachers.server import running_app
 

@@ -24,7 +24,7 @@ if INTERPRET and "bayeskd.kernels.sparse_kd" in sys.modules:  # imported earlier
         importlib.reload(sys.modules["bayeskd.kernels.fused_linear_sparse_kd"])
 
 from bayeskd.kernels.sparse_kd import sparse_kd_forward, triton_fused_posterior_kd  # noqa: E402
-from bayeskd.sparse import SparseDist  # noqa: E402
+from bayeskd.core.sparse import SparseDist  # noqa: E402
 
 # numpy warns about -inf arithmetic the kernels do on purpose (absent entries); results are checked finite
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
@@ -486,10 +486,9 @@ def test_fused_linear_default_chunk_and_no_weight_grad():
 
 def test_fused_linear_torch_backend_and_losses_reference():
     """The CPU path of bayeskd.losses inside the fused-linear op, and the kernel against losses' reference."""
-    losses = pytest.importorskip("bayeskd.losses")
-    linear_losses = pytest.importorskip("bayeskd.linear_losses")
-    if not hasattr(losses, "fused_posterior_kd") or not hasattr(losses, "sparse_kd_loss"):
-        pytest.skip("bayeskd.losses has no fused_posterior_kd / sparse_kd_loss yet")
+    from bayeskd.core.combine import combine
+    from bayeskd.losses import linear as linear_losses
+    from bayeskd.losses import sparse_kd_loss
     gen = seeded(32)
     n, v, h = 6, 257, 16
     prior, proxy, _, kw = targets("log_linear", n, v, 8, gen)
@@ -511,9 +510,19 @@ def test_fused_linear_torch_backend_and_losses_reference():
     # the kernel against the library's own reference: sparse_kd_loss(combine(...))
     z = logits(n, v, gen)
     y = torch.randint(0, v, (n,), generator=gen)
-    target = losses.combine(prior, proxy, mode="log_linear", teacher_tokens=y, evidence=0.5)
-    lib = losses.sparse_kd_loss(z.double(), SparseDist(target.indices, target.logprobs.double(), target.tail.double(),
-                                                       v), divergence="jsd", beta=0.5, temperature=1.2)
+    target = combine(prior, proxy, mode="log_linear", teacher_tokens=y, evidence=0.5)
+    lib = sparse_kd_loss(z.double(), SparseDist(target.indices, target.logprobs.double(), target.tail.double(),
+                                                v), divergence="jsd", beta=0.5, temperature=1.2)
     ours, _ = run_kernel(z, prior, proxy, teacher_tokens=y, evidence=0.5, divergence="jsd", beta=0.5,
                          temperature=1.2, **kw)
     assert float((ours.double() - lib.detach()).abs().max()) < 1e-4
+
+
+def test_kernel_constants_match_the_library():
+    """bayeskd/kernels/ import nothing else from bayeskd, so the fused kernel repeats the library's tails, target
+    floor and divergence names (as the keys of its DIVERGENCE_CODES): they must agree."""
+    import bayeskd.kernels.sparse_kd as K
+    from bayeskd.losses import divergences
+
+    assert K.TAILS == divergences.TAILS and K.TARGET_FLOOR == divergences.TARGET_FLOOR
+    assert tuple(K.DIVERGENCE_CODES) == divergences.DIVERGENCES

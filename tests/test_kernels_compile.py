@@ -21,9 +21,9 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     cases = json.loads(out.read_text())["cases"]
     kernels = {(c["kernel"], c["dtype"]) for c in cases}
-    assert kernels == {(k, d) for k in ("_lse_kernel", "_dense_bwd_kernel", "_gather_kernel", "_sparse_bwd_kernel",
-                                        "_sparse_kd_kernel") for d in ("bf16", "fp16", "fp32")}
+    assert kernels == {(k, d) for k in ("lse_kernel", "dense_bwd_kernel", "gather_kernel", "sparse_bwd_kernel",
+                                        "sparse_kd_kernel") for d in ("bf16", "fp16", "fp32")}
     assert all(c["ok"] and c["stack_bytes"] == 0 and 0 < c["registers"] <= 255 for c in cases)
     for c in cases:  # the half-precision tiles run on tensor cores with pipelined loads
-        if c["kernel"] in ("_lse_kernel", "_dense_bwd_kernel") and c["dtype"] != "fp32" and c["aligned"]:
+        if c["kernel"] in ("lse_kernel", "dense_bwd_kernel") and c["dtype"] != "fp32" and c["aligned"]:
             assert c["wgmma"] > 0 and c["cp_async"] > 0, c

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from bayeskd.cli import main
 from bayeskd.data import tokenize_records
 from bayeskd.lab.build import LabError
-from bayeskd.lab.run import RUN_DEFAULTS, run_lab
+from bayeskd.lab.run import RUN_CONFIGS, run_lab
 from bayeskd.evaluation.evaluate import estimate_metrics, read_target_rows, response_logprobs
-from bayeskd.sparse import ShardWriter, SparseDist
+from bayeskd.core.sparse import ShardWriter, SparseDist
 from bayeskd.distillation.trainer import whitebox_targets
 from conftest import save_tiny_llama
 
@@ -151,7 +151,7 @@ def test_lab_run_resumes_and_refuses_other_settings(lab_run):
     bad = CliRunner().invoke(main, ["lab", "run", "--preset", "micro", "--root", str(root), "--methods", "nope"])
     assert bad.exit_code != 0 and "nope" in (bad.output + str(bad.exception))
     # other teacher samples / targets settings: refused, and the finished run is left as it was
-    other = dataclasses.replace(RUN_DEFAULTS["micro"], top_k=8)
+    other = dataclasses.replace(RUN_CONFIGS["micro"], top_k=8)
     with pytest.raises(LabError, match="other settings"):
         run_lab(str(root), "micro", config=other, progress=False, log=lambda _: None)
     assert os.stat(student).st_mtime_ns == before

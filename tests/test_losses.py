@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from bayeskd import losses as L
-from bayeskd.sparse import SparseDist
+from bayeskd.core.combine import combine
+from bayeskd.core.sparse import SparseDist
 
 DIVS = ["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"]
 V = 1271  # odd, not a power of two
@@ -120,7 +121,7 @@ def test_reference_matches_dense(mode, k):
     ab = dict(a=0.8, b=1.3) if k == 64 else {}
     prior, proxy, m, y, e, z = make_case(mode, k, teacher=k != 1, evidence=0.5 if k == 64 else 0.0, seed=k)
     kw = dict(mode=m if m != "none" else "log_linear", c=2.0, w=0.3, teacher_tokens=y, evidence=e, **ab)
-    target = L.combine(prior, proxy, **kw)
+    target = combine(prior, proxy, **kw)
     p, U = dense_posterior(prior, proxy, kw["mode"] if proxy is not None else "none", ab.get("a", 1.0),
                            ab.get("b", 1.0), 2.0, 0.3, y, e)
     # the combined target lists exactly U, with p on it and the rest as the tail
@@ -141,7 +142,7 @@ def test_reference_matches_dense(mode, k):
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_jsd_beta(beta):
     prior, proxy, m, y, e, z = make_case("log_linear", 8, seed=3)
-    target = L.combine(prior, proxy)
+    target = combine(prior, proxy)
     p, U = dense_posterior(prior, proxy)
     got = L.sparse_kd_loss(z, target, "jsd", beta=beta, temperature=1.3)
     torch.testing.assert_close(got, dense_loss(z, p, U, "jsd", beta, T=1.3), rtol=1e-8, atol=1e-10)
@@ -182,7 +183,7 @@ def test_tails_zero_near_one_and_disjoint_supports():
         for mode in ("log_linear", "mixture"):
             if mode == "log_linear" and t0 == 0 and tq == 0:
                 continue
-            target = L.combine(prior, proxy, mode=mode)
+            target = combine(prior, proxy, mode=mode)
             p, U = dense_posterior(prior, proxy, mode)
             assert torch.equal((target.indices >= 0).sum(1), U.sum(1))  # zero-mass union entries stay listed
             for div in DIVS:
@@ -192,7 +193,7 @@ def test_tails_zero_near_one_and_disjoint_supports():
     prior = rand_dist(2, V, 4, tail=0.0, gen=g, dtype=torch.float64)
     proxy = disjoint_from(prior, rand_dist(2, V, 4, tail=0.0, gen=g, dtype=torch.float64))
     with pytest.raises(ValueError, match="no mass"):
-        L.combine(prior, proxy)
+        combine(prior, proxy)
 
 
 def test_full_support_no_bucket():
@@ -204,7 +205,7 @@ def test_full_support_no_bucket():
     prior.logprobs[:] = torch.log_softmax(torch.randn(3, v, generator=g, dtype=torch.float64), 1)
     proxy = rand_dist(3, v, 3, gen=g, dtype=torch.float64)
     z = torch.randn(3, v, generator=g, dtype=torch.float64, requires_grad=True)
-    target = L.combine(prior, proxy)
+    target = combine(prior, proxy)
     p, U = dense_posterior(prior, proxy)
     for div in DIVS:
         loss = L.sparse_kd_loss(z, target, div, temperature=0.5)
@@ -215,7 +216,7 @@ def test_full_support_no_bucket():
 
 def test_masked_rows_exact_zero():
     prior, proxy, m, y, e, z = make_case("log_linear", 8, seed=9)
-    target = L.combine(prior, proxy)
+    target = combine(prior, proxy)
     z.requires_grad_(True)
     mask = torch.tensor([True, False, True, False, False, True])
     for div in DIVS:
@@ -234,7 +235,7 @@ def test_gradcheck_reference(div):
     v = 13
     prior = rand_dist(3, v, 3, gen=g, dtype=torch.float64)
     proxy = rand_dist(3, v, 4, gen=g, dtype=torch.float64)
-    target = L.combine(prior, proxy, teacher_tokens=torch.tensor([0, 5, 12]), evidence=0.3)
+    target = combine(prior, proxy, teacher_tokens=torch.tensor([0, 5, 12]), evidence=0.3)
     mask = torch.tensor([True, True, False])
     z = torch.randn(3, v, generator=g, dtype=torch.float64, requires_grad=True)
     for tail in ("bucket", "ignore"):
@@ -244,18 +245,18 @@ def test_gradcheck_reference(div):
 
 def test_top_k_truncation():
     prior, proxy, m, y, e, z = make_case("log_linear", 8, seed=12)
-    full = L.combine(prior, proxy)
-    top = L.combine(prior, proxy, top_k=5)
+    full = combine(prior, proxy)
+    top = combine(prior, proxy, top_k=5)
     assert top.k == 5
     lp_sorted = full.logprobs.sort(1, descending=True).values
     torch.testing.assert_close(top.logprobs, lp_sorted[:, :5])
     torch.testing.assert_close(top.tail, full.tail + lp_sorted[:, 5:].exp().sum(1))
     torch.testing.assert_close(top.logprobs.exp().sum(1) + top.tail, torch.ones(6, dtype=torch.float64))
-    wide = L.combine(prior, proxy, top_k=40)  # more than the union: padded
+    wide = combine(prior, proxy, top_k=40)  # more than the union: padded
     assert wide.k == 40 and (wide.indices[:, full.k:] == -1).all()
     assert torch.isneginf(wide.logprobs[:, full.k:]).all()
     with pytest.raises(ValueError, match="top_k"):
-        L.combine(prior, proxy, top_k=V + 1)
+        combine(prior, proxy, top_k=V + 1)
 
 
 def test_combine_validation():
@@ -263,32 +264,32 @@ def test_combine_validation():
     bad = SparseDist(proxy.indices, proxy.logprobs.clone(), proxy.tail, V)
     bad.logprobs[0, 0] = float("nan")
     with pytest.raises(ValueError, match="proxy"):
-        L.combine(prior, bad)
+        combine(prior, bad)
     badp = SparseDist(prior.indices, prior.logprobs, prior.tail.clone(), V)
     badp.tail[1] = float("inf")
     with pytest.raises(ValueError, match="prior"):
-        L.combine(badp, proxy)
+        combine(badp, proxy)
     other = rand_dist(6, V + 2, 8)
     with pytest.raises(ValueError, match=f"V={V + 2}.*V={V}"):
-        L.combine(prior, other)
+        combine(prior, other)
     with pytest.raises(ValueError, match=f"V={V - 1}.*V={V}"):
-        L.combine(prior, torch.randn(6, V - 1))
+        combine(prior, torch.randn(6, V - 1))
     logits = torch.randn(6, V)
     logits[2, 3] = float("inf")
     with pytest.raises(ValueError, match="proxy logits"):
-        L.combine(prior, logits)
+        combine(prior, logits)
     no_counts = SparseDist(prior.indices, prior.logprobs, prior.tail, V)
     with pytest.raises(ValueError, match="context_count"):
-        L.combine(no_counts, proxy, mode="dirichlet")
+        combine(no_counts, proxy, mode="dirichlet")
     with pytest.raises(ValueError, match="teacher_tokens"):
-        L.combine(prior, proxy, evidence=1.0)
-    assert L.combine(prior, None).k == 8  # proxy None: the prior itself
-    torch.testing.assert_close(L.combine(prior, None).tail, prior.tail)
+        combine(prior, proxy, evidence=1.0)
+    assert combine(prior, None).k == 8  # proxy None: the prior itself
+    torch.testing.assert_close(combine(prior, None).tail, prior.tail)
 
 
 def test_loss_validation():
     prior, proxy, m, y, e, z = make_case("log_linear", 8, seed=14)
-    target = L.combine(prior, proxy)
+    target = combine(prior, proxy)
     for bad in (float("nan"), float("inf"), float("-inf")):
         zz = z.clone()
         zz[3, 7] = bad
@@ -305,7 +306,7 @@ def test_loss_validation():
 
 def ref_and_grad(z, prior, proxy, kw, div, T, tail, mask, weights, beta=None):
     zr = z.detach().double().requires_grad_(True)
-    target = L.combine(prior, proxy, **kw)
+    target = combine(prior, proxy, **kw)
     loss = L.sparse_kd_loss(zr, target, div, beta=beta, temperature=T, mask=mask, tail=tail)
     (loss * weights).sum().backward()
     return loss.detach(), zr.grad

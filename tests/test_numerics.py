@@ -19,10 +19,10 @@ if os.environ["TRITON_INTERPRET"] == "1" and "bayeskd.kernels.sparse_kd" in sys.
     if "bayeskd.kernels.fused_linear_sparse_kd" in sys.modules:
         importlib.reload(sys.modules["bayeskd.kernels.fused_linear_sparse_kd"])
 
-import bayeskd.linear_losses as LL  # noqa: E402
+from bayeskd.losses import linear as LL  # noqa: E402
 import bayeskd.losses as L  # noqa: E402
-from bayeskd.posterior.combine import combine  # noqa: E402
-from bayeskd.sparse import ShardReader, ShardWriter, SparseDist  # noqa: E402
+from bayeskd.core.combine import combine  # noqa: E402
+from bayeskd.core.sparse import ShardReader, ShardWriter, SparseDist  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 N, V, K = 5, 24, 4

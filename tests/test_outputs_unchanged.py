@@ -72,7 +72,7 @@ def _fingerprints(root: Path) -> dict[str, float]:
     does not matter) the mean tail, entropy of the listed entries and top-1 log-probability of its rows."""
     from safetensors.torch import load_file
 
-    from bayeskd.sparse import ShardReader
+    from bayeskd.core.sparse import ShardReader
 
     out: dict[str, float] = {}
     manifests = sorted(root.rglob("manifest.json"))

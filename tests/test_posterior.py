@@ -11,12 +11,12 @@ from click.testing import CliRunner
 
 from bayeskd.cli import main
 from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
-from bayeskd.posterior.combine import combine
+from bayeskd.core.combine import combine
 from bayeskd.priors.estimate import estimate_prior
 from bayeskd.posterior.estimate import estimate_posterior
 from bayeskd.posterior.proxy import ProxyPosterior
 from bayeskd.priors.ngram import NGramPrior
-from bayeskd.sparse import ShardReader
+from bayeskd.core.sparse import ShardReader
 
 N_RECORDS = 20
 
@@ -96,7 +96,7 @@ def test_shards_equal_in_memory_computation(setup, tmp_path, mode, evidence):
             proxy_rows.append(torch.log_softmax(lg[p - 1:len(ids[0]) - 1, :V], dim=-1))
         proxy_lp = torch.cat(proxy_rows)
         top = torch.topk(proxy_lp, 24, dim=-1)
-        from bayeskd.sparse import SparseDist
+        from bayeskd.core.sparse import SparseDist
         proxy_sd = SparseDist(top.indices.to(torch.int32), top.values,
                               (1 - top.values.double().exp().sum(-1)).clamp(min=0).float(), V)
         prior_rows = prior.topk([seqs[r] for r in recs], 16, leave_one_out=True)
@@ -129,7 +129,7 @@ def test_resume_after_partial_run(setup, tmp_path):
         f = f"shard-{i:05d}.safetensors"
         assert _sha(part / f) == _sha(full / f)
     # another config in the same directory is refused
-    from bayeskd.sparse import CacheMismatchError
+    from bayeskd.core.sparse import CacheMismatchError
     with pytest.raises(CacheMismatchError):
         ProxyPosterior(setup["proxy"], top_k=16, mode="mixture").estimate(tokenized, prior, part, shard_records=5,
                                                                          progress=False)
@@ -293,7 +293,7 @@ def test_overlap_and_prior_topk_reuse_give_identical_shards(setup, tmp_path):
     s8 = estimate_posterior(setup["data"], str(pdir), setup["proxy"], str(tmp_path / "e"), top_k=8)
     assert (s16["prior_rows"], s8["prior_rows"]) == ("read", "computed")
     # rows made with another leave-one-out setting are refused, not silently used
-    from bayeskd.sparse import CacheMismatchError
+    from bayeskd.core.sparse import CacheMismatchError
     with pytest.raises(CacheMismatchError, match="leave_one_out"):
         post.estimate(tokenized, prior, tmp_path / "f", leave_one_out=False, progress=False,
                       prior_topk=pdir / "topk")
@@ -335,7 +335,7 @@ def test_proxy_only_targets_and_teacher_logprob(setup, tmp_path):
     for i in range(s["shards"]):
         assert _sha(tmp_path / "p" / f"shard-{i:05d}.safetensors") == _sha(tmp_path / "q" / f"shard-{i:05d}.safetensors")
     # a proxy-only directory is not a prior-based cache, and the other way round
-    from bayeskd.sparse import CacheMismatchError
+    from bayeskd.core.sparse import CacheMismatchError
     with pytest.raises(CacheMismatchError):
         post.estimate(tokenized, setup["prior"], tmp_path / "p", shard_records=7, teacher_logprob=True,
                       progress=False)

@@ -8,7 +8,7 @@ import torch
 
 from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
 from bayeskd.evaluation.metrics import kl_teacher_to_estimate
-from bayeskd.sparse import ShardReader
+from bayeskd.core.sparse import ShardReader
 from bayeskd.teacher_forcing import target_logprobs
 
 
@@ -43,7 +43,7 @@ def _estimate(setup, name, **kw):
     out = setup["d"] / name
     summary = estimate_posterior(str(setup["data"]), str(setup["d"] / "prior"), setup["proxy"], str(out), top_k=16,
                                  mode="mixture", w=0.3, **kw)
-    from bayeskd.sparse import SparseDist
+    from bayeskd.core.sparse import SparseDist
 
     dist = SparseDist.cat([d for d, _ in ShardReader(out)])
     return summary, dist

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from bayeskd.resume import check_settings, check_stamp, read_stamp, settings_diff
-from bayeskd.sparse import CacheMismatchError
+from bayeskd.core.sparse import CacheMismatchError
 
 
 class OtherError(RuntimeError):

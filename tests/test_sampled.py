@@ -4,7 +4,7 @@ import torch
 
 from bayeskd.losses import sparse_kd_loss
 from bayeskd.posterior.sampled import _unlisted, sample_targets
-from bayeskd.sparse import SparseDist
+from bayeskd.core.sparse import SparseDist
 
 
 def _target(g, n, v, k):

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from bayeskd.sparse import (CacheMismatchError, ShardReader, ShardWriter, SparseDist, atomic_write_bytes,
-                            read_manifest, tokenizer_fingerprint)
+from bayeskd.core.sparse import (CacheMismatchError, ShardReader, ShardWriter, SparseDist, read_manifest,
+                                 tokenizer_fingerprint)
+from bayeskd.integrity import atomic_write_bytes
 
 
 def random_dist(rng, n=16, k=8, v=50, complete=True, dtype=torch.float32, extras=True) -> SparseDist:

@@ -181,7 +181,7 @@ def test_estimate_prior_kind_suffix_job(tmp_path, tiny_tokenizer_dir):
     from bayeskd.cli import main
     from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
     from bayeskd.posterior.shards import PriorTopK
-    from bayeskd.sparse import CacheMismatchError, ShardReader
+    from bayeskd.core.sparse import CacheMismatchError, ShardReader
 
     rng = np.random.default_rng(11)
     print("seed", 11)

@@ -104,7 +104,7 @@ def test_row_order_and_position_zero(tf, caller):
 
     elif caller == "proxy_topk":
         from bayeskd.posterior.proxy import ProxyPosterior
-        from bayeskd.sparse import TEACHER_LOGPROB
+        from bayeskd.core.sparse import TEACHER_LOGPROB
 
         pp = ProxyPosterior(model, device="cpu", batch_size=BATCH, top_k=V)
         sd = pp.proxy_topk(tok, ORDER, V, teacher_logprob=True, top_k=V)
@@ -144,7 +144,7 @@ def test_row_order_and_position_zero(tf, caller):
                 proxy.append(torch.log_softmax(BayesKDTrainer._proxy_rows(SimpleNamespace(proxy_model=model), ids,
                                                                           att, rmask, V), -1))
                 if targets is not None:
-                    from bayeskd.sparse import SparseDist
+                    from bayeskd.core.sparse import SparseDist
 
                     tgt.append(_dense(SparseDist(inputs["target_indices"], inputs["target_logprobs"],
                                                  inputs["target_tail"], V), V))

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 from bayeskd.corpus import embedded_corpus, train_bpe_tokenizer
 from bayeskd.data import DataError, load_teacher_records, tokenize_records
 from bayeskd.posterior.evidence import evidence_rows
-from bayeskd.sparse import tokenizer_fingerprint
+from bayeskd.core.sparse import tokenizer_fingerprint
 from bayeskd.token_bytes import token_bytes_table
 
 TEXTS = ("return the value", "the name of the file")

@@ -9,7 +9,7 @@ import torch
 from bayeskd.data import load_teacher_records, tokenize_records
 from bayeskd.losses import sparse_kd_loss
 from bayeskd.priors.ngram import NGramPrior
-from bayeskd.sparse import CacheMismatchError, ShardWriter, SparseDist
+from bayeskd.core.sparse import CacheMismatchError, ShardWriter, SparseDist
 from bayeskd.distillation.targets import BayesKDCollator, TeacherTargetsDataset
 from bayeskd.distillation.trainer import BayesKDConfig, BayesKDTrainer, distill, whitebox_targets
 from bayeskd.teacher_forcing import model_logits, select_rows
@@ -331,7 +331,7 @@ def _prior_shards(setup, tmp_path):
 def test_online_posterior_loss_matches_hand_computation(setup, tmp_path, mode, extra):
     from transformers import AutoModelForCausalLM
 
-    from bayeskd.posterior.combine import combine
+    from bayeskd.core.combine import combine
 
     targets = _prior_shards(setup, tmp_path)
     ds = TeacherTargetsDataset(setup["tokenized"], targets)

@@ -49,7 +49,7 @@ from bayeskd.records import records_fingerprint
 from bayeskd.posterior.calibrate import TRAINING_INFO, TRAINING_INFO_FORMAT, index_ranges
 from bayeskd.distillation.checkpoints import final_is_current, read_stage, record_stage
 from bayeskd.resume import RUN_ONLY_ARGS, check_stamp
-from bayeskd.sparse import atomic_write_bytes, atomic_write_json
+from bayeskd.integrity import atomic_write_bytes, atomic_write_json
 from bayeskd.teacher_forcing import pad_batch, response_rows, select_rows
 from bayeskd.locks import locks_output
 
@@ -444,7 +444,7 @@ def align_proxy(data: str, proxy: str, out: str, *, tokenizer: str | None = None
             tmp = _fresh(out_dir / ".sft.tmp")
             sft_args = dict(num_train_epochs=sft_epochs, learning_rate=sft_learning_rate,
                             per_device_train_batch_size=batch_size, max_length=max_length, seed=seed,
-                            logging_steps=logging_steps, use_cpu=device == "cpu")
+                            logging_steps=logging_steps, use_cpu=device == "cpu", save_strategy="no")
             sft_data, sft_read = data, {"split": split, "skip_bad": skip_bad}
             if heldout:  # SFT reads a file: give it the training records only (kept in out/ for inspection)
                 sft_data, sft_read = str(out_dir / TRAIN_RECORDS), {}

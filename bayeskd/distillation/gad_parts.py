@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bayeskd.sparse import atomic_save_safetensors
+from bayeskd.integrity import atomic_save_safetensors
 from bayeskd.teacher_forcing import position_ids
 
 

@@ -20,6 +20,7 @@ proxy_kd_alpha x mean over response tokens of w(record) x KD.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -36,12 +37,13 @@ import transformers
 from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
 from bayeskd.distillation.targets import (CONTEXT_COUNT_KEY, WEIGHT_KEY, WEIGHT_NORMALIZATIONS, BayesKDCollator,
                                           TeacherTargetsDataset)
-from bayeskd.linear_losses import fused_linear_ce, fused_linear_kd_and_ce, uses_cut_kernel
-from bayeskd.losses import fused_posterior_kd
-from bayeskd.sparse import CONTEXT_COUNT, MODES, TEACHER_LOGPROB, SparseDist, atomic_write_json
+from bayeskd.losses.linear import fused_linear_ce, fused_linear_kd_and_ce, uses_cut_kernel
+from bayeskd.losses.divergences import DIVERGENCES
+from bayeskd.losses.fused import fused_posterior_kd
+from bayeskd.core.sparse import CONTEXT_COUNT, MODES, TEACHER_LOGPROB, SparseDist
 from bayeskd.teacher_forcing import model_logits, select_rows
 from bayeskd.distillation.checkpoints import ChecksumCallback, checkpoints, remove_unrecorded, resume_point
-from bayeskd.integrity import staged_dir
+from bayeskd.integrity import atomic_write_json, staged_dir
 from bayeskd.locks import locks_output
 from bayeskd.resume import RUN_ONLY_ARGS, as_json, check_settings, read_stamp
 
@@ -66,45 +68,78 @@ def resolve_ce_weight(ce_weight: float | None, has_targets: bool) -> float:
 
 @dataclass
 class BayesKDConfig(transformers.TrainingArguments):
-    """`TrainingArguments` plus the distillation loss settings."""
+    """`TrainingArguments` plus the distillation loss settings and the student's LoRA adapter: the `distill` job's
+    one config. Every field is a `bayeskd distill` option (`bayeskd.cli_config.config_options`), so each default
+    is written here once; `distill`'s own defaults override transformers' where they differ (one epoch, a log line
+    every 10 steps, no reporting, the target columns kept, a rerun resuming from the newest checkpoint)."""
     ce_weight: float | None = field(default=None, metadata={
-        "help": "weight of the CE loss on the teacher tokens (default: 1 without KD targets (SFT), KD_CE_WEIGHT "
-                "with them: the lab's choice on validation prompts)"})
-    kd_weight: float = field(default=1.0, metadata={"help": "weight of the KD loss against the targets"})
-    divergence: str = field(default="forward_kl", metadata={"help": "forward_kl, reverse_kl, jsd, skew_kl, ..."})
-    beta: float | None = field(default=None, metadata={"help": "jsd's beta / skew_kl's alpha"})
-    kd_temperature: float = field(default=1.0, metadata={"help": "temperature of target and student in the KD"})
-    kd_tail: str = field(default="bucket", metadata={"help": "'bucket' or 'ignore' (mass outside the top-K)"})
-    max_length: int | None = field(default=None, metadata={"help": "truncate sequences to this many tokens"})
-    fused_backend: str = field(default="auto", metadata={"help": "fused KD backend: auto, torch or triton"})
+        "help": "Weight of the CE term on the teacher's tokens. Default: 1 for SFT (no targets); 0 beside KD "
+                "(KD_CE_WEIGHT, the lab's measured best: the CE term cost KD students 0.1+ nats of KL).", "min": 0})
+    kd_weight: float = field(default=1.0, metadata={"help": "Weight of the KD term against the targets."})
+    divergence: str = field(default="forward_kl", metadata={"help": "The KD divergence.", "choices": DIVERGENCES})
+    beta: float | None = field(default=None, metadata={"help": "JSD β (default 0.5) or skew-KL α (default 0.1)."})
+    kd_temperature: float = field(default=1.0, metadata={"help": "Temperature of target and student in the KD."})
+    kd_tail: str = field(default="bucket", metadata={
+        "help": "The mass outside the top-K: one bucket, or ignored.", "choices": ("bucket", "ignore")})
+    max_length: int | None = field(default=None, metadata={
+        "help": "Truncate sequences to this many tokens.", "min": 2})
+    fused_backend: str = field(default="auto", metadata={
+        "help": "Fused KD backend.", "choices": ("auto", "torch", "triton")})
     fused_linear: bool = field(default=False, metadata={
-        "help": "hand the student's last hidden states and lm_head weight to the loss (CE and KD), so the [N, V] "
-                "logits are never built (bayeskd.linear_losses.fused_linear_posterior_kd); DDP-safe, not for FSDP"})
+        "help": "Hidden states and lm_head to the loss (CE and KD): the [N, V] logits are never built (row chunks; "
+                "bayeskd.losses.linear). DDP-safe, not for FSDP."})
     cut_logits: bool = field(default=False, metadata={
-        "help": "fused_linear with the cut-logits Triton kernel (logits only as on-chip tiles, recomputed in "
-                "backward) instead of row chunks; implies fused_linear. The PyTorch backend has no cut kernel: "
-                "there the chunked op runs"})
+        "help": "As --fused-linear, through the cut-logits Triton kernel (logits only as on-chip tiles, recomputed "
+                "in backward; CUDA). The PyTorch backend has no cut kernel: there the chunked op runs."})
     whitebox_top_k: int = field(default=WHITEBOX_TOP_K, metadata={
-        "help": "top-k of the teacher's logits in white-box mode (0: the whole vocabulary)"})
+        "help": "White-box mode: KD against the teacher's top-K logits (0: the whole vocabulary, the lab's best).",
+        "min": 0})
     posterior_mode: str = field(default="log_linear", metadata={
-        "help": "online-posterior mode: log_linear (p ∝ p0^a q^b), dirichlet (c) or mixture (w)"})
-    posterior_a: float = field(default=1.0, metadata={"help": "log-linear exponent of the prior"})
-    posterior_b: float = field(default=1.0, metadata={"help": "log-linear exponent of the proxy"})
-    posterior_c: float = field(default=1.0, metadata={"help": "Dirichlet concentration of the proxy"})
-    posterior_w: float = field(default=0.5, metadata={"help": "mixture weight of the prior"})
-    posterior_evidence: float = field(default=0.0, metadata={"help": "observations of the teacher token added"})
+        "help": "Online posterior (--proxy): log_linear (p ∝ p0^a q^b), dirichlet (c) or mixture (w).",
+        "choices": MODES})
+    posterior_a: float = field(default=1.0, metadata={"help": "Log-linear prior exponent."})
+    posterior_b: float = field(default=1.0, metadata={"help": "Log-linear proxy exponent."})
+    posterior_c: float = field(default=1.0, metadata={"help": "Dirichlet concentration."})
+    posterior_w: float = field(default=0.5, metadata={"help": "Mixture weight of the prior.", "min": 0, "max": 1})
+    posterior_evidence: float = field(default=0.0, metadata={"help": "Observations of the teacher token added."})
     method: str = field(default="bayeskd", metadata={
-        "help": "bayeskd (KD against the targets) or proxy-kd (KD weighted per record by the proxy's likelihood "
-                "of the teacher response; targets must carry the 'proxy_teacher_logprob' extras)"})
-    proxy_kd_alpha: float = field(default=1.0, metadata={"help": "proxy-kd: weight α of the weighted KD term"})
+        "help": "proxy-kd: weight each record's KD term by the proxy's likelihood of the teacher response "
+                "(--targets must carry the proxy's teacher-token log-probabilities).", "choices": METHODS})
+    proxy_kd_alpha: float = field(default=1.0, metadata={"help": "proxy-kd: weight α of the weighted KD term.",
+                                                         "min": 0})
     proxy_kd_normalization: str = field(default="sequence", metadata={
-        "help": "proxy-kd: s = log p_proxy(y_T|x) summed over the response ('sequence') or per token ('token')"})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "keep the target columns"})
-    report_to: None | str | list[str] = field(default=None, metadata={"help": "integrations to report to"})
+        "help": "proxy-kd: the proxy's log-likelihood summed over the response or averaged per token.",
+        "choices": WEIGHT_NORMALIZATIONS, "flags": ("--weight-normalization", "--proxy-kd-normalization")})
+    # the student through a LoRA adapter (the `peft` extra), as TRL's ModelConfig spells it
+    use_peft: bool = field(default=False, metadata={
+        "help": "Train a LoRA adapter instead of the whole student (pip install bayeskd[peft]); OUT holds the "
+                "merged student and the adapter in OUT/adapter."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank.", "min": 1})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA α (the update is scaled by α / r).", "min": 1})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path.", "min": 0, "max": 1})
+    lora_target_modules: list[str] | None = field(default=None, metadata={
+        "help": "Modules that get an adapter (repeatable; default: all linear layers but the lm_head)."})
+    # transformers' defaults that distill changes
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the data."})
+    logging_steps: float = field(default=10, metadata={
+        "help": "Log every N steps (a float < 1: that share of the run's steps).", "min": 0, "min_open": True})
+    save_steps: float = field(default=500, metadata={
+        "help": "Save a checkpoint every N steps (0: none); a rerun of the same command resumes from the newest "
+                "intact one (damaged ones are skipped with a warning).", "min": 0})
+    resume_from_checkpoint: str | None = field(default="latest", metadata={
+        "help": "A checkpoint folder to resume from, 'latest' (the newest intact one in the output directory, if "
+                "any) or 'none'."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep the target columns."})
+    report_to: None | str | list[str] = field(default=None, metadata={
+        "help": "Integrations to report to (repeatable: wandb, tensorboard, trackio, ..., 'all'); default none."})
 
     def __post_init__(self):
         if self.report_to is None:
             self.report_to = []
+        if self.save_steps == 0:  # no checkpoints
+            self.save_strategy = "no"
+        if isinstance(self.resume_from_checkpoint, str) and self.resume_from_checkpoint.lower() == "none":
+            self.resume_from_checkpoint = None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
             # Launched by torchrun on CPUs: without use_cpu, accelerate leaves the model unwrapped and every rank
             # trains alone on its share of the data (no gradient all-reduce). gloo is the CPU backend.
@@ -197,6 +232,29 @@ def _hidden_states_out(model):
         inner.set_output_embeddings(lm_head)
 
 
+def lora_config(cfg: BayesKDConfig):
+    """The LoRA adapter `cfg` asks for (`use_peft`, `lora_*`), or None."""
+    if not cfg.use_peft:
+        return None
+    try:
+        from peft import LoraConfig
+    except ImportError as e:
+        raise ValueError("use_peft needs the peft package: pip install 'bayeskd[peft]'") from e
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_target_modules or []) or "all-linear", task_type="CAUSAL_LM")
+
+
+def with_adapter(model: torch.nn.Module, peft_config: Any, gradient_checkpointing: bool = False) -> torch.nn.Module:
+    """`model` wrapped in the adapter of `peft_config` (a `peft.PeftConfig`): only the adapter's parameters train."""
+    try:
+        from peft import get_peft_model
+    except ImportError as e:
+        raise ValueError("peft_config needs the peft package: pip install 'bayeskd[peft]'") from e
+    if gradient_checkpointing:  # the frozen embeddings give no grad to checkpoint through otherwise
+        model.enable_input_require_grads()
+    return get_peft_model(model, peft_config)
+
+
 class BayesKDTrainer(transformers.Trainer):
     """`transformers.Trainer` with the distillation loss (see the module docstring).
 
@@ -209,16 +267,23 @@ class BayesKDTrainer(transformers.Trainer):
     student's [N, V] logits are never built. The outputs returned with `return_outputs` then carry the hidden
     states as `logits`. `cut_logits` does the same through the cut-logits kernel (Triton backend).
 
+    `peft_config` (a `peft.PeftConfig`, as TRL's trainers take it): the model is wrapped in that adapter and only
+    the adapter trains (`BayesKDConfig.use_peft` builds a LoRA one: `lora_config`).
+
     `proxy_model` (online-posterior mode): the batch's targets are the PRIOR's top-K rows; the proxy runs on the
     same batch (eval, no gradient) and its logits at the response positions (sliced to the student's V) are the
     dense proxy of `fused_posterior_kd(rows, prior_rows, proxy_rows, mode=posterior_mode, a, b, c, w)`.
     """
 
-    def __init__(self, *args, teacher_model: torch.nn.Module | None = None,
-                 proxy_model: torch.nn.Module | None = None, **kwargs):
+    def __init__(self, model: torch.nn.Module | None = None, args: transformers.TrainingArguments | None = None,
+                 *rest, teacher_model: torch.nn.Module | None = None, proxy_model: torch.nn.Module | None = None,
+                 peft_config: Any = None, **kwargs):
         if teacher_model is not None and proxy_model is not None:
             raise ValueError("give either teacher_model (white-box) or proxy_model (online posterior), not both")
-        super().__init__(*args, **kwargs)
+        if peft_config is not None:  # as TRL's trainers: the student trains through the adapter only
+            checkpointing = bool(args and (args.gradient_checkpointing or getattr(args, "activation_checkpointing", 0)))
+            model = with_adapter(model, peft_config, gradient_checkpointing=checkpointing)
+        super().__init__(model, args, *rest, **kwargs)
         # The loss is the mean over the response tokens of the whole optimizer step (every micro-batch of every
         # rank): compute_loss weights its micro-batch mean by its share of them (`_get_num_items_in_batch`), so
         # unequal response lengths across ranks or accumulation steps weigh every token alike.
@@ -351,27 +416,32 @@ class BayesKDTrainer(transformers.Trainer):
 # ---------------------------------------------------------------------------------------------------- distill
 
 SETTINGS = "distill_settings.json"
-# `distill`'s defaults where they differ from transformers' (the CLI's too): one epoch (not 3), no checkpoints,
-# a log line every 10 steps
-RUN_DEFAULTS = {"num_train_epochs": 1.0, "save_strategy": "no", "logging_steps": 10}
+
 
 @locks_output()
 def distill(data: str, student: str, out: str, *, targets: str | None = None, teacher: str | None = None,
             proxy: str | None = None, tokenizer: str | None = None, split: str = "train", skip_bad: bool = False,
-            **training_args: Any) -> dict[str, Any]:
+            config: BayesKDConfig | None = None, peft_config: Any = None, **training_args: Any) -> dict[str, Any]:
     """Train `student` (a `from_pretrained` path) on teacher `data`; save the student + tokenizer to `out`.
 
     Mode: "sparse-targets" with `targets` (a shard directory), "online-posterior" with `targets` holding the
     prior's top-K rows and `proxy` (a model path sharing the tokenizer; posterior settings in `posterior_*`),
-    "white-box" with `teacher` (a model path with the same vocabulary), else "sft". `tokenizer` defaults to the
-    student's directory. `training_args` go to `BayesKDConfig` (the CLI's defaults where they differ from
-    transformers': one epoch, save_strategy="no", logging_steps=10). Writes `out/summary.json` and returns it.
+    "white-box" with `teacher` (a model path with the same vocabulary), else "sft" (`targets` None or "none").
+    `tokenizer` defaults to the student's directory. The settings: `config` (a `BayesKDConfig`; its output_dir is
+    replaced by `out`) or `training_args`, its fields (every `TrainingArguments` field included). Writes
+    `out/summary.json` and returns it.
 
     `method="proxy-kd"` (a `BayesKDConfig` field): `targets` must carry the per-row extras `proxy_teacher_logprob`;
     the KD term is weighted per record (`proxy_kd_normalization`) and scaled by `proxy_kd_alpha`.
+    `use_peft` (or a `peft_config`, any `peft.PeftConfig`): the student trains through an adapter; `out` then holds
+    the student with the adapter merged (a `from_pretrained` model like any other) and `out/adapter` the adapter.
     """
     from transformers import AutoModelForCausalLM
 
+    if config is not None and training_args:
+        raise ValueError(f"give either config or training arguments ({', '.join(sorted(training_args))}), not both")
+    if targets is not None and str(targets).lower() == "none":
+        targets = None
     if targets is not None and teacher is not None:
         raise ValueError("give either targets (sparse-targets mode) or teacher (white-box mode), not both")
     if proxy is not None and targets is None:
@@ -380,10 +450,14 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
     mode = ("online-posterior" if proxy is not None else "sparse-targets" if targets is not None
             else "white-box" if teacher is not None else "sft")
     out_dir = Path(out)
-    for key, value in RUN_DEFAULTS.items():
-        training_args.setdefault(key, value)
-    training_args.setdefault("output_dir", str(out_dir))
-    cfg = BayesKDConfig(**training_args)
+    if config is not None:
+        training_args = {k: v for k, v in config.to_dict().items() if k not in RUN_ONLY_ARGS}  # the stamp below
+        cfg = copy.copy(config)
+        cfg.output_dir = str(out_dir)
+    else:
+        training_args.setdefault("output_dir", str(out_dir))
+        cfg = BayesKDConfig(**training_args)
+    peft_config = peft_config if peft_config is not None else lora_config(cfg)
     if mode == "sft" and cfg.ce_weight == 0:
         raise ValueError("ce_weight=0 without KD targets or a teacher leaves no loss to train on: SFT's loss is the "
                          "CE term (give ce_weight > 0, or targets / a teacher for KD)")
@@ -421,10 +495,12 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
     # what a checkpoint in out was trained with; resuming is refused when it differs
     settings = as_json({"data": str(data), "student": str(student), "targets": targets, "teacher": teacher,
                         "proxy": proxy, "tokenizer": tokenizer, "split": split, "skip_bad": skip_bad,
-                        **{k: v for k, v in training_args.items() if k not in RUN_ONLY_ARGS}})
+                        **{k: v for k, v in training_args.items() if k not in RUN_ONLY_ARGS},
+                        **({"peft_config": repr(peft_config)} if peft_config is not None and not cfg.use_peft else {})})
     trainer = BayesKDTrainer(model=model, args=cfg, data_collator=BayesKDCollator(pad), train_dataset=dataset,
-                             processing_class=tok, teacher_model=teacher_model,
-                             proxy_model=proxy_model, callbacks=[ChecksumCallback()])
+                             processing_class=tok, teacher_model=teacher_model, proxy_model=proxy_model,
+                             peft_config=peft_config, callbacks=[ChecksumCallback()])
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     t0 = time.perf_counter()
     start = resume_point(cfg.resume_from_checkpoint, out_dir)
     if start is not None:  # a checkpoint of other settings would silently mix two runs: refuse it
@@ -442,9 +518,14 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
     seconds = time.perf_counter() - t0
     # saved aside, then renamed into place: a full disk leaves no partial model in out (the Trainer saves from
     # the main process only, which also moves the files)
-    with staged_dir(out_dir, main=trainer.is_world_process_zero()) as staging:
-        trainer.save_model(str(staging))
     main_process = trainer.is_world_process_zero()
+    with staged_dir(out_dir, main=main_process) as staging:
+        if peft_config is None:
+            trainer.save_model(str(staging))
+        else:  # the adapter, and the student with it merged: what every later stage loads
+            trainer.save_model(str(staging / "adapter"))
+            if main_process:
+                trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(str(staging))
     train_tokens = trainer.train_tokens
     if torch.distributed.is_available() and torch.distributed.is_initialized():  # every rank's tokens count
         t = torch.tensor([train_tokens], dtype=torch.long, device=trainer.args.device)
@@ -474,6 +555,9 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
         "log_history": trainer.state.log_history,
         "out": str(out_dir),
     }
+    if peft_config is not None:
+        summary["adapter"] = {"type": str(getattr(peft_config, "peft_type", type(peft_config).__name__)),
+                              "trainable_params": int(trainable), "out": str(out_dir / "adapter")}
     if proxy_kd:
         w = dataset.proxy_kd_weights
         summary.update(proxy_kd_alpha=cfg.proxy_kd_alpha, proxy_kd_normalization=cfg.proxy_kd_normalization,

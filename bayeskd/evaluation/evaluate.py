@@ -23,7 +23,8 @@ import torch
 
 from bayeskd.evaluation.metrics import (kl_teacher_to_estimate, smoothed_one_hot, summarize, top1_match,
                                         topk_mass_coverage)
-from bayeskd.sparse import SparseDist, atomic_write_json
+from bayeskd.core.sparse import SparseDist
+from bayeskd.integrity import atomic_write_json
 from bayeskd.teacher_forcing import target_logprobs as response_logprobs
 
 COVERAGE_K = (1, 8)

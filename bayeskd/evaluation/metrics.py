@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from bayeskd.sparse import SparseDist
+from bayeskd.core.sparse import SparseDist
 
 CHUNK_ELEMENTS = 1 << 22  # teacher elements converted to float64 at a time
 

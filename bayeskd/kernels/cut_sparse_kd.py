@@ -1,16 +1,16 @@
 """Cut-logits sparse KD: lm_head + posterior sparse KD without ever writing the [N, V] student logits.
 
 As Cut Cross-Entropy does for CE, the logits exist only as [BLOCK_N, BLOCK_V] tiles in on-chip memory:
-  forward   `_lse_kernel`: tiles of (hidden @ weight.T + bias) / T and, per row, an online max and sum over one
+  forward   `lse_kernel`: tiles of (hidden @ weight.T + bias) / T and, per row, an online max and sum over one
             split of V (splits run in parallel; the host merges their [N, splits] partials);
-            `_gather_kernel`: the student's logits at the union support U, one dot product per listed entry.
+            `gather_kernel`: the student's logits at the union support U, one dot product per listed entry.
   head      the posterior on U, the divergence and the gradient's coefficients, from the row's (max, sum), the
             gathered logits and the sparse targets. That is [N, |U|] work, done by a callable (the PyTorch head of
-            bayeskd.linear_losses), so every mode and divergence of the fused kernel runs on the same math.
-  backward  `_dense_bwd_kernel`: recompute each tile, form the gradient w.r.t. its logits,
+            bayeskd.losses.linear), so every mode and divergence of the fused kernel runs on the same math.
+  backward  `dense_bwd_kernel`: recompute each tile, form the gradient w.r.t. its logits,
                 d_v = clamp(s_v gB, ±cap) - s_v ḡ        (the tail bucket's share of every token, docs/MATH.md)
             and add d @ weight to grad_hidden and d.T @ hidden to grad_weight (fp32 atomics);
-            `_sparse_bwd_kernel`: the corrections e_u at the listed entries (from the head), gathered rows.
+            `sparse_bwd_kernel`: the corrections e_u at the listed entries (from the head), gathered rows.
 The coefficients (gB, cap, ḡ, e) carry 1/T and the upstream gradient, so backward needs nothing else.
 grad_weight accumulates in fp32: into the gradient itself for an fp32 weight, else in vocabulary slabs of at most
 `SLAB_BYTES` that are cast into the weight's dtype one after another, so the extra memory stays one slab plus an
@@ -60,7 +60,7 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, rok, cok, H, stride_h, stride_
 
 
 @triton.jit
-def _lse_kernel(h_ptr, w_ptr, b_ptr, m_ptr, s_ptr, m1_ptr, s1_ptr, bad_ptr, N, V, H, stride_h, stride_w, v_per_split,
+def lse_kernel(h_ptr, w_ptr, b_ptr, m_ptr, s_ptr, m1_ptr, s1_ptr, bad_ptr, N, V, H, stride_h, stride_w, v_per_split,
                 splits, inv_t, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, CHECK: tl.constexpr, TWO: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     """Per row and split: max and sum of exp(z/T - max); with TWO also of z itself (temperature 1, for a CE)."""
@@ -103,7 +103,7 @@ def _lse_kernel(h_ptr, w_ptr, b_ptr, m_ptr, s_ptr, m1_ptr, s1_ptr, bad_ptr, N, V
 
 
 @triton.jit
-def _gather_kernel(h_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, H, J, stride_h, stride_w,
+def gather_kernel(h_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, H, J, stride_h, stride_w,
                    HAS_BIAS: tl.constexpr, JP: tl.constexpr, BLOCK_H: tl.constexpr):
     """out[r, j] = hidden[r] · weight[idx[r, j]] (+ bias), 0 where idx < 0."""
     row = tl.program_id(0).to(tl.int64)
@@ -124,7 +124,7 @@ def _gather_kernel(h_ptr, w_ptr, b_ptr, idx_ptr, out_ptr, H, J, stride_h, stride
 
 
 @triton.jit
-def _dense_bwd_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, gb_ptr, cap_ptr, gbar_ptr, lse1_ptr, c1_ptr, gh_ptr, gw_ptr,
+def dense_bwd_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, gb_ptr, cap_ptr, gbar_ptr, lse1_ptr, c1_ptr, gh_ptr, gw_ptr,
                       gbias_ptr, N, H, v0, v1, stride_h, stride_w, inv_t,
                       HAS_BIAS: tl.constexpr, DO_H: tl.constexpr, DO_W: tl.constexpr, DO_B: tl.constexpr,
                       TWO: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -169,7 +169,7 @@ def _dense_bwd_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, gb_ptr, cap_ptr, gbar_ptr, l
 
 
 @triton.jit
-def _sparse_bwd_kernel(h_ptr, w_ptr, idx_ptr, e_ptr, gh_ptr, gw_ptr, gbias_ptr, H, J, v0, v1, stride_h, stride_w,
+def sparse_bwd_kernel(h_ptr, w_ptr, idx_ptr, e_ptr, gh_ptr, gw_ptr, gbias_ptr, H, J, v0, v1, stride_h, stride_w,
                        DO_B: tl.constexpr, DO_H: tl.constexpr, DO_W: tl.constexpr,
                        JP: tl.constexpr, BLOCK_H: tl.constexpr):
     """The listed entries' corrections: grad_hidden[r] += Σ_j e_rj weight[idx_rj] (DO_H: one program per row
@@ -260,7 +260,7 @@ def row_stats(hidden, weight, bias, temperature: float, *, check_finite: bool = 
     s = torch.empty_like(m)
     m1, s1 = (torch.empty_like(m), torch.empty_like(m)) if with_t1 else (m, s)
     bad = torch.zeros(n, sp, dtype=torch.int32, device=hidden.device) if check_finite else m
-    _lse_kernel[(nb, sp)](hidden, weight, bias if bias is not None else m, m, s, m1, s1, bad, n, v, h,
+    lse_kernel[(nb, sp)](hidden, weight, bias if bias is not None else m, m, s, m1, s1, bad, n, v, h,
                           hidden.stride(0), weight.stride(0), per, sp, 1.0 / temperature, HAS_BIAS=bias is not None,
                           DOT_FP32=_dot_fp32(hidden), CHECK=check_finite, TWO=with_t1, **bs)
     if check_finite and n:
@@ -291,7 +291,7 @@ def gather_logits(hidden, weight, bias, idx: torch.Tensor) -> torch.Tensor:
     j = idx.shape[1]
     out = torch.empty(n, j, dtype=torch.float32, device=hidden.device)
     if n and j:
-        _gather_kernel[(n,)](hidden, weight, bias if bias is not None else out, idx, out, h, j, hidden.stride(0),
+        gather_kernel[(n,)](hidden, weight, bias if bias is not None else out, idx, out, h, j, hidden.stride(0),
                              weight.stride(0), HAS_BIAS=bias is not None, **row_blocks(j, _aligned(hidden, weight)))
     return out
 
@@ -342,7 +342,7 @@ def cut_backward(saved: dict, gos: tuple, need_h: bool, need_w: bool, need_b: bo
         if need_w:  # an fp32 weight accumulates in its gradient; others in one fp32 slab buffer, reused
             acc = gw if slab_buf is None else slab_buf[: v1 - v0].zero_()
         if saved["dense"] and n:
-            _dense_bwd_kernel[(triton.cdiv(n, bs["BLOCK_N"]), triton.cdiv(v1 - v0, bs["BLOCK_V"]))](
+            dense_bwd_kernel[(triton.cdiv(n, bs["BLOCK_N"]), triton.cdiv(v1 - v0, bs["BLOCK_V"]))](
                 hidden, weight, bias if bias is not None else dummy, saved["lse"], gB, cap, gbar,
                 saved["lse1"] if c1 is not None else dummy, c1 if c1 is not None else dummy,
                 gh if gh is not None else dummy, acc if acc is not None else dummy,
@@ -350,7 +350,7 @@ def cut_backward(saved: dict, gos: tuple, need_h: bool, need_w: bool, need_b: bo
                 1.0 / saved["temperature"], HAS_BIAS=bias is not None, DO_H=need_h, DO_W=need_w,
                 DO_B=gbias is not None, TWO=c1 is not None, DOT_FP32=dot32, **bs)
         if n and j and (need_w or (first and (need_h or need_b))):
-            _sparse_bwd_kernel[(n,)](
+            sparse_bwd_kernel[(n,)](
                 hidden, weight, idx, e, gh if gh is not None else dummy, acc if acc is not None else dummy,
                 gbias if gbias is not None else dummy, h, j, v0, v1, hidden.stride(0), weight.stride(0),
                 DO_B=gbias is not None and first, DO_H=need_h and first, DO_W=need_w,
@@ -416,7 +416,7 @@ def cut_sparse_kd(hidden: torch.Tensor, weight: torch.Tensor, head: Callable, *,
     e_i on idx minus s·gbar_i everywhere: CE's s - onehot(y) is e = -1 at y, gbar = -1), then each pair (e_i, c_i)
     of `extra_t1`, a loss at temperature 1 whose gradient is e_i on idx plus c_i·softmax(z): with `with_t1` the
     head is also given t1=(max, sum) of z itself, from the same pass (CE next to a KD at T != 1). Users call
-    `bayeskd.linear_losses.fused_linear_posterior_kd(..., cut=True)`, which validates and supplies the head.
+    `bayeskd.losses.linear.fused_linear_posterior_kd(..., cut=True)`, which validates and supplies the head.
     `blocks`, `splits`, `slab_rows` override the launcher's choices (tests walk tails and slabs with them).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:

@@ -136,7 +136,7 @@ def fused_linear_sparse_kd(
 
     hidden [N, H], weight [V, H] (the lm_head). Target arguments as in `triton_fused_posterior_kd`.
     `chunk_loss`: None runs the Triton kernel on each chunk (on CPU only under TRITON_INTERPRET=1); a callable
-    (logits, targets, kwargs, need_grad) -> loss replaces it (`bayeskd.losses.torch_chunk_loss`, the PyTorch
+    (logits, targets, kwargs, need_grad) -> loss replaces it (`bayeskd.losses.linear.torch_chunk_loss`, the PyTorch
     path). Users call `bayeskd.losses.fused_linear_posterior_kd`, which validates and picks the backend.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:

@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-MODES = {"none": 0, "log_linear": 1, "mixture": 2}
-DIVERGENCES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_kl": 3, "tvd": 4}
+MODE_CODES = {"none": 0, "log_linear": 1, "mixture": 2}
+DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_kl": 3, "tvd": 4}
 TAILS = ("bucket", "ignore")
 TARGET_FLOOR = 1e-12  # docs/MATH.md: target floor where log p is needed (reverse KL)
 
@@ -86,7 +86,7 @@ def _div_terms(lp, ls, valid, beta, DIV: tl.constexpr):
 
 
 @triton.jit
-def _sparse_kd_kernel(
+def sparse_kd_kernel(
     z_ptr, z_stride, g_ptr, g_stride, loss_ptr,
     i0_ptr, l0_ptr, t0_ptr, K0,
     iq_ptr, lq_ptr, tq_ptr, KQ,
@@ -360,10 +360,10 @@ def sparse_kd_forward(
 
     `grad_out` (a preallocated [N, V] buffer) and `block_v` exist for tests and the fused-linear op.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {sorted(DIVERGENCES)}, got {divergence!r}")
+    if mode not in MODE_CODES:
+        raise ValueError(f"mode must be one of {sorted(MODE_CODES)}, got {mode!r}")
+    if divergence not in DIVERGENCE_CODES:
+        raise ValueError(f"divergence must be one of {sorted(DIVERGENCE_CODES)}, got {divergence!r}")
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
     if student_logits.dim() != 2:
@@ -386,11 +386,11 @@ def sparse_kd_forward(
         raise ValueError(f"evidence must be >= 0, got {evidence}")
     if evidence > 0 and teacher_tokens is None:
         raise ValueError("evidence > 0 needs teacher_tokens")
-    div = DIVERGENCES[divergence]
+    div = DIVERGENCE_CODES[divergence]
     if divergence == "jsd" and beta <= 0.0:
-        div = DIVERGENCES["forward_kl"]  # TRL/Liger convention: jsd β=0 is forward KL, β=1 reverse KL
+        div = DIVERGENCE_CODES["forward_kl"]  # TRL/Liger convention: jsd β=0 is forward KL, β=1 reverse KL
     elif divergence == "jsd" and beta >= 1.0:
-        div = DIVERGENCES["reverse_kl"]
+        div = DIVERGENCE_CODES["reverse_kl"]
     if divergence == "skew_kl" and not 0.0 <= beta <= 1.0:
         raise ValueError(f"skew_kl needs 0 <= alpha <= 1, got {beta}")
 
@@ -420,7 +420,7 @@ def sparse_kd_forward(
     if num_warps is None:
         num_warps = 16 if block_v >= 16384 else 8 if block_v >= 4096 else 4
     bad = torch.zeros(n if check_finite else 1, dtype=torch.int32, device=z.device)
-    _sparse_kd_kernel[(n,)](
+    sparse_kd_kernel[(n,)](
         z, z.stride(0), grad, grad.stride(0) if compute_grad else 0, loss,
         prior_idx, prior_logp, prior_tail, k0,
         proxy_idx.to(torch.int32).contiguous() if proxy_idx is not None else dummy,
@@ -431,7 +431,7 @@ def sparse_kd_forward(
         teacher_tokens.to(torch.int32).contiguous() if teacher_tokens is not None else dummy,
         mask.to(torch.int8).contiguous() if mask is not None else dummy, bad,
         v, float(a), float(b), float(evidence), float(beta), 1.0 / float(temperature),
-        MODE=MODES[mode], ONLINE=online, DIV=div, BUCKET=tail == "bucket",
+        MODE=MODE_CODES[mode], ONLINE=online, DIV=div, BUCKET=tail == "bucket",
         HAS_Y=teacher_tokens is not None, HAS_MASK=mask is not None, TEMPERED=float(temperature) != 1.0,
         COMPUTE_GRAD=compute_grad, CHECK=check_finite, K0P=max(16, _next_pow2(k0)), KQP=max(16, _next_pow2(kq)), BLOCK_V=block_v,
         num_warps=num_warps,

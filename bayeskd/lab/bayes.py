@@ -1,7 +1,7 @@
 """Does the Bayesian part earn its place? The lab's table of the posterior against its own components.
 
 For the n-gram prior and the suffix prior (`bayeskd.priors.suffix`), each combined with the pipeline's proxy by the
-best fixed combination and by the adaptive mixture (`bayeskd.posterior.adaptive`): KL(teacher‖estimate) at the
+best fixed combination and by the adaptive mixture (`bayeskd.core.adaptive`): KL(teacher‖estimate) at the
 scored training positions and on held-out teacher text, beside each component alone, and the ratio of the posterior
 the pipeline would choose (the lowest teacher-token NLL on the calibration records, not the truth) to the best
 single component (picked by the truth: the hardest comparison). Honest by construction: the priors are queried
@@ -51,7 +51,8 @@ def bayes_table(paths: dict[str, str], run: Path, cfg, tok, pipeline_proxy: str,
     from bayeskd.data import load_teacher_records, tokenize_records
     from bayeskd.evaluation.evaluate import response_logprobs
     from bayeskd.posterior.calibrate import calibrate_combination
-    from bayeskd.posterior.combine import combine
+    from bayeskd.core.combine import combine
+    from bayeskd.core.sparse import MATCH_LENGTH
     from bayeskd.posterior.proxy import ProxyPosterior
     from bayeskd.priors.ngram import NGramPrior
     from bayeskd.priors.suffix import SuffixPrior
@@ -100,7 +101,7 @@ def bayes_table(paths: dict[str, str], run: Path, cfg, tok, pipeline_proxy: str,
         p_rows = {pname: prior.topk(seqs, K, leave_one_out=loo, contexts=ctxs) for pname, prior in priors.items()}
         for pname, r in p_rows.items():
             rows[f"{pname} prior"] = _kl(t_lp, r, valid)
-        ml = p_rows["suffix"].extras["match_length"][valid]
+        ml = p_rows["suffix"].extras[MATCH_LENGTH][valid]
         rows["(share of positions whose context matches > order-1 tokens elsewhere)"] = float(
             (ml >= suffix.order).float().mean())
         posts = {label: _kl(t_lp, combine(p_rows[pname], q_rows[name], top_k=K, **kw), valid)
@@ -122,7 +123,7 @@ def _budget(records, train, held, truth, q_held, settings, order: int, K: int, b
     """More prompts or more samples per prompt, at an equal number of samples: priors counted on one sample of
     every prompt against all samples of half the prompts, scored on held-out teacher text (alone and with the
     proxy, in the combinations chosen above)."""
-    from bayeskd.posterior.combine import combine
+    from bayeskd.core.combine import combine
     from bayeskd.priors.ngram import NGramPrior
     from bayeskd.priors.suffix import SuffixPrior
 

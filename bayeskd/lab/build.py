@@ -31,7 +31,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from bayeskd.corpus import embedded_corpus, split_prompt_response, train_bpe_tokenizer
-from bayeskd.sparse import atomic_write_bytes
+from bayeskd.integrity import atomic_write_bytes
 
 LAB_VERSION = 2  # 2: held-out prompts share no text with training documents
 MANIFEST = "lab.json"

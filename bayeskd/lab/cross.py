@@ -23,7 +23,7 @@ import numpy as np
 
 from bayeskd.lab.build import LabPreset, split_corpus, train_lab_model
 from bayeskd.lab.http_sampling import sample_teacher
-from bayeskd.sparse import atomic_write_bytes
+from bayeskd.integrity import atomic_write_bytes
 
 VOCAB_FACTOR = 1.5
 VERSION = 1

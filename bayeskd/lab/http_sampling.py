@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bayeskd.lab.build import LabError
-from bayeskd.sparse import atomic_write_bytes
+from bayeskd.integrity import atomic_write_bytes
 
 
 def sample_teacher(teacher_dir: str, jobs: Sequence[tuple[Sequence[str], Path, int, int, int]], cfg,

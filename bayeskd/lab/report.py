@@ -7,7 +7,7 @@ from bayeskd.evaluation.evaluate import format_estimation
 
 
 def check_targets(report: dict[str, Any]) -> dict[str, Any]:
-    """The issue's targets, computed from the report (reported whatever they say)."""
+    """The lab's targets, computed from the report (reported whatever they say)."""
     out: dict[str, Any] = {}
     t = report.get("estimation", {}).get("table", {})
     proxy = t.get("proxy alone (before alignment)", {}).get("kl")
@@ -22,33 +22,33 @@ def check_targets(report: dict[str, Any]) -> dict[str, Any]:
             out[f"posterior_{key}_le_50pct_proxy"] = bool(post <= 0.5 * proxy)
             out[f"posterior_{key}_le_30pct_one_hot"] = bool(post <= 0.3 * onehot)
     ev = (report.get("estimation", {}).get("evidence") or {}).get("rows", [])
-    for r in ev:  # issue 13: conditioned / text-only <= 0.55 at k=5, <= 0.35 at k=20, below the baseline at every k
+    for r in ev:  # target: conditioned / text-only <= 0.55 at k=5, <= 0.35 at k=20, below the baseline at every k
         out[f"evidence_k{r['k']}_condition_over_text"] = r["condition_ratio"]
         out[f"evidence_k{r['k']}_condition_below_baseline"] = bool(r["condition"] < r["evidence_only"])
         limit = {5: 0.55, 20: 0.35}.get(r["k"])
         if limit is not None:
             out[f"evidence_k{r['k']}_condition_le_{limit}"] = bool(r["condition_ratio"] <= limit)
     o = report.get("estimation", {}).get("observed_tokens")
-    if o:  # issue 14 item 0: the observed tokens are the teacher's samples (within 0.02 nats, or the noise)
+    if o:  # target: the observed tokens are the teacher's samples (within 0.02 nats, or the noise)
         for k in ("first", "rest"):
             out[f"observed_{k}_gap_within_0.02"] = bool(abs(o[k]["gap"]) <= max(0.02, 2 * o[k]["stderr"]))
         if "eos" in o:
             out["observed_eos_within_2se"] = bool(abs(o["eos"]["expected"] - o["eos"]["observed"])
                                                   <= 2 * o["eos"]["stderr"] + 1)
     c = (report.get("cross_tokenizer") or {}).get("nll_per_byte", {})
-    if "posterior-kd-text" in c:  # issue 13: across tokenizers the evidence still helps, at every k
+    if "posterior-kd-text" in c:  # target: across tokenizers the evidence still helps, at every k
         for m in ("posterior-kd-k5", "posterior-kd"):
             if m in c:
                 out[f"cross_{m}_below_text_only"] = bool(c[m]["mean"] < c["posterior-kd-text"]["mean"])
     b = (report.get("bayes") or {}).get("where", {})
     sharp = bool((report.get("teacher") or {}).get("sharpen"))
     for place, key in (("training positions", "train"), ("held-out teacher text", "heldout")):
-        if place in b:  # issue 14: the posterior beats its best component (0.92x; sharp teacher 0.8x)
+        if place in b:  # target: the posterior beats its best component (0.92x; sharp teacher 0.8x)
             limit = 0.8 if sharp else 0.92
             out[f"bayes_{key}_posterior_over_best_component"] = b[place]["ratio"]
             out[f"bayes_{key}_ratio_le_{limit}"] = bool(b[place]["ratio"] <= limit)
     s = report.get("students", {}).get("summary", {})
-    if "posterior-kd-text" in s and not sharp:  # issue 14, tiny teacher: text-only posterior-KD at most 0.86
+    if "posterior-kd-text" in s and not sharp:  # target, tiny teacher: text-only posterior-KD at most 0.86
         out["posterior_kd_text_kl_tf_le_0.86"] = bool(s["posterior-kd-text"]["kl_tf"]["mean"] <= 0.86)
     if all(m in s for m in ("sft", "posterior-kd", "white-box")):
         sft, post_s, wb = (s[m]["kl_tf"]["mean"] for m in ("sft", "posterior-kd", "white-box"))
@@ -58,7 +58,7 @@ def check_targets(report: dict[str, Any]) -> dict[str, Any]:
         for method in ("posterior-kd-k5", "posterior-kd-text", "bucket-kd"):
             if method in s and gap > 0:
                 out[f"gap_closed_{method}"] = (sft - s[method]["kl_tf"]["mean"]) / gap
-        if "posterior-kd-k5" in s and gap > 0:  # issue 13: >= 80% of the gap at k = 5, >= 90% at k = 20
+        if "posterior-kd-k5" in s and gap > 0:  # target: >= 80% of the gap at k = 5, >= 90% at k = 20
             out["gap_closed_k5_ge_80pct"] = bool(out["gap_closed_posterior-kd-k5"] >= 0.8)
             out["gap_closed_k20_ge_90pct"] = bool(out["gap_closed_posterior_kd"] >= 0.9)
     curves = (report.get("students") or {}).get("curves") or {}
@@ -179,7 +179,7 @@ def format_report(report: dict[str, Any]) -> str:
     if c:
         share = ", ".join(f"{m}: {v['share_with_evidence']:.0%}" for m, v in c["evidence"].items())
         top = c["evidence"].get("posterior-kd", {})
-        if "cross_entries_dropped" in top:  # issue 27 item 3: how often a teacher string bounds no one student token
+        if "cross_entries_dropped" in top:  # how often a teacher string bounds no one student token
             share += (f"; at the top-{report['config']['top_logprobs']}, {top['cross_entries_dropped']} of "
                       f"{top['cross_entries']} revealed entries were a strict prefix of the student's token there "
                       f"(dropped, in {top['cross_rows_dropped_in']} of {top['rows']} rows) and "

@@ -33,7 +33,7 @@ from bayeskd.lab.http_sampling import sample_teacher
 from bayeskd.lab.students import BUCKET_DIR, K5_DIR, METHODS, POSTERIOR_DIR, TEXT_DIR, students
 from bayeskd.lab.teacher import mean_entropy
 from bayeskd.resume import check_stamp, read_stamp, settings_diff
-from bayeskd.sparse import atomic_write_bytes, atomic_write_json
+from bayeskd.integrity import atomic_write_bytes, atomic_write_json
 
 IN_SAMPLE_PRIOR = "n-gram prior, in-sample (no leave-one-out: scored on its own counts)"
 POSTERIOR_VARIANTS = {  # name -> combine() settings, evaluated in memory beside the shards' log-linear one
@@ -97,10 +97,11 @@ class LabRunConfig:
         # (None until chosen on validation prompts: distill's defaults)
         return dict(num_train_epochs=self.epochs, per_device_train_batch_size=self.batch_size, learning_rate=self.lr,
                     lr_scheduler_type="cosine", warmup_steps=10, seed=seed, data_seed=seed, logging_steps=10,
-                    disable_tqdm=not progress, kd_weight=self.kd_weight, **recipe)
+                    disable_tqdm=not progress, kd_weight=self.kd_weight, save_strategy="no", **recipe)
 
 
-RUN_DEFAULTS: dict[str, LabRunConfig] = {
+# each lab preset's run settings (a preset without an entry, e.g. tiny-sharp, runs with its base lab's)
+RUN_CONFIGS: dict[str, LabRunConfig] = {
     "micro": LabRunConfig(samples_per_prompt=1, max_prompts=48, max_new_tokens=16, order=3, top_k=16,
                           eval_records=16, calibration_records=16, corpus_fractions=(0.5, 1.0), k_values=(4, 16),
                           epochs=1.0, batch_size=8, ce_weights=(0.0, 1.0), whitebox_ks=(0,), curve_epochs=(0.5, 1.0),
@@ -158,7 +159,7 @@ def _estimation(paths, run: Path, cfg: LabRunConfig, tok, log, pipeline_proxy: s
     from transformers import AutoModelForCausalLM
 
     from bayeskd.data import load_teacher_records, tokenize_records
-    from bayeskd.posterior.combine import combine
+    from bayeskd.core.combine import combine
     from bayeskd.posterior.proxy import ProxyPosterior
     from bayeskd.priors.ngram import NGramPrior
 
@@ -215,7 +216,7 @@ def _evidence_curve(records, tokenized, tok, idx, cfg: LabRunConfig, t_lp, valid
     """KL(teacher‖estimate) when the teacher reveals its top-k log-probabilities, k in `evidence_ks`: the
     text-only calibrated posterior, conditioned on them, and the baselines' revealed top-k with a uniform tail."""
     from bayeskd.posterior.evidence import evidence_rows
-    from bayeskd.posterior.condition import apply_evidence
+    from bayeskd.core.condition import apply_evidence
 
     ev, report = evidence_rows(records, tokenized, tok, indices=idx)
     base = _mean_kl(t_lp, text_only, valid)
@@ -243,7 +244,7 @@ def _corpus_curve(paths, run: Path, cfg: LabRunConfig, tok, pipeline_proxy: str,
     from transformers import AutoModelForCausalLM
 
     from bayeskd.data import load_teacher_records, tokenize_records
-    from bayeskd.posterior.combine import combine
+    from bayeskd.core.combine import combine
     from bayeskd.posterior.proxy import ProxyPosterior
     from bayeskd.priors.ngram import NGramPrior
 
@@ -354,7 +355,7 @@ def _run_lab(root: str, preset: str, *, seeds: int | None = None, methods: Seque
 
     lab_preset = get_preset(preset)
     base_name = lab_preset.base_preset().name  # a sharp preset (`tiny-sharp`) runs with its base lab's settings
-    cfg = config or RUN_DEFAULTS.get(lab_preset.name) or RUN_DEFAULTS.get(base_name, LabRunConfig())
+    cfg = config or RUN_CONFIGS.get(lab_preset.name) or RUN_CONFIGS.get(base_name, LabRunConfig())
     if seeds is not None:
         cfg = replace(cfg, seeds=int(seeds))
     if methods is not None:

@@ -25,8 +25,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from bayeskd.posterior.combine import combine
-from bayeskd.sparse import CONTEXT_COUNT, SparseDist
+from bayeskd.core.combine import combine
+from bayeskd.core.sparse import CONTEXT_COUNT, SparseDist
 
 DEFAULT_CANDIDATES: tuple[dict[str, Any], ...] = (
     {"mode": "log_linear", "a": 1.0, "b": 1.0},
@@ -82,7 +82,7 @@ def adaptive_candidate(prior: SparseDist, proxy: SparseDist | torch.Tensor, toke
     """The adaptive mixture as a calibration candidate: its weights are fitted, so its score is cross-fitted (fit
     on the first half of the rows, score the second, and the other way round; the halves are contiguous, so
     records rarely straddle them), and the settings are then fitted on all rows."""
-    from bayeskd.posterior.adaptive import adaptive_settings, fit_adaptive
+    from bayeskd.core.adaptive import adaptive_settings, fit_adaptive
 
     n = prior.num_rows
     valid = torch.ones(n, dtype=torch.bool) if valid is None else torch.as_tensor(valid, dtype=torch.bool)

@@ -8,12 +8,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bayeskd.integrity import RECORD, load_npy, read_json, verify_checksums
+from bayeskd.integrity import RECORD, atomic_write_json, load_npy, read_json, verify_checksums
 from bayeskd.records import records_fingerprint
 from bayeskd.posterior.calibrate import calibrate_on_records, calibration_indices, index_ranges
 from bayeskd.posterior.proxy import ProxyPosterior
 from bayeskd.posterior.shards import rank_world
-from bayeskd.sparse import MANIFEST, CacheMismatchError, atomic_write_json, read_manifest
+from bayeskd.core.sparse import MANIFEST, CacheMismatchError, read_manifest
 from bayeskd.locks import locks_output
 
 
@@ -120,7 +120,7 @@ def estimate_posterior(data: str | None = None, prior_dir: str | None = None, pr
     scored and why, and the choice (also in the manifest's config).
 
     Records that carry the teacher's top-k log-probabilities (`bayeskd generate --top-logprobs k`) condition the
-    posterior at the positions they cover (`bayeskd.posterior.condition`; the combination chosen for the other
+    posterior at the positions they cover (`bayeskd.core.condition`; the combination chosen for the other
     positions is unchanged), unless `no_evidence`. `evidence_top_k`: use only the k most likely revealed entries
     per position; `evidence_mode` "evidence_only": the baselines' targets (the revealed entries, a uniform tail).
 

@@ -9,7 +9,7 @@ and position) and every token listed at the aligned positions is a student token
 sequence; the top list plus the sampled token map by their bytes. Otherwise (another or an unknown tokenizer, or
 past a sampled non-canonical tokenization) each alternative goes to the first token of the student's tokenization
 of its bytes, masses on one token summed, as lower bounds (`lower` True; the student may split it otherwise
-inside longer text, so this is the issue's approximation, not a theorem). Rows stay empty at EOS (the
+inside longer text, so this is an approximation, not a theorem). Rows stay empty at EOS (the
 teacher's stop step is not in its logprobs), in records without logprobs, past the point where the student's
 context stops being the teacher's (U+FFFD in the text for a partial UTF-8 character, a special token), and where
 no start coincides. None or -9999 means "not in the top k", never a probability. Malformed logprobs raise
@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from bayeskd.data import DataError, same_tokenizer
-from bayeskd.sparse import tokenizer_fingerprint
+from bayeskd.core.sparse import tokenizer_fingerprint
 from bayeskd.teacher_forcing import target_row_layout
 from bayeskd.token_bytes import cached_bytes_to_id, token_bytes_table
 

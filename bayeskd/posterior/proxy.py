@@ -1,5 +1,5 @@
 """Posterior estimation with a proxy model: p ∝ combine(p0 (n-gram prior), q (proxy LM)) at every response
-position, written as top-K SparseDist shards (see docs/MATH.md and `bayeskd.posterior.combine`).
+position, written as top-K SparseDist shards (see docs/MATH.md and `bayeskd.core.combine`).
 
 `ProxyPosterior` runs a causal LM (the proxy) teacher-forced over prompt+response and keeps, for each
 response token at position p, the proxy's next-token distribution from the logits at p-1 as a top-K
@@ -23,14 +23,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bayeskd.posterior.adaptive import Theta, adaptive_settings
-from bayeskd.posterior.combine import combine
-from bayeskd.posterior.condition import apply_evidence
+from bayeskd.core.adaptive import Theta, adaptive_settings
+from bayeskd.core.combine import combine
+from bayeskd.core.condition import apply_evidence
 from bayeskd.posterior.sampled import sample_targets
 from bayeskd.posterior.shards import (PriorTopK, RankShardWriter, barrier, gather, init_distributed,
                                       rank_manifest_name, record_shard_bounds)
-from bayeskd.sparse import (EVIDENCE_MODES, LENGTHS, MANIFEST, MODES, RECORD_INDEX, TEACHER_LOGPROB,
-                            CacheMismatchError, SparseDist, atomic_write_json, read_manifest)
+from bayeskd.core.sparse import (EVIDENCE_MODES, LENGTHS, MANIFEST, MODES, RECORD_INDEX, TEACHER_LOGPROB,
+                                 CacheMismatchError, SparseDist, read_manifest)
+from bayeskd.integrity import atomic_write_json
 from bayeskd.teacher_forcing import RecordBatch, model_logits, record_batches, target_row_layout
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -46,7 +47,7 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 class ProxyPosterior:
-    """A proxy causal LM and the settings of its combination with the prior (see `bayeskd.posterior.combine`)."""
+    """A proxy causal LM and the settings of its combination with the prior (see `bayeskd.core.combine`)."""
 
     def __init__(self, proxy, *, dtype: str | torch.dtype = "float32", device: str | torch.device | None = None,
                  batch_size: int = 8, mode: str = "log_linear", a: float = 1.0, b: float = 1.0, c: float = 1.0,

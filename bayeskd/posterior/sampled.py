@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from bayeskd.sparse import SparseDist, by_probability
+from bayeskd.core.sparse import SparseDist, by_probability
 
 
 def _unlisted(indices: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

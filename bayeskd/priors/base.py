@@ -15,7 +15,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from bayeskd.integrity import RECORD, verify_checksums
-from bayeskd.sparse import SparseDist
+from bayeskd.core.sparse import SparseDist
 
 
 @runtime_checkable

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bayeskd.sparse import CacheMismatchError, ShardWriter, SparseDist, atomic_write_bytes, atomic_write_json, dir_bytes
-from bayeskd.integrity import read_json, write_checksums
+from bayeskd.core.sparse import CacheMismatchError, ShardWriter, SparseDist, dir_bytes
+from bayeskd.integrity import atomic_write_bytes, atomic_write_json, read_json, write_checksums
 from bayeskd.locks import locks_output
 
 DEFAULT_CACHE = Path(os.environ.get("BAYESKD_CACHE", Path.home() / ".cache" / "bayeskd"))
@@ -38,7 +38,7 @@ def embedded_defaults(cache_dir: str | os.PathLike | None = None) -> tuple[str, 
 
 def _vocab_size(tokenizer) -> int:
     # len() counts added tokens; vocab_size may not. Ids must stay below what the student's embedding has,
-    # which later issues check against the model config.
+    # which later stages check against the model config.
     return max(len(tokenizer), int(getattr(tokenizer, "vocab_size", 0) or 0))
 
 

@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 from bayeskd.priors.counting import (_as_array, _find, _is_single_sequence, _merge_tables, _mkn_discounts, _Order,
                                      _runs, check_k, count_ngrams, count_parallel, layout)
 from bayeskd.priors.topk import TopKMixin
-from bayeskd.integrity import RECORD, atomic_path, verify_checksums, write_checksums
-from bayeskd.sparse import SparseDist, atomic_write_bytes
+from bayeskd.core.sparse import CONTEXT_COUNT, SparseDist
+from bayeskd.integrity import RECORD, atomic_path, atomic_write_bytes, verify_checksums, write_checksums
 
 SMOOTHINGS = ("kneser_ney", "witten_bell", "dirichlet", "mle")
 FORMAT_VERSION = 1
@@ -275,7 +275,7 @@ class NGramPrior(TopKMixin):
             sl = slice(lo, min(lo + CHUNK, len(pred)))
             self._topk_chunk(flat, pred[sl], k, leave_one_out, idx[sl], lp[sl], tail[sl], cc[sl])
         return SparseDist(torch.from_numpy(idx), torch.from_numpy(lp), torch.from_numpy(tail), V,
-                          extras={"context_count": torch.from_numpy(cc)})
+                          extras={CONTEXT_COUNT: torch.from_numpy(cc)})
 
 
 def fit_parallel(sequences: Iterable[Sequence[int]], num_proc: int, **config) -> NGramPrior:

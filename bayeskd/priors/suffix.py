@@ -30,8 +30,8 @@ from safetensors.numpy import load_file, save_file
 from bayeskd.priors._suffix_query import query_rows
 from bayeskd.priors.counting import check_k
 from bayeskd.priors.ngram import NGramPrior
-from bayeskd.integrity import atomic_path, verify_checksums, write_checksums
-from bayeskd.sparse import SparseDist, atomic_write_bytes
+from bayeskd.core.sparse import CONTEXT_COUNT, MATCH_LENGTH, SparseDist
+from bayeskd.integrity import atomic_path, atomic_write_bytes, verify_checksums, write_checksums
 
 FORMAT = "bayeskd.suffix_prior"
 FORMAT_VERSION = 1
@@ -154,7 +154,7 @@ class SuffixPrior:
         cc = np.empty(n, np.float32)
         ml = np.empty(n, np.float32)
         b_idx, b_lp = base.indices.numpy(), base.logprobs.numpy()
-        b_tail, b_cc = base.tail.numpy(), base.extras["context_count"].numpy()
+        b_tail, b_cc = base.tail.numpy(), base.extras[CONTEXT_COUNT].numpy()
         hist32 = hist.astype(np.int32)
         for lo in range(0, n, CHUNK):
             sl = slice(lo, min(lo + CHUNK, n))
@@ -162,7 +162,7 @@ class SuffixPrior:
                        b_cc[sl], V, self.order, self.max_levels, self.max_support, self.beta, bool(leave_one_out),
                        idx[sl], lp[sl], tail[sl], cc[sl], ml[sl])
         return SparseDist(torch.from_numpy(idx), torch.from_numpy(lp), torch.from_numpy(tail), V,
-                          extras={"context_count": torch.from_numpy(cc), "match_length": torch.from_numpy(ml)})
+                          extras={CONTEXT_COUNT: torch.from_numpy(cc), MATCH_LENGTH: torch.from_numpy(ml)})
 
     def choose_beta(self, responses: Any, prompts: Any = None, grid: Sequence[float] = BETA_GRID,
                     k: int = 64) -> tuple[float, list[dict[str, float]]]:

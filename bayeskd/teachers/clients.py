@@ -165,7 +165,7 @@ class HFBackend:
     """A local transformers model (`bayeskd.teachers.hf.HFTeacher`), one request at a time in a worker thread."""
 
     def __init__(self, model: str, device: str | None = None):
-        from bayeskd.sparse import tokenizer_fingerprint
+        from bayeskd.core.sparse import tokenizer_fingerprint
         from bayeskd.teachers.hf import HFTeacher
 
         self.teacher = HFTeacher(model, device=device)

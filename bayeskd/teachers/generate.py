@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from bayeskd.data import NATURAL_END, TEACHER_TOKENIZER, DataError, load_prompts, load_tokenizer
-from bayeskd.sparse import atomic_write_bytes, atomic_write_json, tokenizer_fingerprint
+from bayeskd.core.sparse import tokenizer_fingerprint
+from bayeskd.integrity import atomic_write_bytes, atomic_write_json
 from bayeskd.teachers.clients import (FATAL, UNREACHABLE, Answer, HFBackend, OpenAIBackend, RateLimiter,
                                      chat_messages, completion_prompt)
 from bayeskd.locks import locks_output

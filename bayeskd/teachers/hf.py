@@ -45,7 +45,7 @@ class TokenLogprob:
     top: list[tuple[str, bytes, float]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        """The record format of issue 12 (the keys of OpenAI's chat `logprobs.content[]`)."""
+        """The teacher-record format of a token (the keys of OpenAI's chat `logprobs.content[]`)."""
         return {"token": self.token, "bytes": list(self.bytes), "logprob": self.logprob,
                 "top_logprobs": [{"token": t, "bytes": list(b), "logprob": lp} for t, b, lp in self.top]}
 

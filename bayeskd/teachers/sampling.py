@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from bayeskd.sparse import atomic_write_bytes
+from bayeskd.integrity import atomic_write_bytes
 from bayeskd.teachers.base import Teacher
 
 

@@ -5,7 +5,7 @@ Endpoints: `/health`, `/v1/models`, `/v1/chat/completions`, `/v1/completions` (n
 OpenAI formats; completions' legacy `logprobs` also carry `token_bytes` (per token its UTF-8 bytes) and `content`
 (the chat format's lossless entries), since the legacy dict of alternatives keys them by text, where two tokens
 may collide. Every answer also carries `bayeskd_tokenizer`, the fingerprint of the model's tokenizer
-(`bayeskd.sparse.tokenizer_fingerprint`; an extra top-level field real APIs lack), which `generate` writes into
+(`bayeskd.core.sparse.tokenizer_fingerprint`; an extra top-level field real APIs lack), which `generate` writes into
 its records as `teacher_tokenizer`, so a student with this tokenizer knows the tokens are its own. Errors use
 OpenAI's JSON error shape. Model work runs in one worker thread, one request at a time, and every request's answer
 depends only on (request, seed) (see `teachers/hf.py`), so faults and retries never change the data.
@@ -39,7 +39,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from bayeskd.sparse import tokenizer_fingerprint
+from bayeskd.core.sparse import tokenizer_fingerprint
 from bayeskd.teachers.hf import Generation, HFTeacher
 
 log = logging.getLogger(__name__)

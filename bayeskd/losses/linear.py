@@ -5,8 +5,8 @@ Two ops compute `fused_posterior_kd(hidden @ weight.T, ...)`:
   their gradient at once; peak extra memory is one chunk of logits. PyTorch or Triton chunk loss.
 - cut (`bayeskd.kernels.cut_sparse_kd`, Triton): the logits exist only as tiles on chip (online log-sum-exp,
   gathered entries at the target's support, recomputation in backward), as Cut Cross-Entropy does for CE. The
-  target side runs here (`cut_head`): the same posterior and divergence math as the PyTorch path of
-  `bayeskd.losses`, on [N, |U|] numbers.
+  target side runs here (`cut_head`): the same posterior and divergence math as the PyTorch path
+  (`bayeskd.losses.fused`), on [N, |U|] numbers.
 """
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from typing import Callable
 
 import torch
 
-from bayeskd.losses import (NEG_INF, _Args, _check_logits, _divergence, _divergence_grads, _fused_forward,
-                            _prepare, _tempered_target, pick_backend)
-from bayeskd.posterior.adaptive import Theta
-from bayeskd.posterior.combine import _combine_rows
-from bayeskd.sparse import SparseDist
+from bayeskd.core.adaptive import Theta
+from bayeskd.core.checks import check_logits
+from bayeskd.core.combine import combine_rows
+from bayeskd.core.sparse import NEG_INF, SparseDist
+from bayeskd.losses.divergences import divergence_grads, row_divergence, tempered_target
+from bayeskd.losses.fused import LossArgs, fused_forward, pick_backend, prepare_args
 
 S_B_FLOOR = 1e-30  # the bucket's student share, floored as the fused Triton kernel floors it
 
@@ -29,19 +30,19 @@ def torch_chunk_loss(logits: torch.Tensor, targets: tuple, kwargs: dict, need_gr
     resolved arguments the kernel's chunk loop slices per chunk (per-row mixture weights included)."""
     p_idx, p_lp, p_tail, q_idx, q_lp, q_tail, q_logits = targets
     if kwargs.get("check_finite", True):  # NaN/inf in hidden or lm_head would otherwise give a silent NaN loss
-        _check_logits(logits, "student logits (hidden @ weight.T)")
-    args = _Args(logits.shape[1], p_idx, p_lp, p_tail, q_idx, q_lp, q_tail, q_logits, kwargs["mode"],
-                 kwargs["a"], kwargs["b"], kwargs["w_rows"], kwargs["teacher_tokens"], kwargs["evidence"],
-                 kwargs["divergence"], kwargs["beta"], kwargs["temperature"], kwargs["mask"], kwargs["tail"],
-                 inplace=True)
+        check_logits(logits, "student logits (hidden @ weight.T)")
+    args = LossArgs(logits.shape[1], p_idx, p_lp, p_tail, q_idx, q_lp, q_tail, q_logits, kwargs["mode"],
+                    kwargs["a"], kwargs["b"], kwargs["w_rows"], kwargs["teacher_tokens"], kwargs["evidence"],
+                    kwargs["divergence"], kwargs["beta"], kwargs["temperature"], kwargs["mask"], kwargs["tail"],
+                    inplace=True)
     z = logits.detach()
-    return _fused_forward(z, z, args)
+    return fused_forward(z, z, args)
 
 
-def cut_head(args: _Args, ce_tokens: torch.Tensor | None = None) -> Callable:
+def cut_head(args: LossArgs, ce_tokens: torch.Tensor | None = None) -> Callable:
     """The target side of the cut op for validated arguments `args` (see `cut_sparse_kd`'s `head`).
 
-    Per kept row: the posterior on U (`_combine_rows`), the student's log-probabilities on U and on the bucket
+    Per kept row: the posterior on U (`combine_rows`), the student's log-probabilities on U and on the bucket
     from the gathered logits and the row's (max, sum), the divergence, and the gradient w.r.t. the logits in the
     fused kernel's form: d_v = (clamp(s_v gB, ±|h_B|) - s_v ḡ) / T outside U (bucket; 0 with tail="ignore") and
     (h_u - s_u ḡ) / T on U, stored as its difference e_u to the outside formula so backward adds the dense part
@@ -56,7 +57,7 @@ def cut_head(args: _Args, ce_tokens: torch.Tensor | None = None) -> Callable:
         n, dev = row_max.shape[0], row_max.device
         keep = torch.arange(n, device=dev) if args.mask is None else args.mask.nonzero()[:, 0]
         sel = lambda t: None if t is None else t[keep]  # noqa: E731
-        U, lp, log_tail, R = _combine_rows(
+        U, lp, log_tail, R = combine_rows(
             args.vocab_size, sel(args.prior_idx), sel(args.prior_lp), sel(args.prior_tail), sel(args.proxy_idx),
             sel(args.proxy_lp), sel(args.proxy_tail), sel(args.proxy_logits), mode=args.mode, a=args.a, b=args.b,
             w_rows=sel(args.w_rows), teacher_tokens=sel(args.teacher_tokens), evidence=args.evidence)
@@ -70,7 +71,7 @@ def cut_head(args: _Args, ce_tokens: torch.Tensor | None = None) -> Callable:
             idx[keep, J] = ce_tokens[keep].to(torch.int32)
         z = gather(idx)[keep]
         x_u = (z[:, :J] / T).masked_fill(~valid, NEG_INF)  # z/T on U
-        log_pu, log_pb = _tempered_target(lp, log_tail, R, T, args.tail)
+        log_pu, log_pb = tempered_target(lp, log_tail, R, T, args.tail)
         if args.tail == "bucket":
             mx, total = row_max[keep], row_sum[keep]
             log_total = mx + total.log()
@@ -84,7 +85,7 @@ def cut_head(args: _Args, ce_tokens: torch.Tensor | None = None) -> Callable:
             log_su = x_u - torch.logsumexp(x_u, dim=1, keepdim=True)
             log_p, log_s = log_pu, log_su
         loss = torch.zeros(n, dtype=torch.float32, device=dev)
-        loss[keep] = _divergence(log_p, log_s, args.divergence, args.beta).float()
+        loss[keep] = row_divergence(log_p, log_s, args.divergence, args.beta).float()
         if ce_tokens is not None:
             mx1, total1 = (row_max, row_sum) if T == 1.0 else t1  # logsumexp(z) at temperature 1
             ce = torch.zeros(n, dtype=torch.float32, device=dev)
@@ -92,7 +93,7 @@ def cut_head(args: _Args, ce_tokens: torch.Tensor | None = None) -> Callable:
             loss = (loss, ce)
         if not need_grad:
             return loss, None
-        h, g = _divergence_grads(log_p, log_s, args.divergence, args.beta)
+        h, g = divergence_grads(log_p, log_s, args.divergence, args.beta)
         s_u = log_su.exp()
         row = lambda t: torch.zeros(n, dtype=torch.float32, device=dev).index_put((keep,), t.float())  # noqa
         if args.tail == "bucket":
@@ -132,7 +133,7 @@ def fused_linear_posterior_kd(hidden: torch.Tensor, weight: torch.Tensor, prior:
 
     cut=False: the chunked op (rows in chunks of `chunk_size`). cut=True with the Triton backend: the cut-logits
     kernel (no logits beyond on-chip tiles; `bias` supported); the PyTorch backend has no cut kernel and runs the
-    chunked op. backend: see `bayeskd.losses.pick_backend`.
+    chunked op. backend: see `bayeskd.losses.fused.pick_backend`.
     """
     posterior = dict(mode=mode, a=a, b=b, c=c, w=w, theta=theta, teacher_tokens=teacher_tokens, evidence=evidence)
     return _linear_op(hidden, weight, prior, proxy, posterior, divergence, beta, temperature, mask, tail,
@@ -205,9 +206,9 @@ def _linear_op(hidden, weight, prior, proxy, posterior: dict, divergence, beta, 
     p = dict(dict(mode="log_linear", a=1.0, b=1.0, c=1.0, w=0.5, theta=None, teacher_tokens=None, evidence=0.0),
              **posterior)
     # the cut op's target side is PyTorch: its inputs are checked here (the chunked Triton kernel checks its own)
-    args = _prepare(shape_only, prior, proxy, p["mode"], p["a"], p["b"], p["c"], p["w"], p["teacher_tokens"],
-                    p["evidence"], divergence, beta, temperature, mask, tail, False,
-                    check_values=chosen == "torch" or use_cut, student_values=False, theta=p["theta"])
+    args = prepare_args(shape_only, prior, proxy, p["mode"], p["a"], p["b"], p["c"], p["w"], p["teacher_tokens"],
+                        p["evidence"], divergence, beta, temperature, mask, tail, False,
+                        check_values=chosen == "torch" or use_cut, student_values=False, theta=p["theta"])
     hidden, weight, bias = _matmul_dtype(hidden, weight, bias)  # both ops multiply in one dtype
     if use_cut:
         from bayeskd.kernels.cut_sparse_kd import cut_sparse_kd

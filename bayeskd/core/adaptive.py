@@ -7,7 +7,7 @@ proxy row's entropy, and a bias. `fit_adaptive` chooses θ by the mean log-likel
 the criterion of `bayeskd.posterior.calibrate`. Its result, a dict of lists and floats, is the mode's settings:
 `combine(prior, proxy, mode="adaptive", theta=result)`, and saved as JSON with the targets.
 
-This module imports nothing from the rest of the posterior, so `combine` can use it.
+This module imports only `bayeskd.core.sparse`, so the checks and `combine` can use it.
 """
 from __future__ import annotations
 
@@ -17,9 +17,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from bayeskd.sparse import CONTEXT_COUNT, SparseDist
+from bayeskd.core.sparse import CONTEXT_COUNT, MATCH_LENGTH, SparseDist
 
-MATCH_LENGTH = "match_length"  # per-row extra of suffix-prior rows: the length of the longest matched context
 FEATURES = ("log1p_context_count", "log1p_match_length", "prior_entropy", "proxy_entropy", "bias")
 _EXTRA_OF = {"log1p_context_count": CONTEXT_COUNT, "log1p_match_length": MATCH_LENGTH}
 _BIAS = FEATURES.index("bias")
@@ -28,7 +27,7 @@ _CHUNK_BYTES = 32 << 20  # float64 scratch per chunk of dense proxy logits
 # the settings: fit_adaptive's result (or a dict with its keys), or a plain θ over unscaled features
 Theta = dict[str, Any] | Sequence[float] | torch.Tensor
 
-__all__ = ["FEATURES", "MATCH_LENGTH", "Theta", "adaptive_features", "adaptive_weights", "adaptive_settings",
+__all__ = ["FEATURES", "Theta", "adaptive_features", "adaptive_weights", "adaptive_settings",
            "prior_weights", "fit_adaptive"]
 
 

@@ -1,4 +1,5 @@
-"""Top-K sparse distributions (`SparseDist`) and their on-disk shards (safetensors + a JSON manifest).
+"""Top-K sparse distributions (`SparseDist`) and their on-disk shards (safetensors + a JSON manifest); the mode names
+and extras keys every stage shares.
 
 A row lists K (index, log-probability) entries plus the `tail`, the mass of every unlisted token, spread
 uniformly over them (see docs/MATH.md). Padding slots have index -1 and log-probability -inf.
@@ -15,10 +16,8 @@ from typing import Any, Iterator
 
 import torch
 
-# the atomic writers and the file checksum live with the other integrity tools; every stage imports them from here
-from bayeskd.integrity import (CorruptOutputError, MissingOutputError, atomic_save_safetensors,  # noqa: F401
-                               atomic_write_bytes, atomic_write_json, file_problem, file_sha256, json_sha256,
-                               load_safetensors_bytes, warn_damaged)
+from bayeskd.integrity import (CorruptOutputError, MissingOutputError, atomic_save_safetensors, atomic_write_json,
+                               file_problem, file_sha256, json_sha256, load_safetensors_bytes, warn_damaged)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1  # raw shards (int32 ids, float log-probs); compact shards (bayeskd.codec) are version 2
@@ -29,7 +28,9 @@ MODES = ("log_linear", "dirichlet", "mixture", "adaptive")  # prior x proxy comb
 EVIDENCE_MODES = ("condition", "evidence_only")  # what revealed log-probabilities do to the posterior
 TEACHER_LOGPROB = "proxy_teacher_logprob"  # per-row extra: the proxy's log q(teacher token | context)
 CONTEXT_COUNT = "context_count"  # per-row extra of n-gram prior rows: the context's count (Dirichlet mode)
+MATCH_LENGTH = "match_length"  # per-row extra of suffix-prior rows: the length of the longest matched context
 RECORD_INDEX, LENGTHS = "record_index", "lengths"  # per-shard extras: the records a shard holds, rows of each
+NEG_INF = float("-inf")  # the log-probability of a padding slot
 
 
 class CacheMismatchError(ValueError):

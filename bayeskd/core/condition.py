@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bayeskd.posterior.combine import NEG_INF, _check_dist
-from bayeskd.sparse import SparseDist, by_probability
+from bayeskd.core.checks import check_dist
+from bayeskd.core.sparse import NEG_INF, SparseDist, by_probability
 
 __all__ = ["condition", "evidence_only", "apply_evidence", "MASS_TOL"]
 
@@ -221,7 +221,7 @@ def condition(posterior: SparseDist, ev_indices: torch.Tensor, ev_probs: torch.T
     likewise. The posterior's per-row extras are carried over. Raises ValueError naming the row when the evidence
     sums to more than 1 + MASS_TOL, lists a token twice, or lists every token as exact with A < 1 − MASS_TOL.
     """
-    _check_dist(posterior, "posterior")
+    check_dist(posterior, "posterior")
     v, n, k_post = posterior.vocab_size, posterior.num_rows, posterior.k
     _check_top_k(top_k, v)
     dev = posterior.indices.device

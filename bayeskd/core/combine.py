@@ -1,7 +1,8 @@
 """The posterior on the union of supports: prior x proxy (x the teacher token), the combination math of
-docs/MATH.md, shared by the reference (`combine`), the fused PyTorch loss path (`bayeskd.losses`) and the
-posterior jobs. The Triton kernels (`bayeskd.kernels.sparse_kd`) implement the same formulas and are tested
-against `combine`.
+docs/MATH.md. `combine_rows` is the exact posterior on the union (no validation), shared by the reference `combine`,
+the fused PyTorch loss path and the cut op's target side (`bayeskd.losses`) and the posterior jobs; `mixture_mode`
+turns Dirichlet and adaptive into mixtures with per-row weights. The Triton kernels (`bayeskd.kernels.sparse_kd`)
+implement the same formulas and are tested against `combine`.
 """
 from __future__ import annotations
 
@@ -10,99 +11,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from bayeskd.posterior.adaptive import Theta, adaptive_settings, prior_weights
-from bayeskd.sparse import MODES, SparseDist
+from bayeskd.core.adaptive import Theta, prior_weights
+from bayeskd.core.checks import check_dist, check_proxy, check_scalars, check_teacher_tokens
+from bayeskd.core.sparse import CONTEXT_COUNT, NEG_INF, SparseDist
 
-NEG_INF = float("-inf")
-
-__all__ = ["combine", "MODES"]
-
-# ----------------------------------------------------------------------------------------------------------
-# validation
-
-def _check_logits(x: torch.Tensor, name: str, vocab_size: int | None = None, rows: int | None = None,
-                  values: bool = True) -> None:
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be [N, V], got shape {tuple(x.shape)}")
-    if vocab_size is not None and x.shape[1] != vocab_size:
-        raise ValueError(f"{name} has V={x.shape[1]} but the prior has V={vocab_size}")
-    if rows is not None and x.shape[0] != rows:
-        raise ValueError(f"{name} has {x.shape[0]} rows but the prior has {rows}")
-    if not x.dtype.is_floating_point:
-        raise ValueError(f"{name} must be floating point, got {x.dtype}")
-    # one float32 row sum finds NaN and +-inf without an [N, V] boolean temporary
-    if values and not torch.isfinite(x.sum(dim=1, dtype=torch.float32)).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-
-
-def _check_dist(d: SparseDist, name: str, vocab_size: int | None = None, rows: int | None = None,
-                values: bool = True) -> None:
-    if not isinstance(d, SparseDist):
-        raise TypeError(f"{name} must be a SparseDist, got {type(d).__name__}")
-    if vocab_size is not None and d.vocab_size != vocab_size:
-        raise ValueError(f"{name} has V={d.vocab_size} but the prior has V={vocab_size}")
-    if rows is not None and d.num_rows != rows:
-        raise ValueError(f"{name} has {d.num_rows} rows but the prior has {rows}")
-    if d.indices.dim() != 2 or d.logprobs.shape != d.indices.shape or d.tail.shape != (d.num_rows,):
-        raise ValueError(f"{name}: indices {tuple(d.indices.shape)}, logprobs {tuple(d.logprobs.shape)} and tail "
-                         f"{tuple(d.tail.shape)} must be [N, K], [N, K] and [N]")
-    if d.indices.dtype.is_floating_point:
-        raise ValueError(f"{name}: indices must be integers, got {d.indices.dtype}")
-    if d.k > d.vocab_size:  # as SparseDist.validate and the Triton kernel: a row lists at most V distinct tokens
-        raise ValueError(f"{name}: K={d.k} is larger than the vocabulary size V={d.vocab_size}")
-    if not values:
-        return
-    if ((d.indices < -1) | (d.indices >= d.vocab_size)).any():
-        raise ValueError(f"{name}: a token index is outside [0, V={d.vocab_size})")
-    srt = d.indices.sort(dim=1).values  # a token listed twice would be counted twice (silently wrong mass)
-    if ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any():
-        raise ValueError(f"{name}: a row lists the same token index twice")
-    listed = d.indices >= 0
-    lp = d.logprobs
-    if torch.isnan(lp).any() or (lp[listed] == float("inf")).any() or not torch.isfinite(d.tail).all():
-        raise ValueError(f"{name} contains NaN or infinite values in logprobs or tail")
-
-
-def _check_scalars(mode, a, b, c, w, evidence, teacher_tokens, top_k=None, vocab_size=None, theta=None) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    for name, v in (("a", a), ("b", b), ("c", c), ("w", w), ("evidence", evidence)):
-        if not math.isfinite(v) or v < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {v}")
-    if w > 1:
-        raise ValueError(f"w must be in [0, 1], got {w}")
-    if mode == "dirichlet" and c <= 0:
-        raise ValueError(f"Dirichlet mode needs a concentration c > 0, got {c}")
-    if mode == "adaptive":
-        adaptive_settings(theta)  # a clear error for missing or malformed settings, before any row work
-    if evidence > 0 and teacher_tokens is None:
-        raise ValueError("evidence > 0 needs teacher_tokens")
-    if top_k is not None and not 1 <= top_k <= vocab_size:
-        raise ValueError(f"top_k={top_k} must be in [1, V={vocab_size}]")
-
-
-def _check_teacher_tokens(y: torch.Tensor | None, rows: int, vocab_size: int, mask=None) -> torch.Tensor | None:
-    if y is None:
-        return None
-    if y.shape != (rows,) or y.dtype.is_floating_point:
-        raise ValueError(f"teacher_tokens must be an integer tensor of shape ({rows},), got {y.dtype} "
-                         f"{tuple(y.shape)}")
-    y = y.long()
-    if mask is not None:  # masked rows (prompt, padding) often carry -100: they are never used
-        y = torch.where(mask, y, torch.zeros_like(y))
-    if ((y < 0) | (y >= vocab_size)).any():
-        bad = y[(y < 0) | (y >= vocab_size)][0].item()
-        raise ValueError(f"teacher token {bad} is outside [0, V={vocab_size}); mask such rows")
-    return y
-
-
-def _check_mask(mask: torch.Tensor | None, rows: int) -> torch.Tensor | None:
-    if mask is None:
-        return None
-    if mask.shape != (rows,):
-        raise ValueError(f"mask must have shape ({rows},), got {tuple(mask.shape)}")
-    return mask.bool()
-
+__all__ = ["combine", "combine_rows", "mixture_mode"]
 
 # ----------------------------------------------------------------------------------------------------------
 # posterior on the union support (shared by the reference and the CPU path; the tests check it densely)
@@ -148,9 +61,9 @@ def _from_union(src: torch.Tensor, dup: torch.Tensor, valid: torch.Tensor, c0: i
     return torch.where(valid, out, fill)
 
 
-def _combine_rows(vocab_size: int, prior_idx, prior_lp, prior_tail, proxy_idx=None, proxy_lp=None,
-                  proxy_tail=None, proxy_logits=None, *, mode="log_linear", a=1.0, b=1.0, w_rows=None,
-                  teacher_tokens=None, evidence=0.0, dtype=torch.float32):
+def combine_rows(vocab_size: int, prior_idx, prior_lp, prior_tail, proxy_idx=None, proxy_lp=None,
+                 proxy_tail=None, proxy_logits=None, *, mode="log_linear", a=1.0, b=1.0, w_rows=None,
+                 teacher_tokens=None, evidence=0.0, dtype=torch.float32):
     """The posterior on U = S0 ∪ Sq (∪ {y}), exactly (docs/MATH.md); no validation.
 
     mode: "none" (the prior alone), "log_linear" or "mixture" (per-row weight `w_rows`). Returns U (int64
@@ -227,18 +140,18 @@ def _combine_rows(vocab_size: int, prior_idx, prior_lp, prior_tail, proxy_idx=No
 
 
 def _dirichlet_w(prior: SparseDist, c: float) -> torch.Tensor:
-    if "context_count" not in prior.extras:
+    if CONTEXT_COUNT not in prior.extras:
         raise ValueError('mode="dirichlet" needs the prior\'s continuation counts in prior.extras["context_count"] '
                          "(an n-gram prior provides them); use mode=\"mixture\" for a fixed weight")
-    n = prior.extras["context_count"].to(torch.float64).reshape(-1)
+    n = prior.extras[CONTEXT_COUNT].to(torch.float64).reshape(-1)
     if n.shape != (prior.num_rows,) or not torch.isfinite(n).all() or (n < 0).any():
         raise ValueError('prior.extras["context_count"] must be finite, >= 0 and have one value per row')
     return n / (c + n)
 
 
-def _mixture_mode(prior: SparseDist, proxy, mode: str, c: float, w: float,
-                  theta: Theta | None) -> tuple[str, torch.Tensor | None]:
-    """(the mode `_combine_rows` runs, the per-row prior weight float64 [N] for a mixture): Dirichlet and adaptive
+def mixture_mode(prior: SparseDist, proxy, mode: str, c: float, w: float,
+                 theta: Theta | None) -> tuple[str, torch.Tensor | None]:
+    """(the mode `combine_rows` runs, the per-row prior weight float64 [N] for a mixture): Dirichlet and adaptive
     are mixtures whose weight comes from the rows (so the fused kernels need no mode of their own)."""
     if proxy is None:
         return "none", None
@@ -249,17 +162,6 @@ def _mixture_mode(prior: SparseDist, proxy, mode: str, c: float, w: float,
     if mode == "mixture":
         return "mixture", torch.full((prior.num_rows,), w, dtype=torch.float64)
     return mode, None
-
-
-def _prepare_proxy(prior: SparseDist, proxy, values: bool = True):
-    """(proxy SparseDist or None, proxy logits or None), validated against the prior."""
-    if proxy is None:
-        return None, None
-    if isinstance(proxy, torch.Tensor):
-        _check_logits(proxy, "proxy logits", prior.vocab_size, prior.num_rows, values)
-        return None, proxy
-    _check_dist(proxy, "proxy", prior.vocab_size, prior.num_rows, values)
-    return proxy, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -273,19 +175,19 @@ def combine(prior: SparseDist, proxy: SparseDist | torch.Tensor | None = None, m
 
     Modes: log-linear p ∝ p0^a q^b, mixture w p0 + (1-w) q, Dirichlet (mixture with per-row w = n/(c+n), n =
     prior.extras["context_count"]), adaptive (mixture with per-row w = σ(θ·f), `theta` the settings of
-    `bayeskd.posterior.adaptive.fit_adaptive`). `proxy=None` gives the prior itself. Teacher tokens join the
+    `bayeskd.core.adaptive.fit_adaptive`). `proxy=None` gives the prior itself. Teacher tokens join the
     support; `evidence` e adds e observations of them. The result lists the union support sorted by probability
     (K = the largest union, padded with -1/-inf), or its `top_k` largest entries with the rest in the tail.
     """
-    _check_dist(prior, "prior")
+    check_dist(prior, "prior")
     v = prior.vocab_size
-    _check_scalars(mode, a, b, c, w, evidence, teacher_tokens, top_k, v, theta)
-    proxy_sd, proxy_logits = _prepare_proxy(prior, proxy)
-    y = _check_teacher_tokens(teacher_tokens, prior.num_rows, v)
+    check_scalars(mode, a, b, c, w, evidence, teacher_tokens, top_k, v, theta)
+    proxy_sd, proxy_logits = check_proxy(prior, proxy)
+    y = check_teacher_tokens(teacher_tokens, prior.num_rows, v)
     dtype = torch.float64 if torch.float64 in (prior.logprobs.dtype, getattr(proxy, "dtype", None),
                                                getattr(proxy_sd, "logprobs", prior.logprobs).dtype) else torch.float32
-    mode, w_rows = _mixture_mode(prior, proxy, mode, c, w, theta)
-    U, lp, log_tail, _ = _combine_rows(
+    mode, w_rows = mixture_mode(prior, proxy, mode, c, w, theta)
+    U, lp, log_tail, _ = combine_rows(
         v, prior.indices, prior.logprobs, prior.tail,
         *((proxy_sd.indices, proxy_sd.logprobs, proxy_sd.tail) if proxy_sd is not None else (None, None, None)),
         proxy_logits, mode=mode, a=a, b=b, w_rows=w_rows, teacher_tokens=y, evidence=evidence, dtype=dtype)
