@@ -7,22 +7,23 @@ own module, e.g. `bayeskd.distillation.gad_parts.grpo_loss`.
 from typing import TYPE_CHECKING
 
 from bayeskd._lazy import lazy_exports
-from bayeskd.corpus import embedded_corpus, embedded_teacher_jsonl, train_bpe_tokenizer
-from bayeskd.data import DataError, TokenizedData, load_teacher_records, load_tokenizer, tokenize_records
-from bayeskd.evaluation.metrics import kl_teacher_to_estimate, top1_match, topk_mass_coverage
-from bayeskd.losses.linear import fused_linear_ce, fused_linear_kd_and_ce, fused_linear_posterior_kd
-from bayeskd.losses.divergences import sparse_kd_loss
-from bayeskd.losses.fused import fused_posterior_kd
-from bayeskd.core.combine import combine
-from bayeskd.priors import NGramPrior, Prior, load_prior
-from bayeskd.priors.estimate import estimate_prior
-from bayeskd.teachers.base import Teacher
-from bayeskd.integrity import CorruptOutputError
-from bayeskd.core.sparse import CacheMismatchError, ShardReader, ShardWriter, SparseDist, tokenizer_fingerprint
 
-# The posterior, the trainer, the jobs and the lab import transformers and TRL (seconds): loaded on first use, so
-# `import bayeskd` and the CLI's --help stay fast.
+# Every name is loaded on first use: the library's modules import torch, and the jobs transformers and TRL (seconds),
+# so `import bayeskd`, the CLI's --help and a job's first moments (when a SIGTERM must already stop it cleanly) stay
+# light.
 _LAZY = {
+    "bayeskd.corpus": ("embedded_corpus", "embedded_teacher_jsonl", "train_bpe_tokenizer"),
+    "bayeskd.data": ("DataError", "TokenizedData", "load_teacher_records", "load_tokenizer", "tokenize_records"),
+    "bayeskd.evaluation.metrics": ("kl_teacher_to_estimate", "top1_match", "topk_mass_coverage"),
+    "bayeskd.losses.linear": ("fused_linear_ce", "fused_linear_kd_and_ce", "fused_linear_posterior_kd"),
+    "bayeskd.losses.divergences": ("sparse_kd_loss",),
+    "bayeskd.losses.fused": ("fused_posterior_kd",),
+    "bayeskd.core.combine": ("combine",),
+    "bayeskd.priors": ("NGramPrior", "Prior", "load_prior"),
+    "bayeskd.priors.estimate": ("estimate_prior",),
+    "bayeskd.teachers.base": ("Teacher",),
+    "bayeskd.integrity": ("CorruptOutputError",),
+    "bayeskd.core.sparse": ("CacheMismatchError", "ShardReader", "ShardWriter", "SparseDist", "tokenizer_fingerprint"),
     "bayeskd.teachers.local": ("BlackBoxTeacher", "WhiteBoxTeacher"),
     "bayeskd.teachers.sampling": ("sample_teacher_jsonl",),
     "bayeskd.posterior.calibrate": ("calibrate_combination",),
@@ -38,6 +39,18 @@ _LAZY = {
     "bayeskd.lab.run": ("run_lab", "LabRunConfig"),
 }
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs
+    from bayeskd.corpus import embedded_corpus, embedded_teacher_jsonl, train_bpe_tokenizer
+    from bayeskd.data import DataError, TokenizedData, load_teacher_records, load_tokenizer, tokenize_records
+    from bayeskd.evaluation.metrics import kl_teacher_to_estimate, top1_match, topk_mass_coverage
+    from bayeskd.losses.linear import fused_linear_ce, fused_linear_kd_and_ce, fused_linear_posterior_kd
+    from bayeskd.losses.divergences import sparse_kd_loss
+    from bayeskd.losses.fused import fused_posterior_kd
+    from bayeskd.core.combine import combine
+    from bayeskd.priors import NGramPrior, Prior, load_prior
+    from bayeskd.priors.estimate import estimate_prior
+    from bayeskd.teachers.base import Teacher
+    from bayeskd.integrity import CorruptOutputError
+    from bayeskd.core.sparse import CacheMismatchError, ShardReader, ShardWriter, SparseDist, tokenizer_fingerprint
     from bayeskd.teachers.local import BlackBoxTeacher, WhiteBoxTeacher
     from bayeskd.teachers.sampling import sample_teacher_jsonl
     from bayeskd.posterior.calibrate import calibrate_combination

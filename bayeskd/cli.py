@@ -9,7 +9,7 @@ import click
 
 from bayeskd.cli_config import (TRAINING_LIMITS, ConfigCommand, codec_option, config_option, config_options,
                                 given, max_records_option, skip_bad_option)
-from bayeskd.core.sparse import EVIDENCE_MODES, MODES
+from bayeskd.core.names import EVIDENCE_MODES, MODES
 
 
 
@@ -97,7 +97,16 @@ def _end_distributed() -> None:
         dist.destroy_process_group()
 
 
-@click.group()
+class _Main(click.Group):
+    """The command group: the SIGTERM handling covers a subcommand's parsing too, where a command whose options come
+    from its config (`ConfigCommand`) imports its job's module (transformers: seconds)."""
+
+    def invoke(self, ctx: click.Context):
+        with _stop_cleanly():
+            return super().invoke(ctx)
+
+
+@click.group(cls=_Main)
 @click.version_option(package_name="bayeskd")
 def main() -> None:
     """Estimate a black-box teacher's token distributions and distill students from them."""

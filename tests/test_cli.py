@@ -233,3 +233,53 @@ def test_training_arguments_reach_distill_from_the_command_line_and_config(tmp_p
     res = CliRunner().invoke(main, ["distill", "--data", "d", "--student", "s", "--out", "o",
                                     "--per-device-train-batch-size", "0"])
     assert res.exit_code == 2 and "--per-device-train-batch-size" in res.output
+
+
+def test_the_cli_starts_without_torch():
+    """`import bayeskd.cli` loads neither torch nor transformers: a SIGTERM in a job's first moments then meets the
+    job's handler rather than Python's default (the drill saw a GAD run killed outright, exit -15, while the CLI
+    module was still importing torch)."""
+    import subprocess
+    import sys
+
+    code = "import sys, bayeskd, bayeskd.cli; print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_sigterm_while_a_command_builds_its_options_stops_cleanly():
+    """A command whose options come from its config imports its job's module while parsing: a SIGTERM then is a
+    clean stop (exit 130, the resume hint), not a kill."""
+    import os
+    import signal
+    import time
+
+    from click.testing import CliRunner
+
+    from bayeskd import cli
+    from bayeskd.cli_config import ConfigCommand
+
+    def make_options():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+        return []
+
+    class Unhandled(Exception):
+        pass
+
+    def unhandled(signum, frame):  # stands for the default action (death) so a regression fails, not kills pytest
+        raise Unhandled("SIGTERM reached the handler outside the CLI's")
+
+    before = signal.signal(signal.SIGTERM, unhandled)
+    cli.main.add_command(ConfigCommand("sigterm-probe", make_options=make_options, callback=lambda: None))
+    try:
+        t0 = time.monotonic()
+        result = CliRunner().invoke(cli.main, ["sigterm-probe"])
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # the caller's handler is back
+    finally:
+        cli.main.commands.pop("sigterm-probe")
+        signal.signal(signal.SIGTERM, before)
+    assert not isinstance(result.exception, Unhandled), result.exception
+    assert result.exit_code == 130, result.output
+    assert cli.RESUME_HINT in result.output
+    assert time.monotonic() - t0 < 4

@@ -14,7 +14,7 @@ from bayeskd.distillation.align_proxy import (align_proxy, alignment_diagnostics
                                              topk_mass_share)
 from bayeskd.distillation.targets import BayesKDCollator, TeacherTargetsDataset, proxy_kd_weights
 from bayeskd.distillation.trainer import BayesKDConfig, BayesKDTrainer, distill
-from bayeskd.core.sparse import TEACHER_LOGPROB
+from bayeskd.core.names import TEACHER_LOGPROB
 from bayeskd.core.sparse import CacheMismatchError, ShardWriter, SparseDist
 from conftest import save_tiny_llama
 

@@ -104,7 +104,7 @@ def test_row_order_and_position_zero(tf, caller):
 
     elif caller == "proxy_topk":
         from bayeskd.posterior.proxy import ProxyPosterior
-        from bayeskd.core.sparse import TEACHER_LOGPROB
+        from bayeskd.core.names import TEACHER_LOGPROB
 
         pp = ProxyPosterior(model, device="cpu", batch_size=BATCH, top_k=V)
         sd = pp.proxy_topk(tok, ORDER, V, teacher_logprob=True, top_k=V)

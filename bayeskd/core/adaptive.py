@@ -17,7 +17,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from bayeskd.core.sparse import CONTEXT_COUNT, MATCH_LENGTH, SparseDist
+from bayeskd.core.sparse import SparseDist
+from bayeskd.core.names import CONTEXT_COUNT, MATCH_LENGTH
 
 FEATURES = ("log1p_context_count", "log1p_match_length", "prior_entropy", "proxy_entropy", "bias")
 _EXTRA_OF = {"log1p_context_count": CONTEXT_COUNT, "log1p_match_length": MATCH_LENGTH}

@@ -10,7 +10,8 @@ import math
 import torch
 
 from bayeskd.core.adaptive import adaptive_settings
-from bayeskd.core.sparse import MODES, SparseDist
+from bayeskd.core.sparse import SparseDist
+from bayeskd.core.names import MODES
 
 __all__ = ["check_logits", "check_dist", "check_scalars", "check_teacher_tokens", "check_mask", "check_proxy"]
 

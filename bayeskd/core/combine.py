@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from bayeskd.core.adaptive import Theta, prior_weights
 from bayeskd.core.checks import check_dist, check_proxy, check_scalars, check_teacher_tokens
-from bayeskd.core.sparse import CONTEXT_COUNT, NEG_INF, SparseDist
+from bayeskd.core.sparse import NEG_INF, SparseDist
+from bayeskd.core.names import CONTEXT_COUNT
 
 __all__ = ["combine", "combine_rows", "mixture_mode"]
 

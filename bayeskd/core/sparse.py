@@ -1,5 +1,5 @@
-"""Top-K sparse distributions (`SparseDist`) and their on-disk shards (safetensors + a JSON manifest); the mode names
-and extras keys every stage shares.
+"""Top-K sparse distributions (`SparseDist`) and their on-disk shards (safetensors + a JSON manifest). The mode names
+and extras keys every stage shares are in `bayeskd.core.names`.
 
 A row lists K (index, log-probability) entries plus the `tail`, the mass of every unlisted token, spread
 uniformly over them (see docs/MATH.md). Padding slots have index -1 and log-probability -inf.
@@ -18,18 +18,11 @@ import torch
 
 from bayeskd.integrity import (CorruptOutputError, MissingOutputError, atomic_save_safetensors, atomic_write_json,
                                file_problem, file_sha256, json_sha256, load_safetensors_bytes, warn_damaged)
+from bayeskd.core.names import CODECS
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1  # raw shards (int32 ids, float log-probs); compact shards (bayeskd.codec) are version 2
-CODECS = ("raw", "compact")
 
-# Names every stage shares, defined once: how prior and proxy combine, and the keys of a shard's extras.
-MODES = ("log_linear", "dirichlet", "mixture", "adaptive")  # prior x proxy combinations (docs/MATH.md)
-EVIDENCE_MODES = ("condition", "evidence_only")  # what revealed log-probabilities do to the posterior
-TEACHER_LOGPROB = "proxy_teacher_logprob"  # per-row extra: the proxy's log q(teacher token | context)
-CONTEXT_COUNT = "context_count"  # per-row extra of n-gram prior rows: the context's count (Dirichlet mode)
-MATCH_LENGTH = "match_length"  # per-row extra of suffix-prior rows: the length of the longest matched context
-RECORD_INDEX, LENGTHS = "record_index", "lengths"  # per-shard extras: the records a shard holds, rows of each
 NEG_INF = float("-inf")  # the log-probability of a padding slot
 
 

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from bayeskd.data import TokenizedData, truncation_window
-from bayeskd.core.sparse import (CONTEXT_COUNT, LENGTHS, RECORD_INDEX, TEACHER_LOGPROB, CacheMismatchError, ShardReader,
-                                 SparseDist)
+from bayeskd.core.sparse import CacheMismatchError, ShardReader, SparseDist
+from bayeskd.core.names import CONTEXT_COUNT, LENGTHS, RECORD_INDEX, TEACHER_LOGPROB
 from bayeskd.teacher_forcing import pad_batch
 
 TARGET_KEYS = ("target_indices", "target_logprobs", "target_tail")

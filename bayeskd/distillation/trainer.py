@@ -40,7 +40,8 @@ from bayeskd.distillation.targets import (CONTEXT_COUNT_KEY, WEIGHT_KEY, WEIGHT_
 from bayeskd.losses.linear import fused_linear_ce, fused_linear_kd_and_ce, uses_cut_kernel
 from bayeskd.losses.divergences import DIVERGENCES
 from bayeskd.losses.fused import fused_posterior_kd
-from bayeskd.core.sparse import CONTEXT_COUNT, MODES, TEACHER_LOGPROB, SparseDist
+from bayeskd.core.sparse import SparseDist
+from bayeskd.core.names import CONTEXT_COUNT, MODES, TEACHER_LOGPROB
 from bayeskd.teacher_forcing import model_logits, select_rows
 from bayeskd.distillation.checkpoints import ChecksumCallback, checkpoints, remove_unrecorded, resume_point
 from bayeskd.integrity import atomic_write_json, staged_dir

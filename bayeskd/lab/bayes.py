@@ -52,7 +52,7 @@ def bayes_table(paths: dict[str, str], run: Path, cfg, tok, pipeline_proxy: str,
     from bayeskd.evaluation.evaluate import response_logprobs
     from bayeskd.posterior.calibrate import calibrate_combination
     from bayeskd.core.combine import combine
-    from bayeskd.core.sparse import MATCH_LENGTH
+    from bayeskd.core.names import MATCH_LENGTH
     from bayeskd.posterior.proxy import ProxyPosterior
     from bayeskd.priors.ngram import NGramPrior
     from bayeskd.priors.suffix import SuffixPrior

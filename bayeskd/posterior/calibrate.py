@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from bayeskd.core.combine import combine
-from bayeskd.core.sparse import CONTEXT_COUNT, SparseDist
+from bayeskd.core.sparse import SparseDist
+from bayeskd.core.names import CONTEXT_COUNT
 
 DEFAULT_CANDIDATES: tuple[dict[str, Any], ...] = (
     {"mode": "log_linear", "a": 1.0, "b": 1.0},

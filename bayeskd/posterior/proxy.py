@@ -29,8 +29,8 @@ from bayeskd.core.condition import apply_evidence
 from bayeskd.posterior.sampled import sample_targets
 from bayeskd.posterior.shards import (PriorTopK, RankShardWriter, barrier, gather, init_distributed,
                                       rank_manifest_name, record_shard_bounds)
-from bayeskd.core.sparse import (EVIDENCE_MODES, LENGTHS, MANIFEST, MODES, RECORD_INDEX, TEACHER_LOGPROB,
-                                 CacheMismatchError, SparseDist, read_manifest)
+from bayeskd.core.sparse import MANIFEST, CacheMismatchError, SparseDist, read_manifest
+from bayeskd.core.names import EVIDENCE_MODES, LENGTHS, MODES, RECORD_INDEX, TEACHER_LOGPROB
 from bayeskd.integrity import atomic_write_json
 from bayeskd.teacher_forcing import RecordBatch, model_logits, record_batches, target_row_layout
 

@@ -13,8 +13,9 @@ import torch
 from safetensors import safe_open
 
 from bayeskd.integrity import CorruptOutputError, file_problem
-from bayeskd.core.sparse import (LENGTHS, MANIFEST, RECORD_INDEX, CacheMismatchError, ShardReader, ShardWriter,
-                                 SparseDist, check_manifest, read_manifest, write_manifest)
+from bayeskd.core.sparse import (MANIFEST, CacheMismatchError, ShardReader, ShardWriter, SparseDist, check_manifest,
+                                 read_manifest, write_manifest)
+from bayeskd.core.names import LENGTHS, RECORD_INDEX
 
 
 def record_shard_bounds(num_records: int, shard_records: int) -> list[tuple[int, int]]:

@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 from bayeskd.priors.counting import (_as_array, _find, _is_single_sequence, _merge_tables, _mkn_discounts, _Order,
                                      _runs, check_k, count_ngrams, count_parallel, layout)
 from bayeskd.priors.topk import TopKMixin
-from bayeskd.core.sparse import CONTEXT_COUNT, SparseDist
+from bayeskd.core.sparse import SparseDist
+from bayeskd.core.names import CONTEXT_COUNT
 from bayeskd.integrity import RECORD, atomic_path, atomic_write_bytes, verify_checksums, write_checksums
 
 SMOOTHINGS = ("kneser_ney", "witten_bell", "dirichlet", "mle")

@@ -30,7 +30,8 @@ from safetensors.numpy import load_file, save_file
 from bayeskd.priors._suffix_query import query_rows
 from bayeskd.priors.counting import check_k
 from bayeskd.priors.ngram import NGramPrior
-from bayeskd.core.sparse import CONTEXT_COUNT, MATCH_LENGTH, SparseDist
+from bayeskd.core.sparse import SparseDist
+from bayeskd.core.names import CONTEXT_COUNT, MATCH_LENGTH
 from bayeskd.integrity import atomic_path, atomic_write_bytes, verify_checksums, write_checksums
 
 FORMAT = "bayeskd.suffix_prior"
