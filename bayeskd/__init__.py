@@ -20,21 +20,23 @@ _LAZY = {
     "bayeskd.losses.fused": ("fused_posterior_kd",),
     "bayeskd.core.combine": ("combine",),
     "bayeskd.priors": ("NGramPrior", "Prior", "load_prior"),
-    "bayeskd.priors.estimate": ("estimate_prior",),
+    "bayeskd.priors.estimate": ("EstimatePriorConfig", "estimate_prior"),
     "bayeskd.teachers.base": ("Teacher",),
     "bayeskd.integrity": ("CorruptOutputError",),
     "bayeskd.core.sparse": ("CacheMismatchError", "ShardReader", "ShardWriter", "SparseDist", "tokenizer_fingerprint"),
     "bayeskd.teachers.local": ("BlackBoxTeacher", "WhiteBoxTeacher"),
     "bayeskd.teachers.sampling": ("sample_teacher_jsonl",),
+    "bayeskd.teachers.generate": ("GenerateConfig", "generate"),
+    "bayeskd.teachers.score": ("ScoreConfig", "score"),
     "bayeskd.posterior.calibrate": ("calibrate_combination",),
     "bayeskd.posterior.proxy": ("ProxyPosterior",),
     "bayeskd.posterior.sampled": ("sample_targets",),
-    "bayeskd.posterior.estimate": ("estimate_posterior",),
+    "bayeskd.posterior.estimate": ("EstimatePosteriorConfig", "estimate_posterior"),
     "bayeskd.distillation.targets": ("TeacherTargetsDataset", "BayesKDCollator"),
     "bayeskd.distillation.trainer": ("BayesKDConfig", "BayesKDTrainer", "distill"),
-    "bayeskd.distillation.align_proxy": ("align_proxy",),
+    "bayeskd.distillation.align_proxy": ("AlignProxyConfig", "align_proxy"),
     "bayeskd.distillation.gad": ("GADConfig", "gad"),
-    "bayeskd.evaluation.evaluate": ("evaluate",),
+    "bayeskd.evaluation.evaluate": ("EvaluateConfig", "evaluate"),
     "bayeskd.lab.build": ("build_lab",),
     "bayeskd.lab.run": ("run_lab", "LabRunConfig"),
 }
@@ -47,21 +49,23 @@ if TYPE_CHECKING:  # the same names, for type checkers and IDEs
     from bayeskd.losses.fused import fused_posterior_kd
     from bayeskd.core.combine import combine
     from bayeskd.priors import NGramPrior, Prior, load_prior
-    from bayeskd.priors.estimate import estimate_prior
+    from bayeskd.priors.estimate import EstimatePriorConfig, estimate_prior
     from bayeskd.teachers.base import Teacher
     from bayeskd.integrity import CorruptOutputError
     from bayeskd.core.sparse import CacheMismatchError, ShardReader, ShardWriter, SparseDist, tokenizer_fingerprint
     from bayeskd.teachers.local import BlackBoxTeacher, WhiteBoxTeacher
     from bayeskd.teachers.sampling import sample_teacher_jsonl
+    from bayeskd.teachers.generate import GenerateConfig, generate
+    from bayeskd.teachers.score import ScoreConfig, score
     from bayeskd.posterior.calibrate import calibrate_combination
     from bayeskd.posterior.proxy import ProxyPosterior
     from bayeskd.posterior.sampled import sample_targets
-    from bayeskd.posterior.estimate import estimate_posterior
+    from bayeskd.posterior.estimate import EstimatePosteriorConfig, estimate_posterior
     from bayeskd.distillation.targets import BayesKDCollator, TeacherTargetsDataset
     from bayeskd.distillation.trainer import BayesKDConfig, BayesKDTrainer, distill
-    from bayeskd.distillation.align_proxy import align_proxy
+    from bayeskd.distillation.align_proxy import AlignProxyConfig, align_proxy
     from bayeskd.distillation.gad import GADConfig, gad
-    from bayeskd.evaluation.evaluate import evaluate
+    from bayeskd.evaluation.evaluate import EvaluateConfig, evaluate
     from bayeskd.lab.build import build_lab
     from bayeskd.lab.run import LabRunConfig, run_lab
 
@@ -71,16 +75,19 @@ __all__ = [
     "embedded_corpus", "embedded_teacher_jsonl", "train_bpe_tokenizer",
     "SparseDist", "ShardWriter", "ShardReader", "DataError", "CacheMismatchError", "CorruptOutputError",
     # teachers
-    "Teacher", "BlackBoxTeacher", "WhiteBoxTeacher", "sample_teacher_jsonl",
+    "Teacher", "BlackBoxTeacher", "WhiteBoxTeacher", "sample_teacher_jsonl", "GenerateConfig", "generate",
+    "ScoreConfig", "score",
     # priors
-    "Prior", "NGramPrior", "load_prior", "estimate_prior",
+    "Prior", "NGramPrior", "load_prior", "EstimatePriorConfig", "estimate_prior",
     # the posterior
-    "combine", "calibrate_combination", "ProxyPosterior", "sample_targets", "estimate_posterior",
+    "combine", "calibrate_combination", "ProxyPosterior", "sample_targets", "EstimatePosteriorConfig",
+    "estimate_posterior",
     # targets, losses, the trainer
     "TeacherTargetsDataset", "BayesKDCollator", "sparse_kd_loss", "fused_posterior_kd", "fused_linear_posterior_kd",
     "fused_linear_kd_and_ce", "fused_linear_ce", "BayesKDConfig", "BayesKDTrainer", "distill",
     # the other jobs: proxy alignment, GAD, evaluation, and its metrics
-    "align_proxy", "GADConfig", "gad", "evaluate", "kl_teacher_to_estimate", "top1_match", "topk_mass_coverage",
+    "AlignProxyConfig", "align_proxy", "GADConfig", "gad", "EvaluateConfig", "evaluate", "kl_teacher_to_estimate",
+    "top1_match", "topk_mass_coverage",
     # the lab
     "build_lab", "run_lab", "LabRunConfig",
 ]

@@ -7,9 +7,8 @@ from typing import Iterator
 
 import click
 
-from bayeskd.cli_config import (TRAINING_LIMITS, ConfigCommand, codec_option, config_option, config_options,
-                                given, max_records_option, skip_bad_option)
-from bayeskd.core.names import EVIDENCE_MODES, MODES
+from bayeskd.cli_config import (TRAINING_LIMITS, ConfigCommand, config_option, config_options, given,
+                                max_records_option, skip_bad_option)
 
 
 
@@ -112,7 +111,13 @@ def main() -> None:
     """Estimate a black-box teacher's token distributions and distill students from them."""
 
 
-@main.command("generate", cls=_Job)
+def _generate_options() -> list[click.Option]:
+    from bayeskd.teachers.generate import GenerateConfig
+
+    return config_options(GenerateConfig)
+
+
+@main.command("generate", cls=ConfigJob, make_options=_generate_options)
 @config_option
 @click.option("--prompts", required=True, help="Prompts: JSONL, Parquet or a saved HF dataset with 'prompt' or chat "
               "'messages' (and an optional 'id').")
@@ -122,44 +127,55 @@ def main() -> None:
 @click.option("--model", required=True, help="The teacher's model name at the API (or a local path with --backend hf).")
 @click.option("--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 "
               "(default: OpenAI's).")
-@click.option("--backend", default="openai", show_default=True, type=click.Choice(["openai", "hf"]),
-              help="openai: any OpenAI-compatible API; hf: a local transformers model (--model PATH).")
-@click.option("--endpoint", default="chat", show_default=True, type=click.Choice(["chat", "completions"]))
-@click.option("--n", default=1, show_default=True, type=click.IntRange(1), help="Samples per prompt.")
-@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(0))
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
-@click.option("--max-tokens", default=256, show_default=True, type=click.IntRange(1))
-@click.option("--seed", default=0, show_default=True, type=int, help="Each request's seed derives from it.")
-@click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option("--system", default=None, help="System message put before each prompt.")
-@click.option("--top-logprobs", default=0, show_default=True, type=click.IntRange(0),
-              help="Top-k log-probabilities per generated token (0: text only; OpenAI allows at most 20).")
 @click.option("--teacher-tokenizer", default=None, metavar="PATH_OR_HF_NAME",
               help="The teacher's tokenizer, for APIs that do not report it: its fingerprint goes into the records, "
               "so a student with this tokenizer keeps the teacher's tokens and uses its log-probabilities exactly "
               "(records without one: unknown tokenizer, re-tokenized, lower bounds). serve-teacher reports its own.")
-@click.option("--api-key-env", default="OPENAI_API_KEY", show_default=True,
-              help="Environment variable holding the API key (the key is never written anywhere).")
-@click.option("--concurrency", default=8, show_default=True, type=click.IntRange(1))
-@click.option("--requests-per-minute", default=None, type=click.FloatRange(0, min_open=True))
-@click.option("--tokens-per-minute", default=None, type=click.FloatRange(0, min_open=True))
-@click.option("--max-retries", default=6, show_default=True, type=click.IntRange(0))
-@click.option("--timeout", default=120.0, show_default=True, type=click.FloatRange(0, min_open=True),
-              help="Seconds per request.")
-@click.option("--ordered", is_flag=True, help="Rewrite the output in input order at the end (default: completion "
-              "order; every record carries its key).")
-@click.option("--keep-empty", is_flag=True, help="Keep blank answers (whitespace only, or the teacher ending at once) "
-              "in the output: they are samples of the teacher too (default: set apart in OUT.empty.jsonl).")
-@click.option("--max-prompts", default=None, type=click.IntRange(1), help="Use only the first N prompts.")
-@click.option("--device", default=None, help="torch device for --backend hf.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @skip_bad_option
-def generate_cmd(stop, quiet, **kwargs) -> None:
-    """Sample a teacher (an OpenAI-compatible API or a local model) into teacher records, resumably, once each."""
+@click.pass_context
+def generate_cmd(ctx, prompts, out, model, base_url, teacher_tokenizer, quiet, skip_bad, **settings) -> None:
+    """Sample a teacher (an OpenAI-compatible API or a local model) into teacher records, resumably, once each.
+    Every `GenerateConfig` field is an option."""
     from bayeskd.teachers.generate import GenerateError, generate
 
     try:
-        _run_job(generate, drop=("settings",), stop=list(stop) or None, progress=not quiet, **kwargs)
+        _run_job(generate, drop=("settings",), prompts=prompts, out=out, model=model, base_url=base_url,
+                 teacher_tokenizer=teacher_tokenizer, skip_bad=skip_bad, progress=not quiet, **given(ctx, settings))
+    except GenerateError as e:
+        raise click.ClickException(str(e)) from e
+
+
+def _score_options() -> list[click.Option]:
+    from bayeskd.teachers.score import ScoreConfig
+
+    return config_options(ScoreConfig)
+
+
+@main.command("score", cls=ConfigJob, make_options=_score_options)
+@config_option
+@click.option("--records", required=True, help="Texts to score: teacher records or {prompt, response} lines (JSONL, "
+              "Parquet or a saved HF dataset).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Teacher records with the response tokens' logprobs (JSONL), appended as they complete; OUT's "
+              ".summary.json, .failed.jsonl and .skipped.jsonl beside it.")
+@click.option("--model", required=True, help="The teacher's model name at the API.")
+@click.option("--base-url", default=None, help="OpenAI-compatible endpoint whose /completions answers echo with "
+              "logprobs, e.g. http://127.0.0.1:8000/v1 (vLLM, SGLang, bayeskd serve-teacher).")
+@click.option("--teacher-tokenizer", default=None, metavar="PATH_OR_HF_NAME",
+              help="The teacher's tokenizer, for servers that do not report it (as generate's).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@skip_bad_option
+@click.pass_context
+def score_cmd(ctx, records, out, model, base_url, teacher_tokenizer, quiet, skip_bad, **settings) -> None:
+    """Score texts with a teacher: per response token its log-probability and top-k alternatives (echo with
+    logprobs), as teacher records, resumably, once each. Every `ScoreConfig` field is an option."""
+    from bayeskd.teachers.generate import GenerateError
+    from bayeskd.teachers.score import score
+
+    try:
+        _run_job(score, drop=("settings",), records=records, out=out, model=model, base_url=base_url,
+                 teacher_tokenizer=teacher_tokenizer, skip_bad=skip_bad, progress=not quiet, **given(ctx, settings))
     except GenerateError as e:
         raise click.ClickException(str(e)) from e
 
@@ -196,44 +212,38 @@ def serve_teacher_cmd(model, fail_rate, drop_rate, fault_seed, max_n, api_key_en
                   api_key=api_key, **kwargs)
 
 
-@main.command("estimate-prior", cls=_Job)
+def _estimate_prior_options() -> list[click.Option]:
+    from bayeskd.priors.estimate import EstimatePriorConfig
+
+    return config_options(EstimatePriorConfig)
+
+
+@main.command("estimate-prior", cls=ConfigJob, make_options=_estimate_prior_options)
 @config_option
 @click.option("--data", default=None, help="Teacher generations: JSONL, Parquet or a saved HF dataset. "
               "Default: the embedded corpus (Python's own documentation).")
 @click.option("--tokenizer", default=None, help="Student tokenizer (path or hub id). Default: a BPE tokenizer "
               "trained on the embedded corpus.")
-@click.option("--kind", default="ngram", show_default=True, type=click.Choice(["ngram", "suffix"]),
-              help="ngram: an order-N n-gram; suffix: unbounded context (prompt included) from a suffix array of "
-              "the teacher's text, backing off to that n-gram.")
-@click.option("--order", default=4, show_default=True, type=click.IntRange(1, 8))
-@click.option("--max-levels", default=4, show_default=True, type=click.IntRange(1),
-              help="--kind suffix: context levels (distinct occurrence counts) interpolated above the n-gram.")
-@click.option("--max-support", default=1024, show_default=True, type=click.IntRange(1),
-              help="--kind suffix: occurrences read per level (more: evenly spaced ones, as infini-gram does).")
-@click.option("--beta", default=None, type=click.FloatRange(min=0, min_open=True),
-              help="--kind suffix: trust in a level's count against its variety (Witten-Bell: 1). Default: chosen "
-              "by the leave-one-out likelihood of the teacher's own tokens.")
-@click.option("--smoothing", default="kneser_ney", show_default=True,
-              type=click.Choice(["kneser_ney", "witten_bell", "dirichlet", "mle"]))
-@click.option("--alpha", default=1.0, show_default=True, type=float, help="Dirichlet concentration.")
-@click.option("--top-k", "top_k", default=64, show_default=True, type=click.IntRange(1),
-              help="Entries per position in the written prior shards.")
-@click.option("--write-topk/--no-write-topk", default=False, show_default=True,
-              help="Also write the per-position top-K prior (leave-one-out) as SparseDist shards.")
-@click.option("--leave-one-out/--no-leave-one-out", default=True, show_default=True)
-@codec_option
-@click.option("--num-proc", default=1, show_default=True, type=click.IntRange(1), help="Parallel counting processes.")
 @skip_bad_option
 @max_records_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
-def estimate_prior_cmd(**kwargs) -> None:
-    """Count the teacher's text into a smoothed prior (and optionally its top-K shards)."""
+@click.pass_context
+def estimate_prior_cmd(ctx, data, tokenizer, skip_bad, max_records, out, **settings) -> None:
+    """Count the teacher's text into a smoothed prior (and optionally its top-K shards). Every
+    `EstimatePriorConfig` field is an option."""
     from bayeskd.priors.estimate import estimate_prior
 
-    _run_job(estimate_prior, **kwargs)
+    _run_job(estimate_prior, data=data, tokenizer=tokenizer, out=out, skip_bad=skip_bad, max_records=max_records,
+             **given(ctx, settings))
 
 
-@main.command("estimate-posterior", cls=_Job)
+def _estimate_posterior_options() -> list[click.Option]:
+    from bayeskd.posterior.estimate import EstimatePosteriorConfig
+
+    return config_options(EstimatePosteriorConfig)
+
+
+@main.command("estimate-posterior", cls=ConfigJob, make_options=_estimate_posterior_options)
 @config_option
 @click.option("--data", default=None, help="Teacher generations (default: the data named in the prior's summary.json).")
 @click.option("--prior", "prior_dir", default=None, type=click.Path(file_okay=False),
@@ -241,65 +251,17 @@ def estimate_prior_cmd(**kwargs) -> None:
               "proxy-only targets (the proxy's own top-K rows; then --data is needed).")
 @click.option("--proxy", required=True, help="Proxy causal LM (path or hub id) sharing the student tokenizer.")
 @click.option("--tokenizer", default=None, help="Student tokenizer (default: the one named in the prior's summary.json).")
-@click.option("--top-k", "top_k", default=64, show_default=True, type=click.IntRange(1))
-@click.option("--proxy-top-k", "proxy_top_k", default=None, type=click.IntRange(1),
-              help="Proxy entries per position before combining (default: --top-k).")
-@click.option("--mode", default=None, type=click.Choice(list(MODES)),
-              help="How prior and proxy combine (default: chosen by calibration, else log_linear). Giving it or "
-              "--a/--b/--c/--w turns the default calibration off.")
-@click.option("--a", default=None, type=float, help="Log-linear prior exponent (default 1).")
-@click.option("--b", default=None, type=float, help="Log-linear proxy exponent (default 1).")
-@click.option("--c", default=None, type=float, help="Dirichlet concentration of the proxy (default 1).")
-@click.option("--w", default=None, type=float, help="Mixture weight of the prior (default 0.5).")
-@click.option("--evidence", default=0.0, show_default=True, type=float,
-              help="Observations added for the teacher's own token.")
-@click.option("--no-evidence", is_flag=True, help="Ignore the teacher's top-k log-probabilities in the data (by "
-              "default the posterior is conditioned on them wherever the records carry them).")
-@click.option("--evidence-top-k", default=None, type=click.IntRange(1),
-              help="Use only the k most likely revealed entries per position.")
-@click.option("--evidence-mode", default="condition", show_default=True,
-              type=click.Choice(list(EVIDENCE_MODES)),
-              help="condition: revealed entries exact, prior x proxy spreads the rest (capped); evidence_only: "
-              "the baselines' targets (revealed entries and a uniform tail).")
-@click.option("--calibrate/--no-calibrate", default=None,
-              help="Choose --mode and its weights by the likelihood of the teacher's own tokens (prior leave-one-out, "
-              "proxy on records it was not trained on: an aligned proxy's held-out slice). Default: on with a prior "
-              "unless --mode/--a/--b/--c/--w are given; --calibrate with them is refused; --no-calibrate uses "
-              "them (or log_linear a=b=1).")
-@click.option("--calibration-records", default=256, show_default=True, type=click.IntRange(1),
-              help="At most this many records are scored by the calibration.")
-@click.option("--calibrate-on-training-records", is_flag=True,
-              help="Calibrate even on records the proxy was trained on (it then looks better than it is); without "
-              "it, a proxy aligned on all these records is refused.")
-@click.option("--leave-one-out/--no-leave-one-out", default=True, show_default=True)
-@click.option("--teacher-logprob/--no-teacher-logprob", "teacher_logprob", default=None,
-              help="Store the proxy's log-probability of each teacher token (shard extra proxy_teacher_logprob). "
-              "Default: on for proxy-only targets, off with a prior.")
-@click.option("--batch-size", "batch_size", default=8, show_default=True, type=click.IntRange(1))
-@click.option("--dtype", default="float32", show_default=True,
-              type=click.Choice(["float32", "bfloat16", "float16"]))
-@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
-@click.option("--shard-records", "shard_records", default=256, show_default=True, type=click.IntRange(1),
-              help="Whole records per output shard.")
-@codec_option
-@click.option("--samples", default=None, type=click.IntRange(1),
-              help="Sampled targets: per position, the --keep-top largest entries exactly plus this many draws from "
-              "the rest of the top-K posterior and its tail (unbiased for the full forward-KL gradient; "
-              "docs/MATH.md). Default: top-K targets.")
-@click.option("--keep-top", default=0, show_default=True, type=click.IntRange(0),
-              help="With --samples: entries kept exactly before sampling the rest.")
-@click.option("--sample-seed", default=0, show_default=True, type=int, help="With --samples: the draws' seed.")
-@click.option("--sliding-window", is_flag=True,
-              help="Read records longer than the proxy's context in windows of it, half a window apart (every "
-              "position keeps at least half the context); without it such records are refused by name.")
 @skip_bad_option
 @max_records_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
-def estimate_posterior_cmd(**kwargs) -> None:
-    """Combine the n-gram prior with a proxy LM into per-position top-K posterior shards (resumable)."""
+@click.pass_context
+def estimate_posterior_cmd(ctx, data, prior_dir, proxy, tokenizer, skip_bad, max_records, out, **settings) -> None:
+    """Combine the n-gram prior with a proxy LM into per-position top-K posterior shards (resumable). Every
+    `EstimatePosteriorConfig` field is an option."""
     from bayeskd.posterior.estimate import estimate_posterior
 
-    _run_job(estimate_posterior, **kwargs)
+    _run_job(estimate_posterior, data=data, prior_dir=prior_dir, proxy=proxy, out=out, tokenizer=tokenizer,
+             skip_bad=skip_bad, max_records=max_records, **given(ctx, settings))
 
 
 def _distill_options() -> list[click.Option]:
@@ -338,44 +300,28 @@ def distill_cmd(ctx, data, student, targets, teacher, proxy, tokenizer, out, ski
         _end_distributed()
 
 
-@main.command("align-proxy", cls=_Job)
+def _align_proxy_options() -> list[click.Option]:
+    from bayeskd.distillation.align_proxy import AlignProxyConfig
+
+    return config_options(AlignProxyConfig)
+
+
+@main.command("align-proxy", cls=ConfigJob, make_options=_align_proxy_options)
 @config_option
 @click.option("--data", required=True, help="Teacher generations (JSONL, Parquet or a saved HF dataset).")
 @click.option("--proxy", required=True, help="Proxy causal LM (path or hub id) to align.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Output directory: sft/, round_<i>/, final/ (the aligned proxy), summary.json.")
 @click.option("--tokenizer", default=None, help="Tokenizer (default: the proxy's).")
-@click.option("--sft-epochs", default=1.0, show_default=True, type=click.FloatRange(0),
-              help="Epochs of SFT on the teacher responses first (0: none).")
-@click.option("--rounds", default=2, show_default=True, type=click.IntRange(0),
-              help="Preference rounds (teacher response preferred over the proxy's own sample).")
-@click.option("--beta", default=0.1, show_default=True, type=click.FloatRange(0, min_open=True), help="DPO β.")
-@click.option("--nll-weight", default=1.0, show_default=True, type=click.FloatRange(0),
-              help="Weight of the per-token NLL of the teacher response added to the DPO loss.")
-@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(0),
-              help="Sampling temperature of the proxy's responses (0: greedy).")
-@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1))
-@click.option("--sft-learning-rate", default=2e-5, show_default=True, type=float)
-@click.option("--learning-rate", default=1e-6, show_default=True, type=float, help="DPO learning rate.")
-@click.option("--dpo-epochs", default=1.0, show_default=True, type=click.FloatRange(0, min_open=True),
-              help="Epochs over the pairs per round.")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
-@click.option("--max-length", default=None, type=click.IntRange(2))
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--logging-steps", default=10, show_default=True, type=click.IntRange(1))
-@click.option("--diagnostic-records", default=256, show_default=True, type=click.IntRange(1),
-              help="Records scored by the alignment diagnostics (top-1 match, top-K mass).")
-@click.option("--holdout-records", default=None, type=click.IntRange(0),
-              help="Records no stage trains on (a seeded random slice), for estimate-posterior's calibration "
-              "(default: 10% of the records, at most 256; 0: none).")
 @skip_bad_option
-def align_proxy_cmd(**kwargs) -> None:
+@click.pass_context
+def align_proxy_cmd(ctx, data, proxy, out, tokenizer, skip_bad, **settings) -> None:
     """Align a proxy to the black-box teacher: SFT on its responses, then rounds of preference optimisation
-    (resumable; Proxy-KD)."""
+    (resumable; Proxy-KD). Every `AlignProxyConfig` field is an option."""
     from bayeskd.distillation.align_proxy import align_proxy
 
     _run_job(align_proxy, drop=("stages", "config", "diagnostics_before", "diagnostics_after", "training"),
-             **kwargs)
+             data=data, proxy=proxy, out=out, tokenizer=tokenizer, skip_bad=skip_bad, **given(ctx, settings))
 
 
 @main.group("lab")
@@ -383,7 +329,16 @@ def lab_group() -> None:
     """The lab: a teacher whose true distributions are readable, built from Python's own documentation."""
 
 
-@lab_group.command("run", cls=_Job)
+def _lab_run_options() -> list[click.Option]:
+    from bayeskd.lab.run import LabRunConfig
+
+    options = config_options(LabRunConfig)
+    for option in options:  # an option not given takes the preset's value, not the dataclass default
+        option.show_default = False
+    return options
+
+
+@lab_group.command("run", cls=ConfigJob, make_options=_lab_run_options)
 @config_option
 @click.option("--preset", default="tiny", show_default=True,
               type=click.Choice(["micro", "tiny", "small", "micro-sharp", "tiny-sharp", "small-sharp"]),
@@ -391,22 +346,23 @@ def lab_group() -> None:
               "NAME-sharp: that lab's models, its teacher at a temperature < 1 (about 1.4 nats/token).")
 @click.option("--root", default="runs/lab", show_default=True, type=click.Path(file_okay=False),
               help="Where the lab models and the run live (reused by later runs).")
-@click.option("--seeds", default=None, type=click.IntRange(1), help="Students per method (default: the preset's).")
-@click.option("--methods", default=None, help="Comma-separated distillation methods (default: all of "
-              "sft,prior-kd,posterior-kd,white-box).")
 @click.option("--force", is_flag=True, help="Redo a run made with other settings instead of refusing.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def lab_run_cmd(preset, root, seeds, methods, force, quiet) -> None:
+@click.pass_context
+def lab_run_cmd(ctx, preset, root, force, quiet, **settings) -> None:
     """Build the lab, sample the teacher as a black box, estimate prior and posterior, distill students and
-    score everything against the teacher's true distributions (tables in ROOT/PRESET/run/report.md)."""
+    score everything against the teacher's true distributions (tables in ROOT/PRESET/run/report.md). Every
+    `LabRunConfig` field is an option; one not given takes the preset's value."""
     from bayeskd.integrity import CorruptOutputError
     from bayeskd.lab.build import LabError
     from bayeskd.lab.run import run_lab
     from bayeskd.locks import OutputLockedError
 
+    settings = given(ctx, settings)
+    if "methods" in settings:  # --methods a,b or repeated
+        settings["methods"] = [m for value in settings["methods"] for m in value.split(",") if m]
     try:
-        run_lab(root, preset, seeds=seeds, methods=methods.split(",") if methods else None, force=force,
-                progress=not quiet, log=click.echo)
+        run_lab(root, preset, force=force, progress=not quiet, log=click.echo, **settings)
     except (LabError, OutputLockedError, CorruptOutputError) as e:  # e.g. another live lab run in ROOT: one line
         raise click.ClickException(str(e)) from e
     except Exception as e:
@@ -414,7 +370,13 @@ def lab_run_cmd(preset, root, seeds, methods, force, quiet) -> None:
         raise
 
 
-@main.command("evaluate", cls=_Job)
+def _evaluate_options() -> list[click.Option]:
+    from bayeskd.evaluation.evaluate import EvaluateConfig
+
+    return config_options(EvaluateConfig)
+
+
+@main.command("evaluate", cls=ConfigJob, make_options=_evaluate_options)
 @config_option
 @click.option("--teacher", required=True, help="A readable teacher (causal LM path), e.g. the lab's.")
 @click.option("--data", required=True, help="Teacher text: training data to score target shards at its "
@@ -424,15 +386,16 @@ def lab_run_cmd(preset, root, seeds, methods, force, quiet) -> None:
 @click.option("--prompts", default=None, help="JSONL of prompts: students also sample their own responses, "
               "scored by KL(teacher‖student) at their positions.")
 @click.option("--tokenizer", default=None, help="Tokenizer (default: the teacher's).")
-@click.option("--max-records", default=None, type=click.IntRange(1), help="Score only the first N records.")
-@click.option("--max-new-tokens", default=48, show_default=True, type=click.IntRange(1))
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the report as JSON here.")
 @skip_bad_option
-def evaluate_cmd(**kwargs) -> None:
-    """Score target estimates and students against a teacher whose logits can be read."""
+@click.pass_context
+def evaluate_cmd(ctx, teacher, data, targets, students, prompts, tokenizer, out, skip_bad, **settings) -> None:
+    """Score target estimates and students against a teacher whose logits can be read. Every `EvaluateConfig`
+    field is an option."""
     from bayeskd.evaluation.evaluate import evaluate
 
-    _run_job(evaluate, **kwargs)
+    _run_job(evaluate, teacher=teacher, data=data, targets=targets, students=students, prompts=prompts,
+             tokenizer=tokenizer, out=out, skip_bad=skip_bad, **given(ctx, settings))
 
 
 def _gad_options() -> list[click.Option]:

@@ -70,12 +70,6 @@ skip_bad_option = click.option("--skip-bad", is_flag=True,
 max_records_option = click.option("--max-records", default=None, type=click.IntRange(1),
                                   help="Use only the first N records.")
 
-codec_option = click.option(
-    "--codec", default="compact", show_default=True, type=click.Choice(["raw", "compact"]),
-    help="Target shard format: raw (int32 id + float32 log-prob, 8 bytes an entry) or compact (ids bit-packed, "
-    "the sorted log-prob curve coded in steps, tail exact: <= 3 bytes an entry; KL to raw <= 1e-3 per position).")
-
-
 # ---------------------------------------------------------------------------------------------------- from configs
 
 # Bounds of inherited `TrainingArguments` fields, checked as command-line errors naming the option.
@@ -137,7 +131,8 @@ def config_options(config_cls: type, *, skip: tuple[str, ...] = (), extra: dict[
     JSON or a path), its default and its `help` metadata. Metadata `flags` names the option (e.g. a shorter or an
     older name); `min`/`max` (and `min_open`) bound a number, as a command-line error naming the option.
     `extra` adds metadata to inherited fields (e.g. limits of `TrainingArguments` fields). Fields whose type has no
-    command-line form (an object) and `skip` are left out; a field without a default is a required option."""
+    command-line form (an object) and `skip` are left out; a field without a default is a required option. A bool field
+    named `no_x` that defaults to False is the plain switch `--no-x`."""
     import dataclasses
     import typing
 
@@ -165,7 +160,9 @@ def config_options(config_cls: type, *, skip: tuple[str, ...] = (), extra: dict[
         kw: dict[str, Any] = dict(help=help_text, required=required, multiple=multiple)
         if hasattr(default, "value") and not isinstance(default, (str, int, float)):
             default = default.value  # an Enum member
-        if tp is bool and not multiple:
+        if tp is bool and not multiple and f.name.startswith("no_") and default is False:
+            kw.update(is_flag=True, type=bool)  # a switch that turns something off: --no-x, not --no-x/--no-no-x
+        elif tp is bool and not multiple:
             flags = [f"{flags[0]}/--no-{flags[0][2:]}", *flags[1:]]
             kw["type"] = bool
         elif choices:

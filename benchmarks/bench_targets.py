@@ -138,7 +138,8 @@ class Bench:
             if not (out / "summary.json").exists():
                 self.log(f"[prior] the lab's prior does not load ({type(e).__name__}); counting it again in {out}")
                 estimate_prior(str(self.run / "teacher_train.jsonl"), self.paths["tokenizer"], out=str(out),
-                               order=self.cfg.order, top_k=self.cfg.top_k, write_topk=True)
+                               order=self.cfg.order, top_k=self.cfg.top_k, write_topk=True,
+                               codec="raw")
             return str(out)
 
     def targets(self, name: str, *, top_k: int, codec: str, samples: int | None = None, keep_top: int = 0) -> Path:

@@ -283,3 +283,130 @@ def test_sigterm_while_a_command_builds_its_options_stops_cleanly():
     assert result.exit_code == 130, result.output
     assert cli.RESUME_HINT in result.output
     assert time.monotonic() - t0 < 4
+
+
+# The other jobs' configs: (command, module, config class, the flags the command had before its options were generated)
+JOB_CONFIGS = [
+    ("estimate-prior", "bayeskd.priors.estimate", "EstimatePriorConfig",
+     "--alpha --beta --codec --kind --leave-one-out --max-levels --max-support --no-leave-one-out --no-write-topk "
+     "--num-proc --order --smoothing --top-k --write-topk --data --tokenizer --max-records --skip-bad --out"),
+    ("estimate-posterior", "bayeskd.posterior.estimate", "EstimatePosteriorConfig",
+     "--a --b --batch-size --c --calibrate --calibrate-on-training-records --calibration-records --codec --device "
+     "--dtype --evidence --evidence-mode --evidence-top-k --keep-top --leave-one-out --mode --no-calibrate "
+     "--no-evidence --no-leave-one-out --no-teacher-logprob --proxy-top-k --sample-seed --samples --shard-records "
+     "--sliding-window --teacher-logprob --top-k --w --data --prior --proxy --tokenizer --max-records --skip-bad "
+     "--out"),
+    ("align-proxy", "bayeskd.distillation.align_proxy", "AlignProxyConfig",
+     "--batch-size --beta --diagnostic-records --dpo-epochs --holdout-records --learning-rate --logging-steps "
+     "--max-length --max-new-tokens --nll-weight --rounds --seed --sft-epochs --sft-learning-rate --temperature "
+     "--data --proxy --out --tokenizer --skip-bad"),
+    ("generate", "bayeskd.teachers.generate", "GenerateConfig",
+     "--api-key-env --backend --base-url --concurrency --device --endpoint --keep-empty --max-prompts --max-retries "
+     "--max-tokens --model --n --ordered --prompts --out --quiet --requests-per-minute --seed --skip-bad --stop "
+     "--system --teacher-tokenizer --temperature --timeout --tokens-per-minute --top-logprobs --top-p"),
+    ("evaluate", "bayeskd.evaluation.evaluate", "EvaluateConfig",
+     "--data --max-new-tokens --max-records --out --prompts --skip-bad --student --targets --teacher --tokenizer"),
+    ("lab run", "bayeskd.lab.run", "LabRunConfig", "--preset --root --seeds --methods --force --quiet"),
+]
+
+
+def _command(cmd):
+    group = main
+    for name in cmd.split():
+        group = group.commands[name]
+    return group
+
+
+@pytest.mark.parametrize("cmd, module, config", [j[:3] for j in JOB_CONFIGS], ids=[j[0] for j in JOB_CONFIGS])
+def test_job_options_are_their_configs_fields(cmd, module, config):
+    """Every job's options come from its config dataclass: every field is an option with the field's default and
+    help (so a default is written once, in the dataclass), and every flag the command had still parses."""
+    import dataclasses
+    import importlib
+
+    cls = getattr(importlib.import_module(module), config)
+    options = {p.name: p for p in _command(cmd).params}
+    for f in dataclasses.fields(cls):
+        assert f.name in options, (cmd, f.name)
+        p = options[f.name]
+        default = list(f.default) if p.multiple and f.default is not None else f.default
+        assert p.default == default, (cmd, f.name, p.default, f.default)
+        assert f.metadata.get("help") and p.help == f.metadata["help"], (cmd, f.name)
+    flags = {opt for p in _command(cmd).params for opt in p.opts + p.secondary_opts}
+    before = set(next(j[3] for j in JOB_CONFIGS if j[0] == cmd).split())
+    assert before <= flags, sorted(before - flags)
+    assert "--no-no-evidence" not in flags  # a `no_x` switch stays the one flag --no-x
+
+
+def test_compact_targets_are_the_one_default():
+    """The codec's default is written once: compact, for the library and the command line alike."""
+    from bayeskd.posterior.estimate import EstimatePosteriorConfig
+    from bayeskd.priors.estimate import EstimatePriorConfig
+
+    assert EstimatePosteriorConfig().codec == EstimatePriorConfig().codec == "compact"
+    for cmd in ("estimate-prior", "estimate-posterior"):
+        assert next(p for p in main.commands[cmd].params if p.name == "codec").default == "compact"
+
+
+@pytest.mark.parametrize("cmd, module, job, args, yaml_values, expect", [
+    ("estimate-prior", "bayeskd.priors.estimate", "estimate_prior", ["--out", "o", "--order", "2"],
+     {"smoothing": "witten_bell", "write_topk": True}, {"order": 2, "smoothing": "witten_bell", "write_topk": True}),
+    ("estimate-posterior", "bayeskd.posterior.estimate", "estimate_posterior",
+     ["--proxy", "p", "--out", "o", "--top-k", "8", "--no-evidence"],
+     {"codec": "raw", "calibration-records": 12, "mode": "mixture"},
+     {"top_k": 8, "no_evidence": True, "codec": "raw", "calibration_records": 12, "mode": "mixture"}),
+    ("align-proxy", "bayeskd.distillation.align_proxy", "align_proxy",
+     ["--data", "d", "--proxy", "p", "--out", "o", "--rounds", "1"], {"beta": 0.2, "holdout-records": 0},
+     {"rounds": 1, "beta": 0.2, "holdout_records": 0}),
+    ("generate", "bayeskd.teachers.generate", "generate",
+     ["--prompts", "p", "--out", "o", "--model", "m", "--stop", "a", "--stop", "b"],
+     {"n": 3, "keep_empty": True, "backoff": 0.0}, {"stop": ["a", "b"], "n": 3, "keep_empty": True, "backoff": 0.0}),
+    ("evaluate", "bayeskd.evaluation.evaluate", "evaluate", ["--teacher", "t", "--data", "d"],
+     {"max_records": 5, "one_hot_eps": 0.2}, {"max_records": 5, "one_hot_eps": 0.2}),
+    ("lab run", "bayeskd.lab.run", "run_lab", ["--preset", "micro", "--methods", "sft,gad", "--k-values", "4"],
+     {"seeds": 2, "align": False}, {"methods": ["sft", "gad"], "k_values": [4], "seeds": 2, "align": False}),
+], ids=[j[0] for j in JOB_CONFIGS])
+def test_a_config_field_reaches_the_job_from_the_command_line_and_yaml(tmp_path, monkeypatch, cmd, module, job,
+                                                                        args, yaml_values, expect):
+    """A field set on the command line or in a YAML --config reaches the job; the fields not given are not passed
+    (the job's config supplies their defaults); the config built from what is passed is the one the job runs."""
+    import dataclasses
+    import importlib
+
+    import yaml
+
+    mod = importlib.import_module(module)
+    cls = getattr(mod, next(j[2] for j in JOB_CONFIGS if j[0] == cmd))
+    fields = {f.name for f in dataclasses.fields(cls)}
+    seen = {}
+
+    def fake(*a, **kw):
+        seen.update(kw)
+        seen["config"] = cls(**{k: v for k, v in kw.items() if k in fields})
+        return {}
+
+    monkeypatch.setattr(mod, job, fake)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(yaml_values))
+    res = CliRunner().invoke(main, [*cmd.split(), "--config", str(cfg), *args], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    passed = {k: v for k, v in seen.items() if k in fields}
+    assert passed == expect
+    c = seen["config"]
+    assert all(getattr(c, k) == v for k, v in expect.items())
+    defaults = cls()
+    assert all(getattr(c, f) == getattr(defaults, f) for f in fields - set(expect))  # the rest: the config's own
+
+
+def test_a_job_takes_its_config_or_keywords_not_both(tmp_path):
+    """`job(config=Config(...))` and `job(field=...)` are the same call; both at once, or an unknown field, are
+    refused before any work."""
+    from bayeskd.posterior.estimate import EstimatePosteriorConfig, estimate_posterior
+    from bayeskd.priors.estimate import EstimatePriorConfig, estimate_prior
+
+    with pytest.raises(ValueError, match="not both"):
+        estimate_posterior("d", None, "p", str(tmp_path / "a"), config=EstimatePosteriorConfig(), top_k=4)
+    with pytest.raises(ValueError, match="unknown setting.*topk"):
+        estimate_prior("d", "t", out=str(tmp_path / "b"), topk=4)
+    with pytest.raises(ValueError, match="codec"):
+        EstimatePriorConfig(codec="zip")

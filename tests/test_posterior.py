@@ -282,7 +282,8 @@ def test_overlap_and_prior_topk_reuse_give_identical_shards(setup, tmp_path):
     assert a["prior_rows"] == b["prior_rows"] == "computed" and b["overlap"]
     # prior top-K rows written by estimate-prior --write-topk (one shard for all records) are read back
     pdir = tmp_path / "prior_topk"
-    estimate_prior(setup["data"], setup["tokdir"], out=str(pdir), order=3, top_k=16, write_topk=True)
+    estimate_prior(setup["data"], setup["tokdir"], out=str(pdir), order=3, top_k=16, write_topk=True,
+                   codec="raw")  # exact rows: read back, they give the same bytes
     c = post.estimate(tokenized, prior, tmp_path / "c", shard_records=6, progress=False, prior_topk=pdir / "topk")
     assert c["prior_rows"] == "read"
     for i in range(a["shards"]):

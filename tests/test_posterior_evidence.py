@@ -29,7 +29,7 @@ def setup(tmp_path_factory, tiny_tokenizer):
     s = generate(str(prompts), str(data), model=teacher, backend="hf", endpoint="completions", n=2, max_tokens=10,
                  top_logprobs=5, seed=3, progress=False)
     assert s["complete"]
-    estimate_prior(str(data), teacher, out=str(d / "prior"), order=2, top_k=16, write_topk=True)
+    estimate_prior(str(data), teacher, out=str(d / "prior"), order=2, top_k=16, write_topk=True, codec="raw")
     return {"d": d, "data": data, "teacher": teacher, "proxy": proxy}
 
 
@@ -42,7 +42,7 @@ def _estimate(setup, name, **kw):
 
     out = setup["d"] / name
     summary = estimate_posterior(str(setup["data"]), str(setup["d"] / "prior"), setup["proxy"], str(out), top_k=16,
-                                 mode="mixture", w=0.3, **kw)
+                                 mode="mixture", w=0.3, codec="raw", **kw)  # exact rows: compared to 1e-5
     from bayeskd.core.sparse import SparseDist
 
     dist = SparseDist.cat([d for d, _ in ShardReader(out)])

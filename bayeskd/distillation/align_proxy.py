@@ -37,6 +37,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -50,6 +51,7 @@ from bayeskd.posterior.calibrate import TRAINING_INFO, TRAINING_INFO_FORMAT, ind
 from bayeskd.distillation.checkpoints import final_is_current, read_stage, record_stage
 from bayeskd.resume import RUN_ONLY_ARGS, check_stamp
 from bayeskd.integrity import atomic_write_bytes, atomic_write_json
+from bayeskd.job_config import job_config, setting
 from bayeskd.teacher_forcing import pad_batch, response_rows, select_rows
 from bayeskd.locks import locks_output
 
@@ -357,25 +359,58 @@ def _dpo_round(policy_dir: Path, stage_tmp: Path, tok, tokenized: TokenizedData,
             "log_history": trainer.state.log_history, "policy": str(policy_dir)}, policy
 
 
+@dataclass
+class AlignProxyConfig:
+    """The `align-proxy` job's settings, its one config: every field is a `bayeskd align-proxy` option
+    (`bayeskd.cli_config.config_options`), so each default is written here once. The inputs (data, proxy,
+    tokenizer, output) and `training_args` (a mapping for both trainers, from Python) are the job's arguments."""
+    sft_epochs: float = setting(1.0, "Epochs of SFT on the teacher responses first (0: none).", min=0)
+    rounds: int = setting(2, "Preference rounds (teacher response preferred over the proxy's own sample).", min=0)
+    beta: float = setting(0.1, "DPO β.", min=0, min_open=True)
+    nll_weight: float = setting(1.0, "Weight of the per-token NLL of the teacher response added to the DPO loss.",
+                                min=0)
+    temperature: float = setting(1.0, "Sampling temperature of the proxy's responses (0: greedy).", min=0)
+    max_new_tokens: int = setting(64, "Longest response the proxy samples per prompt.", min=1)
+    sft_learning_rate: float = setting(2e-5, "SFT learning rate.")
+    learning_rate: float = setting(1e-6, "DPO learning rate.")
+    dpo_epochs: float = setting(1.0, "Epochs over the pairs per round.", min=0, min_open=True)
+    batch_size: int = setting(8, "Records per batch (SFT, DPO, sampling and diagnostics).", min=1)
+    max_length: int | None = setting(None, "Truncate records to this many tokens.", min=2)
+    seed: int = setting(0, "Seed of the training, the proxy's samples and the held-out slice.")
+    logging_steps: int = setting(10, "Log every N training steps.", min=1)
+    diagnostic_records: int | None = setting(256, "Records scored by the alignment diagnostics (top-1 match, top-K "
+                                             "mass).", min=1)
+    holdout_records: int | Sequence[int] | None = setting(
+        None, "Records no stage trains on (a seeded random slice), for estimate-posterior's calibration (default: "
+        "10% of the records, at most 256; 0: none). From Python also a sequence of record indices.", min=0)
+    device: str | None = setting(None, "torch device (default: cuda when available, else cpu).")
+
+    def __post_init__(self):
+        if self.rounds < 0 or self.sft_epochs < 0 or (self.rounds == 0 and self.sft_epochs == 0):
+            raise ValueError(f"need rounds >= 0 and sft_epochs >= 0, not both 0 (got rounds={self.rounds}, "
+                             f"sft_epochs={self.sft_epochs})")
+        if (not self.beta > 0 or self.nll_weight < 0 or self.temperature < 0 or self.max_new_tokens < 1
+                or self.batch_size < 1):
+            raise ValueError(f"need beta > 0, nll_weight >= 0, temperature >= 0, max_new_tokens >= 1, batch_size >= "
+                             f"1 (got {self.beta}, {self.nll_weight}, {self.temperature}, {self.max_new_tokens}, "
+                             f"{self.batch_size})")
+
+
 @locks_output()
-def align_proxy(data: str, proxy: str, out: str, *, tokenizer: str | None = None, sft_epochs: float = 1.0,
-                rounds: int = 2, beta: float = 0.1, nll_weight: float = 1.0, temperature: float = 1.0,
-                max_new_tokens: int = 64, sft_learning_rate: float = 2e-5, learning_rate: float = 1e-6,
-                dpo_epochs: float = 1.0, batch_size: int = 8, max_length: int | None = None, seed: int = 0,
-                logging_steps: int = 10, diagnostic_records: int | None = 256, split: str = "train",
-                skip_bad: bool = False, device: str | None = None,
-                holdout_records: int | Sequence[int] | None = None,
-                training_args: dict[str, Any] | None = None) -> dict[str, Any]:
+def align_proxy(data: str, proxy: str, out: str, *, tokenizer: str | None = None,
+                config: AlignProxyConfig | None = None, split: str = "train", skip_bad: bool = False,
+                training_args: dict[str, Any] | None = None, **settings: Any) -> dict[str, Any]:
     """Align `proxy` (a from_pretrained path) to the teacher responses in `data`; returns out/summary.json.
 
-    Stage 1 (`sft_epochs` > 0): SFT on the teacher responses -> out/sft/. Stage 2: `rounds` rounds of DPO with the
-    teacher response chosen over the proxy's own sample (drawn at `temperature`, at most `max_new_tokens`) plus
-    `nll_weight` × the per-token NLL of the teacher response, reference = the previous round's proxy
-    -> out/round_{i}/. out/final/ is the last stage's model and tokenizer. Diagnostics (`alignment_diagnostics` on
-    the first `diagnostic_records` records) are recorded for the initial proxy, after every stage and for the
-    final model. Resumable: finished stages are reused; other settings than the first run's (except `rounds`)
-    raise `CacheMismatchError`. `training_args` go to both trainers (e.g. {"bf16": True}). Runs in one process:
-    sampling, scoring and both trainers on `device` (default: cuda when available).
+    The settings: `config` (an `AlignProxyConfig`) or `settings`, its fields. Stage 1 (`sft_epochs` > 0): SFT on
+    the teacher responses -> out/sft/. Stage 2: `rounds` rounds of DPO with the teacher response chosen over the
+    proxy's own sample (drawn at `temperature`, at most `max_new_tokens`) plus `nll_weight` × the per-token NLL
+    of the teacher response, reference = the previous round's proxy -> out/round_{i}/. out/final/ is the last
+    stage's model and tokenizer. Diagnostics (`alignment_diagnostics` on the first `diagnostic_records` records)
+    are recorded for the initial proxy, after every stage and for the final model. Resumable: finished stages are
+    reused; other settings than the first run's (except `rounds`) raise `CacheMismatchError`. `training_args` go
+    to both trainers (e.g. {"bf16": True}). Runs in one process: sampling, scoring and both trainers on `device`
+    (default: cuda when available).
 
     `holdout_records` (default `default_holdout`: 10% of the records, at most 256; 0: none): a seeded random sample
     of records that neither SFT nor the preference rounds see (diagnostics are on the training records); a sequence
@@ -387,12 +422,13 @@ def align_proxy(data: str, proxy: str, out: str, *, tokenizer: str | None = None
 
     from bayeskd.distillation.trainer import distill
 
-    if rounds < 0 or sft_epochs < 0 or (rounds == 0 and sft_epochs == 0):
-        raise ValueError(f"need rounds >= 0 and sft_epochs >= 0, not both 0 (got rounds={rounds}, "
-                         f"sft_epochs={sft_epochs})")
-    if not beta > 0 or nll_weight < 0 or temperature < 0 or max_new_tokens < 1 or batch_size < 1:
-        raise ValueError(f"need beta > 0, nll_weight >= 0, temperature >= 0, max_new_tokens >= 1, batch_size >= 1 "
-                         f"(got {beta}, {nll_weight}, {temperature}, {max_new_tokens}, {batch_size})")
+    conf = job_config(AlignProxyConfig, config, settings, "align_proxy")
+    sft_epochs, rounds, beta, nll_weight = conf.sft_epochs, conf.rounds, conf.beta, conf.nll_weight
+    temperature, max_new_tokens, batch_size, max_length = (conf.temperature, conf.max_new_tokens, conf.batch_size,
+                                                           conf.max_length)
+    sft_learning_rate, learning_rate, dpo_epochs = conf.sft_learning_rate, conf.learning_rate, conf.dpo_epochs
+    seed, logging_steps, diagnostic_records = conf.seed, conf.logging_steps, conf.diagnostic_records
+    holdout_records, device = conf.holdout_records, conf.device
     training_args = dict(training_args or {})
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out_dir = Path(out)

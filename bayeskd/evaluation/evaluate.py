@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -25,6 +26,7 @@ from bayeskd.evaluation.metrics import (kl_teacher_to_estimate, smoothed_one_hot
                                         topk_mass_coverage)
 from bayeskd.core.sparse import SparseDist
 from bayeskd.integrity import atomic_write_json
+from bayeskd.job_config import job_config, setting
 from bayeskd.teacher_forcing import target_logprobs as response_logprobs
 
 COVERAGE_K = (1, 8)
@@ -114,10 +116,22 @@ def _named_paths(items: Sequence[str], what: str) -> dict[str, str]:
     return out
 
 
+@dataclass
+class EvaluateConfig:
+    """The `evaluate` job's settings, its one config: every field is a `bayeskd evaluate` option
+    (`bayeskd.cli_config.config_options`), so each default is written here once. What is scored (teacher, data,
+    targets, students, prompts) and where the report goes are the job's arguments."""
+    max_records: int | None = setting(None, "Score only the first N records.", min=1)
+    max_new_tokens: int = setting(48, "With --prompts: the longest response a student samples.", min=1)
+    seed: int = setting(0, "With --prompts: the students' sampling seed.")
+    one_hot_eps: float = setting(0.1, "The baseline estimate: 1 - eps on the teacher's token, eps spread over the "
+                                 "other tokens (below 1).", min=0, max=1)
+    batch_size: int = setting(16, "Records per forward pass.", min=1)
+
+
 def evaluate(teacher: str, data: str, *, tokenizer: str | None = None, targets: Sequence[str] = (),
-             students: Sequence[str] = (), prompts: str | None = None, one_hot_eps: float = 0.1,
-             max_records: int | None = None, max_new_tokens: int = 48, seed: int = 0, batch_size: int = 16,
-             out: str | None = None, skip_bad: bool = False) -> dict[str, Any]:
+             students: Sequence[str] = (), prompts: str | None = None, out: str | None = None,
+             skip_bad: bool = False, config: EvaluateConfig | None = None, **settings: Any) -> dict[str, Any]:
     """The job behind `bayeskd evaluate`: score target shards (`targets`: "name=DIR") and students (`students`:
     "name=PATH") against a readable `teacher` (a causal LM path) on teacher text `data`.
 
@@ -126,11 +140,15 @@ def evaluate(teacher: str, data: str, *, tokenizer: str | None = None, targets: 
     quality is measured on `data` too (pass held-out teacher text); with `prompts` (JSONL with "prompt") every
     student also samples its own responses, scored by KL(teacher‖student) at its own positions.
     `skip_bad`: skip malformed records of `data` (counted in the report's "skipped_records"), as the job that
-    made the targets did. Writes `out` (JSON) when given; returns the report."""
+    made the targets did. The settings: `config` (an `EvaluateConfig`) or `settings`, its fields. Writes `out`
+    (JSON) when given; returns the report."""
     from transformers import AutoModelForCausalLM
 
     from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
 
+    cfg = job_config(EvaluateConfig, config, settings, "evaluate")
+    max_records, max_new_tokens, seed, one_hot_eps, batch_size = (cfg.max_records, cfg.max_new_tokens, cfg.seed,
+                                                                  cfg.one_hot_eps, cfg.batch_size)
     t0 = time.perf_counter()
     target_dirs, student_dirs = _named_paths(targets, "targets"), _named_paths(students, "student")
     if not target_dirs and not student_dirs:

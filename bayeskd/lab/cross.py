@@ -90,11 +90,11 @@ def run_cross(paths: dict[str, str], run: Path, cfg, prompts: Sequence[str], hel
     sample_teacher(teacher_b, [(prompts, train, preset.seed + 7, cfg.samples_per_prompt, cfg.top_logprobs),
                                (held_prompts, held, preset.seed + 8, 1, 0)], cfg, progress, name="lab-teacher-b")
     estimate_prior(str(train), paths["tokenizer"], out=str(d / "prior"), order=cfg.order, top_k=cfg.top_k,
-                   write_topk=True)
+                   write_topk=True, codec="raw")
     evidence: dict[str, Any] = {}
     for method, (name, kw) in TARGETS.items():
         s = estimate_posterior(str(train), str(d / "prior"), proxy, str(d / name), top_k=cfg.top_k, batch_size=16,
-                               **kw, **combo)
+                               codec="raw", **kw, **combo)
         if s.get("evidence"):
             evidence[method] = {k: s["evidence"][k] for k in (
                 "share_with_evidence", "records_cross_tokenizer", "records_with_logprobs", "mean_mass", "rows",

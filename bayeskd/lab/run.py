@@ -17,9 +17,9 @@ import json
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from bayeskd.lab.students import BUCKET_DIR, K5_DIR, METHODS, POSTERIOR_DIR, TEX
 from bayeskd.lab.teacher import mean_entropy
 from bayeskd.resume import check_stamp, read_stamp, settings_diff
 from bayeskd.integrity import atomic_write_bytes, atomic_write_json
+from bayeskd.job_config import setting
 
 IN_SAMPLE_PRIOR = "n-gram prior, in-sample (no leave-one-out: scored on its own counts)"
 POSTERIOR_VARIANTS = {  # name -> combine() settings, evaluated in memory beside the shards' log-linear one
@@ -45,46 +46,60 @@ POSTERIOR_VARIANTS = {  # name -> combine() settings, evaluated in memory beside
 
 @dataclass(frozen=True)
 class LabRunConfig:
-    """The settings of one lab run (besides the lab preset itself)."""
+    """The settings of one lab run (besides the lab preset itself), the `lab run` job's one config: every field is a
+    `bayeskd lab run` option; one not given takes the preset's value (`RUN_CONFIGS`; these defaults are tiny's)."""
 
-    samples_per_prompt: int = 2     # teacher samples per training prompt (the black-box corpus)
-    max_prompts: int | None = None  # training prompts used (None: all the corpus offers)
-    max_new_tokens: int = 48
-    temperature: float = 1.0        # teacher sampling temperature
-    top_logprobs: int = 20          # the teacher server reveals this many log-probabilities per token (0: text only)
-    keep_empty: bool = True         # keep the teacher's blank answers: every sample counts, or the estimates are biased
-    cross_tokenizer: bool = True    # also teacher B, with another tokenizer (`bayeskd.lab.cross`; needs top_logprobs)
-    evidence_ks: tuple[int, ...] = (1, 5, 20)  # the estimation table scores evidence cut to these k
-    order: int = 4                  # n-gram prior order
-    top_k: int = 64                 # K of the prior/posterior targets
-    eval_records: int = 400         # training records scored for estimation quality
-    calibration_records: int = 200  # training records (after those) that choose the combination settings
-    corpus_fractions: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)
-    k_values: tuple[int, ...] = (4, 16, 64)
-    methods: tuple[str, ...] = METHODS
-    seeds: int = 1
-    epochs: float = 2.0
-    batch_size: int = 16
-    lr: float = 3e-3
-    kd_weight: float = 1.0
-    ce_weight: float | None = None  # CE beside KD (SFT: 1); None: chosen from ce_weights on validation prompts
-    ce_weights: tuple[float, ...] = (0.0, 0.1, 1.0)
-    whitebox_top_k: int | None = None  # the white-box teacher's K (0: all); None: chosen from whitebox_ks
-    whitebox_ks: tuple[int, ...] = (64, 0)
-    curve_epochs: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)  # learning curves: checkpoints of one longer run
-    curve_seeds: int = 2
-    align: bool = True              # align the proxy to the teacher's samples (Proxy-KD stage 1 + 2)
-    align_sft_epochs: float = 1.0
-    align_rounds: int = 1
-    align_lr: float = 1e-3          # SFT learning rate of the alignment (tiny models learn fast)
-    dpo_lr: float = 1e-4
-    gad_d_warmup: int = 10          # discriminator-only steps before the adversarial ones
-    gad_steps: int = 60             # adversarial (GRPO) steps, starting from the seed's SFT student
-    gad_temperature: float = 1.0    # the teacher's sampling temperature (0.8 made GAD worse: experiments/gad_tune.py)
-    gad_sft_coef: float = 1.0       # teacher cross-entropy in each GRPO step (0: the paper's GAD)
-    gad_group: int = 8
-    gad_batch_prompts: int = 8
-    gad_lr: float = 1e-4
+    samples_per_prompt: int = setting(2, "Teacher samples per training prompt (the black-box corpus).", min=1)
+    max_prompts: int | None = setting(None, "Training prompts used (default: all the corpus offers).", min=1)
+    max_new_tokens: int = setting(48, "Longest teacher (and proxy, student) sample, in tokens.", min=1)
+    temperature: float = setting(1.0, "The teacher's sampling temperature.", min=0, min_open=True)
+    top_logprobs: int = setting(20, "Log-probabilities the teacher server reveals per token (0: text only).", min=0)
+    keep_empty: bool = setting(True, "Keep the teacher's blank answers: every sample counts, or the estimates are "
+                               "biased.")
+    cross_tokenizer: bool = setting(True, "Also teacher B, with another tokenizer (bayeskd.lab.cross; needs "
+                                    "--top-logprobs).")
+    evidence_ks: tuple[int, ...] = setting((1, 5, 20), "The estimation table scores evidence cut to these k "
+                                           "(repeatable).", min=1)
+    order: int = setting(4, "The n-gram prior's order.", min=1, max=8)
+    top_k: int = setting(64, "K of the prior and posterior targets.", min=1)
+    eval_records: int = setting(400, "Training records scored for estimation quality.", min=1)
+    calibration_records: int = setting(200, "Training records (after those) that choose the combination settings.",
+                                       min=1)
+    corpus_fractions: tuple[float, ...] = setting((0.125, 0.25, 0.5, 1.0), "Shares of the corpus the estimation "
+                                                  "curve is measured at (repeatable).", min=0, min_open=True, max=1)
+    k_values: tuple[int, ...] = setting((4, 16, 64), "Target K values the estimation curve is measured at "
+                                        "(repeatable).", min=1)
+    methods: tuple[str, ...] = setting(METHODS, "Distillation methods (repeatable, or comma-separated).",
+                                       metavar="METHOD[,METHOD...]")
+    seeds: int = setting(1, "Students per method.", min=1)
+    epochs: float = setting(2.0, "Epochs of each student.", min=0, min_open=True)
+    batch_size: int = setting(16, "Students' batch size (and the proxy alignment's).", min=1)
+    lr: float = setting(3e-3, "Students' learning rate.")
+    kd_weight: float = setting(1.0, "Weight of the KD term.", min=0)
+    ce_weight: float | None = setting(None, "CE beside KD (SFT: 1). Default: chosen from --ce-weights on validation "
+                                      "prompts.", min=0)
+    ce_weights: tuple[float, ...] = setting((0.0, 0.1, 1.0), "CE weights the KD recipe chooses from (repeatable).",
+                                            min=0)
+    whitebox_top_k: int | None = setting(None, "The white-box teacher's K (0: all). Default: chosen from "
+                                         "--whitebox-ks.", min=0)
+    whitebox_ks: tuple[int, ...] = setting((64, 0), "White-box K values the recipe chooses from (repeatable).",
+                                           min=0)
+    curve_epochs: tuple[float, ...] = setting((1.0, 2.0, 4.0, 8.0), "Learning curves: the epochs checkpointed in "
+                                              "one longer run (repeatable).", min=0, min_open=True)
+    curve_seeds: int = setting(2, "Learning curves: runs per method.", min=1)
+    align: bool = setting(True, "Align the proxy to the teacher's samples (Proxy-KD stage 1 + 2).")
+    align_sft_epochs: float = setting(1.0, "Alignment: SFT epochs.", min=0)
+    align_rounds: int = setting(1, "Alignment: preference rounds.", min=0)
+    align_lr: float = setting(1e-3, "Alignment: SFT learning rate (tiny models learn fast).")
+    dpo_lr: float = setting(1e-4, "Alignment: DPO learning rate.")
+    gad_d_warmup: int = setting(10, "GAD: discriminator-only steps before the adversarial ones.", min=0)
+    gad_steps: int = setting(60, "GAD: adversarial (GRPO) steps, starting from the seed's SFT student.", min=0)
+    gad_temperature: float = setting(1.0, "GAD: the student's sampling temperature: the teacher's (0.8 made GAD "
+                                     "worse: experiments/gad_tune.py).", min=0, min_open=True)
+    gad_sft_coef: float = setting(1.0, "GAD: teacher cross-entropy in each GRPO step (0: the paper's GAD).", min=0)
+    gad_group: int = setting(8, "GAD: student samples per prompt.", min=2)
+    gad_batch_prompts: int = setting(8, "GAD: prompts per step.", min=1)
+    gad_lr: float = setting(1e-4, "GAD: the student's and the discriminator's learning rate.")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -346,9 +361,10 @@ def run_lab(root: str = "runs/lab", preset: str = "tiny", log: Callable[[str], N
         return _run_lab(root, preset, log=tee, **kwargs)
 
 
-def _run_lab(root: str, preset: str, *, seeds: int | None = None, methods: Sequence[str] | None = None,
-             config: LabRunConfig | None = None, force: bool = False, progress: bool = True,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
+def _run_lab(root: str, preset: str, *, config: LabRunConfig | None = None, force: bool = False,
+             progress: bool = True, log: Callable[[str], None] = print, **settings: Any) -> dict[str, Any]:
+    """`settings`: `LabRunConfig` fields that replace the preset's (or `config`'s) values; `seeds` or `methods` None:
+    the preset's."""
     from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
     from bayeskd.priors.estimate import estimate_prior
     from bayeskd.posterior.estimate import estimate_posterior
@@ -356,13 +372,15 @@ def _run_lab(root: str, preset: str, *, seeds: int | None = None, methods: Seque
     lab_preset = get_preset(preset)
     base_name = lab_preset.base_preset().name  # a sharp preset (`tiny-sharp`) runs with its base lab's settings
     cfg = config or RUN_CONFIGS.get(lab_preset.name) or RUN_CONFIGS.get(base_name, LabRunConfig())
-    if seeds is not None:
-        cfg = replace(cfg, seeds=int(seeds))
-    if methods is not None:
-        bad = [m for m in methods if m not in METHODS]
+    unknown = sorted(set(settings) - {f.name for f in fields(LabRunConfig)})
+    if unknown:
+        raise ValueError(f"unknown lab run setting(s): {', '.join(unknown)}")
+    settings = {k: v for k, v in settings.items() if not (k in ("seeds", "methods") and v is None)}
+    if "methods" in settings:
+        bad = [m for m in settings["methods"] if m not in METHODS]
         if bad:
             raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
-        cfg = replace(cfg, methods=tuple(methods))
+    cfg = replace(cfg, **{k: tuple(v) if isinstance(v, (list, range)) else v for k, v in settings.items()})
     if cfg.seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {cfg.seeds}")
     timings: dict[str, float] = {}
@@ -380,10 +398,10 @@ def _run_lab(root: str, preset: str, *, seeds: int | None = None, methods: Seque
             (held_prompts, run / "teacher_heldout.jsonl", lab_preset.seed + 1, 1, 0)], cfg, progress)
     with _stage("estimate-prior", log, timings):
         prior_summary = estimate_prior(str(run / "teacher_train.jsonl"), paths["tokenizer"], out=str(run / "prior"),
-                                       order=cfg.order, top_k=cfg.top_k, write_topk=True)
+                                       order=cfg.order, top_k=cfg.top_k, write_topk=True, codec="raw")
     with _stage("estimate-posterior", log, timings):
         estimate_posterior(str(run / "teacher_train.jsonl"), str(run / "prior"), paths["proxy"],
-                           str(run / "posterior"), top_k=cfg.top_k, batch_size=16, no_evidence=True,
+                           str(run / "posterior"), top_k=cfg.top_k, batch_size=16, no_evidence=True, codec="raw",
                            calibrate=False)  # the fixed log-linear a = b = 1 row
     train_jsonl = str(run / "teacher_train.jsonl")
     align_summary = calibration = None
@@ -407,20 +425,22 @@ def _run_lab(root: str, preset: str, *, seeds: int | None = None, methods: Seque
             f"{next(r['nll'] for r in calibration['table'] if r.get('a') == 1.0 and r.get('b') == 1.0):.4f})")
     with _stage("estimate-posterior (calibrated; conditioned on the revealed log-probabilities)", log, timings):
         estimate_posterior(train_jsonl, str(run / "prior"), pipeline_proxy, str(run / POSTERIOR_DIR),
-                           top_k=cfg.top_k, batch_size=16, **calibration["best"])
+                           top_k=cfg.top_k, batch_size=16, codec="raw", **calibration["best"])
         if cfg.top_logprobs:  # what the conditioning is measured against: text only, and the revealed top-k alone
             estimate_posterior(train_jsonl, str(run / "prior"), pipeline_proxy, str(run / TEXT_DIR),
-                               top_k=cfg.top_k, batch_size=16, no_evidence=True, **calibration["best"])
+                               top_k=cfg.top_k, batch_size=16, codec="raw", no_evidence=True, **calibration["best"])
             estimate_posterior(train_jsonl, str(run / "prior"), pipeline_proxy, str(run / BUCKET_DIR),
-                               top_k=cfg.top_k, batch_size=16, evidence_mode="evidence_only", **calibration["best"])
+                               top_k=cfg.top_k, batch_size=16, codec="raw", evidence_mode="evidence_only",
+                               **calibration["best"])
             if "posterior-kd-k5" in cfg.methods:
                 estimate_posterior(train_jsonl, str(run / "prior"), pipeline_proxy, str(run / K5_DIR),
-                                   top_k=cfg.top_k, batch_size=16, evidence_top_k=5, **calibration["best"])
+                                   top_k=cfg.top_k, batch_size=16, codec="raw", evidence_top_k=5,
+                                   **calibration["best"])
     if "proxy-kd" in cfg.methods:
         with _stage("Proxy-KD targets (the proxy's own top-K)", log, timings):
             estimate_posterior(train_jsonl, None, pipeline_proxy,
                                str(run / "proxy_targets"), tokenizer=paths["tokenizer"], top_k=cfg.top_k,
-                               batch_size=16)
+                               batch_size=16, codec="raw")
     tok = load_tokenizer(paths["tokenizer"])
     train_tok = tokenize_records(load_teacher_records(str(run / "teacher_train.jsonl"))[0], tok)
     report: dict[str, Any] = {

@@ -38,6 +38,7 @@ from typing import Any
 from bayeskd.data import NATURAL_END, TEACHER_TOKENIZER, DataError, load_prompts, load_tokenizer
 from bayeskd.core.sparse import tokenizer_fingerprint
 from bayeskd.integrity import atomic_write_bytes, atomic_write_json
+from bayeskd.job_config import job_config, setting
 from bayeskd.teachers.clients import (FATAL, UNREACHABLE, Answer, HFBackend, OpenAIBackend, RateLimiter,
                                      chat_messages, completion_prompt)
 from bayeskd.locks import locks_output
@@ -147,7 +148,7 @@ def side_files(out: Path) -> tuple[Path, Path, Path]:
             out.with_name(f"{out.stem}.summary.json"))
 
 
-def _order_file(path: Path, records: list[dict[str, Any]]) -> None:
+def order_file(path: Path, records: list[dict[str, Any]]) -> None:
     records = sorted(records, key=lambda r: (r["prompt_index"], r["sample_index"]))
     atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
 
@@ -168,7 +169,7 @@ class _Counts:
     errors: dict[str, int] = field(default_factory=dict)
 
 
-class _TeacherTokenizer:
+class TeacherTokenizer:
     """The tokenizer of the records' logprobs: the one named (`teacher_tokenizer`) or else the one the teacher
     reports, which must be the tokenizer of the records with logprobs already in the output (`held`)."""
 
@@ -215,16 +216,56 @@ def _record(prompt: dict[str, Any], p: int, i: int, key: str, answer: Answer, s:
     return rec
 
 
+@dataclass
+class GenerateConfig:
+    """The `generate` job's settings, its one config: every field is a `bayeskd generate` option
+    (`bayeskd.cli_config.config_options`), so each default is written here once. The inputs (prompts, output, the
+    teacher's model, endpoint URL and tokenizer) are the job's arguments."""
+    backend: str = setting("openai", "openai: any OpenAI-compatible API; hf: a local transformers model (--model "
+                           "PATH).", choices=BACKENDS)
+    endpoint: str = setting("chat", "chat: /v1/chat/completions (prompts as messages); completions: /v1/completions "
+                            "(plain prompts).", choices=ENDPOINTS)
+    n: int = setting(1, "Samples per prompt.", min=1)
+    temperature: float = setting(1.0, "Sampling temperature.", min=0)
+    top_p: float = setting(1.0, "Nucleus sampling: the smallest set of tokens holding this much probability.", min=0,
+                           max=1, min_open=True)
+    max_tokens: int = setting(256, "Longest answer, in the teacher's tokens.", min=1)
+    seed: int | None = setting(0, "Each request's seed derives from it.")
+    stop: list[str] | None = setting(None, "Stop string (repeatable).")
+    system: str | None = setting(None, "System message put before each prompt.")
+    top_logprobs: int = setting(0, "Top-k log-probabilities per generated token (0: text only; OpenAI allows at most "
+                                "20).", min=0)
+    api_key_env: str = setting("OPENAI_API_KEY", "Environment variable holding the API key (the key is never written "
+                               "anywhere).")
+    concurrency: int = setting(8, "Requests in flight at once.", min=1)
+    requests_per_minute: float | None = setting(None, "Rate limit: requests started per minute.", min=0,
+                                                min_open=True)
+    tokens_per_minute: float | None = setting(None, "Rate limit: tokens per minute.", min=0, min_open=True)
+    max_retries: int = setting(6, "Retries of a failed request (rate limits, server errors, timeouts) before it is "
+                               "set apart in OUT.failed.jsonl.", min=0)
+    timeout: float = setting(120.0, "Seconds per request.", min=0, min_open=True)
+    backoff: float = setting(0.5, "Retry delay in seconds: backoff × 2^attempt, jittered by ×0.5-1.5 (a server's "
+                             "Retry-After wins).", min=0)
+    ordered: bool = setting(False, "Rewrite the output in input order at the end (default: completion order; every "
+                            "record carries its key).")
+    keep_empty: bool = setting(False, "Keep blank answers (whitespace only, or the teacher ending at once) in the "
+                               "output: they are samples of the teacher too (default: set apart in "
+                               "OUT.empty.jsonl).")
+    max_prompts: int | None = setting(None, "Use only the first N prompts.", min=1)
+    device: str | None = setting(None, "torch device for --backend hf.")
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.concurrency < 1 or self.max_retries < 0:
+            raise ValueError(f"concurrency must be >= 1 and max_retries >= 0, got {self.concurrency}, "
+                             f"{self.max_retries}")
+
+
 @locks_output(file=True)
-def generate(prompts: str, out: str, *, model: str, base_url: str | None = None, backend: str = "openai",
-             endpoint: str = "chat", n: int = 1, temperature: float = 1.0, top_p: float = 1.0, max_tokens: int = 256,
-             seed: int | None = 0, stop: list[str] | tuple[str, ...] | None = None, system: str | None = None,
-             top_logprobs: int = 0, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8,
-             requests_per_minute: float | None = None, tokens_per_minute: float | None = None,
-             max_retries: int = 6, timeout: float = 120.0, ordered: bool = False, split: str = "train",
-             skip_bad: bool = False, max_prompts: int | None = None, device: str | None = None,
-             progress: bool = True, backoff: float = 0.5, keep_empty: bool = False,
-             teacher_tokenizer: str | None = None) -> dict[str, Any]:
+def generate(prompts: str, out: str, *, model: str, base_url: str | None = None,
+             teacher_tokenizer: str | None = None, config: GenerateConfig | None = None, split: str = "train",
+             skip_bad: bool = False, progress: bool = True, **settings: Any) -> dict[str, Any]:
     """Ask the teacher `model` for `n` samples per prompt of `prompts` and append teacher records to `out`.
 
     backend "openai": any OpenAI-compatible server at `base_url` (the API key read from the environment variable
@@ -233,17 +274,21 @@ def generate(prompts: str, out: str, *, model: str, base_url: str | None = None,
     `teacher_tokenizer`: the teacher's tokenizer (a local directory or a hub name) for a teacher that does not
     report it (APIs): its fingerprint goes into every record with logprobs, so a student of that tokenizer keeps
     the teacher's tokens and uses its log-probabilities exactly; one contradicting the teacher's report is refused.
+    The settings: `config` (a `GenerateConfig`) or `settings`, its fields (n, temperature, max_tokens, ...).
     Writes `<out>.summary.json` beside `out` (teacher.jsonl: teacher.summary.json) and returns it."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    cfg = job_config(GenerateConfig, config, settings, "generate")
+    backend, endpoint, n, temperature, top_p = cfg.backend, cfg.endpoint, cfg.n, cfg.temperature, cfg.top_p
+    max_tokens, seed, stop, system, top_logprobs = cfg.max_tokens, cfg.seed, cfg.stop, cfg.system, cfg.top_logprobs
+    api_key_env, concurrency, max_retries, timeout, backoff = (cfg.api_key_env, cfg.concurrency, cfg.max_retries,
+                                                               cfg.timeout, cfg.backoff)
+    requests_per_minute, tokens_per_minute = cfg.requests_per_minute, cfg.tokens_per_minute
+    ordered, keep_empty, max_prompts, device = cfg.ordered, cfg.keep_empty, cfg.max_prompts, cfg.device
     if top_logprobs > OPENAI_MAX_TOP_LOGPROBS and backend == "openai":
         if base_url is None or "api.openai.com" in base_url:
             raise ValueError(f"top_logprobs={top_logprobs}: OpenAI returns at most {OPENAI_MAX_TOP_LOGPROBS} "
                              "alternatives per token")
         logger.warning("top_logprobs=%d: OpenAI allows at most %d; %s must allow more (vLLM: --max-logprobs)",
                        top_logprobs, OPENAI_MAX_TOP_LOGPROBS, base_url)
-    if concurrency < 1 or max_retries < 0:
-        raise ValueError(f"concurrency must be >= 1 and max_retries >= 0, got {concurrency}, {max_retries}")
     settings = GenerateSettings(model=model, endpoint=endpoint, n=n, temperature=temperature, top_p=top_p,
                                 max_tokens=max_tokens, seed=seed, stop=list(stop) if stop else None, system=system,
                                 top_logprobs=top_logprobs)
@@ -259,7 +304,7 @@ def generate(prompts: str, out: str, *, model: str, base_url: str | None = None,
     existing = read_done(out_path) + read_done(empty_path, "empty list")
     done = {r["key"] for r in existing}
     named = tokenizer_fingerprint(load_tokenizer(teacher_tokenizer)) if teacher_tokenizer is not None else None
-    tokenizers = _TeacherTokenizer(out_path, named, {r.get(TEACHER_TOKENIZER) for r in existing if "logprobs" in r})
+    tokenizers = TeacherTokenizer(out_path, named, {r.get(TEACHER_TOKENIZER) for r in existing if "logprobs" in r})
     if named is not None and top_logprobs > 0:
         tokenizers.check(named)  # before any request: a resumed run with another tokenizer costs nothing
     elif named is not None:
@@ -288,7 +333,7 @@ def generate(prompts: str, out: str, *, model: str, base_url: str | None = None,
         atomic_write_bytes(failed_path, "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures).encode())
     written = read_done(out_path)
     if ordered:
-        _order_file(out_path, written)
+        order_file(out_path, written)
     # complete: every expected record is in the output or set aside as blank; else records_missing says how many
     expected = {f"{k}/{i}" for k in first for i in range(n)}
     set_aside = expected & {r["key"] for r in read_done(empty_path, "empty list")}
@@ -316,9 +361,44 @@ def generate(prompts: str, out: str, *, model: str, base_url: str | None = None,
     return summary
 
 
+async def ask_with_retries(ask: Any, classify: Any, limiter: RateLimiter, cost: float, max_retries: int,
+                           backoff: float, jitter: random.Random, counts: Any, fatal: list[Exception],
+                           retried: Any = None, started: bool = False) -> tuple[Any, str | None]:
+    """`await ask()` within the rate budget, retried as `classify` says (a server's Retry-After, else backoff ×
+    2^attempt jittered, at most 60 s): (the answer, ""), or (None, the last error) once retries are spent or the
+    error is fatal, or (None, None) when the run stops: `fatal` holds an error (another request's), or this one
+    appends one (a fatal error, or the server unreachable, before any request succeeded, `counts.done` 0 and not
+    `started`: the settings or the URL are wrong). Counts each error by type in `counts.errors` and each retry in
+    `counts.retries`, calling `retried()` after it."""
+    error = ""
+    for attempt in range(max_retries + 1):
+        if fatal:
+            return None, None
+        await limiter.acquire(cost)
+        try:
+            return await ask(), ""
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure is classified: retried, recorded or fatal
+            kind, wait, error = classify(e)
+            counts.errors[type(e).__name__] = counts.errors.get(type(e).__name__, 0) + 1
+            gone = kind == UNREACHABLE and attempt >= min(2, max_retries)
+            if counts.done == 0 and not started and (kind == FATAL or gone):
+                fatal.append(GenerateError(error))  # nothing worked yet: the settings or the URL are wrong
+                return None, None
+            if kind == FATAL or attempt == max_retries:
+                break
+            counts.retries += 1
+            if retried is not None:
+                retried()
+            delay = wait if wait is not None else backoff * 2 ** attempt * (0.5 + jitter.random())
+            await asyncio.sleep(min(delay, 60.0))
+    return None, error
+
+
 async def _run(client, prompts, keys, todo, done, s: GenerateSettings, counts: _Counts, failures, out_path: Path,
                empty_path: Path, concurrency: int, limiter: RateLimiter, max_retries: int, backoff: float,
-               progress: bool, seed: int | None, keep_empty: bool, tokenizers: _TeacherTokenizer) -> None:
+               progress: bool, seed: int | None, keep_empty: bool, tokenizers: TeacherTokenizer) -> None:
     from tqdm.auto import tqdm
 
     writer, empties = RecordWriter(out_path), RecordWriter(empty_path)
@@ -337,30 +417,13 @@ async def _run(client, prompts, keys, todo, done, s: GenerateSettings, counts: _
     async def one(p: int) -> None:
         prompt, key = prompts[p], keys[p]
         cost = len(json.dumps(prompt.get("prompt") or prompt.get("messages"))) / 4 + s.max_tokens * s.n
-        error = ""
         async with sem:
-            for attempt in range(max_retries + 1):
-                if fatal:
-                    return
-                await limiter.acquire(cost)
-                try:
-                    reply = await client.ask(prompt, s, request_seed(prompt, s))
-                except asyncio.CancelledError:
-                    raise
-                except Exception as e:  # noqa: BLE001 - every failure is classified: retried, recorded or fatal
-                    kind, wait, error = client.classify(e)
-                    counts.errors[type(e).__name__] = counts.errors.get(type(e).__name__, 0) + 1
-                    gone = kind == UNREACHABLE and attempt >= min(2, max_retries)
-                    if counts.done == 0 and (kind == FATAL or gone):
-                        fatal.append(GenerateError(error))  # nothing worked yet: the settings or the URL are wrong
-                        return
-                    if kind == FATAL or attempt == max_retries:
-                        break
-                    counts.retries += 1
-                    postfix()
-                    delay = wait if wait is not None else backoff * 2 ** attempt * (0.5 + jitter.random())
-                    await asyncio.sleep(min(delay, 60.0))
-                    continue
+            reply, error = await ask_with_retries(lambda: client.ask(prompt, s, request_seed(prompt, s)),
+                                                  client.classify, limiter, cost, max_retries, backoff, jitter,
+                                                  counts, fatal, retried=postfix)
+            if error is None:
+                return
+            if reply is not None:
                 usage = {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens}
                 try:  # checked before any record of the reply is written
                     fp = tokenizers.of(reply.tokenizer) if any(a.logprobs is not None for a in reply.answers) else None

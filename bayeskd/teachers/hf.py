@@ -41,7 +41,7 @@ class TokenLogprob:
     log-probability), largest first. Log-probabilities are of the model's own distribution (temperature 1)."""
     token: str
     bytes: bytes
-    logprob: float
+    logprob: float | None  # None: the first token of a scored text (nothing before it to predict it)
     top: list[tuple[str, bytes, float]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -63,6 +63,17 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     tokens: list[TokenLogprob] | None = None
+
+
+@dataclass
+class Scored:
+    """A scored text (`HFTeacher.score`): its token ids, per token its `TokenLogprob` (the first one's logprob
+    None), its rank in the model's distribution (1: the most likely; None for the first) and its top alternatives
+    as (id, log-probability), largest first."""
+    ids: list[int]
+    tokens: list[TokenLogprob]
+    ranks: list[int | None]
+    top_ids: list[list[tuple[int, float]]]
 
 
 # ---------------------------------------------------------------------------------------------------- sampling
@@ -213,6 +224,32 @@ class HFTeacher:
                           for t, (lp, top) in zip(gen[:keep], steps[:keep])]
             out.append(Generation(text, gen[:keep], reason, len(ids), len(steps), tokens))
         return out
+
+    def score(self, prompt: str, top_logprobs: int = 0) -> Scored:
+        """Teacher forcing: the log-probability of every token of `prompt` (encoded as `encode_prompt` does, BOS
+        included) given the tokens before it, and its top_logprobs largest alternatives, in one forward pass
+        (what `echo` with `logprobs` answers; deterministic). The first token has none (logprob None)."""
+        if top_logprobs < 0:
+            raise ValueError(f"top_logprobs must be >= 0 (got {top_logprobs})")
+        ids = self.encode_prompt(prompt)
+        if self.max_positions and len(ids) > self.max_positions:
+            raise ValueError(f"this model's maximum context length is {self.max_positions} tokens; the text has "
+                             f"{len(ids)}")
+        table = self.token_bytes()
+        with self._lock, torch.inference_mode():
+            logits = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=False).logits[0]
+            logp = torch.log_softmax(logits[:-1].float(), dim=-1)  # row j predicts token j + 1
+            target = torch.tensor(ids[1:], device=logp.device)
+            chosen = logp.gather(-1, target[:, None])[:, 0]
+            ranks = ((logp > chosen[:, None]).sum(-1) + 1).tolist()
+            k = min(top_logprobs, logp.shape[-1])
+            top_v, top_i = (x.tolist() for x in logp.topk(k, dim=-1, sorted=True))
+            chosen = chosen.tolist()
+        tokens = [TokenLogprob(self.token_str(ids[0]), table[ids[0]], None)]
+        tokens += [TokenLogprob(self.token_str(t), table[t], lp, [(self.token_str(a), table[a], v) for a, v in
+                                                               zip(ti, tv)])
+                   for t, lp, ti, tv in zip(ids[1:], chosen, top_i, top_v)]
+        return Scored(ids, tokens, [None] + ranks, [[]] + [list(zip(ti, tv)) for ti, tv in zip(top_i, top_v)])
 
     def _run(self, ids: list[int], n: int, max_tokens: int, temperature: float, top_p: float, seed: int,
              stop: list[str], k: int) -> list[tuple[list[int], list, str, int | None]]:

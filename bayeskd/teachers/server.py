@@ -2,7 +2,10 @@
 token bytes (what `transformers serve` refuses), so tests and the lab reach their teacher over HTTP as users do.
 
 Endpoints: `/health`, `/v1/models`, `/v1/chat/completions`, `/v1/completions` (no streaming). Answers follow the
-OpenAI formats; completions' legacy `logprobs` also carry `token_bytes` (per token its UTF-8 bytes) and `content`
+OpenAI formats. `/v1/completions` also scores: with `echo` its text and `logprobs` start with the prompt's (every
+prompt token's log-probability given the ones before it, the first None, and its top alternatives, by teacher
+forcing in one forward pass; `max_tokens: 0` generates nothing), and vLLM's `prompt_logprobs: k` adds per choice
+the prompt's [None, {token id: {logprob, rank, decoded_token}}, ...], as `bayeskd score` asks; completions' legacy `logprobs` also carry `token_bytes` (per token its UTF-8 bytes) and `content`
 (the chat format's lossless entries), since the legacy dict of alternatives keys them by text, where two tokens
 may collide. Every answer also carries `bayeskd_tokenizer`, the fingerprint of the model's tokenizer
 (`bayeskd.core.sparse.tokenizer_fingerprint`; an extra top-level field real APIs lack), which `generate` writes into
@@ -40,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bayeskd.core.sparse import tokenizer_fingerprint
-from bayeskd.teachers.hf import Generation, HFTeacher
+from bayeskd.teachers.hf import Generation, HFTeacher, Scored, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,8 @@ class CompletionRequest(_Request):
     prompt: str | list[str]
     logprobs: int | None = Field(None, ge=0)
     echo: bool | None = False
+    max_tokens: int | None = Field(None, ge=0)  # 0: no generation, with echo (scoring)
+    prompt_logprobs: int | None = Field(None, ge=0)  # vLLM's extension
 
 
 class _APIError(Exception):
@@ -224,22 +229,34 @@ class _App:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _completion_logprobs(gen: Generation) -> dict[str, Any]:
-    """The legacy completions `logprobs` of one choice, plus `token_bytes` and the lossless `content`."""
-    tokens = gen.tokens or []
+def _completion_logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
+    """The legacy completions `logprobs` of one choice (its tokens: echoed prompt tokens, then generated ones),
+    plus `token_bytes` and the lossless `content`. An echoed first token has no log-probability (None)."""
     offsets, done = [], b""
     for t in tokens:
         offsets.append(len(done.decode("utf-8", errors="ignore")))
         done += t.bytes
-    tops = []
+    tops: list[dict[str, float] | None] = []
     for t in tokens:
         top: dict[str, float] = {}
         for tok, _b, lp in t.top:
             top.setdefault(tok, lp)  # two tokens with one text: the dict keeps the larger; `content` keeps both
-        tops.append(top)
+        tops.append(top if t.logprob is not None else None)  # OpenAI's and vLLM's first echoed token: None
     return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
             "top_logprobs": tops, "text_offset": offsets, "token_bytes": [list(t.bytes) for t in tokens],
             "content": [t.to_json() for t in tokens]}
+
+
+def _prompt_logprobs(teacher: HFTeacher, scored: Scored, k: int) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's `prompt_logprobs` of one prompt: None for the first token, then per token {token id: {logprob, rank,
+    decoded_token}} for the token itself and its k largest alternatives."""
+    out: list[dict[str, dict[str, Any]] | None] = [None]
+    for t, tok, rank, top in list(zip(scored.ids, scored.tokens, scored.ranks, scored.top_ids))[1:]:
+        entries = {str(a): {"logprob": v, "rank": r + 1, "decoded_token": teacher.token_str(a)}
+                   for r, (a, v) in enumerate(top[:k])}
+        entries.setdefault(str(t), {"logprob": tok.logprob, "rank": rank, "decoded_token": tok.token})
+        out.append(entries)
+    return out
 
 
 def create_app(teacher: HFTeacher, model_name: str, *, fail_rate: float = 0.0, drop_rate: float = 0.0,
@@ -333,26 +350,49 @@ def create_app(teacher: HFTeacher, model_name: str, *, fail_rate: float = 0.0, d
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest) -> Response:
         drop = await state.faults()
-        k = req.logprobs
-        n, temperature, top_p, stop = state.check(req, k or 0, "logprobs")
-        if req.echo:
-            raise _APIError(400, "echo=true is not supported by bayeskd serve-teacher", param="echo")
+        k, pk = req.logprobs, req.prompt_logprobs
+        n, temperature, top_p, stop = state.check(req, max(k or 0, pk or 0), "logprobs" if (k or 0) >= (pk or 0)
+                                                  else "prompt_logprobs")
+        max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
+        if max_tokens == 0 and not req.echo:
+            raise _APIError(400, "max_tokens=0 generates nothing: give echo=true to score the prompt",
+                            param="max_tokens")
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
         if not prompts:
             raise _APIError(400, "prompt must not be an empty list", param="prompt")
-        gens = await state.run(state.generate, prompts=[{"prompt": p} for p in prompts],
-                               max_tokens=req.max_completion_tokens or req.max_tokens, default_max=16, n=n,
-                               temperature=temperature, top_p=top_p, seed=_seed(req.seed), stop=stop,
-                               top_logprobs=k or 0, logprobs=k is not None)
+        scored: list[Scored] = []
+        if req.echo or pk is not None:  # teacher forcing over the prompt, one forward pass each
+            scored = [await state.run(teacher.score, prompt=p, top_logprobs=max(k or 0, pk or 0)) for p in prompts]
+        if max_tokens == 0:
+            gens = [[Generation("", [], "length", len(s.ids), 0, []) for _ in range(n)] for s in scored]
+        else:
+            gens = await state.run(state.generate, prompts=[{"prompt": p} for p in prompts], max_tokens=max_tokens,
+                                   default_max=16, n=n, temperature=temperature, top_p=top_p, seed=_seed(req.seed),
+                                   stop=stop, top_logprobs=k or 0, logprobs=k is not None)
+
+        def choice(j: int, i: int, g: Generation) -> dict[str, Any]:
+            c: dict[str, Any] = {"index": j * n + i, "text": prompts[j] + g.text if req.echo else g.text,
+                                 "finish_reason": g.finish_reason, "logprobs": None}
+            if k is not None:
+                echoed = [_cut_top(t, k) for t in scored[j].tokens] if req.echo else []
+                c["logprobs"] = _completion_logprobs(echoed + (g.tokens or []))
+            if pk is not None:
+                c["prompt_logprobs"] = _prompt_logprobs(teacher, scored[j], pk)
+            return c
+
         # OpenAI's order: prompt j's samples are choices j*n .. j*n+n-1.
-        choices = [{"index": j * n + i, "text": g.text, "finish_reason": g.finish_reason,
-                    "logprobs": _completion_logprobs(g) if k is not None else None}
-                   for j, per_prompt in enumerate(gens) for i, g in enumerate(per_prompt)]
+        choices = [choice(j, i, g) for j, per_prompt in enumerate(gens) for i, g in enumerate(per_prompt)]
         return reply({"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                       "model": model_name, "choices": choices, "usage": state.usage(gens),
                       "bayeskd_tokenizer": state.fingerprint}, drop)
 
     return app
+
+
+def _cut_top(t: TokenLogprob, k: int) -> TokenLogprob:
+    """A scored token with only its k largest alternatives (the prompt was scored for the larger of logprobs and
+    prompt_logprobs)."""
+    return TokenLogprob(t.token, t.bytes, t.logprob, t.top[:k])
 
 
 def _seed(seed: int | None) -> int:
