@@ -30,7 +30,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,6 +43,7 @@ from bayeskd.distillation.gad_parts import (Discriminator, bradley_terry_loss, d
 from bayeskd.distillation.checkpoints import verify_file_record, with_file_record
 from bayeskd.resume import check_settings, read_stamp
 from bayeskd.integrity import atomic_write_json
+from bayeskd.job_config import job_config, setting
 from bayeskd.teacher_forcing import pad_prompt_response, token_logprobs
 from bayeskd.locks import locks_output
 
@@ -56,45 +57,41 @@ ADDED_LATER = {"scale_rewards": True, "baseline": "group", "sft_coef": 0.0}  # s
 
 # ---------------------------------------------------------------------------------------------------- config
 
-def _f(default: Any, help: str, **limits: Any) -> Any:
-    return field(default=default, metadata={"help": help, **limits})
-
-
 @dataclass
 class GADConfig:
     """GAD settings, the `gad` job's one config (every field is a `bayeskd gad` option). Steps are optimizer steps
     of the stage; each step uses `batch_prompts` prompts."""
-    warmup_steps: int = _f(0, "Warm-up steps: SFT of the student on the teacher responses while the discriminator "
+    warmup_steps: int = setting(0, "Warm-up steps: SFT of the student on the teacher responses while the discriminator "
                            "trains (0: adversarial at once).", min=0)
-    warmup_d_only_steps: int = _f(0, "The first warm-up steps update the discriminator only.", min=0)
-    steps: int = _f(100, "Adversarial (GRPO) steps.", min=0)
-    group_size: int = _f(8, "Student samples per prompt.", min=2)
+    warmup_d_only_steps: int = setting(0, "The first warm-up steps update the discriminator only.", min=0)
+    steps: int = setting(100, "Adversarial (GRPO) steps.", min=0)
+    group_size: int = setting(8, "Student samples per prompt.", min=2)
     # At 0.8 against a teacher sampled at 1, D tells the two apart by sharpness and GRPO flattens the student (lab:
     # entropy +0.12 nats, KL on own samples +0.035; experiments/gad_tune.py).
-    temperature: float = _f(1.0, "Student sampling temperature (also the policy's in the PPO ratio): the one the "
+    temperature: float = setting(1.0, "Student sampling temperature (also the policy's in the PPO ratio): the one the "
                             "teacher's responses were sampled at (generate's default, 1).", min=0, min_open=True)
-    batch_prompts: int = _f(4, "Prompts per step.", min=1)
-    lr: float = _f(1e-5, "Student (generator) AdamW learning rate, warm-up SFT included.")
-    d_lr: float = _f(1e-5, "Discriminator AdamW learning rate.")
-    weight_decay: float = _f(0.0, "AdamW weight decay of both models.", min=0)
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm of both models.", min=0, min_open=True)
-    clip: float = _f(0.2, "PPO clip range.")
-    kl_coef: float = _f(0.001, "Weight of the k3 KL to the reference (the warm-up student); 0: none (no reference "
+    batch_prompts: int = setting(4, "Prompts per step.", min=1)
+    lr: float = setting(1e-5, "Student (generator) AdamW learning rate, warm-up SFT included.")
+    d_lr: float = setting(1e-5, "Discriminator AdamW learning rate.")
+    weight_decay: float = setting(0.0, "AdamW weight decay of both models.", min=0)
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm of both models.", min=0, min_open=True)
+    clip: float = setting(0.2, "PPO clip range.")
+    kl_coef: float = setting(0.001, "Weight of the k3 KL to the reference (the warm-up student); 0: none (no reference "
                         "model is loaded).", min=0)
-    ppo_epochs: int = _f(1, "Student updates per rollout batch (>1 makes the clip bite).", min=1)
-    adv_eps: float = _f(1e-4, "Added to the group's reward std before dividing by it.", min=0, min_open=True)
-    scale_rewards: bool = _f(True, "Divide advantages by the group's reward std (GRPO) or not (Dr. GRPO).")
-    baseline: str = _f("group", "Advantage baseline: the group's mean reward, or D's score of the prompt's teacher "
+    ppo_epochs: int = setting(1, "Student updates per rollout batch (>1 makes the clip bite).", min=1)
+    adv_eps: float = setting(1e-4, "Added to the group's reward std before dividing by it.", min=0, min_open=True)
+    scale_rewards: bool = setting(True, "Divide advantages by the group's reward std (GRPO) or not (Dr. GRPO).")
+    baseline: str = setting("group", "Advantage baseline: the group's mean reward, or D's score of the prompt's teacher "
                        "response (scored in the same D call).", choices=("group", "teacher"))
     # The lab measured 1 as the best GAD (it keeps teacher-forced KL below the SFT start; experiments/gad_tune.py).
-    sft_coef: float = _f(1.0, "Weight of a cross-entropy term on the batch's teacher responses in each GRPO step "
+    sft_coef: float = setting(1.0, "Weight of a cross-entropy term on the batch's teacher responses in each GRPO step "
                          "(0: the paper's GAD).", min=0)
-    max_new_tokens: int = _f(128, "Sample length; teacher responses are cut to it too (no length cue for D).", min=1)
-    max_prompt_tokens: int = _f(512, "Prompts are cut from the left to this many tokens.", min=1)
-    micro_batch: int | None = _f(None, "Prompts per forward/backward (gradient accumulation); default: the whole "
+    max_new_tokens: int = setting(128, "Sample length; teacher responses are cut to it too (no length cue for D).", min=1)
+    max_prompt_tokens: int = setting(512, "Prompts are cut from the left to this many tokens.", min=1)
+    micro_batch: int | None = setting(None, "Prompts per forward/backward (gradient accumulation); default: the whole "
                                  "batch.", min=1)
-    save_every: int = _f(50, "Checkpoint every N steps (and at the end of each stage).", min=1)
-    seed: int = _f(42, "Seed of the sampling, the prompt order and a new discriminator head.")
+    save_every: int = setting(50, "Checkpoint every N steps (and at the end of each stage).", min=1)
+    seed: int = setting(42, "Seed of the sampling, the prompt order and a new discriminator head.")
 
     def __post_init__(self):
         ints = {"warmup_steps": 0, "warmup_d_only_steps": 0, "steps": 0, "group_size": 2, "batch_prompts": 1,
@@ -362,13 +359,7 @@ def gad(data: str, student: str, out: str, *, discriminator: str | None = None, 
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
-    if config is not None and settings:
-        raise ValueError(f"give either config or settings ({', '.join(sorted(settings))}), not both")
-    known = {f.name for f in fields(GADConfig)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise ValueError(f"unknown GAD setting(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    cfg = config or GADConfig(**settings)
+    cfg = job_config(GADConfig, config, settings, "gad")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir = Path(out)
     warm_dir = out_dir / "warmup"
