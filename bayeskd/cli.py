@@ -280,12 +280,15 @@ def _distill_options() -> list[click.Option]:
               "ordinary logit KD from its top-K.")
 @click.option("--proxy", default=None, help="Online posterior: a proxy model run inside each training step; "
               "--targets must then hold the prior's top-K shards (estimate-prior --write-topk).")
+@click.option("--prior", default=None, help="On-policy posterior targets (--onpolicy-fraction > 0 with --proxy): "
+              "the prior itself (an estimate-prior output), queried at the student's samples.")
 @click.option("--tokenizer", default=None, help="Tokenizer (default: the student's).")
 @click.option("--out", "--output-dir", "out", required=True, type=click.Path(file_okay=False),
               help="Output directory: the student, its checkpoints, summary.json.")
 @skip_bad_option
 @click.pass_context
-def distill_cmd(ctx, data, student, targets, teacher, proxy, tokenizer, out, skip_bad, **training_args) -> None:
+def distill_cmd(ctx, data, student, targets, teacher, proxy, prior, tokenizer, out, skip_bad,
+                **training_args) -> None:
     """Train a student on the teacher's text and the estimated (or white-box) token distributions. Every
     `BayesKDConfig` field is an option: the loss settings, the LoRA adapter, and every transformers
     `TrainingArguments` field (bf16, gradient checkpointing, DeepSpeed/FSDP configs, report_to, push_to_hub, the
@@ -294,7 +297,7 @@ def distill_cmd(ctx, data, student, targets, teacher, proxy, tokenizer, out, ski
 
     try:
         _run_job(distill, drop=("log_history",), data=data, student=student, out=out, targets=targets,
-                 teacher=teacher, proxy=proxy, tokenizer=tokenizer, skip_bad=skip_bad,
+                 teacher=teacher, proxy=proxy, prior=prior, tokenizer=tokenizer, skip_bad=skip_bad,
                  **given(ctx, training_args))
     finally:
         _end_distributed()

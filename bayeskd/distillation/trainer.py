@@ -13,6 +13,14 @@ Modes: "sparse-targets" (a targets directory), "sft" (no targets: CE only, seque
 proxy runs on the same batch without gradient and its dense logits at the response positions go to
 `fused_posterior_kd` with the prior rows, so the posterior is formed inside the loss; docs/MATH.md "Online mode").
 
+On-policy (`BayesKDConfig.onpolicy_fraction` λ > 0, GKD's mix; bayeskd.distillation.onpolicy): before each step's
+response tokens are counted (`get_batch_samples`), a share λ of every micro-batch's sequences is replaced by the
+student's own samples for the same prompts (seeded by (seed, global step), so a resumed run samples the same).
+Their targets (`onpolicy_targets`): "teacher", the white-box teacher run on the mixed batch; "posterior", the
+prior's top-K rows at the student's contexts (`Prior.topk`, the prior itself given as `prior`) with the proxy run
+online on the mixed batch, as the online-posterior mode does for teacher rows: no teacher call. The student's
+tokens get KD only: the CE term counts them as zeros (every token of the step still weighs alike).
+
 Method "proxy-kd" (`BayesKDConfig.method`, with targets whose shards carry the per-row extras
 `proxy_teacher_logprob`): each record gets the weight w = σ((s - μ)/γ) of
 `bayeskd.distillation.targets.proxy_kd_weights` (s = the proxy's log p(y_T|x)), and the loss is CE x ce_weight +
@@ -44,6 +52,8 @@ from bayeskd.core.sparse import SparseDist
 from bayeskd.core.names import CONTEXT_COUNT, MODES, TEACHER_LOGPROB
 from bayeskd.teacher_forcing import model_logits, select_rows
 from bayeskd.distillation.checkpoints import ChecksumCallback, checkpoints, remove_unrecorded, resume_point
+from bayeskd.distillation.onpolicy import (ONPOLICY_KEY, build_batch, choose_rows, prior_rows, prompt_lengths,
+                                           sample_responses, step_seed)
 from bayeskd.integrity import atomic_write_json, staged_dir
 from bayeskd.locks import locks_output
 from bayeskd.resume import RUN_ONLY_ARGS, as_json, check_settings, read_stamp
@@ -51,6 +61,7 @@ from bayeskd.resume import RUN_ONLY_ARGS, as_json, check_settings, read_stamp
 logger = logging.getLogger(__name__)
 
 METHODS = ("bayeskd", "proxy-kd")
+ONPOLICY_TARGETS = ("auto", "posterior", "teacher")
 # The defaults of a KD student, as the lab measured them (`bayeskd lab run`: chosen on validation prompts, reported
 # on held-out ones; benchmarks/results/lab_tiny.md): the CE term on the teacher's tokens beside KD, and the
 # white-box teacher's K (0: the whole vocabulary, the true upper bound).
@@ -103,6 +114,18 @@ class BayesKDConfig(transformers.TrainingArguments):
     posterior_c: float = field(default=1.0, metadata={"help": "Dirichlet concentration."})
     posterior_w: float = field(default=0.5, metadata={"help": "Mixture weight of the prior.", "min": 0, "max": 1})
     posterior_evidence: float = field(default=0.0, metadata={"help": "Observations of the teacher token added."})
+    onpolicy_fraction: float = field(default=0.0, metadata={
+        "help": "On-policy distillation (GKD's mix): this share of each batch's sequences is replaced by the "
+                "student's own samples for the same prompts, learned by KD only (0: teacher data only).",
+        "min": 0, "max": 1})
+    onpolicy_targets: str = field(default="auto", metadata={
+        "help": "Targets at the student's samples: posterior (--prior's rows at the student's contexts x --proxy "
+                "online, no teacher call), teacher (the white-box --teacher's logits), auto (as the mode).",
+        "choices": ONPOLICY_TARGETS})
+    onpolicy_temperature: float = field(default=1.0, metadata={
+        "help": "Sampling temperature of the student's samples.", "min": 0, "min_open": True})
+    onpolicy_max_new_tokens: int = field(default=128, metadata={
+        "help": "Most tokens the student samples per response (and never past max_length).", "min": 1})
     method: str = field(default="bayeskd", metadata={
         "help": "proxy-kd: weight each record's KD term by the proxy's likelihood of the teacher response "
                 "(--targets must carry the proxy's teacher-token log-probabilities).", "choices": METHODS})
@@ -173,9 +196,43 @@ class BayesKDConfig(transformers.TrainingArguments):
         if self.method == "proxy-kd" and self.kd_weight != 1.0:
             raise ValueError("method='proxy-kd' weights the KD term with proxy_kd_alpha; leave kd_weight at 1.0 "
                              f"(got {self.kd_weight})")
+        if not 0.0 <= self.onpolicy_fraction <= 1.0:
+            raise ValueError(f"onpolicy_fraction must be in [0, 1], got {self.onpolicy_fraction}")
+        if self.onpolicy_targets not in ONPOLICY_TARGETS:
+            raise ValueError(f"onpolicy_targets must be one of {ONPOLICY_TARGETS}, got {self.onpolicy_targets!r}")
+        if not self.onpolicy_temperature > 0 or self.onpolicy_max_new_tokens < 1:
+            raise ValueError(f"onpolicy_temperature must be > 0 and onpolicy_max_new_tokens >= 1, got "
+                             f"{self.onpolicy_temperature}, {self.onpolicy_max_new_tokens}")
         if not self.posterior_c > 0 or self.posterior_evidence < 0:
             raise ValueError(f"posterior_c must be > 0 and posterior_evidence >= 0, got {self.posterior_c}, "
                              f"{self.posterior_evidence}")
+
+
+def resolve_onpolicy_targets(cfg: transformers.TrainingArguments, teacher: bool, proxy: bool,
+                             prior: bool) -> str | None:
+    """Where an on-policy run's targets at the student's samples come from ("teacher" or "posterior"), or None
+    when the run is off-policy (onpolicy_fraction 0); a clear error when the run cannot give them."""
+    if not getattr(cfg, "onpolicy_fraction", 0.0):
+        return None
+    kind = getattr(cfg, "onpolicy_targets", "auto")
+    if kind == "auto":
+        kind = "teacher" if teacher else "posterior" if proxy else None
+    if kind is None:
+        raise ValueError("on-policy training (onpolicy_fraction > 0) needs targets at the student's samples: a "
+                         "white-box teacher (onpolicy_targets='teacher') or a proxy with the prior "
+                         "(onpolicy_targets='posterior'); sparse targets and SFT have none there")
+    if kind == "teacher" and not teacher:
+        raise ValueError("onpolicy_targets='teacher' needs a white-box teacher model (--teacher)")
+    if kind == "posterior" and not (proxy and prior):
+        raise ValueError("onpolicy_targets='posterior' needs the proxy (--proxy, with the prior's top-K rows as "
+                         "--targets) and the prior itself (--prior: an estimate-prior output) to query at the "
+                         f"student's contexts; got {'a' if proxy else 'no'} proxy and {'a' if prior else 'no'} prior")
+    if getattr(cfg, "method", "bayeskd") == "proxy-kd":
+        raise ValueError("method='proxy-kd' weights records of the teacher's data; it has no on-policy form")
+    if kind == "posterior" and getattr(cfg, "posterior_evidence", 0.0):
+        raise ValueError("posterior_evidence adds observations of the teacher's token; the student's samples have "
+                         "none (use posterior_evidence=0 with on-policy training)")
+    return kind
 
 
 def _lm_head_loss(cfg: BayesKDConfig, device: torch.device) -> str:
@@ -187,6 +244,12 @@ def _lm_head_loss(cfg: BayesKDConfig, device: torch.device) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- trainer
+
+def _teacher_rows_mean(ce_rows: torch.Tensor, teacher_rows: torch.Tensor) -> torch.Tensor:
+    """The CE of an on-policy batch: the rows of the teacher's tokens summed, over all the batch's rows (the
+    student's samples count as zeros, so every response token of the step weighs alike)."""
+    return (ce_rows.float() * teacher_rows).sum() / ce_rows.shape[0]
+
 
 def whitebox_targets(teacher_logits: torch.Tensor, k: int) -> SparseDist:
     """Top-k of a teacher's logits [M, V] as a SparseDist (float32), tail = the exact mass outside the top-k."""
@@ -274,13 +337,18 @@ class BayesKDTrainer(transformers.Trainer):
     `proxy_model` (online-posterior mode): the batch's targets are the PRIOR's top-K rows; the proxy runs on the
     same batch (eval, no gradient) and its logits at the response positions (sliced to the student's V) are the
     dense proxy of `fused_posterior_kd(rows, prior_rows, proxy_rows, mode=posterior_mode, a, b, c, w)`.
+
+    `prior` (a `bayeskd.priors.base.Prior`, on-policy posterior targets): queried at the student's samples for
+    their prior rows (K = the batch's). `mix_onpolicy` is the step's on-policy batch (the module docstring).
     """
 
     def __init__(self, model: torch.nn.Module | None = None, args: transformers.TrainingArguments | None = None,
                  *rest, teacher_model: torch.nn.Module | None = None, proxy_model: torch.nn.Module | None = None,
-                 peft_config: Any = None, **kwargs):
+                 peft_config: Any = None, prior: Any = None, **kwargs):
         if teacher_model is not None and proxy_model is not None:
             raise ValueError("give either teacher_model (white-box) or proxy_model (online posterior), not both")
+        self.onpolicy = resolve_onpolicy_targets(args, teacher_model is not None, proxy_model is not None,
+                                                 prior is not None) if args is not None else None
         if peft_config is not None:  # as TRL's trainers: the student trains through the adapter only
             checkpointing = bool(args and (args.gradient_checkpointing or getattr(args, "activation_checkpointing", 0)))
             model = with_adapter(model, peft_config, gradient_checkpointing=checkpointing)
@@ -302,6 +370,62 @@ class BayesKDTrainer(transformers.Trainer):
             self.proxy_model = proxy_model.to(self.args.device)
         self._acc = {"ce_loss": 0.0, "kd_loss": 0.0, "n": 0, "kd_n": 0}
         self.train_tokens = 0
+        self.prior = prior
+        self.onpolicy_stats = {"sequences": 0, "tokens": 0, "seconds": 0.0}
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        """The step's micro-batches, on-policy ones mixed in (`mix_onpolicy`) before their tokens are counted."""
+        batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.onpolicy is None or not batch_samples:
+            return batch_samples, num_items
+        step = self.state.global_step  # the steps done: a run resumed from checkpoint-s samples step s + 1 alike
+        batch_samples = [self.mix_onpolicy(b, step, micro=i) for i, b in enumerate(batch_samples)]
+        return batch_samples, self._get_num_items_in_batch(batch_samples, device)
+
+    def mix_onpolicy(self, inputs: dict[str, torch.Tensor], step: int, micro: int = 0) -> dict[str, torch.Tensor]:
+        """`inputs` (a collated batch) with a share `onpolicy_fraction` of its sequences replaced by the student's
+        samples for their prompts, drawn from the seed of (seed, `step`, `micro`, rank); `onpolicy_mask` marks
+        them. Their targets: the prior's rows at their contexts when the batch holds prior rows (posterior), else
+        none (the white-box teacher runs on the mixed batch in `compute_loss`)."""
+        cfg = self.args
+        t0 = time.perf_counter()
+        seed = step_seed(cfg.seed, step, micro, cfg.process_index)
+        rows = choose_rows(int(inputs["input_ids"].shape[0]), cfg.onpolicy_fraction, seed)
+        if len(rows) == 0:
+            return inputs
+        plens = prompt_lengths(inputs)
+        prompts = [inputs["input_ids"][j, :int(plens[j])] for j in rows.tolist()]
+        cap = cfg.onpolicy_max_new_tokens
+        max_new = [cap if cfg.max_length is None else max(1, min(cap, cfg.max_length - len(p))) for p in prompts]
+        model = self.accelerator.unwrap_model(self.model)
+        pad, eos = self._special_ids(model)
+        responses = sample_responses(model, prompts, temperature=cfg.onpolicy_temperature, max_new_tokens=max_new,
+                                     pad_token_id=pad, eos_token_id=eos, seed=seed)
+        student_targets = None
+        if "target_indices" in inputs:
+            if self.onpolicy != "posterior" or self.prior is None:
+                raise ValueError("on-policy samples in a batch of targets need the prior (onpolicy_targets="
+                                 "'posterior' with a prior)")
+            student_targets = prior_rows(self.prior, prompts, responses, int(inputs["target_indices"].shape[1]))
+        out = build_batch(inputs, rows, prompts, responses, pad, student_targets)
+        st = self.onpolicy_stats
+        st["sequences"] += len(rows)
+        st["tokens"] += int(sum(len(r) for r in responses))
+        st["seconds"] += time.perf_counter() - t0
+        return out
+
+    def _special_ids(self, model) -> tuple[int, int | None]:
+        """(pad, eos) token ids for sampling: the collator's pad and the tokenizer's EOS (else the model's)."""
+        tok = self.processing_class
+        eos = getattr(tok, "eos_token_id", None)
+        if eos is None:
+            eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+            eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        pad = getattr(self.data_collator, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(tok, "pad_token_id", None)
+        pad = pad if pad is not None else (eos if eos is not None else 0)
+        return int(pad), eos
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor:
         """Response tokens (loss rows) in the step's micro-batches, summed over the ranks."""
@@ -327,7 +451,16 @@ class BayesKDTrainer(transformers.Trainer):
             return (zero, out) if return_outputs else zero
         V = rows.shape[-1] if lm_head is None else lm_head.weight.shape[0]
         backend = getattr(cfg, "fused_backend", "auto")
-        ce = F.cross_entropy(rows.float(), tokens) if lm_head is None else None  # hidden states: with the KD below
+        teacher_rows = None  # on-policy: the rows of the teacher's tokens (the student's samples get no CE)
+        if ONPOLICY_KEY in inputs:
+            grid = ~inputs[ONPOLICY_KEY].to(rmask.device)[:, None].expand(-1, rmask.shape[1] - 1)
+            teacher_rows = select_rows(grid, rmask, shifted=True).to(rows.device)
+        if lm_head is not None:
+            ce = None  # hidden states: with the KD below
+        elif teacher_rows is None:
+            ce = F.cross_entropy(rows.float(), tokens)
+        else:
+            ce = _teacher_rows_mean(F.cross_entropy(rows.float(), tokens, reduction="none"), teacher_rows)
 
         target = None
         if self.teacher_model is not None:
@@ -365,7 +498,7 @@ class BayesKDTrainer(transformers.Trainer):
             else:  # CE and KD from the hidden states: one pass over the logits with the cut kernel
                 per_row, ce_rows = fused_linear_kd_and_ce(rows, lm_head.weight, tokens, target, proxy_rows,
                                                           **posterior, **loss_kw, cut=cut)
-                ce = ce_rows.mean()
+                ce = ce_rows.mean() if teacher_rows is None else _teacher_rows_mean(ce_rows, teacher_rows)
             if proxy_kd:
                 if WEIGHT_KEY not in inputs:
                     raise ValueError("method='proxy-kd' needs per-row weights in the batch (a TeacherTargetsDataset "
@@ -421,8 +554,9 @@ SETTINGS = "distill_settings.json"
 
 @locks_output()
 def distill(data: str, student: str, out: str, *, targets: str | None = None, teacher: str | None = None,
-            proxy: str | None = None, tokenizer: str | None = None, split: str = "train", skip_bad: bool = False,
-            config: BayesKDConfig | None = None, peft_config: Any = None, **training_args: Any) -> dict[str, Any]:
+            proxy: str | None = None, prior: str | None = None, tokenizer: str | None = None, split: str = "train",
+            skip_bad: bool = False, config: BayesKDConfig | None = None, peft_config: Any = None,
+            **training_args: Any) -> dict[str, Any]:
     """Train `student` (a `from_pretrained` path) on teacher `data`; save the student + tokenizer to `out`.
 
     Mode: "sparse-targets" with `targets` (a shard directory), "online-posterior" with `targets` holding the
@@ -436,6 +570,8 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
     the KD term is weighted per record (`proxy_kd_normalization`) and scaled by `proxy_kd_alpha`.
     `use_peft` (or a `peft_config`, any `peft.PeftConfig`): the student trains through an adapter; `out` then holds
     the student with the adapter merged (a `from_pretrained` model like any other) and `out/adapter` the adapter.
+    `onpolicy_fraction` > 0: on-policy training (BayesKDTrainer); posterior targets at the student's samples need
+    `prior` (a saved prior or an `estimate-prior` output, `bayeskd.priors.base.load_prior`) beside `proxy`.
     """
     from transformers import AutoModelForCausalLM
 
@@ -462,6 +598,10 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
     if mode == "sft" and cfg.ce_weight == 0:
         raise ValueError("ce_weight=0 without KD targets or a teacher leaves no loss to train on: SFT's loss is the "
                          "CE term (give ce_weight > 0, or targets / a teacher for KD)")
+    onpolicy = resolve_onpolicy_targets(cfg, teacher is not None, proxy is not None, prior is not None)
+    if prior is not None and onpolicy != "posterior":
+        raise ValueError("prior is read by on-policy posterior targets only (onpolicy_fraction > 0 with a proxy); "
+                         "off-policy, --targets holds the prior's rows")
     proxy_kd = cfg.method == "proxy-kd"
     if proxy_kd and (targets is None or teacher is not None):
         raise ValueError("method='proxy-kd' needs targets (the proxy's top-K shards with the per-row extras "
@@ -491,16 +631,29 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
         if cfg.posterior_mode == "dirichlet" and len(dataset) and CONTEXT_COUNT_KEY not in dataset[0]:
             raise ValueError(f"{targets}: posterior_mode='dirichlet' needs the prior's context counts in the "
                              "target shards (extras 'context_count', written by the n-gram prior)")
+    prior_model = None
+    if prior is not None:
+        from bayeskd.priors.base import load_prior
+
+        prior_model = load_prior(prior)
+        made = Path(prior) / "prior_config.json"  # an estimate-prior output names its tokenizer
+        made_with = read_stamp(made).get("tokenizer_fingerprint") if made.exists() else None
+        if made_with is not None and made_with != tokenized.fingerprint:
+            raise ValueError(f"{prior}: the prior was counted with another tokenizer than {tokenizer or student}")
+        if prior_model.vocab_size != model.get_output_embeddings().weight.shape[0]:
+            raise ValueError(f"{prior}: the prior's vocabulary ({prior_model.vocab_size}) differs from the "
+                             f"student's ({model.get_output_embeddings().weight.shape[0]})")
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
     # what a checkpoint in out was trained with; resuming is refused when it differs
     settings = as_json({"data": str(data), "student": str(student), "targets": targets, "teacher": teacher,
-                        "proxy": proxy, "tokenizer": tokenizer, "split": split, "skip_bad": skip_bad,
+                        "proxy": proxy, **({"prior": str(prior)} if prior is not None else {}),
+                        "tokenizer": tokenizer, "split": split, "skip_bad": skip_bad,
                         **{k: v for k, v in training_args.items() if k not in RUN_ONLY_ARGS},
                         **({"peft_config": repr(peft_config)} if peft_config is not None and not cfg.use_peft else {})})
     trainer = BayesKDTrainer(model=model, args=cfg, data_collator=BayesKDCollator(pad), train_dataset=dataset,
                              processing_class=tok, teacher_model=teacher_model, proxy_model=proxy_model,
-                             peft_config=peft_config, callbacks=[ChecksumCallback()])
+                             peft_config=peft_config, prior=prior_model, callbacks=[ChecksumCallback()])
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     t0 = time.perf_counter()
     start = resume_point(cfg.resume_from_checkpoint, out_dir)
@@ -559,6 +712,12 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
     if peft_config is not None:
         summary["adapter"] = {"type": str(getattr(peft_config, "peft_type", type(peft_config).__name__)),
                               "trainable_params": int(trainable), "out": str(out_dir / "adapter")}
+    if onpolicy is not None:
+        st = trainer.onpolicy_stats
+        summary["onpolicy"] = {"fraction": cfg.onpolicy_fraction, "targets": onpolicy, "prior": prior,
+                               "temperature": cfg.onpolicy_temperature,
+                               "max_new_tokens": cfg.onpolicy_max_new_tokens, "sequences": st["sequences"],
+                               "sampled_tokens": st["tokens"], "sampling_seconds": round(st["seconds"], 4)}
     if proxy_kd:
         w = dataset.proxy_kd_weights
         summary.update(proxy_kd_alpha=cfg.proxy_kd_alpha, proxy_kd_normalization=cfg.proxy_kd_normalization,
