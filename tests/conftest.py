@@ -7,6 +7,12 @@ import os
 # BAYESKD_KERNELS_COMPILED=1 keeps the compiled kernels (the tests run on a GPU).
 if os.environ.get("BAYESKD_KERNELS_COMPILED") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Under pytest-xdist (`-n N`, the README's test command) N workers share the cores: each worker's torch, and the jobs
+# its tests start in subprocesses, take their share of the threads rather than all of them (oversubscribed OpenMP
+# threads spin and wait on each other). Set before torch is imported; an OMP_NUM_THREADS of the caller's wins.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 import pytest  # noqa: E402
 
@@ -69,3 +75,6 @@ def save_tiny_llama(path, tokenizer, seed: int, layers: int = 1) -> str:
 def pytest_configure(config):
     # Drills run jobs in subprocesses and kill them; CI runs them in a small configuration (tests/test_drill.py).
     config.addinivalue_line("markers", "drill: kills, corrupts or starves a real job and checks nothing is lost")
+    # The README's test command leaves the long end-to-end tests out (-m "not e2e"); CI runs them after it (.ci/run).
+    config.addinivalue_line("markers", "e2e: a long end-to-end test (the drill, a lab run, DDP under torchrun, a job "
+                                       "on a full disk): `-m e2e` and CI run them; the README's command does not")

@@ -47,6 +47,7 @@ def test_disk_full_message_names_errno_and_library_wordings():
     assert disk_full_message(OSError(errno.EACCES, "denied")) is None
 
 
+@pytest.mark.e2e  # a real job starved of space, then resumed and compared with an undisturbed run
 @pytest.mark.parametrize("mode", sorted({MODE, "rlimit"}))
 def test_estimate_prior_on_a_full_disk(tmp_path, tiny_tokenizer_dir, mode):
     data = _data(tmp_path / "teacher.jsonl", 300, seed=1)
@@ -58,6 +59,7 @@ def test_estimate_prior_on_a_full_disk(tmp_path, tiny_tokenizer_dir, mode):
     _check(disk_full_drill(argv, tmp_path / "drill", mode=mode, seed=1))
 
 
+@pytest.mark.e2e
 def test_distill_on_a_full_disk(tmp_path, tiny_tokenizer):
     data = _data(tmp_path / "teacher.jsonl", 8, seed=2)
     student = save_tiny_llama(tmp_path / "student", tiny_tokenizer, seed=0)

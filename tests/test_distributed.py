@@ -13,6 +13,8 @@ import pytest
 
 from bayeskd.core.sparse import ShardReader
 
+pytestmark = pytest.mark.e2e  # each test launches torchrun (2 processes) a few times: a minute or two in all
+
 
 def _write_jsonl(path, n=24, seed=0):
     """Teacher records whose responses all tokenize to the same length (a permutation of the same words after a

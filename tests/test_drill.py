@@ -72,6 +72,7 @@ def test_sigterm_inside_a_finalizer_still_stops_the_job():
 
 
 @pytest.mark.drill
+@pytest.mark.e2e  # minutes: every long job run, killed and resumed
 def test_drill_small(tmp_path):
     seed = int(os.environ.get("DRILL_SEED", 15))  # fixed (the benchmark's); DRILL_SEED=N draws other moments
     print(f"drill seed {seed} (replay: DRILL_SEED={seed})")

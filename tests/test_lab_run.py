@@ -32,6 +32,7 @@ def lab_run(tmp_path_factory):
     return root, res.output
 
 
+@pytest.mark.e2e  # the lab_run fixture runs a whole `bayeskd lab run --preset micro`
 def test_lab_run_writes_every_table(lab_run):
     root, output = lab_run
     run = root / "micro" / "run"
@@ -138,6 +139,7 @@ def test_lab_run_writes_every_table(lab_run):
     assert "## Does the Bayesian part pay?" in (run / "report.md").read_text()
 
 
+@pytest.mark.e2e
 def test_lab_run_resumes_and_refuses_other_settings(lab_run):
     root, _ = lab_run
     run = root / "micro" / "run"
@@ -227,6 +229,7 @@ def test_evaluate_rejects_bad_input(tmp_path, tiny_tokenizer):
                                         tok.vocab_size))
 
 
+@pytest.mark.e2e
 def test_bayes_table_refuses_a_proxy_trained_on_the_scored_records(lab_run):
     from bayeskd.data import load_teacher_records
     from bayeskd.lab.bayes import _check_heldout
