@@ -193,6 +193,11 @@ def score_cmd(ctx, records, out, model, base_url, teacher_tokenizer, quiet, skip
 @click.option("--delay", default=0.0, show_default=True, type=click.FloatRange(0), help="Seconds before answering.")
 @click.option("--fault-seed", default=0, show_default=True, type=int, help="Seed of the injected faults.")
 @click.option("--max-n", default=16, show_default=True, type=click.IntRange(1), help="Largest n a request may ask.")
+@click.option("--max-batch", default=1, show_default=True, type=click.IntRange(1),
+              help="Decode up to this many samples of concurrent requests together (1: one request at a time, "
+              "bit-exact; more: tokens reproducible, log-probabilities to their low bits; see docs/design.md).")
+@click.option("--batch-wait", default=0.005, show_default=True, type=click.FloatRange(0),
+              help="Seconds to wait for more requests before starting a batch that is not full.")
 @click.option("--device", default=None, help="torch device (default: cuda when available).")
 @click.option("--api-key-env", default=None, help="Require the API key held in this environment variable "
               "(Bearer token; 401 otherwise). Default: no key.")
@@ -282,23 +287,30 @@ def _distill_options() -> list[click.Option]:
               "--targets must then hold the prior's top-K shards (estimate-prior --write-topk).")
 @click.option("--prior", default=None, help="On-policy posterior targets (--onpolicy-fraction > 0 with --proxy): "
               "the prior itself (an estimate-prior output), queried at the student's samples.")
+@click.option("--teacher-url", default=None, help="On-policy scored targets: an OpenAI-compatible server that "
+              "scores the student's samples (echo + logprobs: serve-teacher, vLLM, SGLang), e.g. "
+              "http://127.0.0.1:8000/v1; probed at the start.")
+@click.option("--teacher-model", default=None, help="The model name the --teacher-url server serves.")
 @click.option("--tokenizer", default=None, help="Tokenizer (default: the student's).")
 @click.option("--out", "--output-dir", "out", required=True, type=click.Path(file_okay=False),
               help="Output directory: the student, its checkpoints, summary.json.")
 @skip_bad_option
 @click.pass_context
-def distill_cmd(ctx, data, student, targets, teacher, proxy, prior, tokenizer, out, skip_bad,
-                **training_args) -> None:
+def distill_cmd(ctx, data, student, targets, teacher, proxy, prior, teacher_url, teacher_model, tokenizer, out,
+                skip_bad, **training_args) -> None:
     """Train a student on the teacher's text and the estimated (or white-box) token distributions. Every
     `BayesKDConfig` field is an option: the loss settings, the LoRA adapter, and every transformers
     `TrainingArguments` field (bf16, gradient checkpointing, DeepSpeed/FSDP configs, report_to, push_to_hub, the
     scheduler and warm-up, ...)."""
     from bayeskd.distillation.trainer import distill
+    from bayeskd.teachers.generate import GenerateError
 
     try:
         _run_job(distill, drop=("log_history",), data=data, student=student, out=out, targets=targets,
-                 teacher=teacher, proxy=proxy, prior=prior, tokenizer=tokenizer, skip_bad=skip_bad,
-                 **given(ctx, training_args))
+                 teacher=teacher, proxy=proxy, prior=prior, teacher_url=teacher_url, teacher_model=teacher_model,
+                 tokenizer=tokenizer, skip_bad=skip_bad, **given(ctx, training_args))
+    except GenerateError as e:  # the teacher server cannot score (the probe's reason), or stopped answering
+        raise click.ClickException(str(e)) from e
     finally:
         _end_distributed()
 

@@ -212,7 +212,7 @@ def test_training_arguments_reach_distill_from_the_command_line_and_config(tmp_p
     def fake_distill(data, student, out, **kw):
         seen.update(kw)
         seen["config"] = trainer.BayesKDConfig(output_dir=out, **{k: v for k, v in kw.items() if k not in (
-            "targets", "teacher", "proxy", "prior", "tokenizer", "skip_bad")})
+            "targets", "teacher", "proxy", "prior", "teacher_url", "teacher_model", "tokenizer", "skip_bad")})
         return {}
 
     monkeypatch.setattr(trainer, "distill", fake_distill)

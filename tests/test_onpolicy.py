@@ -52,7 +52,7 @@ def _load(path):
     return AutoModelForCausalLM.from_pretrained(path)
 
 
-def _trainer(lab, tok, tmp_path, *, targets=None, teacher=False, proxy=False, prior=False, **cfg):
+def _trainer(lab, tok, tmp_path, *, targets=None, teacher=False, proxy=False, prior=False, scorer=None, **cfg):
     from bayeskd.data import load_teacher_records, tokenize_records
     from bayeskd.distillation.targets import BayesKDCollator, TeacherTargetsDataset
     from bayeskd.distillation.trainer import BayesKDConfig, BayesKDTrainer
@@ -65,7 +65,7 @@ def _trainer(lab, tok, tmp_path, *, targets=None, teacher=False, proxy=False, pr
     tr = BayesKDTrainer(model=_load(lab.student), args=args, data_collator=BayesKDCollator(tok.pad_token_id),
                         train_dataset=ds, processing_class=tok, teacher_model=_load(lab.teacher) if teacher else None,
                         proxy_model=_load(lab.proxy) if proxy else None,
-                        prior=load_prior(lab.prior) if prior else None)
+                        prior=load_prior(lab.prior) if prior else None, scorer=scorer)
     batch = BayesKDCollator(tok.pad_token_id)([ds[i] for i in range(4)])
     return tr, batch
 
@@ -322,3 +322,221 @@ def test_bad_onpolicy_input(lab, tiny_tokenizer, tmp_path):
     r = CliRunner().invoke(main, ["distill", "--data", lab.data, "--student", lab.student, "--out",
                                   str(tmp_path / "f"), "--onpolicy-fraction", "2"])
     assert r.exit_code == 2 and "onpolicy-fraction" in r.output
+
+
+# ---------------------------------------------------------------------------------------------------- scored targets
+
+@pytest.fixture(scope="module")
+def served(lab, tiny_tokenizer):
+    """serve-teacher (loopback, a free port, stopped at the end) of a moderately sharp teacher, with the texts
+    asked at /v1/completions (the probe's included: `_scoring` leaves it out)."""
+    from bayeskd.teachers.hf import HFTeacher
+    from bayeskd.teachers.server import create_app, running_app
+
+    path = save_tiny_llama(lab.dir / "scoring-teacher", tiny_tokenizer, seed=5, layers=2)
+    model = _load(path)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3.0)
+    model.save_pretrained(path)
+    app = create_app(HFTeacher(path, device="cpu"), "teacher")
+    asked: list[str] = []
+
+    @app.middleware("http")
+    async def count(request, call_next):
+        if request.url.path == "/v1/completions":
+            asked.append(json.loads(await request.body())["prompt"])
+        return await call_next(request)
+
+    with running_app(app) as url:
+        yield SimpleNamespace(url=f"{url}/v1", asked=asked, path=path, model=_load(path).eval())
+
+
+def _scoring(asked) -> int:
+    from bayeskd.teachers.score import PROBE_TEXT
+
+    return sum(t != PROBE_TEXT for t in asked)
+
+
+def _scored_trainer(lab, tok, tmp_path, served, top_k: int, **cfg):
+    from bayeskd.distillation.onpolicy_scores import SampleScorer
+
+    scorer = SampleScorer(served.url, "teacher", tok, tmp_path / "scores.jsonl", top_k=top_k)
+    return _trainer(lab, tok, tmp_path, targets=lab.topk, proxy=True, prior=True, scorer=scorer, **cfg)
+
+
+def _student_targets(tr, mixed):
+    """The conditioned targets of the student's rows (as compute_loss forms them), the teacher's log-softmax at
+    those rows, and which rows hold exact evidence."""
+    from bayeskd.core.sparse import SparseDist
+    from bayeskd.distillation.onpolicy import SCORED_KEYS, scored_targets
+
+    ids, att, rm = mixed["input_ids"], mixed["attention_mask"], mixed["response_mask"]
+    grid = mixed["onpolicy_mask"][:, None].expand(-1, ids.shape[1] - 1)
+    s_rows = grid[rm[:, 1:]]
+    with torch.no_grad():
+        q = _rows(tr.proxy_model(input_ids=ids, attention_mask=att).logits, rm)
+    V = q.shape[-1]
+    prior = SparseDist(mixed["target_indices"], mixed["target_logprobs"].float(), mixed["target_tail"].float(), V)
+    ev = {k: mixed[k] for k in SCORED_KEYS}
+    cond = scored_targets(prior[s_rows], q[s_rows], ev, mode="log_linear", a=1.0, b=1.0)
+    exact = (ev["onpolicy_ev_indices"] >= 0).any(1) & ~ev["onpolicy_ev_lower"].any(1)
+    return cond, ev, exact, s_rows
+
+
+def _teacher_lp(served, mixed, s_rows):
+    with torch.no_grad():
+        t = _rows(served.model(input_ids=mixed["input_ids"], attention_mask=mixed["attention_mask"]).logits,
+                  mixed["response_mask"])
+    return torch.log_softmax(t, -1)[s_rows]
+
+
+def test_scored_targets_hold_the_teachers_top20(lab, tiny_tokenizer, tmp_path, served):
+    """λ = 1, k = 20: the student's rows are the posterior conditioned on the teacher's revealed top-20, which the
+    target holds exactly (the teacher's log-softmax, 1e-5) where the student's tokens are the teacher's; the loss is
+    the KD against those targets."""
+    tr, batch = _scored_trainer(lab, tiny_tokenizer, tmp_path, served, 20, onpolicy_fraction=1.0,
+                                onpolicy_max_new_tokens=10)
+    assert tr.onpolicy == "scored"
+    before = _scoring(served.asked)
+    mixed = tr.mix_onpolicy(batch, step=0)
+    assert mixed["onpolicy_mask"].all() and _scoring(served.asked) - before == 4
+    st = tr.scorer.stats
+    assert st["requests"] == 4 and st["scored_tokens"] > 0 and st["failed"] == 0
+    cond, ev, exact, s_rows = _student_targets(tr, mixed)
+    t_lp = _teacher_lp(served, mixed, s_rows)
+    assert int(exact.sum()) >= 4, exact
+    checked = 0
+    for r in torch.nonzero(exact).flatten().tolist():
+        top_v, top_i = t_lp[r].topk(20)
+        got = dict(zip(cond.indices[r].tolist(), cond.logprobs[r].tolist()))
+        assert set(top_i.tolist()) <= set(got)
+        assert [got[i] for i in top_i.tolist()] == pytest.approx(top_v.tolist(), abs=1e-5)
+        rest = [v for i, v in got.items() if i >= 0 and i not in set(top_i.tolist())]
+        assert all(v <= float(top_v[-1]) + 1e-5 for v in rest)  # nothing unrevealed above the list
+        checked += 1
+    assert checked == int(exact.sum())
+    # rows without evidence (the EOS, past a non-canonical token) have the posterior's entries only
+    loss = tr.compute_loss(tr.model, mixed)
+    with torch.no_grad():
+        s_lp = torch.log_softmax(_rows(tr.model(input_ids=mixed["input_ids"],
+                                                attention_mask=mixed["attention_mask"]).logits,
+                                       mixed["response_mask"]), -1)
+    valid = cond.indices >= 0
+    p_lp = cond.logprobs.float().masked_fill(~valid, 0.0)
+    s_at = s_lp.gather(1, cond.indices.long().clamp(min=0))
+    kl = torch.where(valid, p_lp.exp() * (p_lp - s_at), torch.zeros_like(p_lp)).sum(1)
+    s_tail = (1 - torch.where(valid, s_at.exp(), torch.zeros_like(s_at)).sum(1)).clamp(min=1e-30)
+    t = cond.tail.float()
+    kl = kl + torch.where(t > 0, t * (t.clamp(min=1e-30).log() - s_tail.log()), torch.zeros_like(t))
+    assert float(loss.detach()) == pytest.approx(float(kl.mean()), rel=1e-4, abs=1e-5)
+    # the same samples again: answered by the cache, nothing asked
+    again = tr.mix_onpolicy(batch, step=0)
+    assert _scoring(served.asked) - before == 4 and tr.scorer.stats["cached"] == 4
+    assert torch.equal(again["onpolicy_ev_indices"], mixed["onpolicy_ev_indices"])
+
+
+@pytest.mark.parametrize("fused_linear", [False, True])
+def test_scored_k0_gives_the_sampled_tokens_logprob(lab, tiny_tokenizer, tmp_path, served, fused_linear):
+    """k = 0 (the per-token reverse-KL recipe's evidence): the sampled token's target log-probability is the
+    teacher's; at λ = 0.5 the teacher's rows keep the fused online posterior (loss finite, from the hidden states
+    too)."""
+    tr, batch = _scored_trainer(lab, tiny_tokenizer, tmp_path, served, 0, onpolicy_fraction=0.5,
+                                onpolicy_max_new_tokens=10, fused_linear=fused_linear, ce_weight=0.5)
+    mixed = tr.mix_onpolicy(batch, step=0)
+    assert 0 < int(mixed["onpolicy_mask"].sum()) < 4
+    cond, ev, exact, s_rows = _student_targets(tr, mixed)
+    assert ev["onpolicy_ev_indices"].shape[1] == 1 and int(exact.sum()) >= 2
+    t_lp = _teacher_lp(served, mixed, s_rows)
+    sampled = mixed["input_ids"][:, 1:][mixed["response_mask"][:, 1:]][s_rows]
+    same = 0
+    for r in torch.nonzero(exact).flatten().tolist():
+        # the teacher's token there: the sampled one, or (at the first token the teacher splits otherwise, where the
+        # contexts are still one sequence) the teacher's own longer or shorter token
+        y = int(ev["onpolicy_ev_indices"][r, 0])
+        same += y == int(sampled[r])
+        at = cond.indices[r].tolist().index(y)
+        assert float(cond.logprobs[r, at]) == pytest.approx(float(t_lp[r, y]), abs=1e-5)
+    assert same >= 2
+    loss = tr.compute_loss(tr.model, mixed)
+    assert torch.isfinite(loss) and loss.requires_grad
+
+
+def test_scored_run_resumes_without_asking_again(lab, tiny_tokenizer, tmp_path, served):
+    """distill with --teacher-url: requests and scored tokens in the summary, the cache in the output directory; a
+    run resumed from checkpoint-2 asks no sample twice (zero scoring requests) and ends with the same weights."""
+    from bayeskd.distillation.trainer import distill
+
+    out = tmp_path / "run"
+    kw = dict(targets=lab.topk, proxy=lab.proxy, prior=lab.prior, teacher_url=served.url, teacher_model="teacher",
+              onpolicy_fraction=0.5, onpolicy_score_top_k=5, onpolicy_max_new_tokens=8, max_steps=3,
+              per_device_train_batch_size=4, learning_rate=1e-2, save_steps=2, seed=0, use_cpu=True,
+              disable_tqdm=True)
+    before = _scoring(served.asked)
+    s = distill(lab.data, lab.student, str(out), **kw)
+    sc = s["onpolicy"]["scoring"]
+    assert s["onpolicy"]["targets"] == "scored" and sc["requests"] == s["onpolicy"]["sequences"] == 6
+    assert _scoring(served.asked) - before == 6 and sc["scored_tokens"] > 0 and sc["top_k"] == 5
+    assert len((out / "onpolicy_scores.jsonl").read_text().splitlines()) == 6
+    weights = (out / "model.safetensors").read_bytes()
+    before = _scoring(served.asked)
+    again = distill(lab.data, lab.student, str(out), resume_from_checkpoint=str(out / "checkpoint-2"), **kw)
+    assert _scoring(served.asked) == before  # the probe only
+    assert again["onpolicy"]["scoring"]["requests"] == 0 and again["onpolicy"]["scoring"]["cached"] == 2
+    assert (out / "model.safetensors").read_bytes() == weights
+
+
+def test_scoring_budget_falls_back_to_posterior_targets(lab, tiny_tokenizer, tmp_path, served):
+    """onpolicy_score_budget: once spent, samples not yet scored get the plain posterior (no evidence rows),
+    counted; the run goes on."""
+    from bayeskd.distillation.onpolicy_scores import SampleScorer
+    from bayeskd.distillation.trainer import distill
+
+    out = tmp_path / "run"
+    before = _scoring(served.asked)
+    s = distill(lab.data, lab.student, str(out), targets=lab.topk, proxy=lab.proxy, prior=lab.prior,
+                teacher_url=served.url, teacher_model="teacher", onpolicy_fraction=0.5, onpolicy_score_budget=3,
+                onpolicy_max_new_tokens=6, max_steps=3, per_device_train_batch_size=4, save_steps=0, seed=0,
+                use_cpu=True, disable_tqdm=True)
+    sc = s["onpolicy"]["scoring"]
+    assert sc["requests"] == 3 and sc["over_budget"] == 3 and sc["budget"] == 3 and np.isfinite(s["train_loss"])
+    assert _scoring(served.asked) - before == 3
+    # over budget: no evidence at the samples' rows, so their targets are the posterior's
+    tr, batch = _scored_trainer(lab, tiny_tokenizer, tmp_path, served, 20, onpolicy_fraction=1.0,
+                                onpolicy_max_new_tokens=6)
+    tr.scorer = SampleScorer(served.url, "teacher", tiny_tokenizer, tmp_path / "none.jsonl", budget=0)
+    mixed = tr.mix_onpolicy(batch, step=0)
+    assert not (mixed["onpolicy_ev_indices"] >= 0).any() and tr.scorer.stats["over_budget"] == 4
+    assert _scoring(served.asked) - before == 3
+
+
+def test_a_server_that_cannot_score_is_refused_at_start(lab, tmp_path):
+    from test_score import _stub_app
+
+    from bayeskd.cli import main
+    from bayeskd.distillation.trainer import distill
+    from bayeskd.teachers.score import ScoreError
+    from bayeskd.teachers.server import running_app
+
+    app, asked = _stub_app("no-logprobs")
+    with running_app(app) as url:
+        with pytest.raises(ScoreError, match="cannot score the student's samples .*no logprobs") as e:
+            distill(lab.data, lab.student, str(tmp_path / "a"), targets=lab.topk, proxy=lab.proxy, prior=lab.prior,
+                    teacher_url=f"{url}/v1", teacher_model="stub", onpolicy_fraction=0.5, max_steps=1,
+                    save_steps=0, use_cpu=True)
+        assert "\n" not in str(e.value) and len(asked) == 1
+        assert not (tmp_path / "a" / "model.safetensors").exists()
+        r = CliRunner().invoke(main, ["distill", "--data", lab.data, "--student", lab.student, "--targets", lab.topk,
+                                      "--proxy", lab.proxy, "--prior", lab.prior, "--teacher-url", f"{url}/v1",
+                                      "--teacher-model", "stub", "--out", str(tmp_path / "b"),
+                                      "--onpolicy-fraction", "0.5", "--max-steps", "1", "--use-cpu"])
+        assert r.exit_code == 1 and "Error: the server at" in r.output and "Traceback" not in r.output
+        assert [x for x in r.output.splitlines() if "Error" in x or "error" in x] == [r.output.strip()]
+    with pytest.raises(ValueError, match="needs the teacher server"):
+        distill(lab.data, lab.student, str(tmp_path / "c"), targets=lab.topk, proxy=lab.proxy, prior=lab.prior,
+                onpolicy_targets="scored", onpolicy_fraction=0.5, max_steps=1, save_steps=0, use_cpu=True)
+    with pytest.raises(ValueError, match="both teacher_url and teacher_model"):
+        distill(lab.data, lab.student, str(tmp_path / "d"), targets=lab.topk, proxy=lab.proxy, prior=lab.prior,
+                teacher_url="http://127.0.0.1:9/v1", onpolicy_fraction=0.5, max_steps=1, use_cpu=True)
+    r = CliRunner().invoke(main, ["distill", "--help"])
+    assert "--teacher-url" in r.output and "--onpolicy-score-top-k" in r.output
+    assert "--onpolicy-score-budget" in r.output

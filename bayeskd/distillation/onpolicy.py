@@ -13,6 +13,11 @@ student's sampled tokens included):
   sample; `onpolicy_mask` [B] marks them. The teacher rows keep their target rows; the student rows get the
   prior's top-K rows at their contexts (`prior_rows`, for the online posterior) or none (white-box: the teacher
   runs on the batch in the loss).
+- `scored_evidence` / `scored_targets` (onpolicy_targets "scored"): the teacher server's scores of the samples
+  (`bayeskd.distillation.onpolicy_scores`) as evidence rows beside the student's rows (`SCORED_KEYS`), and the
+  posterior (prior rows x the proxy's dense logits, `combine`) conditioned on them (`condition`), exactly as
+  `estimate-posterior` conditions: a finished sparse target, which the fused online loss (prior rows x proxy
+  inside the kernel) cannot take, so the trainer runs the student's rows through their own KD call.
 """
 from __future__ import annotations
 
@@ -21,11 +26,17 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from bayeskd.core.combine import combine
+from bayeskd.core.condition import condition
+from bayeskd.core.sparse import SparseDist
 from bayeskd.distillation.targets import CONTEXT_COUNT_KEY, TARGET_KEYS, WEIGHT_KEY
 from bayeskd.core.names import CONTEXT_COUNT
 from bayeskd.teacher_forcing import pad_batch
 
 ONPOLICY_KEY = "onpolicy_mask"  # [B] bool: the rows that hold the student's samples
+# scored samples: the teacher's evidence at the student's rows (in batch order, the student's rows only): student
+# ids int32 [Ms, E] (-1 padding), probabilities [Ms, E], lower-bound flags [Ms, E], the top list's cap [Ms]
+SCORED_KEYS = ("onpolicy_ev_indices", "onpolicy_ev_probs", "onpolicy_ev_lower", "onpolicy_ev_cap")
 
 
 def step_seed(seed: int, step: int, micro: int = 0, rank: int = 0) -> int:
@@ -159,3 +170,34 @@ def build_batch(inputs: dict[str, torch.Tensor], rows: torch.Tensor, prompts: Se
         raise ValueError(f"on-policy batch: {out['target_tail'].shape[0]} target rows for "
                          f"{int(out['response_mask'][:, 1:].sum())} response tokens")
     return out
+
+
+def scored_evidence(batch: dict[str, torch.Tensor], rows: torch.Tensor, responses: Sequence[torch.Tensor],
+                    evidence) -> dict[str, torch.Tensor]:
+    """`SCORED_KEYS` of a built batch (`build_batch`'s output for `rows`) from `evidence` (a
+    `bayeskd.posterior.evidence.Evidence`, one row per sampled token, response after response): the student's
+    rows in the batch's order (a response from position 0 has no row for its first token)."""
+    counts = batch["response_mask"][:, 1:].sum(1).tolist()
+    keep, at = [], 0
+    for i, j in enumerate(rows.tolist()):
+        n = len(responses[i])
+        keep.extend(range(at + n - int(counts[j]), at + n))
+        at += n
+    if at != evidence.num_rows:
+        raise ValueError(f"the teacher's evidence has {evidence.num_rows} rows for {at} sampled tokens")
+    ev = evidence[np.asarray(keep, np.int64)]
+    device = batch["input_ids"].device
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device)
+            for k, v in zip(SCORED_KEYS, (ev.indices, ev.probs, ev.lower, ev.cap))}
+
+
+def scored_targets(prior: SparseDist, proxy_logits: torch.Tensor, evidence: dict[str, torch.Tensor], *,
+                   mode: str = "log_linear", a: float = 1.0, b: float = 1.0, c: float = 1.0,
+                   w: float = 0.5) -> SparseDist:
+    """The student's rows' targets from scored samples: the posterior of the prior rows and the proxy's dense
+    logits (`combine`, the online mode's posterior) conditioned on the teacher's revealed entries (`condition`,
+    as estimate-posterior does; a row without evidence is the posterior itself)."""
+    post = combine(prior, proxy_logits, mode, a=a, b=b, c=c, w=w)
+    idx, probs, lower, cap = (evidence[k].to(post.indices.device) for k in SCORED_KEYS)
+    # a top list reaching probabilities that underflow to 0 still caps the rest at almost nothing
+    return condition(post, idx, probs, lower, cap=cap.double().clamp(min=1e-300))

@@ -18,8 +18,11 @@ response tokens are counted (`get_batch_samples`), a share λ of every micro-bat
 student's own samples for the same prompts (seeded by (seed, global step), so a resumed run samples the same).
 Their targets (`onpolicy_targets`): "teacher", the white-box teacher run on the mixed batch; "posterior", the
 prior's top-K rows at the student's contexts (`Prior.topk`, the prior itself given as `prior`) with the proxy run
-online on the mixed batch, as the online-posterior mode does for teacher rows: no teacher call. The student's
-tokens get KD only: the CE term counts them as zeros (every token of the step still weighs alike).
+online on the mixed batch, as the online-posterior mode does for teacher rows: no teacher call; "scored", that
+posterior conditioned on a teacher server's scores of the samples (`scorer`,
+bayeskd.distillation.onpolicy_scores: echo + logprobs, cached, budgeted), a finished target the fused online loss
+cannot take, so the student's rows get their own KD call (`_scored_kd`). The student's tokens get KD only: the CE
+term counts them as zeros (every token of the step still weighs alike).
 
 Method "proxy-kd" (`BayesKDConfig.method`, with targets whose shards carry the per-row extras
 `proxy_teacher_logprob`): each record gets the weight w = σ((s - μ)/γ) of
@@ -52,8 +55,9 @@ from bayeskd.core.sparse import SparseDist
 from bayeskd.core.names import CONTEXT_COUNT, MODES, TEACHER_LOGPROB
 from bayeskd.teacher_forcing import model_logits, select_rows
 from bayeskd.distillation.checkpoints import ChecksumCallback, checkpoints, remove_unrecorded, resume_point
-from bayeskd.distillation.onpolicy import (ONPOLICY_KEY, build_batch, choose_rows, prior_rows, prompt_lengths,
-                                           sample_responses, step_seed)
+from bayeskd.distillation.onpolicy import (ONPOLICY_KEY, SCORED_KEYS, build_batch, choose_rows, prior_rows,
+                                           prompt_lengths, sample_responses, scored_evidence, scored_targets,
+                                           step_seed)
 from bayeskd.integrity import atomic_write_json, staged_dir
 from bayeskd.locks import locks_output
 from bayeskd.resume import RUN_ONLY_ARGS, as_json, check_settings, read_stamp
@@ -61,7 +65,7 @@ from bayeskd.resume import RUN_ONLY_ARGS, as_json, check_settings, read_stamp
 logger = logging.getLogger(__name__)
 
 METHODS = ("bayeskd", "proxy-kd")
-ONPOLICY_TARGETS = ("auto", "posterior", "teacher")
+ONPOLICY_TARGETS = ("auto", "posterior", "teacher", "scored")
 # The defaults of a KD student, as the lab measured them (`bayeskd lab run`: chosen on validation prompts, reported
 # on held-out ones; benchmarks/results/lab_tiny.md): the CE term on the teacher's tokens beside KD, and the
 # white-box teacher's K (0: the whole vocabulary, the true upper bound).
@@ -120,12 +124,21 @@ class BayesKDConfig(transformers.TrainingArguments):
         "min": 0, "max": 1})
     onpolicy_targets: str = field(default="auto", metadata={
         "help": "Targets at the student's samples: posterior (--prior's rows at the student's contexts x --proxy "
-                "online, no teacher call), teacher (the white-box --teacher's logits), auto (as the mode).",
+                "online, no teacher call), scored (that posterior conditioned on the teacher server's scores of "
+                "the samples: --teacher-url, echo + logprobs), teacher (the white-box --teacher's logits), auto "
+                "(teacher with --teacher, scored with --teacher-url, else posterior).",
         "choices": ONPOLICY_TARGETS})
     onpolicy_temperature: float = field(default=1.0, metadata={
         "help": "Sampling temperature of the student's samples.", "min": 0, "min_open": True})
     onpolicy_max_new_tokens: int = field(default=128, metadata={
         "help": "Most tokens the student samples per response (and never past max_length).", "min": 1})
+    onpolicy_score_top_k: int = field(default=20, metadata={
+        "help": "Scored targets: the teacher's top-k alternatives asked per sampled token (0: only the sampled "
+                "token's log-probability, the per-token reverse-KL recipe; vLLM allows 20 by default).", "min": 0})
+    onpolicy_score_budget: int | None = field(default=None, metadata={
+        "help": "Scored targets: the most scoring requests (one per sample) over the run, resumed runs included "
+                "(the cache's answers count); once spent, unscored samples get posterior targets (default: no "
+                "limit).", "min": 0})
     method: str = field(default="bayeskd", metadata={
         "help": "proxy-kd: weight each record's KD term by the proxy's likelihood of the teacher response "
                 "(--targets must carry the proxy's teacher-token log-probabilities).", "choices": METHODS})
@@ -200,6 +213,10 @@ class BayesKDConfig(transformers.TrainingArguments):
             raise ValueError(f"onpolicy_fraction must be in [0, 1], got {self.onpolicy_fraction}")
         if self.onpolicy_targets not in ONPOLICY_TARGETS:
             raise ValueError(f"onpolicy_targets must be one of {ONPOLICY_TARGETS}, got {self.onpolicy_targets!r}")
+        budget = self.onpolicy_score_budget
+        if self.onpolicy_score_top_k < 0 or (budget is not None and budget < 0):
+            raise ValueError(f"onpolicy_score_top_k and onpolicy_score_budget must be >= 0, got "
+                             f"{self.onpolicy_score_top_k}, {self.onpolicy_score_budget}")
         if not self.onpolicy_temperature > 0 or self.onpolicy_max_new_tokens < 1:
             raise ValueError(f"onpolicy_temperature must be > 0 and onpolicy_max_new_tokens >= 1, got "
                              f"{self.onpolicy_temperature}, {self.onpolicy_max_new_tokens}")
@@ -209,27 +226,35 @@ class BayesKDConfig(transformers.TrainingArguments):
 
 
 def resolve_onpolicy_targets(cfg: transformers.TrainingArguments, teacher: bool, proxy: bool,
-                             prior: bool) -> str | None:
-    """Where an on-policy run's targets at the student's samples come from ("teacher" or "posterior"), or None
-    when the run is off-policy (onpolicy_fraction 0); a clear error when the run cannot give them."""
+                             prior: bool, server: bool = False) -> str | None:
+    """Where an on-policy run's targets at the student's samples come from ("teacher", "posterior" or "scored"),
+    or None when the run is off-policy (onpolicy_fraction 0); a clear error when the run cannot give them."""
     if not getattr(cfg, "onpolicy_fraction", 0.0):
+        if server:
+            raise ValueError("a teacher server scores the student's samples in on-policy training only "
+                             "(onpolicy_fraction > 0)")
         return None
     kind = getattr(cfg, "onpolicy_targets", "auto")
     if kind == "auto":
-        kind = "teacher" if teacher else "posterior" if proxy else None
+        kind = "teacher" if teacher else ("scored" if server else "posterior") if proxy else None
     if kind is None:
         raise ValueError("on-policy training (onpolicy_fraction > 0) needs targets at the student's samples: a "
                          "white-box teacher (onpolicy_targets='teacher') or a proxy with the prior "
                          "(onpolicy_targets='posterior'); sparse targets and SFT have none there")
     if kind == "teacher" and not teacher:
         raise ValueError("onpolicy_targets='teacher' needs a white-box teacher model (--teacher)")
-    if kind == "posterior" and not (proxy and prior):
-        raise ValueError("onpolicy_targets='posterior' needs the proxy (--proxy, with the prior's top-K rows as "
+    if kind in ("posterior", "scored") and not (proxy and prior):
+        raise ValueError(f"onpolicy_targets='{kind}' needs the proxy (--proxy, with the prior's top-K rows as "
                          "--targets) and the prior itself (--prior: an estimate-prior output) to query at the "
                          f"student's contexts; got {'a' if proxy else 'no'} proxy and {'a' if prior else 'no'} prior")
+    if (kind == "scored") != server:
+        raise ValueError("onpolicy_targets='scored' needs the teacher server that scores the samples "
+                         "(--teacher-url and --teacher-model)" if kind == "scored" else
+                         f"a teacher server (--teacher-url) scores samples for onpolicy_targets='scored' only, "
+                         f"not '{kind}'")
     if getattr(cfg, "method", "bayeskd") == "proxy-kd":
         raise ValueError("method='proxy-kd' weights records of the teacher's data; it has no on-policy form")
-    if kind == "posterior" and getattr(cfg, "posterior_evidence", 0.0):
+    if kind in ("posterior", "scored") and getattr(cfg, "posterior_evidence", 0.0):
         raise ValueError("posterior_evidence adds observations of the teacher's token; the student's samples have "
                          "none (use posterior_evidence=0 with on-policy training)")
     return kind
@@ -340,15 +365,18 @@ class BayesKDTrainer(transformers.Trainer):
 
     `prior` (a `bayeskd.priors.base.Prior`, on-policy posterior targets): queried at the student's samples for
     their prior rows (K = the batch's). `mix_onpolicy` is the step's on-policy batch (the module docstring).
+    `scorer` (a `bayeskd.distillation.onpolicy_scores.SampleScorer`, on-policy scored targets): the teacher
+    server's evidence at the student's samples; the student's rows then get that posterior conditioned on it.
     """
 
     def __init__(self, model: torch.nn.Module | None = None, args: transformers.TrainingArguments | None = None,
                  *rest, teacher_model: torch.nn.Module | None = None, proxy_model: torch.nn.Module | None = None,
-                 peft_config: Any = None, prior: Any = None, **kwargs):
+                 peft_config: Any = None, prior: Any = None, scorer: Any = None, **kwargs):
         if teacher_model is not None and proxy_model is not None:
             raise ValueError("give either teacher_model (white-box) or proxy_model (online posterior), not both")
         self.onpolicy = resolve_onpolicy_targets(args, teacher_model is not None, proxy_model is not None,
-                                                 prior is not None) if args is not None else None
+                                                 prior is not None, scorer is not None) if args is not None else None
+        self.scorer = scorer
         if peft_config is not None:  # as TRL's trainers: the student trains through the adapter only
             checkpointing = bool(args and (args.gradient_checkpointing or getattr(args, "activation_checkpointing", 0)))
             model = with_adapter(model, peft_config, gradient_checkpointing=checkpointing)
@@ -403,11 +431,13 @@ class BayesKDTrainer(transformers.Trainer):
                                      pad_token_id=pad, eos_token_id=eos, seed=seed)
         student_targets = None
         if "target_indices" in inputs:
-            if self.onpolicy != "posterior" or self.prior is None:
+            if self.onpolicy not in ("posterior", "scored") or self.prior is None:
                 raise ValueError("on-policy samples in a batch of targets need the prior (onpolicy_targets="
-                                 "'posterior' with a prior)")
+                                 "'posterior' or 'scored' with a prior)")
             student_targets = prior_rows(self.prior, prompts, responses, int(inputs["target_indices"].shape[1]))
         out = build_batch(inputs, rows, prompts, responses, pad, student_targets)
+        if self.onpolicy == "scored":  # the teacher's scores of the samples, beside the student's rows
+            out.update(scored_evidence(out, rows, responses, self.scorer.evidence(prompts, responses)))
         st = self.onpolicy_stats
         st["sequences"] += len(rows)
         st["tokens"] += int(sum(len(r) for r in responses))
@@ -493,7 +523,10 @@ class BayesKDTrainer(transformers.Trainer):
             loss_kw = dict(divergence=getattr(cfg, "divergence", "forward_kl"), beta=getattr(cfg, "beta", None),
                            temperature=getattr(cfg, "kd_temperature", 1.0), tail=getattr(cfg, "kd_tail", "bucket"),
                            backend=backend)
-            if lm_head is None:
+            if SCORED_KEYS[0] in inputs:  # scored samples: the student's rows against their own finished target
+                per_row, ce = self._scored_kd(rows, lm_head, tokens, target, proxy_rows, posterior, loss_kw, cut,
+                                              teacher_rows, inputs, ce)
+            elif lm_head is None:
                 per_row = fused_posterior_kd(rows, target, proxy_rows, **posterior, **loss_kw, inplace=False)
             else:  # CE and KD from the hidden states: one pass over the logits with the cut kernel
                 per_row, ce_rows = fused_linear_kd_and_ce(rows, lm_head.weight, tokens, target, proxy_rows,
@@ -523,6 +556,39 @@ class BayesKDTrainer(transformers.Trainer):
                 self._acc["kd_n"] += 1
             self.train_tokens += int(attention.sum())
         return (loss, out) if return_outputs else loss
+
+    def _scored_kd(self, rows, lm_head, tokens, target, proxy_rows, posterior, loss_kw, cut, teacher_rows, inputs,
+                   ce) -> tuple[torch.Tensor, torch.Tensor]:
+        """KD of an on-policy batch with scored samples, in two calls: the teacher's rows against the posterior the
+        fused loss forms (prior rows x the proxy online), the student's against that posterior conditioned on the
+        teacher's scores (`onpolicy.scored_targets`: a finished sparse target, which the fused online path cannot
+        take). Returns (per-row KD, the teacher's rows first, then the student's; the CE, from the hidden states
+        where the loss has them: the teacher's rows summed over all rows)."""
+        if proxy_rows is None:
+            raise ValueError("scored on-policy targets need the proxy (online-posterior mode)")
+        teacher_rows = teacher_rows.bool()
+        t_at, s_at = teacher_rows.nonzero()[:, 0], (~teacher_rows).nonzero()[:, 0]
+        if len(s_at) != inputs[SCORED_KEYS[0]].shape[0]:
+            raise ValueError(f"{inputs[SCORED_KEYS[0]].shape[0]} rows of the teacher's scores for {len(s_at)} rows "
+                             "of the student's samples")
+        calls = [(t_at, target[t_at], proxy_rows[t_at], posterior)] if len(t_at) else []
+        if len(s_at):
+            cond = scored_targets(target[s_at], proxy_rows[s_at], {k: inputs[k] for k in SCORED_KEYS},
+                                  **{k: posterior[k] for k in ("mode", "a", "b", "c", "w")})
+            calls.append((s_at, cond, None, {}))
+        parts, ce_sum = [], None
+        for at, tgt, prx, post in calls:
+            if lm_head is None:
+                parts.append(fused_posterior_kd(rows[at], tgt, prx, **post, **loss_kw, inplace=False))
+            else:
+                per_row, ce_rows = fused_linear_kd_and_ce(rows[at], lm_head.weight, tokens[at], tgt, prx, **post,
+                                                          **loss_kw, cut=cut)
+                parts.append(per_row)
+                if prx is not None:
+                    ce_sum = ce_rows.float().sum()
+        if lm_head is not None:
+            ce = (ce_sum if ce_sum is not None else rows.sum() * 0.0) / rows.shape[0]
+        return torch.cat(parts), ce
 
     @torch.no_grad()
     def _proxy_rows(self, input_ids: torch.Tensor, attention: torch.Tensor, response_mask: torch.Tensor,
@@ -554,7 +620,8 @@ SETTINGS = "distill_settings.json"
 
 @locks_output()
 def distill(data: str, student: str, out: str, *, targets: str | None = None, teacher: str | None = None,
-            proxy: str | None = None, prior: str | None = None, tokenizer: str | None = None, split: str = "train",
+            proxy: str | None = None, prior: str | None = None, teacher_url: str | None = None,
+            teacher_model: str | None = None, tokenizer: str | None = None, split: str = "train",
             skip_bad: bool = False, config: BayesKDConfig | None = None, peft_config: Any = None,
             **training_args: Any) -> dict[str, Any]:
     """Train `student` (a `from_pretrained` path) on teacher `data`; save the student + tokenizer to `out`.
@@ -571,7 +638,10 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
     `use_peft` (or a `peft_config`, any `peft.PeftConfig`): the student trains through an adapter; `out` then holds
     the student with the adapter merged (a `from_pretrained` model like any other) and `out/adapter` the adapter.
     `onpolicy_fraction` > 0: on-policy training (BayesKDTrainer); posterior targets at the student's samples need
-    `prior` (a saved prior or an `estimate-prior` output, `bayeskd.priors.base.load_prior`) beside `proxy`.
+    `prior` (a saved prior or an `estimate-prior` output, `bayeskd.priors.base.load_prior`) beside `proxy`;
+    scored targets also `teacher_url` (an OpenAI-compatible server that answers echo with logprobs, probed before
+    training: one line if it cannot) and `teacher_model` (its model name): the samples' scores are cached in
+    `out/onpolicy_scores.jsonl` (`bayeskd.distillation.onpolicy_scores`), so a resumed run asks nothing twice.
     """
     from transformers import AutoModelForCausalLM
 
@@ -598,8 +668,11 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
     if mode == "sft" and cfg.ce_weight == 0:
         raise ValueError("ce_weight=0 without KD targets or a teacher leaves no loss to train on: SFT's loss is the "
                          "CE term (give ce_weight > 0, or targets / a teacher for KD)")
-    onpolicy = resolve_onpolicy_targets(cfg, teacher is not None, proxy is not None, prior is not None)
-    if prior is not None and onpolicy != "posterior":
+    if (teacher_url is None) != (teacher_model is None):
+        raise ValueError("a teacher server needs both teacher_url and teacher_model (the model name it serves)")
+    onpolicy = resolve_onpolicy_targets(cfg, teacher is not None, proxy is not None, prior is not None,
+                                        teacher_url is not None)
+    if prior is not None and onpolicy not in ("posterior", "scored"):
         raise ValueError("prior is read by on-policy posterior targets only (onpolicy_fraction > 0 with a proxy); "
                          "off-policy, --targets holds the prior's rows")
     proxy_kd = cfg.method == "proxy-kd"
@@ -609,6 +682,14 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
                          "no white-box teacher")
 
     tok = load_tokenizer(tokenizer or student)
+    scorer = None
+    if teacher_url is not None:  # probed now: a server that cannot score is refused before any model is loaded
+        from bayeskd.distillation.onpolicy_scores import SampleScorer, cache_name
+
+        cache = out_dir / cache_name(cfg.process_index, cfg.world_size)
+        scorer = SampleScorer(teacher_url, teacher_model, tok, cache, top_k=cfg.onpolicy_score_top_k,
+                              budget=cfg.onpolicy_score_budget)
+        scorer.probe()
     records, report = load_teacher_records(data, split=split, skip_bad=skip_bad)
     tokenized = tokenize_records(records, tok)  # untruncated: target rows are per full response
     dataset = TeacherTargetsDataset(tokenized, targets, max_length=cfg.max_length,
@@ -620,7 +701,7 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
     if dataset.vocab_size is not None and model.get_output_embeddings().weight.shape[0] != dataset.vocab_size:
         raise ValueError(f"{student}: the model's vocabulary ({model.get_output_embeddings().weight.shape[0]}) "
                          f"differs from the targets' ({dataset.vocab_size})")
-    teacher_model = AutoModelForCausalLM.from_pretrained(teacher) if teacher is not None else None
+    whitebox = AutoModelForCausalLM.from_pretrained(teacher) if teacher is not None else None
     proxy_model = None
     if proxy is not None:
         proxy_model = AutoModelForCausalLM.from_pretrained(proxy)
@@ -648,12 +729,14 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
     # what a checkpoint in out was trained with; resuming is refused when it differs
     settings = as_json({"data": str(data), "student": str(student), "targets": targets, "teacher": teacher,
                         "proxy": proxy, **({"prior": str(prior)} if prior is not None else {}),
+                        **({"teacher_model": teacher_model} if teacher_url is not None else {}),
                         "tokenizer": tokenizer, "split": split, "skip_bad": skip_bad,
                         **{k: v for k, v in training_args.items() if k not in RUN_ONLY_ARGS},
                         **({"peft_config": repr(peft_config)} if peft_config is not None and not cfg.use_peft else {})})
     trainer = BayesKDTrainer(model=model, args=cfg, data_collator=BayesKDCollator(pad), train_dataset=dataset,
-                             processing_class=tok, teacher_model=teacher_model, proxy_model=proxy_model,
-                             peft_config=peft_config, prior=prior_model, callbacks=[ChecksumCallback()])
+                             processing_class=tok, teacher_model=whitebox, proxy_model=proxy_model,
+                             peft_config=peft_config, prior=prior_model, scorer=scorer,
+                             callbacks=[ChecksumCallback()])
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     t0 = time.perf_counter()
     start = resume_point(cfg.resume_from_checkpoint, out_dir)
@@ -669,6 +752,9 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
         if trainer.is_world_process_zero():
             remove_unrecorded(out_dir, before)
         raise
+    finally:
+        if scorer is not None:
+            scorer.close()
     seconds = time.perf_counter() - t0
     # saved aside, then renamed into place: a full disk leaves no partial model in out (the Trainer saves from
     # the main process only, which also moves the files)
@@ -718,6 +804,8 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
                                "temperature": cfg.onpolicy_temperature,
                                "max_new_tokens": cfg.onpolicy_max_new_tokens, "sequences": st["sequences"],
                                "sampled_tokens": st["tokens"], "sampling_seconds": round(st["seconds"], 4)}
+        if scorer is not None:  # the price of the scored targets: teacher requests and scored tokens
+            summary["onpolicy"]["scoring"] = scorer.summary()
     if proxy_kd:
         w = dataset.proxy_kd_weights
         summary.update(proxy_kd_alpha=cfg.proxy_kd_alpha, proxy_kd_normalization=cfg.proxy_kd_normalization,

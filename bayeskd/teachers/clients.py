@@ -162,9 +162,10 @@ class OpenAIBackend:
 
 
 class HFBackend:
-    """A local transformers model (`bayeskd.teachers.hf.HFTeacher`), one request at a time in a worker thread."""
+    """A local transformers model (`bayeskd.teachers.hf.HFTeacher`), one request at a time in a worker thread, or
+    with `max_batch` > 1 the requests in flight decoded together (`bayeskd.teachers.batching`)."""
 
-    def __init__(self, model: str, device: str | None = None):
+    def __init__(self, model: str, device: str | None = None, max_batch: int = 1, batch_wait: float = 0.005):
         from bayeskd.core.sparse import tokenizer_fingerprint
         from bayeskd.teachers.hf import HFTeacher
 
@@ -172,6 +173,9 @@ class HFBackend:
         self.fingerprint = tokenizer_fingerprint(self.teacher.tokenizer)
         self.base_url = f"hf:{model}"
         self._lock = asyncio.Lock()
+        self.max_batch, self.batch_wait = max_batch, batch_wait
+        self._batcher: Any = None
+        self._executor: Any = None
 
     async def ask(self, prompt: dict[str, Any], s: Any, seed: int | None) -> Reply:
         kw = dict(n=s.n, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=seed or 0,
@@ -180,18 +184,35 @@ class HFBackend:
             kw["messages"] = chat_messages(prompt, s.system)
         else:
             kw["prompt"] = completion_prompt(prompt, s.system)
-        async with self._lock:
-            gens = await asyncio.to_thread(self.teacher.complete, **kw)
+        if self.max_batch > 1:
+            gens = await self._batched().submit(kw)
+        else:
+            async with self._lock:
+                gens = await asyncio.to_thread(self.teacher.complete, **kw)
         answers = [Answer(g.text, g.finish_reason, [t.to_json() for t in g.tokens] if s.top_logprobs else None)
                    for g in gens]
         return Reply(answers, sum(g.prompt_tokens for g in gens[:1]), sum(g.completion_tokens for g in gens),
                      self.fingerprint)
 
+    def _batched(self) -> Any:
+        if self._batcher is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            from bayeskd.teachers.batching import Batcher
+
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher")
+            self._batcher = Batcher(self.teacher, self._executor, self.max_batch, self.batch_wait)
+            self._batcher.start()
+        return self._batcher
+
     def classify(self, e: BaseException) -> tuple[str, float | None, str]:
         return FATAL, None, f"{type(e).__name__}: {e}"
 
     async def close(self) -> None:
-        return None
+        if self._batcher is not None:
+            await self._batcher.close()
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._batcher = self._executor = None
 
 
 def _retry_after(headers: Any) -> float | None:

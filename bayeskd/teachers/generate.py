@@ -253,6 +253,9 @@ class GenerateConfig:
                                "OUT.empty.jsonl).")
     max_prompts: int | None = setting(None, "Use only the first N prompts.", min=1)
     device: str | None = setting(None, "torch device for --backend hf.")
+    max_batch: int = setting(1, "--backend hf: decode up to this many samples of the requests in flight together "
+                             "(at most --concurrency requests; 1: one request at a time, bit-exact; more: tokens "
+                             "reproducible, log-probabilities to their low bits).", min=1)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -322,7 +325,11 @@ def generate(prompts: str, out: str, *, model: str, base_url: str | None = None,
     todo = [p for p, k in enumerate(keys) if first[k] == p and any(f"{k}/{i}" not in done for i in range(n))]
     counts = _Counts(requests=len(todo))
     t0 = time.perf_counter()
-    client = OpenAIBackend(base_url, api_key_env, timeout) if backend == "openai" else HFBackend(model, device)
+    if backend == "openai" and cfg.max_batch > 1:
+        logger.warning("--max-batch applies to --backend hf; an API server batches by itself (serve-teacher: "
+                       "--max-batch)")
+    client = (OpenAIBackend(base_url, api_key_env, timeout) if backend == "openai"
+              else HFBackend(model, device, max_batch=cfg.max_batch))
     failures: list[dict[str, Any]] = []
     try:
         asyncio.run(_run(client, records_in, keys, todo, done, settings, counts, failures, out_path, empty_path,

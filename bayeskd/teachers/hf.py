@@ -10,6 +10,13 @@ repeated), and rows of different prompts are never batched together. So a sample
 settings, seed, i) and on the model's arithmetic, never on what else runs. (Batches of different sizes may round
 differently on some hardware, so sample i of n=2 and of n=4 agree exactly where the matmuls are batch-invariant,
 as on our CPU tests.)
+
+`HFTeacher.complete_batch` (serve-teacher and generate with `--max-batch` > 1) decodes many requests together:
+left-padded prompts, one KV cache, finished rows dropped. Each row keeps its generator and its request's settings
+and stop rules, so it draws the same uniforms as alone; its logits differ from `complete`'s in their low bits
+(padding and batch size change the order of a matmul's sums), so its tokens match `complete`'s (except where a
+uniform falls that close to a boundary of the sampling CDF) and its log-probabilities match to ~1e-6, not bit
+for bit (docs/design.md, "Batching").
 """
 from __future__ import annotations
 
@@ -76,6 +83,19 @@ class Scored:
     top_ids: list[list[tuple[int, float]]]
 
 
+@dataclass
+class _Job:
+    """One checked request of `complete` / `complete_batch`: prompt ids and settings (k < 0: no log-probs)."""
+    ids: list[int]
+    n: int
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    stop: list[str]
+    k: int
+
+
 # ---------------------------------------------------------------------------------------------------- sampling
 
 def _sample_rows(logits: torch.Tensor, temperature: float, top_p: float, uniforms: torch.Tensor) -> torch.Tensor:
@@ -101,6 +121,14 @@ def _repeat_cache(cache: Any, n: int) -> Any:
         cache.batch_repeat_interleave(n)
         return cache
     return tuple(tuple(t.repeat_interleave(n, dim=0) for t in layer) for layer in cache)  # legacy tuple cache
+
+
+def _select_cache(cache: Any, rows: torch.Tensor) -> None:
+    """Keep (or repeat) the cache's batch rows `rows`, in place."""
+    if hasattr(cache, "batch_select_indices"):
+        cache.batch_select_indices(rows)
+        return
+    raise TypeError("batched generation needs a transformers Cache object (transformers >= 4.36)")
 
 
 def _prompt_seed(seed: int, prompt: str) -> int:
@@ -191,6 +219,48 @@ class HFTeacher:
         distribution at temperature 1 whatever the sampling settings (as vLLM's default raw_logprobs).
         Sample i depends only on (prompt, settings, seed, i): see the module docstring.
         """
+        job = self._job(prompt, messages, n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                        seed=seed, stop=stop, top_logprobs=top_logprobs, logprobs=logprobs)
+        table = self.token_bytes()
+        with self._lock, torch.inference_mode():
+            rows = self._run(job.ids, job.n, job.max_tokens, job.temperature, job.top_p, job.seed, job.stop, job.k)
+        return self._generations(job, rows, table)
+
+    def complete_batch(self, requests: list[dict[str, Any]]) -> list[list[Generation] | Exception]:
+        """Many `complete` calls decoded together (`bayeskd serve-teacher --max-batch`): each request is a dict of
+        `complete`'s arguments (`max_tokens` None: the rest of the model's context); per request its Generations,
+        or the ValueError that `complete` would raise for it (the other requests still run).
+
+        Every request's n samples are rows of one batch: prompts left-padded, one forward per step over a shared
+        KV cache, finished rows dropped from it. Each row keeps its own generator, settings and stop rules, so a
+        sample is drawn from the same uniforms as by `complete`; the logits it is drawn from may differ from
+        `complete`'s in their low bits (a padded, batched matmul sums in another order; see docs/design.md)."""
+        jobs: list[_Job | Exception] = []
+        for r in requests:
+            try:
+                r = dict(r)
+                if r.get("max_tokens") is None:
+                    used = len(self.encode_prompt(r.get("prompt"), r.get("messages")))
+                    r["max_tokens"] = max(1, (self.max_positions or 2048) - used)
+                jobs.append(self._job(**r))
+            except ValueError as e:
+                jobs.append(e)
+        live = [j for j in jobs if isinstance(j, _Job)]
+        table = self.token_bytes()
+        if live:
+            with self._lock, torch.inference_mode():
+                rows = self._run_batch(live)
+        out: list[list[Generation] | Exception] = []
+        for j in jobs:
+            out.append(j if isinstance(j, Exception) else self._generations(j, rows[:j.n], table))
+            if not isinstance(j, Exception):
+                rows = rows[j.n:]
+        return out
+
+    def _job(self, prompt: str | None = None, messages: list[dict] | None = None, *, n: int = 1,
+             max_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+             stop: list[str] | str | None = None, top_logprobs: int = 0, logprobs: bool = False) -> _Job:
+        """A checked, encoded request (ValueError for one this model cannot answer)."""
         if n < 1 or max_tokens < 1:
             raise ValueError(f"n and max_tokens must be at least 1 (got n={n}, max_tokens={max_tokens})")
         if temperature < 0 or not 0 < top_p <= 1 or top_logprobs < 0:
@@ -202,10 +272,11 @@ class HFTeacher:
             raise ValueError(f"this model's maximum context length is {self.max_positions} tokens; the request "
                              f"needs {len(ids) + max_tokens} ({len(ids)} in the prompt, {max_tokens} to generate)")
         want = logprobs or top_logprobs > 0
-        table = self.token_bytes()
-        with self._lock, torch.inference_mode():
-            rows = self._run(ids, n, max_tokens, float(temperature), float(top_p), int(seed), stop,
-                             int(top_logprobs) if want else -1)
+        return _Job(ids, int(n), int(max_tokens), float(temperature), float(top_p), int(seed), stop,
+                    int(top_logprobs) if want else -1)
+
+    def _generations(self, job: _Job, rows: list[tuple[list[int], list, str, int | None]],
+                     table: list[bytes]) -> list[Generation]:
         out = []
         for gen, steps, reason, cut in rows:
             # Keep the tokens whose bytes end inside the (possibly cut) text: no EOS, nothing of a stop string.
@@ -218,11 +289,11 @@ class HFTeacher:
                     budget -= len(table[gen[keep]])
                     keep += 1
             tokens = None
-            if want:
+            if job.k >= 0:
                 tokens = [TokenLogprob(self.token_str(t), table[t], lp,
                                        [(self.token_str(a), table[a], alp) for a, alp in top])
                           for t, (lp, top) in zip(gen[:keep], steps[:keep])]
-            out.append(Generation(text, gen[:keep], reason, len(ids), len(steps), tokens))
+            out.append(Generation(text, gen[:keep], reason, len(job.ids), len(steps), tokens))
         return out
 
     def score(self, prompt: str, top_logprobs: int = 0) -> Scored:
@@ -281,20 +352,8 @@ class HFTeacher:
             for i in range(n):
                 if reasons[i] is not None:
                     continue
-                t = chosen[i]
                 steps[i].append(None if k < 0 else (lp_chosen[i], list(zip(top_i[i], top_v[i])) if k > 0 else []))
-                if t in self.eos_ids:
-                    reasons[i] = "stop"
-                    continue
-                rows[i].append(t)
-                if stop:
-                    text = self.tokenizer.decode(rows[i], skip_special_tokens=True, clean_up_tokenization_spaces=False)
-                    hits = [p for p in (text.find(s) for s in stop) if p >= 0]
-                    if hits:
-                        reasons[i], cuts[i] = "stop", min(hits)
-                        continue
-                if len(steps[i]) >= max_tokens:
-                    reasons[i] = "length"
+                reasons[i], cuts[i] = self._row_step(rows[i], steps[i], chosen[i], stop, max_tokens)
             if all(r is not None for r in reasons) or step == max_tokens - 1:
                 break
             # Finished rows keep running (their numbers are ignored) so the batch never changes shape mid-call.
@@ -302,7 +361,92 @@ class HFTeacher:
             past, logits = self._cache_of(out), out.logits[:, -1, :].float()
         return [(rows[i], steps[i], reasons[i] or "length", cuts[i]) for i in range(n)]
 
-    def _forward(self, input_ids: torch.Tensor, cache: Any, last_only: bool = False) -> Any:
+    def _row_step(self, row: list[int], steps: list, t: int, stop: list[str], max_tokens: int
+                  ) -> tuple[str | None, int | None]:
+        """A row's token t (its step already in `steps`): (finish reason or None, character index of the first
+        stop string or None). EOS ends the row without joining it; a stop string ends it at its first match."""
+        if t in self.eos_ids:
+            return "stop", None
+        row.append(t)
+        if stop:
+            text = self.tokenizer.decode(row, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            hits = [p for p in (text.find(s) for s in stop) if p >= 0]
+            if hits:
+                return "stop", min(hits)
+        return ("length" if len(steps) >= max_tokens else None), None
+
+    def _run_batch(self, jobs: list[_Job]) -> list[tuple[list[int], list, str, int | None]]:
+        """`_run` for many requests at once: their rows (request by request, sample by sample) decoded together.
+        The prompts (one row each) run in one left-padded forward; their caches are repeated per sample; every
+        step is one forward of the live rows' last tokens, and a finished row leaves the batch (its cache rows
+        dropped). Row r of request j draws its uniforms from its own generator seeded `row_seed(seed_j, i)`,
+        samples with its request's temperature and top_p, and stops by its request's rules, as in `_run`."""
+        dev = self.device
+        length = max(len(j.ids) for j in jobs)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.tensor([[pad] * (length - len(j.ids)) + j.ids for j in jobs], device=dev)
+        mask = torch.tensor([[0] * (length - len(j.ids)) + [1] * len(j.ids) for j in jobs], device=dev)
+        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+        owner = [jn for jn, j in enumerate(jobs) for _ in range(j.n)]  # row -> its request
+        sample = [i for j in jobs for i in range(j.n)]
+        gens = [torch.Generator(device="cpu").manual_seed(row_seed(jobs[jn].seed, i)) for jn, i in zip(owner, sample)]
+        out = self._forward(input_ids, _new_cache(self.model.config), last_only=True, attention_mask=mask,
+                            position_ids=positions)
+        past = self._cache_of(out)
+        take = torch.tensor(owner, device=dev)
+        if len(owner) > len(jobs):
+            _select_cache(past, take)
+        mask, logits = mask[take], out.logits[:, -1, :].float()[take]
+        pos = torch.tensor([len(jobs[jn].ids) for jn in owner], device=dev)
+        rows: list[list[int]] = [[] for _ in owner]
+        steps: list[list] = [[] for _ in owner]
+        reasons: list[str | None] = [None] * len(owner)
+        cuts: list[int | None] = [None] * len(owner)
+        live = list(range(len(owner)))  # global row index of each batch row
+        k_max = max(j.k for j in jobs)
+        while True:
+            nxt = torch.empty(len(live), dtype=torch.long, device=logits.device)
+            groups: dict[tuple[float, float], list[int]] = {}
+            for b, r in enumerate(live):
+                j = jobs[owner[r]]
+                groups.setdefault((j.temperature, j.top_p), []).append(b)
+            for (temperature, top_p), bs in groups.items():
+                idx = torch.tensor(bs, device=logits.device)
+                if temperature == 0:
+                    nxt[idx] = logits[idx].argmax(-1)
+                else:
+                    u = torch.stack([torch.rand((), generator=gens[live[b]], dtype=torch.float64) for b in bs])
+                    nxt[idx] = _sample_rows(logits[idx], temperature, top_p, u)
+            lp_chosen = top_v = top_i = None
+            if k_max >= 0:
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                lp_chosen = logp.gather(-1, nxt[:, None])[:, 0].tolist()
+                if k_max > 0:
+                    top_v, top_i = (x.tolist() for x in logp.topk(min(k_max, logp.shape[-1]), dim=-1, sorted=True))
+            chosen = nxt.tolist()
+            keep = []
+            for b, r in enumerate(live):
+                j = jobs[owner[r]]
+                k = j.k
+                steps[r].append(None if k < 0 else (lp_chosen[b], list(zip(top_i[b][:k], top_v[b][:k])) if k > 0
+                                                    else []))
+                reasons[r], cuts[r] = self._row_step(rows[r], steps[r], chosen[b], j.stop, j.max_tokens)
+                if reasons[r] is None:
+                    keep.append(b)
+            if not keep:
+                break
+            if len(keep) < len(live):
+                sel = torch.tensor(keep, device=dev)
+                _select_cache(past, sel)
+                mask, pos, nxt = mask[sel], pos[sel], nxt[sel]
+                live = [live[b] for b in keep]
+            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+            out = self._forward(nxt[:, None], past, attention_mask=mask, position_ids=pos[:, None])
+            past, logits = self._cache_of(out), out.logits[:, -1, :].float()
+            pos = pos + 1
+        return [(rows[r], steps[r], reasons[r] or "length", cuts[r]) for r in range(len(owner))]
+
+    def _forward(self, input_ids: torch.Tensor, cache: Any, last_only: bool = False, **extra: Any) -> Any:
         """One forward pass with the KV cache, under whichever argument names this transformers version uses
         (`cache` from 5.x, `past_key_values` before; `logits_to_keep` / `num_logits_to_keep` spare the prefill
         its [L, V] logits)."""
@@ -313,7 +457,7 @@ class HFTeacher:
                 if name in params:
                     kwargs[name] = 1
                     break
-        return self.model(input_ids=input_ids, **kwargs)
+        return self.model(input_ids=input_ids, **kwargs, **extra)
 
     @staticmethod
     def _cache_of(out: Any) -> Any:

@@ -11,7 +11,10 @@ may collide. Every answer also carries `bayeskd_tokenizer`, the fingerprint of t
 (`bayeskd.core.sparse.tokenizer_fingerprint`; an extra top-level field real APIs lack), which `generate` writes into
 its records as `teacher_tokenizer`, so a student with this tokenizer knows the tokens are its own. Errors use
 OpenAI's JSON error shape. Model work runs in one worker thread, one request at a time, and every request's answer
-depends only on (request, seed) (see `teachers/hf.py`), so faults and retries never change the data.
+depends only on (request, seed) (see `teachers/hf.py`), so faults and retries never change the data. With
+`max_batch` N > 1 the generation requests waiting together (up to N samples) are decoded as one batch
+(`teachers/batching.py`): the same samples' random numbers, log-probabilities equal up to their low bits, so the
+tokens are reproducible but not the last bits of the log-probabilities (see there); scoring stays one at a time.
 
 Fault injection for tests and drills: request k (counted per app, from 0, on the two completion endpoints)
 draws its faults from `random.Random(f"{fault_seed}:{k}")`: after `delay` seconds, with probability `fail_rate`
@@ -43,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bayeskd.core.sparse import tokenizer_fingerprint
+from bayeskd.teachers.batching import Batcher
 from bayeskd.teachers.hf import Generation, HFTeacher, Scored, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -148,10 +152,12 @@ class _App:
     """The state behind one app: the teacher, its worker thread, the limits and the fault counters."""
 
     def __init__(self, teacher: HFTeacher, model_name: str, fail_rate: float, drop_rate: float, delay: float,
-                 fault_seed: int, max_n: int, max_top_logprobs: int):
+                 fault_seed: int, max_n: int, max_top_logprobs: int, max_batch: int = 1, batch_wait: float = 0.005):
         for name, rate in (("fail_rate", fail_rate), ("drop_rate", drop_rate)):
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1] (got {rate})")
+        if max_batch < 1 or batch_wait < 0:
+            raise ValueError(f"need max_batch >= 1 and batch_wait >= 0 (got {max_batch}, {batch_wait})")
         if delay < 0 or max_n < 1 or max_top_logprobs < 0:
             raise ValueError(f"need delay >= 0, max_n >= 1, max_top_logprobs >= 0 (got {delay}, {max_n}, "
                              f"{max_top_logprobs})")
@@ -163,6 +169,8 @@ class _App:
         self.failures = 0
         self.created = int(time.time())
         self.executor: ThreadPoolExecutor | None = None
+        self.max_batch, self.batch_wait = max_batch, batch_wait
+        self.batcher: Batcher | None = None  # max_batch > 1, while the app runs
 
     async def faults(self) -> bool:
         """Apply this request's delay and refusal (raised as an _APIError); True when its answer must be dropped."""
@@ -208,6 +216,21 @@ class _App:
             raise _APIError(400, str(e)) from e
         except Exception as e:  # noqa: BLE001 - any model failure is the server's, said in OpenAI's shape
             log.exception("generation failed")
+            raise _APIError(500, f"generation failed: {type(e).__name__}: {e}", type_="server_error") from e
+
+    async def answer(self, prompts: list[dict[str, Any]], max_tokens: int | None, default_max: int | None,
+                     **settings: Any) -> list[list[Generation]]:
+        """Per prompt its n samples: one request at a time in the worker (max_batch 1, today's path, bit for bit),
+        or each prompt a request to the batcher."""
+        if self.batcher is None:
+            return await self.run(self.generate, prompts=prompts, max_tokens=max_tokens, default_max=default_max,
+                                  **settings)
+        asked = [self.batcher.submit({**p, "max_tokens": max_tokens or default_max, **settings}) for p in prompts]
+        try:
+            return list(await asyncio.gather(*asked))
+        except ValueError as e:
+            raise _APIError(400, str(e)) from e
+        except Exception as e:  # noqa: BLE001 - as in run()
             raise _APIError(500, f"generation failed: {type(e).__name__}: {e}", type_="server_error") from e
 
     def generate(self, prompts: list[dict[str, Any]], max_tokens: int | None, default_max: int | None,
@@ -261,17 +284,26 @@ def _prompt_logprobs(teacher: HFTeacher, scored: Scored, k: int) -> list[dict[st
 
 def create_app(teacher: HFTeacher, model_name: str, *, fail_rate: float = 0.0, drop_rate: float = 0.0,
                delay: float = 0.0, fault_seed: int = 0, max_n: int = 16, max_top_logprobs: int = 20,
-               api_key: str | None = None) -> FastAPI:
+               api_key: str | None = None, max_batch: int = 1, batch_wait: float = 0.005) -> FastAPI:
     """The OpenAI-compatible app serving `teacher` as `model_name` (see the module docstring for the faults).
-    `api_key`: when set, /v1 requests must carry it as a Bearer token (401 otherwise, as OpenAI answers)."""
-    state = _App(teacher, model_name, fail_rate, drop_rate, delay, fault_seed, max_n, max_top_logprobs)
+    `api_key`: when set, /v1 requests must carry it as a Bearer token (401 otherwise, as OpenAI answers).
+    `max_batch`: up to this many samples of waiting requests decoded together (1: one request at a time);
+    `batch_wait`: seconds the batcher waits for more requests before it starts a batch that is not full."""
+    state = _App(teacher, model_name, fail_rate, drop_rate, delay, fault_seed, max_n, max_top_logprobs, max_batch,
+                 batch_wait)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         state.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher")
+        if state.max_batch > 1:
+            state.batcher = Batcher(teacher, state.executor, state.max_batch, state.batch_wait)
+            state.batcher.start()
         try:
             yield
         finally:
+            if state.batcher is not None:
+                await state.batcher.close()
+                state.batcher = None
             state.executor.shutdown(wait=True, cancel_futures=True)
             state.executor = None
 
@@ -335,10 +367,9 @@ def create_app(teacher: HFTeacher, model_name: str, *, fail_rate: float = 0.0, d
         if k > 0 and not req.logprobs:
             raise _APIError(400, "logprobs must be true when top_logprobs is given", param="logprobs")
         messages = [_text_content(m, i) for i, m in enumerate(req.messages)]
-        gens = await state.run(state.generate, prompts=[{"messages": messages}],
-                               max_tokens=req.max_completion_tokens or req.max_tokens, default_max=None, n=n,
-                               temperature=temperature, top_p=top_p, seed=_seed(req.seed), stop=stop,
-                               top_logprobs=k, logprobs=bool(req.logprobs))
+        gens = await state.answer([{"messages": messages}], max_tokens=req.max_completion_tokens or req.max_tokens,
+                                  default_max=None, n=n, temperature=temperature, top_p=top_p, seed=_seed(req.seed),
+                                  stop=stop, top_logprobs=k, logprobs=bool(req.logprobs))
         choices = [{"index": i, "message": {"role": "assistant", "content": g.text},
                     "finish_reason": g.finish_reason,
                     "logprobs": {"content": [t.to_json() for t in g.tokens or []]} if req.logprobs else None}
@@ -366,9 +397,9 @@ def create_app(teacher: HFTeacher, model_name: str, *, fail_rate: float = 0.0, d
         if max_tokens == 0:
             gens = [[Generation("", [], "length", len(s.ids), 0, []) for _ in range(n)] for s in scored]
         else:
-            gens = await state.run(state.generate, prompts=[{"prompt": p} for p in prompts], max_tokens=max_tokens,
-                                   default_max=16, n=n, temperature=temperature, top_p=top_p, seed=_seed(req.seed),
-                                   stop=stop, top_logprobs=k or 0, logprobs=k is not None)
+            gens = await state.answer([{"prompt": p} for p in prompts], max_tokens=max_tokens, default_max=16, n=n,
+                                      temperature=temperature, top_p=top_p, seed=_seed(req.seed), stop=stop,
+                                      top_logprobs=k or 0, logprobs=k is not None)
 
         def choice(j: int, i: int, g: Generation) -> dict[str, Any]:
             c: dict[str, Any] = {"index": j * n + i, "text": prompts[j] + g.text if req.echo else g.text,
@@ -414,7 +445,7 @@ def serve_teacher(model: HFTeacher | str | os.PathLike, host: str = "127.0.0.1",
                   name: str | None = None, device: str | None = None, log_level: str = "info",
                   **opts: Any) -> None:
     """Serve `model` (a checkpoint path or an HFTeacher) until interrupted (the `serve-teacher` job). `opts` are
-    create_app's (fail_rate, drop_rate, delay, fault_seed, max_n, max_top_logprobs)."""
+    create_app's (fail_rate, drop_rate, delay, fault_seed, max_n, max_top_logprobs, max_batch, batch_wait)."""
     import uvicorn
 
     teacher = _as_teacher(model, device)
