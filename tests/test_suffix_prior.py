@@ -149,6 +149,45 @@ def test_long_repeated_span_is_predicted_where_a_4gram_cannot():
     assert float(s_rows.extras["match_length"][pos].min()) >= 10
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_long_exact_repeat_is_followed_with_the_fitted_weights(seed, tiny_tokenizer):
+    # issue 30: random words over a 4-letter alphabet, one 40-word span in two records. One global beta, fitted
+    # where nearly every long context is unique (32, the old grid's largest), followed the repeat at 0.53 and 0.55
+    # top-1 on seeds 0 and 1 (the 4-gram: 0.25); one weight per context-length bucket: 0.98 and 0.97
+    rng = np.random.default_rng(seed)
+    print("seed", seed)
+
+    def words(n):
+        return " ".join("".join(rng.choice(list("abcd"), int(rng.integers(1, 7)))) for _ in range(n))
+
+    span = words(40)
+    texts = [words(int(rng.integers(20, 60))) for _ in range(200)]
+    first, second = int(rng.integers(0, 100)), int(rng.integers(100, 200))
+    texts[first] = words(8) + " " + span + " " + words(5)
+    head = words(11)
+    texts[second] = head + " " + span + " " + words(6)
+    responses = [np.array(tiny_tokenizer(" " + t)["input_ids"]) for t in texts]
+    prompts = [np.array(tiny_tokenizer(f"Write {words(3)}:")["input_ids"]) for _ in texts]
+    V = len(tiny_tokenizer)
+    prior = SuffixPrior(order=4, vocab_size=V).fit(responses, prompts)
+    beta, table = prior.choose_beta(responses, prompts, k=64)  # as estimate-prior and the lab fit it
+    assert prior.beta == beta and table["nll"] <= table["single"]["nll"]
+    assert prior.beta_for(40) < 1 < table["single"]["beta"] <= prior.beta_for(prior.order)  # long: followed
+    rows = prior.topk([responses[second]], 8, leave_one_out=True, contexts=[prompts[second]])
+    ngram = NGramPrior(order=4, vocab_size=V).fit(responses).topk([responses[second]], 1, leave_one_out=True)
+    start = len(tiny_tokenizer(" " + head)["input_ids"])
+    n_span = len(tiny_tokenizer(" " + span)["input_ids"])
+    pos = np.arange(start + 5, start + n_span - 1)  # inside the second copy, after its first 5 tokens
+    truth = responses[second][pos]
+    assert float(rows.extras["match_length"][pos].min()) >= 5  # the first copy is found
+    s_hit = (rows.indices[pos, 0].numpy() == truth).mean()
+    n_hit = (ngram.indices[pos, 0].numpy() == truth).mean()
+    assert s_hit >= 0.95 and n_hit < 0.5, (s_hit, n_hit)
+    # a fixed beta still means one weight everywhere
+    prior.beta = 2.0
+    assert prior.beta == (2.0,) * (len(prior.beta_depths) + 1) and prior.config()["beta"] == list(prior.beta)
+
+
 def test_save_load_and_errors(tmp_path):
     rng = np.random.default_rng(3)
     V = 11
@@ -228,10 +267,23 @@ def test_choose_beta_picks_the_best_leave_one_out_likelihood():
     V = 8
     responses = [rng.integers(0, V, 40) for _ in range(30)]  # pure noise: long contexts predict nothing
     prior = SuffixPrior(order=2, vocab_size=V).fit(responses)
-    beta, table = prior.choose_beta(responses, grid=(0.5, 1.0, 32.0), k=V)
-    assert prior.beta == beta == min(table, key=lambda r: r["nll"])["beta"]
-    assert beta == 32.0  # noise: trust the long contexts least
+    grid = (0.5, 1.0, 32.0)
+    beta, table = prior.choose_beta(responses, grid=grid, k=V)
+    assert prior.beta == beta
+    single = table["single"]
+    assert single["beta"] == min(single["profile"], key=lambda r: r["nll"])["beta"] == 32.0  # noise: trust least
+    # the per-bucket weights are the coordinate minimum: no single bucket's other grid value does better
+    for b in table["buckets"]:
+        assert b["beta"] == beta[table["buckets"].index(b)]
+        if b["levels"]:
+            assert min(r["nll"] for r in b["profile"]) == pytest.approx(table["nll"], abs=1e-12)
+    assert table["nll"] <= single["nll"]
+    # ... and equal the likelihood the prior's own rows give (exact p(y): k = V)
+    y = torch.from_numpy(np.concatenate(responses))
+    rows = prior.topk(responses, V, leave_one_out=True)
+    assert float(-rows.token_logprob(y).mean()) == pytest.approx(table["nll"], rel=1e-5)
     span = rng.integers(0, V, 30)  # now every record repeats one long span: trust them
     rep = [np.concatenate((rng.integers(0, V, 3), span)) for _ in range(30)]
-    beta2, _ = SuffixPrior(order=2, vocab_size=V).fit(rep).choose_beta(rep, grid=(0.5, 1.0, 32.0), k=V)
-    assert beta2 < 32.0
+    prior2 = SuffixPrior(order=2, vocab_size=V).fit(rep)
+    prior2.choose_beta(rep, grid=grid, k=V)
+    assert prior2.beta_for(20) < 32.0  # long contexts followed (the shortest, after a random start, smoothed)

@@ -119,7 +119,7 @@ def bayes_table(paths: dict[str, str], run: Path, cfg, tok, pipeline_proxy: str,
     return out
 
 
-def _budget(records, train, held, truth, q_held, settings, order: int, K: int, beta: float) -> list[dict[str, Any]]:
+def _budget(records, train, held, truth, q_held, settings, order: int, K: int, beta: tuple[float, ...]) -> list[dict[str, Any]]:
     """More prompts or more samples per prompt, at an equal number of samples: priors counted on one sample of
     every prompt against all samples of half the prompts, scored on held-out teacher text (alone and with the
     proxy, in the combinations chosen above)."""
@@ -164,9 +164,10 @@ def format_bayes(b: dict[str, Any]) -> str:
     """Markdown: one column per place scored, a row per estimate, then the ratio."""
     names = list(b["where"])
     keys = list(b["where"][names[0]]["kl"])
+    betas = "/".join(f"{x:g}" for x in np.atleast_1d(b["suffix_beta"]))  # one per context-length bucket
     lines = [f"KL(teacher‖estimate), text only; proxy: {b['proxy']}; combinations chosen on "
-             f"{b['calibration_records']} calibration records; suffix prior beta = {b['suffix_beta']:g} (chosen the "
-             f"same way):", "", "| estimate | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+             f"{b['calibration_records']} calibration records; suffix prior beta by context length = {betas} "
+             f"(chosen the same way):", "", "| estimate | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for k in keys:
         lines.append(f"| {k} | " + " | ".join(f"{b['where'][n]['kl'][k]:.4f}" for n in names) + " |")
     lines.append(f"| **chosen posterior ({b['chosen']}) / best component** | " + " | ".join(

@@ -63,9 +63,10 @@ class EstimatePriorConfig:
     max_support: int = setting(1024, "--kind suffix: occurrences read per level (more: evenly spaced ones, as "
                                "infini-gram does).", min=1)
     beta: float | None = setting(None, "--kind suffix: trust in a level's count against its variety (Witten-Bell: "
-                                 "1). Default: chosen by the leave-one-out likelihood of the teacher's own tokens.",
-                                 min=0, min_open=True)
-    beta_records: int = setting(2000, "--kind suffix without --beta: records whose tokens choose beta.", min=1)
+                                 "1), the same at every context length. Default: one per context-length bucket, "
+                                 "chosen by the leave-one-out likelihood of the teacher's own tokens (long exact "
+                                 "repeats followed, short contexts smoothed).", min=0, min_open=True)
+    beta_records: int = setting(2000, "--kind suffix without --beta: records whose tokens choose the weights.", min=1)
     smoothing: str = setting("kneser_ney", "How the n-gram's counts are smoothed.", choices=SMOOTHINGS)
     alpha: float = setting(1.0, "Dirichlet concentration.")
     top_k: int = setting(64, "Entries per position in the written prior shards.", min=1)
@@ -90,7 +91,7 @@ def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out
     kind "ngram": an NGramPrior of `order`; "suffix": a SuffixPrior (prompt + response of every record in a
     suffix array, Witten-Bell over its `max_levels` deepest context levels, backing off to that n-gram); its
     `beta` (None: chosen by the leave-one-out likelihood of the teacher's tokens in the first `beta_records`
-    records, `SuffixPrior.choose_beta`) is saved with it.
+    records, `SuffixPrior.choose_beta`: one per bucket of the context length) is saved with it.
 
     The settings: `config` (an `EstimatePriorConfig`) or `settings`, its fields (kind, order, top_k, write_topk,
     codec, ...). Writes `out/prior/` (the model), optionally `out/topk/` (per-position top-K prior shards,
@@ -174,7 +175,7 @@ def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out
         t_q = time.perf_counter()
         writer = ShardWriter(out_dir / "topk", vocab, top_k, tokenized.fingerprint,
                              {**prior_config, "top_k": top_k, "leave_one_out": cfg.leave_one_out,
-                              **({"beta": prior.beta} if kind == "suffix" else {})},  # the beta chosen
+                              **({"beta": list(prior.beta)} if kind == "suffix" else {})},  # the beta chosen
                              codec=cfg.codec)
         # Shards hold whole sequences so a row range maps back to (record, response position).
         lengths = np.array([len(s) for s in sequences], dtype=np.int64)
@@ -196,7 +197,7 @@ def estimate_prior(data: str | None = None, tokenizer: str | None = None, *, out
         "tokens": n_tokens, "vocab_size": vocab, "kind": kind, "order": order, "smoothing": smoothing,
         "ngrams_per_order": (prior.base if kind == "suffix" else prior).ngram_counts(),
         "corpus_tokens": prior.num_tokens if kind == "suffix" else n_tokens,
-        **({"beta": prior.beta, "beta_table": beta_table} if kind == "suffix" else {}),
+        **({"beta": list(prior.beta), "beta_table": beta_table} if kind == "suffix" else {}),
         "count_seconds": round(count_seconds, 4), "reused_model": reused,
         "count_tokens_per_second": round(n_tokens / count_seconds) if count_seconds > 0 and not reused else None,
         "topk_shards": shards if cfg.write_topk else 0, "topk_seconds": round(topk_seconds, 4),
