@@ -205,3 +205,59 @@ def test_generate_backend_hf_batches_to_the_same_records(model_dir, tmp_path):
     many = generate(str(prompts), str(tmp_path / "many.jsonl"), model=model_dir, max_batch=16, **kw)
     assert one["complete"] and many["complete"] and many["records_total"] == 40
     _same_records(_by_key(tmp_path / "one.jsonl"), _by_key(tmp_path / "many.jsonl"))
+
+
+def test_requests_joining_a_running_batch_get_their_unbatched_samples(teacher):
+    """Continuous batching (`HFTeacher.decoding()`): requests admitted between decoding steps, beside rows already
+    half-way (a longer cache: the newcomers are padded on the left) and after others left, get `complete`'s
+    samples; a request the model cannot answer comes back at once as its error."""
+    first = [dict(prompt="The os module", n=2, max_tokens=10, seed=1, top_logprobs=3),
+             dict(prompt="a", max_tokens=4, seed=2, temperature=0.0, logprobs=True)]
+    later = [dict(prompt="Question 7: what does module seven return when it is called?", max_tokens=9, seed=3,
+                  temperature=0.7, top_p=0.8, top_logprobs=2),
+             dict(prompt="x" * 300, max_tokens=8),
+             dict(prompt="import sys", max_tokens=6, seed=4, stop=["e"], n=3)]
+    last = [dict(prompt="Item 12 of the list", max_tokens=7, seed=-5, temperature=1.3, top_logprobs=1)]
+    decoding = teacher.decoding()
+    done = dict(decoding.step(list(enumerate(first))))
+    for _ in range(3):
+        done.update(decoding.step())
+    assert decoding.rows == 2  # the greedy row has ended (4 tokens), the n=2 request runs on
+    done.update(decoding.step([(2 + i, r) for i, r in enumerate(later)]))
+    assert isinstance(done[3], ValueError) and "maximum context length" in str(done[3])
+    for _ in range(6):
+        done.update(decoding.step())
+    done.update(decoding.step([(5, last[0])]))
+    while decoding.rows:
+        done.update(decoding.step())
+    reqs = first + later + last
+    assert sorted(done) == list(range(len(reqs)))
+    for i, r in enumerate(reqs):
+        if i != 3:
+            _same(teacher.complete(**r), done[i])
+
+
+def test_batcher_admits_requests_into_the_running_batch(teacher):
+    """Requests arriving while a batch decodes join it (one batch for all of them), and get their samples."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bayeskd.teachers.batching import Batcher
+
+    reqs = [dict(prompt=f"Entry {i} says", max_tokens=48 + i, seed=i, top_logprobs=2) for i in range(6)]
+
+    async def run():
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            batcher = Batcher(teacher, pool, max_batch=4, wait=0.0)
+            batcher.start()
+            asked = []
+            for r in reqs:
+                asked.append(asyncio.ensure_future(batcher.submit(r)))
+                await asyncio.sleep(0.002)  # arrive while the batch runs
+            out = await asyncio.gather(*asked)
+            await batcher.close()
+            return out, batcher
+
+    out, batcher = asyncio.run(run())
+    assert batcher.rows == 6 and batcher.batches == 1
+    for r, b in zip(reqs, out):
+        _same(teacher.complete(**r), b)

@@ -1,11 +1,13 @@
-"""Requests decoded together: an asyncio queue in front of `HFTeacher.complete_batch`, shared by
+"""Requests decoded together: an asyncio queue in front of a running `HFTeacher.decoding()` batch, shared by
 `bayeskd serve-teacher --max-batch N` and `bayeskd generate --backend hf --max-batch N`.
 
-Callers `await batcher.submit(request)` (a dict of `HFTeacher.complete`'s arguments). One loop takes the first
+Callers `await batcher.submit(request)` (a dict of `HFTeacher.complete`'s arguments). Idle, one loop takes the first
 waiting request, then more until the batch holds `max_batch` rows (a request counts its n samples; one larger than
 `max_batch` runs alone) or `wait` seconds have passed with none arriving, and runs the batch in the caller's
-one-thread executor, so batches, and anything else sent to that executor (scoring), never overlap. A batch runs to
-its end (its finished rows leave it early); requests arriving meanwhile form the next one.
+one-thread executor. Batching is continuous: the batch (`HFTeacher.decoding()`) runs one decoding step per
+executor call, and between steps the requests that arrived meanwhile join it as far as rows are free, while rows
+that finished have left it, so the model does not wait for a whole batch to end, nor for the answers to be sent
+and the next requests to come; anything else sent to that executor (scoring) runs between two steps.
 
 What batching keeps and what it does not: every sample still draws its uniforms from its own generator
 (`row_seed(seed, i)`) with its own settings and stop rules, so which requests share a batch changes no sample's
@@ -27,8 +29,8 @@ log = logging.getLogger(__name__)
 
 
 class Batcher:
-    """Collects `complete` requests and runs them `max_batch` rows at a time through `teacher.complete_batch`
-    (see the module docstring). `start()` inside the running event loop, `await close()` at the end."""
+    """Collects `complete` requests and decodes them, at most `max_batch` rows at a time, in a running
+    `teacher.decoding()` batch that requests join and leave between steps (see the module docstring). `start()` inside the running event loop, `await close()` at the end."""
 
     def __init__(self, teacher: Any, executor: Executor, max_batch: int, wait: float = 0.005):
         if max_batch < 1 or wait < 0:
@@ -37,7 +39,7 @@ class Batcher:
         self.held: tuple[dict[str, Any], asyncio.Future] | None = None  # the request that did not fit the last batch
         self.queue: asyncio.Queue[tuple[dict[str, Any], asyncio.Future]] | None = None
         self.task: asyncio.Task | None = None
-        self.batches = 0  # how many batches ran, and their rows (for tests and benchmarks)
+        self.batches = 0  # how many batches started from idle, and the rows admitted (tests, benchmarks)
         self.rows = 0
 
     def start(self) -> None:
@@ -95,23 +97,50 @@ class Batcher:
             raise
         return batch
 
+    def _take_now(self, room: int) -> list[tuple[dict[str, Any], asyncio.Future]]:
+        """The waiting requests that fit `room` rows, in order, without waiting (the first that does not fit is
+        held, first in line)."""
+        assert self.queue is not None
+        batch = []
+        while self.held is not None or not self.queue.empty():
+            item = self.held if self.held is not None else self.queue.get_nowait()
+            n = item[0].get("n", 1)
+            if n > room:
+                self.held = item
+                break
+            self.held = None
+            batch.append(item)
+            room -= n
+        return batch
+
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
+        decoding: Any = None
+        active: dict[int, asyncio.Future] = {}
+        key = 0
         while True:
-            batch = await self._take()
-            requests = [r for r, _ in batch]
-
+            if not active:  # idle: wait for a request, then up to `wait` for more
+                batch = await self._take()
+                decoding = self.teacher.decoding()
+                self.batches += 1
+            else:  # running: whatever is waiting joins, as far as rows are free
+                batch = self._take_now(self.max_batch - decoding.rows)
+            new = []
+            for request, fut in batch:
+                active[key] = fut
+                new.append((key, request))
+                key += 1
+            self.rows += sum(r.get("n", 1) for r, _ in batch)
             try:
-                results = await loop.run_in_executor(self.executor, self.teacher.complete_batch, requests)
+                done = await loop.run_in_executor(self.executor, decoding.step, new)
             except asyncio.CancelledError:
-                _fail(batch)
+                _fail([(None, f) for f in active.values()])
                 raise
-            except Exception as e:  # noqa: BLE001 - a model failure fails the batch's requests, not the loop
+            except Exception as e:  # noqa: BLE001 - a model failure fails the running requests, not the loop
                 log.exception("batched generation failed")
-                results = [e] * len(batch)
-            self.batches += 1
-            self.rows += sum(r.get("n", 1) for r in requests)
-            for (_, fut), res in zip(batch, results):
+                done = [(k, e) for k in active]
+            for k, res in done:
+                fut = active.pop(k)
                 if fut.done():  # the caller went away (its connection closed)
                     continue
                 if isinstance(res, BaseException):

@@ -11,8 +11,9 @@ settings, seed, i) and on the model's arithmetic, never on what else runs. (Batc
 differently on some hardware, so sample i of n=2 and of n=4 agree exactly where the matmuls are batch-invariant,
 as on our CPU tests.)
 
-`HFTeacher.complete_batch` (serve-teacher and generate with `--max-batch` > 1) decodes many requests together:
-left-padded prompts, one KV cache, finished rows dropped. Each row keeps its generator and its request's settings
+`HFTeacher.complete_batch` and `Decoding` (serve-teacher and generate with `--max-batch` > 1) decode many
+requests together: left-padded prompts, one preallocated KV cache, finished rows dropped, and (`Decoding.step`)
+new requests joining the running batch between steps. Each row keeps its generator and its request's settings
 and stop rules, so it draws the same uniforms as alone; its logits differ from `complete`'s in their low bits
 (padding and batch size change the order of a matmul's sums), so its tokens match `complete`'s (except where a
 uniform falls that close to a boundary of the sampling CDF) and its log-probabilities match to ~1e-6, not bit
@@ -123,14 +124,6 @@ def _repeat_cache(cache: Any, n: int) -> Any:
     return tuple(tuple(t.repeat_interleave(n, dim=0) for t in layer) for layer in cache)  # legacy tuple cache
 
 
-def _select_cache(cache: Any, rows: torch.Tensor) -> None:
-    """Keep (or repeat) the cache's batch rows `rows`, in place."""
-    if hasattr(cache, "batch_select_indices"):
-        cache.batch_select_indices(rows)
-        return
-    raise TypeError("batched generation needs a transformers Cache object (transformers >= 4.36)")
-
-
 def _prompt_seed(seed: int, prompt: str) -> int:
     """Teacher.generate's per-prompt seed: from (seed, prompt text), so prompts sampled with one seed do not
     share their uniforms, and a prompt's answer does not depend on its place in the list."""
@@ -235,27 +228,23 @@ class HFTeacher:
         KV cache, finished rows dropped from it. Each row keeps its own generator, settings and stop rules, so a
         sample is drawn from the same uniforms as by `complete`; the logits it is drawn from may differ from
         `complete`'s in their low bits (a padded, batched matmul sums in another order; see docs/design.md)."""
-        jobs: list[_Job | Exception] = []
-        for r in requests:
-            try:
-                r = dict(r)
-                if r.get("max_tokens") is None:
-                    used = len(self.encode_prompt(r.get("prompt"), r.get("messages")))
-                    r["max_tokens"] = max(1, (self.max_positions or 2048) - used)
-                jobs.append(self._job(**r))
-            except ValueError as e:
-                jobs.append(e)
-        live = [j for j in jobs if isinstance(j, _Job)]
-        table = self.token_bytes()
-        if live:
-            with self._lock, torch.inference_mode():
-                rows = self._run_batch(live)
-        out: list[list[Generation] | Exception] = []
-        for j in jobs:
-            out.append(j if isinstance(j, Exception) else self._generations(j, rows[:j.n], table))
-            if not isinstance(j, Exception):
-                rows = rows[j.n:]
-        return out
+        decoding = self.decoding()
+        done = dict(decoding.step(list(enumerate(requests))))
+        while decoding.rows:
+            done.update(decoding.step())
+        return [done[i] for i in range(len(requests))]
+
+    def decoding(self) -> "Decoding":
+        """An empty running batch (continuous batching: `Decoding.step` admits requests between steps)."""
+        return Decoding(self)
+
+    def _request(self, r: dict[str, Any]) -> _Job:
+        """A `complete_batch` request dict as a checked job (`max_tokens` None: the rest of the context)."""
+        r = dict(r)
+        if r.get("max_tokens") is None:
+            used = len(self.encode_prompt(r.get("prompt"), r.get("messages")))
+            r["max_tokens"] = max(1, (self.max_positions or 2048) - used)
+        return self._job(**r)
 
     def _job(self, prompt: str | None = None, messages: list[dict] | None = None, *, n: int = 1,
              max_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
@@ -375,77 +364,6 @@ class HFTeacher:
                 return "stop", min(hits)
         return ("length" if len(steps) >= max_tokens else None), None
 
-    def _run_batch(self, jobs: list[_Job]) -> list[tuple[list[int], list, str, int | None]]:
-        """`_run` for many requests at once: their rows (request by request, sample by sample) decoded together.
-        The prompts (one row each) run in one left-padded forward; their caches are repeated per sample; every
-        step is one forward of the live rows' last tokens, and a finished row leaves the batch (its cache rows
-        dropped). Row r of request j draws its uniforms from its own generator seeded `row_seed(seed_j, i)`,
-        samples with its request's temperature and top_p, and stops by its request's rules, as in `_run`."""
-        dev = self.device
-        length = max(len(j.ids) for j in jobs)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.tensor([[pad] * (length - len(j.ids)) + j.ids for j in jobs], device=dev)
-        mask = torch.tensor([[0] * (length - len(j.ids)) + [1] * len(j.ids) for j in jobs], device=dev)
-        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
-        owner = [jn for jn, j in enumerate(jobs) for _ in range(j.n)]  # row -> its request
-        sample = [i for j in jobs for i in range(j.n)]
-        gens = [torch.Generator(device="cpu").manual_seed(row_seed(jobs[jn].seed, i)) for jn, i in zip(owner, sample)]
-        out = self._forward(input_ids, _new_cache(self.model.config), last_only=True, attention_mask=mask,
-                            position_ids=positions)
-        past = self._cache_of(out)
-        take = torch.tensor(owner, device=dev)
-        if len(owner) > len(jobs):
-            _select_cache(past, take)
-        mask, logits = mask[take], out.logits[:, -1, :].float()[take]
-        pos = torch.tensor([len(jobs[jn].ids) for jn in owner], device=dev)
-        rows: list[list[int]] = [[] for _ in owner]
-        steps: list[list] = [[] for _ in owner]
-        reasons: list[str | None] = [None] * len(owner)
-        cuts: list[int | None] = [None] * len(owner)
-        live = list(range(len(owner)))  # global row index of each batch row
-        k_max = max(j.k for j in jobs)
-        while True:
-            nxt = torch.empty(len(live), dtype=torch.long, device=logits.device)
-            groups: dict[tuple[float, float], list[int]] = {}
-            for b, r in enumerate(live):
-                j = jobs[owner[r]]
-                groups.setdefault((j.temperature, j.top_p), []).append(b)
-            for (temperature, top_p), bs in groups.items():
-                idx = torch.tensor(bs, device=logits.device)
-                if temperature == 0:
-                    nxt[idx] = logits[idx].argmax(-1)
-                else:
-                    u = torch.stack([torch.rand((), generator=gens[live[b]], dtype=torch.float64) for b in bs])
-                    nxt[idx] = _sample_rows(logits[idx], temperature, top_p, u)
-            lp_chosen = top_v = top_i = None
-            if k_max >= 0:
-                logp = torch.log_softmax(logits.float(), dim=-1)
-                lp_chosen = logp.gather(-1, nxt[:, None])[:, 0].tolist()
-                if k_max > 0:
-                    top_v, top_i = (x.tolist() for x in logp.topk(min(k_max, logp.shape[-1]), dim=-1, sorted=True))
-            chosen = nxt.tolist()
-            keep = []
-            for b, r in enumerate(live):
-                j = jobs[owner[r]]
-                k = j.k
-                steps[r].append(None if k < 0 else (lp_chosen[b], list(zip(top_i[b][:k], top_v[b][:k])) if k > 0
-                                                    else []))
-                reasons[r], cuts[r] = self._row_step(rows[r], steps[r], chosen[b], j.stop, j.max_tokens)
-                if reasons[r] is None:
-                    keep.append(b)
-            if not keep:
-                break
-            if len(keep) < len(live):
-                sel = torch.tensor(keep, device=dev)
-                _select_cache(past, sel)
-                mask, pos, nxt = mask[sel], pos[sel], nxt[sel]
-                live = [live[b] for b in keep]
-            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
-            out = self._forward(nxt[:, None], past, attention_mask=mask, position_ids=pos[:, None])
-            past, logits = self._cache_of(out), out.logits[:, -1, :].float()
-            pos = pos + 1
-        return [(rows[r], steps[r], reasons[r] or "length", cuts[r]) for r in range(len(owner))]
-
     def _forward(self, input_ids: torch.Tensor, cache: Any, last_only: bool = False, **extra: Any) -> Any:
         """One forward pass with the KV cache, under whichever argument names this transformers version uses
         (`cache` from 5.x, `past_key_values` before; `logits_to_keep` / `num_logits_to_keep` spare the prefill
@@ -486,3 +404,268 @@ def _new_cache(config: Any) -> Any:
         return DynamicCache(config=config)
     except TypeError:  # transformers before the config argument
         return DynamicCache()
+
+
+# ---------------------------------------------------------------------------------------------------- batching
+
+@dataclass
+class _Request:
+    """A request inside a `Decoding`: its job, the key it came with, its rows and how many are still decoding."""
+    key: Any
+    job: _Job
+    rows: list["_Row"]
+    left: int
+
+
+@dataclass
+class _Row:
+    """One sample of a request decoding in a batch: its generator, generated ids, per-step log-probabilities,
+    finish reason and stop-string cut (as `_run` keeps them per row)."""
+    req: _Request
+    gen: torch.Generator
+    ids: list[int] = field(default_factory=list)
+    steps: list = field(default_factory=list)
+    reason: str | None = None
+    cut: int | None = None
+
+
+class Decoding:
+    """A running batch of `HFTeacher` requests, decoded together step by step (continuous batching).
+
+    `step(new)` admits the requests `new` ((key, request dict) pairs; a request `complete` would refuse comes back
+    at once as its ValueError): their prompts run in one left-padded forward and their KV caches join the batch's,
+    right-aligned, the shorter side padded on the left and masked. Then every live row samples one token with its
+    own generator (`row_seed(seed, i)`), settings and stop rules, exactly as in `HFTeacher._run`; finished rows
+    leave the batch (their cache rows dropped, columns no live row still attends to trimmed on the left), and the
+    live rows' next forward runs. It returns (key, Generations) for every request whose rows all ended. So
+    requests join a batch between steps and leave it when they end, and no row's random numbers depend on what
+    else runs: only the low bits of its logits do (see the module docstring).
+
+    The cache preallocates its keys and values (`_slab_cache`): a step writes into the buffer instead of
+    concatenating every layer's cache. Not thread-safe by itself; each step holds the teacher's lock."""
+
+    def __init__(self, teacher: "HFTeacher"):
+        self.teacher = teacher
+        self.live: list[_Row] = []
+        self.cache: Any = None
+        self.mask = self.pos = self.logits = None
+
+    @property
+    def rows(self) -> int:
+        """How many rows are decoding."""
+        return len(self.live)
+
+    def step(self, new: list[tuple[Any, dict[str, Any]]] = ()) -> list[tuple[Any, list[Generation] | Exception]]:
+        t = self.teacher
+        out: list[tuple[Any, list[Generation] | Exception]] = []
+        jobs = []
+        for key, r in new:
+            try:
+                jobs.append((key, t._request(r)))
+            except ValueError as e:
+                out.append((key, e))
+        table = t.token_bytes()
+        with t._lock, torch.inference_mode():
+            if jobs:
+                self._admit(jobs)
+            if self.live:
+                out += self._advance(table)
+        return out
+
+    def _admit(self, jobs: list[tuple[Any, _Job]]) -> None:
+        t, dev = self.teacher, self.teacher.device
+        length = max(len(j.ids) for _, j in jobs)
+        pad = t.tokenizer.pad_token_id if t.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.tensor([[pad] * (length - len(j.ids)) + j.ids for _, j in jobs], device=dev)
+        mask = torch.tensor([[0] * (length - len(j.ids)) + [1] * len(j.ids) for _, j in jobs], device=dev)
+        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+        out = t._forward(input_ids, _new_cache(t.model.config), last_only=True, attention_mask=mask,
+                         position_ids=positions)
+        rows = []
+        owner = []
+        for jn, (key, j) in enumerate(jobs):
+            req = _Request(key, j, [], j.n)
+            req.rows = [_Row(req, torch.Generator(device="cpu").manual_seed(row_seed(j.seed, i))) for i in range(j.n)]
+            rows += req.rows
+            owner += [jn] * j.n
+        take = torch.tensor(owner, device=dev) if len(owner) > len(jobs) else None
+        logits = out.logits[:, -1, :].float()
+        pos = torch.tensor([len(r.req.job.ids) for r in rows], device=dev)
+        if take is not None:
+            mask, logits = mask[take], logits[take]
+        if self.cache is None:
+            self.cache = _slab_cache(t.model.config)
+        for mine, theirs in zip(self.cache.layers, t._cache_of(out).layers):
+            keys, values = theirs.keys, theirs.values
+            if take is not None:
+                keys, values = keys.index_select(0, take), values.index_select(0, take)
+            _join_layer(mine, keys, values)
+        if self.live:
+            have, add = self.mask.shape[1], mask.shape[1]
+            width = max(have, add)
+            mask = torch.cat([torch.nn.functional.pad(self.mask, (width - have, 0)),
+                              torch.nn.functional.pad(mask, (width - add, 0))])
+            pos, logits = torch.cat([self.pos, pos]), torch.cat([self.logits, logits])
+        self.mask, self.pos, self.logits = mask, pos, logits
+        self.live += rows
+
+    def _advance(self, table: list[bytes]) -> list[tuple[Any, list[Generation]]]:
+        """Sample a token for every live row, let finished rows and requests go, run the next forward."""
+        t, logits, live = self.teacher, self.logits, self.live
+        nxt = torch.empty(len(live), dtype=torch.long, device=logits.device)
+        groups: dict[tuple[float, float], list[int]] = {}
+        for b, row in enumerate(live):
+            groups.setdefault((row.req.job.temperature, row.req.job.top_p), []).append(b)
+        for (temperature, top_p), bs in groups.items():
+            idx = torch.tensor(bs, device=logits.device) if len(bs) < len(live) else None
+            part = logits[idx] if idx is not None else logits
+            if temperature == 0:
+                chosen_part = part.argmax(-1)
+            else:
+                u = torch.stack([torch.rand((), generator=live[b].gen, dtype=torch.float64) for b in bs])
+                chosen_part = _sample_rows(part, temperature, top_p, u)
+            if idx is not None:
+                nxt[idx] = chosen_part
+            else:
+                nxt = chosen_part
+        k_max = max(row.req.job.k for row in live)
+        lp_chosen = top_v = top_i = None
+        if k_max >= 0:
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            lp_chosen = logp.gather(-1, nxt[:, None])[:, 0].tolist()
+            if k_max > 0:
+                top_v, top_i = (x.tolist() for x in logp.topk(min(k_max, logp.shape[-1]), dim=-1, sorted=True))
+        chosen = nxt.tolist()
+        keep, done = [], []
+        for b, row in enumerate(live):
+            job = row.req.job
+            k = job.k
+            row.steps.append(None if k < 0 else (lp_chosen[b], list(zip(top_i[b][:k], top_v[b][:k])) if k > 0
+                                                 else []))
+            row.reason, row.cut = t._row_step(row.ids, row.steps, chosen[b], job.stop, job.max_tokens)
+            if row.reason is None:
+                keep.append(b)
+                continue
+            row.req.left -= 1
+            if row.req.left == 0:
+                req = row.req
+                done.append((req.key, t._generations(req.job, [(r.ids, r.steps, r.reason, r.cut) for r in req.rows],
+                                                     table)))
+        if len(keep) < len(live):
+            self.live = [live[b] for b in keep]
+            if not keep:
+                self.cache = self.mask = self.pos = self.logits = None
+                return done
+            sel = torch.tensor(keep, device=self.mask.device)
+            self.cache.batch_select_indices(sel)
+            self.mask, self.pos, nxt = self.mask[sel], self.pos[sel], nxt[sel]
+            first = int(self.mask.any(0).int().argmax())  # columns before it: padding of every live row
+            if first > 0:
+                for layer in self.cache.layers:
+                    _trim_layer(layer, first)
+                self.mask = self.mask[:, first:]
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(keep), 1)], dim=1)
+        out = t._forward(nxt[:, None], self.cache, attention_mask=self.mask, position_ids=self.pos[:, None])
+        self.cache, self.logits = t._cache_of(out), out.logits[:, -1, :].float()
+        self.pos = self.pos + 1
+        return done
+
+
+_SLAB_LAYER: Any = None
+
+
+def _slab_cache(config: Any) -> Any:
+    """The DynamicCache of a `Decoding`: its full-attention layers (DynamicLayer) replaced by `SlabLayer`s, whose
+    keys and values are views of a buffer with room to grow, written in place each step (a DynamicLayer
+    concatenates its whole cache per step and layer); other layer types stay as they are."""
+    global _SLAB_LAYER
+    from transformers.cache_utils import DynamicLayer
+
+    if _SLAB_LAYER is None:
+        class SlabLayer(DynamicLayer):
+            """Keys and values [B, H, L, D] as `buffer[:, :, start:end]`; `update` writes the new states at `end`
+            (the buffer doubles when full); `join` adds rows, right-aligned; `trim` drops columns on the left."""
+
+            def __init__(self, **kwargs: Any):
+                super().__init__(**kwargs)
+                self.k = self.v = None
+                self.start = self.end = 0
+
+            def _views(self) -> tuple[torch.Tensor, torch.Tensor]:
+                self.keys, self.values = self.k[:, :, self.start:self.end], self.v[:, :, self.start:self.end]
+                return self.keys, self.values
+
+            def _place(self, parts: list[tuple[torch.Tensor, torch.Tensor]], width: int, room: int) -> None:
+                """A new buffer of the parts' rows stacked, each right-aligned in `width` columns, with room after."""
+                k0, v0 = parts[0]
+                rows = sum(k.shape[0] for k, _ in parts)
+                cap = width + max(room, width, 16)
+                self.k = k0.new_zeros(rows, k0.shape[1], cap, k0.shape[3])
+                self.v = v0.new_zeros(rows, v0.shape[1], cap, v0.shape[3])
+                r = 0
+                for k, v in parts:
+                    self.k[r:r + k.shape[0], :, width - k.shape[2]:width] = k
+                    self.v[r:r + v.shape[0], :, width - v.shape[2]:width] = v
+                    r += k.shape[0]
+                self.start, self.end = 0, width
+                self.device, self.is_initialized = k0.device, True
+                self._views()
+
+            def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                n = key_states.shape[-2]
+                if self.k is None:
+                    self._place([(key_states, value_states)], n, n)
+                    return self.keys, self.values
+                if self.end + n > self.k.shape[2]:
+                    self._place([(self.keys, self.values)], self.end - self.start, n)
+                self.k[:, :, self.end:self.end + n] = key_states
+                self.v[:, :, self.end:self.end + n] = value_states
+                self.end += n
+                return self._views()
+
+            def join(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+                parts = [(self.keys, self.values)] if self.k is not None else []
+                parts.append((keys, values))
+                self._place(parts, max(k.shape[2] for k, _ in parts), 0)
+
+            def trim(self, n: int) -> None:
+                self.start += n
+                self._views()
+
+            def batch_select_indices(self, indices: torch.Tensor) -> None:
+                if self.k is not None:
+                    self.k, self.v = self.k.index_select(0, indices), self.v.index_select(0, indices)
+                    self._views()
+
+            def reset(self) -> None:
+                self.k = self.v = None
+                self.start = self.end = 0
+                super().reset()
+
+        _SLAB_LAYER = SlabLayer
+    cache = _new_cache(config)
+    cache.layers = [_SLAB_LAYER() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+def _join_layer(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Add rows (their keys and values) to a cache layer: both sides right-aligned, the shorter padded on the left."""
+    if hasattr(layer, "join"):
+        layer.join(keys, values)
+        return
+    if not getattr(layer, "is_initialized", False) or layer.keys is None or layer.keys.numel() == 0:
+        layer.update(keys, values)
+        return
+    width = max(layer.keys.shape[2], keys.shape[2])
+    left = torch.nn.functional.pad
+    layer.keys = torch.cat([left(x, (0, 0, width - x.shape[2], 0)) for x in (layer.keys, keys)])
+    layer.values = torch.cat([left(x, (0, 0, width - x.shape[2], 0)) for x in (layer.values, values)])
+
+
+def _trim_layer(layer: Any, n: int) -> None:
+    """Drop a cache layer's first n columns (padding no row attends to)."""
+    if hasattr(layer, "trim"):
+        layer.trim(n)
+    elif getattr(layer, "keys", None) is not None and layer.keys.numel():
+        layer.keys, layer.values = layer.keys[:, :, n:], layer.values[:, :, n:]
