@@ -416,14 +416,14 @@ def evaluate_cmd(ctx, teacher, data, targets, students, prompts, tokenizer, out,
 def _gad_options() -> list[click.Option]:
     from bayeskd.distillation.gad import GADConfig
 
-    return config_options(GADConfig)
+    return config_options(GADConfig, skip=("output_dir",), extra=TRAINING_LIMITS)
 
 
 @main.command("gad", cls=ConfigJob, make_options=_gad_options)
 @config_option
 @click.option("--data", required=True, help="Teacher generations (JSONL, Parquet or a saved HF dataset).")
 @click.option("--student", required=True, help="Student model (path or hub id): the generator.")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
+@click.option("--out", "--output-dir", "out", required=True, type=click.Path(file_okay=False),
               help="Output directory (out/warmup/, out/student/, out/discriminator/); a rerun resumes it.")
 @click.option("--discriminator", default=None, help="Where the discriminator starts (default: the student's "
               "backbone with a new scalar head).")
@@ -434,11 +434,29 @@ def _gad_options() -> list[click.Option]:
 def gad_cmd(ctx, data, student, out, discriminator, tokenizer, device, skip_bad, **settings) -> None:
     """Generative adversarial distillation: the student learns by GRPO from a discriminator's score, the
     discriminator learns to tell the teacher's responses from the student's. Every `GADConfig` field is an
-    option."""
+    option, every transformers `TrainingArguments` field included: GAD's loop honours the optimizer's, the LR
+    schedule (--lr-scheduler-type, --lr-warmup-steps), --seed, --bf16/--fp16, --gradient-checkpointing,
+    --logging-steps and --disable-tqdm, and refuses any other one set (--warmup-steps is GAD's SFT warm-up)."""
     from bayeskd.distillation.gad import gad
 
     _run_job(gad, drop=("history",), data=data, student=student, out=out, discriminator=discriminator,
              tokenizer=tokenizer, device=device, skip_bad=skip_bad, **given(ctx, settings))
+
+
+@main.command("convert-records")
+@click.argument("src", metavar="IN")
+@click.argument("dst", metavar="OUT")
+@click.option("--split", default="train", show_default=True, help="Split of a saved or hub dataset IN.")
+@click.option("--float32/--exact", "float32", default=None,
+              help="Parquet log-probabilities as float32 even where that rounds them (about half the size), or "
+                   "always as read (float64 unless every value is a float32). Default: float32 only where exact.")
+@skip_bad_option
+def convert_records_cmd(src: str, dst: str, split: str, float32: bool | None, skip_bad: bool) -> None:
+    """Convert teacher records between JSONL (logprobs inline) and columnar Parquet (compact; every stage reads it
+    like JSONL), by OUT's extension (.jsonl / .parquet); IN: any records input. Prints a summary."""
+    from bayeskd.records import convert_records
+
+    _run_job(convert_records, src=src, dst=dst, split=split, skip_bad=skip_bad, float32=float32)
 
 
 @main.command("verify")

@@ -16,14 +16,15 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from bayeskd.record_checks import (NATURAL_END, SURROGATE_ESCAPE, _BadRecord, check_encodable,  # noqa: F401
-                                   normalize_prompt, normalize_record)  # re-exported: their home was here
+from bayeskd.record_checks import (NATURAL_END, SURROGATE_ESCAPE, CheckedLogprobs, _BadRecord,  # noqa: F401
+                                   check_encodable, normalize_prompt, normalize_record)  # re-exported: their home was here
 from bayeskd.core.sparse import tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet", ".pq")
+PARQUET_MAGIC = b"PAR1"  # a Parquet file's first bytes: read as Parquet whatever its name
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 TEACHER_TOKENIZER = "teacher_tokenizer"  # record field: the fingerprint of the tokenizer its `logprobs` are in
 MAX_REASONS = 5  # how many skip reasons a report keeps
@@ -109,30 +110,46 @@ def _one_line(e: BaseException) -> str:
 
 
 def _iter_rows(rows: Iterable[Any], where: str) -> Iterator[tuple[str, Any]]:
-    it, i = iter(rows), 0
+    """(location, row) per row of a table; a damaged Parquet page / arrow file is a `DataError`."""
+    return _guarded(((f"{where}: row {i}", rec) for i, rec in enumerate(rows)), where)
+
+
+def _guarded(items: Iterator[tuple[str, Any]], where: str) -> Iterator[tuple[str, Any]]:
+    """`items`, with a library error met while reading (a damaged page) as a `DataError` naming the file."""
+    it, i = iter(items), 0
     while True:
         try:
-            rec = next(it)
+            item = next(it)
         except StopIteration:
             return
         except DataError:
             raise
-        except Exception as e:  # noqa: BLE001 - a damaged Parquet page / arrow file: pyarrow raises several types
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types
             raise DataError(f"{where}: row {i}: cannot read the file from here on "
                             f"({type(e).__name__}: {_one_line(e)})") from e
-        yield f"{where}: row {i}", rec
+        yield item
         i += 1
 
 
-def _parquet_rows(path: Path) -> Iterable[dict]:
+def _parquet_items(path: Path) -> Iterator[tuple[str, Any]]:
+    """Rows of a Parquet file: bayeskd's columnar records (`bayeskd.record_parquet`, logprobs read column-wise),
+    or any other table whose columns are record fields (each row a dict), streamed batch by batch."""
     import pyarrow.parquet as pq
+
+    from bayeskd.record_parquet import check_schema, is_records_parquet, iter_parquet_records
 
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
         raise DataError(f"{path}: cannot read as Parquet ({_one_line(e)})") from e
-    for batch in pf.iter_batches(batch_size=4096):  # stream, so a large file is never held as one list
-        yield from batch.to_pylist()
+    if is_records_parquet(pf.schema_arrow):
+        try:
+            check_schema(pf.schema_arrow, str(path))
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        return _guarded(iter_parquet_records(pf, str(path)), str(path))
+    # stream, so a large file is never held as one list
+    return _iter_rows((row for batch in pf.iter_batches(batch_size=4096) for row in batch.to_pylist()), str(path))
 
 
 def _dataset_rows(path: Path, split: str) -> tuple[Iterable[dict], str]:
@@ -169,11 +186,12 @@ def _input_items(path_or_name: str | os.PathLike, split: str) -> tuple[Iterator[
         return _iter_rows(rows, where), "dataset"
     if path.is_file():
         suffix = path.suffix.lower()
-        if suffix in PARQUET_SUFFIXES:
-            return _iter_rows(_parquet_rows(path), str(path)), "parquet"
+        with open(path, "rb") as f:
+            first = f.read(64)
+        if suffix in PARQUET_SUFFIXES or first.startswith(PARQUET_MAGIC):
+            return _parquet_items(path), "parquet"
         if suffix in JSONL_SUFFIXES or suffix == "":
-            with open(path, "rb") as f:
-                first = f.read(64).lstrip()
+            first = first.lstrip()
             # A .json file holding one array is accepted too; everything else is read as JSON lines.
             if suffix == ".json" and first.startswith(b"["):
                 return _iter_json_array(path), "json"
@@ -214,14 +232,22 @@ def _load(path_or_name: str | os.PathLike, split: str, skip_bad: bool, normalize
     return records, report
 
 
-def load_teacher_records(path_or_name: str | os.PathLike, split: str = "train",
-                         skip_bad: bool = False) -> tuple[list[dict[str, Any]], LoadReport]:
-    """Load and validate teacher records from JSONL, Parquet, a `save_to_disk` directory or a hub dataset.
+def _checked_as_read(rec: Any) -> Any:
+    normalize_record(rec)
+    return rec
+
+
+def load_teacher_records(path_or_name: str | os.PathLike, split: str = "train", skip_bad: bool = False,
+                         as_read: bool = False) -> tuple[list[dict[str, Any]], LoadReport]:
+    """Load and validate teacher records from JSONL, Parquet (any table of record fields, or the columnar records
+    of `bayeskd.record_parquet`, whose `logprobs` are read column-wise), a `save_to_disk` directory or a hub
+    dataset.
 
     With `skip_bad`, malformed records are skipped and counted in the report instead of raising. An input
-    with no records, or with every record bad, is always an error.
+    with no records, or with every record bad, is always an error. `as_read`: each record checked but kept as it
+    was read (null fields and extra message keys too), as `bayeskd.records.convert_records` copies them.
     """
-    return _load(path_or_name, split, skip_bad, normalize_record, "records")
+    return _load(path_or_name, split, skip_bad, _checked_as_read if as_read else normalize_record, "records")
 
 
 def load_prompts(path_or_name: str | os.PathLike, split: str = "train",
@@ -364,12 +390,15 @@ def _teacher_ids(rec: dict[str, Any], response: str, id_of: dict[bytes, int]) ->
     but for partial characters) and every token is one student token; None otherwise (then the text is
     re-tokenized). Callers ask only for records of the student's tokenizer (`same_tokenizer`)."""
     lps = rec.get("logprobs")
-    if not isinstance(lps, list):
+    if isinstance(lps, CheckedLogprobs):  # read column-wise (Parquet): no per-token dicts
+        pieces = lps.token_bytes()
+    elif not isinstance(lps, list):
         return None
-    try:
-        pieces = [bytes(e["bytes"]) for e in lps]
-    except (TypeError, ValueError, KeyError):
-        return None  # malformed logprobs: the evidence rows name the record
+    else:
+        try:
+            pieces = [bytes(e["bytes"]) for e in lps]
+        except (TypeError, ValueError, KeyError):
+            return None  # malformed logprobs: the evidence rows name the record
     spelled = b"".join(pieces)
     if spelled != response.encode("utf-8") and spelled.decode("utf-8", "replace") != response:
         return None  # (a character the teacher left partial reads as U+FFFD in the text: its bytes are the truth)

@@ -22,6 +22,27 @@ class _BadRecord(Exception):
     """Internal: one record is malformed (the reason, without its location)."""
 
 
+class CheckedLogprobs:
+    """A record's `logprobs` held outside Python dicts (columnar Parquet, `bayeskd.record_parquet`), checked where
+    they were read: `token_bytes()` gives the sampled tokens' bytes without building per-token objects,
+    `to_list()` the list of {token, bytes, logprob, top_logprobs} dicts the JSONL form holds."""
+
+    def token_bytes(self) -> list[bytes]:
+        raise NotImplementedError
+
+    def to_list(self) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def __reduce__(self):  # pickled (e.g. to a worker) as the plain list
+        return list, (self.to_list(),)
+
+
+def logprob_entries(lps: Any) -> Any:
+    """A record's `logprobs` as the JSONL form's list of dicts (also a `json.dumps(default=...)` for records
+    read from Parquet); anything else unchanged."""
+    return lps.to_list() if isinstance(lps, CheckedLogprobs) else lps
+
+
 def _type_name(v: Any) -> str:
     return "null" if v is None else type(v).__name__
 
@@ -102,6 +123,8 @@ def check_logprobs(lps: Any) -> None:
     """The structure of a record's `logprobs` (`generate --top-logprobs`): a list, per generated token an object
     {token, bytes, logprob, top_logprobs: [{token, bytes, logprob}, ...]}. Alignment with the response and the
     order of the alternatives are checked where they are used (`bayeskd.posterior.evidence`)."""
+    if isinstance(lps, CheckedLogprobs):
+        return
     if not isinstance(lps, list):
         raise _BadRecord(f"field 'logprobs' must be a list (one entry per generated token), got {_type_name(lps)}")
     for p, pos in enumerate(lps):

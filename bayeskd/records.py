@@ -1,10 +1,13 @@
 """What identifies a teacher record (its prompt + response, or messages), independent of keys, log-probabilities and
 tokenizers: a fingerprint of a record sequence, and a digest per record. Jobs write them beside their outputs so a
-later job can check it is given the same records (cross-fitted calibration, leave-one-out)."""
+later job can check it is given the same records (cross-fitted calibration, leave-one-out); and `convert_records`,
+JSONL <-> the columnar Parquet of records at scale (`bayeskd convert-records`)."""
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
@@ -30,3 +33,34 @@ def record_digests(records: Iterable[dict[str, Any]]) -> np.ndarray:
     records are among them, in any order (`records_fingerprint` checks the exact sequence)."""
     return np.array([int.from_bytes(hashlib.sha256(_record_bytes(r)).digest()[:8], "little") for r in records],
                     dtype=np.uint64)
+
+
+def convert_records(src: str | os.PathLike, dst: str | os.PathLike, split: str = "train", skip_bad: bool = False,
+                    float32: bool | None = None) -> dict[str, Any]:
+    """Convert teacher records between JSONL (`.jsonl`, `.ndjson`, `.json`: one record per line, logprobs inline)
+    and bayeskd's columnar Parquet (`.parquet`, `.pq`: `bayeskd.record_parquet`), by `dst`'s extension; `src` is
+    anything `load_teacher_records` reads. Records are checked as every stage checks them (`skip_bad`: malformed
+    ones are left out and counted) and copied as read, so JSONL -> Parquet -> JSONL gives equal records as parsed
+    dicts. `float32`: see `write_parquet_records` (None: float32 only where that is exact). Returns a summary."""
+    from bayeskd.data import JSONL_SUFFIXES, PARQUET_SUFFIXES, load_teacher_records
+    from bayeskd.integrity import atomic_path
+    from bayeskd.record_checks import logprob_entries
+
+    suffix = Path(dst).suffix.lower()
+    if suffix not in JSONL_SUFFIXES + PARQUET_SUFFIXES:
+        raise ValueError(f"{dst}: unknown output type '{suffix}' (expected .jsonl, .ndjson, .json, .parquet or .pq)")
+    if Path(dst).resolve() == Path(src).resolve():
+        raise ValueError(f"{dst}: the output is the input")
+    records, report = load_teacher_records(src, split=split, skip_bad=skip_bad, as_read=True)
+    with atomic_path(dst) as tmp:
+        if suffix in PARQUET_SUFFIXES:
+            from bayeskd.record_parquet import write_parquet_records
+
+            write_parquet_records(records, tmp, float32=float32)
+        else:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for rec in records:
+                    f.write(json.dumps(rec, ensure_ascii=False, default=logprob_entries) + "\n")
+    return {"input": str(src), "output": str(dst), "format": "parquet" if suffix in PARQUET_SUFFIXES else "jsonl",
+            "records": len(records), "skipped": report.skipped, "reasons": report.reasons,
+            "input_bytes": os.path.getsize(src) if os.path.isfile(src) else None, "output_bytes": os.path.getsize(dst)}

@@ -209,7 +209,7 @@ def main() -> None:
     gad_steps = args.steps or (30 if args.first_recipe else rc.gad_steps)
     points = sorted({max(1, round(gad_steps * i / args.points)) for i in range(1, args.points + 1)})
     settings = dict(warmup_steps=rc.gad_d_warmup, warmup_d_only_steps=rc.gad_d_warmup, group_size=rc.gad_group,
-                    batch_prompts=rc.gad_batch_prompts, lr=rc.gad_lr, d_lr=rc.gad_lr,
+                    batch_prompts=rc.gad_batch_prompts, learning_rate=rc.gad_lr, d_lr=rc.gad_lr,
                     max_new_tokens=rc.max_new_tokens, temperature=rc.gad_temperature, sft_coef=rc.gad_sft_coef)
     if args.first_recipe:  # the recipe this diagnostic was first run on: T 0.8, no SFT term
         settings.update(temperature=0.8, sft_coef=0.0)

@@ -48,7 +48,7 @@ VARIANTS: dict[str, tuple[dict, str]] = {
     "sft_only": ({"sft_coef": 1.0, "grpo_off": True}, "control: the SFT term alone (the GRPO term weighted 0)"),
     "t1": ({"temperature": 1.0}, "sampling temperature 1 (the temperature students are scored at)"),
     "dwarm75": ({"warmup_steps": 75, "warmup_d_only_steps": 75}, "D warm-up of one epoch of the tuning prompts"),
-    "lr3e-5": ({"lr": 3e-5, "d_lr": 3e-5}, "learning rates / 3"),
+    "lr3e-5": ({"learning_rate": 3e-5, "d_lr": 3e-5}, "learning rates / 3"),
     "d_proxy": ({"discriminator": "proxy"}, "D from the lab's open proxy (2 layers, width 128; the student: 1, 64)"),
     "d_proxy_w75": ({"discriminator": "proxy", "warmup_steps": 75, "warmup_d_only_steps": 75},
                     "D from the proxy, warmed up one epoch"),
@@ -75,8 +75,8 @@ def lab_settings(preset: str) -> dict:
     that recipe whatever the defaults become)."""
     rc = RUN_CONFIGS[preset]
     return dict(warmup_steps=10, warmup_d_only_steps=10, steps=30, group_size=rc.gad_group,
-                batch_prompts=rc.gad_batch_prompts, lr=rc.gad_lr, d_lr=rc.gad_lr, max_new_tokens=rc.max_new_tokens,
-                temperature=0.8, sft_coef=0.0, scale_rewards=True, baseline="group", kl_coef=0.001)
+                batch_prompts=rc.gad_batch_prompts, learning_rate=rc.gad_lr, d_lr=rc.gad_lr,
+                max_new_tokens=rc.max_new_tokens, temperature=0.8, sft_coef=0.0, scale_rewards=True, baseline="group", kl_coef=0.001)
 
 
 def variant_settings(preset: str, name: str) -> dict:

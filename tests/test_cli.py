@@ -181,7 +181,7 @@ def test_distill_and_gad_options_are_their_configs_fields():
 
     for cmd, config in (("gad", GADConfig), ("distill", BayesKDConfig)):
         options = {p.name: p for p in main.commands[cmd].params}
-        no_cli_form = {"output_dir", "parallelism_config"} if cmd == "distill" else set()  # --out; an object
+        no_cli_form = {"output_dir", "parallelism_config"}  # --out; an object
         for f in dataclasses.fields(config):
             if f.name in no_cli_form:
                 continue
@@ -197,6 +197,48 @@ def test_distill_and_gad_options_are_their_configs_fields():
     assert {"--bf16", "--gradient-checkpointing", "--deepspeed", "--fsdp", "--fsdp-config", "--report-to",
             "--push-to-hub", "--lr-scheduler-type", "--warmup-steps", "--weight-normalization", "--save-steps",
             "--per-device-train-batch-size", "--use-peft", "--lora-r", "--lora-target-modules", "--out"} <= distill
+
+
+def test_gad_takes_every_training_argument_honours_some_and_refuses_the_rest(tmp_path, monkeypatch):
+    """Every TrainingArguments field is a `gad` option; the old flags (--lr, --warmup-steps: GAD's SFT warm-up,
+    --weight-decay, --max-grad-norm) parse to the same fields; the LR warm-up is --lr-warmup-steps; a field GAD's
+    loop cannot honour, set, is a one-line usage error naming it."""
+    import dataclasses
+
+    import transformers
+
+    import bayeskd.distillation.gad as gad_module
+
+    options = {p.name for p in main.commands["gad"].params}
+    assert {f.name for f in dataclasses.fields(transformers.TrainingArguments)} - options == {
+        "output_dir", "parallelism_config"}  # --out; an object
+    seen = {}
+
+    def fake_gad(data, student, out, **kw):
+        seen.update(kw)
+        seen["config"] = gad_module.GADConfig(**{k: v for k, v in kw.items() if k not in (
+            "discriminator", "tokenizer", "device", "skip_bad")})
+        return {}
+
+    real_gad = gad_module.gad
+    monkeypatch.setattr(gad_module, "gad", fake_gad)
+    base = ["gad", "--data", "d", "--student", "s", "--out", str(tmp_path / "o")]
+    res = CliRunner().invoke(main, base + ["--lr", "3e-4", "--warmup-steps", "2", "--weight-decay", "0.1",
+                                           "--max-grad-norm", "0.5", "--lr-warmup-steps", "3", "--lr-scheduler-type",
+                                           "cosine", "--bf16", "--adam-beta2", "0.95"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    c = seen["config"]
+    assert (c.learning_rate, c.warmup_steps, c.weight_decay, c.max_grad_norm, c.lr_warmup_steps) == (
+        3e-4, 2, 0.1, 0.5, 3)
+    assert (c.lr_scheduler_type.value, c.bf16, c.adam_beta2, c.seed, c.d_lr) == ("cosine", True, 0.95, 42, 1e-5)
+    assert "lr" not in seen and "learning_rate" in seen
+    monkeypatch.setattr(gad_module, "gad", real_gad)  # the config is checked before anything is read
+    for flags, name in ((["--deepspeed", "ds.json"], "deepspeed"), (["--report-to", "wandb"], "report_to"),
+                        (["--eval-strategy", "steps"], "eval_strategy"), (["--push-to-hub"], "push_to_hub"),
+                        (["--max-steps", "3"], "max_steps")):
+        res = CliRunner().invoke(main, base + flags)
+        assert res.exit_code == 1 and f"gad cannot honour {name}=" in res.output, (flags, res.output)
+        assert len(res.output.strip().splitlines()) == 1, res.output
 
 
 def test_training_arguments_reach_distill_from_the_command_line_and_config(tmp_path, monkeypatch):

@@ -2,8 +2,6 @@
 D learning a separable toy case, the warm-up -> adversarial resume path, and the CLI."""
 import json
 import math
-from dataclasses import asdict
-
 import numpy as np
 import pytest
 import torch
@@ -16,8 +14,8 @@ from bayeskd.distillation.gad_parts import (Discriminator, bradley_terry_loss, d
 from conftest import save_tiny_llama
 
 WORDS = ["the", "module", "returns", "a", "list", "of", "strings", "when", "called", "with", "an", "object"]
-TINY = dict(group_size=4, batch_prompts=2, max_new_tokens=6, max_prompt_tokens=16, lr=1e-3, d_lr=1e-3,
-            seed=0, save_every=1)
+TINY = dict(group_size=4, batch_prompts=2, max_new_tokens=6, max_prompt_tokens=16, learning_rate=1e-3,
+            d_lr=1e-3, seed=0, save_every=1)
 
 
 def _write_data(path, n=6, response=None, seed=0):
@@ -94,7 +92,7 @@ def test_sft_term_in_the_grpo_step_is_the_teacher_cross_entropy(setup):
 
     prompts, teacher = [[5, 6, 7], [8, 9]], [[10, 11, 12, 13], [14, 15]]
     samples = [[20, 21], [22], [23, 24, 25], [26]]  # 2 per prompt
-    cfg = GADConfig(group_size=2, sft_coef=1.0, kl_coef=0.0, lr=1e-3)
+    cfg = GADConfig(group_size=2, sft_coef=1.0, kl_coef=0.0, learning_rate=1e-3)
     models = [AutoModelForCausalLM.from_pretrained(setup["student"]).eval() for _ in range(3)]
     with torch.no_grad():  # the cross-entropy by hand: one prompt + response at a time, no padding
         nll = 0.0
@@ -102,7 +100,7 @@ def test_sft_term_in_the_grpo_step_is_the_teacher_cross_entropy(setup):
             logits = models[2](torch.tensor([p + r])).logits[0].log_softmax(-1)
             nll -= sum(float(logits[len(p) - 1 + j, tok]) for j, tok in enumerate(r))
         want = nll / sum(map(len, teacher))
-    opts = [torch.optim.AdamW(m.parameters(), lr=cfg.lr) for m in models[:2]]
+    opts = [torch.optim.AdamW(m.parameters(), lr=cfg.learning_rate) for m in models[:2]]
     pad = 0
     st = _update_generator_grpo(models[0], None, opts[0], prompts, samples, torch.zeros(2, 2), cfg, pad, "cpu",
                                 teacher)
@@ -151,13 +149,13 @@ def test_grpo_loss_kl_and_mask_hand_case():
 
 
 def test_checkpoint_older_than_a_setting_resumes_with_its_default(tmp_path):
-    from dataclasses import asdict
-
     from bayeskd.distillation.gad import ADDED_LATER, STATE_VERSION, _check_resume
 
-    want = {**asdict(GADConfig()), **ADDED_LATER}  # what such a checkpoint ran with
+    want = {**GADConfig().settings(), **ADDED_LATER}  # what such a checkpoint ran with
     old = {k: v for k, v in want.items() if k not in ADDED_LATER}  # saved before these settings existed
     _check_resume(tmp_path, {"version": STATE_VERSION, "config": old}, want)
+    lr = {**{k: v for k, v in old.items() if k != "learning_rate"}, "lr": old["learning_rate"]}  # the old name
+    _check_resume(tmp_path, {"version": STATE_VERSION, "config": lr}, want)
     with pytest.raises(ValueError, match="sft_coef: 0.0 there, 1.0 now"):  # today's default is not what it ran
         _check_resume(tmp_path, {"version": STATE_VERSION, "config": old}, {**want, "sft_coef": 1.0})
 
@@ -281,8 +279,8 @@ def test_warmup_then_gad_resumes_to_the_same_result(setup, tmp_path, options):
     # more adversarial steps continue the run; other settings are refused
     longer = gad(setup["data"], setup["student"], out, **{**settings, "steps": 3})
     assert longer["steps_done"] == 3 and numbers(longer["history"][:4]) == numbers(full["history"])
-    with pytest.raises(ValueError, match="lr: 0.001 there, 0.002 now"):
-        gad(setup["data"], setup["student"], out, **{**settings, "lr": 2e-3})
+    with pytest.raises(ValueError, match="learning_rate: 0.001 there, 0.002 now"):
+        gad(setup["data"], setup["student"], out, **{**settings, "learning_rate": 2e-3})
 
 
 def test_cli_gad(setup, tmp_path):
@@ -300,7 +298,7 @@ def test_cli_gad(setup, tmp_path):
     bad = CliRunner().invoke(main, args[:-2] + ["--group-size", "1"])
     assert bad.exit_code != 0 and "--group-size" in bad.output
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["config"] == {**asdict(GADConfig()), "steps": 1, "group_size": 2, "batch_prompts": 2,
+    assert summary["config"] == {**GADConfig().settings(), "steps": 1, "group_size": 2, "batch_prompts": 2,
                                  "max_new_tokens": 4, "ppo_epochs": 2, "seed": 1}  # the rest: the config's defaults
     opts = ["--sft-coef", "0.5", "--baseline", "teacher", "--no-scale-rewards", "--out", str(tmp_path / "cli2")]
     res = CliRunner().invoke(main, args + opts, catch_exceptions=False)
@@ -317,3 +315,66 @@ def test_prompt_batches_visit_every_record_once_per_epoch():
     assert sorted(idx[:5]) == list(range(5)) and sorted(idx[5:10]) == list(range(5))
     assert idx[:5] != idx[5:10]  # a new permutation each epoch (fixed seed: deterministic)
     assert _batch_indices(5, 2, 0, "gad", 3) == idx[6:8]  # stateless: a resumed run picks the same prompts
+
+
+# ---------------------------------------------------------------------------------------------------- training arguments
+
+def test_settings_record_gad_fields_and_set_training_arguments_only():
+    """The checkpoint stamp / summary config: GAD's fields as before (`lr` is now `learning_rate`), and an honoured
+    training argument only when set; run-only ones (logging, progress, output_dir) never."""
+    base = GADConfig().settings()
+    assert set(base) == {"warmup_steps", "warmup_d_only_steps", "steps", "group_size", "temperature", "batch_prompts",
+                         "learning_rate", "d_lr", "weight_decay", "max_grad_norm", "clip", "kl_coef", "ppo_epochs",
+                         "adv_eps", "scale_rewards", "baseline", "sft_coef", "max_new_tokens", "max_prompt_tokens",
+                         "micro_batch", "save_every", "seed"}
+    cfg = GADConfig(lr_scheduler_type="linear", adam_beta2=0.95, logging_steps=3, disable_tqdm=True, output_dir="x")
+    assert cfg.settings() == {**base, "lr_scheduler_type": "linear", "adam_beta2": 0.95}
+
+
+@pytest.mark.parametrize("field, value", [("deepspeed", "ds.json"), ("fsdp", "full_shard"), ("max_steps", 5),
+                                          ("eval_strategy", "steps"), ("report_to", "wandb"), ("push_to_hub", True),
+                                          ("torch_compile", True), ("optim", "sgd")])
+def test_unhonoured_training_arguments_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"gad cannot honour {field}="):
+        GADConfig(**{field: value})
+
+
+def test_lr_schedule_is_honoured_and_default_is_constant(setup, tmp_path):
+    """linear vs constant (and an LR warm-up) give other weights; the default is the constant LR of before."""
+    from bayeskd.distillation.gad import _schedules
+
+    cfg = GADConfig(lr_scheduler_type="linear", lr_warmup_steps=2)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
+    (sched,) = _schedules(cfg, [opt], [cfg.learning_rate], n_steps=10, step=0)
+    lrs = [opt.param_groups[0]["lr"]]
+    for _ in range(4):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.0, 5e-6, 1e-5, 1e-5 * 7 / 8, 1e-5 * 6 / 8])
+    resumed = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
+    _schedules(cfg, [resumed], [cfg.learning_rate], n_steps=10, step=4)  # replayed to the step
+    assert resumed.param_groups[0]["lr"] == pytest.approx(lrs[-1])
+
+    runs = {}
+    for name, extra in {"default": {}, "constant": {"lr_scheduler_type": "constant"},
+                        "linear": {"lr_scheduler_type": "linear"}}.items():
+        gad(setup["data"], setup["student"], str(tmp_path / name), steps=2, progress=False, **{**TINY, **extra})
+        runs[name] = _weights(tmp_path / name / "student")
+    assert all(torch.equal(runs["default"][k], runs["constant"][k]) for k in runs["default"])
+    assert any(not torch.equal(runs["linear"][k], runs["constant"][k]) for k in runs["linear"])
+
+
+def test_gradient_checkpointing_seed_and_bf16_are_honoured(setup, tmp_path):
+    """Gradient checkpointing gives the same step (the layers are recomputed, not changed); another seed samples
+    otherwise; bf16 autocast runs on the CPU."""
+    base = gad(setup["data"], setup["student"], str(tmp_path / "base"), steps=1, progress=False, **TINY)
+    ckpt = gad(setup["data"], setup["student"], str(tmp_path / "ckpt"), steps=1, progress=False,
+               gradient_checkpointing=True, **TINY)
+    for key in ("d_loss", "g_loss", "d_grad_norm", "g_grad_norm"):
+        assert ckpt["final"][key] == pytest.approx(base["final"][key], rel=1e-4, abs=1e-6), key
+    seeded = gad(setup["data"], setup["student"], str(tmp_path / "seed"), steps=1, progress=False,
+                 **{**TINY, "seed": 7})
+    assert seeded["final"]["reward_mean"] != base["final"]["reward_mean"]
+    bf16 = gad(setup["data"], setup["student"], str(tmp_path / "bf16"), steps=1, progress=False, bf16=True, **TINY)
+    assert math.isfinite(bf16["final"]["g_loss"]) and bf16["config"]["bf16"] is True

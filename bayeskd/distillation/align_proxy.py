@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from bayeskd.data import TokenizedData, load_teacher_records, load_tokenizer, tokenize_records
+from bayeskd.record_checks import logprob_entries
 from bayeskd.records import records_fingerprint
 from bayeskd.posterior.calibrate import TRAINING_INFO, TRAINING_INFO_FORMAT, index_ranges
 from bayeskd.distillation.checkpoints import final_is_current, read_stage, record_stage
@@ -484,8 +485,9 @@ def align_proxy(data: str, proxy: str, out: str, *, tokenizer: str | None = None
             sft_data, sft_read = data, {"split": split, "skip_bad": skip_bad}
             if heldout:  # SFT reads a file: give it the training records only (kept in out/ for inspection)
                 sft_data, sft_read = str(out_dir / TRAIN_RECORDS), {}
-                atomic_write_bytes(out_dir / TRAIN_RECORDS, "".join(
-                    json.dumps(records[i], ensure_ascii=False) + "\n" for i in train_idx).encode("utf-8"))
+                atomic_write_bytes(out_dir / TRAIN_RECORDS, "".join(  # (logprobs read from Parquet: as JSON lists)
+                    json.dumps(records[i], ensure_ascii=False, default=logprob_entries) + "\n"
+                    for i in train_idx).encode("utf-8"))
             s = distill(sft_data, str(proxy), str(tmp), tokenizer=tokenizer, **sft_read,
                         **{**sft_args, **training_args})
             s = {"stage": "sft", **{k: s[k] for k in ("steps", "train_loss", "first_loss", "final_loss",

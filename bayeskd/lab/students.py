@@ -34,8 +34,8 @@ def _gad_student(seed: int, paths: dict[str, str], run: Path, cfg, progress: boo
         sft = distill_student("sft", seed, paths, run, cfg, progress)
         gad(str(run / "teacher_train.jsonl"), str(sft), str(out), warmup_steps=cfg.gad_d_warmup,
             warmup_d_only_steps=cfg.gad_d_warmup, steps=cfg.gad_steps, group_size=cfg.gad_group,
-            batch_prompts=cfg.gad_batch_prompts, lr=cfg.gad_lr, d_lr=cfg.gad_lr, max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.gad_temperature, sft_coef=cfg.gad_sft_coef, seed=seed, progress=progress)
+            batch_prompts=cfg.gad_batch_prompts, learning_rate=cfg.gad_lr, d_lr=cfg.gad_lr,
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.gad_temperature, sft_coef=cfg.gad_sft_coef, seed=seed, progress=progress)
     return out / "student"
 
 

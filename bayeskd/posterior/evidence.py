@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from bayeskd.data import DataError, same_tokenizer
+from bayeskd.record_checks import logprob_entries
 from bayeskd.core.sparse import tokenizer_fingerprint
 from bayeskd.teacher_forcing import target_row_layout
 from bayeskd.token_bytes import cached_bytes_to_id, token_bytes_table
@@ -380,7 +381,7 @@ def evidence_rows(records: Sequence[dict[str, Any]], tokenized, tokenizer, indic
         if rec.get("logprobs") is None:
             continue
         base, name = teacher.n, _name(i, rec)
-        t_bytes = teacher.parse(rec["logprobs"], name)
+        t_bytes = teacher.parse(logprob_entries(rec["logprobs"]), name)
         s_bytes = [vocab.table[x] for x in response_ids.tolist()]
         text = (rec["messages"][-1]["content"] if "messages" in rec else rec["response"]).encode()
         sj, tj, exact = _align(t_bytes, text, rec.get("finish_reason"), s_bytes, name)
