@@ -217,7 +217,26 @@ def _record(prompt: dict[str, Any], p: int, i: int, key: str, answer: Answer, s:
 
 
 @dataclass
-class GenerateConfig:
+class APIClientConfig:
+    """How a job talks to an OpenAI-compatible API (`generate` and `score` share it): the key, how many requests at
+    once and per minute, retries and their backoff, and the output's order."""
+    api_key_env: str = setting("OPENAI_API_KEY", "Environment variable holding the API key (the key is never written "
+                               "anywhere).")
+    concurrency: int = setting(8, "Requests in flight at once.", min=1)
+    requests_per_minute: float | None = setting(None, "Rate limit: requests started per minute.", min=0,
+                                                min_open=True)
+    tokens_per_minute: float | None = setting(None, "Rate limit: tokens per minute.", min=0, min_open=True)
+    max_retries: int = setting(6, "Retries of a failed request (rate limits, server errors, timeouts) before it is "
+                               "set apart in OUT.failed.jsonl.", min=0)
+    timeout: float = setting(120.0, "Seconds per request.", min=0, min_open=True)
+    backoff: float = setting(0.5, "Retry delay in seconds: backoff × 2^attempt, jittered by ×0.5-1.5 (a server's "
+                             "Retry-After wins).", min=0)
+    ordered: bool = setting(False, "Rewrite the output in input order at the end (default: completion order; every "
+                            "record carries its key).")
+
+
+@dataclass
+class GenerateConfig(APIClientConfig):
     """The `generate` job's settings, its one config: every field is a `bayeskd generate` option
     (`bayeskd.cli_config.config_options`), so each default is written here once. The inputs (prompts, output, the
     teacher's model, endpoint URL and tokenizer) are the job's arguments."""
@@ -235,19 +254,6 @@ class GenerateConfig:
     system: str | None = setting(None, "System message put before each prompt.")
     top_logprobs: int = setting(0, "Top-k log-probabilities per generated token (0: text only; OpenAI allows at most "
                                 "20).", min=0)
-    api_key_env: str = setting("OPENAI_API_KEY", "Environment variable holding the API key (the key is never written "
-                               "anywhere).")
-    concurrency: int = setting(8, "Requests in flight at once.", min=1)
-    requests_per_minute: float | None = setting(None, "Rate limit: requests started per minute.", min=0,
-                                                min_open=True)
-    tokens_per_minute: float | None = setting(None, "Rate limit: tokens per minute.", min=0, min_open=True)
-    max_retries: int = setting(6, "Retries of a failed request (rate limits, server errors, timeouts) before it is "
-                               "set apart in OUT.failed.jsonl.", min=0)
-    timeout: float = setting(120.0, "Seconds per request.", min=0, min_open=True)
-    backoff: float = setting(0.5, "Retry delay in seconds: backoff × 2^attempt, jittered by ×0.5-1.5 (a server's "
-                             "Retry-After wins).", min=0)
-    ordered: bool = setting(False, "Rewrite the output in input order at the end (default: completion order; every "
-                            "record carries its key).")
     keep_empty: bool = setting(False, "Keep blank answers (whitespace only, or the teacher ending at once) in the "
                                "output: they are samples of the teacher too (default: set apart in "
                                "OUT.empty.jsonl).")

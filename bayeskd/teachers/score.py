@@ -40,8 +40,8 @@ from bayeskd.integrity import atomic_write_bytes, atomic_write_json
 from bayeskd.job_config import job_config, setting
 from bayeskd.locks import locks_output
 from bayeskd.teachers.clients import OpenAIBackend, RateLimiter, completion_logprobs, reported_tokenizer
-from bayeskd.teachers.generate import (GenerateError, RecordWriter, TeacherTokenizer, ask_with_retries, order_file,
-                                       read_done, side_files)
+from bayeskd.teachers.generate import (APIClientConfig, GenerateError, RecordWriter, TeacherTokenizer,
+                                       ask_with_retries, order_file, read_done, side_files)
 
 PROBE_TEXT = "Hello world"
 
@@ -62,24 +62,11 @@ class ScoreSettings:
 
 
 @dataclass
-class ScoreConfig:
+class ScoreConfig(APIClientConfig):
     """The `score` job's settings: every field is a `bayeskd score` option. The inputs (records, output, the
     teacher's model, endpoint URL and tokenizer) are the job's arguments."""
     top_logprobs: int = setting(5, "Top-k alternatives per response token (0: the token's own log-probability only; "
                                 "vLLM allows --max-logprobs, 20 by default).", min=0)
-    api_key_env: str = setting("OPENAI_API_KEY", "Environment variable holding the API key (the key is never written "
-                               "anywhere).")
-    concurrency: int = setting(8, "Requests in flight at once.", min=1)
-    requests_per_minute: float | None = setting(None, "Rate limit: requests started per minute.", min=0,
-                                                min_open=True)
-    tokens_per_minute: float | None = setting(None, "Rate limit: tokens per minute.", min=0, min_open=True)
-    max_retries: int = setting(6, "Retries of a failed request (rate limits, server errors, timeouts) before it is "
-                               "set apart in OUT.failed.jsonl.", min=0)
-    timeout: float = setting(120.0, "Seconds per request.", min=0, min_open=True)
-    backoff: float = setting(0.5, "Retry delay in seconds: backoff × 2^attempt, jittered by ×0.5-1.5 (a server's "
-                             "Retry-After wins).", min=0)
-    ordered: bool = setting(False, "Rewrite the output in input order at the end (default: completion order; every "
-                            "record carries its key).")
     max_records: int | None = setting(None, "Score only the first N records.", min=1)
 
     def __post_init__(self):
