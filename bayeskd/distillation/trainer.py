@@ -397,7 +397,8 @@ class BayesKDTrainer(transformers.Trainer):
             proxy_model.requires_grad_(False)
             self.proxy_model = proxy_model.to(self.args.device)
         self._acc = {"ce_loss": 0.0, "kd_loss": 0.0, "n": 0, "kd_n": 0}
-        self.train_tokens = 0
+        self.train_tokens = 0  # every token the student read (prompts included)
+        self.response_tokens = 0  # the tokens it was trained to predict
         self.prior = prior
         self.onpolicy_stats = {"sequences": 0, "tokens": 0, "seconds": 0.0}
 
@@ -555,6 +556,7 @@ class BayesKDTrainer(transformers.Trainer):
                 self._acc["kd_loss"] += float(kd.detach())
                 self._acc["kd_n"] += 1
             self.train_tokens += int(attention.sum())
+            self.response_tokens += int(rows.shape[0])
         return (loss, out) if return_outputs else loss
 
     def _scored_kd(self, rows, lm_head, tokens, target, proxy_rows, posterior, loss_kw, cut, teacher_rows, inputs,
@@ -790,7 +792,8 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
         "final_loss": last.get("loss"), "final_ce_loss": last.get("ce_loss"), "final_kd_loss": last.get("kd_loss"),
         "first_loss": first.get("loss"), "first_ce_loss": first.get("ce_loss"),
         "first_kd_loss": first.get("kd_loss"),
-        "train_tokens": int(train_tokens), "train_seconds": round(seconds, 4),
+        "train_tokens": int(train_tokens), "train_response_tokens": int(trainer.response_tokens),
+        "train_seconds": round(seconds, 4),
         "train_tokens_per_second": round(train_tokens / seconds, 2) if seconds > 0 else None,
         "log_history": trainer.state.log_history,
         "out": str(out_dir),

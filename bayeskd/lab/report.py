@@ -175,6 +175,10 @@ def format_report(report: dict[str, Any]) -> str:
             from bayeskd.lab.recipe import format_curves
 
             lines += format_curves(st["curves"])
+        if st.get("onpolicy"):
+            from bayeskd.lab.onpolicy import format_onpolicy
+
+            lines += format_onpolicy(st["onpolicy"])
     c = report.get("cross_tokenizer")
     if c:
         share = ", ".join(f"{m}: {v['share_with_evidence']:.0%}" for m, v in c["evidence"].items())

@@ -30,7 +30,8 @@ from bayeskd.evaluation.metrics import kl_teacher_to_estimate, observed_token_ch
 from bayeskd.lab.build import LabError, build_lab, get_preset, load_lab_prompts, read_manifest, split_corpus
 from bayeskd.lab.report import check_targets, format_report
 from bayeskd.lab.http_sampling import sample_teacher
-from bayeskd.lab.students import BUCKET_DIR, K5_DIR, METHODS, POSTERIOR_DIR, TEXT_DIR, students
+from bayeskd.lab.onpolicy import ONPOLICY_METHODS
+from bayeskd.lab.students import ALL_METHODS, BUCKET_DIR, K5_DIR, METHODS, POSTERIOR_DIR, TEXT_DIR, students
 from bayeskd.lab.teacher import mean_entropy
 from bayeskd.resume import check_stamp, read_stamp, settings_diff
 from bayeskd.integrity import atomic_write_bytes, atomic_write_json
@@ -69,7 +70,9 @@ class LabRunConfig:
                                                   "curve is measured at (repeatable).", min=0, min_open=True, max=1)
     k_values: tuple[int, ...] = setting((4, 16, 64), "Target K values the estimation curve is measured at "
                                         "(repeatable).", min=1)
-    methods: tuple[str, ...] = setting(METHODS, "Distillation methods (repeatable, or comma-separated).",
+    methods: tuple[str, ...] = setting(METHODS, "Distillation methods (repeatable, or comma-separated): the "
+                                       "students, TRL's SFT peers (trl-sft, trl-sft-text) and the on-policy study's "
+                                       "rows (offpolicy-more, onpolicy-*, trl-gkd*).",
                                        metavar="METHOD[,METHOD...]")
     seeds: int = setting(1, "Students per method.", min=1)
     epochs: float = setting(2.0, "Epochs of each student.", min=0, min_open=True)
@@ -100,6 +103,20 @@ class LabRunConfig:
     gad_group: int = setting(8, "GAD: student samples per prompt.", min=2)
     gad_batch_prompts: int = setting(8, "GAD: prompts per step.", min=1)
     gad_lr: float = setting(1e-4, "GAD: the student's and the discriminator's learning rate.")
+    onpolicy_warm_epochs: float = setting(8.0, "On-policy study: epochs of the posterior-KD run whose validation-best "
+                                          "epoch checkpoint is the warm start.", min=0, min_open=True)
+    onpolicy_epochs: float = setting(1.0, "On-policy study: epochs of every continuation from the warm start.",
+                                     min=0, min_open=True)
+    onpolicy_offpolicy_epochs: float = setting(3.0, "On-policy study: epochs of the off-policy continuation, whose "
+                                               "checkpoints give the equal-seconds comparison.", min=0, min_open=True)
+    onpolicy_lr: float = setting(1e-3, "On-policy study: the continuations' constant learning rate.", min=0,
+                                 min_open=True)
+    onpolicy_fraction: float = setting(1.0, "On-policy study: λ, the share of each batch sampled by the student "
+                                       "(TRL's GKD: the probability of an on-policy step).", min=0, max=1)
+    onpolicy_temperature: float = setting(1.0, "On-policy study: the student's sampling temperature.", min=0,
+                                          min_open=True)
+    onpolicy_own_samples: int = setting(4, "On-policy study: own samples per test prompt that kl_own is pooled "
+                                        "over.", min=1)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -120,7 +137,8 @@ RUN_CONFIGS: dict[str, LabRunConfig] = {
     "micro": LabRunConfig(samples_per_prompt=1, max_prompts=48, max_new_tokens=16, order=3, top_k=16,
                           eval_records=16, calibration_records=16, corpus_fractions=(0.5, 1.0), k_values=(4, 16),
                           epochs=1.0, batch_size=8, ce_weights=(0.0, 1.0), whitebox_ks=(0,), curve_epochs=(0.5, 1.0),
-                          curve_seeds=1, gad_d_warmup=2, gad_steps=2, gad_group=4, gad_batch_prompts=4),
+                          curve_seeds=1, gad_d_warmup=2, gad_steps=2, gad_group=4, gad_batch_prompts=4,
+                          onpolicy_warm_epochs=2.0, onpolicy_offpolicy_epochs=2.0, onpolicy_own_samples=2),
     "tiny": LabRunConfig(),
     "small": LabRunConfig(samples_per_prompt=4, max_new_tokens=64, eval_records=800, seeds=3, epochs=3.0, lr=1e-3),
 }
@@ -290,7 +308,8 @@ DATA_SETTINGS = ("samples_per_prompt", "max_prompts", "max_new_tokens", "tempera
 RECORDS_VERSION = 2  # 2: records name the tokenizer of their log-probabilities (older ones read as another's)
 ALIGN_SETTINGS = ("align", "align_sft_epochs", "align_rounds", "align_lr", "dpo_lr", "batch_size")
 # what depends on every training setting
-DERIVED = (POSTERIOR_DIR, TEXT_DIR, BUCKET_DIR, K5_DIR, "proxy_targets", "students", "recipe", "curves", "cross")
+DERIVED = (POSTERIOR_DIR, TEXT_DIR, BUCKET_DIR, K5_DIR, "proxy_targets", "students", "recipe", "curves", "cross",
+           "onpolicy")
 
 
 def _check_stamps(run: Path, cfg: LabRunConfig, force: bool) -> None:
@@ -298,6 +317,7 @@ def _check_stamps(run: Path, cfg: LabRunConfig, force: bool) -> None:
     (or redone with `force`). The aligned proxy depends on ALIGN_SETTINGS, the other trained models on every
     setting (seeds and methods aside): when those change, what depends on them is retrained."""
     settings = {k: v for k, v in cfg.to_dict().items() if k not in ("seeds", "methods", "cross_tokenizer")}
+    study = {k: settings.pop(k) for k in list(settings) if k.startswith("onpolicy_")}  # only the study's rows
     check_stamp(run / "run.json", {**{k: settings[k] for k in DATA_SETTINGS}, "records": RECORDS_VERSION},
                 what="a lab run",
                 hint="pass force to redo it", error_cls=LabError, force=force)
@@ -310,6 +330,12 @@ def _check_stamps(run: Path, cfg: LabRunConfig, force: bool) -> None:
         for name in DERIVED:
             shutil.rmtree(run / name, ignore_errors=True)
     atomic_write_json(train_stamp, settings)
+    study_stamp = run / "onpolicy" / "onpolicy.json"
+    if (read_stamp(study_stamp) or study) != study:
+        shutil.rmtree(run / "onpolicy", ignore_errors=True)
+    if any(m in ONPOLICY_METHODS for m in cfg.methods):
+        (run / "onpolicy").mkdir(parents=True, exist_ok=True)
+        atomic_write_json(study_stamp, study)
 
 
 @contextmanager
@@ -377,9 +403,9 @@ def _run_lab(root: str, preset: str, *, config: LabRunConfig | None = None, forc
         raise ValueError(f"unknown lab run setting(s): {', '.join(unknown)}")
     settings = {k: v for k, v in settings.items() if not (k in ("seeds", "methods") and v is None)}
     if "methods" in settings:
-        bad = [m for m in settings["methods"] if m not in METHODS]
+        bad = [m for m in settings["methods"] if m not in ALL_METHODS]
         if bad:
-            raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+            raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(ALL_METHODS)}")
     cfg = replace(cfg, **{k: tuple(v) if isinstance(v, (list, range)) else v for k, v in settings.items()})
     if cfg.seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {cfg.seeds}")
@@ -461,7 +487,8 @@ def _run_lab(root: str, preset: str, *, config: LabRunConfig | None = None, forc
 
         report["bayes"] = bayes_table(paths, run, cfg, tok, pipeline_proxy, log, ngram_calibration=calibration)
     with _stage("distill and evaluate students", log, timings):
-        report["students"], cfg = students(paths, run, cfg, tok, progress, log)
+        report["students"], cfg = students(paths, run, cfg, tok, progress, log, pipeline_proxy=pipeline_proxy,
+                                           calibration=calibration)
         report["config"] = cfg.to_dict()  # with the recipe chosen on validation prompts
     if cfg.cross_tokenizer and cfg.top_logprobs:
         from bayeskd.lab.cross import run_cross

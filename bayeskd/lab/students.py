@@ -13,7 +13,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from bayeskd.lab.onpolicy import ONPOLICY_METHODS, onpolicy_study
 from bayeskd.lab.recipe import CURVE_METHODS, mean_std, choose_recipe, learning_curves, split_heldout
+from bayeskd.lab.trl_peers import PEER_METHODS, trl_sft
 
 # The posterior shards posterior-KD learns from: the pipeline's proxy (aligned when the lab aligns one) combined
 # with the prior as the calibration chose.
@@ -23,6 +25,8 @@ K5_DIR = "posterior_k5"  # conditioned on the top-5 only (an API that reveals le
 METHODS = ("sft", "prior-kd", "posterior-kd", "posterior-kd-k5", "posterior-kd-text", "bucket-kd", "proxy-kd", "gad",
            "white-box")
 EVIDENCE_METHODS = ("posterior-kd-k5", "posterior-kd-text", "bucket-kd")  # need the teacher's revealed log-probs
+# every row the lab can run: the students above, TRL's SFT peers (same table) and the on-policy study's rows
+ALL_METHODS = (*METHODS, *PEER_METHODS, *ONPOLICY_METHODS)
 
 
 def _gad_student(seed: int, paths: dict[str, str], run: Path, cfg, progress: bool) -> Path:
@@ -48,36 +52,45 @@ def distill_student(method: str, seed: int, paths: dict[str, str], run: Path, cf
     out = run / (name or f"students/{method}-s{seed}")
     if method != "gad" and (out / "summary.json").exists():
         return out
-    kwargs = {**cfg.train_kwargs(seed, progress, kd=method != "sft"), **overrides}
+    kwargs = cfg.train_kwargs(seed, progress, kd=method not in ("sft", *PEER_METHODS))
     if method != "white-box":
         kwargs.pop("whitebox_top_k", None)
+    kwargs.update(overrides)
+    student = kwargs.pop("student", paths["student"])  # (the on-policy study starts from a warm start)
     data = str(run / "teacher_train.jsonl")
     if method == "sft":
-        distill(data, paths["student"], str(out), **kwargs)
+        distill(data, student, str(out), **kwargs)
+    elif method in PEER_METHODS:  # TRL's own SFTTrainer (bayeskd.lab.trl_peers)
+        trl_sft(data, student, out, kwargs, text=method == "trl-sft-text")
+    elif method == "onpolicy":  # the on-policy study's rows: their targets, teacher and server come in overrides
+        distill(data, student, str(out), **kwargs)
     elif method == "prior-kd":
-        distill(data, paths["student"], str(out), targets=str(run / "prior" / "topk"), **kwargs)
+        distill(data, student, str(out), targets=str(run / "prior" / "topk"), **kwargs)
     elif method == "posterior-kd":
-        distill(data, paths["student"], str(out), targets=str(run / POSTERIOR_DIR), **kwargs)
+        distill(data, student, str(out), targets=str(run / POSTERIOR_DIR), **kwargs)
     elif method == "posterior-kd-k5":  # the same posterior conditioned on the top-5 only
-        distill(data, paths["student"], str(out), targets=str(run / K5_DIR), **kwargs)
+        distill(data, student, str(out), targets=str(run / K5_DIR), **kwargs)
     elif method == "posterior-kd-text":  # the same posterior without the revealed log-probabilities
-        distill(data, paths["student"], str(out), targets=str(run / TEXT_DIR), **kwargs)
+        distill(data, student, str(out), targets=str(run / TEXT_DIR), **kwargs)
     elif method == "bucket-kd":  # TRL's server KD: the revealed top-k, the rest of the mass in one bucket
-        distill(data, paths["student"], str(out), targets=str(run / BUCKET_DIR), kd_tail="bucket", **kwargs)
+        distill(data, student, str(out), targets=str(run / BUCKET_DIR), kd_tail="bucket", **kwargs)
     elif method == "proxy-kd":  # the aligned proxy's own top-K, KD weighted by its likelihood of the response
         kwargs.pop("kd_weight")
-        distill(data, paths["student"], str(out), targets=str(run / "proxy_targets"), method="proxy-kd", **kwargs)
+        distill(data, student, str(out), targets=str(run / "proxy_targets"), method="proxy-kd", **kwargs)
     elif method == "gad":
         return _gad_student(seed, paths, run, cfg, progress)
     elif method == "white-box":  # the upper bound: reads the real teacher's logits (K: cfg's, 0 = all)
-        distill(data, paths["student"], str(out), teacher=paths["teacher"], **kwargs)
+        distill(data, student, str(out), teacher=paths["teacher"], **kwargs)
     else:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(ALL_METHODS)}")
     return out
 
 
-def students(paths, run: Path, cfg, tok, progress: bool, log: Callable[[str], None]) -> tuple[dict[str, Any], Any]:
-    """The recipe (chosen on the validation half), every method at it (scored on the test half) and the curves.
+def students(paths, run: Path, cfg, tok, progress: bool, log: Callable[[str], None], *,
+             pipeline_proxy: str | None = None, calibration: dict[str, Any] | None = None
+             ) -> tuple[dict[str, Any], Any]:
+    """The recipe (chosen on the validation half), every method at it (scored on the test half), the curves and
+    the on-policy study (`bayeskd.lab.onpolicy`: needs the pipeline's proxy and the calibration).
     Returns the report's "students" section and `cfg` with the chosen recipe."""
     from transformers import AutoModelForCausalLM
 
@@ -111,7 +124,8 @@ def students(paths, run: Path, cfg, tok, progress: bool, log: Callable[[str], No
     per_seed: dict[str, list[dict[str, float]]] = {"student init": [score(Path(paths["student"]), 0, t_test, test_idx,
                                                                           True)]}
     d_acc_curves: dict[int, list[dict[str, Any]]] = {}  # GAD: the discriminator's accuracy, step by step
-    for method in [m for m in cfg.methods if cfg.top_logprobs or m not in EVIDENCE_METHODS]:
+    for method in [m for m in cfg.methods
+                   if m not in ONPOLICY_METHODS and (cfg.top_logprobs or m not in EVIDENCE_METHODS)]:
         per_seed[method] = []
         for seed in range(cfg.seeds):
             out = distill_student(method, seed, paths, run, cfg, progress)
@@ -132,10 +146,28 @@ def students(paths, run: Path, cfg, tok, progress: bool, log: Callable[[str], No
         steps_per_epoch = int(np.ceil(len(load_teacher_records(str(run / "teacher_train.jsonl"))[0]) / cfg.batch_size))
         curves = learning_curves(curve_methods, cfg.curve_epochs, min(cfg.curve_seeds, cfg.seeds), steps_per_epoch,
                                  train, lambda d, seed: score(d, seed, t_test, test_idx, True), log)
+    study = None
+    if any(m in ONPOLICY_METHODS for m in cfg.methods):
+        if pipeline_proxy is None or calibration is None:
+            raise ValueError("the on-policy study needs the pipeline's proxy and the calibration")
+        own_prompts = test_prompts * cfg.onpolicy_own_samples  # kl_own pooled: the on-policy effect is small
+
+        def score_pooled(model_dir: Path, seed: int) -> dict[str, float]:
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+            samples = sample_own(str(model_dir), own_prompts, tok, max_new_tokens=cfg.max_new_tokens,
+                                 seed=1000 + seed)
+            return student_metrics(teacher, model, held_tok, indices=test_idx, teacher_rows=t_test,
+                                   own_samples=samples)
+
+        steps_per_epoch = int(np.ceil(len(load_teacher_records(str(run / "teacher_train.jsonl"))[0])
+                                      / cfg.batch_size))
+        study = onpolicy_study({**paths, "pipeline_proxy": pipeline_proxy}, run, cfg, progress, train, score_pooled,
+                               lambda d, seed: score(d, seed, t_valid, valid_idx, False)["kl_tf"], steps_per_epoch,
+                               calibration, log)
     sft_summary = json.loads((run / "students" / "sft-s0" / "summary.json").read_text()) \
         if (run / "students" / "sft-s0" / "summary.json").exists() else {}
     return {"heldout_records": len(test_idx), "validation_records": len(valid_idx), "per_seed": per_seed,
-            "summary": summary, "recipe": recipe, "curves": curves, "gad_d_acc": d_acc_curves,
+            "summary": summary, "recipe": recipe, "curves": curves, "gad_d_acc": d_acc_curves, "onpolicy": study,
             "budget": {"epochs": cfg.epochs, "steps": sft_summary.get("steps"),
                        "train_tokens": sft_summary.get("train_tokens")},
             "teacher_entropy": mean_entropy(*t_test), "teacher_positions": int(t_test[1].sum())}, cfg
