@@ -485,6 +485,33 @@ def test_scored_run_resumes_without_asking_again(lab, tiny_tokenizer, tmp_path, 
     assert (out / "model.safetensors").read_bytes() == weights
 
 
+def test_scored_training_through_server_faults_is_the_fault_free_run(lab, tmp_path):
+    """serve-teacher --fail-rate 0.3 --drop-rate 0.1: every sample scored once (retried through the faults), the
+    score cache holds the same entries and the student the same weights as a fault-free run."""
+    from bayeskd.distillation.trainer import distill
+    from bayeskd.teachers.server import running_server
+
+    kw = dict(targets=lab.topk, proxy=lab.proxy, prior=lab.prior, teacher_model="teacher", onpolicy_fraction=1.0,
+              onpolicy_score_top_k=3, onpolicy_max_new_tokens=6, max_steps=3, per_device_train_batch_size=4,
+              learning_rate=1e-2, save_steps=0, seed=0, use_cpu=True, disable_tqdm=True)
+    runs = {}
+    # (fault seed 8: its first requests are refused and dropped, so a run this short meets both)
+    for name, faults in (("clean", {}), ("faulty", dict(fail_rate=0.3, drop_rate=0.1, fault_seed=8))):
+        with running_server(lab.teacher, name="teacher", **faults) as url:
+            runs[name] = distill(lab.data, lab.student, str(tmp_path / name), teacher_url=url, **kw)
+    clean, faulty = (runs[n]["onpolicy"]["scoring"] for n in ("clean", "faulty"))
+    assert clean["retries"] == 0 and faulty["retries"] > 0 and faulty["failed"] == clean["failed"] == 0
+    assert faulty["requests"] == clean["requests"] == 12 and faulty["scored_tokens"] == clean["scored_tokens"]
+
+    def cache(name):  # appended in completion order: compared by key
+        lines = (tmp_path / name / "onpolicy_scores.jsonl").read_text().splitlines()
+        return {json.loads(x)["key"]: x for x in lines}
+
+    assert cache("faulty") == cache("clean") and len(cache("clean")) == 12
+    assert ((tmp_path / "faulty" / "model.safetensors").read_bytes()
+            == (tmp_path / "clean" / "model.safetensors").read_bytes())
+
+
 def test_scoring_budget_falls_back_to_posterior_targets(lab, tiny_tokenizer, tmp_path, served):
     """onpolicy_score_budget: once spent, samples not yet scored get the plain posterior (no evidence rows),
     counted; the run goes on."""

@@ -62,8 +62,8 @@ class SampleScorer:
     alternatives per token (0: the sampled token's log-probability only), cached in `cache` (see the module
     docstring). `tokenizer`: the student's. Retries, timeout and concurrency as `bayeskd score`'s (`ScoreConfig`).
     `stats`: requests (answered or failed, this process), cached (samples answered from the cache), scored_tokens
-    (response tokens the teacher scored, this process), skipped (by reason), failed, over_budget, empty
-    (samples without a response token to score), seconds."""
+    (response tokens the teacher scored, this process), skipped (by reason), failed, retries and errors (by
+    type), over_budget, empty (samples without a response token to score), seconds."""
 
     def __init__(self, base_url: str, model: str, tokenizer, cache: str | Path, *, top_k: int = 20,
                  budget: int | None = None, settings: ScoreConfig | None = None):
@@ -77,7 +77,7 @@ class SampleScorer:
         self.budget = budget
         self.probed: str | None = None
         self.stats: dict[str, Any] = {"requests": 0, "cached": 0, "scored_tokens": 0, "skipped": {}, "failed": 0,
-                                      "over_budget": 0, "empty": 0, "seconds": 0.0}
+                                      "retries": 0, "errors": {}, "over_budget": 0, "empty": 0, "seconds": 0.0}
         self._writer: RecordWriter | None = None
         bos = getattr(tokenizer, "bos_token_id", None)
         self._bos = int(bos) if bos is not None else None
@@ -203,6 +203,9 @@ class SampleScorer:
             await asyncio.gather(*(one(p, r, k) for (p, r), k in zip(texts, keys)))
         finally:
             await scorer.close()
+            st["retries"] += tally.retries  # what the server's faults cost (a fault-free run retries none)
+            for name, n in tally.errors.items():
+                st["errors"][name] = st["errors"].get(name, 0) + n
         if fatal:
             raise ScoreError(f"scoring the student's samples at {scorer.base_url}: {fatal[0]}".replace("\n", " "))
 
