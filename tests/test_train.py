@@ -226,6 +226,41 @@ def test_whitebox_top_k_zero_is_the_whole_vocabulary(setup, tmp_path):
         BayesKDConfig(output_dir=str(tmp_path / "o"), whitebox_top_k=-1)
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_whitebox_dense_path_is_the_sparse_one(setup, tmp_path, divergence):
+    """The whole-vocabulary white-box loss runs dense; its value and gradient are the sparse path's (the teacher's
+    top-V as a SparseDist through the fused loss), at a temperature too."""
+    from transformers import AutoModelForCausalLM
+
+    from bayeskd.distillation.trainer import whitebox_targets
+    from bayeskd.losses.fused import fused_posterior_kd
+
+    ds = TeacherTargetsDataset(setup["tokenized"], None)
+    batch = BayesKDCollator(setup["tok"].pad_token_id)([ds[i] for i in range(4)])
+    teacher = AutoModelForCausalLM.from_pretrained(setup["teacher"])
+    grads = []
+    for dense in (True, False):
+        model = AutoModelForCausalLM.from_pretrained(setup["student"])
+        args = BayesKDConfig(output_dir=str(tmp_path / "o"), fused_backend="torch", ce_weight=0.0, whitebox_top_k=0,
+                             divergence=divergence, beta=0.3, kd_temperature=1.7)
+        if dense:
+            trainer = BayesKDTrainer(model=model, args=args, data_collator=BayesKDCollator(0), teacher_model=teacher)
+            loss = trainer.compute_loss(model, batch)
+        else:
+            sel = batch["response_mask"]
+            with torch.no_grad():
+                t = select_rows(model_logits(teacher, batch["input_ids"], batch["attention_mask"]), sel)
+            rows = select_rows(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                               sel)
+            loss = fused_posterior_kd(rows, whitebox_targets(t, t.shape[-1]), None, divergence=divergence, beta=0.3,
+                                      temperature=1.7, backend="torch").mean()
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_whitebox_targets_tail_is_exact():
     logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(5))
     t = whitebox_targets(logits, 5)

@@ -49,7 +49,7 @@ from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
 from bayeskd.distillation.targets import (CONTEXT_COUNT_KEY, WEIGHT_KEY, WEIGHT_NORMALIZATIONS, BayesKDCollator,
                                           TeacherTargetsDataset)
 from bayeskd.losses.linear import fused_linear_ce, fused_linear_kd_and_ce, uses_cut_kernel
-from bayeskd.losses.divergences import DIVERGENCES
+from bayeskd.losses.divergences import DIVERGENCES, resolve_beta, row_divergence
 from bayeskd.losses.fused import fused_posterior_kd
 from bayeskd.core.sparse import SparseDist
 from bayeskd.core.names import CONTEXT_COUNT, MODES, TEACHER_LOGPROB
@@ -493,13 +493,17 @@ class BayesKDTrainer(transformers.Trainer):
         else:
             ce = _teacher_rows_mean(F.cross_entropy(rows.float(), tokens, reduction="none"), teacher_rows)
 
-        target = None
+        target = dense_teacher = None
         if self.teacher_model is not None:
             with torch.no_grad():
                 t_logits = select_rows(model_logits(self.teacher_model, input_ids, attention), rmask)
             if t_logits.shape[-1] != V:
                 raise ValueError(f"teacher vocabulary {t_logits.shape[-1]} != student vocabulary {V}")
-            target = whitebox_targets(t_logits, getattr(cfg, "whitebox_top_k", WHITEBOX_TOP_K) or V)
+            k = getattr(cfg, "whitebox_top_k", WHITEBOX_TOP_K) or V
+            if k >= V and lm_head is None:  # the whole vocabulary: dense, no top-k sort or sparse scatter (~50x)
+                dense_teacher = t_logits
+            else:
+                target = whitebox_targets(t_logits, k)
         elif "target_indices" in inputs:
             extras = {CONTEXT_COUNT: inputs[CONTEXT_COUNT_KEY]} if CONTEXT_COUNT_KEY in inputs else {}
             target = SparseDist(inputs["target_indices"], inputs["target_logprobs"], inputs["target_tail"], V,
@@ -539,9 +543,15 @@ class BayesKDTrainer(transformers.Trainer):
                                      "made with weight_normalization)")
                 per_row = per_row * inputs[WEIGHT_KEY].to(per_row.device)
             kd = per_row.mean()
+        elif dense_teacher is not None and rows.shape[0] > 0:  # the same divergence on the dense distributions
+            T, divergence = getattr(cfg, "kd_temperature", 1.0), getattr(cfg, "divergence", "forward_kl")
+            per_row = row_divergence(torch.log_softmax(dense_teacher.float() / T, dim=-1),
+                                     torch.log_softmax(rows.float() / T, dim=-1), divergence,
+                                     resolve_beta(divergence, getattr(cfg, "beta", None)))
+            kd = per_row.mean()
         if ce is None:  # hidden states, no targets
             ce = fused_linear_ce(rows, lm_head.weight, tokens, cut=cut, backend=backend).mean()
-        ce_w = resolve_ce_weight(getattr(cfg, "ce_weight", None), target is not None)
+        ce_w = resolve_ce_weight(getattr(cfg, "ce_weight", None), target is not None or dense_teacher is not None)
         kd_w = getattr(cfg, "proxy_kd_alpha", 1.0) if proxy_kd else getattr(cfg, "kd_weight", 1.0)
         loss = ce * ce_w if ce_w else ce * 0.0
         if kd is not None and kd_w:
