@@ -34,8 +34,11 @@ setup(
     extras_require={
         "dev": ["pytest>=7", "pytest-xdist>=3.5",  # the README's test command runs the tests on 2 workers (-n 2)
                 "nltk>=3.8", "matplotlib>=3.7", "psutil>=5.9", "pyarrow>=14", "hypothesis>=6.100",
-                "peft>=0.17"],  # CI tests the LoRA student
+                "peft>=0.17",  # CI tests the LoRA student
+                "openai-whisper>=20240930", "tiktoken>=0.7"],  # and the tiny-gpt2 lab's tokenizers (lab-real)
         "peft": ["peft>=0.17"],  # distill --use-peft: train the student through a LoRA adapter
+        # lab preset tiny-gpt2: GPT-2's and Whisper's tokenizer files (shipped in openai-whisper), checked with tiktoken
+        "lab-real": ["openai-whisper>=20240930", "tiktoken>=0.7"],
     },
     entry_points={"console_scripts": ["bayeskd = bayeskd.cli:main"]},
 )

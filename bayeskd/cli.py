@@ -356,9 +356,12 @@ def _lab_run_options() -> list[click.Option]:
 @lab_group.command("run", cls=ConfigJob, make_options=_lab_run_options)
 @config_option
 @click.option("--preset", default="tiny", show_default=True,
-              type=click.Choice(["micro", "tiny", "small", "micro-sharp", "tiny-sharp", "small-sharp"]),
+              type=click.Choice(["micro", "tiny", "small", "micro-sharp", "tiny-sharp", "small-sharp", "tiny-gpt2",
+                                 "tiny-gpt2-sharp"]),
               help="micro: seconds (smoke test); tiny: minutes on a laptop CPU; small: the benchmark preset; "
-              "NAME-sharp: that lab's models, its teacher at a temperature < 1 (about 1.4 nats/token).")
+              "tiny-gpt2: tiny's sizes with GPT-2's real tokenizer and Whisper's for teacher B (pip install -e "
+              "'.[lab-real]'); NAME-sharp: that lab's models, its teacher at a temperature < 1 (about 1.4 "
+              "nats/token).")
 @click.option("--root", default="runs/lab", show_default=True, type=click.Path(file_okay=False),
               help="Where the lab models and the run live (reused by later runs).")
 @click.option("--force", is_flag=True, help="Redo a run made with other settings instead of refusing.")

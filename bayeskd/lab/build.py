@@ -1,7 +1,8 @@
 """The lab: a teacher with a known distribution, built on one machine from the embedded corpus.
 
 `build_lab` splits `embedded_corpus()` (deterministically) into a teacher part, a related proxy part and
-held-out prompts, trains a byte-level BPE tokenizer, trains a small Llama teacher and a proxy with a plain
+held-out prompts, trains a byte-level BPE tokenizer (or takes a real one, GPT-2's for `tiny-gpt2`:
+`bayeskd.lab.real_tokenizers`), trains a small Llama teacher and a proxy with a plain
 causal-LM loop, and saves an untrained smaller student initialisation:
 
     root/<preset>/tokenizer/   the tokenizer (also saved next to every model)
@@ -76,9 +77,15 @@ class LabPreset:
     seed: int = 0
     n_prompts: int = 32  # held-out prompts
     warmup_steps: int = 10
+    # "bpe": a byte-level BPE of `vocab_size` trained on the corpus; "gpt2": GPT-2's own (bayeskd.lab.real_tokenizers,
+    # `vocab_size` then its size with the lab's special tokens), with Whisper's multilingual one for teacher B.
+    tokenizer: str = "bpe"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["tokenizer"] == "bpe":
+            del d["tokenizer"]  # the labs built before the field existed keep their manifests' preset
+        return d
 
     def base_preset(self) -> "LabPreset":
         """The lab whose models this one uses: itself (a sharp preset: its base lab's preset)."""
@@ -123,6 +130,10 @@ PRESETS: dict[str, LabPreset] = {
     "small": LabPreset("small", vocab_size=4096, teacher=ModelSize(256, 688, 4, 8), proxy=ModelSize(256, 688, 4, 8),
                        student=ModelSize(128, 344, 2, 4), steps=4000, batch_size=32, lr=6e-4, seq_len=256,
                        n_prompts=256, warmup_steps=200),
+    # tiny with GPT-2's real tokenizer (50,256 BPE tokens + the lab's 4 specials); teacher B: Whisper's multilingual.
+    "tiny-gpt2": LabPreset("tiny-gpt2", vocab_size=50260, teacher=ModelSize(128, 256, 2, 4),
+                           proxy=ModelSize(128, 256, 2, 4), student=ModelSize(64, 128, 1, 4), steps=400, batch_size=16,
+                           lr=2e-3, seq_len=64, n_prompts=128, warmup_steps=20, tokenizer="gpt2"),
 }
 # The same labs with a sharp teacher (real instruction-tuned teachers are far sharper than the lab's ~3.5 nats).
 PRESETS.update({f"{name}-sharp": sharp_preset(p) for name, p in list(PRESETS.items())})
@@ -248,6 +259,28 @@ def train_lab_model(size: ModelSize, tokenizer, docs: Sequence[str], preset: Lab
             **_loss_summary(losses)}
 
 
+def make_lab_tokenizer(cfg: LabPreset, texts: Sequence[str], out_dir: str | os.PathLike,
+                       root: str | os.PathLike) -> str:
+    """Save the lab tokenizer of `cfg` in `out_dir`: a BPE of `vocab_size` trained on `texts`, or a real one
+    converted once for every lab under `root` (`bayeskd.lab.real_tokenizers`) with `vocab_size` tokens. Returns
+    `out_dir` as a string."""
+    if cfg.tokenizer == "bpe":
+        return train_bpe_tokenizer(texts, cfg.vocab_size, out_dir)
+    from transformers import AutoTokenizer
+
+    from bayeskd.lab.real_tokenizers import REAL_TOKENIZERS, save_real_tokenizer
+
+    if cfg.tokenizer not in REAL_TOKENIZERS:
+        raise LabError(f"lab preset {cfg.name!r}: unknown tokenizer {cfg.tokenizer!r}; choose 'bpe' or one of "
+                       f"{sorted(REAL_TOKENIZERS)}")
+    save_real_tokenizer(REAL_TOKENIZERS[cfg.tokenizer][0], out_dir, root)
+    size = len(AutoTokenizer.from_pretrained(str(out_dir)))
+    if size != cfg.vocab_size:
+        raise LabError(f"lab preset {cfg.name!r}: its {cfg.tokenizer!r} tokenizer has {size} tokens, the preset says "
+                       f"vocab_size={cfg.vocab_size}")
+    return str(out_dir)
+
+
 def lab_paths(root: str | os.PathLike, name: str) -> dict[str, str]:
     base = Path(root) / name
     return {"root": str(base), "tokenizer": str(base / "tokenizer"), "teacher": str(base / "teacher"),
@@ -305,8 +338,7 @@ def build_lab(root: str | os.PathLike, preset: str | LabPreset = "tiny", force: 
 
     docs = embedded_corpus()
     teacher_docs, proxy_docs, prompts = split_corpus(docs, cfg.n_prompts, cfg.seed)
-    train_bpe_tokenizer(teacher_docs + proxy_docs, cfg.vocab_size, paths["tokenizer"])
-    tok = AutoTokenizer.from_pretrained(paths["tokenizer"])
+    tok = AutoTokenizer.from_pretrained(make_lab_tokenizer(cfg, teacher_docs + proxy_docs, paths["tokenizer"], root))
     max_positions = max(512, 4 * cfg.seq_len)
 
     stats: dict[str, Any] = {}

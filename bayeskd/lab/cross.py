@@ -1,7 +1,8 @@
 """The lab's second teacher, with a tokenizer of its own: the cross-tokenizer path of the revealed log-probabilities.
 
 Teacher B has the lab teacher's size and training text; its tokenizer is a byte-level BPE with `VOCAB_FACTOR` times
-the lab's vocabulary, trained on the same text. The pipeline is the lab's (student tokenizer, prior, aligned proxy,
+the lab's vocabulary, trained on the same text (a lab with a real tokenizer, `tiny-gpt2`: Whisper's multilingual one,
+`bayeskd.lab.real_tokenizers`). The pipeline is the lab's (student tokenizer, prior, aligned proxy,
 calibrated combination); B's revealed top-k reach the student's vocabulary by byte offsets, as lower bounds, at the
 positions where both tokenizers start a token (`bayeskd.posterior.evidence`).
 
@@ -23,6 +24,7 @@ import numpy as np
 
 from bayeskd.lab.build import LabPreset, split_corpus, train_lab_model
 from bayeskd.lab.http_sampling import sample_teacher
+from bayeskd.lab.real_tokenizers import REAL_TOKENIZERS, save_real_tokenizer
 from bayeskd.integrity import atomic_write_bytes
 
 VOCAB_FACTOR = 1.5
@@ -40,7 +42,9 @@ def build_teacher_b(lab_root: str, preset: LabPreset, progress: bool = True) -> 
     from bayeskd.corpus import embedded_corpus, train_bpe_tokenizer
 
     base = Path(lab_root) / "teacher_b"
-    vocab = int(round(preset.vocab_size * VOCAB_FACTOR))
+    # the manifest names B's vocabulary: its BPE's size, or its real tokenizer's file
+    vocab = int(round(preset.vocab_size * VOCAB_FACTOR)) if preset.tokenizer == "bpe" else \
+        REAL_TOKENIZERS[preset.tokenizer][1]
     want = {"version": VERSION, "preset": preset.to_dict(), "vocab_size": vocab}
     manifest = base / "teacher_b.json"
     if manifest.exists() and {k: v for k, v in json.loads(manifest.read_text()).items() if k in want} == want:
@@ -48,7 +52,10 @@ def build_teacher_b(lab_root: str, preset: LabPreset, progress: bool = True) -> 
     shutil.rmtree(base, ignore_errors=True)
     base.mkdir(parents=True)
     teacher_docs, proxy_docs, _ = split_corpus(embedded_corpus(), preset.n_prompts, preset.seed)
-    train_bpe_tokenizer(teacher_docs + proxy_docs, vocab, base / "tokenizer")  # the lab tokenizer's text
+    if preset.tokenizer == "bpe":
+        train_bpe_tokenizer(teacher_docs + proxy_docs, vocab, base / "tokenizer")  # the lab tokenizer's text
+    else:  # converted once for every lab under the lab root
+        save_real_tokenizer(vocab, base / "tokenizer", Path(lab_root).parent)
     tok = AutoTokenizer.from_pretrained(base / "tokenizer")
     stats = train_lab_model(preset.teacher, tok, teacher_docs, preset, preset.seed + 3000, base / "teacher",
                             f"lab {preset.name}: teacher B", progress)
@@ -115,7 +122,7 @@ def run_cross(paths: dict[str, str], run: Path, cfg, prompts: Sequence[str], hel
             log(f"[lab] teacher B, student {method} seed {seed}: nll/byte={per_seed[method][-1]:.4f}")
     summary = {m: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
                for m, v in per_seed.items()}
-    return {"teacher_vocab": int(round(preset.vocab_size * VOCAB_FACTOR)), "student_vocab": len(tok),
+    return {"teacher_vocab": len(load_tokenizer(teacher_b)), "student_vocab": len(tok),
             "train_records": sum(1 for _ in train.open()), "heldout_records": len(held_tok),
             "evidence": evidence, "nll_per_byte": summary, "per_seed": per_seed}
 
