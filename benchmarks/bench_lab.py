@@ -2,6 +2,9 @@
 
     python benchmarks/bench_lab.py --preset tiny --seeds 3      # CPU, tens of minutes
     python benchmarks/bench_lab.py --preset small --seeds 3     # the benchmark preset (a GPU, or hours of CPU)
+    # the on-policy study (bayeskd.lab.onpolicy) with TRL's peers, into lab_<preset>_onpolicy.*
+    python benchmarks/bench_lab.py --preset tiny --seeds 3 --tag onpolicy --methods sft,trl-sft,trl-sft-text,\
+        offpolicy-more,onpolicy-posterior,onpolicy-k20,onpolicy-k0,onpolicy-whitebox,trl-gkd-fkl,trl-gkd,trl-gkd-rkl
 
 Runs `bayeskd.lab.run.run_lab` (the same job as `bayeskd lab run`), then writes into benchmarks/results/:
 lab_<preset>.json (the report), lab_<preset>.md (its tables) and lab_<preset>.png (KL against corpus size, KL
@@ -110,17 +113,19 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--methods", default=None, help="comma-separated (default: all)")
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--tag", default=None, help="results as lab_<preset>_<tag>.* (a study of some methods)")
     args = ap.parse_args()
     report = run_lab(args.root, args.preset, seeds=args.seeds, force=args.force,
                      methods=args.methods.split(",") if args.methods else None, progress=False)
     report["machine"] = {"platform": platform.platform(), "python": platform.python_version(),
                          "cpu_count": __import__("os").cpu_count()}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"lab_{args.preset}"
+    stem = RESULTS / f"lab_{args.preset}{'_' + args.tag if args.tag else ''}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     stem.with_suffix(".md").write_text(format_report(report))
     plot(report, stem.with_suffix(".png"))
-    shutil.copy(Path(report["lab"]) / "lab.json", RESULTS / f"lab_{args.preset}_manifest.json")
+    if not args.tag:
+        shutil.copy(Path(report["lab"]) / "lab.json", RESULTS / f"lab_{args.preset}_manifest.json")
     print(f"wrote {stem}.json, .md, .png")
 
 

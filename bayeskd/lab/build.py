@@ -32,14 +32,12 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from bayeskd.corpus import embedded_corpus, split_prompt_response, train_bpe_tokenizer
+from bayeskd.lab.errors import LabError  # noqa: F401  (raised here; imported from here by others)
 from bayeskd.integrity import atomic_write_bytes
 
 LAB_VERSION = 2  # 2: held-out prompts share no text with training documents
 MANIFEST = "lab.json"
 
-
-class LabError(RuntimeError):
-    """A lab directory that cannot be used as asked (built with another config, incomplete, ...)."""
 
 
 @dataclass(frozen=True)

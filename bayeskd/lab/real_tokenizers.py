@@ -24,7 +24,7 @@ import os
 import shutil
 from pathlib import Path
 
-from bayeskd.lab.build import LabError
+from bayeskd.lab.errors import LabError
 
 CONVERTER_VERSION = 1
 CACHE_DIR = "_tokenizers"  # under the labs' root, next to the lab directories

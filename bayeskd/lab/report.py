@@ -72,6 +72,18 @@ def check_targets(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _trl_sft_note(s: dict[str, Any]) -> list[str]:
+    """TRL's SFT rows beside bayeskd's: what each trained on and at what speed."""
+    rows = [m for m in ("sft", "trl-sft", "trl-sft-text") if m in s and "trained_tokens" in s[m]]
+    if not rows:
+        return []
+    cells = "; ".join(f"{m}: {s[m]['trained_tokens']['mean']:.0f} response tokens, "
+                      f"{s[m]['seconds_per_1k_tokens']['mean']:.2f} s per 1k" for m in rows)
+    return [f"TRL's SFTTrainer (trl-sft: on bayeskd's tokens with completion_only_loss; trl-sft-text: TRL's own "
+            f"tokenization of prompt + completion, which appends EOS to every completion, also to the samples the "
+            f"length limit cut, and may split the teacher's text otherwise). Trained per student: {cells}.", ""]
+
+
 def method_evidence(method: str, top_logprobs: int) -> str:
     """What a lab student learned from: the teacher's text only, its revealed top-k, or its logits."""
     if method == "white-box":
@@ -171,6 +183,8 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"| {method} | {method_evidence(method, k)} | {v[metrics[0]]['n']} | " + " | ".join(cells)
                          + " |")
         lines.append("")
+        if any(m in s for m in ("trl-sft", "trl-sft-text")):
+            lines += _trl_sft_note(s)
         if st.get("curves"):
             from bayeskd.lab.recipe import format_curves
 

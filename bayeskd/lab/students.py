@@ -132,6 +132,9 @@ def students(paths, run: Path, cfg, tok, progress: bool, log: Callable[[str], No
             m = score(out, seed, t_test, test_idx, True)
             summary = json.loads(((out.parent if method == "gad" else out) / "summary.json").read_text())
             m["train_seconds"] = summary.get("train_seconds", summary.get("seconds", float("nan")))
+            if "train_response_tokens" in summary:  # what each trainer trained on (TRL's text path: other tokens)
+                m["trained_tokens"] = float(summary["train_response_tokens"])
+                m["seconds_per_1k_tokens"] = 1000.0 * m["train_seconds"] / max(1.0, m["trained_tokens"])
             if method == "gad" and summary.get("history"):
                 m["d_acc_final"] = float(summary["history"][-1].get("d_acc", float("nan")))
                 d_acc_curves[seed] = [{"stage": h.get("stage"), "step": h.get("step"), "d_acc": h.get("d_acc"),
