@@ -30,9 +30,10 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -71,7 +72,20 @@ PRIOR_FIELDS = {"reused_model": "whether this invocation found the counted model
 POSTERIOR_FIELDS = {"shards_written": "shards this invocation wrote (shards_done counts the output)",
                     "shards_skipped": "shards this invocation found already done"}
 DISTILL_FIELDS = {"train_loss": "the Trainer's mean loss over the steps this invocation ran (a resumed run ran fewer)",
-                  "train_tokens": "tokens this invocation trained on"}
+                  "train_tokens": "tokens this invocation trained on",
+                  "train_response_tokens": "response tokens this invocation trained on"}
+SCORE_FIELDS = {**{k: "what this invocation asked or wrote; records_total counts the output" for k in (
+    "requests", "requests_done", "requests_failed", "retries", "records_written", "prompt_tokens", "response_tokens",
+    "errors", "skipped")}, "skipped_file": "written by the invocation that met a skip",
+    "probe": "a resumed run with nothing left to score asks no probe"}
+# on-policy scored training: the scorer and the sampler count what this invocation asked and sampled (the scores of
+# a resumed run's earlier steps come from the cache in the output, which is compared by key)
+ONPOLICY_FIELDS = {**DISTILL_FIELDS, **{k: "what this invocation's scorer or sampler did" for k in (
+    "requests", "retries", "errors", "skipped", "cached", "scored_tokens", "failed", "empty", "sequences",
+    "sampled_tokens", "cache_entries")}}
+# The server the scoring jobs talk to: the lab teacher, refusing and dropping answers as a flaky API does.
+SERVER_FAULTS = dict(fail_rate=0.3, drop_rate=0.1)
+TEACHER_NAME = "drill-teacher"
 LAB_FIELDS = {**GENERATE_FIELDS, **PRIOR_FIELDS, **POSTERIOR_FIELDS,
               "base_url": "the lab's teacher server listens on a free port chosen by each run",
               "timings": "the lab report's wall-clock seconds per stage"}
@@ -83,10 +97,12 @@ def bayeskd_cmd() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "bayeskd.cli"]
 
 
-def job_registry(lab: Path) -> dict[str, Job]:
+def job_registry(lab: Path, teacher_url: str = "http://127.0.0.1:9/v1") -> dict[str, Job]:
     """Every long job, reading the artifacts of the lab run `lab` (ROOT/micro: teacher records, tokenizer, models),
-    with settings small enough for seconds of work beyond startup."""
+    with settings small enough for seconds of work beyond startup; the scoring jobs ask the server at
+    `teacher_url` (`teacher_server`)."""
     b, data = bayeskd_cmd(), str(lab / "run" / "teacher_train.jsonl")
+    retries = ["--max-retries", "12", "--backoff", "0.05"]
     jobs = [
         Job("generate", lambda out: b + [
             "generate", "--backend", "hf", "--model", str(lab / "teacher"), "--prompts", str(lab / "prompts.jsonl"),
@@ -110,6 +126,17 @@ def job_registry(lab: Path) -> dict[str, Job]:
             "distill", "--data", data, "--student", str(lab / "student"), "--targets", str(lab / "run" / "posterior"),
             "--max-steps", "30", "--per-device-train-batch-size", "4", "--logging-steps", "5", "--save-steps", "5",
             "--out", str(out)], DISTILL_FIELDS),
+        Job("score", lambda out: b + [
+            "score", "--records", data, "--model", TEACHER_NAME, "--base-url", teacher_url, "--top-logprobs", "5",
+            "--concurrency", "4", *retries, "--quiet", "--out", str(out / "scored.jsonl")],
+            SCORE_FIELDS, "scored.jsonl.lock"),
+        Job("distill-onpolicy", lambda out: b + [
+            "distill", "--data", data, "--student", str(lab / "student"), "--targets", str(lab / "run" / "prior" /
+                                                                                          "topk"),
+            "--proxy", str(lab / "proxy"), "--prior", str(lab / "run" / "prior"), "--teacher-url", teacher_url,
+            "--teacher-model", TEACHER_NAME, "--onpolicy-fraction", "1", "--onpolicy-score-top-k", "5",
+            "--onpolicy-max-new-tokens", "8", "--max-steps", "12", "--per-device-train-batch-size", "4",
+            "--logging-steps", "3", "--save-steps", "3", "--out", str(out)], ONPOLICY_FIELDS),
         Job("align-proxy", lambda out: b + [
             "align-proxy", "--data", data, "--proxy", str(lab / "proxy"), "--rounds", "1", "--max-new-tokens", "8",
             "--batch-size", "8", "--holdout-records", "4", "--out", str(out)]),
@@ -391,11 +418,29 @@ def run_drill(work: Path, jobs: list[str] | None = None, kills: int = 3, sigterm
     work.mkdir(parents=True, exist_ok=True)
     env = job_env(threads)
     inputs, lab_seconds = prepare_inputs(work, env)
-    registry = job_registry(inputs)
-    names = jobs or list(registry)
-    unknown = sorted(set(names) - set(registry))
+    names = jobs or list(job_registry(inputs))
+    unknown = sorted(set(names) - set(job_registry(inputs)))
     if unknown:
-        raise ValueError(f"unknown job(s) {unknown}; known: {sorted(registry)}")
+        raise ValueError(f"unknown job(s) {unknown}; known: {sorted(job_registry(inputs))}")
+    with teacher_server(inputs, seed) as url:
+        return _run_jobs(work, names, job_registry(inputs, url), inputs, lab_seconds, env, seed, kills, threads,
+                         log, sigterm, concurrent, corrupt, disk_full, bad_input)
+
+
+@contextmanager
+def teacher_server(lab: Path, seed: int) -> Iterator[str]:
+    """The lab teacher served on loopback for the whole drill (stopped at the end, also on error), with
+    SERVER_FAULTS drawn from `seed`: the scoring jobs' undisturbed runs meet them too, and their outputs must not
+    depend on them."""
+    from bayeskd.teachers.server import running_server
+
+    with running_server(str(lab / "teacher"), name=TEACHER_NAME, fault_seed=seed, **SERVER_FAULTS) as url:
+        yield url
+
+
+def _run_jobs(work: Path, names: list[str], registry: dict[str, Job], inputs: Path, lab_seconds: float,
+              env: dict[str, str], seed: int, kills: int, threads: int, log: Callable[[str], None],
+              sigterm, concurrent, corrupt, disk_full, bad_input) -> dict[str, Any]:
     drill = Drill(work, np.random.default_rng(seed), env, measure_startup(env), log)
     log(f"startup {drill.startup:.2f}s; kills drawn after it")
     report: dict[str, Any] = {"seed": seed, "kills_per_job": kills, "threads": threads, "startup_s": drill.startup,
