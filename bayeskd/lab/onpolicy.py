@@ -112,8 +112,9 @@ def onpolicy_study(paths: dict[str, str], run: Path, cfg, progress: bool, train,
                         off_curve.append({"steps": s, "seconds": s * per_step, **score(d, seed)})
                     at = math.ceil(cfg.onpolicy_epochs * steps_per_epoch)
                     m = dict(min(off_curve, key=lambda r: abs(r["steps"] - at)))
-                    m.update(_price(summary), train_seconds=m["seconds"])
-                    m.pop("seconds"), m.pop("steps")
+                    share = m.pop("steps") / max(1, summary["steps"])  # this checkpoint's part of the run
+                    m.update(_price(summary), train_seconds=m.pop("seconds"))
+                    m["train_tokens"] *= share
                 elif method in GKD_BETAS:
                     kw = {**cfg.train_kwargs(seed, progress), **continuation}
                     out = trl_gkd(data, str(start), paths["teacher"], run / name, kw, beta=GKD_BETAS[method],
