@@ -357,11 +357,12 @@ def _lab_run_options() -> list[click.Option]:
 @config_option
 @click.option("--preset", default="tiny", show_default=True,
               type=click.Choice(["micro", "tiny", "small", "micro-sharp", "tiny-sharp", "small-sharp", "tiny-gpt2",
-                                 "tiny-gpt2-sharp"]),
+                                 "tiny-gpt2-sharp", "tiny-1m", "tiny-sharp-1m"]),
               help="micro: seconds (smoke test); tiny: minutes on a laptop CPU; small: the benchmark preset; "
               "tiny-gpt2: tiny's sizes with GPT-2's real tokenizer and Whisper's for teacher B (pip install -e "
               "'.[lab-real]'); NAME-sharp: that lab's models, its teacher at a temperature < 1 (about 1.4 "
-              "nats/token).")
+              "nats/token); tiny-1m, tiny-sharp-1m: the lab at scale, another run of that lab's models with >= 1M "
+              "teacher tokens (hours on a CPU; ROOT/LAB/run-PRESET/).")
 @click.option("--root", default="runs/lab", show_default=True, type=click.Path(file_okay=False),
               help="Where the lab models and the run live (reused by later runs).")
 @click.option("--force", is_flag=True, help="Redo a run made with other settings instead of refusing.")

@@ -102,10 +102,10 @@ def test_sharp_presets_resolve():
         assert PRESETS[name].base_preset() is PRESETS[name]
         assert "base" not in PRESETS[name].to_dict()  # labs built before keep their manifests
     from bayeskd.cli import main
-    from bayeskd.lab.run import RUN_CONFIGS
+    from bayeskd.lab.run import RUN_CONFIGS, SCALE_PRESETS
 
     option = next(o for o in main.commands["lab"].commands["run"].params if o.name == "preset")
-    assert set(option.type.choices) == set(PRESETS)
+    assert set(option.type.choices) == set(PRESETS) | set(SCALE_PRESETS)
     assert "tiny-sharp" not in RUN_CONFIGS  # run_lab falls back on the base lab's settings
     with pytest.raises(LabError):
         dataclasses.replace(PRESETS["tiny-sharp"], base="tiny-sharp")

@@ -61,6 +61,9 @@ def check_targets(report: dict[str, Any]) -> dict[str, Any]:
         if "posterior-kd-k5" in s and gap > 0:  # target: >= 80% of the gap at k = 5, >= 90% at k = 20
             out["gap_closed_k5_ge_80pct"] = bool(out["gap_closed_posterior-kd-k5"] >= 0.8)
             out["gap_closed_k20_ge_90pct"] = bool(out["gap_closed_posterior_kd"] >= 0.9)
+    from bayeskd.lab.scale import scale_targets
+
+    out.update(scale_targets(report))  # (a run with the scale columns of the corpus curve)
     curves = (report.get("students") or {}).get("curves") or {}
     cell = {(r["method"], r["steps"]): r["kl_tf"]["mean"] for r in curves.get("summary", [])}
     for step in sorted({s_ for _, s_ in cell}):  # the gap closed at every budget of the learning curves
@@ -160,6 +163,9 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"| {r['samples']} | {r['tokens']} | {r['prior']:.4f} | {r['posterior']:.4f} | "
                          f"{r['proxy']:.4f} |")
         lines.append("")
+        from bayeskd.lab.scale import format_scale
+
+        lines += format_scale(report)
     if "students" in report:
         s = report["students"]["summary"]
         metrics = [m for m in ("nll", "kl_tf", "kl_own") if any(m in v for v in s.values())]

@@ -117,6 +117,30 @@ class LabRunConfig:
                                           min_open=True)
     onpolicy_own_samples: int = setting(4, "On-policy study: own samples per test prompt that kl_own is pooled "
                                         "over.", min=1)
+    prompt_pool: str = setting("documents", "Training prompts: 'documents' (the first sentence of every teacher and "
+                               "proxy document) or 'sentences' (every sentence or line opening that a document "
+                               "continues, alone and with the sentence before it: ~10x more; none shares text with a "
+                               "held-out prompt).", choices=("documents", "sentences"))
+    evidence_prompts: int | None = setting(None, "Training prompts whose samples carry the revealed top "
+                                           "log-probabilities (the first ones; the others' text only: at 1M tokens "
+                                           "every token's JSON log-probabilities would take ~10 GB to load). "
+                                           "Default: all.", min=1)
+    sample_max_batch: int = setting(1, "Sampling: the teacher server decodes up to this many waiting samples as one "
+                                    "batch (serve-teacher --max-batch; 1: one request at a time).", min=1)
+    sample_concurrency: int = setting(4, "Sampling: requests in flight (to batch, at least --sample-max-batch).",
+                                      min=1)
+    student_max_steps: int | None = setting(None, "Students' optimizer steps: a fixed training budget whatever the "
+                                            "corpus size (default: --epochs over the corpus).", min=1)
+    curve_scale: bool = setting(False, "Corpus curve: also the suffix prior, the n-gram and suffix posteriors "
+                                "recalibrated at each point, and the wall time and peak memory of estimate-prior and "
+                                "estimate-posterior on that many records (each in a fresh process).")
+    align_records: int | None = setting(None, "Alignment: the records it trains on, the first ones after the scored "
+                                        "and calibration records (default: all the others).", min=1)
+    curve_students: tuple[float, ...] = setting((), "Students at these shares of the corpus too (repeatable): targets "
+                                                "from the prior counted on that share, the methods among sft, "
+                                                "posterior-kd-text, posterior-kd, white-box, at the chosen recipe "
+                                                "(give --student-max-steps for an equal budget).", min=0,
+                                                min_open=True, max=1)
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -127,9 +151,10 @@ class LabRunConfig:
         recipe = {k: v for k, v in (("ce_weight", self.ce_weight if kd else 1.0),
                                     ("whitebox_top_k", self.whitebox_top_k)) if v is not None}
         # (None until chosen on validation prompts: distill's defaults)
+        budget = {"max_steps": self.student_max_steps} if self.student_max_steps else {}
         return dict(num_train_epochs=self.epochs, per_device_train_batch_size=self.batch_size, learning_rate=self.lr,
                     lr_scheduler_type="cosine", warmup_steps=10, seed=seed, data_seed=seed, logging_steps=10,
-                    disable_tqdm=not progress, kd_weight=self.kd_weight, save_strategy="no", **recipe)
+                    disable_tqdm=not progress, kd_weight=self.kd_weight, save_strategy="no", **budget, **recipe)
 
 
 # each lab preset's run settings (a preset without an entry, e.g. tiny-sharp, runs with its base lab's)
@@ -143,14 +168,49 @@ RUN_CONFIGS: dict[str, LabRunConfig] = {
     "tiny-gpt2": LabRunConfig(),  # tiny with GPT-2's tokenizer
     "small": LabRunConfig(samples_per_prompt=4, max_new_tokens=64, eval_records=800, seeds=3, epochs=3.0, lr=1e-3),
 }
+# The lab at scale: another run of an existing lab's models (never retrained), in root/<lab>/run-<preset>: >= 1M
+# teacher response tokens from the "sentences" prompt pool (~6k prompts), sampled through the batching server, the
+# corpus curve from ~42k tokens to all of it with its costs, students at tiny's training budget (152 steps of 16: 2
+# epochs of tiny's 1,202 records) on all of it and at two smaller points, only the rows the scale targets read.
+# Samples per prompt from the mean response measured on 1,536 samples of 256 pool prompts: 35.2 tokens (tiny), 28.1
+# (tiny-sharp: more blank answers). The proxy aligns on 4,000 of the records (~140k tokens: DPO on all would take
+# hours on a CPU).
+SCALE_PRESETS: dict[str, str] = {"tiny-1m": "tiny", "tiny-sharp-1m": "tiny-sharp"}  # scale preset -> its lab
+_SCALE = dict(prompt_pool="sentences", evidence_prompts=200, sample_max_batch=512, sample_concurrency=128,
+              cross_tokenizer=False, curve_scale=True, align_records=4000,
+              methods=("sft", "posterior-kd-text", "posterior-kd", "white-box"), seeds=2, student_max_steps=152,
+              ce_weights=(0.0, 0.1), whitebox_ks=(0,), curve_epochs=())
+RUN_CONFIGS.update({  # 6,243 prompts: tiny 5 x 35.2 -> ~1.10M tokens, tiny-sharp 7 x 28.1 -> ~1.23M
+    "tiny-1m": LabRunConfig(samples_per_prompt=5, corpus_fractions=(0.038, 0.15, 0.5, 1.0),
+                            curve_students=(0.038, 0.15), **_SCALE),
+    "tiny-sharp-1m": LabRunConfig(samples_per_prompt=7, corpus_fractions=(0.034, 0.15, 0.5, 1.0),
+                                  curve_students=(0.034, 0.15), **_SCALE)})
 
 
-def train_prompts(preset) -> list[str]:
-    """The prompts the teacher answers for the black-box corpus: the first sentence of every corpus document
-    outside the held-out prompts (deterministic)."""
+def resolve_preset(preset) -> tuple[Any, str]:
+    """(the lab preset whose models `preset` (a name or a LabPreset) uses, the name of its run directory under the
+    lab): "run", or "run-<preset>" for a scale preset (`SCALE_PRESETS`)."""
+    if isinstance(preset, str) and preset in SCALE_PRESETS:
+        return get_preset(SCALE_PRESETS[preset]), f"run-{preset}"
+    return get_preset(preset), "run"
+
+
+def train_prompts(preset, pool: str = "documents") -> list[str]:
+    """The prompts the teacher answers for the black-box corpus (deterministic), from the corpus documents outside
+    the held-out prompts: "documents", the first sentence of every one (in corpus order); "sentences", every sentence
+    opening that a document continues, alone and with the sentence before it, none sharing text with a held-out
+    prompt (`bayeskd.lab.scale.sentence_prompts`), distinct, in an order shuffled with the preset's seed (so a share
+    of the corpus is a random share of the prompts)."""
     from bayeskd.corpus import embedded_corpus, split_prompt_response
 
-    teacher_docs, proxy_docs, _ = split_corpus(embedded_corpus(), preset.n_prompts, preset.seed)
+    teacher_docs, proxy_docs, held = split_corpus(embedded_corpus(), preset.n_prompts, preset.seed)
+    if pool == "sentences":
+        from bayeskd.lab.scale import sentence_prompts
+
+        prompts = sentence_prompts(teacher_docs + proxy_docs, [r["prompt"] for r in held])
+        return [prompts[i] for i in np.random.default_rng(preset.seed).permutation(len(prompts))]
+    if pool != "documents":
+        raise ValueError(f"unknown prompt pool {pool!r}; choose 'documents' or 'sentences'")
     pairs = (split_prompt_response(d) for d in teacher_docs + proxy_docs)
     return [p[0] for p in pairs if p is not None]
 
@@ -293,6 +353,13 @@ def _corpus_curve(paths, run: Path, cfg: LabRunConfig, tok, pipeline_proxy: str,
     seqs = held_tok.response_sequences()
     proxy_rows = ProxyPosterior(pipeline_proxy, top_k=cfg.top_k).proxy_topk(held_tok, range(len(held_tok)), V)
     curve = [{"samples": 0, "tokens": 0, "proxy": _mean_kl(t_lp, proxy_rows, valid)}]
+    if cfg.curve_scale:  # the scale columns (bayeskd.lab.scale)
+        from bayeskd.lab.scale import curve_point, estimation_costs
+
+        train_tok = tokenize_records(train, tok)
+        lo = min(cfg.eval_records, max(0, len(train) - cfg.calibration_records))  # the calibration records
+        cal = list(range(lo, min(lo + cfg.calibration_records, len(train))))
+        proxy = ProxyPosterior(pipeline_proxy, top_k=cfg.top_k)
     for frac in cfg.corpus_fractions:
         n = max(1, int(round(frac * len(train_seqs))))
         prior = NGramPrior(**prior_config).fit(train_seqs[:n])
@@ -301,25 +368,39 @@ def _corpus_curve(paths, run: Path, cfg: LabRunConfig, tok, pipeline_proxy: str,
                       "prior": _mean_kl(t_lp, p_rows, valid),
                       "posterior": _mean_kl(t_lp, combine(p_rows, proxy_rows, top_k=cfg.top_k, **combo), valid),
                       "proxy": curve[0]["proxy"]})
+        if cfg.curve_scale:
+            row = curve[-1]
+            row.update(curve_point(n, train_tok, held_tok, t_lp, valid, proxy, proxy_rows, cal, prior, cfg.top_k))
+            row["best_component"] = min(row["prior"], row["suffix prior"], row["proxy"])
+            row["costs"] = estimation_costs(str(run / "teacher_train.jsonl"), n, paths["tokenizer"], pipeline_proxy,
+                                            order=cfg.order, top_k=cfg.top_k, combo=combo, workdir=run)
     return curve
 
 
 DATA_SETTINGS = ("samples_per_prompt", "max_prompts", "max_new_tokens", "temperature", "order", "top_k",
-                 "top_logprobs", "keep_empty")
+                 "top_logprobs", "keep_empty", "prompt_pool", "evidence_prompts")
+# settings added after runs were made: left out of the stamps at their defaults, so those runs stay valid
+LATE_SETTINGS = ("prompt_pool", "evidence_prompts", "student_max_steps", "align_records")
+# in no stamp: which rows run, how the teacher is sampled (not what), what the report adds
+UNSTAMPED = ("seeds", "methods", "cross_tokenizer", "sample_max_batch", "sample_concurrency", "curve_scale",
+             "curve_students")
 RECORDS_VERSION = 2  # 2: records name the tokenizer of their log-probabilities (older ones read as another's)
-ALIGN_SETTINGS = ("align", "align_sft_epochs", "align_rounds", "align_lr", "dpo_lr", "batch_size")
+ALIGN_SETTINGS = ("align", "align_sft_epochs", "align_rounds", "align_lr", "dpo_lr", "batch_size", "align_records")
 # what depends on every training setting
 DERIVED = (POSTERIOR_DIR, TEXT_DIR, BUCKET_DIR, K5_DIR, "proxy_targets", "students", "recipe", "curves", "cross",
-           "onpolicy")
+           "onpolicy", "curve_students")
 
 
 def _check_stamps(run: Path, cfg: LabRunConfig, force: bool) -> None:
     """The teacher samples and the prior/posterior depend on DATA_SETTINGS: a run made with others is refused
     (or redone with `force`). The aligned proxy depends on ALIGN_SETTINGS, the other trained models on every
     setting (seeds and methods aside): when those change, what depends on them is retrained."""
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("seeds", "methods", "cross_tokenizer")}
+    defaults = LabRunConfig().to_dict()
+    settings = {k: v for k, v in cfg.to_dict().items()
+                if k not in UNSTAMPED and not (k in LATE_SETTINGS and v == defaults[k])}
     study = {k: settings.pop(k) for k in list(settings) if k.startswith("onpolicy_")}  # only the study's rows
-    check_stamp(run / "run.json", {**{k: settings[k] for k in DATA_SETTINGS}, "records": RECORDS_VERSION},
+    check_stamp(run / "run.json", {**{k: settings[k] for k in DATA_SETTINGS if k in settings},
+                                   "records": RECORDS_VERSION},
                 what="a lab run",
                 hint="pass force to redo it", error_cls=LabError, force=force)
     train_stamp = run / "train.json"
@@ -374,17 +455,49 @@ def _output_to(path: Path, log: Callable[[str], None]):
             logging.getLogger().removeHandler(handler)
 
 
+def _align_holdout(cfg: LabRunConfig, data: str) -> list[int] | range:
+    """The records the proxy's alignment never sees: the scored and the calibration ones, and with `align_records`
+    every record after that many more."""
+    scored = cfg.eval_records + cfg.calibration_records
+    if cfg.align_records is None:
+        return range(scored)
+    with open(data, "rb") as f:
+        n = sum(1 for _ in f)
+    return [*range(scored), *range(scored + cfg.align_records, n)]
+
+
+def _sample(paths, run: Path, cfg: LabRunConfig, prompts: list[str], held_prompts: list[str], seed: int,
+            progress: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Sample the teacher over HTTP (`sample_teacher`): run/teacher_train.jsonl and run/teacher_heldout.jsonl. With
+    `evidence_prompts` below the prompts, the training samples of the first ones carry the revealed top
+    log-probabilities and the rest are text only (sampled apart, then written one after the other)."""
+    train, held = run / "teacher_train.jsonl", (held_prompts, run / "teacher_heldout.jsonl", seed + 1, 1, 0)
+    e = cfg.evidence_prompts
+    if e is None or e >= len(prompts) or not cfg.top_logprobs or train.exists():  # (exists: reused)
+        return tuple(sample_teacher(paths["teacher"], [(prompts, train, seed, cfg.samples_per_prompt,
+                                                        cfg.top_logprobs), held], cfg, progress))
+    parts = [run / "teacher_train_evidence.jsonl", run / "teacher_train_text.jsonl"]
+    s_ev, s_text, s_held = sample_teacher(paths["teacher"], [
+        (prompts[:e], parts[0], seed, cfg.samples_per_prompt, cfg.top_logprobs),
+        (prompts[e:], parts[1], seed + 2, cfg.samples_per_prompt, 0), held], cfg, progress)
+    if not train.exists():
+        atomic_write_bytes(train, parts[0].read_bytes() + parts[1].read_bytes())
+    s_train = {k: s_ev.get(k, 0) + s_text.get(k, 0) for k in set(s_ev) | set(s_text)}
+    return s_train, s_held
+
+
 def run_lab(root: str = "runs/lab", preset: str = "tiny", log: Callable[[str], None] = print,
             **kwargs: Any) -> dict[str, Any]:
     """Run the whole lab (module docstring; keywords: `_run_lab`'s), one run per run directory at a time. `log` gets
     one line per stage and the tables; everything else the stages print goes to root/<preset>/run.log."""
     from bayeskd.locks import output_lock
 
-    base = Path(root) / get_preset(preset).name
+    lab_preset, run_name = resolve_preset(preset)
+    base = Path(root) / lab_preset.name
     # the lock and the log beside run/ (run.lock, run.log), since force may remove run/ itself
-    with output_lock(base / "run", "lab run", file=True), _output_to(base / "run.log", log) as tee:
+    with output_lock(base / run_name, "lab run", file=True), _output_to(base / f"{run_name}.log", log) as tee:
         tee(f"[lab] {time.strftime('%Y-%m-%d %H:%M:%S')}: preset {preset}, root {root} (the stages' own output: "
-            f"{base / 'run.log'})")
+            f"{base / f'{run_name}.log'})")
         return _run_lab(root, preset, log=tee, **kwargs)
 
 
@@ -396,9 +509,11 @@ def _run_lab(root: str, preset: str, *, config: LabRunConfig | None = None, forc
     from bayeskd.priors.estimate import estimate_prior
     from bayeskd.posterior.estimate import estimate_posterior
 
-    lab_preset = get_preset(preset)
+    lab_preset, run_name = resolve_preset(preset)  # a scale preset: an existing lab's models, another run
+    name = preset if isinstance(preset, str) else lab_preset.name
     base_name = lab_preset.base_preset().name  # a sharp preset (`tiny-sharp`) runs with its base lab's settings
-    cfg = config or RUN_CONFIGS.get(lab_preset.name) or RUN_CONFIGS.get(base_name, LabRunConfig())
+    cfg = config or RUN_CONFIGS.get(name) or RUN_CONFIGS.get(lab_preset.name) or RUN_CONFIGS.get(base_name,
+                                                                                                 LabRunConfig())
     unknown = sorted(set(settings) - {f.name for f in fields(LabRunConfig)})
     if unknown:
         raise ValueError(f"unknown lab run setting(s): {', '.join(unknown)}")
@@ -414,15 +529,13 @@ def _run_lab(root: str, preset: str, *, config: LabRunConfig | None = None, forc
     t0 = time.perf_counter()
     with _stage("build lab", log, timings):
         paths = build_lab(root, lab_preset, progress=progress)
-    run = Path(paths["root"]) / "run"
+    run = Path(paths["root"]) / run_name
     _check_stamps(run, cfg, force)
 
-    prompts = train_prompts(lab_preset)[:cfg.max_prompts]
+    prompts = train_prompts(lab_preset, cfg.prompt_pool)[:cfg.max_prompts]
     held_prompts = [r["prompt"] for r in load_lab_prompts(paths["root"])]
     with _stage("sample the black-box teacher (serve-teacher + generate over HTTP)", log, timings):
-        s_train, s_held = sample_teacher(paths["teacher"], [
-            (prompts, run / "teacher_train.jsonl", lab_preset.seed, cfg.samples_per_prompt, cfg.top_logprobs),
-            (held_prompts, run / "teacher_heldout.jsonl", lab_preset.seed + 1, 1, 0)], cfg, progress)
+        s_train, s_held = _sample(paths, run, cfg, prompts, held_prompts, lab_preset.seed, progress)
     with _stage("estimate-prior", log, timings):
         prior_summary = estimate_prior(str(run / "teacher_train.jsonl"), paths["tokenizer"], out=str(run / "prior"),
                                        order=cfg.order, top_k=cfg.top_k, write_topk=True, codec="raw")
@@ -441,7 +554,7 @@ def _run_lab(root: str, preset: str, *, config: LabRunConfig | None = None, forc
                                         max_new_tokens=cfg.max_new_tokens, sft_learning_rate=cfg.align_lr,
                                         learning_rate=cfg.dpo_lr, batch_size=cfg.batch_size, seed=lab_preset.seed,
                                         # never trained on what the lab scores or calibrates on (cross-fitting)
-                                        holdout_records=range(cfg.eval_records + cfg.calibration_records),
+                                        holdout_records=_align_holdout(cfg, train_jsonl),
                                         training_args={"disable_tqdm": not progress})
     pipeline_proxy = align_summary["final"] if cfg.align else paths["proxy"]
     with _stage("calibrate the combination", log, timings):
@@ -456,9 +569,10 @@ def _run_lab(root: str, preset: str, *, config: LabRunConfig | None = None, forc
         if cfg.top_logprobs:  # what the conditioning is measured against: text only, and the revealed top-k alone
             estimate_posterior(train_jsonl, str(run / "prior"), pipeline_proxy, str(run / TEXT_DIR),
                                top_k=cfg.top_k, batch_size=16, codec="raw", no_evidence=True, **calibration["best"])
-            estimate_posterior(train_jsonl, str(run / "prior"), pipeline_proxy, str(run / BUCKET_DIR),
-                               top_k=cfg.top_k, batch_size=16, codec="raw", evidence_mode="evidence_only",
-                               **calibration["best"])
+            if "bucket-kd" in cfg.methods:  # (read by bucket-KD only)
+                estimate_posterior(train_jsonl, str(run / "prior"), pipeline_proxy, str(run / BUCKET_DIR),
+                                   top_k=cfg.top_k, batch_size=16, codec="raw", evidence_mode="evidence_only",
+                                   **calibration["best"])
             if "posterior-kd-k5" in cfg.methods:
                 estimate_posterior(train_jsonl, str(run / "prior"), pipeline_proxy, str(run / K5_DIR),
                                    top_k=cfg.top_k, batch_size=16, codec="raw", evidence_top_k=5,
@@ -471,12 +585,14 @@ def _run_lab(root: str, preset: str, *, config: LabRunConfig | None = None, forc
     tok = load_tokenizer(paths["tokenizer"])
     train_tok = tokenize_records(load_teacher_records(str(run / "teacher_train.jsonl"))[0], tok)
     report: dict[str, Any] = {
-        "preset": lab_preset.name, "config": cfg.to_dict(), "lab": paths["root"],
+        "preset": name, "config": cfg.to_dict(), "lab": paths["root"],
         "data": {"train_records": len(train_tok), "heldout_records": s_held.get("written"),
                  "train_tokens": int(sum(len(s) for s in train_tok.response_sequences())),
                  "train_prompts": len(prompts), "train_prompts_distinct": len(set(prompts)),
                  "heldout_prompts_distinct": len(set(held_prompts)),
-                 "prompts_shared": len(set(prompts) & set(held_prompts)), "empty_samples": s_train.get("empty", 0),
+                 "prompts_shared": len(set(prompts) & set(held_prompts)),
+                 "prompts_sharing_text": sum(any(p in h or h in p for h in set(held_prompts)) for p in set(prompts)),
+                 "empty_samples": s_train.get("empty", 0),
                  "blank_samples_kept": s_train.get("empty_kept", 0)},
     }
     with _stage("evaluate estimates", log, timings):
@@ -491,6 +607,12 @@ def _run_lab(root: str, preset: str, *, config: LabRunConfig | None = None, forc
         report["students"], cfg = students(paths, run, cfg, tok, progress, log, pipeline_proxy=pipeline_proxy,
                                            calibration=calibration)
         report["config"] = cfg.to_dict()  # with the recipe chosen on validation prompts
+    if cfg.curve_students:
+        from bayeskd.lab.scale import curve_students
+
+        with _stage("students at points of the corpus curve", log, timings):
+            report["curve_students"] = curve_students(paths, run, cfg, tok, progress, log, pipeline_proxy,
+                                                      report["corpus_curve"], calibration["best"])
     if cfg.cross_tokenizer and cfg.top_logprobs:
         from bayeskd.lab.cross import run_cross
 

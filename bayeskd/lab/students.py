@@ -55,6 +55,8 @@ def distill_student(method: str, seed: int, paths: dict[str, str], run: Path, cf
     kwargs = cfg.train_kwargs(seed, progress, kd=method not in ("sft", *PEER_METHODS))
     if method != "white-box":
         kwargs.pop("whitebox_top_k", None)
+    if "num_train_epochs" in overrides:  # (learning curves, the on-policy study: their epochs, not the step budget)
+        kwargs.pop("max_steps", None)
     kwargs.update(overrides)
     student = kwargs.pop("student", paths["student"])  # (the on-policy study starts from a warm start)
     data = str(run / "teacher_train.jsonl")

@@ -1,0 +1,128 @@
+"""The lab at scale (`bayeskd.lab.scale`, the scale presets of `bayeskd.lab.run`): the sentence prompt pool, stamps
+that the new settings leave alone at their defaults, and the estimation-cost measurement."""
+import json
+from dataclasses import fields, replace
+
+import pytest
+
+from bayeskd.corpus import embedded_corpus
+from bayeskd.lab.build import PRESETS, LabError, split_corpus
+from bayeskd.lab.run import (DATA_SETTINGS, LATE_SETTINGS, RECORDS_VERSION, RUN_CONFIGS, SCALE_PRESETS, UNSTAMPED,
+                             LabRunConfig, _check_stamps, resolve_preset, train_prompts)
+from bayeskd.lab.scale import estimation_costs, sentence_prompts, shares_text
+
+from conftest import save_tiny_llama
+
+# the settings the lab run had before the scale ones: what runs made then stamped
+NEW = ("prompt_pool", "evidence_prompts", "sample_max_batch", "sample_concurrency", "student_max_steps", "curve_scale",
+       "curve_students", "align_records")
+
+
+@pytest.mark.parametrize("name", ["micro", "tiny"])
+def test_sentence_pool_is_large_deterministic_and_disjoint_from_heldout(name):
+    preset = PRESETS[name]
+    pool = train_prompts(preset, "sentences")
+    assert pool == train_prompts(preset, "sentences")  # deterministic (shuffled with the preset's seed)
+    documents = train_prompts(preset)
+    assert len(set(pool)) == len(pool) and len(pool) >= 5000 and len(pool) >= 8 * len(set(documents))
+    _, _, held = split_corpus(embedded_corpus(), preset.n_prompts, preset.seed)
+    held = [r["prompt"] for r in held]
+    assert not any(shares_text(p, h) for p in pool for h in held)
+    with pytest.raises(ValueError, match="prompt pool"):
+        train_prompts(preset, "paragraph")
+
+
+def test_sentence_prompts_drop_any_prompt_sharing_text_with_a_heldout_one():
+    docs = ["The first sentence here. The second one follows. A third closes it.",
+            "Another document starts. The second one follows. And ends."]
+    pool = sentence_prompts(docs, held_prompts=["The second one follows."])
+    assert pool == ["The first sentence here.", "Another document starts."]  # singles and pairs with it dropped
+    pool = sentence_prompts(docs, held_prompts=["document"])  # a held-out prompt inside a training one
+    assert "Another document starts." not in pool and "The second one follows." in pool
+    assert "The first sentence here. The second one follows." in pool  # a sentence with the one before it
+
+
+def _old_stamps(cfg: LabRunConfig) -> tuple[dict, dict]:
+    """train.json and run.json as a run made before the scale settings wrote them."""
+    settings = {k: v for k, v in cfg.to_dict().items()
+                if k not in ("seeds", "methods", "cross_tokenizer") + NEW and not k.startswith("onpolicy_")}
+    old_data = [k for k in DATA_SETTINGS if k not in NEW]
+    return settings, {**{k: settings[k] for k in old_data}, "records": RECORDS_VERSION}
+
+
+def test_new_settings_at_their_defaults_leave_existing_runs_valid(tmp_path):
+    assert set(NEW) <= {f.name for f in fields(LabRunConfig)} and set(NEW) <= set(LATE_SETTINGS) | set(UNSTAMPED)
+    for name in ("tiny", "micro"):
+        cfg = RUN_CONFIGS[name]
+        run = tmp_path / name / "run"
+        (run / "students" / "sft-s0").mkdir(parents=True)
+        train, data = _old_stamps(cfg)
+        (run / "train.json").write_text(json.dumps(train))
+        (run / "run.json").write_text(json.dumps(data))
+        # only the transport and the report's columns changed: nothing is redone
+        _check_stamps(run, replace(cfg, sample_max_batch=32, sample_concurrency=32, curve_scale=True,
+                                   curve_students=(0.5,)), force=False)
+        assert (run / "students" / "sft-s0").exists()
+        assert json.loads((run / "train.json").read_text()) == train
+        assert json.loads((run / "run.json").read_text()) == data
+        _check_stamps(run, replace(cfg, student_max_steps=10), force=False)  # a training setting: students redone
+        assert not (run / "students").exists()
+        with pytest.raises(LabError, match="prompt_pool"):  # a data setting: the samples are refused
+            _check_stamps(run, replace(cfg, prompt_pool="sentences"), force=False)
+
+
+def test_scale_presets_reuse_their_labs_in_their_own_run_directory():
+    for name, lab in SCALE_PRESETS.items():
+        preset, run_name = resolve_preset(name)
+        assert preset is PRESETS[lab] and run_name == f"run-{name}"
+        cfg = RUN_CONFIGS[name]
+        assert cfg.prompt_pool == "sentences" and cfg.curve_scale and cfg.student_max_steps
+        assert cfg.sample_concurrency * cfg.samples_per_prompt >= cfg.sample_max_batch  # the server can batch
+        assert not cfg.cross_tokenizer and not cfg.curve_epochs and "gad" not in cfg.methods
+        assert set(cfg.curve_students) < set(cfg.corpus_fractions)  # students where the curve recalibrated
+    assert resolve_preset("tiny") == (PRESETS["tiny"], "run")
+    assert RUN_CONFIGS["tiny"] == LabRunConfig()  # tiny's settings did not move
+    assert LabRunConfig().train_kwargs(0, False).get("max_steps") is None
+    assert LabRunConfig(student_max_steps=7).train_kwargs(0, False)["max_steps"] == 7
+
+
+def test_estimation_costs_measure_time_and_memory_in_a_fresh_process(tmp_path, tiny_tokenizer, tiny_tokenizer_dir):
+    proxy = save_tiny_llama(tmp_path / "proxy", tiny_tokenizer, seed=0)
+    docs = embedded_corpus()[:40]
+    data = tmp_path / "teacher.jsonl"
+    data.write_text("".join(json.dumps({"prompt": d[:30], "response": d[30:200]}) + "\n" for d in docs))
+    costs = estimation_costs(str(data), 24, tiny_tokenizer_dir, proxy, order=3, top_k=8, workdir=tmp_path)
+    assert costs["tokens"] > 0
+    for job in ("estimate-prior", "estimate-posterior"):
+        c = costs[job]
+        assert c["records"] == 24 and c["seconds"] > 0 and c["seconds_per_1k_tokens"] > 0
+        assert c["peak_rss_mb"] >= c["import_rss_mb"] > 0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("curve_cost_")] == []  # outputs removed
+
+
+def test_scale_targets_and_tables_from_a_report():
+    from bayeskd.lab.report import check_targets
+    from bayeskd.lab.scale import format_scale, scale_targets
+
+    def point(tokens, post, cost):
+        job = {"seconds": cost * tokens / 1000, "seconds_per_1k_tokens": cost, "peak_rss_mb": 300 + tokens / 1e4,
+               "import_rss_mb": 250.0, "records": tokens // 30}
+        return {"samples": tokens // 30, "tokens": tokens, "prior": 1.0, "proxy": 0.9, "posterior": post,
+                "suffix prior": 0.95, "suffix_margin": -0.05, "n-gram posterior (recalibrated)": post,
+                "suffix posterior (recalibrated)": post + 0.01, "chosen posterior": post, "best_component": 0.9,
+                "costs": {"tokens": tokens, "estimate-prior": job, "estimate-posterior": dict(job)}}
+
+    report = {"corpus_curve": [{"samples": 0, "tokens": 0, "proxy": 0.9}, point(10_000, 0.85, 1.0),
+                               point(41_000, 0.8, 0.5), point(1_100_000, 0.45, 0.6)],
+              "students": {"summary": {m: {"kl_tf": {"mean": v, "std": 0.0}} for m, v in
+                                       (("sft", 1.2), ("posterior-kd-text", 0.7), ("white-box", 0.63))}}}
+    t = scale_targets(report)
+    assert t["scale_reference_tokens"] == 41_000 and t["scale_posterior_over_reference"] == pytest.approx(0.45 / 0.8)
+    assert t["scale_posterior_le_0.6_reference"] and t["scale_posterior_below_every_component"]
+    assert t["scale_estimate-prior_cost_per_token_ratio"] == pytest.approx(1.2)
+    assert t["scale_estimate-posterior_cost_per_token_growth_le_1.5x"]
+    assert t["scale_gap_closed_posterior_kd_text_ge_85pct"]  # (1.2 - 0.7) / (1.2 - 0.63) = 0.877
+    assert check_targets(report)["scale_posterior_le_0.6_reference"]
+    md = "\n".join(format_scale(report))
+    assert "| 1100000 |" in md and "estimate-posterior s" in md
+    assert scale_targets({"corpus_curve": report["corpus_curve"][:1]}) == {}  # no scale columns: no targets
