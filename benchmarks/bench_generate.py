@@ -5,12 +5,18 @@
 2. Against a server that answers instantly (its own process): requests/s and the client's CPU time per request
    of `generate` (resume bookkeeping, rate limiting, writing, the progress bar) beside a bare `AsyncOpenAI` loop
    with a semaphore at the same concurrency. Target: generate costs <= 1.2x the bare loop's CPU per request.
+3. In-process, `generate --backend hf` (no server): completion tokens/s of the whole job (the model, batching,
+   records written) at `--max-batch` 1, 32 and 128 with as many requests in flight, one torch thread, on the
+   serve benchmark's teacher (a random Llama of 4 layers, hidden 256, vocabulary 1,024; `--hf-max-tokens` tokens
+   per answer, 5 alternatives each). Target: >= 5,000 tokens/s. Also tokens per CPU second of the whole process
+   (both its threads): what one core does when the machine is not shared, which wall time shows only then.
 serve-teacher answers one request at a time (bit-exact answers per request and seed), so part 1 measures how
 little the client adds to a busy server rather than the server's parallelism.
 
-Prints a table and writes benchmarks/results/generate.json. Run it alone (the servers share the machine's cores):
+Prints a table and writes benchmarks/results/generate.json (`--parts` runs some parts and keeps the file's rows of
+the others). Run it alone (the servers share the machine's cores):
 
-    .venv/bin/python benchmarks/bench_generate.py [--requests 400] [--model-requests 64]
+    .venv/bin/python benchmarks/bench_generate.py [--requests 400] [--model-requests 64] [--parts serve,instant,hf]
 """
 from __future__ import annotations
 
@@ -152,19 +158,38 @@ def run_generate(base_url: str, model: str, prompts_path: Path, out: Path, concu
             "records": s["records_total"]}
 
 
-def tiny_llama(path: Path, tokenizer, seed: int, layers: int = 2) -> str:
-    """A tiny Llama over `tokenizer`'s vocabulary (width 32), saved with its tokenizer like a user's checkpoint."""
+def tiny_llama(path: Path, tokenizer, seed: int, layers: int = 2, hidden: int = 32, intermediate: int = 64,
+               positions: int = 256) -> str:
+    """A tiny Llama over `tokenizer`'s vocabulary (width 32 unless told), saved with its tokenizer like a user's
+    checkpoint."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                      max_position_embeddings=positions,
                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                       eos_token_id=tokenizer.eos_token_id)
     LlamaForCausalLM(cfg).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def run_hf(model: str, prompts_path: Path, out: Path, max_batch: int, max_tokens: int, **kw) -> dict:
+    """`generate --backend hf` in this process: every prompt once, `max_batch` requests in flight (the model
+    loaded by each call, as the command does: ~0.3 s of a run of several seconds)."""
+    from bayeskd.teachers.generate import generate, side_files
+
+    for f in (out, *side_files(out)):
+        f.unlink(missing_ok=True)
+    t, c = time.perf_counter(), time.process_time()
+    s = generate(str(prompts_path), str(out), model=model, backend="hf", endpoint="completions", device="cpu",
+                 max_batch=max_batch, concurrency=max_batch, max_tokens=max_tokens, top_logprobs=5, seed=0,
+                 keep_empty=True, progress=False, **kw)
+    return {"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - c,
+            "completion_tokens": s["completion_tokens"],
+            "records": s["records_total"]}
 
 
 def _cpu(fn, *args, **kwargs):
@@ -182,6 +207,10 @@ def main() -> None:
     ap.add_argument("--model-requests", type=int, default=64, help="requests against serve-teacher")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--parts", default="serve,instant,hf", help="which parts to run: serve, instant, hf")
+    ap.add_argument("--hf-batches", default="1,32,128", help="part 3: the --max-batch values")
+    ap.add_argument("--hf-requests", type=int, default=256, help="part 3: prompts per --max-batch value")
+    ap.add_argument("--hf-max-tokens", type=int, default=64)
     ap.add_argument("--serve-instant", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_instant is not None:
@@ -195,51 +224,79 @@ def main() -> None:
 
     from bayeskd.corpus import embedded_corpus, embedded_teacher_records, train_bpe_tokenizer
 
+    parts = set(args.parts.split(","))
     result: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
-                    "max_tokens": args.max_tokens}
+                    "max_tokens": args.max_tokens, "load_average_before": round(os.getloadavg()[0], 2)}
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         tok = AutoTokenizer.from_pretrained(train_bpe_tokenizer(embedded_corpus(), 512, d / "tok"))
         model = tiny_llama(d / "teacher", tok, seed=0, layers=2)
-        texts = [r["prompt"] for r in embedded_teacher_records(max(args.requests, args.model_requests), seed=0)]
+        texts = [r["prompt"] for r in embedded_teacher_records(max(args.requests, args.model_requests,
+                                                                   args.hf_requests), seed=0)]
         rows = []
 
-        # 1. a small model behind serve-teacher
-        prompts = d / "model_prompts.jsonl"
-        prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts[:args.model_requests]))
-        cmd = [sys.executable, "-m", "bayeskd.cli", "serve-teacher", "--model", model, "--name", "teacher",
-               "--port", "{port}"]
-        with Server(cmd, "/health") as srv:
-            seq_s, seq_tok = sequential_loop(srv.base_url, "teacher", texts[:args.model_requests], args.max_tokens)
-            rows.append({"part": "serve-teacher", "client": "sequential openai loop", "concurrency": 1,
-                         "requests_per_s": args.model_requests / seq_s, "tokens_per_s": seq_tok / seq_s})
-            for c in (1, 8, 32):
-                g = run_generate(srv.base_url, "teacher", prompts, d / f"m{c}.jsonl", c, args.max_tokens)
-                rows.append({"part": "serve-teacher", "client": "bayeskd generate", "concurrency": c,
-                             "requests_per_s": args.model_requests / g["seconds"],
+        # 3. generate --backend hf in-process, on the serve benchmark's teacher
+        if "hf" in parts:
+            tok_hf = AutoTokenizer.from_pretrained(train_bpe_tokenizer(embedded_corpus(), 1024, d / "tok_hf"))
+            model_hf = tiny_llama(d / "teacher_hf", tok_hf, seed=0, layers=4, hidden=256, intermediate=1024,
+                                  positions=512)
+            prompts = d / "hf_prompts.jsonl"
+            prompts.write_text("".join(json.dumps({"prompt": t[:200]}) + "\n" for t in texts[:args.hf_requests]))
+            run_hf(model_hf, prompts, d / "hf_warm.jsonl", 2, 2, max_prompts=2)  # imports, caches: not timed
+            for mb in (int(x) for x in args.hf_batches.split(",")):
+                g = run_hf(model_hf, prompts, d / f"hf{mb}.jsonl", mb, args.hf_max_tokens)
+                rows.append({"part": "hf backend", "client": f"generate --max-batch {mb}", "concurrency": mb,
+                             "requests_per_s": g["records"] / g["seconds"],
                              "tokens_per_s": g["completion_tokens"] / g["seconds"],
-                             "vs_sequential": seq_s / g["seconds"]})
+                             "tokens_per_cpu_s": g["completion_tokens"] / g["cpu_seconds"]})
+                print(f"hf backend --max-batch {mb}: {rows[-1]['tokens_per_s']:.0f} tokens/s, "
+                      f"{rows[-1]['tokens_per_cpu_s']:.0f} per CPU second of the process "
+                      f"(load average {os.getloadavg()[0]:.1f})", flush=True)
+
+        # 1. a small model behind serve-teacher
+        if "serve" in parts:
+            prompts = d / "model_prompts.jsonl"
+            prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts[:args.model_requests]))
+            cmd = [sys.executable, "-m", "bayeskd.cli", "serve-teacher", "--model", model, "--name", "teacher",
+                   "--port", "{port}"]
+            with Server(cmd, "/health") as srv:
+                seq_s, seq_tok = sequential_loop(srv.base_url, "teacher", texts[:args.model_requests], args.max_tokens)
+                rows.append({"part": "serve-teacher", "client": "sequential openai loop", "concurrency": 1,
+                             "requests_per_s": args.model_requests / seq_s, "tokens_per_s": seq_tok / seq_s})
+                for c in (1, 8, 32):
+                    g = run_generate(srv.base_url, "teacher", prompts, d / f"m{c}.jsonl", c, args.max_tokens)
+                    rows.append({"part": "serve-teacher", "client": "bayeskd generate", "concurrency": c,
+                                 "requests_per_s": args.model_requests / g["seconds"],
+                                 "tokens_per_s": g["completion_tokens"] / g["seconds"],
+                                 "vs_sequential": seq_s / g["seconds"]})
 
         # 2. the client's own cost, against a server that answers at once
-        prompts = d / "prompts.jsonl"
-        prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts[:args.requests]))
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-instant", "{port}"]
-        with Server(cmd, "/health") as srv:
-            for c in (8, 32):
-                bare, gen = [], []
-                for r in range(args.repeats):  # interleaved, so drifts of the machine hit both alike
-                    secs, cpu = _cpu(bare_loop, srv.base_url, "instant", texts[:args.requests], c, args.max_tokens)
-                    bare.append((secs, cpu))
-                    g, cpu = _cpu(run_generate, srv.base_url, "instant", prompts, d / f"i{c}.jsonl", c,
-                                  args.max_tokens)
-                    gen.append((g["seconds"], cpu))
-                med = lambda xs, k: sorted(x[k] for x in xs)[len(xs) // 2]  # noqa: E731
-                n = args.requests
-                rows.append({"part": "instant server", "client": "bare AsyncOpenAI + semaphore", "concurrency": c,
-                             "requests_per_s": n / med(bare, 0), "cpu_ms_per_request": 1e3 * med(bare, 1) / n})
-                rows.append({"part": "instant server", "client": "bayeskd generate", "concurrency": c,
-                             "requests_per_s": n / med(gen, 0), "cpu_ms_per_request": 1e3 * med(gen, 1) / n,
-                             "cpu_vs_bare": med(gen, 1) / med(bare, 1)})
+        if "instant" in parts:
+            prompts = d / "prompts.jsonl"
+            prompts.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts[:args.requests]))
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-instant", "{port}"]
+            with Server(cmd, "/health") as srv:
+                for c in (8, 32):
+                    bare, gen = [], []
+                    for r in range(args.repeats):  # interleaved, so drifts of the machine hit both alike
+                        secs, cpu = _cpu(bare_loop, srv.base_url, "instant", texts[:args.requests], c, args.max_tokens)
+                        bare.append((secs, cpu))
+                        g, cpu = _cpu(run_generate, srv.base_url, "instant", prompts, d / f"i{c}.jsonl", c,
+                                      args.max_tokens)
+                        gen.append((g["seconds"], cpu))
+                    med = lambda xs, k: sorted(x[k] for x in xs)[len(xs) // 2]  # noqa: E731
+                    n = args.requests
+                    rows.append({"part": "instant server", "client": "bare AsyncOpenAI + semaphore", "concurrency": c,
+                                 "requests_per_s": n / med(bare, 0), "cpu_ms_per_request": 1e3 * med(bare, 1) / n})
+                    rows.append({"part": "instant server", "client": "bayeskd generate", "concurrency": c,
+                                 "requests_per_s": n / med(gen, 0), "cpu_ms_per_request": 1e3 * med(gen, 1) / n,
+                                 "cpu_vs_bare": med(gen, 1) / med(bare, 1)})
+    old = RESULTS / "generate.json"
+    if old.exists() and parts != {"serve", "instant", "hf"}:  # keep the rows of the parts not run
+        names = {"serve-teacher": "serve", "instant server": "instant", "hf backend": "hf"}
+        kept = [r for r in json.loads(old.read_text()).get("rows", []) if names.get(r["part"]) not in parts]
+        rows = kept + rows
+    result["load_average_after"] = round(os.getloadavg()[0], 2)
     result["rows"] = rows
     print(f"{'part':<15} {'client':<30} {'conc':>4} {'req/s':>8} {'tok/s':>8} {'cpu ms/req':>10} {'ratio':>6}")
     for r in rows:

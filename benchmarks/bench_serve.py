@@ -9,15 +9,22 @@ with `--threads` torch threads (OMP_NUM_THREADS), always stopped; the clients ar
 calls to /v1/completions, each with its own seed and `logprobs` alternatives, a bounded number of requests per
 level (max(16, 2 x concurrency)).
 
+All servers run from the start (an idle one costs nothing) and the measurements are interleaved: `--repeats`
+rounds, each of every concurrency against every server in turn, so a load that comes and goes on a shared machine
+hits every column alike; each cell reports the median round (and the best, and every round's figure), and the
+speedups are of medians of one run. Each round also records the server's CPU seconds (all its threads) and the
+tokens per server CPU second, which a shared machine's load moves far less than wall time.
+
 Prints a table and writes benchmarks/results/serve_cpu.json. Run it alone (the server and clients share the
 machine's cores):
 
-    .venv/bin/python benchmarks/bench_serve.py [--max-tokens 64] [--threads 1] [--batches 1,32,128]
+    .venv/bin/python benchmarks/bench_serve.py [--max-tokens 64] [--threads 1] [--batches 1,32,128] [--repeats 3]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import socket
@@ -30,6 +37,12 @@ from pathlib import Path
 from common import RESULTS, command, print_table, write_json
 
 CONCURRENCY = (1, 8, 32, 128)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU seconds a process has used (all its threads; Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _free_port() -> int:
@@ -131,31 +144,47 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server")
     ap.add_argument("--batches", default="1,32,128", help="the --max-batch values served, comma-separated")
     ap.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds; each cell reports the median")
     ap.add_argument("--out", default=str(RESULTS / "serve_cpu.json"))
     args = ap.parse_args()
     batches = [int(x) for x in args.batches.split(",")]
     levels = [int(x) for x in args.concurrency.split(",")]
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    load_before = os.getloadavg()
+    runs: dict[tuple[int, int], list[dict]] = {(mb, c): [] for mb in batches for c in levels}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         model = build_teacher(Path(tmp))
-        for mb in batches:
-            with Server(model, mb, args.threads) as server:
-                for c in levels:
-                    r = asyncio.run(load(server.url, c, max(16, 2 * c), args.max_tokens, args.logprobs))
-                    rows.append({"max_batch": mb, "concurrency": c, **r})
-                    print(f"max_batch {mb:>4} concurrency {c:>4}: {r['tokens_per_s']:>8.1f} tokens/s", flush=True)
+        servers = {mb: stack.enter_context(Server(model, mb, args.threads)) for mb in batches}
+        for rep in range(args.repeats):
+            for c in levels:
+                for mb in batches:
+                    cpu = _cpu_seconds(servers[mb].proc.pid)
+                    r = asyncio.run(load(servers[mb].url, c, max(16, 2 * c), args.max_tokens, args.logprobs))
+                    r["server_cpu_s"] = round(_cpu_seconds(servers[mb].proc.pid) - cpu, 3)
+                    r["tokens_per_server_cpu_s"] = round(r["completion_tokens"] / max(r["server_cpu_s"], 1e-9), 1)
+                    runs[mb, c].append(r)
+                    print(f"round {rep + 1} max_batch {mb:>4} concurrency {c:>4}: {r['tokens_per_s']:>8.1f} tokens/s "
+                          f"(load average {os.getloadavg()[0]:.1f})", flush=True)
+    rows = []
+    for (mb, c), rs in runs.items():
+        rs = sorted(rs, key=lambda r: r["tokens_per_s"])
+        med = rs[(len(rs) - 1) // 2]  # the lower median
+        rows.append({"max_batch": mb, "concurrency": c, **med, "best_tokens_per_s": rs[-1]["tokens_per_s"],
+                     "rounds_tokens_per_s": [r["tokens_per_s"] for r in runs[mb, c]]})
     base = {r["concurrency"]: r["tokens_per_s"] for r in rows if r["max_batch"] == 1}
     for r in rows:
         r["speedup"] = round(r["tokens_per_s"] / base[r["concurrency"]], 2) if r["concurrency"] in base else None
-    print_table(rows, ["max_batch", "concurrency", "requests", "tokens_per_s", "speedup", "mean_latency_s"])
+    print_table(rows, ["max_batch", "concurrency", "requests", "tokens_per_s", "best_tokens_per_s", "speedup",
+                       "tokens_per_server_cpu_s", "mean_latency_s"])
     import torch
 
     write_json(args.out, {
         "command": command(), "machine": {"cpu": platform.processor() or platform.machine(),
                                           "cores": os.cpu_count(), "torch": torch.__version__,
-                                          "server_threads": args.threads},
+                                          "server_threads": args.threads,
+                                          "load_average_before_after": [round(load_before[0], 2),
+                                                                        round(os.getloadavg()[0], 2)]},
         "model": "Llama 4 layers, hidden 256, intermediate 1024, vocab 1024 (random weights)",
-        "max_tokens": args.max_tokens, "logprobs": args.logprobs, "rows": rows})
+        "max_tokens": args.max_tokens, "logprobs": args.logprobs, "repeats": args.repeats, "rows": rows})
     print(f"wrote {args.out}")
 
 

@@ -261,3 +261,84 @@ def test_batcher_admits_requests_into_the_running_batch(teacher):
     assert batcher.rows == 6 and batcher.batches == 1
     for r, b in zip(reqs, out):
         _same(teacher.complete(**r), b)
+
+
+def test_slab_cache_rows_join_leave_and_grow_in_place(teacher):
+    """The `Decoding` cache's slab layer against plain per-row lists of states: rows joining (a wider newcomer,
+    more rows than its room), steps written in place past the buffer's end, finished rows replaced by the last
+    ones, columns trimmed; every shown cell a state or zero padding, right-aligned."""
+    import torch
+
+    from bayeskd.teachers.hf import _keep_layer_rows, _slab_cache
+
+    layer = _slab_cache(teacher.model.config, rows=2).layers[0]
+    gen = torch.Generator().manual_seed(0)
+    rows: list[list[torch.Tensor]] = []  # per row its states [H, D], oldest first
+
+    def states(b, length):
+        x = torch.randn(b, 2, length, 3, generator=gen)
+        return x, -x
+
+    def join(b, length):
+        k, v = states(b, length)
+        layer.join(k, v)
+        rows.extend([k[i, :, j] for j in range(length)] for i in range(b))
+
+    def step():
+        k, v = states(len(rows), 1)
+        layer.update(k, v)
+        for i, r in enumerate(rows):
+            r.append(k[i, :, 0])
+
+    def check():
+        width = layer.keys.shape[2]
+        assert layer.keys.shape[0] == len(rows) and width >= max(len(r) for r in rows)
+        for i, r in enumerate(rows):
+            want = torch.stack([torch.zeros(2, 3)] * (width - len(r)) + r, dim=1)
+            assert torch.equal(layer.keys[i], want) and torch.equal(layer.values[i], -want)
+
+    join(2, 3)
+    check()
+    for _ in range(20):  # past the first buffer's columns
+        step()
+    check()
+    join(1, 30)  # wider than the rows so far: they are padded on the left
+    join(3, 2)  # beyond the rows' room
+    check()
+    step()
+    keep = [1, 3, 5]  # rows 0, 2 and 4 end: rows 3 and 5 move into places 0 and 2
+    order = [3, 1, 5]
+    _keep_layer_rows(layer, torch.tensor(order), torch.tensor([0, 2]), torch.tensor([3, 5]))
+    rows[:] = [rows[b] for b in order]
+    assert sorted(order) == keep
+    check()
+    first = layer.keys.shape[2] - max(len(r) for r in rows)
+    layer.trim(first)
+    check()
+    step()
+    check()
+    assert layer.start > 0  # room on the left: a wider newcomer widens the view in place
+    buffer = layer.k
+    join(1, layer.keys.shape[2] + 1)
+    assert layer.k is buffer
+    check()
+
+
+def test_llama_fast_step_matches_the_models_forward(teacher, monkeypatch):
+    """`Decoding` steps a Llama through `_llama_step` (the model's modules without its wrappers); the model's own
+    forward, which every other architecture takes, gives the same samples (identical logits on our CPU check)."""
+    from bayeskd.teachers import hf
+
+    reqs = [dict(prompt="The os module", n=2, max_tokens=10, seed=1, top_logprobs=3),
+            dict(prompt="Question 7: what does module seven return when it is called?", max_tokens=9, seed=3,
+                 temperature=0.7, top_p=0.8, top_logprobs=2),
+            dict(prompt="a", max_tokens=6, seed=2, temperature=0.0, logprobs=True)]
+    decoding = teacher.decoding()
+    fast = dict(decoding.step(list(enumerate(reqs))))
+    assert decoding.fast
+    while decoding.rows:
+        fast.update(decoding.step())
+    monkeypatch.setattr(hf, "_llama_step_fits", lambda model, cache: False)
+    slow = teacher.complete_batch(reqs)
+    for i, s in enumerate(slow):
+        _same(s, fast[i])

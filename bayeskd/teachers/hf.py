@@ -234,9 +234,10 @@ class HFTeacher:
             done.update(decoding.step())
         return [done[i] for i in range(len(requests))]
 
-    def decoding(self) -> "Decoding":
-        """An empty running batch (continuous batching: `Decoding.step` admits requests between steps)."""
-        return Decoding(self)
+    def decoding(self, rows: int = 0) -> "Decoding":
+        """An empty running batch (continuous batching: `Decoding.step` admits requests between steps); `rows`:
+        how many rows its cache makes room for at once (it grows beyond as needed)."""
+        return Decoding(self, rows)
 
     def _request(self, r: dict[str, Any]) -> _Job:
         """A `complete_batch` request dict as a checked job (`max_tokens` None: the rest of the context)."""
@@ -279,8 +280,9 @@ class HFTeacher:
                     keep += 1
             tokens = None
             if job.k >= 0:
-                tokens = [TokenLogprob(self.token_str(t), table[t], lp,
-                                       [(self.token_str(a), table[a], alp) for a, alp in top])
+                strs = self._strs
+                assert strs is not None  # token_bytes() filled it
+                tokens = [TokenLogprob(strs[t], table[t], lp, [(strs[a], table[a], alp) for a, alp in top])
                           for t, (lp, top) in zip(gen[:keep], steps[:keep])]
             out.append(Generation(text, gen[:keep], reason, len(job.ids), len(steps), tokens))
         return out
@@ -420,13 +422,25 @@ class _Request:
 @dataclass
 class _Row:
     """One sample of a request decoding in a batch: its generator, generated ids, per-step log-probabilities,
-    finish reason and stop-string cut (as `_run` keeps them per row)."""
+    finish reason and stop-string cut (as `_run` keeps them per row), and its uniforms drawn ahead (`us`, the
+    next at `ui`)."""
     req: _Request
     gen: torch.Generator
     ids: list[int] = field(default_factory=list)
     steps: list = field(default_factory=list)
     reason: str | None = None
     cut: int | None = None
+    us: list[float] = field(default_factory=list)
+    ui: int = 0
+
+    def uniform(self) -> float:
+        """The row's next uniform: its generator's next number, as `_run` draws one per step (drawn 64 at a time,
+        which gives the same sequence; the ones left when the row ends are never used)."""
+        if self.ui == len(self.us):
+            ahead = max(1, min(64, self.req.job.max_tokens - len(self.steps)))
+            self.us, self.ui = torch.rand(ahead, generator=self.gen, dtype=torch.float64).tolist(), 0
+        self.ui += 1
+        return self.us[self.ui - 1]
 
 
 class Decoding:
@@ -441,14 +455,18 @@ class Decoding:
     requests join a batch between steps and leave it when they end, and no row's random numbers depend on what
     else runs: only the low bits of its logits do (see the module docstring).
 
-    The cache preallocates its keys and values (`_slab_cache`): a step writes into the buffer instead of
-    concatenating every layer's cache. Not thread-safe by itself; each step holds the teacher's lock."""
+    The cache preallocates its keys and values (`_slab_cache`, room for `rows` rows): a step writes into the
+    buffer instead of concatenating every layer's cache, admitted rows are written after the live ones, and a
+    finished row's place is taken by the last live row (the others stay where they are), so no step copies the
+    whole cache. Not thread-safe by itself; each step holds the teacher's lock."""
 
-    def __init__(self, teacher: "HFTeacher"):
+    def __init__(self, teacher: "HFTeacher", rows: int = 0):
         self.teacher = teacher
+        self.rows_hint = rows
         self.live: list[_Row] = []
         self.cache: Any = None
         self.mask = self.pos = self.logits = None
+        self.fast = False  # decoding steps through `_llama_step` (see there)
 
     @property
     def rows(self) -> int:
@@ -494,7 +512,8 @@ class Decoding:
         if take is not None:
             mask, logits = mask[take], logits[take]
         if self.cache is None:
-            self.cache = _slab_cache(t.model.config)
+            self.cache = _slab_cache(t.model.config, self.rows_hint)
+            self.fast = _llama_step_fits(t.model, self.cache)
         for mine, theirs in zip(self.cache.layers, t._cache_of(out).layers):
             keys, values = theirs.keys, theirs.values
             if take is not None:
@@ -522,7 +541,7 @@ class Decoding:
             if temperature == 0:
                 chosen_part = part.argmax(-1)
             else:
-                u = torch.stack([torch.rand((), generator=live[b].gen, dtype=torch.float64) for b in bs])
+                u = torch.tensor([live[b].uniform() for b in bs], dtype=torch.float64)
                 chosen_part = _sample_rows(part, temperature, top_p, u)
             if idx is not None:
                 nxt[idx] = chosen_part
@@ -552,12 +571,23 @@ class Decoding:
                 done.append((req.key, t._generations(req.job, [(r.ids, r.steps, r.reason, r.cut) for r in req.rows],
                                                      table)))
         if len(keep) < len(live):
-            self.live = [live[b] for b in keep]
             if not keep:
+                self.live = []
                 self.cache = self.mask = self.pos = self.logits = None
                 return done
-            sel = torch.tensor(keep, device=self.mask.device)
-            self.cache.batch_select_indices(sel)
+            # The first m places keep their rows; a finished row's place takes a kept row from beyond m.
+            m, dev = len(keep), self.mask.device
+            kept = set(keep)
+            holes = [b for b in range(m) if b not in kept]
+            tail = keep[m - len(holes):]
+            order = list(range(m))
+            for h, b in zip(holes, tail):
+                order[h] = b
+            self.live = [live[b] for b in order]
+            sel = torch.tensor(order, device=dev)
+            dst, src = (torch.tensor(holes, device=dev), torch.tensor(tail, device=dev)) if holes else (None, None)
+            for layer in self.cache.layers:
+                _keep_layer_rows(layer, sel, dst, src)
             self.mask, self.pos, nxt = self.mask[sel], self.pos[sel], nxt[sel]
             first = int(self.mask.any(0).int().argmax())  # columns before it: padding of every live row
             if first > 0:
@@ -565,69 +595,154 @@ class Decoding:
                     _trim_layer(layer, first)
                 self.mask = self.mask[:, first:]
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(keep), 1)], dim=1)
-        out = t._forward(nxt[:, None], self.cache, attention_mask=self.mask, position_ids=self.pos[:, None])
-        self.cache, self.logits = t._cache_of(out), out.logits[:, -1, :].float()
+        if self.fast:
+            self.logits = _llama_step(t.model, nxt[:, None], self.cache, self.mask, self.pos[:, None])
+        else:
+            out = t._forward(nxt[:, None], self.cache, attention_mask=self.mask, position_ids=self.pos[:, None])
+            self.cache, self.logits = t._cache_of(out), out.logits[:, -1, :].float()
         self.pos = self.pos + 1
         return done
+
+
+def _llama_step_fits(model: Any, cache: Any) -> bool:
+    """Whether `_llama_step` computes this model's decoding step: a transformers Llama (the same modules, SDPA
+    attention) whose cache layers are all slabs."""
+    inner = getattr(model, "model", None)
+    return (getattr(model.config, "model_type", None) == "llama"
+            and getattr(model.config, "_attn_implementation", None) == "sdpa"
+            and all(hasattr(inner, a) for a in ("embed_tokens", "rotary_emb", "layers", "norm"))
+            and hasattr(model, "lm_head") and len(cache.layers) == len(inner.layers)
+            and all(type(layer) is _SLAB_LAYER for layer in cache.layers))
+
+
+def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
+    """LlamaRMSNorm's forward, op for op."""
+    x32 = x.to(torch.float32)
+    return norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rotary_pos_emb of one tensor, op for op."""
+    h = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., h:], x[..., :h]), dim=-1) * sin
+
+
+def _llama_step(model: Any, input_ids: torch.Tensor, cache: Any, mask: torch.Tensor, position_ids: torch.Tensor
+                ) -> torch.Tensor:
+    """One decoding step of a transformers Llama ([B, 1] ids, 2-D padding mask, positions [B, 1]; the cache's
+    slab layers updated) and its last logits [B, V] in float32: the modules' own weights and the same torch ops
+    as LlamaForCausalLM.forward with SDPA (identical logits on our CPU check), without the per-call work of its
+    wrappers, hooks and mask builders, which costs as much as the small models' matmuls."""
+    inner, b = model.model, input_ids.shape[0]
+    h = inner.embed_tokens(input_ids)
+    cos, sin = inner.rotary_emb(h, position_ids)
+    cos, sin = cos[:, None], sin[:, None]
+    keep = mask.bool()[:, None, None, :]
+    for layer, slab in zip(inner.layers, cache.layers):
+        a = layer.self_attn
+        x = _rms_norm(layer.input_layernorm, h)
+        q = _rotate(a.q_proj(x).view(b, 1, -1, a.head_dim).transpose(1, 2), cos, sin)
+        k = _rotate(a.k_proj(x).view(b, 1, -1, a.head_dim).transpose(1, 2), cos, sin)
+        k, v = slab.update(k, a.v_proj(x).view(b, 1, -1, a.head_dim).transpose(1, 2))
+        heads = q.shape[1]
+        if k.shape[1] != heads:  # grouped queries: one query row per head of its group, as transformers packs them
+            q = q.reshape(b, k.shape[1], heads // k.shape[1], a.head_dim)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=a.scaling)
+        h = h + a.o_proj(o.reshape(b, heads, 1, a.head_dim).transpose(1, 2).reshape(b, 1, -1))
+        x = _rms_norm(layer.post_attention_layernorm, h)
+        mlp = layer.mlp
+        h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+    return model.lm_head(_rms_norm(inner.norm, h))[:, -1, :].float()
 
 
 _SLAB_LAYER: Any = None
 
 
-def _slab_cache(config: Any) -> Any:
+def _slab_cache(config: Any, rows: int = 0) -> Any:
     """The DynamicCache of a `Decoding`: its full-attention layers (DynamicLayer) replaced by `SlabLayer`s, whose
-    keys and values are views of a buffer with room to grow, written in place each step (a DynamicLayer
-    concatenates its whole cache per step and layer); other layer types stay as they are."""
+    keys and values are views of a buffer with spare rows (at least `rows`) and columns, written in place: a step
+    writes one column, an admission writes its rows after the live ones, a finished row's place is taken by a row
+    from the end (a DynamicLayer concatenates its whole cache per step and layer, and copies it whenever a row
+    joins or leaves); other layer types stay as they are."""
     global _SLAB_LAYER
     from transformers.cache_utils import DynamicLayer
 
     if _SLAB_LAYER is None:
         class SlabLayer(DynamicLayer):
-            """Keys and values [B, H, L, D] as `buffer[:, :, start:end]`; `update` writes the new states at `end`
-            (the buffer doubles when full); `join` adds rows, right-aligned; `trim` drops columns on the left."""
+            """Keys and values [B, H, L, D] as `buffer[:B, :, start:end]`. `update` writes the new states at `end`
+            (the columns double when full); `join` writes new rows after the live ones, right-aligned (a wider
+            newcomer moves `start` left); `keep_rows` moves rows from the end into finished rows' places; `trim`
+            drops columns on the left. Every cell of the view holds a state or zero padding (never garbage, which
+            could be NaN under the mask)."""
 
-            def __init__(self, **kwargs: Any):
+            def __init__(self, rows: int = 0, **kwargs: Any):
                 super().__init__(**kwargs)
                 self.k = self.v = None
-                self.start = self.end = 0
+                self.rows_hint = rows
+                self.n = self.start = self.end = 0
 
             def _views(self) -> tuple[torch.Tensor, torch.Tensor]:
-                self.keys, self.values = self.k[:, :, self.start:self.end], self.v[:, :, self.start:self.end]
+                self.keys = self.k[:self.n, :, self.start:self.end]
+                self.values = self.v[:self.n, :, self.start:self.end]
                 return self.keys, self.values
 
-            def _place(self, parts: list[tuple[torch.Tensor, torch.Tensor]], width: int, room: int) -> None:
-                """A new buffer of the parts' rows stacked, each right-aligned in `width` columns, with room after."""
-                k0, v0 = parts[0]
-                rows = sum(k.shape[0] for k, _ in parts)
+            def _place(self, like: torch.Tensor, rows: int, width: int, room: int) -> None:
+                """New buffers for at least `rows` rows and `width` + `room` columns (and spare columns), the live
+                rows' window copied right-aligned at column `width`, zeros on its left."""
+                old_rows = self.k.shape[0] if self.k is not None else 0
+                rcap = max(rows, self.rows_hint, old_rows if rows <= old_rows else 2 * old_rows)
                 cap = width + max(room, width, 16)
-                self.k = k0.new_zeros(rows, k0.shape[1], cap, k0.shape[3])
-                self.v = v0.new_zeros(rows, v0.shape[1], cap, v0.shape[3])
-                r = 0
-                for k, v in parts:
-                    self.k[r:r + k.shape[0], :, width - k.shape[2]:width] = k
-                    self.v[r:r + v.shape[0], :, width - v.shape[2]:width] = v
-                    r += k.shape[0]
+                shape = (rcap, like.shape[1], cap, like.shape[3])
+                k, v = like.new_empty(shape), like.new_empty(shape)
+                if self.k is not None and self.n:
+                    w = self.end - self.start
+                    for new, old in ((k, self.k), (v, self.v)):
+                        new[:self.n, :, :width - w].zero_()
+                        new[:self.n, :, width - w:width] = old[:self.n, :, self.start:self.end]
+                self.k, self.v = k, v
                 self.start, self.end = 0, width
-                self.device, self.is_initialized = k0.device, True
-                self._views()
+                self.device, self.is_initialized = like.device, True
 
             def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-                n = key_states.shape[-2]
-                if self.k is None:
-                    self._place([(key_states, value_states)], n, n)
+                if self.k is None or not self.n:
+                    self.join(key_states, value_states)
                     return self.keys, self.values
+                n = key_states.shape[-2]
                 if self.end + n > self.k.shape[2]:
-                    self._place([(self.keys, self.values)], self.end - self.start, n)
-                self.k[:, :, self.end:self.end + n] = key_states
-                self.v[:, :, self.end:self.end + n] = value_states
+                    self._place(key_states, self.n, self.end - self.start, n)
+                self.k[:self.n, :, self.end:self.end + n] = key_states
+                self.v[:self.n, :, self.end:self.end + n] = value_states
                 self.end += n
                 return self._views()
 
             def join(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-                parts = [(self.keys, self.values)] if self.k is not None else []
-                parts.append((keys, values))
-                self._place(parts, max(k.shape[2] for k, _ in parts), 0)
+                b, length = keys.shape[0], keys.shape[2]
+                if self.k is None or not self.n:
+                    self.n = 0
+                    self._place(keys, b, length, length)
+                width = max(self.end - self.start, length)
+                if self.n + b > self.k.shape[0] or self.end < width:
+                    self._place(keys, self.n + b, width, 0)
+                if self.end - width < self.start:  # a wider newcomer: the live rows' new columns are padding
+                    self.k[:self.n, :, self.end - width:self.start].zero_()
+                    self.v[:self.n, :, self.end - width:self.start].zero_()
+                    self.start = self.end - width
+                r0, r1, at = self.n, self.n + b, self.end - length
+                for buf, x in ((self.k, keys), (self.v, values)):
+                    buf[r0:r1, :, self.start:at].zero_()
+                    buf[r0:r1, :, at:self.end] = x
+                self.n = r1
+                self._views()
+
+            def keep_rows(self, n: int, dst: torch.Tensor | None, src: torch.Tensor | None) -> None:
+                """Keep the first `n` rows, rows `src` (beyond n) first copied into rows `dst` (below n)."""
+                if dst is not None:
+                    cols = slice(self.start, self.end)
+                    self.k[dst, :, cols] = self.k[src, :, cols]
+                    self.v[dst, :, cols] = self.v[src, :, cols]
+                self.n = n
+                self._views()
 
             def trim(self, n: int) -> None:
                 self.start += n
@@ -635,17 +750,20 @@ def _slab_cache(config: Any) -> Any:
 
             def batch_select_indices(self, indices: torch.Tensor) -> None:
                 if self.k is not None:
-                    self.k, self.v = self.k.index_select(0, indices), self.v.index_select(0, indices)
+                    cols = slice(self.start, self.end)
+                    self.k[:len(indices), :, cols] = self.k[indices, :, cols]  # the right side is a copy
+                    self.v[:len(indices), :, cols] = self.v[indices, :, cols]
+                    self.n = len(indices)
                     self._views()
 
             def reset(self) -> None:
                 self.k = self.v = None
-                self.start = self.end = 0
+                self.n = self.start = self.end = 0
                 super().reset()
 
         _SLAB_LAYER = SlabLayer
     cache = _new_cache(config)
-    cache.layers = [_SLAB_LAYER() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [_SLAB_LAYER(rows) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
 
 
@@ -661,6 +779,14 @@ def _join_layer(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
     left = torch.nn.functional.pad
     layer.keys = torch.cat([left(x, (0, 0, width - x.shape[2], 0)) for x in (layer.keys, keys)])
     layer.values = torch.cat([left(x, (0, 0, width - x.shape[2], 0)) for x in (layer.values, values)])
+
+
+def _keep_layer_rows(layer: Any, order: torch.Tensor, dst: torch.Tensor | None, src: torch.Tensor | None) -> None:
+    """Keep a cache layer's rows `order` (a slab moves only the rows `src` into `dst`, see `SlabLayer.keep_rows`)."""
+    if hasattr(layer, "keep_rows"):
+        layer.keep_rows(len(order), dst, src)
+    elif getattr(layer, "keys", None) is not None and layer.keys.numel():
+        layer.batch_select_indices(order)
 
 
 def _trim_layer(layer: Any, n: int) -> None:
