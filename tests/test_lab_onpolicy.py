@@ -50,7 +50,8 @@ def test_gains_against_the_warm_start_off_policy_and_white_box():
     from bayeskd.lab.onpolicy import _gains
 
     rng = np.random.default_rng(5)
-    own = {m: rng.uniform(0.5, 1.0, size=3) for m in ("warm start", "offpolicy-more", "onpolicy-k20", "trl-gkd-fkl")}
+    own = {m: rng.uniform(0.5, 1.0, size=3) for m in ("warm start", "offpolicy-more", "offpolicy-whitebox",
+                                                       "onpolicy-k20", "trl-gkd-fkl")}
     per_seed = {m: [{"kl_own": float(v)} for v in own[m]] for m in own}
     off_t = rng.uniform(0.5, 1.0, size=3)
     equal_time = {m: [{"offpolicy_kl_own": float(v)} for v in off_t] for m in ("onpolicy-k20", "trl-gkd-fkl")}
@@ -58,11 +59,15 @@ def test_gains_against_the_warm_start_off_policy_and_white_box():
     np.testing.assert_allclose(g["onpolicy-k20"]["vs_warm_start"], own["warm start"] - own["onpolicy-k20"])
     np.testing.assert_allclose(g["onpolicy-k20"]["vs_offpolicy_equal_steps"],
                                own["offpolicy-more"] - own["onpolicy-k20"])
-    mine, ref = off_t - own["onpolicy-k20"], off_t - own["trl-gkd-fkl"]
-    np.testing.assert_allclose(g["onpolicy-k20"]["vs_offpolicy_equal_time"], mine)
+    np.testing.assert_allclose(g["onpolicy-k20"]["vs_offpolicy_equal_time"], off_t - own["onpolicy-k20"])
+    # the on-policy effect at matched targets: black-box against off-policy posterior-KD, white-box against
+    # off-policy white-box KD
+    mine, ref = own["offpolicy-more"] - own["onpolicy-k20"], own["offpolicy-whitebox"] - own["trl-gkd-fkl"]
+    np.testing.assert_allclose(g["trl-gkd-fkl"]["vs_offpolicy_whitebox_equal_steps"], ref)
     np.testing.assert_allclose(g["onpolicy-k20"]["share_of_whitebox_gain"],
                                np.where(ref > 0, mine / np.where(ref > 0, ref, 1), np.nan))
     assert "vs_offpolicy_equal_steps" not in g["offpolicy-more"]
+    assert "vs_offpolicy_whitebox_equal_steps" not in g["onpolicy-k20"]
 
 
 def test_trl_sft_on_bayeskd_tokens_is_bayeskd_sft(tmp_path, tiny_tokenizer):
@@ -95,8 +100,8 @@ def test_trl_sft_on_bayeskd_tokens_is_bayeskd_sft(tmp_path, tiny_tokenizer):
 def test_lab_onpolicy_study_on_micro(tmp_path):
     from bayeskd.cli import main
 
-    methods = ("sft,trl-sft,offpolicy-more,onpolicy-posterior,onpolicy-k20,onpolicy-k0,onpolicy-whitebox,"
-               "trl-gkd-fkl,trl-gkd-rkl")
+    methods = ("sft,trl-sft,offpolicy-more,offpolicy-whitebox,onpolicy-posterior,onpolicy-k20,onpolicy-k0,"
+               "onpolicy-whitebox,trl-gkd-fkl,trl-gkd-rkl")
     args = ["lab", "run", "--preset", "micro", "--root", str(tmp_path), "--methods", methods, "--no-cross-tokenizer"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output + repr(res.exception)

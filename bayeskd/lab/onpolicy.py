@@ -8,6 +8,8 @@ KD recipe's CE weight, forward KL, `onpolicy_epochs` epochs of the training prom
 - `offpolicy-more`: more off-policy posterior-KD from it, for `onpolicy_offpolicy_epochs` epochs, checkpointed every
   half epoch: the row at `onpolicy_epochs` compares at equal steps, and each on-policy row is also compared with
   the checkpoint whose elapsed seconds are nearest its own (equal wall-clock);
+- `offpolicy-whitebox`: more off-policy KD from the real teacher's logits (the whole vocabulary): what the white-box
+  on-policy rows are matched against, so their gain is the on-policy effect, not the better target's;
 - `onpolicy-posterior`: λ = `onpolicy_fraction` of each batch the student's samples, targets the posterior (prior
   rows at the student's contexts x the aligned proxy, the calibration's best fixed combination): no teacher call;
 - `onpolicy-k20` / `onpolicy-k0`: the same, conditioned on the teacher server's scores of the samples (echo +
@@ -29,7 +31,8 @@ from bayeskd.lab.recipe import mean_std
 from bayeskd.lab.trl_peers import GKD_BETAS, trl_gkd
 
 BAYESKD_ROWS = ("onpolicy-posterior", "onpolicy-k20", "onpolicy-k0", "onpolicy-whitebox")
-ONPOLICY_METHODS = ("offpolicy-more", *BAYESKD_ROWS, *GKD_BETAS)
+ONPOLICY_METHODS = ("offpolicy-more", "offpolicy-whitebox", *BAYESKD_ROWS, *GKD_BETAS)
+WHITEBOX_ROWS = ("onpolicy-whitebox", *GKD_BETAS)  # their off-policy match: offpolicy-whitebox
 SCORED_K = {"onpolicy-k20": 20, "onpolicy-k0": 0}
 METRICS = ("nll", "kl_tf", "kl_own")
 
@@ -115,6 +118,9 @@ def onpolicy_study(paths: dict[str, str], run: Path, cfg, progress: bool, train,
                     share = m.pop("steps") / max(1, summary["steps"])  # this checkpoint's part of the run
                     m.update(_price(summary), train_seconds=m.pop("seconds"))
                     m["train_tokens"] *= share
+                elif method == "offpolicy-whitebox":
+                    out = train("white-box", seed, name, student=str(start), whitebox_top_k=0, **continuation)
+                    m = {**score(out, seed), **_price(json.loads((out / "summary.json").read_text()))}
                 elif method in GKD_BETAS:
                     kw = {**cfg.train_kwargs(seed, progress), **continuation}
                     out = trl_gkd(data, str(start), paths["teacher"], run / name, kw, beta=GKD_BETAS[method],
@@ -138,7 +144,7 @@ def onpolicy_study(paths: dict[str, str], run: Path, cfg, progress: bool, train,
                 log(f"[lab] on-policy {method} seed {seed}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items()))
             if off_curve:  # each on-policy row against off-policy training of the same seconds
                 for method in rows:
-                    if method == "offpolicy-more":
+                    if method.startswith("offpolicy-"):
                         continue
                     t = per_seed[method][-1]["train_seconds"]
                     near = min(off_curve, key=lambda r: abs(r["seconds"] - t))
@@ -158,25 +164,29 @@ def onpolicy_study(paths: dict[str, str], run: Path, cfg, progress: bool, train,
 
 def _gains(per_seed: dict[str, list[dict[str, float]]], equal_time: dict[str, list[dict[str, float]]]
            ) -> dict[str, Any]:
-    """Per row and seed, kl_own lowered (positive: better) from the warm start, from more off-policy training at
-    equal steps, and at equal seconds; and, for the black-box rows, the share of white-box on-policy's gain
-    (TRL's forward-KL GKD, the matched reference) each recovers."""
+    """Per row and seed, kl_own lowered (positive: better) from the warm start, from more off-policy posterior-KD at
+    equal steps and at equal seconds, and (white-box rows) from more off-policy white-box KD at equal steps: the
+    on-policy effect at the same targets. For the black-box rows, the share of white-box on-policy's effect (TRL's
+    forward-KL GKD against off-policy white-box KD) each recovers against off-policy posterior-KD, at equal steps."""
     out: dict[str, Any] = {}
     warm = per_seed.get("warm start", [])
     off = per_seed.get("offpolicy-more", [])
+    off_wb = per_seed.get("offpolicy-whitebox", [])
     for method, runs in per_seed.items():
         if method in ("warm start",):
             continue
         g = {"vs_warm_start": [w["kl_own"] - r["kl_own"] for w, r in zip(warm, runs)]}
         if off and method != "offpolicy-more":
             g["vs_offpolicy_equal_steps"] = [o["kl_own"] - r["kl_own"] for o, r in zip(off, runs)]
+        if off_wb and method in WHITEBOX_ROWS:
+            g["vs_offpolicy_whitebox_equal_steps"] = [o["kl_own"] - r["kl_own"] for o, r in zip(off_wb, runs)]
         if method in equal_time:
             g["vs_offpolicy_equal_time"] = [e["offpolicy_kl_own"] - r["kl_own"]
                                             for e, r in zip(equal_time[method], runs)]
         out[method] = g
-    ref = out.get("trl-gkd-fkl", {}).get("vs_offpolicy_equal_time")
+    ref = out.get("trl-gkd-fkl", {}).get("vs_offpolicy_whitebox_equal_steps")
     for method in ("onpolicy-k20", "onpolicy-k0", "onpolicy-posterior"):
-        mine = out.get(method, {}).get("vs_offpolicy_equal_time")
+        mine = out.get(method, {}).get("vs_offpolicy_equal_steps")
         if ref and mine:
             out[method]["share_of_whitebox_gain"] = [m / r if r > 0 else float("nan") for m, r in zip(mine, ref)]
     return out
@@ -205,8 +215,9 @@ def format_onpolicy(study: dict[str, Any]) -> list[str]:
     lines = [f"## On-policy distillation (from a warm start; {r['num_train_epochs']:g} epoch(s) more at constant lr "
              f"{r['learning_rate']:g}, λ {r['onpolicy_fraction']:g}, forward KL, CE weight {r['ce_weight']:g}; "
              "test half)", "",
-             "| row | nll | kl_tf | kl_own | kl_own gain vs off-policy, equal steps / equal seconds | s / 1k tokens "
-             "| teacher requests / token | scored tokens / token |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| row | nll | kl_tf | kl_own | kl_own gain vs off-policy posterior-KD, equal steps / equal seconds "
+             "| vs off-policy white-box, equal steps | s / 1k tokens | teacher requests / token "
+             "| scored tokens / token |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     s, gains = study["summary"], study["gains"]
     for method, row in s.items():
         g = gains.get(method, {})
@@ -218,7 +229,8 @@ def format_onpolicy(study: dict[str, Any]) -> list[str]:
                  f"{row['scored_tokens_per_token']['mean']:.3f}") if "seconds_per_1k_tokens" in row else "– | – | –"
         lines.append(f"| {method} | {row['nll']['mean']:.4f} | {row['kl_tf']['mean']:.4f} ± {row['kl_tf']['std']:.4f} "
                      f"| {row['kl_own']['mean']:.4f} ± {row['kl_own']['std']:.4f} | "
-                     f"{fmt('vs_offpolicy_equal_steps')} / {fmt('vs_offpolicy_equal_time')} | {price} |")
+                     f"{fmt('vs_offpolicy_equal_steps')} / {fmt('vs_offpolicy_equal_time')} | "
+                     f"{fmt('vs_offpolicy_whitebox_equal_steps')} | {price} |")
     return lines + ["", "kl_own: KL(teacher ‖ student) on the student's own samples, pooled over several samples per "
                     "test prompt. A positive gain: lower kl_own than off-policy training from the same warm start.",
                     ""]
