@@ -17,8 +17,9 @@ from typing import Any
 
 # JSON keys left out of every comparison, with why (reported in drill.json). Anything else must be equal.
 IGNORED = {
-    r"(seconds|per_second|_runtime|timestamp|elapsed|started)$|^time$":
-        "wall-clock durations and rates (seconds, train_seconds, count_seconds, *_per_second, HF's train_runtime)",
+    r"(seconds|per_second|_per_1k_tokens|_runtime|timestamp|elapsed|started)$|^time$":
+        "wall-clock durations and rates (seconds, train_seconds, count_seconds, *_per_second, seconds_per_1k_tokens, "
+        "HF's train_runtime)",
     r"^logging_dir$": "HF TrainingArguments' log folder, named after the start time",
     r"^(state|self)_sha256$": "a record's checksum of itself; the record holds timings (its loader checks it)",
 }

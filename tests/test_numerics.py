@@ -171,7 +171,7 @@ def test_trainer_loss_all_masked_and_non_finite(rng):
     model = Model().train()
     model.scale = 1.0
     cfg = SimpleNamespace(ce_weight=1.0, kd_weight=1.0, fused_backend="torch", world_size=1)
-    me = SimpleNamespace(args=cfg, teacher_model=None, proxy_model=None, train_tokens=0,
+    me = SimpleNamespace(args=cfg, teacher_model=None, proxy_model=None, train_tokens=0, response_tokens=0,
                          _acc={"ce_loss": 0.0, "kd_loss": 0.0, "n": 0, "kd_n": 0})
     ids = torch.from_numpy(rng.integers(0, V, (2, 6)))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": torch.zeros_like(ids).bool()}
