@@ -13,15 +13,13 @@ against K, student KL(teacher‖student) per method with the spread over seeds).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import shutil
 from pathlib import Path
 
-from bayeskd.lab.build import PRESETS
-from bayeskd.lab.run import format_report, run_lab
+from common import RESULTS, write_lab_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bayeskd.lab.build import PRESETS
+from bayeskd.lab.run import run_lab
 
 
 def plot(report: dict, path: Path) -> None:
@@ -117,16 +115,9 @@ def main() -> None:
     args = ap.parse_args()
     report = run_lab(args.root, args.preset, seeds=args.seeds, force=args.force,
                      methods=args.methods.split(",") if args.methods else None, progress=False)
-    report["machine"] = {"platform": platform.platform(), "python": platform.python_version(),
-                         "cpu_count": __import__("os").cpu_count()}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"lab_{args.preset}{'_' + args.tag if args.tag else ''}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(format_report(report))
-    plot(report, stem.with_suffix(".png"))
+    write_lab_results(report, RESULTS / f"lab_{args.preset}{'_' + args.tag if args.tag else ''}", plot)
     if not args.tag:
         shutil.copy(Path(report["lab"]) / "lab.json", RESULTS / f"lab_{args.preset}_manifest.json")
-    print(f"wrote {stem}.json, .md, .png")
 
 
 if __name__ == "__main__":

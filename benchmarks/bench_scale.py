@@ -12,14 +12,11 @@ prior, proxy, recalibrated posteriors; and estimate-prior / estimate-posterior s
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 from pathlib import Path
 
-from bayeskd.lab.run import SCALE_PRESETS, format_report, run_lab
+from common import RESULTS, write_lab_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from bayeskd.lab.run import SCALE_PRESETS, run_lab
 
 
 def plot(report: dict, path: Path) -> None:
@@ -67,14 +64,7 @@ def main() -> None:
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args()
     report = run_lab(args.root, args.preset, seeds=args.seeds, force=args.force, progress=False)
-    report["machine"] = {"platform": platform.platform(), "python": platform.python_version(),
-                         "cpu_count": os.cpu_count()}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"lab_{args.preset}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(format_report(report))
-    plot(report, stem.with_suffix(".png"))
-    print(f"wrote {stem}.json, .md, .png")
+    write_lab_results(report, RESULTS / f"lab_{args.preset}", plot)
 
 
 if __name__ == "__main__":

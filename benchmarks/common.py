@@ -20,6 +20,21 @@ RESULTS = Path(__file__).resolve().parent / "results"  # summaries and plots, ke
 
 # ------------------------------------------------------------------------------------------------ results
 
+def write_lab_results(report: dict, stem: Path, plot) -> None:
+    """A lab report (`bayeskd.lab.run.run_lab`) with the machine, as stem.json, its tables as stem.md and
+    `plot(report, path)` as stem.png."""
+    import platform
+
+    from bayeskd.lab.run import format_report
+
+    report["machine"] = {"platform": platform.platform(), "python": platform.python_version(),
+                         "cpu_count": os.cpu_count()}
+    write_json(stem.with_suffix(".json"), report)
+    stem.with_suffix(".md").write_text(format_report(report))
+    plot(report, stem.with_suffix(".png"))
+    print(f"wrote {stem}.json, .md, .png")
+
+
 def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
     """Write `obj` as JSON (numbers numpy or torch may hand over written as floats), creating the folder."""
     path = Path(path)

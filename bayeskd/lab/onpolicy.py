@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +36,7 @@ ONPOLICY_METHODS = ("offpolicy-more", "offpolicy-whitebox", *BAYESKD_ROWS, *GKD_
 WHITEBOX_ROWS = ("onpolicy-whitebox", *GKD_BETAS)  # their off-policy match: offpolicy-whitebox
 SCORED_K = {"onpolicy-k20": 20, "onpolicy-k0": 0}
 METRICS = ("nll", "kl_tf", "kl_own")
+TEACHER_NAME = "lab-teacher"  # the model name serve-teacher answers to for the scored rows
 
 # score(model_dir, seed) -> {"nll", "kl_tf", "kl_own"} on the test half; valid(model_dir, seed) -> validation kl_tf
 Score = Callable[[Path, int], dict[str, float]]
@@ -85,6 +87,8 @@ def onpolicy_study(paths: dict[str, str], run: Path, cfg, progress: bool, train,
     """The study (module docstring) for the rows of `cfg.methods` in ONPOLICY_METHODS, over `cfg.seeds` seeds.
     `train(method, seed, name, **distill overrides)` trains a lab student (the overrides may give `student`);
     `score` / `valid` score a model directory."""
+    from bayeskd.teachers.server import running_server
+
     rows = [m for m in ONPOLICY_METHODS if m in cfg.methods]
     data = str(run / "teacher_train.jsonl")
     continuation = dict(num_train_epochs=cfg.onpolicy_epochs, learning_rate=cfg.onpolicy_lr,
@@ -96,8 +100,9 @@ def onpolicy_study(paths: dict[str, str], run: Path, cfg, progress: bool, train,
     per_seed: dict[str, list[dict[str, float]]] = {}
     warm: dict[int, Any] = {}
     equal_time: dict[str, list[dict[str, float]]] = {}
-    server = None
-    try:
+    servers = ExitStack()  # the teacher server, started by the first scored row, stopped at the end (also on error)
+    url = None
+    with servers:
         for seed in range(cfg.seeds):
             warm[seed] = warm_start(seed, train, valid, cfg, steps_per_epoch, log)
             start = Path(warm[seed]["best"]["dir"])
@@ -134,10 +139,10 @@ def onpolicy_study(paths: dict[str, str], run: Path, cfg, progress: bool, train,
                     elif method == "onpolicy-posterior":
                         extra = dict(**posterior, onpolicy_targets="posterior")
                     else:
-                        if server is None:
-                            server = _Server(paths["teacher"])
-                        extra = dict(**posterior, onpolicy_targets="scored", teacher_url=server.url,
-                                     teacher_model=server.name, onpolicy_score_top_k=SCORED_K[method])
+                        if url is None:
+                            url = servers.enter_context(running_server(paths["teacher"], name=TEACHER_NAME))
+                        extra = dict(**posterior, onpolicy_targets="scored", teacher_url=url,
+                                     teacher_model=TEACHER_NAME, onpolicy_score_top_k=SCORED_K[method])
                     out = train("onpolicy", seed, name, student=str(start), **continuation, **onpolicy, **extra)
                     m = {**score(out, seed), **_price(json.loads((out / "summary.json").read_text()))}
                 per_seed.setdefault(method, []).append(m)
@@ -152,9 +157,6 @@ def onpolicy_study(paths: dict[str, str], run: Path, cfg, progress: bool, train,
                         "offpolicy_steps": near["steps"], "offpolicy_seconds": near["seconds"], "seconds": t,
                         **{f"offpolicy_{k}": near[k] for k in METRICS if k in near}})
             warm[seed]["offpolicy_curve"] = off_curve
-    finally:
-        if server is not None:
-            server.close()
     summary = {method: {k: mean_std([r[k] for r in runs]) for k in runs[0]} for method, runs in per_seed.items()}
     return {"rows": rows, "per_seed": per_seed, "summary": summary, "warm_start": warm, "equal_time": equal_time,
             "gains": _gains(per_seed, equal_time),
@@ -190,23 +192,6 @@ def _gains(per_seed: dict[str, list[dict[str, float]]], equal_time: dict[str, li
         if ref and mine:
             out[method]["share_of_whitebox_gain"] = [m / r if r > 0 else float("nan") for m, r in zip(mine, ref)]
     return out
-
-
-class _Server:
-    """The lab teacher behind serve-teacher on loopback for the scored rows (stopped by `close`, also on error)."""
-
-    name = "lab-teacher"
-
-    def __init__(self, teacher_dir: str):
-        from contextlib import ExitStack
-
-        from bayeskd.teachers.server import running_server
-
-        self._stack = ExitStack()
-        self.url = self._stack.enter_context(running_server(teacher_dir, name=self.name))
-
-    def close(self) -> None:
-        self._stack.close()
 
 
 def format_onpolicy(study: dict[str, Any]) -> list[str]:

@@ -146,9 +146,10 @@ def students(paths, run: Path, cfg, tok, progress: bool, log: Callable[[str], No
     summary = {method: {metric: mean_std([r[metric] for r in runs if metric in r]) for metric in runs[0]}
                for method, runs in per_seed.items()}
     curves = None
+    # (the learning curves and the on-policy study checkpoint by epochs of the training records)
+    steps_per_epoch = int(np.ceil(len(load_teacher_records(str(run / "teacher_train.jsonl"))[0]) / cfg.batch_size))
     curve_methods = [m for m in CURVE_METHODS if m in cfg.methods and (cfg.top_logprobs or m not in EVIDENCE_METHODS)]
     if cfg.curve_epochs and curve_methods:
-        steps_per_epoch = int(np.ceil(len(load_teacher_records(str(run / "teacher_train.jsonl"))[0]) / cfg.batch_size))
         curves = learning_curves(curve_methods, cfg.curve_epochs, min(cfg.curve_seeds, cfg.seeds), steps_per_epoch,
                                  train, lambda d, seed: score(d, seed, t_test, test_idx, True), log)
     study = None
@@ -164,8 +165,6 @@ def students(paths, run: Path, cfg, tok, progress: bool, log: Callable[[str], No
             return student_metrics(teacher, model, held_tok, indices=test_idx, teacher_rows=t_test,
                                    own_samples=samples)
 
-        steps_per_epoch = int(np.ceil(len(load_teacher_records(str(run / "teacher_train.jsonl"))[0])
-                                      / cfg.batch_size))
         study = onpolicy_study({**paths, "pipeline_proxy": pipeline_proxy}, run, cfg, progress, train, score_pooled,
                                lambda d, seed: score(d, seed, t_valid, valid_idx, False)["kl_tf"], steps_per_epoch,
                                calibration, log)
