@@ -1,5 +1,6 @@
 """The lab's on-policy study (`bayeskd.lab.onpolicy`) and TRL's peer rows (`bayeskd.lab.trl_peers`)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,3 +136,11 @@ def test_lab_onpolicy_study_on_micro(tmp_path):
     assert res.exit_code == 0, res.output
     assert not (tmp_path / "micro" / "run" / "onpolicy" / "onpolicy-k0-s0").exists()
     assert (tmp_path / "micro" / "run" / "students" / "sft-s0" / "summary.json").stat().st_mtime_ns == sft_before
+    # a posterior-KD learning curve of the warm start's epochs and checkpoints is its run: trained once
+    res = CliRunner().invoke(main, ["lab", "run", "--preset", "micro", "--root", str(tmp_path), "--methods",
+                                    "posterior-kd,offpolicy-more", "--no-cross-tokenizer", "--curve-epochs", "1",
+                                    "--onpolicy-warm-epochs", "1"])
+    assert res.exit_code == 0, res.output
+    warm = json.loads((tmp_path / "micro" / "run" / "report.json").read_text())["students"]["onpolicy"]["warm_start"]
+    assert Path(warm["0"]["best"]["dir"]).is_relative_to(tmp_path / "micro" / "run" / "curves" / "posterior-kd-s0")
+    assert not (tmp_path / "micro" / "run" / "onpolicy" / "warm-s0").exists()

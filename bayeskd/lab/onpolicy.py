@@ -4,10 +4,11 @@ One warm start per seed, then every continuation from it at one recipe (constant
 KD recipe's CE weight, forward KL, `onpolicy_epochs` epochs of the training prompts, batch and seed of the lab):
 
 - warm start: a posterior-KD run of `onpolicy_warm_epochs` epochs (the lab's best black-box off-policy student),
-  checkpointed every epoch; the checkpoint with the lowest validation kl_tf (where it stops improving);
+  checkpointed every epoch; the checkpoint with the lowest validation kl_tf (where it stops improving); the lab's
+  posterior-KD learning curve is that run when its epochs and checkpoints are the same (trained once);
 - `offpolicy-more`: more off-policy posterior-KD from it, for `onpolicy_offpolicy_epochs` epochs, checkpointed every
   half epoch: the row at `onpolicy_epochs` compares at equal steps, and each on-policy row is also compared with
-  the checkpoint whose elapsed seconds are nearest its own (equal wall-clock);
+  the checkpoint whose elapsed seconds are nearest its own (equal wall-clock); only those checkpoints are scored;
 - `offpolicy-whitebox`: more off-policy KD from the real teacher's logits (the whole vocabulary): what the white-box
   on-policy rows are matched against, so their gain is the on-policy effect, not the better target's;
 - `onpolicy-posterior`: λ = `onpolicy_fraction` of each batch the student's samples, targets the posterior (prior
@@ -58,9 +59,10 @@ def _checkpoints(out: Path) -> list[tuple[int, Path]]:
 
 
 def warm_start(seed: int, train, valid: Callable[[Path, int], float], cfg, steps_per_epoch: int,
-               log: Callable[[str], None]) -> dict[str, Any]:
-    """The seed's warm start: the validation-best epoch checkpoint of one posterior-KD run."""
-    out = train("posterior-kd", seed, f"onpolicy/warm-s{seed}", num_train_epochs=cfg.onpolicy_warm_epochs,
+               log: Callable[[str], None], name: str | None = None) -> dict[str, Any]:
+    """The seed's warm start: the validation-best epoch checkpoint of one posterior-KD run (in run/`name`: the
+    learning curve's run when it is this very run, so it is trained once)."""
+    out = train("posterior-kd", seed, name or f"onpolicy/warm-s{seed}", num_train_epochs=cfg.onpolicy_warm_epochs,
                 save_strategy="steps", save_steps=steps_per_epoch, save_only_model=True)
     curve = [{"steps": s, "kl_tf_valid": valid(d, seed), "dir": str(d)} for s, d in _checkpoints(out)]
     best = min(curve, key=lambda r: r["kl_tf_valid"])
@@ -83,10 +85,10 @@ def _price(summary: dict[str, Any]) -> dict[str, float]:
 
 def onpolicy_study(paths: dict[str, str], run: Path, cfg, progress: bool, train, score: Score,
                    valid: Callable[[Path, int], float], steps_per_epoch: int, calibration: dict[str, Any],
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
+                   log: Callable[[str], None] = print, warm_names: dict[int, str] | None = None) -> dict[str, Any]:
     """The study (module docstring) for the rows of `cfg.methods` in ONPOLICY_METHODS, over `cfg.seeds` seeds.
     `train(method, seed, name, **distill overrides)` trains a lab student (the overrides may give `student`);
-    `score` / `valid` score a model directory."""
+    `score` / `valid` score a model directory; `warm_names`: per seed, the run that already is its warm start's."""
     from bayeskd.teachers.server import running_server
 
     rows = [m for m in ONPOLICY_METHODS if m in cfg.methods]
@@ -101,10 +103,18 @@ def onpolicy_study(paths: dict[str, str], run: Path, cfg, progress: bool, train,
     warm: dict[int, Any] = {}
     equal_time: dict[str, list[dict[str, float]]] = {}
     servers = ExitStack()  # the teacher server, started by the first scored row, stopped at the end (also on error)
+
+    def scored(point: dict[str, Any], seed: int) -> dict[str, Any]:
+        """An off-policy checkpoint with its scores: only the ones a comparison reads are scored (each costs
+        own samples)."""
+        if "kl_own" not in point:
+            point.update(score(Path(point["dir"]), seed))
+        return point
+
     url = None
     with servers:
         for seed in range(cfg.seeds):
-            warm[seed] = warm_start(seed, train, valid, cfg, steps_per_epoch, log)
+            warm[seed] = warm_start(seed, train, valid, cfg, steps_per_epoch, log, (warm_names or {}).get(seed))
             start = Path(warm[seed]["best"]["dir"])
             per_seed.setdefault("warm start", []).append(score(start, seed))
             off_curve = []
@@ -116,11 +126,11 @@ def onpolicy_study(paths: dict[str, str], run: Path, cfg, progress: bool, train,
                                 save_strategy="steps", save_steps=max(1, steps_per_epoch // 2), save_only_model=True)
                     summary = json.loads((out / "summary.json").read_text())
                     per_step = summary["train_seconds"] / max(1, summary["steps"])
-                    for s, d in _checkpoints(out):
-                        off_curve.append({"steps": s, "seconds": s * per_step, **score(d, seed)})
+                    off_curve = [{"steps": s, "seconds": s * per_step, "dir": str(d)} for s, d in _checkpoints(out)]
                     at = math.ceil(cfg.onpolicy_epochs * steps_per_epoch)
-                    m = dict(min(off_curve, key=lambda r: abs(r["steps"] - at)))
+                    m = dict(scored(min(off_curve, key=lambda r: abs(r["steps"] - at)), seed))
                     share = m.pop("steps") / max(1, summary["steps"])  # this checkpoint's part of the run
+                    m.pop("dir")
                     m.update(_price(summary), train_seconds=m.pop("seconds"))
                     m["train_tokens"] *= share
                 elif method == "offpolicy-whitebox":
@@ -152,7 +162,7 @@ def onpolicy_study(paths: dict[str, str], run: Path, cfg, progress: bool, train,
                     if method.startswith("offpolicy-"):
                         continue
                     t = per_seed[method][-1]["train_seconds"]
-                    near = min(off_curve, key=lambda r: abs(r["seconds"] - t))
+                    near = scored(min(off_curve, key=lambda r: abs(r["seconds"] - t)), seed)
                     equal_time.setdefault(method, []).append({
                         "offpolicy_steps": near["steps"], "offpolicy_seconds": near["seconds"], "seconds": t,
                         **{f"offpolicy_{k}": near[k] for k in METRICS if k in near}})

@@ -82,12 +82,17 @@ def choose_recipe(methods: Sequence[str], ce_weights: Sequence[float], whitebox_
             "score": {str(w): s for w, s in score.items()}, "chosen_on": "validation kl_tf, mean over seeds and over " + ", ".join(methods)}
 
 
+def curve_checkpoints(epochs: Sequence[float], steps_per_epoch: int) -> tuple[list[int], int]:
+    """The steps a learning curve scores at, and the checkpoint interval of its run (their gcd)."""
+    want = sorted({max(1, math.ceil(e * steps_per_epoch)) for e in epochs})
+    return want, math.gcd(*want)
+
+
 def learning_curves(methods: Sequence[str], epochs: Sequence[float], seeds: int, steps_per_epoch: int,
                     train: Train, score_test: Score, log: Callable[[str], None] = print) -> dict[str, Any]:
     """One run of max(epochs) epochs per method and seed, its checkpoints at `epochs` scored on the test half."""
     top = max(epochs)
-    want = sorted({max(1, math.ceil(e * steps_per_epoch)) for e in epochs})
-    every = math.gcd(*want)
+    want, every = curve_checkpoints(epochs, steps_per_epoch)
     rows = []
     for method in methods:
         for seed in range(seeds):

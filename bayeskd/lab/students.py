@@ -14,7 +14,8 @@ from typing import Any, Callable
 import numpy as np
 
 from bayeskd.lab.onpolicy import ONPOLICY_METHODS, onpolicy_study
-from bayeskd.lab.recipe import CURVE_METHODS, mean_std, choose_recipe, learning_curves, split_heldout
+from bayeskd.lab.recipe import (CURVE_METHODS, choose_recipe, curve_checkpoints, learning_curves, mean_std,
+                                 split_heldout)
 from bayeskd.lab.trl_peers import PEER_METHODS, trl_sft
 
 # The posterior shards posterior-KD learns from: the pipeline's proxy (aligned when the lab aligns one) combined
@@ -165,9 +166,14 @@ def students(paths, run: Path, cfg, tok, progress: bool, log: Callable[[str], No
             return student_metrics(teacher, model, held_tok, indices=test_idx, teacher_rows=t_test,
                                    own_samples=samples)
 
+        warm_names = {}  # the curve's posterior-KD run when it is the warm start's run (same recipe and epochs,
+        # a checkpoint every epoch): trained once
+        if curves and "posterior-kd" in curve_methods and max(cfg.curve_epochs) == cfg.onpolicy_warm_epochs \
+                and curve_checkpoints(cfg.curve_epochs, steps_per_epoch)[1] == steps_per_epoch:
+            warm_names = {seed: f"curves/posterior-kd-s{seed}" for seed in range(curves["seeds"])}
         study = onpolicy_study({**paths, "pipeline_proxy": pipeline_proxy}, run, cfg, progress, train, score_pooled,
                                lambda d, seed: score(d, seed, t_valid, valid_idx, False)["kl_tf"], steps_per_epoch,
-                               calibration, log)
+                               calibration, log, warm_names)
     sft_summary = json.loads((run / "students" / "sft-s0" / "summary.json").read_text()) \
         if (run / "students" / "sft-s0" / "summary.json").exists() else {}
     return {"heldout_records": len(test_idx), "validation_records": len(valid_idx), "per_seed": per_seed,
