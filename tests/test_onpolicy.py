@@ -273,14 +273,14 @@ def test_resume_samples_the_same_next_step(lab, tiny_tokenizer, tmp_path, monkey
 
     seen: dict[str, dict[int, torch.Tensor]] = {"a": {}, "b": {}}
     run = {"name": "a"}
-    mix = BayesKDTrainer.mix_onpolicy
+    start = BayesKDTrainer._start_mix  # (each micro-batch's sampling; the teacher's scores come after)
 
     def record(self, inputs, step, micro=0):
-        out = mix(self, inputs, step, micro)
+        out, pending = start(self, inputs, step, micro)
         seen[run["name"]][step] = out["input_ids"].clone()
-        return out
+        return out, pending
 
-    monkeypatch.setattr(BayesKDTrainer, "mix_onpolicy", record)
+    monkeypatch.setattr(BayesKDTrainer, "_start_mix", record)
     out = tmp_path / "run"
     kw = dict(teacher=lab.teacher, onpolicy_fraction=0.5, onpolicy_max_new_tokens=8, max_steps=3,
               per_device_train_batch_size=4, learning_rate=1e-2, save_steps=2, seed=0, use_cpu=True,
@@ -483,6 +483,37 @@ def test_scored_run_resumes_without_asking_again(lab, tiny_tokenizer, tmp_path, 
     assert _scoring(served.asked) == before  # the probe only
     assert again["onpolicy"]["scoring"]["requests"] == 0 and again["onpolicy"]["scoring"]["cached"] == 2
     assert (out / "model.safetensors").read_bytes() == weights
+
+
+def test_scoring_overlaps_the_steps_sampling(lab, tmp_path, served, monkeypatch):
+    """With 2 micro-batches a step, both are sampled and sent before the first one's scores are collected (the
+    server answers while the trainer samples), and the run ends with the weights of a run that waits for every
+    answer at once."""
+    from bayeskd.distillation.onpolicy_scores import PendingEvidence, SampleScorer
+    from bayeskd.distillation.trainer import distill
+
+    events: list[str] = []
+    submit, result = SampleScorer.submit, PendingEvidence.result
+    monkeypatch.setattr(SampleScorer, "submit", lambda self, p, r: events.append("submit") or submit(self, p, r))
+    monkeypatch.setattr(PendingEvidence, "result", lambda self: events.append("result") or result(self))
+    kw = dict(targets=lab.topk, proxy=lab.proxy, prior=lab.prior, teacher_url=served.url, teacher_model="teacher",
+              onpolicy_fraction=0.5, onpolicy_score_top_k=5, onpolicy_max_new_tokens=8, max_steps=2,
+              per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2, save_steps=0,
+              seed=0, use_cpu=True, disable_tqdm=True)
+    overlapped = distill(lab.data, lab.student, str(tmp_path / "overlap"), **kw)
+    assert events == ["submit", "submit", "result", "result"] * 2
+    assert overlapped["onpolicy"]["scoring"]["requests"] > 0
+
+    def waiting(self, p, r):  # every answer in before the trainer goes on
+        pending = submit(self, p, r)
+        if pending.future is not None:
+            pending.future.result()
+        return pending
+
+    monkeypatch.setattr(SampleScorer, "submit", waiting)
+    distill(lab.data, lab.student, str(tmp_path / "waiting"), **kw)
+    assert ((tmp_path / "overlap" / "model.safetensors").read_bytes()
+            == (tmp_path / "waiting" / "model.safetensors").read_bytes())
 
 
 def test_scored_training_through_server_faults_is_the_fault_free_run(lab, tmp_path):

@@ -20,11 +20,17 @@ an unscored run gives them) and `stats["over_budget"]` counts them: a run that o
 posterior run, the same way when resumed. A request failing after all retries is counted (`failed`) and gives no
 evidence; it is not cached, so a later run asks it again. A fatal error (auth, the server gone before any answer)
 stops the run with `ScoreError`, one line.
+
+Overlap: `submit` starts the requests in a background thread and returns at once, so the trainer builds the rest of
+its batch (the prior's rows at the samples, the next micro-batch's samples) while the server answers; `.result()`
+waits for the answers. One scoring is in flight at a time (a submit first waits for the one before it reads the
+cache), so no sample is asked twice and the budget counts exactly as without overlap.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 import random
 import time
 from dataclasses import dataclass, field
@@ -63,7 +69,8 @@ class SampleScorer:
     docstring). `tokenizer`: the student's. Retries, timeout and concurrency as `bayeskd score`'s (`ScoreConfig`).
     `stats`: requests (answered or failed, this process), cached (samples answered from the cache), scored_tokens
     (response tokens the teacher scored, this process), skipped (by reason), failed, retries and errors (by
-    type), over_budget, empty (samples without a response token to score), seconds."""
+    type), over_budget, empty (samples without a response token to score), seconds (that the trainer waited on
+    scoring: the requests overlap the building of its batches)."""
 
     def __init__(self, base_url: str, model: str, tokenizer, cache: str | Path, *, top_k: int = 20,
                  budget: int | None = None, settings: ScoreConfig | None = None):
@@ -79,6 +86,8 @@ class SampleScorer:
         self.stats: dict[str, Any] = {"requests": 0, "cached": 0, "scored_tokens": 0, "skipped": {}, "failed": 0,
                                       "retries": 0, "errors": {}, "over_budget": 0, "empty": 0, "seconds": 0.0}
         self._writer: RecordWriter | None = None
+        self._pool: ThreadPoolExecutor | None = None  # the thread the requests run in (overlap)
+        self._inflight: Future | None = None
         bos = getattr(tokenizer, "bos_token_id", None)
         self._bos = int(bos) if bos is not None else None
 
@@ -121,7 +130,19 @@ class SampleScorer:
 
     def evidence(self, prompts: Sequence[torch.Tensor], responses: Sequence[torch.Tensor]) -> Evidence:
         """The teacher's evidence at every sampled token (one row per token of each response, in order)."""
+        return self.submit(prompts, responses).result()
+
+    def _wait(self) -> None:
+        """Wait for the scoring in flight (its ScoreError raised here)."""
+        if self._inflight is not None:
+            inflight, self._inflight = self._inflight, None
+            inflight.result()
+
+    def submit(self, prompts: Sequence[torch.Tensor], responses: Sequence[torch.Tensor]) -> "PendingEvidence":
+        """Ask the server for the samples not in the cache, in the background (module docstring, "Overlap");
+        `.result()` of the returned object is `evidence`'s."""
         t0 = time.perf_counter()
+        self._wait()
         self.probe()
         p_ids = [[int(x) for x in p.tolist()] for p in prompts]
         r_ids = [[int(x) for x in r.tolist()] for r in responses]
@@ -144,7 +165,22 @@ class SampleScorer:
             else:
                 todo.append(i)
         if todo:
-            asyncio.run(self._ask([texts[i] for i in todo], [keys[i] for i in todo]))
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="bayeskd-score")
+            self._inflight = self._pool.submit(asyncio.run, self._ask([texts[i] for i in todo],
+                                                                       [keys[i] for i in todo]))
+        st["seconds"] += time.perf_counter() - t0
+        return PendingEvidence(self, texts, keys, p_ids, r_ids, self._inflight if todo else None)
+
+    def _evidence(self, texts: list[tuple[str, str]], keys: list[str], p_ids: list[list[int]],
+                  r_ids: list[list[int]], future: Future | None) -> Evidence:
+        """The evidence rows of submitted samples, once their answers (`future`) are in."""
+        t0 = time.perf_counter()
+        if future is not None:
+            if self._inflight is future:
+                self._inflight = None
+            future.result()
+        st = self.stats
         records = []
         for (p, r), key in zip(texts, keys):
             got = self.known.get(key) if r else None
@@ -210,6 +246,16 @@ class SampleScorer:
             raise ScoreError(f"scoring the student's samples at {scorer.base_url}: {fatal[0]}".replace("\n", " "))
 
     def close(self) -> None:
+        """Wait for the scoring in flight (its answers cached; an error in it is the caller's to have seen) and
+        close the cache."""
+        try:
+            if self._inflight is not None:
+                self._inflight.exception()
+                self._inflight = None
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -220,3 +266,18 @@ class SampleScorer:
         return {"base_url": self.base_url, "model": self.settings.model, "top_k": self.settings.top_logprobs,
                 "budget": self.budget, "cache": str(self.cache), "cache_entries": len(self.known),
                 "probe": self.probed, **st}
+
+
+@dataclass
+class PendingEvidence:
+    """Samples submitted to a `SampleScorer`: `result()` waits for the server's answers and returns their
+    evidence rows (one per sampled token, response after response)."""
+    scorer: SampleScorer
+    texts: list[tuple[str, str]]
+    keys: list[str]
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    future: Future | None  # the requests in flight for them (None: all answered from the cache, or none to ask)
+
+    def result(self) -> Evidence:
+        return self.scorer._evidence(self.texts, self.keys, self.prompt_ids, self.response_ids, self.future)

@@ -408,20 +408,40 @@ class BayesKDTrainer(transformers.Trainer):
         if self.onpolicy is None or not batch_samples:
             return batch_samples, num_items
         step = self.state.global_step  # the steps done: a run resumed from checkpoint-s samples step s + 1 alike
-        batch_samples = [self.mix_onpolicy(b, step, micro=i) for i, b in enumerate(batch_samples)]
+        # every micro-batch sampled first, then the teacher's scores (asked as each was built) collected
+        started = [self._start_mix(b, step, micro=i) for i, b in enumerate(batch_samples)]
+        batch_samples = [self._finish_mix(out, pending) for out, pending in started]
         return batch_samples, self._get_num_items_in_batch(batch_samples, device)
 
     def mix_onpolicy(self, inputs: dict[str, torch.Tensor], step: int, micro: int = 0) -> dict[str, torch.Tensor]:
         """`inputs` (a collated batch) with a share `onpolicy_fraction` of its sequences replaced by the student's
         samples for their prompts, drawn from the seed of (seed, `step`, `micro`, rank); `onpolicy_mask` marks
         them. Their targets: the prior's rows at their contexts when the batch holds prior rows (posterior), else
-        none (the white-box teacher runs on the mixed batch in `compute_loss`)."""
+        none (the white-box teacher runs on the mixed batch in `compute_loss`); scored targets add the teacher's
+        evidence at the samples (`SCORED_KEYS`)."""
+        return self._finish_mix(*self._start_mix(inputs, step, micro))
+
+    def _finish_mix(self, out: dict[str, torch.Tensor], pending: tuple | None) -> dict[str, torch.Tensor]:
+        """A batch of `_start_mix` with the teacher's evidence at the samples, once the server has answered."""
+        if pending is None:
+            return out
+        t0 = time.perf_counter()
+        rows, responses, evidence = pending
+        out.update(scored_evidence(out, rows, responses, evidence.result()))
+        self.onpolicy_stats["seconds"] += time.perf_counter() - t0
+        return out
+
+    def _start_mix(self, inputs: dict[str, torch.Tensor], step: int, micro: int = 0
+                   ) -> tuple[dict[str, torch.Tensor], tuple | None]:
+        """`mix_onpolicy`'s batch before the teacher's scores, and for scored targets (rows, responses, the
+        scorer's pending evidence): the server answers while the prior rows and the batch are built and the step's
+        next micro-batches sampled (else None)."""
         cfg = self.args
         t0 = time.perf_counter()
         seed = step_seed(cfg.seed, step, micro, cfg.process_index)
         rows = choose_rows(int(inputs["input_ids"].shape[0]), cfg.onpolicy_fraction, seed)
         if len(rows) == 0:
-            return inputs
+            return inputs, None
         plens = prompt_lengths(inputs)
         prompts = [inputs["input_ids"][j, :int(plens[j])] for j in rows.tolist()]
         cap = cfg.onpolicy_max_new_tokens
@@ -430,6 +450,9 @@ class BayesKDTrainer(transformers.Trainer):
         pad, eos = self._special_ids(model)
         responses = sample_responses(model, prompts, temperature=cfg.onpolicy_temperature, max_new_tokens=max_new,
                                      pad_token_id=pad, eos_token_id=eos, seed=seed)
+        pending = None
+        if self.onpolicy == "scored":  # asked now, answered while the prior rows and the batch are built
+            pending = (rows, responses, self.scorer.submit(prompts, responses))
         student_targets = None
         if "target_indices" in inputs:
             if self.onpolicy not in ("posterior", "scored") or self.prior is None:
@@ -437,13 +460,11 @@ class BayesKDTrainer(transformers.Trainer):
                                  "'posterior' or 'scored' with a prior)")
             student_targets = prior_rows(self.prior, prompts, responses, int(inputs["target_indices"].shape[1]))
         out = build_batch(inputs, rows, prompts, responses, pad, student_targets)
-        if self.onpolicy == "scored":  # the teacher's scores of the samples, beside the student's rows
-            out.update(scored_evidence(out, rows, responses, self.scorer.evidence(prompts, responses)))
         st = self.onpolicy_stats
         st["sequences"] += len(rows)
         st["tokens"] += int(sum(len(r) for r in responses))
         st["seconds"] += time.perf_counter() - t0
-        return out
+        return out, pending
 
     def _special_ids(self, model) -> tuple[int, int | None]:
         """(pad, eos) token ids for sampling: the collator's pad and the tokenizer's EOS (else the model's)."""
