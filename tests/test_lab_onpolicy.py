@@ -69,6 +69,15 @@ def test_gains_against_the_warm_start_off_policy_and_white_box():
                                np.where(ref > 0, mine / np.where(ref > 0, ref, 1), np.nan))
     assert "vs_offpolicy_equal_steps" not in g["offpolicy-more"]
     assert "vs_offpolicy_whitebox_equal_steps" not in g["onpolicy-k20"]
+    # the report's on-policy headline: each on-policy row's mean gain, and whether every seed gained
+    from bayeskd.lab.report import check_targets
+
+    t = check_targets({"students": {"onpolicy": {"gains": g}}})
+    mean = float(np.mean(own["offpolicy-more"] - own["onpolicy-k20"]))
+    assert t["onpolicy-k20_kl_own_gain_vs_offpolicy_equal_steps"] == pytest.approx(mean)
+    assert t["onpolicy-k20_lowers_kl_own_vs_offpolicy_equal_time_every_seed"] == bool(
+        (off_t - own["onpolicy-k20"]).min() > 0)
+    assert not any(k.startswith("trl-gkd") for k in t)
 
 
 def test_trl_sft_on_bayeskd_tokens_is_bayeskd_sft(tmp_path, tiny_tokenizer):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from bayeskd.evaluation.evaluate import format_estimation
 
 
@@ -61,6 +63,12 @@ def check_targets(report: dict[str, Any]) -> dict[str, Any]:
         if "posterior-kd-k5" in s and gap > 0:  # target: >= 80% of the gap at k = 5, >= 90% at k = 20
             out["gap_closed_k5_ge_80pct"] = bool(out["gap_closed_posterior-kd-k5"] >= 0.8)
             out["gap_closed_k20_ge_90pct"] = bool(out["gap_closed_posterior_kd"] >= 0.9)
+    gains = ((report.get("students") or {}).get("onpolicy") or {}).get("gains") or {}
+    for method, g in gains.items():  # the on-policy headline: kl_own lowered against more off-policy training
+        for key in ("vs_offpolicy_equal_steps", "vs_offpolicy_equal_time"):
+            if key in g and method.startswith("onpolicy-"):
+                out[f"{method}_kl_own_gain_{key}"] = float(np.mean(g[key]))
+                out[f"{method}_lowers_kl_own_{key}_every_seed"] = bool(min(g[key]) > 0)
     from bayeskd.lab.scale import scale_targets
 
     out.update(scale_targets(report))  # (a run with the scale columns of the corpus curve)

@@ -164,7 +164,8 @@ RUN_CONFIGS: dict[str, LabRunConfig] = {
                           epochs=1.0, batch_size=8, ce_weights=(0.0, 1.0), whitebox_ks=(0,), curve_epochs=(0.5, 1.0),
                           curve_seeds=1, gad_d_warmup=2, gad_steps=2, gad_group=4, gad_batch_prompts=4,
                           onpolicy_warm_epochs=2.0, onpolicy_offpolicy_epochs=2.0, onpolicy_own_samples=2),
-    "tiny": LabRunConfig(),
+    # tiny: the main command, with the on-policy headline (top-20-scored on-policy against more off-policy KD)
+    "tiny": LabRunConfig(methods=(*METHODS, "offpolicy-more", "onpolicy-k20")),
     "tiny-gpt2": LabRunConfig(),  # tiny with GPT-2's tokenizer
     "small": LabRunConfig(samples_per_prompt=4, max_new_tokens=64, eval_records=800, seeds=3, epochs=3.0, lr=1e-3),
 }
