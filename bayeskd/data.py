@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -333,6 +334,35 @@ class TokenizedData:
     def prompt_sequences(self) -> list[np.ndarray]:
         """The prompt ids of every record (the context before its response)."""
         return [ids[:int(p)] for ids, p in zip(self.input_ids, self.prompt_lengths)]
+
+
+_TOKENIZED: "OrderedDict[tuple, tuple[TokenizedData, LoadReport]]" = OrderedDict()  # load_tokenized_records
+_TOKENIZED_KEEP = 2
+
+
+def load_tokenized_records(data: str | os.PathLike, tokenizer, split: str = "train",
+                           skip_bad: bool = False) -> tuple[TokenizedData, LoadReport]:
+    """`tokenize_records(load_teacher_records(data))` with its load report, remembered for the last two local
+    files (keyed by path, size, modification time, split and the tokenizer): a process that trains many students
+    on one file (the lab: ~25 students on records whose top-20 log-probabilities take seconds to parse and check)
+    reads it once. A changed file is read again. The result is shared between callers: read-only."""
+    key = None
+    path = Path(os.fspath(data)).expanduser()
+    if path.is_file():
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns, split, skip_bad, type(tokenizer).__name__,
+               tokenizer_fingerprint(tokenizer), getattr(tokenizer, "eos_token_id", None),
+               str(getattr(tokenizer, "chat_template", None)))
+        if key in _TOKENIZED:
+            _TOKENIZED.move_to_end(key)
+            return _TOKENIZED[key]
+    records, report = load_teacher_records(data, split=split, skip_bad=skip_bad)
+    out = (tokenize_records(records, tokenizer), report)
+    if key is not None:
+        _TOKENIZED[key] = out
+        while len(_TOKENIZED) > _TOKENIZED_KEEP:
+            _TOKENIZED.popitem(last=False)
+    return out
 
 
 def truncation_window(prompt_len: int, response_len: int, max_length: int | None) -> tuple[int, int]:

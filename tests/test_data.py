@@ -199,6 +199,35 @@ def test_prompt_response_tokens_and_mask(tiny_tokenizer, rng):
         np.testing.assert_array_equal(a, b[:-1])
 
 
+def test_tokenized_records_are_read_once_per_file_version(tiny_tokenizer, tmp_path, rng, monkeypatch):
+    """load_tokenized_records: a second call on the same file returns the first call's result without reading
+    it; a changed file, another split or skip_bad setting is read again; the result equals tokenize_records'."""
+    import os
+
+    import bayeskd.data as data_mod
+    from bayeskd.data import load_tokenized_records
+
+    recs = [{"prompt": _text(rng, 0, 8), "response": _text(rng)} for _ in range(12)]
+    path = tmp_path / "t.jsonl"
+    _write_jsonl(path, recs)
+    reads = []
+    real = data_mod.load_teacher_records
+    monkeypatch.setattr(data_mod, "load_teacher_records", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    first, report = load_tokenized_records(path, tiny_tokenizer)
+    again, _ = load_tokenized_records(str(path), tiny_tokenizer)
+    assert again is first and len(reads) == 1 and report.kept == 12
+    want = tokenize_records(recs, tiny_tokenizer)
+    for a, b in zip(first.input_ids, want.input_ids):
+        np.testing.assert_array_equal(a, b)
+    load_tokenized_records(path, tiny_tokenizer, skip_bad=True)
+    assert len(reads) == 2
+    _write_jsonl(path, recs + [{"prompt": "p", "response": "one more"}])
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    grown, _ = load_tokenized_records(path, tiny_tokenizer)
+    assert len(reads) == 3 and len(grown) == 13
+
+
 def test_chat_records_render_through_template_and_mask_covers_the_assistant_text(tiny_tokenizer, rng):
     recs = [r for r in _records(rng, 40) if "messages" in r]
     data = tokenize_records(recs, tiny_tokenizer)

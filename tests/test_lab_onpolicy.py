@@ -55,12 +55,17 @@ def test_gains_against_the_warm_start_off_policy_and_white_box():
                                                        "onpolicy-k20", "trl-gkd-fkl")}
     per_seed = {m: [{"kl_own": float(v)} for v in own[m]] for m in own}
     off_t = rng.uniform(0.5, 1.0, size=3)
-    equal_time = {m: [{"offpolicy_kl_own": float(v)} for v in off_t] for m in ("onpolicy-k20", "trl-gkd-fkl")}
-    g = _gains(per_seed, equal_time)
+    equal_time = {m: [{"offpolicy_kl_own": float(v), "short": i == 1} for i, v in enumerate(off_t)]
+                  for m in ("onpolicy-k20", "trl-gkd-fkl")}
+    off_wb_t = rng.uniform(0.5, 1.0, size=3)
+    g = _gains(per_seed, equal_time, {"trl-gkd-fkl": [{"offpolicy_kl_own": float(v)} for v in off_wb_t]})
+    np.testing.assert_allclose(g["trl-gkd-fkl"]["vs_offpolicy_whitebox_equal_time"], off_wb_t - own["trl-gkd-fkl"])
     np.testing.assert_allclose(g["onpolicy-k20"]["vs_warm_start"], own["warm start"] - own["onpolicy-k20"])
     np.testing.assert_allclose(g["onpolicy-k20"]["vs_offpolicy_equal_steps"],
                                own["offpolicy-more"] - own["onpolicy-k20"])
     np.testing.assert_allclose(g["onpolicy-k20"]["vs_offpolicy_equal_time"], off_t - own["onpolicy-k20"])
+    assert g["onpolicy-k20"]["vs_offpolicy_equal_time_short"] == [False, True, False]
+    assert g["trl-gkd-fkl"]["vs_offpolicy_whitebox_equal_time_short"] == [False] * 3
     # the on-policy effect at matched targets: black-box against off-policy posterior-KD, white-box against
     # off-policy white-box KD
     mine, ref = own["offpolicy-more"] - own["onpolicy-k20"], own["offpolicy-whitebox"] - own["trl-gkd-fkl"]
@@ -77,7 +82,10 @@ def test_gains_against_the_warm_start_off_policy_and_white_box():
     assert t["onpolicy-k20_kl_own_gain_vs_offpolicy_equal_steps"] == pytest.approx(mean)
     assert t["onpolicy-k20_lowers_kl_own_vs_offpolicy_equal_time_every_seed"] == bool(
         (off_t - own["onpolicy-k20"]).min() > 0)
-    assert not any(k.startswith("trl-gkd") for k in t)
+    # the white-box rows against off-policy white-box KD only
+    assert t["trl-gkd-fkl_lowers_kl_own_vs_offpolicy_whitebox_equal_time_every_seed"] == bool(
+        (off_wb_t - own["trl-gkd-fkl"]).min() > 0)
+    assert "trl-gkd-fkl_kl_own_gain_vs_offpolicy_equal_steps" not in t
 
 
 def test_trl_sft_on_bayeskd_tokens_is_bayeskd_sft(tmp_path, tiny_tokenizer):
@@ -131,6 +139,12 @@ def test_lab_onpolicy_study_on_micro(tmp_path):
     # bayeskd's white-box on-policy and TRL's GKD at the same loss (forward KL, λ = 1, own-token mean) agree
     assert abs(s["onpolicy-whitebox"]["kl_own"]["mean"] - s["trl-gkd-fkl"]["kl_own"]["mean"]) < 0.02
     assert "vs_offpolicy_equal_time" in study["gains"]["onpolicy-k20"]
+    assert "vs_offpolicy_whitebox_equal_time" in study["gains"]["trl-gkd-fkl"]
+    # equal seconds: the off-policy runs went on until they had the on-policy rows' seconds
+    for table, curve in (("equal_time", "offpolicy_curve"), ("equal_time_whitebox", "offpolicy_whitebox_curve")):
+        longest = study["warm_start"]["0"][curve][-1]["seconds"]
+        assert all(longest >= 0.9 * e[0]["seconds"] for e in study[table].values()), (longest, study[table])
+        assert not any(e[0]["short"] for e in study[table].values())
     text = (tmp_path / "micro" / "run" / "report.md").read_text()
     assert "## On-policy distillation" in text and "| trl-gkd-rkl |" in text
     sft = report["students"]["summary"]

@@ -43,7 +43,7 @@ import torch
 import transformers
 from transformers.trainer_utils import SchedulerType
 
-from bayeskd.data import DataError, load_teacher_records, load_tokenizer, tokenize_records
+from bayeskd.data import DataError, load_tokenized_records, load_tokenizer
 from bayeskd.distillation.gad_parts import (Discriminator, bradley_terry_loss, discriminator_accuracy,
                                             group_advantages, grpo_loss)
 from bayeskd.distillation.checkpoints import verify_file_record, with_file_record
@@ -477,8 +477,7 @@ def _batch_indices(n_records: int, batch_prompts: int, seed: int, stage: str, st
 def _prepare_data(data: str, tok, cfg: GADConfig, split: str, skip_bad: bool) -> tuple[list[list[int]],
                                                                                         list[list[int]], int]:
     """(prompt ids, teacher response ids, records skipped as malformed)."""
-    records, report = load_teacher_records(data, split=split, skip_bad=skip_bad)
-    tokd = tokenize_records(records, tok)
+    tokd, report = load_tokenized_records(data, tok, split=split, skip_bad=skip_bad)
     prompts, responses = [], []
     for i, (ids, p) in enumerate(zip(tokd.input_ids, tokd.prompt_lengths)):
         p = int(p)

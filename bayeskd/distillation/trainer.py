@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
+from bayeskd.data import load_tokenized_records, load_tokenizer
 from bayeskd.distillation.targets import (CONTEXT_COUNT_KEY, WEIGHT_KEY, WEIGHT_NORMALIZATIONS, BayesKDCollator,
                                           TeacherTargetsDataset)
 from bayeskd.losses.linear import fused_linear_ce, fused_linear_kd_and_ce, uses_cut_kernel
@@ -723,8 +723,8 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
         scorer = SampleScorer(teacher_url, teacher_model, tok, cache, top_k=cfg.onpolicy_score_top_k,
                               budget=cfg.onpolicy_score_budget)
         scorer.probe()
-    records, report = load_teacher_records(data, split=split, skip_bad=skip_bad)
-    tokenized = tokenize_records(records, tok)  # untruncated: target rows are per full response
+    tokenized, report = load_tokenized_records(data, tok, split=split, skip_bad=skip_bad)  # untruncated: target
+    # rows are per full response
     dataset = TeacherTargetsDataset(tokenized, targets, max_length=cfg.max_length,
                                     weight_normalization=cfg.proxy_kd_normalization if proxy_kd else None)
     model = AutoModelForCausalLM.from_pretrained(student)
@@ -817,7 +817,7 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
         "lm_head_loss": _lm_head_loss(cfg, trainer.args.device),
         "ce_weight": resolve_ce_weight(cfg.ce_weight, mode != "sft"), "kd_weight": cfg.kd_weight,
         "whitebox_top_k": (cfg.whitebox_top_k or tokenized.vocab_size) if mode == "white-box" else None,
-        "records": len(records), "skipped_records": int(report.skipped),
+        "records": len(tokenized), "skipped_records": int(report.skipped),
         "steps": int(trainer.state.global_step), "epochs": float(trainer.state.epoch or 0.0),
         "train_loss": float(result.training_loss),
         "final_loss": last.get("loss"), "final_ce_loss": last.get("ce_loss"), "final_kd_loss": last.get("kd_loss"),

@@ -7,10 +7,13 @@ KD recipe's CE weight, forward KL, `onpolicy_epochs` epochs of the training prom
   checkpointed every epoch; the checkpoint with the lowest validation kl_tf (where it stops improving); the lab's
   posterior-KD learning curve is that run when its epochs and checkpoints are the same (trained once);
 - `offpolicy-more`: more off-policy posterior-KD from it, for `onpolicy_offpolicy_epochs` epochs, checkpointed every
-  half epoch: the row at `onpolicy_epochs` compares at equal steps, and each on-policy row is also compared with
-  the checkpoint whose elapsed seconds are nearest its own (equal wall-clock); only those checkpoints are scored;
-- `offpolicy-whitebox`: more off-policy KD from the real teacher's logits (the whole vocabulary): what the white-box
-  on-policy rows are matched against, so their gain is the on-policy effect, not the better target's;
+  half epoch: the row at `onpolicy_epochs` compares at equal steps; for equal wall-clock the same run goes on (for
+  as many epochs as the slowest on-policy row's seconds need, at most `onpolicy_equal_time_max_epochs`) and each
+  on-policy row is compared with the checkpoint whose elapsed seconds are nearest its own ("short" where even the
+  longest run had fewer seconds); only the checkpoints compared are scored;
+- `offpolicy-whitebox`: more off-policy KD from the real teacher's logits (the whole vocabulary), checkpointed as
+  `offpolicy-more`: what the white-box on-policy rows are matched against (equal steps and equal seconds), so their
+  gain is the on-policy effect, not the better target's;
 - `onpolicy-posterior`: λ = `onpolicy_fraction` of each batch the student's samples, targets the posterior (prior
   rows at the student's contexts x the aligned proxy, the calibration's best fixed combination): no teacher call;
 - `onpolicy-k20` / `onpolicy-k0`: the same, conditioned on the teacher server's scores of the samples (echo +
@@ -101,7 +104,8 @@ def onpolicy_study(paths: dict[str, str], run: Path, cfg, progress: bool, train,
                      prior=str(run / "prior"), **online_combination(calibration))
     per_seed: dict[str, list[dict[str, float]]] = {}
     warm: dict[int, Any] = {}
-    equal_time: dict[str, list[dict[str, float]]] = {}
+    equal_time: dict[str, list[dict[str, float]]] = {}  # against off-policy posterior-KD
+    equal_time_whitebox: dict[str, list[dict[str, float]]] = {}  # the white-box rows against off-policy white-box
     servers = ExitStack()  # the teacher server, started by the first scored row, stopped at the end (also on error)
 
     def scored(point: dict[str, Any], seed: int) -> dict[str, Any]:
@@ -117,25 +121,52 @@ def onpolicy_study(paths: dict[str, str], run: Path, cfg, progress: bool, train,
             warm[seed] = warm_start(seed, train, valid, cfg, steps_per_epoch, log, (warm_names or {}).get(seed))
             start = Path(warm[seed]["best"]["dir"])
             per_seed.setdefault("warm start", []).append(score(start, seed))
-            off_curve = []
+            curves: dict[str, list[dict[str, Any]]] = {}  # off-policy continuations: posterior-KD, white-box
+            runs: dict[str, tuple[str, dict[str, Any]]] = {}  # kind -> (name, train overrides)
+
+            def off_run(kind: str, name: str, epochs: float, **extra: Any) -> dict[str, Any]:
+                """More off-policy training of `kind` for `epochs`, checkpointed every half epoch (at most ~40
+                checkpoints): its curve (steps, seconds, directory) in `curves`; returns its summary."""
+                steps = math.ceil(epochs * steps_per_epoch)
+                out = train(kind, seed, name, student=str(start), **{**continuation, "num_train_epochs": epochs},
+                            save_strategy="steps", save_steps=max(1, steps_per_epoch // 2, math.ceil(steps / 40)),
+                            save_only_model=True, **extra)
+                summary = json.loads((out / "summary.json").read_text())
+                per_step = summary["train_seconds"] / max(1, summary["steps"])
+                curves[kind] = [{"steps": s, "seconds": s * per_step, "dir": str(d)} for s, d in _checkpoints(out)]
+                return summary
+
+            def continued(kind: str, name: str, **extra: Any) -> dict[str, Any]:
+                """The off-policy row of `kind`: its checkpoint at `onpolicy_epochs` (equal steps)."""
+                runs[kind] = (name, extra)
+                summary = off_run(kind, name, cfg.onpolicy_offpolicy_epochs, **extra)
+                at = math.ceil(cfg.onpolicy_epochs * steps_per_epoch)
+                m = dict(scored(min(curves[kind], key=lambda r: abs(r["steps"] - at)), seed))
+                share = m.pop("steps") / max(1, summary["steps"])  # this checkpoint's part of the run
+                m.pop("dir")
+                m.update(_price(summary), train_seconds=m.pop("seconds"))
+                m["train_tokens"] *= share
+                return m
+
+            def lengthen(kind: str, seconds: float) -> None:
+                """Off-policy training of `kind` long enough to match `seconds` (on-policy steps cost several
+                off-policy ones): the same run for more epochs (constant lr: its first checkpoints are the short
+                run's), at most `onpolicy_equal_time_max_epochs`."""
+                for _ in range(3):  # (a longer run can be faster per step than the one it was planned from)
+                    end = curves[kind][-1]
+                    per_epoch = end["seconds"] * steps_per_epoch / max(1, end["steps"])
+                    epochs = min(cfg.onpolicy_equal_time_max_epochs, math.ceil(1.3 * seconds / max(per_epoch, 1e-9)))
+                    if end["seconds"] >= 0.95 * seconds or epochs * steps_per_epoch <= end["steps"]:
+                        return
+                    name, extra = runs[kind]
+                    off_run(kind, f"{name}-{epochs}ep", float(epochs), **extra)
+
             for method in rows:
                 name = f"onpolicy/{method}-s{seed}"
                 if method == "offpolicy-more":
-                    out = train("posterior-kd", seed, name, student=str(start),
-                                **{**continuation, "num_train_epochs": cfg.onpolicy_offpolicy_epochs},
-                                save_strategy="steps", save_steps=max(1, steps_per_epoch // 2), save_only_model=True)
-                    summary = json.loads((out / "summary.json").read_text())
-                    per_step = summary["train_seconds"] / max(1, summary["steps"])
-                    off_curve = [{"steps": s, "seconds": s * per_step, "dir": str(d)} for s, d in _checkpoints(out)]
-                    at = math.ceil(cfg.onpolicy_epochs * steps_per_epoch)
-                    m = dict(scored(min(off_curve, key=lambda r: abs(r["steps"] - at)), seed))
-                    share = m.pop("steps") / max(1, summary["steps"])  # this checkpoint's part of the run
-                    m.pop("dir")
-                    m.update(_price(summary), train_seconds=m.pop("seconds"))
-                    m["train_tokens"] *= share
+                    m = continued("posterior-kd", name)
                 elif method == "offpolicy-whitebox":
-                    out = train("white-box", seed, name, student=str(start), whitebox_top_k=0, **continuation)
-                    m = {**score(out, seed), **_price(json.loads((out / "summary.json").read_text()))}
+                    m = continued("white-box", name, whitebox_top_k=0)
                 elif method in GKD_BETAS:
                     kw = {**cfg.train_kwargs(seed, progress), **continuation}
                     out = trl_gkd(data, str(start), paths["teacher"], run / name, kw, beta=GKD_BETAS[method],
@@ -157,28 +188,34 @@ def onpolicy_study(paths: dict[str, str], run: Path, cfg, progress: bool, train,
                     m = {**score(out, seed), **_price(json.loads((out / "summary.json").read_text()))}
                 per_seed.setdefault(method, []).append(m)
                 log(f"[lab] on-policy {method} seed {seed}: " + ", ".join(f"{k}={v:.4g}" for k, v in m.items()))
-            if off_curve:  # each on-policy row against off-policy training of the same seconds
-                for method in rows:
-                    if method.startswith("offpolicy-"):
-                        continue
+            # each on-policy row against off-policy training of the same seconds: posterior-KD for every row,
+            # white-box KD for the white-box rows ("short": the off-policy run, at its longest, had fewer seconds)
+            for kind, table in (("posterior-kd", equal_time), ("white-box", equal_time_whitebox)):
+                matched = [m for m in rows if not m.startswith("offpolicy-") and kind in curves
+                           and (kind == "posterior-kd" or m in WHITEBOX_ROWS)]
+                if matched:
+                    lengthen(kind, max(per_seed[m][-1]["train_seconds"] for m in matched))
+                for method in matched:
                     t = per_seed[method][-1]["train_seconds"]
-                    near = scored(min(off_curve, key=lambda r: abs(r["seconds"] - t)), seed)
-                    equal_time.setdefault(method, []).append({
+                    near = scored(min(curves[kind], key=lambda r: abs(r["seconds"] - t)), seed)
+                    table.setdefault(method, []).append({
                         "offpolicy_steps": near["steps"], "offpolicy_seconds": near["seconds"], "seconds": t,
+                        "short": bool(curves[kind][-1]["seconds"] < 0.9 * t),
                         **{f"offpolicy_{k}": near[k] for k in METRICS if k in near}})
-            warm[seed]["offpolicy_curve"] = off_curve
+            warm[seed]["offpolicy_curve"] = curves.get("posterior-kd", [])
+            warm[seed]["offpolicy_whitebox_curve"] = curves.get("white-box", [])
     summary = {method: {k: mean_std([r[k] for r in runs]) for k in runs[0]} for method, runs in per_seed.items()}
     return {"rows": rows, "per_seed": per_seed, "summary": summary, "warm_start": warm, "equal_time": equal_time,
-            "gains": _gains(per_seed, equal_time),
+            "equal_time_whitebox": equal_time_whitebox, "gains": _gains(per_seed, equal_time, equal_time_whitebox),
             "recipe": {**continuation, **onpolicy, "ce_weight": cfg.ce_weight, "divergence": "forward_kl",
                        "online_combination": online_combination(calibration)}}
 
 
-def _gains(per_seed: dict[str, list[dict[str, float]]], equal_time: dict[str, list[dict[str, float]]]
-           ) -> dict[str, Any]:
+def _gains(per_seed: dict[str, list[dict[str, float]]], equal_time: dict[str, list[dict[str, float]]],
+           equal_time_whitebox: dict[str, list[dict[str, float]]] | None = None) -> dict[str, Any]:
     """Per row and seed, kl_own lowered (positive: better) from the warm start, from more off-policy posterior-KD at
-    equal steps and at equal seconds, and (white-box rows) from more off-policy white-box KD at equal steps: the
-    on-policy effect at the same targets. For the black-box rows, the share of white-box on-policy's effect (TRL's
+    equal steps and at equal seconds, and (white-box rows) from more off-policy white-box KD at equal steps and
+    seconds: the on-policy effect at the same targets. For the black-box rows, the share of white-box on-policy's effect (TRL's
     forward-KL GKD against off-policy white-box KD) each recovers against off-policy posterior-KD, at equal steps."""
     out: dict[str, Any] = {}
     warm = per_seed.get("warm start", [])
@@ -192,9 +229,11 @@ def _gains(per_seed: dict[str, list[dict[str, float]]], equal_time: dict[str, li
             g["vs_offpolicy_equal_steps"] = [o["kl_own"] - r["kl_own"] for o, r in zip(off, runs)]
         if off_wb and method in WHITEBOX_ROWS:
             g["vs_offpolicy_whitebox_equal_steps"] = [o["kl_own"] - r["kl_own"] for o, r in zip(off_wb, runs)]
-        if method in equal_time:
-            g["vs_offpolicy_equal_time"] = [e["offpolicy_kl_own"] - r["kl_own"]
-                                            for e, r in zip(equal_time[method], runs)]
+        for key, table in (("vs_offpolicy_equal_time", equal_time),
+                           ("vs_offpolicy_whitebox_equal_time", equal_time_whitebox or {})):
+            if method in table:
+                g[key] = [e["offpolicy_kl_own"] - r["kl_own"] for e, r in zip(table[method], runs)]
+                g[f"{key}_short"] = [bool(e.get("short", False)) for e in table[method]]
         out[method] = g
     ref = out.get("trl-gkd-fkl", {}).get("vs_offpolicy_whitebox_equal_steps")
     for method in ("onpolicy-k20", "onpolicy-k0", "onpolicy-posterior"):
@@ -211,21 +250,23 @@ def format_onpolicy(study: dict[str, Any]) -> list[str]:
              f"{r['learning_rate']:g}, λ {r['onpolicy_fraction']:g}, forward KL, CE weight {r['ce_weight']:g}; "
              "test half)", "",
              "| row | nll | kl_tf | kl_own | kl_own gain vs off-policy posterior-KD, equal steps / equal seconds "
-             "| vs off-policy white-box, equal steps | s / 1k tokens | teacher requests / token "
+             "| vs off-policy white-box, equal steps / equal seconds | s / 1k tokens | teacher requests / token "
              "| scored tokens / token |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     s, gains = study["summary"], study["gains"]
     for method, row in s.items():
         g = gains.get(method, {})
 
-        def fmt(key: str) -> str:
-            return f"{mean_std(g[key])['mean']:+.4f}" if key in g else "–"
+        def fmt(key: str) -> str:  # (*: an off-policy run shorter in seconds than the row, at its longest)
+            return f"{mean_std(g[key])['mean']:+.4f}" + ("*" if any(g.get(f"{key}_short", ())) else "") \
+                if key in g else "–"
 
         price = (f"{row['seconds_per_1k_tokens']['mean']:.2f} | {row['requests_per_token']['mean']:.4f} | "
                  f"{row['scored_tokens_per_token']['mean']:.3f}") if "seconds_per_1k_tokens" in row else "– | – | –"
         lines.append(f"| {method} | {row['nll']['mean']:.4f} | {row['kl_tf']['mean']:.4f} ± {row['kl_tf']['std']:.4f} "
                      f"| {row['kl_own']['mean']:.4f} ± {row['kl_own']['std']:.4f} | "
                      f"{fmt('vs_offpolicy_equal_steps')} / {fmt('vs_offpolicy_equal_time')} | "
-                     f"{fmt('vs_offpolicy_whitebox_equal_steps')} | {price} |")
+                     f"{fmt('vs_offpolicy_whitebox_equal_steps')} / {fmt('vs_offpolicy_whitebox_equal_time')} | "
+                     f"{price} |")
     return lines + ["", "kl_own: KL(teacher ‖ student) on the student's own samples, pooled over several samples per "
-                    "test prompt. A positive gain: lower kl_own than off-policy training from the same warm start.",
-                    ""]
+                    "test prompt. A positive gain: lower kl_own than off-policy training from the same warm start. "
+                    "*: at equal seconds, the off-policy run at its longest had fewer seconds than the row.", ""]

@@ -65,8 +65,9 @@ def check_targets(report: dict[str, Any]) -> dict[str, Any]:
             out["gap_closed_k20_ge_90pct"] = bool(out["gap_closed_posterior_kd"] >= 0.9)
     gains = ((report.get("students") or {}).get("onpolicy") or {}).get("gains") or {}
     for method, g in gains.items():  # the on-policy headline: kl_own lowered against more off-policy training
-        for key in ("vs_offpolicy_equal_steps", "vs_offpolicy_equal_time"):
-            if key in g and method.startswith("onpolicy-"):
+        for key in ("vs_offpolicy_equal_steps", "vs_offpolicy_equal_time", "vs_offpolicy_whitebox_equal_steps",
+                    "vs_offpolicy_whitebox_equal_time"):
+            if key in g and (method.startswith("onpolicy-") or "whitebox" in key):
                 out[f"{method}_kl_own_gain_{key}"] = float(np.mean(g[key]))
                 out[f"{method}_lowers_kl_own_{key}_every_seed"] = bool(min(g[key]) > 0)
     from bayeskd.lab.scale import scale_targets

@@ -107,8 +107,11 @@ class LabRunConfig:
                                           "epoch checkpoint is the warm start.", min=0, min_open=True)
     onpolicy_epochs: float = setting(1.0, "On-policy study: epochs of every continuation from the warm start.",
                                      min=0, min_open=True)
-    onpolicy_offpolicy_epochs: float = setting(3.0, "On-policy study: epochs of the off-policy continuation, whose "
-                                               "checkpoints give the equal-seconds comparison.", min=0, min_open=True)
+    onpolicy_offpolicy_epochs: float = setting(1.0, "On-policy study: epochs of the off-policy continuations (the "
+                                               "equal-steps rows; for equal seconds they run longer).", min=0,
+                                               min_open=True)
+    onpolicy_equal_time_max_epochs: int = setting(40, "On-policy study: the most epochs an off-policy continuation "
+                                                  "runs to match an on-policy row's seconds.", min=1)
     onpolicy_lr: float = setting(1e-3, "On-policy study: the continuations' constant learning rate.", min=0,
                                  min_open=True)
     onpolicy_fraction: float = setting(1.0, "On-policy study: λ, the share of each batch sampled by the student "

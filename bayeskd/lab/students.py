@@ -97,7 +97,7 @@ def students(paths, run: Path, cfg, tok, progress: bool, log: Callable[[str], No
     Returns the report's "students" section and `cfg` with the chosen recipe."""
     from transformers import AutoModelForCausalLM
 
-    from bayeskd.data import load_teacher_records, tokenize_records
+    from bayeskd.data import load_teacher_records, load_tokenized_records, tokenize_records
     from bayeskd.evaluation.evaluate import response_logprobs, sample_own, student_metrics
     from bayeskd.lab.teacher import mean_entropy
 
@@ -148,7 +148,7 @@ def students(paths, run: Path, cfg, tok, progress: bool, log: Callable[[str], No
                for method, runs in per_seed.items()}
     curves = None
     # (the learning curves and the on-policy study checkpoint by epochs of the training records)
-    steps_per_epoch = int(np.ceil(len(load_teacher_records(str(run / "teacher_train.jsonl"))[0]) / cfg.batch_size))
+    steps_per_epoch = int(np.ceil(len(load_tokenized_records(run / "teacher_train.jsonl", tok)[0]) / cfg.batch_size))
     curve_methods = [m for m in CURVE_METHODS if m in cfg.methods and (cfg.top_logprobs or m not in EVIDENCE_METHODS)]
     if cfg.curve_epochs and curve_methods:
         curves = learning_curves(curve_methods, cfg.curve_epochs, min(cfg.curve_seeds, cfg.seeds), steps_per_epoch,
