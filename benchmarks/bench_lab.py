@@ -4,7 +4,11 @@
     python benchmarks/bench_lab.py --preset small --seeds 3     # the benchmark preset (a GPU, or hours of CPU)
     # the on-policy study (bayeskd.lab.onpolicy) with TRL's peers, into lab_<preset>_onpolicy.*
     python benchmarks/bench_lab.py --preset tiny --seeds 3 --tag onpolicy --methods sft,trl-sft,trl-sft-text,\
-        offpolicy-more,onpolicy-posterior,onpolicy-k20,onpolicy-k0,onpolicy-whitebox,trl-gkd-fkl,trl-gkd,trl-gkd-rkl
+        offpolicy-more,offpolicy-whitebox,onpolicy-posterior,onpolicy-k20,onpolicy-k0,onpolicy-whitebox,trl-gkd-fkl,\
+        trl-gkd,trl-gkd-rkl
+    # the same on tiny-sharp at tiny's recipe (no grid), without learning curves or teacher B
+    python benchmarks/bench_lab.py --preset tiny-sharp --seeds 3 --tag onpolicy --set ce_weight=0 \
+        --set whitebox_top_k=0 --set 'curve_epochs=[]' --set cross_tokenizer=false --methods ...
 
 Runs `bayeskd.lab.run.run_lab` (the same job as `bayeskd lab run`), then writes into benchmarks/results/:
 lab_<preset>.json (the report), lab_<preset>.md (its tables) and lab_<preset>.png (KL against corpus size, KL
@@ -13,6 +17,7 @@ against K, student KL(teacher‖student) per method with the spread over seeds).
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -112,9 +117,21 @@ def main() -> None:
     ap.add_argument("--methods", default=None, help="comma-separated (default: all)")
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--tag", default=None, help="results as lab_<preset>_<tag>.* (a study of some methods)")
+    ap.add_argument("--set", action="append", default=[], metavar="SETTING=JSON",
+                    help="a lab run setting (a LabRunConfig field, `bayeskd lab run --help`), its value in JSON, "
+                         "e.g. ce_weight=0 or 'curve_epochs=[]' (repeatable)")
     args = ap.parse_args()
+    settings = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--set {item!r}: want SETTING=JSON")
+        try:
+            settings[key.strip()] = json.loads(value)
+        except json.JSONDecodeError as e:
+            ap.error(f"--set {item!r}: the value is not JSON ({e})")
     report = run_lab(args.root, args.preset, seeds=args.seeds, force=args.force,
-                     methods=args.methods.split(",") if args.methods else None, progress=False)
+                     methods=args.methods.split(",") if args.methods else None, progress=False, **settings)
     write_lab_results(report, RESULTS / f"lab_{args.preset}{'_' + args.tag if args.tag else ''}", plot)
     if not args.tag:
         shutil.copy(Path(report["lab"]) / "lab.json", RESULTS / f"lab_{args.preset}_manifest.json")

@@ -192,7 +192,7 @@ def onpolicy_study(paths: dict[str, str], run: Path, cfg, progress: bool, train,
             # white-box KD for the white-box rows ("short": the off-policy run, at its longest, had fewer seconds)
             for kind, table in (("posterior-kd", equal_time), ("white-box", equal_time_whitebox)):
                 matched = [m for m in rows if not m.startswith("offpolicy-") and kind in curves
-                           and (kind == "posterior-kd" or m in WHITEBOX_ROWS)]
+                           and (kind == "posterior-kd" or m in WHITEBOX_ROWS) and cfg.onpolicy_equal_time_max_epochs]
                 if matched:
                     lengthen(kind, max(per_seed[m][-1]["train_seconds"] for m in matched))
                 for method in matched:
