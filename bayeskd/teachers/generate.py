@@ -167,6 +167,7 @@ class _Counts:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    written: list[str] = field(default_factory=list)  # the keys of the records appended to the output
 
 
 class TeacherTokenizer:
@@ -310,7 +311,8 @@ def generate(prompts: str, out: str, *, model: str, base_url: str | None = None,
                 raise DataError(f"{prompts}: prompt {p} is chat 'messages'; use --endpoint chat")
     out_path = Path(out)
     failed_path, empty_path, summary_path = side_files(out_path)
-    existing = read_done(out_path) + read_done(empty_path, "empty list")
+    in_out = read_done(out_path)
+    existing = in_out + read_done(empty_path, "empty list")
     done = {r["key"] for r in existing}
     named = tokenizer_fingerprint(load_tokenizer(teacher_tokenizer)) if teacher_tokenizer is not None else None
     tokenizers = TeacherTokenizer(out_path, named, {r.get(TEACHER_TOKENIZER) for r in existing if "logprobs" in r})
@@ -344,13 +346,15 @@ def generate(prompts: str, out: str, *, model: str, base_url: str | None = None,
     finally:
         # what failed this run, for the user and the next run (which asks for them again anyway)
         atomic_write_bytes(failed_path, "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures).encode())
-    written = read_done(out_path)
+    # The output is the records read at the start and those appended since (the output is locked): not read
+    # again, which costs as much as writing it, unless it is rewritten in order.
     if ordered:
-        order_file(out_path, written)
+        order_file(out_path, read_done(out_path))
+    written_keys = {r["key"] for r in in_out}.union(counts.written)
     # complete: every expected record is in the output or set aside as blank; else records_missing says how many
     expected = {f"{k}/{i}" for k in first for i in range(n)}
     set_aside = expected & {r["key"] for r in read_done(empty_path, "empty list")}
-    missing = len(expected - set_aside - {r["key"] for r in written})
+    missing = len(expected - set_aside - written_keys)
     seconds = time.perf_counter() - t0
     summary = {
         "out": str(out_path), "prompts": len(records_in), "skipped_prompts": int(report.skipped),
@@ -358,7 +362,7 @@ def generate(prompts: str, out: str, *, model: str, base_url: str | None = None,
         "duplicates": [{"prompt_index": p, **({"id": records_in[p]["id"]} if "id" in records_in[p] else {}),
                         "same_as": first[keys[p]]} for p in duplicates[:10]],
         "requests": counts.requests, "requests_done": counts.done, "requests_failed": counts.failed,
-        "retries": counts.retries, "records_written": counts.records, "records_total": len(written),
+        "retries": counts.retries, "records_written": counts.records, "records_total": len(in_out) + counts.records,
         "records_expected": len(expected), "records_missing": missing, "empty": counts.empty,
         "empty_total": len(set_aside), "empty_kept": counts.empty_kept,
         "errors": counts.errors,
@@ -454,6 +458,7 @@ async def _run(client, prompts, keys, todo, done, s: GenerateSettings, counts: _
                     else:
                         writer.write(rec)
                         counts.records += 1
+                        counts.written.append(rec["key"])
                         counts.empty_kept += blank
                     done.add(rec["key"])
                 counts.done += 1

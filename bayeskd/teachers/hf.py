@@ -280,10 +280,12 @@ class HFTeacher:
                     keep += 1
             tokens = None
             if job.k >= 0:
-                strs = self._strs
+                strs, k = self._strs, job.k
                 assert strs is not None  # token_bytes() filled it
-                tokens = [TokenLogprob(strs[t], table[t], lp, [(strs[a], table[a], alp) for a, alp in top])
-                          for t, (lp, top) in zip(gen[:keep], steps[:keep])]
+                # A step is (logprob, top ids, top logprobs), the top lists of the whole batch's k (cut to k here).
+                tokens = [TokenLogprob(strs[t], table[t], lp,
+                                       [(strs[a], table[a], alp) for a, alp in zip(ti[:k], tv[:k])] if k else [])
+                          for t, (lp, ti, tv) in zip(gen[:keep], steps[:keep])]
             out.append(Generation(text, gen[:keep], reason, len(job.ids), len(steps), tokens))
         return out
 
@@ -315,8 +317,8 @@ class HFTeacher:
 
     def _run(self, ids: list[int], n: int, max_tokens: int, temperature: float, top_p: float, seed: int,
              stop: list[str], k: int) -> list[tuple[list[int], list, str, int | None]]:
-        """The sampling loop: per row (generated ids before EOS, per step (logprob, top-k) or None, finish reason,
-        character index of the first stop string or None). k < 0: no log-probabilities."""
+        """The sampling loop: per row (generated ids before EOS, per step (logprob, top-k ids, top-k logprobs) or
+        None, finish reason, character index of the first stop string or None). k < 0: no log-probabilities."""
         gens = [torch.Generator(device="cpu").manual_seed(row_seed(seed, i)) for i in range(n)]
         # The prompt runs once (batch 1); its cache is repeated, so every row starts from identical numbers.
         out = self._forward(torch.tensor([ids], device=self.device), _new_cache(self.model.config), last_only=True)
@@ -343,7 +345,7 @@ class HFTeacher:
             for i in range(n):
                 if reasons[i] is not None:
                     continue
-                steps[i].append(None if k < 0 else (lp_chosen[i], list(zip(top_i[i], top_v[i])) if k > 0 else []))
+                steps[i].append(None if k < 0 else (lp_chosen[i], top_i[i] if k else (), top_v[i] if k else ()))
                 reasons[i], cuts[i] = self._row_step(rows[i], steps[i], chosen[i], stop, max_tokens)
             if all(r is not None for r in reasons) or step == max_tokens - 1:
                 break
@@ -559,8 +561,8 @@ class Decoding:
         for b, row in enumerate(live):
             job = row.req.job
             k = job.k
-            row.steps.append(None if k < 0 else (lp_chosen[b], list(zip(top_i[b][:k], top_v[b][:k])) if k > 0
-                                                 else []))
+            # The row's top lists as they come (the batch's largest k), cut to its k only once, in `_generations`.
+            row.steps.append(None if k < 0 else (lp_chosen[b], top_i[b], top_v[b]) if k > 0 else (lp_chosen[b], (), ()))
             row.reason, row.cut = t._row_step(row.ids, row.steps, chosen[b], job.stop, job.max_tokens)
             if row.reason is None:
                 keep.append(b)
