@@ -723,8 +723,8 @@ def distill(data: str, student: str, out: str, *, targets: str | None = None, te
         scorer = SampleScorer(teacher_url, teacher_model, tok, cache, top_k=cfg.onpolicy_score_top_k,
                               budget=cfg.onpolicy_score_budget)
         scorer.probe()
-    tokenized, report = load_tokenized_records(data, tok, split=split, skip_bad=skip_bad)  # untruncated: target
-    # rows are per full response
+    # untruncated: target rows are per full response (read once per process: the lab trains ~25 students on it)
+    tokenized, report = load_tokenized_records(data, tok, split=split, skip_bad=skip_bad)
     dataset = TeacherTargetsDataset(tokenized, targets, max_length=cfg.max_length,
                                     weight_normalization=cfg.proxy_kd_normalization if proxy_kd else None)
     model = AutoModelForCausalLM.from_pretrained(student)
