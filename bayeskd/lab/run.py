@@ -517,7 +517,7 @@ def _run_lab(root: str, preset: str, *, config: LabRunConfig | None = None, forc
              progress: bool = True, log: Callable[[str], None] = print, **settings: Any) -> dict[str, Any]:
     """`settings`: `LabRunConfig` fields that replace the preset's (or `config`'s) values; `seeds` or `methods` None:
     the preset's."""
-    from bayeskd.data import load_teacher_records, load_tokenizer, tokenize_records
+    from bayeskd.data import load_tokenized_records, load_tokenizer
     from bayeskd.priors.estimate import estimate_prior
     from bayeskd.posterior.estimate import estimate_posterior
 
@@ -595,7 +595,8 @@ def _run_lab(root: str, preset: str, *, config: LabRunConfig | None = None, forc
                                str(run / "proxy_targets"), tokenizer=paths["tokenizer"], top_k=cfg.top_k,
                                batch_size=16, codec="raw")
     tok = load_tokenizer(paths["tokenizer"])
-    train_tok = tokenize_records(load_teacher_records(str(run / "teacher_train.jsonl"))[0], tok)
+    # (read once for this and the students: load_tokenized_records remembers it)
+    train_tok = load_tokenized_records(run / "teacher_train.jsonl", tok)[0]
     report: dict[str, Any] = {
         "preset": name, "config": cfg.to_dict(), "lab": paths["root"],
         "data": {"train_records": len(train_tok), "heldout_records": s_held.get("written"),
