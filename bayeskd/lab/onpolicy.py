@@ -121,52 +121,13 @@ def onpolicy_study(paths: dict[str, str], run: Path, cfg, progress: bool, train,
             warm[seed] = warm_start(seed, train, valid, cfg, steps_per_epoch, log, (warm_names or {}).get(seed))
             start = Path(warm[seed]["best"]["dir"])
             per_seed.setdefault("warm start", []).append(score(start, seed))
-            curves: dict[str, list[dict[str, Any]]] = {}  # off-policy continuations: posterior-KD, white-box
-            runs: dict[str, tuple[str, dict[str, Any]]] = {}  # kind -> (name, train overrides)
-
-            def off_run(kind: str, name: str, epochs: float, **extra: Any) -> dict[str, Any]:
-                """More off-policy training of `kind` for `epochs`, checkpointed every half epoch (at most ~40
-                checkpoints): its curve (steps, seconds, directory) in `curves`; returns its summary."""
-                steps = math.ceil(epochs * steps_per_epoch)
-                out = train(kind, seed, name, student=str(start), **{**continuation, "num_train_epochs": epochs},
-                            save_strategy="steps", save_steps=max(1, steps_per_epoch // 2, math.ceil(steps / 40)),
-                            save_only_model=True, **extra)
-                summary = json.loads((out / "summary.json").read_text())
-                per_step = summary["train_seconds"] / max(1, summary["steps"])
-                curves[kind] = [{"steps": s, "seconds": s * per_step, "dir": str(d)} for s, d in _checkpoints(out)]
-                return summary
-
-            def continued(kind: str, name: str, **extra: Any) -> dict[str, Any]:
-                """The off-policy row of `kind`: its checkpoint at `onpolicy_epochs` (equal steps)."""
-                runs[kind] = (name, extra)
-                summary = off_run(kind, name, cfg.onpolicy_offpolicy_epochs, **extra)
-                at = math.ceil(cfg.onpolicy_epochs * steps_per_epoch)
-                m = dict(scored(min(curves[kind], key=lambda r: abs(r["steps"] - at)), seed))
-                share = m.pop("steps") / max(1, summary["steps"])  # this checkpoint's part of the run
-                m.pop("dir")
-                m.update(_price(summary), train_seconds=m.pop("seconds"))
-                m["train_tokens"] *= share
-                return m
-
-            def lengthen(kind: str, seconds: float) -> None:
-                """Off-policy training of `kind` long enough to match `seconds` (on-policy steps cost several
-                off-policy ones): the same run for more epochs (constant lr: its first checkpoints are the short
-                run's), at most `onpolicy_equal_time_max_epochs`."""
-                for _ in range(3):  # (a longer run can be faster per step than the one it was planned from)
-                    end = curves[kind][-1]
-                    per_epoch = end["seconds"] * steps_per_epoch / max(1, end["steps"])
-                    epochs = min(cfg.onpolicy_equal_time_max_epochs, math.ceil(1.3 * seconds / max(per_epoch, 1e-9)))
-                    if end["seconds"] >= 0.95 * seconds or epochs * steps_per_epoch <= end["steps"]:
-                        return
-                    name, extra = runs[kind]
-                    off_run(kind, f"{name}-{epochs}ep", float(epochs), **extra)
-
+            off = _OffPolicy(train, cfg, seed, start, steps_per_epoch, continuation, scored)
             for method in rows:
                 name = f"onpolicy/{method}-s{seed}"
                 if method == "offpolicy-more":
-                    m = continued("posterior-kd", name)
+                    m = off.continued("posterior-kd", name)
                 elif method == "offpolicy-whitebox":
-                    m = continued("white-box", name, whitebox_top_k=0)
+                    m = off.continued("white-box", name, whitebox_top_k=0)
                 elif method in GKD_BETAS:
                     kw = {**cfg.train_kwargs(seed, progress), **continuation}
                     out = trl_gkd(data, str(start), paths["teacher"], run / name, kw, beta=GKD_BETAS[method],
@@ -191,24 +152,75 @@ def onpolicy_study(paths: dict[str, str], run: Path, cfg, progress: bool, train,
             # each on-policy row against off-policy training of the same seconds: posterior-KD for every row,
             # white-box KD for the white-box rows ("short": the off-policy run, at its longest, had fewer seconds)
             for kind, table in (("posterior-kd", equal_time), ("white-box", equal_time_whitebox)):
-                matched = [m for m in rows if not m.startswith("offpolicy-") and kind in curves
+                matched = [m for m in rows if not m.startswith("offpolicy-") and kind in off.curves
                            and (kind == "posterior-kd" or m in WHITEBOX_ROWS) and cfg.onpolicy_equal_time_max_epochs]
                 if matched:
-                    lengthen(kind, max(per_seed[m][-1]["train_seconds"] for m in matched))
+                    off.lengthen(kind, max(per_seed[m][-1]["train_seconds"] for m in matched))
                 for method in matched:
                     t = per_seed[method][-1]["train_seconds"]
-                    near = scored(min(curves[kind], key=lambda r: abs(r["seconds"] - t)), seed)
+                    near = scored(min(off.curves[kind], key=lambda r: abs(r["seconds"] - t)), seed)
                     table.setdefault(method, []).append({
                         "offpolicy_steps": near["steps"], "offpolicy_seconds": near["seconds"], "seconds": t,
-                        "short": bool(curves[kind][-1]["seconds"] < 0.9 * t),
+                        "short": bool(off.curves[kind][-1]["seconds"] < 0.9 * t),
                         **{f"offpolicy_{k}": near[k] for k in METRICS if k in near}})
-            warm[seed]["offpolicy_curve"] = curves.get("posterior-kd", [])
-            warm[seed]["offpolicy_whitebox_curve"] = curves.get("white-box", [])
+            warm[seed]["offpolicy_curve"] = off.curves.get("posterior-kd", [])
+            warm[seed]["offpolicy_whitebox_curve"] = off.curves.get("white-box", [])
     summary = {method: {k: mean_std([r[k] for r in runs]) for k in runs[0]} for method, runs in per_seed.items()}
     return {"rows": rows, "per_seed": per_seed, "summary": summary, "warm_start": warm, "equal_time": equal_time,
             "equal_time_whitebox": equal_time_whitebox, "gains": _gains(per_seed, equal_time, equal_time_whitebox),
             "recipe": {**continuation, **onpolicy, "ce_weight": cfg.ce_weight, "divergence": "forward_kl",
                        "online_combination": online_combination(calibration)}}
+
+
+class _OffPolicy:
+    """One seed's off-policy continuations from its warm start `start` (posterior-KD, white-box): each a
+    constant-lr run checkpointed every half epoch, its curve (steps, seconds, directory) in `curves[kind]`."""
+
+    def __init__(self, train, cfg, seed: int, start: Path, steps_per_epoch: int, continuation: dict[str, Any],
+                 scored: Callable[[dict[str, Any], int], dict[str, Any]]):
+        self.train, self.cfg, self.seed, self.start = train, cfg, seed, start
+        self.steps_per_epoch, self.continuation, self.scored = steps_per_epoch, continuation, scored
+        self.curves: dict[str, list[dict[str, Any]]] = {}
+        self.runs: dict[str, tuple[str, dict[str, Any]]] = {}  # kind -> (name, train overrides)
+
+    def run(self, kind: str, name: str, epochs: float, **extra: Any) -> dict[str, Any]:
+        """More off-policy training of `kind` for `epochs`, checkpointed every half epoch (at most ~40
+        checkpoints): its curve in `curves`; returns its summary."""
+        steps = math.ceil(epochs * self.steps_per_epoch)
+        out = self.train(kind, self.seed, name, student=str(self.start),
+                         **{**self.continuation, "num_train_epochs": epochs}, save_strategy="steps",
+                         save_steps=max(1, self.steps_per_epoch // 2, math.ceil(steps / 40)), save_only_model=True,
+                         **extra)
+        summary = json.loads((out / "summary.json").read_text())
+        per_step = summary["train_seconds"] / max(1, summary["steps"])
+        self.curves[kind] = [{"steps": s, "seconds": s * per_step, "dir": str(d)} for s, d in _checkpoints(out)]
+        return summary
+
+    def continued(self, kind: str, name: str, **extra: Any) -> dict[str, Any]:
+        """The off-policy row of `kind`: its checkpoint at `onpolicy_epochs` (equal steps), scored and priced."""
+        self.runs[kind] = (name, extra)
+        summary = self.run(kind, name, self.cfg.onpolicy_offpolicy_epochs, **extra)
+        at = math.ceil(self.cfg.onpolicy_epochs * self.steps_per_epoch)
+        m = dict(self.scored(min(self.curves[kind], key=lambda r: abs(r["steps"] - at)), self.seed))
+        share = m.pop("steps") / max(1, summary["steps"])  # this checkpoint's part of the run
+        m.pop("dir")
+        m.update(_price(summary), train_seconds=m.pop("seconds"))
+        m["train_tokens"] *= share
+        return m
+
+    def lengthen(self, kind: str, seconds: float) -> None:
+        """Off-policy training of `kind` long enough to match `seconds` (on-policy steps cost several off-policy
+        ones): the same run for more epochs (constant lr: its first checkpoints are the short run's), at most
+        `onpolicy_equal_time_max_epochs`. Each try retrains from the warm start: `save_only_model` checkpoints
+        carry no optimizer state to resume from, and off-policy epochs are cheap."""
+        for _ in range(3):  # (a longer run can be faster per step than the one it was planned from)
+            end = self.curves[kind][-1]
+            per_epoch = end["seconds"] * self.steps_per_epoch / max(1, end["steps"])
+            epochs = min(self.cfg.onpolicy_equal_time_max_epochs, math.ceil(1.3 * seconds / max(per_epoch, 1e-9)))
+            if end["seconds"] >= 0.95 * seconds or epochs * self.steps_per_epoch <= end["steps"]:
+                return
+            name, extra = self.runs[kind]
+            self.run(kind, f"{name}-{epochs}ep", float(epochs), **extra)
 
 
 def _gains(per_seed: dict[str, list[dict[str, float]]], equal_time: dict[str, list[dict[str, float]]],
