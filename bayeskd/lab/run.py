@@ -177,9 +177,9 @@ RUN_CONFIGS: dict[str, LabRunConfig] = {
     # bit-exact samples)
     "tiny": LabRunConfig(methods=(*METHODS, "offpolicy-more", "onpolicy-k20"), onpolicy_equal_time_max_epochs=0,
                          ce_weights=(0.0, 0.1), whitebox_ks=(0,), sample_max_batch=32, sample_concurrency=32),
-    "tiny-gpt2": LabRunConfig(),  # tiny with GPT-2's tokenizer
     "small": LabRunConfig(samples_per_prompt=4, max_new_tokens=64, eval_records=800, seeds=3, epochs=3.0, lr=1e-3),
 }
+RUN_CONFIGS["tiny-gpt2"] = RUN_CONFIGS["tiny"]  # tiny's main command, with GPT-2's tokenizer (V = 50,260)
 # The lab at scale: another run of an existing lab's models (never retrained), in root/<lab>/run-<preset>: >= 1M
 # teacher response tokens from the "sentences" prompt pool (~6k prompts), sampled through the batching server, the
 # corpus curve from ~42k tokens to all of it with its costs, students at tiny's training budget (152 steps of 16: 2
