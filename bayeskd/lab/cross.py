@@ -24,6 +24,7 @@ import numpy as np
 
 from bayeskd.lab.build import LabPreset, split_corpus, train_lab_model
 from bayeskd.lab.http_sampling import sample_teacher
+from bayeskd.lab.recipe import mean_std
 from bayeskd.lab.real_tokenizers import REAL_TOKENIZERS, save_real_tokenizer
 from bayeskd.integrity import atomic_write_bytes
 
@@ -120,8 +121,7 @@ def run_cross(paths: dict[str, str], run: Path, cfg, prompts: Sequence[str], hel
                 distill(str(train), paths["student"], str(out), targets=targets, **cfg.train_kwargs(seed, progress, kd=targets is not None))
             per_seed[method].append(nll_per_byte(AutoModelForCausalLM.from_pretrained(str(out)), held_tok, sizes))
             log(f"[lab] teacher B, student {method} seed {seed}: nll/byte={per_seed[method][-1]:.4f}")
-    summary = {m: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
-               for m, v in per_seed.items()}
+    summary = {m: mean_std(v) for m, v in per_seed.items()}
     return {"teacher_vocab": len(load_tokenizer(teacher_b)), "student_vocab": len(tok),
             "train_records": sum(1 for _ in train.open()), "heldout_records": len(held_tok),
             "evidence": evidence, "nll_per_byte": summary, "per_seed": per_seed}
