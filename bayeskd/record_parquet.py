@@ -33,6 +33,7 @@ LIST1 = ("token_bytes", "token", "logprob")
 LIST2 = ("top_bytes", "top_token", "top_logprob")
 _ENTRY = {"token", "bytes", "logprob"}
 BATCH = 2048  # records per written row batch / read batch
+_WRITER = dict(compression="zstd", compression_level=9, use_dictionary=True, write_statistics=False)
 
 
 def _schema(float_type):
@@ -116,12 +117,30 @@ def write_parquet_records(records: list[dict[str, Any]], path: str | Path, float
         float32 = _f32_exact(v for r in rows if r["logprob"] is not None for v in r["logprob"]) and _f32_exact(
             v for r in rows if r["top_logprob"] is not None for t in r["top_logprob"] if t is not None for v in t)
     schema = _schema(pa.float32() if float32 else pa.float64())
-    with pq.ParquetWriter(str(path), schema, compression="zstd", compression_level=9, use_dictionary=True,
-                          write_statistics=False) as w:
+    with pq.ParquetWriter(str(path), schema, **_WRITER) as w:
         for s in range(0, len(rows), BATCH):
             part = rows[s:s + BATCH]
             w.write_batch(pa.record_batch([pa.array([r[f.name] for r in part], type=f.type) for f in schema],
                                           schema=schema))
+
+
+def write_parquet_head(src: str | Path, dst: str | Path, n: int) -> int:
+    """Copy the first `n` rows of the records file `src` (this format) to `dst` with its schema and metadata (its
+    float type included): what `load_teacher_records` reads from `src`, cut to `n` records, never re-encoded through
+    Python objects. Returns the rows written."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(str(src))
+    if not is_records_parquet(pf.schema_arrow):
+        raise ValueError(f"{src}: not a bayeskd records Parquet file (no {FORMAT_KEY.decode()} in its metadata)")
+    left = n
+    with pq.ParquetWriter(str(dst), pf.schema_arrow, **_WRITER) as w:
+        for batch in pf.iter_batches(batch_size=BATCH):
+            if left <= 0:
+                break
+            w.write_batch(batch.slice(0, left))
+            left -= min(left, batch.num_rows)
+    return n - left
 
 
 def is_records_parquet(schema) -> bool:

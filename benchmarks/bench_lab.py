@@ -17,11 +17,10 @@ against K, student KL(teacher‖student) per method with the spread over seeds).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
-from common import RESULTS, write_lab_results
+from common import RESULTS, add_set_option, lab_settings, write_lab_results
 
 from bayeskd.lab.build import PRESETS
 from bayeskd.lab.run import run_lab
@@ -117,19 +116,9 @@ def main() -> None:
     ap.add_argument("--methods", default=None, help="comma-separated (default: all)")
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--tag", default=None, help="results as lab_<preset>_<tag>.* (a study of some methods)")
-    ap.add_argument("--set", action="append", default=[], metavar="SETTING=JSON",
-                    help="a lab run setting (a LabRunConfig field, `bayeskd lab run --help`), its value in JSON, "
-                         "e.g. ce_weight=0 or 'curve_epochs=[]' (repeatable)")
+    add_set_option(ap)
     args = ap.parse_args()
-    settings = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            ap.error(f"--set {item!r}: want SETTING=JSON")
-        try:
-            settings[key.strip()] = json.loads(value)
-        except json.JSONDecodeError as e:
-            ap.error(f"--set {item!r}: the value is not JSON ({e})")
+    settings = lab_settings(ap, args.set)
     report = run_lab(args.root, args.preset, seeds=args.seeds, force=args.force,
                      methods=args.methods.split(",") if args.methods else None, progress=False, **settings)
     write_lab_results(report, RESULTS / f"lab_{args.preset}{'_' + args.tag if args.tag else ''}", plot)

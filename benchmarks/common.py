@@ -1,5 +1,6 @@
-"""What the benchmarks share: where results go and how they are written (JSON, plots, the command line), timing on
-CUDA and CPU, peak CUDA memory, Liger-Kernel's losses when installed, and the printed table.
+"""What the benchmarks share: where results go and how they are written (JSON, plots, the command line), the lab
+benchmarks' `--set SETTING=JSON` option, timing on CUDA and CPU, peak CUDA memory, Liger-Kernel's losses when
+installed, and the printed table.
 
 Every benchmark is a leaf script: it imports this module and the library's public names, never another benchmark
 (run them as scripts, `python benchmarks/<name>.py`: the script's folder is then first on sys.path). torch and
@@ -33,6 +34,27 @@ def write_lab_results(report: dict, stem: Path, plot) -> None:
     stem.with_suffix(".md").write_text(format_report(report))
     plot(report, stem.with_suffix(".png"))
     print(f"wrote {stem}.json, .md, .png")
+
+
+def add_set_option(ap) -> None:
+    """The lab benchmarks' `--set SETTING=JSON` (repeatable) on the argparse parser `ap`: read by `lab_settings`."""
+    ap.add_argument("--set", action="append", default=[], metavar="SETTING=JSON",
+                    help="a lab run setting (a LabRunConfig field, `bayeskd lab run --help`), its value in JSON, "
+                         "e.g. ce_weight=0 or 'curve_epochs=[]' (repeatable)")
+
+
+def lab_settings(ap, items: list[str]) -> dict[str, Any]:
+    """The `--set` items as {setting: value} for `run_lab`; a malformed one stops with the parser's error."""
+    settings = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--set {item!r}: want SETTING=JSON")
+        try:
+            settings[key.strip()] = json.loads(value)
+        except json.JSONDecodeError as e:
+            ap.error(f"--set {item!r}: the value is not JSON ({e})")
+    return settings
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:

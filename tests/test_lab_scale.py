@@ -15,7 +15,7 @@ from conftest import save_tiny_llama
 
 # the settings the lab run had before the scale ones: what runs made then stamped
 NEW = ("prompt_pool", "evidence_prompts", "sample_max_batch", "sample_concurrency", "student_max_steps", "curve_scale",
-       "curve_students", "align_records")
+       "curve_students", "align_records", "records_format")
 
 
 @pytest.mark.parametrize("name", ["micro", "tiny"])
@@ -130,3 +130,74 @@ def test_scale_targets_and_tables_from_a_report():
     md = "\n".join(format_scale(report))
     assert "| 1100000 |" in md and "estimate-posterior s" in md
     assert scale_targets({"corpus_curve": report["corpus_curve"][:1]}) == {}  # no scale columns: no targets
+
+
+def _sampled_records(n: int) -> list[dict]:
+    """Records as the lab samples them: the first ones with top-3 log-probabilities (float32 values), the rest text."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        words = [f" w{j}" for j in rng.integers(0, 50, size=int(rng.integers(1, 6)))]
+        rec = {"key": f"k/{i}", "prompt": f"prompt {i}", "response": "".join(words), "finish_reason": "stop"}
+        if i < n // 2:
+            lp = [float(np.float32(-x)) for x in rng.random(len(words) * 4)]
+            rec["logprobs"] = [{"token": w, "bytes": list(w.encode()), "logprob": lp[4 * t],
+                                "top_logprobs": [{"token": f" a{a}", "bytes": list(f" a{a}".encode()),
+                                                  "logprob": lp[4 * t + 1 + a]} for a in range(3)]}
+                               for t, w in enumerate(words)]
+        out.append(rec)
+    return out
+
+
+def test_head_records_cut_parquet_and_jsonl_to_their_first_records(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from bayeskd import record_parquet
+    from bayeskd.data import load_teacher_records
+    from bayeskd.lab.http_sampling import count_records, head_records, to_parquet
+    from bayeskd.record_parquet import FORMAT_KEY, plain_record
+
+    monkeypatch.setattr(record_parquet, "BATCH", 4)  # the cut falls inside a row batch, after whole ones
+    jsonl = tmp_path / "teacher_train.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in _sampled_records(23)))
+    full = tmp_path / "teacher_train.parquet"
+    assert to_parquet(jsonl, full)["records"] == 23 and to_parquet(jsonl, full) is None  # converted once
+    assert count_records(full) == count_records(jsonl) == 23
+    want = [plain_record(r) for r in load_teacher_records(str(full))[0]]
+    assert want == load_teacher_records(str(jsonl))[0]  # lossless
+    for n in (1, 10, 23, 40):
+        sub = tmp_path / f"sub{n}.parquet"
+        head_records(full, sub, n)
+        schema = pq.read_schema(sub)
+        assert schema.metadata[FORMAT_KEY] == pq.read_schema(full).metadata[FORMAT_KEY]
+        assert schema.field("top_logprob").type == pq.read_schema(full).field("top_logprob").type  # float32 kept
+        got = [plain_record(r) for r in load_teacher_records(str(sub))[0]]
+        assert count_records(sub) == len(got) == min(n, 23) and got == want[:n]
+        head_records(jsonl, tmp_path / f"sub{n}.jsonl", n)
+        assert (tmp_path / f"sub{n}.jsonl").read_text().splitlines() == jsonl.read_text().splitlines()[:n]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+
+def test_records_format_is_stamped_and_redoes_what_read_the_records(tmp_path):
+    from bayeskd.lab.http_sampling import train_records
+
+    cfg = RUN_CONFIGS["micro"]
+    assert cfg.records_format == "jsonl" and train_records(tmp_path, cfg) == tmp_path / "teacher_train.jsonl"
+    assert all(c.records_format == "jsonl" for c in RUN_CONFIGS.values())  # no preset's results move
+    run = tmp_path / "micro" / "run"
+    _check_stamps(run, cfg, force=False)
+    assert "records_format" not in json.loads((run / "train.json").read_text())  # the default: as before
+    for d in ("prior", "posterior", "aligned_proxy", "students/sft-s0"):
+        (run / d).mkdir(parents=True)
+    (run / "teacher_train.jsonl").write_text("{}\n")
+    parquet = replace(cfg, records_format="parquet")
+    assert train_records(run, parquet) == run / "teacher_train.parquet"
+    _check_stamps(run, parquet, force=False)  # not a data setting: the samples stay, all read from them goes
+    assert json.loads((run / "train.json").read_text())["records_format"] == "parquet"
+    assert (run / "teacher_train.jsonl").exists()
+    assert not any((run / d).exists() for d in ("prior", "posterior", "aligned_proxy", "students"))
+    (run / "prior").mkdir()
+    _check_stamps(run, parquet, force=False)  # the same format again: resumed
+    assert (run / "prior").exists()

@@ -50,6 +50,7 @@ def bayes_table(paths: dict[str, str], run: Path, cfg, tok, pipeline_proxy: str,
 
     from bayeskd.data import load_teacher_records, tokenize_records
     from bayeskd.evaluation.evaluate import response_logprobs
+    from bayeskd.lab.http_sampling import train_records
     from bayeskd.posterior.calibrate import calibrate_combination
     from bayeskd.core.combine import combine
     from bayeskd.core.names import MATCH_LENGTH
@@ -57,7 +58,7 @@ def bayes_table(paths: dict[str, str], run: Path, cfg, tok, pipeline_proxy: str,
     from bayeskd.priors.ngram import NGramPrior
     from bayeskd.priors.suffix import SuffixPrior
 
-    records, _ = load_teacher_records(str(run / "teacher_train.jsonl"))
+    records, _ = load_teacher_records(str(train_records(run, cfg)))
     train = tokenize_records(records, tok)
     held = tokenize_records(load_teacher_records(str(run / "teacher_heldout.jsonl"))[0], tok)
     V, K = train.vocab_size, cfg.top_k

@@ -92,10 +92,11 @@ def onpolicy_study(paths: dict[str, str], run: Path, cfg, progress: bool, train,
     """The study (module docstring) for the rows of `cfg.methods` in ONPOLICY_METHODS, over `cfg.seeds` seeds.
     `train(method, seed, name, **distill overrides)` trains a lab student (the overrides may give `student`);
     `score` / `valid` score a model directory; `warm_names`: per seed, the run that already is its warm start's."""
+    from bayeskd.lab.http_sampling import train_records
     from bayeskd.teachers.server import running_server
 
     rows = [m for m in ONPOLICY_METHODS if m in cfg.methods]
-    data = str(run / "teacher_train.jsonl")
+    data = str(train_records(run, cfg))
     continuation = dict(num_train_epochs=cfg.onpolicy_epochs, learning_rate=cfg.onpolicy_lr,
                         lr_scheduler_type="constant", warmup_steps=0)
     onpolicy = dict(onpolicy_fraction=cfg.onpolicy_fraction, onpolicy_temperature=cfg.onpolicy_temperature,

@@ -153,19 +153,18 @@ def estimation_costs(data: str, n: int, tokenizer: str, proxy: str, *, order: in
     combination `combo` with `proxy`) cost on the first `n` records of `data` (copied to their own file first,
     untimed): {"estimate-prior": {...}, "estimate-posterior": {...}} with seconds, peak RSS (MiB), the tokens, and
     seconds per 1k tokens. Each job runs in a fresh process; its outputs are removed after."""
+    from bayeskd.lab.http_sampling import head_records  # (here, not at the top: the measured child imports less)
+
     combo = {k: v for k, v in (combo or {}).items()}
     with tempfile.TemporaryDirectory(dir=workdir, prefix="curve_cost_") as tmp:
         tmp = Path(tmp)
-        with open(data, "rb") as src, open(tmp / "records.jsonl", "wb") as dst:
-            for i, line in enumerate(src):
-                if i >= n:
-                    break
-                dst.write(line)
-        prior = measure("estimate-prior", dict(data=str(tmp / "records.jsonl"), tokenizer=tokenizer,
+        records = tmp / f"records{Path(data).suffix}"  # (in `data`'s format: JSONL or Parquet)
+        head_records(Path(data), records, n)
+        prior = measure("estimate-prior", dict(data=str(records), tokenizer=tokenizer,
                                                 out=str(tmp / "prior"), order=order, top_k=top_k, write_topk=True,
                                                 codec="raw"))
         tokens = json.loads((tmp / "prior" / "summary.json").read_text()).get("tokens")
-        post = measure("estimate-posterior", dict(data=str(tmp / "records.jsonl"), prior_dir=str(tmp / "prior"),
+        post = measure("estimate-posterior", dict(data=str(records), prior_dir=str(tmp / "prior"),
                                                    proxy=proxy, out=str(tmp / "posterior"), top_k=top_k,
                                                    batch_size=16, codec="raw", no_evidence=True, calibrate=False,
                                                    **combo))
@@ -275,24 +274,27 @@ def curve_students(paths: dict[str, str], run: Path, cfg, tok, progress: bool, l
     from dataclasses import replace
 
     from bayeskd.integrity import atomic_write_bytes
+    from bayeskd.lab.http_sampling import count_records, head_records, train_records
     from bayeskd.lab.students import POSTERIOR_DIR, TEXT_DIR, students
     from bayeskd.posterior.estimate import estimate_posterior
     from bayeskd.priors.estimate import estimate_prior
 
-    lines = (run / "teacher_train.jsonl").read_bytes().splitlines(keepends=True)
+    full = train_records(run, cfg)
+    total = count_records(full)
     sub_cfg = replace(cfg, methods=tuple(m for m in cfg.methods if m in CURVE_STUDENT_METHODS), curve_epochs=(),
                       curve_students=())
     out = []
     for frac in cfg.curve_students:
-        n = max(1, int(round(frac * len(lines))))
+        n = max(1, int(round(frac * total)))
         point = next((r for r in curve[1:] if r.get("samples") == n), {})
         settings = point.get("n-gram combination") or combo
         d = run / "curve_students" / f"records_{n}"
         d.mkdir(parents=True, exist_ok=True)
-        if not (d / "teacher_train.jsonl").exists():
+        sub = train_records(d, sub_cfg)  # the first n records, in the run's records format
+        if not sub.exists():
             atomic_write_bytes(d / "teacher_heldout.jsonl", (run / "teacher_heldout.jsonl").read_bytes())
-            atomic_write_bytes(d / "teacher_train.jsonl", b"".join(lines[:n]))  # written last: the copy is whole
-        data, prior = str(d / "teacher_train.jsonl"), str(d / "prior")
+            head_records(full, sub, n)  # written last: the copy is whole
+        data, prior = str(sub), str(d / "prior")
         summary = estimate_prior(data, paths["tokenizer"], out=prior, order=cfg.order, top_k=cfg.top_k,
                                  write_topk=True, codec="raw")
         kw = dict(top_k=cfg.top_k, batch_size=16, codec="raw", calibrate=False, **settings)

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from bayeskd.lab.http_sampling import train_records
 from bayeskd.lab.onpolicy import ONPOLICY_METHODS, onpolicy_study
 from bayeskd.lab.recipe import (CURVE_METHODS, choose_recipe, curve_checkpoints, learning_curves, mean_std,
                                  split_heldout)
@@ -37,7 +38,7 @@ def _gad_student(seed: int, paths: dict[str, str], run: Path, cfg, progress: boo
     out = run / "students" / f"gad-s{seed}"
     if not (out / "summary.json").exists():
         sft = distill_student("sft", seed, paths, run, cfg, progress)
-        gad(str(run / "teacher_train.jsonl"), str(sft), str(out), warmup_steps=cfg.gad_d_warmup,
+        gad(str(train_records(run, cfg)), str(sft), str(out), warmup_steps=cfg.gad_d_warmup,
             warmup_d_only_steps=cfg.gad_d_warmup, steps=cfg.gad_steps, group_size=cfg.gad_group,
             batch_prompts=cfg.gad_batch_prompts, learning_rate=cfg.gad_lr, d_lr=cfg.gad_lr,
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.gad_temperature, sft_coef=cfg.gad_sft_coef, seed=seed, progress=progress)
@@ -60,7 +61,7 @@ def distill_student(method: str, seed: int, paths: dict[str, str], run: Path, cf
         kwargs.pop("max_steps", None)
     kwargs.update(overrides)
     student = kwargs.pop("student", paths["student"])  # (the on-policy study starts from a warm start)
-    data = str(run / "teacher_train.jsonl")
+    data = str(train_records(run, cfg))
     if method == "sft":
         distill(data, student, str(out), **kwargs)
     elif method in PEER_METHODS:  # TRL's own SFTTrainer (bayeskd.lab.trl_peers)
@@ -148,7 +149,7 @@ def students(paths, run: Path, cfg, tok, progress: bool, log: Callable[[str], No
                for method, runs in per_seed.items()}
     curves = None
     # (the learning curves and the on-policy study checkpoint by epochs of the training records)
-    steps_per_epoch = int(np.ceil(len(load_tokenized_records(run / "teacher_train.jsonl", tok)[0]) / cfg.batch_size))
+    steps_per_epoch = int(np.ceil(len(load_tokenized_records(train_records(run, cfg), tok)[0]) / cfg.batch_size))
     curve_methods = [m for m in CURVE_METHODS if m in cfg.methods and (cfg.top_logprobs or m not in EVIDENCE_METHODS)]
     if cfg.curve_epochs and curve_methods:
         curves = learning_curves(curve_methods, cfg.curve_epochs, min(cfg.curve_seeds, cfg.seeds), steps_per_epoch,
