@@ -1,11 +1,13 @@
 """The lab at a real vocabulary (preset tiny-gpt2: GPT-2's 50,256 BPE tokens, teacher B on Whisper's multilingual
-ones; bayeskd.lab.real_tokenizers), measured without training a model:
+ones; bayeskd.lab.real_tokenizers), measured without training a model except (b):
 
 (a) evidence coverage across the tokenizer pair: the share of student (GPT-2) token positions of held-out corpus
     responses where a teacher-B token starts too, so B's revealed top-k reach them (`bayeskd.posterior.evidence`,
     the alignment the lab's cross-tokenizer run uses; every B token revealed), beside the lab's trained pair
     (BPE 1024 / 1536, preset tiny) and a same-tokenizer control;
-(b) top-K mass coverage at K = 64 is a property of a trained teacher's distributions: not measured here;
+(b) top-K mass coverage at K = 20 and 64: a trained lab teacher's mass in its own top-K on 100 held-out
+    responses, for the tiny-gpt2 lab (and the tiny lab beside it) when --root holds them built
+    (`bayeskd lab run --preset tiny-gpt2 --root ROOT`);
 (c) the compact codec's bytes per top-64 entry at V = 50,260 beside the tiny lab's V = 1,024 (bayeskd.codec);
 (d) the fused posterior + forward-KL loss (bayeskd.losses, PyTorch path) forward + backward on CPU at V = 50,260,
     fp32, against the plain PyTorch references in the same run: `sparse_kd_loss(combine(...))` (the library's
@@ -105,6 +107,32 @@ def loss_times(n: int, vocab: int, k: int = 64, seed: int = 0) -> dict:
     return out
 
 
+def topk_mass(model_dir: Path, texts: list[tuple[str, str]], ks: tuple[int, ...] = (20, 64)) -> dict:
+    """The trained teacher's probability mass in its own top-k at every response position of `texts` (teacher
+    forcing on prompt + response; mean, and the 10th percentile): how much a top-k target keeps at this V."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    masses: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
+    with torch.no_grad():
+        for prompt, response in texts:
+            p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            r_ids = tok(response, add_special_tokens=False)["input_ids"]
+            if not p_ids or not r_ids or len(p_ids) + len(r_ids) > model.config.max_position_embeddings:
+                continue
+            ids = torch.tensor([p_ids + r_ids])
+            probs = model(ids).logits[0, len(p_ids) - 1:-1].float().softmax(-1)
+            top = probs.topk(max(ks), dim=-1).values.cumsum(-1)
+            for k in ks:
+                masses[k].append(top[:, k - 1])
+    out = {"model": str(model_dir), "V": model.config.vocab_size, "positions": int(sum(len(m) for m in masses[ks[0]]))}
+    for k in ks:
+        m = torch.cat(masses[k])
+        out[f"top{k}_mass_mean"], out[f"top{k}_mass_p10"] = float(m.mean()), float(m.quantile(0.1))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--texts", type=int, default=300, help="held-out corpus responses for (a)")
@@ -139,12 +167,19 @@ def main() -> None:
     cov = [{"pair": name, "student_V": len(s), "teacher_V": len(t), **coverage(texts, s, t)} for name, s, t in pairs]
     codec = [codec_bytes(v, rows=1000) for v in (len(gpt2), tiny.vocab_size)]
     loss = loss_times(args.rows, len(gpt2))
+    # trained lab teachers under --root (`bayeskd lab run --preset tiny-gpt2`; tiny's beside it for comparison)
+    mass = [{"lab": name, **topk_mass(root / name / "teacher", texts[:100])} for name in ("tiny-gpt2", "tiny")
+            if (root / name / "teacher" / "config.json").exists()]
     tmp.cleanup()
 
     print(f"(a) evidence coverage on {len(texts)} held-out responses (student <- teacher B)")
     print_table(cov, ["pair", "student_V", "teacher_V", "rows", "coverage", "student_bytes_per_token",
                       "teacher_bytes_per_token"])
-    print("(b) top-64 mass coverage: needs a trained tiny-gpt2 teacher (not built here)")
+    if mass:
+        print("(b) trained lab teachers' probability mass in their own top-k, held-out responses")
+        print_table(mass, ["lab", "V", "positions", *(k for k in mass[0] if k.startswith("top"))])
+    else:
+        print("(b) top-64 mass coverage: needs a trained tiny-gpt2 teacher under --root (not found)")
     print("(c) compact codec, top-64 rows")
     print_table(codec, ["V", "id_bits", "logprob_bits", "compact_bytes_per_entry", "raw_bytes_per_entry"])
     print(f"(d) posterior + forward KL, forward + backward, CPU fp32, {loss['rows']} rows x V={loss['V']}, "
@@ -155,8 +190,8 @@ def main() -> None:
                                      f"{platform.python_version()}, torch {torch.__version__}",
                           "command": command(), "seconds": time.perf_counter() - t0,
                           "evidence_coverage": cov,
-                          "topk_coverage_k64": "not measured: a property of a trained teacher's distributions "
-                                               "(needs the tiny-gpt2 lab built)",
+                          "topk_coverage_k64": mass or "not measured: a property of a trained teacher's "
+                                                       "distributions (no tiny-gpt2 lab under --root)",
                           "codec": codec, "loss": loss})
     print(f"wrote {args.out} ({time.perf_counter() - t0:.0f} s)")
 
