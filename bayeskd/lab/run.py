@@ -15,6 +15,7 @@ when its output exists (rerun = resume); a run directory made with other setting
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 import time
 from contextlib import contextmanager
@@ -236,12 +237,14 @@ def train_prompts(preset, pool: str = "documents") -> list[str]:
 
 @contextmanager
 def _stage(name: str, log: Callable[[str], None], timings: dict[str, float]):
-    """Log a stage's start and duration; its seconds go into `timings`."""
+    """Log a stage's start and duration; its seconds go into `timings`. The log also gives the process's peak RSS
+    so far, so the stage that raised it can be found from the log alone."""
     log(f"[lab] {name} ...")
     t0 = time.perf_counter()
     yield
     timings[name] = round(time.perf_counter() - t0, 2)
-    log(f"[lab] {name}: {timings[name]:.1f} s")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    log(f"[lab] {name}: {timings[name]:.1f} s (peak RSS so far {peak:.2f} GiB)")
 
 
 def _mean_kl(teacher_lp: torch.Tensor, estimate, valid: torch.Tensor) -> float:
