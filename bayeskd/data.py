@@ -204,33 +204,40 @@ def _input_items(path_or_name: str | os.PathLike, split: str) -> tuple[Iterator[
     return _iter_rows(_hub_rows(str(path_or_name), split), f"{path_or_name}[{split}]"), "hub"
 
 
-def _load(path_or_name: str | os.PathLike, split: str, skip_bad: bool, normalize,
-          what: str) -> tuple[list[dict[str, Any]], LoadReport]:
-    """Read `path_or_name`, check each record with `normalize`; see `load_teacher_records`."""
-    items, fmt = _input_items(path_or_name, split)
-    report = LoadReport(source=str(path_or_name), format=fmt)
-    records: list[dict[str, Any]] = []
+def _checked(items: Iterator[tuple[str, Any]], report: LoadReport, skip_bad: bool, normalize,
+             what: str) -> Iterator[Any]:
+    """Each record of `items` checked with `normalize`, counted in `report` as it goes; the checks that need the
+    whole input (empty, all bad) raise when it ends."""
     for where, rec in items:
         report.total += 1
         try:
             if isinstance(rec, _BadRecord):
                 raise rec
-            records.append(normalize(rec))
+            checked = normalize(rec)
         except _BadRecord as e:
             if not skip_bad:
                 raise DataError(f"{where}: {e}") from None
             report.skipped += 1
             if len(report.reasons) < MAX_REASONS:
                 report.reasons.append(f"{where}: {e}")
-    report.kept = len(records)
+            continue
+        report.kept += 1
+        yield checked
     if report.total == 0:
-        raise DataError(f"{path_or_name}: no {what} (the input is empty)")
-    if not records:
-        raise DataError(f"{path_or_name}: all {report.total} {what} are malformed; first: {report.reasons[0]}")
+        raise DataError(f"{report.source}: no {what} (the input is empty)")
+    if not report.kept:
+        raise DataError(f"{report.source}: all {report.total} {what} are malformed; first: {report.reasons[0]}")
     if report.skipped:
-        logger.warning("%s: skipped %d of %d malformed records (first: %s)", path_or_name, report.skipped,
+        logger.warning("%s: skipped %d of %d malformed records (first: %s)", report.source, report.skipped,
                        report.total, report.reasons[0])
-    return records, report
+
+
+def _load(path_or_name: str | os.PathLike, split: str, skip_bad: bool, normalize,
+          what: str) -> tuple[list[dict[str, Any]], LoadReport]:
+    """Read `path_or_name`, check each record with `normalize`; see `load_teacher_records`."""
+    items, fmt = _input_items(path_or_name, split)
+    report = LoadReport(source=str(path_or_name), format=fmt)
+    return list(_checked(items, report, skip_bad, normalize, what)), report
 
 
 def _checked_as_read(rec: Any) -> Any:
@@ -249,6 +256,16 @@ def load_teacher_records(path_or_name: str | os.PathLike, split: str = "train", 
     was read (null fields and extra message keys too), as `bayeskd.records.convert_records` copies them.
     """
     return _load(path_or_name, split, skip_bad, _checked_as_read if as_read else normalize_record, "records")
+
+
+def iter_teacher_records(path_or_name: str | os.PathLike, split: str = "train", skip_bad: bool = False,
+                         as_read: bool = False) -> tuple[Iterator[dict[str, Any]], LoadReport]:
+    """`load_teacher_records` one record at a time, for inputs larger than memory: the records (checked as it checks
+    them) and the report, which fills in as they are read and is complete once the iterator is exhausted (an empty
+    or all-bad input raises `DataError` then)."""
+    items, fmt = _input_items(path_or_name, split)
+    report = LoadReport(source=str(path_or_name), format=fmt)
+    return _checked(items, report, skip_bad, _checked_as_read if as_read else normalize_record, "records"), report
 
 
 def load_prompts(path_or_name: str | os.PathLike, split: str = "train",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -106,22 +106,52 @@ def _row(rec: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def write_parquet_records(records: list[dict[str, Any]], path: str | Path, float32: bool | None = None) -> None:
-    """Write records (as parsed from JSONL) to `path` in the columnar form (module doc); `float32`: None picks
-    float32 when it is exact for every log-probability, else float64; True always rounds to float32."""
+class _Inexact(Exception):
+    """A log-probability that float32 does not hold exactly (the file is then written in float64)."""
+
+
+def _write_rows(records: Iterable[dict[str, Any]], path: str | Path, float32: bool, exact: bool) -> None:
+    """Write `records` in batches of BATCH rows, so memory does not grow with the file. `exact`: raise `_Inexact`
+    at the first batch with a log-probability that float32 changes."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [_row(r) for r in records]
-    if float32 is None:
-        float32 = _f32_exact(v for r in rows if r["logprob"] is not None for v in r["logprob"]) and _f32_exact(
-            v for r in rows if r["top_logprob"] is not None for t in r["top_logprob"] if t is not None for v in t)
     schema = _schema(pa.float32() if float32 else pa.float64())
     with pq.ParquetWriter(str(path), schema, **_WRITER) as w:
-        for s in range(0, len(rows), BATCH):
-            part = rows[s:s + BATCH]
-            w.write_batch(pa.record_batch([pa.array([r[f.name] for r in part], type=f.type) for f in schema],
+        for part in _batched(records, BATCH):
+            rows = [_row(r) for r in part]
+            if exact and not (_f32_exact(v for r in rows if r["logprob"] is not None for v in r["logprob"])
+                              and _f32_exact(v for r in rows if r["top_logprob"] is not None
+                                             for t in r["top_logprob"] if t is not None for v in t)):
+                raise _Inexact
+            w.write_batch(pa.record_batch([pa.array([r[f.name] for r in rows], type=f.type) for f in schema],
                                           schema=schema))
+
+
+def _batched(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
+    part: list[Any] = []
+    for item in items:
+        part.append(item)
+        if len(part) == n:
+            yield part
+            part = []
+    if part:
+        yield part
+
+
+def write_parquet_records(records: Iterable[dict[str, Any]] | Callable[[], Iterable[dict[str, Any]]],
+                          path: str | Path, float32: bool | None = None) -> None:
+    """Write records (as parsed from JSONL) to `path` in the columnar form (module doc), streamed: `records` is a
+    list, or a callable that returns a fresh iterator of them (records larger than memory). `float32`: None picks
+    float32 when it is exact for every log-probability, else float64 (the records are then read a second time,
+    from the start, once the first inexact value shows); True always rounds to float32."""
+    fresh = records if callable(records) else (lambda: records)
+    if float32 is None:
+        try:
+            return _write_rows(fresh(), path, float32=True, exact=True)
+        except _Inexact:
+            float32 = False
+    _write_rows(fresh(), path, float32=bool(float32), exact=False)
 
 
 def write_parquet_head(src: str | Path, dst: str | Path, n: int) -> int:

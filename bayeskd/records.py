@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -42,7 +42,7 @@ def convert_records(src: str | os.PathLike, dst: str | os.PathLike, split: str =
     anything `load_teacher_records` reads. Records are checked as every stage checks them (`skip_bad`: malformed
     ones are left out and counted) and copied as read, so JSONL -> Parquet -> JSONL gives equal records as parsed
     dicts. `float32`: see `write_parquet_records` (None: float32 only where that is exact). Returns a summary."""
-    from bayeskd.data import JSONL_SUFFIXES, PARQUET_SUFFIXES, load_teacher_records
+    from bayeskd.data import JSONL_SUFFIXES, PARQUET_SUFFIXES, iter_teacher_records
     from bayeskd.integrity import atomic_path
     from bayeskd.record_checks import logprob_entries
 
@@ -51,7 +51,13 @@ def convert_records(src: str | os.PathLike, dst: str | os.PathLike, split: str =
         raise ValueError(f"{dst}: unknown output type '{suffix}' (expected .jsonl, .ndjson, .json, .parquet or .pq)")
     if Path(dst).resolve() == Path(src).resolve():
         raise ValueError(f"{dst}: the output is the input")
-    records, report = load_teacher_records(src, split=split, skip_bad=skip_bad, as_read=True)
+    reports = []
+
+    def records() -> Iterator[dict[str, Any]]:  # streamed, never all in memory (1 M tokens with top-20 is GBs)
+        it, report = iter_teacher_records(src, split=split, skip_bad=skip_bad, as_read=True)
+        reports.append(report)
+        return it
+
     with atomic_path(dst) as tmp:
         if suffix in PARQUET_SUFFIXES:
             from bayeskd.record_parquet import write_parquet_records
@@ -59,8 +65,9 @@ def convert_records(src: str | os.PathLike, dst: str | os.PathLike, split: str =
             write_parquet_records(records, tmp, float32=float32)
         else:
             with open(tmp, "w", encoding="utf-8") as f:
-                for rec in records:
+                for rec in records():
                     f.write(json.dumps(rec, ensure_ascii=False, default=logprob_entries) + "\n")
+    report = reports[-1]  # (of the pass that wrote the file)
     return {"input": str(src), "output": str(dst), "format": "parquet" if suffix in PARQUET_SUFFIXES else "jsonl",
-            "records": len(records), "skipped": report.skipped, "reasons": report.reasons,
+            "records": report.kept, "skipped": report.skipped, "reasons": report.reasons,
             "input_bytes": os.path.getsize(src) if os.path.isfile(src) else None, "output_bytes": os.path.getsize(dst)}

@@ -65,6 +65,28 @@ def test_float64_kept_where_float32_would_round(tmp_path):
     assert pq.read_schema(tmp_path / "b.parquet").field("logprob").type == pa.list_(pa.float32())
 
 
+def test_conversion_streams_and_switches_to_float64_at_a_late_inexact_value(tmp_path, monkeypatch):
+    """Records are converted a batch at a time (never all loaded); a value float32 would round, first seen after
+    whole batches were written in float32, makes the file float64 from its first row, and the skip count holds."""
+    import bayeskd.data
+    from bayeskd import record_parquet
+
+    monkeypatch.setattr(record_parquet, "BATCH", 3)
+    monkeypatch.setattr(bayeskd.data, "load_teacher_records", None)  # the converter must not read all at once
+    recs = [{"prompt": f"p{i}", "response": "x", "logprobs": [_entry("x", -0.5 - i / 8)]} for i in range(8)]
+    late = [*recs, {"prompt": "q", "response": "x", "logprobs": [_entry("x", -0.1234567891234)]}]
+    src = tmp_path / "a.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in late[:4]) + "not json\n"
+                   + "".join(json.dumps(r) + "\n" for r in late[4:]))
+    summary = convert_records(src, tmp_path / "a.parquet", skip_bad=True)
+    assert (summary["records"], summary["skipped"]) == (9, 1)
+    assert pq.read_schema(tmp_path / "a.parquet").field("logprob").type == pa.list_(pa.float64())
+    assert convert_records(tmp_path / "a.parquet", tmp_path / "b.jsonl")["records"] == 9
+    assert [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()] == late
+    assert convert_records(_write(tmp_path / "c.jsonl", recs), tmp_path / "c.parquet")["records"] == 8
+    assert pq.read_schema(tmp_path / "c.parquet").field("logprob").type == pa.list_(pa.float32())
+
+
 def test_parquet_tokenizes_like_jsonl(tmp_path, tiny_tokenizer):
     tok = tiny_tokenizer
     fp = tokenizer_fingerprint(tok)
