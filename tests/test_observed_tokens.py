@@ -80,3 +80,34 @@ def test_retokenized_text_is_not(sampled, tiny_tokenizer):
     cut = [dict(r, finish_reason="stop") for r in records]  # as if every response had ended itself
     eos = _check(model, tokenize_records(cut, tiny_tokenizer))["eos"]
     assert eos["observed"] - eos["expected"] > 3 * eos["stderr"] + 1, eos
+
+
+def test_check_in_row_chunks_matches_the_whole_matrix(monkeypatch):
+    """The check runs in row chunks (its float64 copies of [N, V] were ~20 GB at V = 50 k): chunked, with masked
+    rows and a tail chunk, it gives what the formula gives on the whole matrix at once."""
+    import math
+
+    from bayeskd.evaluation import metrics
+
+    g = torch.Generator().manual_seed(3)
+    V, lens = 37, [5, 1, 9, 4, 7]
+    lp = torch.log_softmax(3 * torch.randn(sum(lens), V, generator=g), -1)
+    lp[2, 5] = -math.inf  # a token the teacher never gives
+    seqs = [torch.randint(0, V, (n,), generator=g).numpy() for n in lens]
+    valid = torch.rand(sum(lens), generator=g) > 0.3
+    valid[[0, 5, 6, 15]] = True  # first rows: at least two valid (a standard error)
+    monkeypatch.setattr(metrics, "CHUNK_ELEMENTS", 4 * V)  # 4 rows a chunk, the last one short
+    got = observed_token_check(lp, seqs, eos_token_id=6, valid=valid)
+    tokens = torch.from_numpy(__import__("numpy").concatenate(seqs)).long()
+    first = torch.zeros(len(tokens), dtype=torch.bool)
+    first[torch.tensor([0, 5, 6, 15, 19])] = True
+    x, t, f = lp[valid].double(), tokens[valid], first[valid]
+    gap = -x.gather(1, t[:, None])[:, 0] + (x.exp() * torch.nan_to_num(x, neginf=0.0)).sum(-1)
+    for name, m in (("first", f), ("rest", ~f)):
+        assert got[name]["rows"] == int(m.sum())
+        assert got[name]["gap"] == pytest.approx(float(gap[m].mean()), rel=1e-12)
+        assert got[name]["stderr"] == pytest.approx(float(gap[m].std() / math.sqrt(int(m.sum()))),
+                                                      rel=1e-12, nan_ok=True)
+    p = x[:, 6].exp()
+    assert got["eos"] == pytest.approx({"rows": int(valid.sum()), "expected": float(p.sum()),
+                                        "stderr": float((p * (1 - p)).sum().sqrt()), "observed": int((t == 6).sum())})

@@ -164,3 +164,14 @@ def test_report_states_the_teacher_entropy():
     assert "τ = 0.5351" in format_teacher(t) and "3.452 → 1.400" in format_teacher(t)
     text = format_report({"preset": "tiny-sharp", "config": {"top_k": 64, "order": 4}, "teacher": t})
     assert "Teacher: mean entropy 3.610" in text
+
+
+def test_mean_entropy_in_row_chunks(monkeypatch):
+    """mean_entropy works in row chunks (no [N, V] temporaries): the same as the whole matrix at once, valid rows
+    only, with a short last chunk."""
+    g = torch.Generator().manual_seed(8)
+    lp = torch.log_softmax(2 * torch.randn(4099, 1025, generator=g), -1)  # 4 rows a chunk at V = 1025 ... + tail
+    valid = torch.rand(4099, generator=g) > 0.25
+    whole = torch.special.entr(lp.exp()).sum(-1)
+    assert mean_entropy(lp, valid) == pytest.approx(float(whole[valid].mean()), rel=1e-6)
+    assert mean_entropy(lp) == pytest.approx(float(whole.mean()), rel=1e-6)

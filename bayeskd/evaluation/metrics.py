@@ -296,18 +296,24 @@ def observed_token_check(teacher_logprobs: torch.Tensor, sequences: Sequence, eo
     first = torch.zeros(len(tokens), dtype=torch.bool)
     starts = torch.tensor([0] + [len(s) for s in sequences[:-1]]).cumsum(0)
     first[starts[starts < len(tokens)]] = True  # (a record without response rows has no first row)
-    if valid is not None:
-        teacher_logprobs, tokens, first = teacher_logprobs[valid], tokens[valid], first[valid]
-    lp = teacher_logprobs.double()
-    nll = -lp.gather(1, tokens.long()[:, None])[:, 0]
-    gap = nll - (-(lp.exp() * torch.nan_to_num(lp, neginf=0.0)).sum(-1))
+    rows = torch.arange(len(tokens)) if valid is None else torch.nonzero(valid.cpu()).flatten()
+    tokens, first = tokens[rows], first[rows]
+    gap = torch.empty(len(rows), dtype=torch.float64)
+    p_eos = torch.empty(len(rows), dtype=torch.float64)
+    # in row chunks: float64 copies of all N x V rows would be 8x the teacher's float32 rows (~20 GB at V = 50 k)
+    for part in _chunks(len(rows), teacher_logprobs.shape[1], None):
+        lp = teacher_logprobs[rows[part].to(teacher_logprobs.device)].double()
+        nll = -lp.gather(1, tokens[part].to(lp.device)[:, None])[:, 0]
+        gap[part] = (nll - (-(lp.exp() * torch.nan_to_num(lp, neginf=0.0)).sum(-1))).cpu()
+        if eos_token_id is not None:
+            p_eos[part] = lp[:, eos_token_id].exp().cpu()
     out: dict[str, dict[str, float]] = {}
     for name, m in (("first", first), ("rest", ~first)):
         g = gap[m]
         out[name] = {"rows": int(m.sum()), "gap": float(g.mean()) if len(g) else math.nan,
                      "stderr": float(g.std() / math.sqrt(len(g))) if len(g) > 1 else math.nan}
     if eos_token_id is not None:
-        p = lp[:, eos_token_id].exp()
+        p = p_eos
         out["eos"] = {"rows": int(len(tokens)), "expected": float(p.sum()),
                       "stderr": float((p * (1 - p)).sum().sqrt()), "observed": int((tokens == eos_token_id).sum())}
     return out
