@@ -3,7 +3,8 @@
     python benchmarks/bench_scale.py --preset tiny-1m          # CPU: hours (2 cores: about 2 h)
     python benchmarks/bench_scale.py --preset tiny-sharp-1m    # the sharp teacher, its own aligned proxy
     # every sample with its top-20, read as Parquet: other samples than the preset's (another --root, or --force)
-    python benchmarks/bench_scale.py --preset tiny-sharp-1m --set records_format='"parquet"' --set evidence_prompts=null
+    python benchmarks/bench_scale.py --preset tiny-sharp-1m --set records_format='"parquet"' --set evidence_prompts=null \
+        --name lab_tiny-sharp-1m-top20
 
 Runs `bayeskd.lab.run.run_lab` on a scale preset (`SCALE_PRESETS`: the same job as `bayeskd lab run --preset
 tiny-1m`; it reuses the tiny / tiny-sharp lab under --root, building it if missing, and runs in
@@ -64,11 +65,14 @@ def main() -> None:
     ap.add_argument("--root", default="runs/lab")
     ap.add_argument("--seeds", type=int, default=None, help="students per method (default: the preset's, 2)")
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--name", default=None,
+                    help="results file stem in benchmarks/results/ (default lab_<preset>); a run with other --set "
+                         "settings than the preset's should not overwrite the preset's results")
     add_set_option(ap)
     args = ap.parse_args()
     report = run_lab(args.root, args.preset, seeds=args.seeds, force=args.force, progress=False,
                      **lab_settings(ap, args.set))
-    write_lab_results(report, RESULTS / f"lab_{args.preset}", plot)
+    write_lab_results(report, RESULTS / (args.name or f"lab_{args.preset}"), plot)
 
 
 if __name__ == "__main__":
