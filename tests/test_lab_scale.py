@@ -156,7 +156,7 @@ def test_head_records_cut_parquet_and_jsonl_to_their_first_records(tmp_path, mon
 
     from bayeskd import record_parquet
     from bayeskd.data import load_teacher_records
-    from bayeskd.lab.http_sampling import count_records, head_records, to_parquet
+    from bayeskd.lab.records import count_records, head_records, to_parquet
     from bayeskd.record_parquet import FORMAT_KEY, plain_record
 
     monkeypatch.setattr(record_parquet, "BATCH", 4)  # the cut falls inside a row batch, after whole ones
@@ -181,7 +181,7 @@ def test_head_records_cut_parquet_and_jsonl_to_their_first_records(tmp_path, mon
 
 
 def test_records_format_is_stamped_and_redoes_what_read_the_records(tmp_path):
-    from bayeskd.lab.http_sampling import train_records
+    from bayeskd.lab.records import train_records
 
     cfg = RUN_CONFIGS["micro"]
     assert cfg.records_format == "jsonl" and train_records(tmp_path, cfg) == tmp_path / "teacher_train.jsonl"

@@ -1,7 +1,8 @@
 """The lab: a teacher whose true distributions are readable. build.py (build the lab's models from the
 embedded corpus), teacher.py (a sharper teacher: the lab teacher at a temperature < 1), http_sampling.py (the lab
-teacher sampled as an API teacher: serve-teacher and generate over HTTP), run.py (the `lab run` job: the whole
-pipeline scored against the truth) with students.py, recipe.py, bayes.py, cross.py and report.py."""
+teacher sampled as an API teacher: serve-teacher and generate over HTTP), records.py (the run's training
+records file, JSONL or Parquet, that every stage reads), run.py (the `lab run` job: the whole pipeline scored
+against the truth) with students.py, recipe.py, bayes.py, cross.py and report.py."""
 from typing import TYPE_CHECKING
 
 from bayeskd._lazy import lazy_exports

@@ -25,7 +25,7 @@ def _kl(t_lp: torch.Tensor, est, valid: torch.Tensor) -> float:
     return float(kl_teacher_to_estimate(t_lp, est)[valid].mean())
 
 
-def _check_heldout(proxy_dir: str, records: list, needed: list[int]) -> str:
+def _check_heldout(proxy_dir: str, records: list[dict], needed: list[int]) -> str:
     """The records the lab scores the proxy on must be ones it never trained on."""
     from bayeskd.records import records_fingerprint
     from bayeskd.posterior.calibrate import expand_ranges, read_training_info
@@ -42,15 +42,16 @@ def _check_heldout(proxy_dir: str, records: list, needed: list[int]) -> str:
     return f"aligned proxy, held out {len(needed)} scored + calibration records"
 
 
-def bayes_table(paths: dict[str, str], run: Path, cfg, tok, pipeline_proxy: str,
+def bayes_table(paths: dict[str, str], run: Path, cfg, tok, train, pipeline_proxy: str,
                 log: Callable[[str], None] = print, ngram_calibration: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The table (see the module docstring) for the lab run in `run`. `ngram_calibration`: the run's calibration
-    of the n-gram prior with this proxy (its "table" and "records" range), reused when it scored the same records."""
+    """The table (see the module docstring) for the lab run in `run` (`train`: its training records, tokenized).
+    `ngram_calibration`: the run's calibration of the n-gram prior with this proxy (its "table" and "records"
+    range), reused when it scored the same records."""
     from transformers import AutoModelForCausalLM
 
-    from bayeskd.data import load_teacher_records, tokenize_records
+    from bayeskd.data import iter_teacher_records, load_teacher_records, tokenize_records
     from bayeskd.evaluation.evaluate import response_logprobs
-    from bayeskd.lab.http_sampling import train_records
+    from bayeskd.lab.records import train_records
     from bayeskd.posterior.calibrate import calibrate_combination
     from bayeskd.core.combine import combine
     from bayeskd.core.names import MATCH_LENGTH
@@ -58,13 +59,14 @@ def bayes_table(paths: dict[str, str], run: Path, cfg, tok, pipeline_proxy: str,
     from bayeskd.priors.ngram import NGramPrior
     from bayeskd.priors.suffix import SuffixPrior
 
-    records, _ = load_teacher_records(str(train_records(run, cfg)))
-    train = tokenize_records(records, tok)
     held = tokenize_records(load_teacher_records(str(run / "teacher_heldout.jsonl"))[0], tok)
     V, K = train.vocab_size, cfg.top_k
     n_eval = min(cfg.eval_records, len(train))
     ev = list(range(n_eval))
     cal = list(range(n_eval, min(n_eval + cfg.calibration_records, len(train))))
+    # what identifies each record (its prompt and response, or messages), streamed: not their log-probabilities
+    records = [{k: r[k] for k in ("prompt", "response", "messages") if k in r}
+               for r in iter_teacher_records(str(train_records(run, cfg)))[0]]
     proxy_note = _check_heldout(pipeline_proxy, records, ev + cal)
     resp, prm = train.response_sequences(), train.prompt_sequences()
     ngram = NGramPrior.load(run / "prior" / "prior")

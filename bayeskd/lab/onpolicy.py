@@ -92,7 +92,7 @@ def onpolicy_study(paths: dict[str, str], run: Path, cfg, progress: bool, train,
     """The study (module docstring) for the rows of `cfg.methods` in ONPOLICY_METHODS, over `cfg.seeds` seeds.
     `train(method, seed, name, **distill overrides)` trains a lab student (the overrides may give `student`);
     `score` / `valid` score a model directory; `warm_names`: per seed, the run that already is its warm start's."""
-    from bayeskd.lab.http_sampling import train_records
+    from bayeskd.lab.records import train_records
     from bayeskd.teachers.server import running_server
 
     rows = [m for m in ONPOLICY_METHODS if m in cfg.methods]

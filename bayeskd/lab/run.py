@@ -31,7 +31,8 @@ from bayeskd.evaluation.evaluate import (estimation_table, format_estimation, on
 from bayeskd.evaluation.metrics import kl_teacher_to_estimate, observed_token_check
 from bayeskd.lab.build import LabError, build_lab, get_preset, load_lab_prompts, read_manifest, split_corpus
 from bayeskd.lab.report import check_targets, format_report
-from bayeskd.lab.http_sampling import count_records, sample_teacher, to_parquet, train_records
+from bayeskd.lab.http_sampling import sample_teacher
+from bayeskd.lab.records import count_records, head_teacher_records, to_parquet, train_records
 from bayeskd.lab.onpolicy import ONPOLICY_METHODS
 from bayeskd.lab.students import ALL_METHODS, BUCKET_DIR, K5_DIR, METHODS, POSTERIOR_DIR, TEXT_DIR, students
 from bayeskd.lab.teacher import mean_entropy
@@ -251,36 +252,31 @@ def _mean_kl(teacher_lp: torch.Tensor, estimate, valid: torch.Tensor) -> float:
     return float(kl_teacher_to_estimate(teacher_lp, estimate)[valid].mean())
 
 
-def _calibrate(run: Path, cfg: LabRunConfig, proxy_dir: str, tok) -> dict[str, Any]:
+def _calibrate(run: Path, cfg: LabRunConfig, proxy_dir: str, train_tok) -> dict[str, Any]:
     """Pick the combination settings by the likelihood of the teacher's own tokens (`bayeskd.posterior.calibrate`) on
-    `calibration_records` training records after the ones the evaluation scores (disjoint from them)."""
+    `calibration_records` training records after the ones the evaluation scores (disjoint from them). `train_tok`:
+    the run's training records, tokenized."""
     from bayeskd.posterior.calibrate import calibrate_on_records
-    from bayeskd.data import load_teacher_records, tokenize_records
     from bayeskd.posterior.proxy import ProxyPosterior
     from bayeskd.priors.ngram import NGramPrior
 
-    records, _ = load_teacher_records(str(train_records(run, cfg)))
-    lo = min(cfg.eval_records, max(0, len(records) - cfg.calibration_records))
-    tokenized = tokenize_records(records[lo:lo + cfg.calibration_records], tok)
+    lo = min(cfg.eval_records, max(0, len(train_tok) - cfg.calibration_records))
+    cal = range(lo, min(lo + cfg.calibration_records, len(train_tok)))
     result = calibrate_on_records(NGramPrior.load(run / "prior" / "prior"),
-                                  ProxyPosterior(proxy_dir, top_k=cfg.top_k), tokenized, range(len(tokenized)),
-                                  cfg.top_k)
-    return {**result, "records": [lo, lo + len(tokenized)]}
+                                  ProxyPosterior(proxy_dir, top_k=cfg.top_k), train_tok, cal, cfg.top_k)
+    return {**result, "records": [cal.start, cal.stop]}
 
 
-def _estimation(paths, run: Path, cfg: LabRunConfig, tok, log, pipeline_proxy: str,
+def _estimation(paths, run: Path, cfg: LabRunConfig, tok, tokenized, log, pipeline_proxy: str,
                 combo: dict[str, Any]) -> dict[str, Any]:
-    """Estimation quality at the first `eval_records` training records, plus the curve against K (the pipeline's
-    proxy and combination)."""
+    """Estimation quality at the first `eval_records` training records (`tokenized`: all of them, tokenized), plus
+    the curve against K (the pipeline's proxy and combination)."""
     from transformers import AutoModelForCausalLM
 
-    from bayeskd.data import load_teacher_records, tokenize_records
     from bayeskd.core.combine import combine
     from bayeskd.posterior.proxy import ProxyPosterior
     from bayeskd.priors.ngram import NGramPrior
 
-    records, _ = load_teacher_records(str(train_records(run, cfg)))
-    tokenized = tokenize_records(records, tok)
     idx = list(range(min(cfg.eval_records, len(tokenized))))
     V = tokenized.vocab_size
     teacher = AutoModelForCausalLM.from_pretrained(paths["teacher"])
@@ -322,7 +318,10 @@ def _estimation(paths, run: Path, cfg: LabRunConfig, tok, log, pipeline_proxy: s
     evidence = None
     if cfg.top_logprobs:
         text_only = combine(prior_loo, pipe.proxy_topk(tokenized, idx, V), top_k=cfg.top_k, **combo)
-        evidence = _evidence_curve(records, tokenized, tok, idx, cfg, t_lp, valid, text_only)
+        from bayeskd.data import tokenize_records
+
+        records = head_teacher_records(train_records(run, cfg), len(idx))  # (their log-probabilities: only these)
+        evidence = _evidence_curve(records, tokenize_records(records, tok), tok, idx, cfg, t_lp, valid, text_only)
     return {"positions": int(valid.sum()), "records": len(idx), "table": table, "k_curve": k_curve,
             "teacher_entropy": mean_entropy(t_lp, valid), "evidence": evidence, "observed_tokens": observed,
             "tokenize": tokenized.report.to_dict()}
@@ -353,10 +352,10 @@ def pipeline_name(cfg: LabRunConfig, text_only: bool = False) -> str:
     return f"posterior, {'aligned ' if cfg.align else ''}proxy, calibrated, {evidence} (shards)"
 
 
-def _corpus_curve(paths, run: Path, cfg: LabRunConfig, tok, pipeline_proxy: str,
+def _corpus_curve(paths, run: Path, cfg: LabRunConfig, tok, train_tok, pipeline_proxy: str,
                   combo: dict[str, Any]) -> list[dict[str, Any]]:
-    """KL(teacher‖estimate) on held-out teacher text for priors counted on growing shares of the teacher corpus,
-    alone and combined with the proxy."""
+    """KL(teacher‖estimate) on held-out teacher text for priors counted on growing shares of the teacher corpus
+    (`train_tok`: the run's training records, tokenized), alone and combined with the proxy."""
     from transformers import AutoModelForCausalLM
 
     from bayeskd.data import load_teacher_records, tokenize_records
@@ -364,8 +363,7 @@ def _corpus_curve(paths, run: Path, cfg: LabRunConfig, tok, pipeline_proxy: str,
     from bayeskd.posterior.proxy import ProxyPosterior
     from bayeskd.priors.ngram import NGramPrior
 
-    train, _ = load_teacher_records(str(train_records(run, cfg)))
-    train_seqs = tokenize_records(train, tok).response_sequences()
+    train_seqs = train_tok.response_sequences()
     held, _ = load_teacher_records(str(run / "teacher_heldout.jsonl"))
     held_tok = tokenize_records(held, tok)
     V = held_tok.vocab_size
@@ -378,9 +376,8 @@ def _corpus_curve(paths, run: Path, cfg: LabRunConfig, tok, pipeline_proxy: str,
     if cfg.curve_scale:  # the scale columns (bayeskd.lab.scale)
         from bayeskd.lab.scale import curve_point, estimation_costs
 
-        train_tok = tokenize_records(train, tok)
-        lo = min(cfg.eval_records, max(0, len(train) - cfg.calibration_records))  # the calibration records
-        cal = list(range(lo, min(lo + cfg.calibration_records, len(train))))
+        lo = min(cfg.eval_records, max(0, len(train_tok) - cfg.calibration_records))  # the calibration records
+        cal = list(range(lo, min(lo + cfg.calibration_records, len(train_tok))))
         proxy = ProxyPosterior(pipeline_proxy, top_k=cfg.top_k)
     for frac in cfg.corpus_fractions:
         n = max(1, int(round(frac * len(train_seqs))))
@@ -592,8 +589,12 @@ def _run_lab(root: str, preset: str, *, config: LabRunConfig | None = None, forc
                                         holdout_records=_align_holdout(cfg, train_file),
                                         training_args={"disable_tqdm": not progress})
     pipeline_proxy = align_summary["final"] if cfg.align else paths["proxy"]
+    tok = load_tokenizer(paths["tokenizer"])
+    # the training records, read and tokenized once for every stage of this process (load_tokenized_records
+    # remembers them: the students read them from there too)
+    train_tok = load_tokenized_records(train_path, tok)[0]
     with _stage("calibrate the combination", log, timings):
-        calibration = _calibrate(run, cfg, pipeline_proxy, load_tokenizer(paths["tokenizer"]))
+        calibration = _calibrate(run, cfg, pipeline_proxy, train_tok)
         shown = {k: v for k, v in calibration["best"].items() if k != "theta"}  # (adaptive: its weights in the report)
         log(f"[lab] calibrated combination: {shown} (teacher-token NLL "
             f"{calibration['table'][0]['nll']:.4f}; a=b=1 log-linear: "
@@ -617,9 +618,6 @@ def _run_lab(root: str, preset: str, *, config: LabRunConfig | None = None, forc
             estimate_posterior(train_file, None, pipeline_proxy,
                                str(run / "proxy_targets"), tokenizer=paths["tokenizer"], top_k=cfg.top_k,
                                batch_size=16, codec="raw")
-    tok = load_tokenizer(paths["tokenizer"])
-    # (read once for this and the students: load_tokenized_records remembers it)
-    train_tok = load_tokenized_records(train_path, tok)[0]
     report: dict[str, Any] = {
         "preset": name, "config": cfg.to_dict(), "lab": paths["root"],
         "data": {"train_records": len(train_tok), "heldout_records": s_held.get("written"),
@@ -632,13 +630,14 @@ def _run_lab(root: str, preset: str, *, config: LabRunConfig | None = None, forc
                  "blank_samples_kept": s_train.get("empty_kept", 0)},
     }
     with _stage("evaluate estimates", log, timings):
-        report["estimation"] = _estimation(paths, run, cfg, tok, log, pipeline_proxy, calibration["best"])
-        report["corpus_curve"] = _corpus_curve(paths, run, cfg, tok, pipeline_proxy, calibration["best"])
+        report["estimation"] = _estimation(paths, run, cfg, tok, train_tok, log, pipeline_proxy, calibration["best"])
+        report["corpus_curve"] = _corpus_curve(paths, run, cfg, tok, train_tok, pipeline_proxy, calibration["best"])
     with _stage("the Bayesian part against its components (n-gram and suffix prior, fixed and adaptive)", log,
                 timings):
         from bayeskd.lab.bayes import bayes_table
 
-        report["bayes"] = bayes_table(paths, run, cfg, tok, pipeline_proxy, log, ngram_calibration=calibration)
+        report["bayes"] = bayes_table(paths, run, cfg, tok, train_tok, pipeline_proxy, log,
+                                      ngram_calibration=calibration)
     with _stage("distill and evaluate students", log, timings):
         report["students"], cfg = students(paths, run, cfg, tok, progress, log, pipeline_proxy=pipeline_proxy,
                                            calibration=calibration)

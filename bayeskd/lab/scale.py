@@ -153,7 +153,7 @@ def estimation_costs(data: str, n: int, tokenizer: str, proxy: str, *, order: in
     combination `combo` with `proxy`) cost on the first `n` records of `data` (copied to their own file first,
     untimed): {"estimate-prior": {...}, "estimate-posterior": {...}} with seconds, peak RSS (MiB), the tokens, and
     seconds per 1k tokens. Each job runs in a fresh process; its outputs are removed after."""
-    from bayeskd.lab.http_sampling import head_records  # (here, not at the top: the measured child imports less)
+    from bayeskd.lab.records import head_records  # (here, not at the top: the measured child imports less)
 
     combo = {k: v for k, v in (combo or {}).items()}
     with tempfile.TemporaryDirectory(dir=workdir, prefix="curve_cost_") as tmp:
@@ -274,7 +274,7 @@ def curve_students(paths: dict[str, str], run: Path, cfg, tok, progress: bool, l
     from dataclasses import replace
 
     from bayeskd.integrity import atomic_write_bytes
-    from bayeskd.lab.http_sampling import count_records, head_records, train_records
+    from bayeskd.lab.records import count_records, head_records, train_records
     from bayeskd.lab.students import POSTERIOR_DIR, TEXT_DIR, students
     from bayeskd.posterior.estimate import estimate_posterior
     from bayeskd.priors.estimate import estimate_prior

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bayeskd.lab.http_sampling import train_records
+from bayeskd.lab.records import train_records
 from bayeskd.lab.onpolicy import ONPOLICY_METHODS, onpolicy_study
 from bayeskd.lab.recipe import (CURVE_METHODS, choose_recipe, curve_checkpoints, learning_curves, mean_std,
                                  split_heldout)
