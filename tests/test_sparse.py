@@ -277,13 +277,19 @@ def test_mismatched_cache_is_refused(tmp_path, rng, change):
 
 def test_config_mismatch_message_lists_the_differences(tmp_path, rng):
     _writer(tmp_path).write("s0", random_dist(rng))
-    with pytest.raises(CacheMismatchError, match="'a'"):
+    with pytest.raises(CacheMismatchError, match=r"another config \(a: stored .*, now 2.0\)"):
         ShardReader(tmp_path, config={**CONFIG, "a": 2.0})
-    # Non-scalar config values cannot be diffed item by item but are still compared.
-    _writer(tmp_path / "nested", config={"layers": [1, 2]}).write("s0", random_dist(rng))
-    with pytest.raises(CacheMismatchError, match="another config"):
-        ShardReader(tmp_path / "nested", config={"layers": [1, 3]})
-    ShardReader(tmp_path / "nested", config={"layers": [1, 2]})
+    # Nested values are diffed down to the leaf that differs (e.g. one weight of a calibrated combination).
+    stored = {"layers": [1, 2], "theta": {"w": [0.5, -0.3453804688011162]}, "mode": "adaptive"}
+    _writer(tmp_path / "nested", config=stored).write("s0", random_dist(rng))
+    with pytest.raises(CacheMismatchError,
+                       match=r"\(extra: only now; layers\[1\]: stored 2, now 3; theta.w\[1\]: stored "
+                             r"-0.3453804688011162, now -0.3453804688011163\)"):
+        ShardReader(tmp_path / "nested", config={"layers": [1, 3], "theta": {"w": [0.5, -0.3453804688011163]},
+                                                 "mode": "adaptive", "extra": 1})
+    with pytest.raises(CacheMismatchError, match=r"\(layers: stored \[1, 2\], now \[1\]\)"):
+        ShardReader(tmp_path / "nested", config={**stored, "layers": [1]})
+    ShardReader(tmp_path / "nested", config=stored)
 
 
 def test_checksum_tampering_is_detected(tmp_path, rng):

@@ -270,10 +270,33 @@ def check_manifest(manifest: dict[str, Any], where: Any, *, vocab_size: int | No
     if k is not None and manifest["k"] != k:
         raise CacheMismatchError(f"{where}: made with K={manifest['k']}, expected K={k}")
     if config is not None and manifest["config"] != json.loads(json.dumps(config)):
-        diff = sorted(set(manifest["config"].items()) ^ set(json.loads(json.dumps(config)).items()),
-                      key=str) if all(isinstance(v, (str, int, float, bool, type(None)))
-                                      for v in list(manifest["config"].values()) + list(config.values())) else "…"
-        raise CacheMismatchError(f"{where}: made with another config (differences: {diff}); refusing to reuse it")
+        diff = "; ".join(config_differences(manifest["config"], json.loads(json.dumps(config))))
+        raise CacheMismatchError(f"{where}: made with another config ({diff}); refusing to reuse it")
+
+
+def config_differences(stored: Any, now: Any, where: str = "", limit: int = 4) -> list[str]:
+    """Where two JSON configs differ, as "key.path: stored X, now Y" (the first `limit`), down to the leaf values:
+    a refusal names the setting, also when it is one float deep inside a nested setting."""
+    if isinstance(stored, dict) and isinstance(now, dict):
+        out: list[str] = []
+        for key in sorted(set(stored) | set(now), key=str):
+            path = f"{where}.{key}" if where else str(key)
+            if key not in stored or key not in now:
+                out.append(f"{path}: {'only now' if key in now else 'only stored'}")
+            elif stored[key] != now[key]:
+                out += config_differences(stored[key], now[key], path, limit)
+            if len(out) >= limit:
+                break
+        return out[:limit]
+    if isinstance(stored, list) and isinstance(now, list) and len(stored) == len(now):
+        out = []
+        for i, (a, b) in enumerate(zip(stored, now)):
+            if a != b:
+                out += config_differences(a, b, f"{where}[{i}]", limit)
+            if len(out) >= limit:
+                break
+        return out[:limit]
+    return [f"{where or 'config'}: stored {json.dumps(stored)[:80]}, now {json.dumps(now)[:80]}"]
 
 
 class ShardReader:
