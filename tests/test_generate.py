@@ -506,3 +506,25 @@ def test_teacher_tokenizer_names_the_tokenizer_of_an_api_teacher(server, tiny_to
     with pytest.raises(GenerateError, match="the teacher reports"):  # serve-teacher knows its own tokenizer
         _gen(few, tmp_path / "served.jsonl", server, top_logprobs=1, teacher_tokenizer=str(tmp_path / "bigger"))
     assert not (tmp_path / "served.jsonl").exists() or not (tmp_path / "served.jsonl").read_text()
+
+
+def test_read_done_light_and_order_file_stream_whole_lines(tmp_path):
+    """Resuming reads each record cut to what it needs (its logprobs dropped, their presence kept); the output is
+    put in prompt/sample order by copying its lines as written (equal keys in their order), a torn tail cut first."""
+    from bayeskd.teachers.generate import order_file
+
+    out = tmp_path / "t.jsonl"
+    recs = [{"key": f"k{p}/{s}", "prompt_index": p, "sample_index": s, "response": "é x", "teacher_tokenizer": "fp",
+             "logprobs": [{"token": "é", "bytes": [195, 169], "logprob": -0.5}]} for p, s in
+            ((2, 0), (0, 1), (1, 0), (0, 0), (2, 1))]
+    recs[2].pop("logprobs")
+    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in recs]
+    out.write_text("".join(lines) + '{"key": "k9/0", "prompt_', encoding="utf-8")  # killed mid-write
+    light = read_done(out, light=True)
+    assert light[0] == {"key": "k2/0", "prompt_index": 2, "sample_index": 0, "teacher_tokenizer": "fp",
+                        "logprobs": None}
+    assert ["logprobs" in r for r in light] == [True, True, False, True, True]
+    assert out.read_text(encoding="utf-8") == "".join(lines)  # the torn tail cut
+    order_file(out)
+    assert out.read_text(encoding="utf-8") == "".join(lines[i] for i in (3, 1, 2, 0, 4))
+    assert read_done(out) == [recs[i] for i in (3, 1, 2, 0, 4)]

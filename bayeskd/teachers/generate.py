@@ -98,30 +98,42 @@ def request_seed(prompt: dict[str, Any], settings: GenerateSettings) -> int | No
 
 # ---------------------------------------------------------------------------------------------------- output
 
-def read_done(path: Path, what: str = "output") -> list[dict[str, Any]]:
-    """The records already in a JSONL output; a torn last line (no newline, or not JSON) is cut off the file.
-    Any other bad line is an error naming it (the file was changed by something else)."""
+RESUME_FIELDS = ("key", "prompt_index", "sample_index", TEACHER_TOKENIZER)  # what a resumed job reads of a record
+
+
+def read_done(path: Path, what: str = "output", light: bool = False) -> list[dict[str, Any]]:
+    """The records already in a JSONL output, read a line at a time; a torn last line (no newline, or not JSON) is
+    cut off the file. Any other bad line is an error naming it (the file was changed by something else). `light`:
+    each record cut to what resuming needs (`RESUME_FIELDS`, and a `logprobs` key, its value dropped, where the
+    record has log-probabilities), so 1 M tokens of records with top-20 log-probabilities take MBs, not GBs."""
     if not path.exists():
         return []
-    data = path.read_bytes()
-    keep = len(data) if data.endswith(b"\n") or not data else data.rfind(b"\n") + 1
-    lines = data[:keep].split(b"\n")[:-1] if keep else []
-    records = []
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            if not isinstance(rec, dict) or "key" not in rec:
-                raise ValueError("a record without its 'key'")
-        except ValueError as e:
-            if i == len(lines) and keep == len(data):  # the last complete line may be a torn write too
-                keep -= len(line) + 1
-                break
-            raise DataError(f"{path}:{i}: not a generate record ({e}); the {what} was changed by something else. "
-                            "Move it away to start over") from e
-        records.append(rec)
-    if keep < len(data):
+    records: list[dict[str, Any]] = []
+    keep = 0  # bytes of whole, good lines
+    bad: tuple[int, ValueError] | None = None  # a broken complete line: a torn write if it is the last one
+    with open(path, "rb") as f:
+        for i, line in enumerate(f, start=1):
+            if bad is not None or not line.endswith(b"\n"):
+                break  # a line after a broken one (raised below), or a torn tail
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                    if not isinstance(rec, dict) or "key" not in rec:
+                        raise ValueError("a record without its 'key'")
+                except ValueError as e:
+                    bad = (i, e)
+                    continue
+                if light:
+                    rec = {**{k: rec[k] for k in RESUME_FIELDS if k in rec},
+                           **({"logprobs": None} if "logprobs" in rec else {})}
+                records.append(rec)
+            keep += len(line)
+        else:
+            line = b""
+    if bad is not None and line:  # not the last line: someone else changed the file
+        raise DataError(f"{path}:{bad[0]}: not a generate record ({bad[1]}); the {what} was changed by something "
+                        "else. Move it away to start over") from bad[1]
+    if keep < path.stat().st_size:
         with open(path, "r+b") as f:
             f.truncate(keep)
     return records
@@ -148,9 +160,24 @@ def side_files(out: Path) -> tuple[Path, Path, Path]:
             out.with_name(f"{out.stem}.summary.json"))
 
 
-def order_file(path: Path, records: list[dict[str, Any]]) -> None:
-    records = sorted(records, key=lambda r: (r["prompt_index"], r["sample_index"]))
-    atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
+def order_file(path: Path) -> None:
+    """Rewrite a JSONL output (whole lines: `read_done` first) in (prompt_index, sample_index) order, its lines
+    copied as written, a line at a time: never all of it in memory."""
+    from bayeskd.integrity import atomic_path
+
+    spans = []
+    with open(path, "rb") as f:
+        start = 0
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                spans.append(((rec["prompt_index"], rec["sample_index"]), start, len(line)))
+            start += len(line)
+    spans.sort(key=lambda s: s[0])  # (stable: equal keys keep their order)
+    with atomic_path(path) as tmp, open(path, "rb") as src, open(tmp, "wb") as out:
+        for _, start, size in spans:
+            src.seek(start)
+            out.write(src.read(size))
 
 
 # ---------------------------------------------------------------------------------------------------- the job
@@ -311,8 +338,8 @@ def generate(prompts: str, out: str, *, model: str, base_url: str | None = None,
                 raise DataError(f"{prompts}: prompt {p} is chat 'messages'; use --endpoint chat")
     out_path = Path(out)
     failed_path, empty_path, summary_path = side_files(out_path)
-    in_out = read_done(out_path)
-    existing = in_out + read_done(empty_path, "empty list")
+    in_out = read_done(out_path, light=True)
+    existing = in_out + read_done(empty_path, "empty list", light=True)
     done = {r["key"] for r in existing}
     named = tokenizer_fingerprint(load_tokenizer(teacher_tokenizer)) if teacher_tokenizer is not None else None
     tokenizers = TeacherTokenizer(out_path, named, {r.get(TEACHER_TOKENIZER) for r in existing if "logprobs" in r})
@@ -349,11 +376,11 @@ def generate(prompts: str, out: str, *, model: str, base_url: str | None = None,
     # The output is the records read at the start and those appended since (the output is locked): not read
     # again, which costs as much as writing it, unless it is rewritten in order.
     if ordered:
-        order_file(out_path, read_done(out_path))
+        order_file(out_path)
     written_keys = {r["key"] for r in in_out}.union(counts.written)
     # complete: every expected record is in the output or set aside as blank; else records_missing says how many
     expected = {f"{k}/{i}" for k in first for i in range(n)}
-    set_aside = expected & {r["key"] for r in read_done(empty_path, "empty list")}
+    set_aside = expected & {r["key"] for r in read_done(empty_path, "empty list", light=True)}
     missing = len(expected - set_aside - written_keys)
     seconds = time.perf_counter() - t0
     summary = {

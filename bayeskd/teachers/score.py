@@ -224,8 +224,8 @@ def score(records: str, out: str, *, model: str, base_url: str | None = None, te
     out_path = Path(out)
     failed_path, _, summary_path = side_files(out_path)
     skipped_path = out_path.with_name(f"{out_path.stem}.skipped.jsonl")
-    existing = read_done(out_path)
-    done = {r["key"] for r in existing} | {r["key"] for r in read_done(skipped_path, "skipped list")}
+    existing = read_done(out_path, light=True)
+    done = {r["key"] for r in existing} | {r["key"] for r in read_done(skipped_path, "skipped list", light=True)}
     named = tokenizer_fingerprint(load_tokenizer(teacher_tokenizer)) if teacher_tokenizer is not None else None
     tokenizers = TeacherTokenizer(out_path, named, {r.get(TEACHER_TOKENIZER) for r in existing if "logprobs" in r})
     if named is not None:
@@ -243,10 +243,10 @@ def score(records: str, out: str, *, model: str, base_url: str | None = None, te
                                  tokenizers, progress))
     finally:
         atomic_write_bytes(failed_path, "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in failures).encode())
-    written = read_done(out_path)
+    written = read_done(out_path, light=True)
     if cfg.ordered:
-        order_file(out_path, written)
-    skipped_keys = {r["key"] for r in read_done(skipped_path, "skipped list")}
+        order_file(out_path)
+    skipped_keys = {r["key"] for r in read_done(skipped_path, "skipped list", light=True)}
     missing = len(set(first) - skipped_keys - {r["key"] for r in written})
     seconds = time.perf_counter() - t0
     summary = {
