@@ -201,3 +201,39 @@ def test_records_format_is_stamped_and_redoes_what_read_the_records(tmp_path):
     (run / "prior").mkdir()
     _check_stamps(run, parquet, force=False)  # the same format again: resumed
     assert (run / "prior").exists()
+
+
+def test_point_proxy_knows_no_record_beyond_the_point(tmp_path):
+    """The proxy at a point of the scale curve: the pipeline's when its alignment read only records among the
+    point's first n; else aligned on the point's own records (scored and calibration ones held out); the base proxy
+    when none is left; the point's directory holds exactly its first n records."""
+    from bayeskd.lab.records import count_records
+    from bayeskd.lab.scale import point_dir, point_proxy
+
+    run = tmp_path / "run"
+    run.mkdir()
+    records = _sampled_records(48)
+    (run / "teacher_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "teacher_heldout.jsonl").write_text(json.dumps(records[0]) + "\n")
+    calls = []
+
+    def align(data, out, holdout):
+        calls.append((data, out, list(holdout)))
+        return {"final": str(out / "final")}
+
+    paths = {"proxy": "base"}
+    cfg = replace(RUN_CONFIGS["micro"], align=True, align_records=None)  # scored + calibration: 32 records
+    assert point_proxy(paths, run, replace(cfg, align=False), 40, "pipe", align) == ("pipe", 0)
+    assert point_proxy(paths, run, cfg, 48, "pipe", align) == ("pipe", 16)  # it aligned on records 32..47
+    assert point_proxy(paths, run, cfg, 24, "pipe", align) == ("base", 0)  # nothing left after the held-out 32
+    assert calls == []
+    d = run / "curve_students" / "records_40"
+    assert point_proxy(paths, run, cfg, 40, "pipe", align) == (str(d / "aligned_proxy" / "final"), 8)
+    assert calls == [(str(d / "teacher_train.jsonl"), d / "aligned_proxy", list(range(32)))]
+    assert count_records(d / "teacher_train.jsonl") == 40
+    assert (d / "teacher_train.jsonl").read_text().splitlines() == \
+        (run / "teacher_train.jsonl").read_text().splitlines()[:40]
+    assert (d / "teacher_heldout.jsonl").read_bytes() == (run / "teacher_heldout.jsonl").read_bytes()
+    # with align_records the pipeline's proxy read records 32..35 only: every point beyond them keeps it
+    assert point_proxy(paths, run, replace(cfg, align_records=4), 40, "pipe", align) == ("pipe", 4)
+    assert point_dir(run, cfg, 40) == d and len(calls) == 1

@@ -353,9 +353,11 @@ def pipeline_name(cfg: LabRunConfig, text_only: bool = False) -> str:
 
 
 def _corpus_curve(paths, run: Path, cfg: LabRunConfig, tok, train_tok, pipeline_proxy: str,
-                  combo: dict[str, Any]) -> list[dict[str, Any]]:
+                  combo: dict[str, Any], align: Callable[..., dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """KL(teacher‖estimate) on held-out teacher text for priors counted on growing shares of the teacher corpus
-    (`train_tok`: the run's training records, tokenized), alone and combined with the proxy."""
+    (`train_tok`: the run's training records, tokenized), alone and combined with the proxy. With the scale columns
+    (`curve_scale`) each point's proxy knows no more records than the point (`bayeskd.lab.scale.point_proxy`,
+    `align`: the run's alignment); without them the proxy is the pipeline's at every point (a curve of the prior)."""
     from transformers import AutoModelForCausalLM
 
     from bayeskd.data import load_teacher_records, tokenize_records
@@ -371,25 +373,32 @@ def _corpus_curve(paths, run: Path, cfg: LabRunConfig, tok, train_tok, pipeline_
     teacher = AutoModelForCausalLM.from_pretrained(paths["teacher"])
     t_lp, valid = response_logprobs(teacher, held_tok)
     seqs = held_tok.response_sequences()
-    proxy_rows = ProxyPosterior(pipeline_proxy, top_k=cfg.top_k).proxy_topk(held_tok, range(len(held_tok)), V)
+    proxy = ProxyPosterior(pipeline_proxy, top_k=cfg.top_k)
+    proxy_rows = proxy.proxy_topk(held_tok, range(len(held_tok)), V)
     curve = [{"samples": 0, "tokens": 0, "proxy": _mean_kl(t_lp, proxy_rows, valid)}]
     if cfg.curve_scale:  # the scale columns (bayeskd.lab.scale)
-        from bayeskd.lab.scale import curve_point, estimation_costs
+        from bayeskd.lab.scale import curve_point, estimation_costs, point_proxy
 
         lo = min(cfg.eval_records, max(0, len(train_tok) - cfg.calibration_records))  # the calibration records
         cal = list(range(lo, min(lo + cfg.calibration_records, len(train_tok))))
-        proxy = ProxyPosterior(pipeline_proxy, top_k=cfg.top_k)
     for frac in cfg.corpus_fractions:
         n = max(1, int(round(frac * len(train_seqs))))
         prior = NGramPrior(**prior_config).fit(train_seqs[:n])
         p_rows = prior.topk(seqs, cfg.top_k)  # held-out text: not in the counts, no leave-one-out needed
+        n_proxy, n_rows, extra = proxy, proxy_rows, {}
+        if cfg.curve_scale:  # the proxy a user with these n records has
+            proxy_dir, extra["proxy_records"] = point_proxy(paths, run, cfg, n, pipeline_proxy, align)
+            if proxy_dir != pipeline_proxy:
+                n_proxy = ProxyPosterior(proxy_dir, top_k=cfg.top_k)
+                n_rows = n_proxy.proxy_topk(held_tok, range(len(held_tok)), V)
         curve.append({"samples": n, "tokens": int(sum(len(s) for s in train_seqs[:n])),
                       "prior": _mean_kl(t_lp, p_rows, valid),
-                      "posterior": _mean_kl(t_lp, combine(p_rows, proxy_rows, top_k=cfg.top_k, **combo), valid),
-                      "proxy": curve[0]["proxy"]})
+                      "posterior": _mean_kl(t_lp, combine(p_rows, n_rows, top_k=cfg.top_k, **combo), valid),
+                      "proxy": _mean_kl(t_lp, n_rows, valid) if n_rows is not proxy_rows else curve[0]["proxy"],
+                      **extra})
         if cfg.curve_scale:
             row = curve[-1]
-            row.update(curve_point(n, train_tok, held_tok, t_lp, valid, proxy, proxy_rows, cal, prior, cfg.top_k))
+            row.update(curve_point(n, train_tok, held_tok, t_lp, valid, n_proxy, n_rows, cal, prior, cfg.top_k))
             row["best_component"] = min(row["prior"], row["suffix prior"], row["proxy"])
             row["costs"] = estimation_costs(str(train_records(run, cfg)), n, paths["tokenizer"], pipeline_proxy,
                                             order=cfg.order, top_k=cfg.top_k, combo=combo, workdir=run)
@@ -577,17 +586,20 @@ def _run_lab(root: str, preset: str, *, config: LabRunConfig | None = None, forc
                            str(run / "posterior"), top_k=cfg.top_k, batch_size=16, no_evidence=True, codec="raw",
                            calibrate=False)  # the fixed log-linear a = b = 1 row
     align_summary = calibration = None
-    if cfg.align:
+
+    def align(data: str, out: Path, holdout) -> dict[str, Any]:
+        """The lab's proxy alignment (also of the scale curve's points) on `data`, never on `holdout`."""
         from bayeskd.distillation.align_proxy import align_proxy
 
+        return align_proxy(data, paths["proxy"], str(out), sft_epochs=cfg.align_sft_epochs, rounds=cfg.align_rounds,
+                           max_new_tokens=cfg.max_new_tokens, sft_learning_rate=cfg.align_lr,
+                           learning_rate=cfg.dpo_lr, batch_size=cfg.batch_size, seed=lab_preset.seed,
+                           holdout_records=holdout, training_args={"disable_tqdm": not progress})
+
+    if cfg.align:
         with _stage("align the proxy (SFT + preference rounds)", log, timings):
-            align_summary = align_proxy(train_file, paths["proxy"], str(run / "aligned_proxy"),
-                                        sft_epochs=cfg.align_sft_epochs, rounds=cfg.align_rounds,
-                                        max_new_tokens=cfg.max_new_tokens, sft_learning_rate=cfg.align_lr,
-                                        learning_rate=cfg.dpo_lr, batch_size=cfg.batch_size, seed=lab_preset.seed,
-                                        # never trained on what the lab scores or calibrates on (cross-fitting)
-                                        holdout_records=_align_holdout(cfg, train_file),
-                                        training_args={"disable_tqdm": not progress})
+            # never trained on what the lab scores or calibrates on (cross-fitting)
+            align_summary = align(train_file, run / "aligned_proxy", _align_holdout(cfg, train_file))
     pipeline_proxy = align_summary["final"] if cfg.align else paths["proxy"]
     tok = load_tokenizer(paths["tokenizer"])
     # the training records, read and tokenized once for every stage of this process (load_tokenized_records
@@ -631,7 +643,8 @@ def _run_lab(root: str, preset: str, *, config: LabRunConfig | None = None, forc
     }
     with _stage("evaluate estimates", log, timings):
         report["estimation"] = _estimation(paths, run, cfg, tok, train_tok, log, pipeline_proxy, calibration["best"])
-        report["corpus_curve"] = _corpus_curve(paths, run, cfg, tok, train_tok, pipeline_proxy, calibration["best"])
+        report["corpus_curve"] = _corpus_curve(paths, run, cfg, tok, train_tok, pipeline_proxy, calibration["best"],
+                                               align)
     with _stage("the Bayesian part against its components (n-gram and suffix prior, fixed and adaptive)", log,
                 timings):
         from bayeskd.lab.bayes import bayes_table
@@ -647,7 +660,7 @@ def _run_lab(root: str, preset: str, *, config: LabRunConfig | None = None, forc
 
         with _stage("students at points of the corpus curve", log, timings):
             report["curve_students"] = curve_students(paths, run, cfg, tok, progress, log, pipeline_proxy,
-                                                      report["corpus_curve"], calibration["best"])
+                                                      report["corpus_curve"], calibration["best"], align)
     if cfg.cross_tokenizer and cfg.top_logprobs:
         from bayeskd.lab.cross import run_cross
 

@@ -4,11 +4,14 @@
                        documents, alone and with the sentence before it, none sharing text with a held-out prompt
     curve_point        at one point of the corpus curve: the suffix prior, the n-gram and suffix posteriors
                        recalibrated on that point's priors (calibration records only), the best single component
+    point_proxy        the proxy a user with only the point's records has: the pipeline's when its alignment saw
+                       only records among them, else one aligned the same way on the point's own records
     estimation_costs   wall time and peak memory (RSS) of `estimate_prior` and `estimate_posterior` on the first n
                        teacher records, each in a fresh Python process (measurements never accumulate)
 
 Honest as the rest of the lab: priors are scored on held-out teacher text (never counted); the recalibration and the
-suffix prior's beta read only the calibration records, leave-one-out.
+suffix prior's beta read only the calibration records, leave-one-out; nothing at a point of the curve (the prior,
+the proxy's alignment, the students' targets) has seen a record beyond the point's first n.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -106,6 +109,44 @@ def curve_point(n: int, train, held, t_lp: torch.Tensor, valid: torch.Tensor, pr
         out["chosen"] = f"{chosen} prior x proxy, {best[chosen][2]}"
         out["chosen posterior"] = best[chosen][1]
     return out
+
+
+def point_dir(run: Path, cfg, n: int) -> Path:
+    """run/curve_students/records_<n>/: a run directory of the curve's point at n records, with a copy of the first
+    n training records (in the run's records format) and of the held-out ones."""
+    from bayeskd.integrity import atomic_write_bytes
+    from bayeskd.lab.records import head_records, train_records
+
+    d = run / "curve_students" / f"records_{n}"
+    d.mkdir(parents=True, exist_ok=True)
+    sub = train_records(d, cfg)
+    if not sub.exists():
+        atomic_write_bytes(d / "teacher_heldout.jsonl", (run / "teacher_heldout.jsonl").read_bytes())
+        head_records(train_records(run, cfg), sub, n)  # written last: the copy is whole
+    return d
+
+
+def point_proxy(paths: dict[str, str], run: Path, cfg, n: int, pipeline_proxy: str,
+                align: Callable[..., dict[str, Any]] | None) -> tuple[str, int]:
+    """(the proxy directory, the records it was aligned on) for the point of the curve at the first `n` training
+    records: what a user who has only those records would have. The pipeline's proxy when it is not aligned, or
+    when its alignment read only records among the first n; else the lab's alignment (`align(data, out,
+    holdout)`) of the base proxy on the point's records, the scored and calibration ones held out as always, in
+    the point's directory (reused when there); the base proxy when no record is left to align on."""
+    from bayeskd.lab.records import count_records, train_records
+
+    if not cfg.align:
+        return pipeline_proxy, 0
+    scored = cfg.eval_records + cfg.calibration_records
+    total = count_records(train_records(run, cfg))
+    end = total if cfg.align_records is None else min(total, scored + cfg.align_records)  # (`_align_holdout`)
+    if end <= n:
+        return pipeline_proxy, max(0, end - scored)
+    if n <= scored or align is None:
+        return paths["proxy"], 0
+    d = point_dir(run, cfg, n)
+    summary = align(str(train_records(d, cfg)), d / "aligned_proxy", range(scored))
+    return summary["final"], n - scored
 
 
 # ------------------------------------------------------------------------------------------------- estimation cost
@@ -221,13 +262,15 @@ def format_scale(report: dict[str, Any]) -> list[str]:
     cols = ["prior", "suffix prior", "proxy", POSTERIOR, "suffix posterior (recalibrated)", "chosen posterior"]
     lines = ["The corpus curve at scale: KL(teacher‖estimate) on held-out teacher text, the posteriors recalibrated "
              "at each point on the calibration records (the chosen one: the lower calibration NLL), the suffix "
-             "prior's margin over the n-gram's (< 0: better):", "",
+             "prior's margin over the n-gram's (< 0: better); each point's proxy aligned on no record beyond the "
+             "point (how many it read):", "",
              "| tokens | n-gram prior | suffix prior | proxy | n-gram posterior | suffix posterior | chosen | "
-             "chosen / best component | suffix margin |", "|---:|" + "---:|" * 8]
+             "chosen / best component | suffix margin | proxy aligned on |", "|---:|" + "---:|" * 9]
     for r in rows:
         vals = " | ".join(f"{r[c]:.4f}" if isinstance(r.get(c), float) else "-" for c in cols)
         ratio = f"{r['chosen posterior'] / r['best_component']:.3f}" if "chosen posterior" in r else "-"
-        lines.append(f"| {r['tokens']} | {vals} | {ratio} | {r['suffix_margin']:+.4f} |")
+        lines.append(f"| {r['tokens']} | {vals} | {ratio} | {r['suffix_margin']:+.4f} | "
+                     f"{r.get('proxy_records', '-')} |")
     costed = [r for r in rows if "costs" in r]
     if costed:
         lines += ["", "What estimation costs (each job in a fresh process on the first records; peak RSS includes "
@@ -264,17 +307,19 @@ CURVE_STUDENT_METHODS = ("sft", "posterior-kd-text", "posterior-kd", "white-box"
 
 
 def curve_students(paths: dict[str, str], run: Path, cfg, tok, progress: bool, log, pipeline_proxy: str,
-                   curve: list[dict[str, Any]], combo: dict[str, Any]) -> list[dict[str, Any]]:
+                   curve: list[dict[str, Any]], combo: dict[str, Any],
+                   align: Callable[..., dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Students at the shares `cfg.curve_students` of the corpus: for the first n training records, in their own
-    run directory (run/curve_students/records_<n>/, a copy of those records and the held-out ones), the n-gram prior
-    counted on them and the posterior shards (conditioned and text only) with the pipeline's proxy in the combination
-    recalibrated at that point of the curve (`curve_point`; `combo` where the curve has no such point), then
+    run directory (`point_dir`), the n-gram prior counted on them and the posterior shards (conditioned and text
+    only) with the point's proxy (`point_proxy`) in the combination recalibrated at that point of the curve
+    (`curve_point`; `combo` where the curve has no such point), then
     `bayeskd.lab.students.students` with `cfg`'s recipe (already chosen: nothing is chosen again) and its methods
     among CURVE_STUDENT_METHODS, at `cfg.student_max_steps` steps (the same budget at every point)."""
+    import shutil
     from dataclasses import replace
 
-    from bayeskd.integrity import atomic_write_bytes
-    from bayeskd.lab.records import count_records, head_records, train_records
+    from bayeskd.integrity import atomic_write_json
+    from bayeskd.lab.records import count_records, train_records
     from bayeskd.lab.students import POSTERIOR_DIR, TEXT_DIR, students
     from bayeskd.posterior.estimate import estimate_posterior
     from bayeskd.priors.estimate import estimate_prior
@@ -288,19 +333,20 @@ def curve_students(paths: dict[str, str], run: Path, cfg, tok, progress: bool, l
         n = max(1, int(round(frac * total)))
         point = next((r for r in curve[1:] if r.get("samples") == n), {})
         settings = point.get("n-gram combination") or combo
-        d = run / "curve_students" / f"records_{n}"
-        d.mkdir(parents=True, exist_ok=True)
-        sub = train_records(d, sub_cfg)  # the first n records, in the run's records format
-        if not sub.exists():
-            atomic_write_bytes(d / "teacher_heldout.jsonl", (run / "teacher_heldout.jsonl").read_bytes())
-            head_records(full, sub, n)  # written last: the copy is whole
-        data, prior = str(sub), str(d / "prior")
+        d = point_dir(run, cfg, n)
+        proxy, _ = point_proxy(paths, run, cfg, n, pipeline_proxy, align)
+        stamp = d / "proxy.json"  # targets and students made with another proxy (an older run's): redone
+        if not stamp.exists() or json.loads(stamp.read_text()).get("proxy") != proxy:
+            for made in (POSTERIOR_DIR, TEXT_DIR, "students"):
+                shutil.rmtree(d / made, ignore_errors=True)
+            atomic_write_json(stamp, {"proxy": proxy})
+        data, prior = str(train_records(d, sub_cfg)), str(d / "prior")
         summary = estimate_prior(data, paths["tokenizer"], out=prior, order=cfg.order, top_k=cfg.top_k,
                                  write_topk=True, codec="raw")
         kw = dict(top_k=cfg.top_k, batch_size=16, codec="raw", calibrate=False, **settings)
-        estimate_posterior(data, prior, pipeline_proxy, str(d / POSTERIOR_DIR), **kw)
+        estimate_posterior(data, prior, proxy, str(d / POSTERIOR_DIR), **kw)
         if cfg.top_logprobs:
-            estimate_posterior(data, prior, pipeline_proxy, str(d / TEXT_DIR), no_evidence=True, **kw)
+            estimate_posterior(data, prior, proxy, str(d / TEXT_DIR), no_evidence=True, **kw)
         log(f"[lab] curve students at {n} records ({summary.get('tokens')} tokens) ...")
         section, _ = students(paths, d, sub_cfg, tok, progress, log)
         s = section["summary"]
