@@ -180,6 +180,24 @@ def test_rows_follow_the_indices_asked_for(records, same, tiny_tokenizer):
     assert (want.indices[:, w:] < 0).all()
 
 
+def test_records_in_chunks_give_the_same_evidence(records, same, tiny_tokenizer, monkeypatch):
+    """Records are read a chunk at a time (the array passes' temporaries were GBs at 1 M tokens with top-20): 4 at a
+    time, with a short last chunk, gives the same arrays and report as all at once, exact and lower-bound rows."""
+    from bayeskd.posterior import evidence
+
+    tokenized, ev, report = same
+    whole_lower = evidence_rows(records, tokenized, tiny_tokenizer, allow_exact=False)
+    monkeypatch.setattr(evidence, "EVIDENCE_CHUNK_RECORDS", 4)
+    assert len(records) % 4 != 0
+    for (got, got_report), (want, want_report) in (
+            (evidence_rows(records, tokenized, tiny_tokenizer), (ev, report)),
+            (evidence_rows(records, tokenized, tiny_tokenizer, allow_exact=False), whole_lower)):
+        for field in ("indices", "probs", "lower", "chosen", "cap"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+        assert list(got_report.items()) == list(want_report.items())
+    assert whole_lower[0].lower[whole_lower[0].indices >= 0].all() and not ev.lower[ev.indices >= 0].all()
+
+
 def test_truncated_responses_keep_their_rows(records, same, tiny_tokenizer):
     """max_length cuts responses (and prompts): the kept rows carry the evidence of the full record's first rows
     (the teacher saw the whole prompt, so its numbers stay its numbers)."""

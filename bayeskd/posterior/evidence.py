@@ -351,6 +351,9 @@ def _name(i: int, rec: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------------- extraction
 
+EVIDENCE_CHUNK_RECORDS = 4096  # records parsed and assembled at a time: memory follows the chunk, not the data
+
+
 def evidence_rows(records: Sequence[dict[str, Any]], tokenized, tokenizer, indices: Sequence[int] | None = None, *,
                   top_k: int | None = None, vocab: StudentVocab | None = None,
                   allow_exact: bool = True) -> tuple[Evidence, dict[str, Any]]:
@@ -361,7 +364,9 @@ def evidence_rows(records: Sequence[dict[str, Any]], tokenized, tokenizer, indic
     `allow_exact=False`: every entry a lower bound, also in records of the student's tokenizer. Report: rows,
     rows_with_evidence, rows_exact, share_with_evidence (of all rows), rows_with_logprobs, share_in_logprob_records
     (rows of records with logprobs), records, records_with_logprobs, records_same_tokenizer (every aligned position
-    exact), records_cross_tokenizer, teacher_tokens, teacher_tokens_used, mean_mass (over rows with evidence)."""
+    exact), records_cross_tokenizer, teacher_tokens, teacher_tokens_used, mean_mass (over rows with evidence).
+    Records are read EVIDENCE_CHUNK_RECORDS at a time (each record's evidence depends on it alone): the array
+    passes' temporaries (tens of bytes per revealed alternative) stay the size of a chunk, not of the data."""
     if top_k is not None and top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
     if len(records) != len(tokenized):
@@ -370,6 +375,25 @@ def evidence_rows(records: Sequence[dict[str, Any]], tokenized, tokenizer, indic
     if vocab.tokenizer is not tokenizer or vocab.fingerprint != tokenized.tokenizer_fingerprint:
         raise ValueError("the records were tokenized with another tokenizer than the student's (or vocab's)")
     indices = list(range(len(tokenized))) if indices is None else [int(i) for i in indices]
+    step = EVIDENCE_CHUNK_RECORDS
+    parts = [_evidence_part(records, tokenized, vocab, indices[s:s + step], top_k, allow_exact)
+             for s in range(0, max(len(indices), 1), step)]
+    ev = parts[0][0] if len(parts) == 1 else Evidence.cat([p[0] for p in parts])
+    counts = {k: sum(p[1][k] for p in parts) for k in parts[0][1]}
+    has, n_rows = ev.has, counts["rows"]
+    report = {**{k: counts[k] for k in ASSEMBLE_COUNTS},
+              "rows": n_rows, "rows_with_evidence": int(has.sum()), "share_with_evidence": has.sum() / max(n_rows, 1),
+              "rows_with_logprobs": counts["rows_with_logprobs"],
+              "share_in_logprob_records": has.sum() / max(counts["rows_with_logprobs"], 1),
+              **{k: counts[k] for k in ("records", "records_with_logprobs", "teacher_tokens", "teacher_tokens_used")},
+              "mean_mass": ev.mass[has].mean() if has.any() else 0.0}
+    report = {k: float(v) if isinstance(v, np.floating) else v for k, v in report.items()}  # JSON-ready
+    return ev, report
+
+
+def _evidence_part(records: Sequence[dict[str, Any]], tokenized, vocab: StudentVocab, indices: list[int],
+                   top_k: int | None, allow_exact: bool) -> tuple[Evidence, dict[str, int]]:
+    """`evidence_rows` of the records `indices` alone: their Evidence and the report's counts (they add up)."""
     _, plens, offsets = target_row_layout(tokenized, indices)
     n_rows = int(offsets[-1])
     teacher, pairs, rows_with_logprobs = _Teacher(vocab), [], 0
@@ -392,15 +416,14 @@ def evidence_rows(records: Sequence[dict[str, Any]], tokenized, tokenizer, indic
     if pairs:
         pos = np.concatenate([p for p, _, _ in pairs]).astype(np.int64)
         row_of[pos], exact[pos] = np.concatenate([r for _, r, _ in pairs]), np.concatenate([e for _, _, e in pairs])
-    ev, report = _assemble(teacher, vocab, row_of, exact, n_rows, top_k, observed)
-    has = ev.has
-    report.update(rows=n_rows, rows_with_evidence=int(has.sum()), share_with_evidence=has.sum() / max(n_rows, 1),
-                  rows_with_logprobs=rows_with_logprobs,
-                  share_in_logprob_records=has.sum() / max(rows_with_logprobs, 1),
-                  records=len(indices), records_with_logprobs=len(teacher.owner), teacher_tokens=teacher.n,
-                  teacher_tokens_used=int((row_of >= 0).sum()), mean_mass=ev.mass[has].mean() if has.any() else 0.0)
-    report = {k: float(v) if isinstance(v, np.floating) else v for k, v in report.items()}  # JSON-ready
-    return ev, report
+    ev, counts = _assemble(teacher, vocab, row_of, exact, n_rows, top_k, observed)
+    return ev, {**counts, "rows": n_rows, "rows_with_logprobs": rows_with_logprobs, "records": len(indices),
+                "records_with_logprobs": len(teacher.owner), "teacher_tokens": teacher.n,
+                "teacher_tokens_used": int((row_of >= 0).sum())}
+
+
+ASSEMBLE_COUNTS = ("records_same_tokenizer", "records_cross_tokenizer", "rows_exact", "cross_entries",
+                   "cross_entries_dropped", "cross_rows_dropped_in", "cross_rows_cap_lifted")  # `_assemble`'s
 
 
 def _assemble(t: _Teacher, vocab: StudentVocab, row_of: np.ndarray, exact: np.ndarray, n_rows: int,
