@@ -165,8 +165,10 @@ def format_report(report: dict[str, Any]) -> str:
                       f"{r['evidence_only']:.4f} | {r['evidence_only_ratio']:.3f} |" for r in ev["rows"]]
             lines.append("")
     if report.get("corpus_curve"):
-        lines += ["KL(teacher‖estimate) on held-out teacher text against the corpus size (the pipeline's proxy and "
-                  "calibrated combination):", "",
+        own = any("proxy_records" in r for r in report["corpus_curve"][1:])  # (scale curve: each point's proxy)
+        which = "each point's proxy and the pipeline's" if own else "the pipeline's proxy and"
+        lines += [f"KL(teacher‖estimate) on held-out teacher text against the corpus size ({which} calibrated "
+                  "combination):", "",
                   "| teacher samples | tokens | prior | posterior | proxy |", "|---:|---:|---:|---:|---:|"]
         for r in report["corpus_curve"][1:]:
             lines.append(f"| {r['samples']} | {r['tokens']} | {r['prior']:.4f} | {r['posterior']:.4f} | "
