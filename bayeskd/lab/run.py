@@ -274,6 +274,7 @@ def _estimation(paths, run: Path, cfg: LabRunConfig, tok, tokenized, log, pipeli
     from transformers import AutoModelForCausalLM
 
     from bayeskd.core.combine import combine
+    from bayeskd.data import tokenize_records
     from bayeskd.posterior.proxy import ProxyPosterior
     from bayeskd.priors.ngram import NGramPrior
 
@@ -318,8 +319,6 @@ def _estimation(paths, run: Path, cfg: LabRunConfig, tok, tokenized, log, pipeli
     evidence = None
     if cfg.top_logprobs:
         text_only = combine(prior_loo, pipe.proxy_topk(tokenized, idx, V), top_k=cfg.top_k, **combo)
-        from bayeskd.data import tokenize_records
-
         records = head_teacher_records(train_records(run, cfg), len(idx))  # (their log-probabilities: only these)
         evidence = _evidence_curve(records, tokenize_records(records, tok), tok, idx, cfg, t_lp, valid, text_only)
     return {"positions": int(valid.sum()), "records": len(idx), "table": table, "k_curve": k_curve,

@@ -25,9 +25,12 @@ import torch
 
 def mean_entropy(logprobs: torch.Tensor, valid: torch.Tensor | None = None) -> float:
     """Mean entropy (nats) of the rows of `logprobs` [N, V] (the `valid` ones)."""
-    rows = max(1, (1 << 22) // max(1, logprobs.shape[-1]))  # in row chunks: no [N, V] temporaries (GBs at V = 50 k)
-    h = torch.cat([torch.special.entr(logprobs[i:i + rows].float().exp()).sum(-1)
-                   for i in range(0, len(logprobs), rows)]) if len(logprobs) else logprobs.new_zeros(0)
+    from bayeskd.evaluation.metrics import _chunks
+
+    # in the metrics' row chunks: no [N, V] temporaries (GBs at V = 50 k)
+    h = torch.cat([torch.special.entr(logprobs[rows].float().exp()).sum(-1)
+                   for rows in _chunks(len(logprobs), logprobs.shape[-1], None)]) if len(logprobs) \
+        else logprobs.new_zeros(0)
     return float((h if valid is None else h[valid]).mean())
 
 
